@@ -1,0 +1,205 @@
+# qwen3d: the one entry point.  `make help` lists the targets.
+#
+# Layout of the build (everything under build/):
+#   build/libqwen3d.a      userspace/*.c kernels/*.c tools/*.c (all but userspace/main.c)
+#   build/libqwen3d_cuda.a kernels/*.cu (only where nvcc exists)
+#   build/qwen3d           the CLI and daemon
+#   build/tests/test_*     one cmocka program per tests/test_*.c
+#   build/tests/gpu/*      GPU test programs (tests/gpu/*.c, *.cu), run by `make test-gpu`
+#   build/fuzz/*           libFuzzer targets (tests/fuzz/fuzz_*.c), built with clang
+#
+# Files named *_avx2.c, *_avx512.c and *_amx.c get the matching -m flags; the code that calls
+# them checks the CPU at run time, so the binary runs on any x86-64.
+
+BUILD    ?= build
+CC       ?= gcc
+CLANG    ?= clang
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda /usr/lib/cuda))
+NVCC     ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard $(CUDA_HOME)/bin/nvcc))
+KDIR     ?= /lib/modules/$(shell uname -r)/build
+FUZZ_TIME ?= 60
+# sm_86 (RTX 30xx), sm_89 (RTX 4090), sm_90 (H100/H200), plus PTX for anything newer
+CUDA_ARCH ?= -gencode arch=compute_86,code=sm_86 -gencode arch=compute_89,code=sm_89 \
+             -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+
+WARN     := -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wshadow=local -Wno-format-truncation
+CPPFLAGS += -D_GNU_SOURCE -Iuserspace -Ikernels -Ikmod
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=gnu11 -pthread -fno-strict-aliasing -MMD -MP $(WARN)
+ifneq ($(SAN),)
+CFLAGS   += -fsanitize=$(SAN) -fno-omit-frame-pointer
+LDFLAGS  += -fsanitize=$(SAN)
+endif
+ifneq ($(WERROR),)
+CFLAGS   += -Werror
+endif
+
+# liburing, libutf8proc and libmicrohttpd are linked statically so that one binary built on
+# Debian runs on machines that lack them (the GPU test machine does); the rest are everywhere.
+LIBS     := -Wl,-Bstatic -luring -lutf8proc -lmicrohttpd -Wl,-Bdynamic -lgnutls \
+            -ljansson -lpcre2-8 -lhwloc -lnuma -lm -ldl -lpthread
+
+LIB_SRC  := $(filter-out userspace/main.c,$(wildcard userspace/*.c kernels/*.c tools/*.c))
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
+TEST_SRC := $(wildcard tests/test_*.c)
+TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+
+ifneq ($(NVCC),)
+HAVE_CUDA := 1
+CU_SRC   := $(wildcard kernels/*.cu)
+CU_OBJ   := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
+GPU_TEST_SRC := $(wildcard tests/gpu/*.c tests/gpu/*.cu)
+GPU_TEST_BIN := $(patsubst tests/gpu/%,$(BUILD)/tests/gpu/%,$(basename $(GPU_TEST_SRC)))
+NVFLAGS  := -O3 -g -lineinfo -std=c++17 $(CUDA_ARCH) -Iuserspace -Ikernels -Ikmod \
+            -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -lstdc++
+CPPFLAGS += -DHAVE_CUDA=1
+MAIN_LIBS := $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a $(CUDA_LIBS)
+else
+MAIN_LIBS := $(BUILD)/libqwen3d.a
+endif
+
+.PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz \
+        fuzz-build deps clean help format FORCE
+
+all: $(BUILD)/qwen3d
+
+help:
+	@echo "make            build build/qwen3d (CPU backend; CUDA backend too where nvcc exists)"
+	@echo "make test       every CPU test: unit, fixture parity, CLI, ASan, fuzz smoke, kmod VM, API"
+	@echo "make test-unit  the cmocka programs only"
+	@echo "make gpu        the CUDA library and GPU test programs (needs nvcc)"
+	@echo "make test-gpu   GPU tests (needs a GPU)"
+	@echo "make kmod       the qwen3mm module against KDIR (default: running kernel)"
+	@echo "make test-kmod  build the module for Debian's 6.1 and 6.12 kernels and test it under qemu"
+	@echo "make bench      benchmarks (see tools/bench.sh)"
+	@echo "make fuzz       run every fuzz target FUZZ_TIME seconds (default 60)"
+	@echo "make deps       install the Debian packages the build and tests need (root)"
+	@echo "make clean      remove build/"
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/%_avx2.o: %_avx2.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -mavx2 -mfma -mf16c -c $< -o $@
+
+$(BUILD)/%_avx512.o: %_avx512.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq \
+	      -mavx512vnni -mavx512bf16 -c $< -o $@
+
+$(BUILD)/%_amx.o: %_amx.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq \
+	      -mavx512vnni -mavx512bf16 -mamx-tile -mamx-int8 -mamx-bf16 -c $< -o $@
+
+$(BUILD)/libqwen3d.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/qwen3d: $(BUILD)/userspace/main.o $(BUILD)/libqwen3d.a $(if $(HAVE_CUDA),$(BUILD)/libqwen3d_cuda.a)
+	$(CC) $(LDFLAGS) -o $@ $(BUILD)/userspace/main.o $(MAIN_LIBS) $(LIBS)
+
+cpu: $(BUILD)/libqwen3d.a
+	$(MAKE) NVCC= $(BUILD)/qwen3d
+
+# ---- CUDA ------------------------------------------------------------------------------------
+ifneq ($(HAVE_CUDA),)
+$(BUILD)/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -DHAVE_CUDA=1 -c $< -o $@
+
+$(BUILD)/libqwen3d_cuda.a: $(CU_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/tests/gpu/%: tests/gpu/%.cu $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -DHAVE_CUDA=1 -Itests -o $@ $< $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a \
+	    -Xlinker -Bstatic -luring -lutf8proc -lmicrohttpd -Xlinker -Bdynamic -lgnutls -ljansson -lpcre2-8 \
+	    -lhwloc -lnuma -lm -ldl -lpthread -lcublas -lcublasLt
+
+$(BUILD)/tests/gpu/%: tests/gpu/%.c $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) -DHAVE_CUDA=1 $(CFLAGS) -Itests -o $@ $< $(MAIN_LIBS) $(LIBS)
+
+gpu: $(BUILD)/qwen3d $(GPU_TEST_BIN)
+
+test-gpu: gpu
+	bash tests/gpu/run.sh $(BUILD)
+else
+gpu test-gpu:
+	@echo "nvcc not found (set NVCC= or CUDA_HOME=): skipping the CUDA backend and GPU tests"
+endif
+
+# ---- tests -----------------------------------------------------------------------------------
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libqwen3d.a -lcmocka $(LIBS) $(LDFLAGS)
+
+test-unit: $(TEST_BIN) $(BUILD)/qwen3d
+	bash tests/run.sh $(BUILD) unit
+
+test-cli: $(BUILD)/qwen3d
+	bash tests/run.sh $(BUILD) cli
+
+# The unit tests and the CLI error cases again under AddressSanitizer + UBSan, in build-asan/.
+test-asan:
+	$(MAKE) BUILD=build-asan SAN=address,undefined NVCC= CFLAGS="-O1 -g" \
+	    build-asan/qwen3d $(patsubst $(BUILD)/%,build-asan/%,$(TEST_BIN))
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	    bash tests/run.sh build-asan unit cli
+
+test-api: $(BUILD)/qwen3d
+	bash tests/api/run.sh $(BUILD)
+
+test-kmod:
+	bash tests/kmod/run.sh
+
+test: all $(TEST_BIN)
+	bash tests/run.sh $(BUILD) unit cli
+	$(MAKE) test-asan
+	$(MAKE) fuzz FUZZ_TIME=$(or $(CI_FUZZ_TIME),20)
+	$(MAKE) test-kmod
+	$(MAKE) test-api
+
+# ---- fuzzing (libFuzzer: the library is rebuilt with clang + ASan + UBSan in build-fuzz/) -----
+FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build-fuzz/fuzz/%)
+
+build-fuzz/fuzz/%: tests/fuzz/%.c build-fuzz/libqwen3d.a
+	@mkdir -p $(dir $@)
+	$(CLANG) $(CPPFLAGS) -DFUZZING -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -Itests \
+	    -o $@ $< build-fuzz/libqwen3d.a $(LIBS)
+
+build-fuzz/libqwen3d.a: FORCE
+	$(MAKE) BUILD=build-fuzz CC=$(CLANG) SAN=address,undefined NVCC= WARN= \
+	    CFLAGS="-O1 -g -fsanitize=fuzzer-no-link -DFUZZING" build-fuzz/libqwen3d.a
+
+fuzz-build: $(FUZZ_BIN)
+
+fuzz: fuzz-build
+	bash tests/fuzz/run.sh build-fuzz $(FUZZ_TIME)
+
+FORCE:
+
+# ---- kernel module ---------------------------------------------------------------------------
+kmod:
+	$(MAKE) -C $(KDIR) M=$(CURDIR)/kmod modules
+
+bench: all
+	bash tools/bench.sh $(BUILD)
+
+deps:
+	bash tools/deps.sh
+
+format:
+	clang-format -i userspace/*.[ch] kernels/*.[ch] kernels/*.cu kernels/*.cuh tests/*.c 2>/dev/null || true
+
+clean:
+	rm -rf $(BUILD) build-asan build-fuzz
+	-$(MAKE) -C kmod clean 2>/dev/null
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

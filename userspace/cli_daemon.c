@@ -1,0 +1,21 @@
+/* cli_daemon.c - placeholder until its issue lands: every command here says so and fails. */
+#include <stdio.h>
+#include "cli.h"
+
+int cmd_start(int argc, char **argv)
+{
+	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	return 1;
+}
+
+int cmd_stop(int argc, char **argv)
+{
+	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	return 1;
+}
+
+int cmd_status(int argc, char **argv)
+{
+	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	return 1;
+}

@@ -1,0 +1,21 @@
+/* cli_tokenize.c - placeholder until its issue lands: every command here says so and fails. */
+#include <stdio.h>
+#include "cli.h"
+
+int cmd_tokenize(int argc, char **argv)
+{
+	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	return 1;
+}
+
+int cmd_detokenize(int argc, char **argv)
+{
+	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	return 1;
+}
+
+int cmd_render(int argc, char **argv)
+{
+	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	return 1;
+}
