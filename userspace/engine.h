@@ -1,0 +1,69 @@
+/* engine.h - the narrow boundary between the model and everything else (CLI, server, benches).
+ *
+ * An engine is a loaded model on one backend (cpu or cuda).  A session is one timeline: its
+ * position, the KV cache of the full-attention layers, and the conv and recurrent states of the
+ * Gated DeltaNet layers.  Sessions are created and freed by the caller; every buffer a session
+ * needs is allocated when it is created (setup allocates, the hot path only computes).
+ *
+ * Threading: one thread owns an engine and all of its sessions (the server's inference worker).
+ * None of these calls may be made concurrently on the same engine.
+ *
+ * Callers never see tensors, devices or kernels: only token ids, logits and sampled tokens.
+ * Errors: 0 or -errno, with a one-line reason in *e.
+ */
+#pragma once
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "util.h"
+
+struct q3_engine;
+struct q3_session;
+
+struct q3_engine_opts {
+	const char *model_dir;
+	const char *backend;   /* "cpu", "cuda" or "auto" (NULL = auto: cuda when usable) */
+	int threads;	       /* CPU threads, 0 = all online CPUs */
+	int max_ctx;	       /* positions per session (KV capacity); 0 = 4096 */
+	int max_batch;	       /* sessions decoded in one step; 0 = 16 */
+	uint64_t vram_budget;  /* bytes of VRAM the weights may use; 0 = automatic */
+	bool quiet;	       /* no progress output on stderr */
+};
+
+/* Loads and validates the model folder and prepares the backend. */
+int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_err *e);
+void q3_engine_close(struct q3_engine *eng);
+
+const struct q3_config *q3_engine_config(const struct q3_engine *eng);
+const char *q3_engine_backend(const struct q3_engine *eng); /* "cpu", "cuda" */
+int q3_engine_max_ctx(const struct q3_engine *eng);
+int q3_engine_max_batch(const struct q3_engine *eng);
+
+/* A new, empty timeline (position 0). */
+int q3_session_new(struct q3_engine *eng, struct q3_session **out, q3_err *e);
+void q3_session_free(struct q3_session *s);
+/* Number of tokens the session has consumed. */
+int q3_session_pos(const struct q3_session *s);
+/* Back to position 0 (no allocation). */
+void q3_session_reset(struct q3_session *s);
+/* Makes dst an exact copy of src's state (both from the same engine): KV rows up to the
+ * position, conv and recurrent states.  The server snapshots a conversation with this and
+ * restores it when a later request extends the same prompt. */
+int q3_session_copy(struct q3_session *dst, const struct q3_session *src, q3_err *e);
+
+/* Flags for q3_session_eval. */
+#define Q3_EVAL_ALL_LOGITS 1u /* logits for every fed position ([n][V]); else only the last ([V]) */
+
+/* Feeds n >= 1 tokens on top of the session's state (prefill, or a continued prefill: the same
+ * logits as one single prefill of the whole prompt).  logits may be NULL.  Fails with -ENOSPC
+ * when the session would pass max_ctx, -EINVAL for ids outside the vocabulary; the session is
+ * unchanged on failure. */
+int q3_session_eval(struct q3_session *s, const int32_t *ids, int n, float *logits, unsigned flags,
+		    q3_err *e);
+
+/* One decode step for n sessions together (n <= max_batch): feeds ids[i] to ss[i] and writes
+ * logits[i][V] (if logits is not NULL). */
+int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
+		     float *logits, q3_err *e);
