@@ -61,7 +61,7 @@ MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
 
 .PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz \
-        fuzz-build deps clean help format FORCE
+        fuzz-build fuzz-lib lib deps clean help format
 
 all: $(BUILD)/qwen3d
 
@@ -169,21 +169,21 @@ test: all $(TEST_BIN)
 # ---- fuzzing (libFuzzer: the library is rebuilt with clang + ASan + UBSan in build-fuzz/) -----
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build-fuzz/fuzz/%)
 
-build-fuzz/fuzz/%: tests/fuzz/%.c build-fuzz/libqwen3d.a
+build-fuzz/fuzz/%: tests/fuzz/%.c fuzz-lib
 	@mkdir -p $(dir $@)
-	$(CLANG) $(CPPFLAGS) -DFUZZING -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -Itests \
+	$(CLANG) $(filter-out -DHAVE_CUDA=1,$(CPPFLAGS)) -DFUZZING -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -Itests \
 	    -o $@ $< build-fuzz/libqwen3d.a $(LIBS)
 
-build-fuzz/libqwen3d.a: FORCE
+fuzz-lib:
 	$(MAKE) BUILD=build-fuzz CC=$(CLANG) SAN=address,undefined NVCC= WARN= \
-	    CFLAGS="-O1 -g -fsanitize=fuzzer-no-link -DFUZZING" build-fuzz/libqwen3d.a
+	    CFLAGS="-O1 -g -fsanitize=fuzzer-no-link -DFUZZING" lib
+
+lib: $(BUILD)/libqwen3d.a
 
 fuzz-build: $(FUZZ_BIN)
 
 fuzz: fuzz-build
 	bash tests/fuzz/run.sh build-fuzz $(FUZZ_TIME)
-
-FORCE:
 
 # ---- kernel module ---------------------------------------------------------------------------
 kmod:
