@@ -19,6 +19,7 @@ extern "C" {
 #include "model.h"
 }
 #include "gpu.h"
+#include "gpu_compare.h"
 
 static int g_pass, g_fail;
 
@@ -149,28 +150,17 @@ static std::vector<float> rnd_vec(size_t n, float scale)
  * positions), then the relative L2 error ||got - ref|| / ||ref|| against tol.  One line. */
 static bool gt_compare(const char *what, const float *got, const float *ref, size_t n, double tol)
 {
-	size_t bad = 0, first = 0;
-	double num = 0, den = 0;
+	struct gc_result c = gc_compare(got, ref, n);
 
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(got[i]) && isfinite(ref[i])) {
-			if (!bad++)
-				first = i;
-			continue;
-		}
-		num += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
-		den += (double)ref[i] * ref[i];
-	}
-	if (bad) {
-		printf("FAIL  %s: %zu non-finite values, the first at %zu of %zu (got %g, reference %g)\n", what, bad,
-		       first, n, got[first], ref[first]);
+	if (c.bad) {
+		printf("FAIL  %s: %zu non-finite values, the first at %zu of %zu (got %g, reference %g)\n", what, c.bad,
+		       c.first, n, got[c.first], ref[c.first]);
 		g_fail++;
 		return false;
 	}
-	double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-	bool ok = rel <= tol;
+	bool ok = c.rel <= tol;
 
-	printf("%s %s: rel L2 %.2e (tol %.0e)\n", ok ? "ok   " : "FAIL ", what, rel, tol);
+	printf("%s %s: rel L2 %.2e (tol %.0e)\n", ok ? "ok   " : "FAIL ", what, c.rel, tol);
 	ok ? g_pass++ : g_fail++;
 	return ok;
 }

@@ -24,6 +24,7 @@
 
 #include "backend.h"
 #include "engine.h"
+#include "gpu_compare.h"
 #include "safetensors.h"
 
 static int npass, nfail;
@@ -87,42 +88,27 @@ static int argmax(const float *x, int n)
 static void compare_logits(const char *what, const float *got, const float *ref, int rows, int V, double tol,
 			   double min_agree)
 {
-	double num = 0, den = 0;
-	size_t bad = 0, first = 0;
+	struct gc_result c = gc_compare(got, ref, (size_t)rows * V);
 	int agree = 0;
 
-	for (size_t i = 0; i < (size_t)rows * V; i++) {
-		if (!isfinite(got[i])) {
-			if (!bad++)
-				first = i;
-			continue;
-		}
-		num += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
-		den += (double)ref[i] * ref[i];
-	}
-	if (bad) {
-		result(false, "%s: %zu non-finite logits, the first at row %zu column %zu", what, bad, first / V, first % V);
+	if (c.bad) {
+		result(false, "%s: %zu non-finite logits, the first at row %zu column %zu", what, c.bad, c.first / V,
+		       c.first % V);
 		return;
 	}
 	for (int r = 0; r < rows; r++)
 		agree += argmax(got + (size_t)r * V, V) == argmax(ref + (size_t)r * V, V);
-	double rel = sqrt(num / (den > 0 ? den : 1)), frac = (double)agree / rows;
+	double frac = (double)agree / rows;
 
-	result(rel <= tol && frac >= min_agree, "%s: rel L2 %.2e (tol %.0e), argmax agrees at %d of %d (need %.0f%%)",
-	       what, rel, tol, agree, rows, min_agree * 100);
+	result(c.rel <= tol && frac >= min_agree, "%s: rel L2 %.2e (tol %.0e), argmax agrees at %d of %d (need %.0f%%)",
+	       what, c.rel, tol, agree, rows, min_agree * 100);
 }
 
 static double rel_l2(const float *a, const float *b, size_t n)
 {
-	double num = 0, den = 0;
+	struct gc_result c = gc_compare(a, b, n);
 
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(a[i]) || !isfinite(b[i]))
-			return INFINITY;
-		num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-		den += (double)b[i] * b[i];
-	}
-	return sqrt(num / (den > 0 ? den : 1));
+	return c.bad ? INFINITY : c.rel;
 }
 
 static int open_engine(const char *dir, int ctx, int batch, struct q3_engine **eng)
