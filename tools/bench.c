@@ -1,9 +1,19 @@
-/* bench.c - placeholder until its issue lands: every command here says so and fails. */
+/* bench.c - `qwen3d bench`: dispatches to the benchmarks (decode and prefill live in
+ * bench_run.c; load is not built yet). */
 #include <stdio.h>
+#include <string.h>
+
 #include "cli.h"
+
+int q3_bench_decode(int argc, char **argv);  /* bench_run.c */
+int q3_bench_prefill(int argc, char **argv); /* bench_run.c */
 
 int cmd_bench(int argc, char **argv)
 {
-	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	if (argc > 1 && !strcmp(argv[1], "decode"))
+		return q3_bench_decode(argc - 1, argv + 1);
+	if (argc > 1 && !strcmp(argv[1], "prefill"))
+		return q3_bench_prefill(argc - 1, argv + 1);
+	fprintf(stderr, "qwen3d %s %s: not built yet (decode and prefill are)\n", argv[0], argc > 1 ? argv[1] : "");
 	return 1;
 }
