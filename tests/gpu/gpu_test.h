@@ -70,7 +70,7 @@ static inline int rnd_int(int n)
 	return (int)(rnd_u64() % (uint64_t)n);
 }
 
-static void gt_seed(void)
+static inline void gt_seed(void)
 {
 	const char *s = getenv("GPU_TEST_SEED");
 	uint64_t seed = s ? strtoull(s, NULL, 0) : (uint64_t)time(NULL);
@@ -83,7 +83,7 @@ static void gt_seed(void)
 
 /* ---- device buffers ------------------------------------------------------------------------- */
 
-template <typename T> static T *dev_alloc(size_t n)
+template <typename T> static inline T *dev_alloc(size_t n)
 {
 	void *p = NULL;
 
@@ -92,7 +92,7 @@ template <typename T> static T *dev_alloc(size_t n)
 	return (T *)p;
 }
 
-template <typename T> static T *dev_upload(const T *h, size_t n)
+template <typename T> static inline T *dev_upload(const T *h, size_t n)
 {
 	T *d = dev_alloc<T>(n);
 
@@ -100,12 +100,12 @@ template <typename T> static T *dev_upload(const T *h, size_t n)
 	return d;
 }
 
-template <typename T> static void dev_poison(T *d, size_t n)
+template <typename T> static inline void dev_poison(T *d, size_t n)
 {
 	GT_CHECK(cudaMemset(d, 0xff, n * sizeof(T)));
 }
 
-template <typename T> static std::vector<T> dev_download(const T *d, size_t n)
+template <typename T> static inline std::vector<T> dev_download(const T *d, size_t n)
 {
 	std::vector<T> h(n);
 
@@ -114,7 +114,7 @@ template <typename T> static std::vector<T> dev_download(const T *d, size_t n)
 	return h;
 }
 
-static std::vector<float> bf16_to_f32(const std::vector<uint16_t> &b)
+static inline std::vector<float> bf16_to_f32(const std::vector<uint16_t> &b)
 {
 	std::vector<float> f(b.size());
 
@@ -125,7 +125,7 @@ static std::vector<float> bf16_to_f32(const std::vector<uint16_t> &b)
 
 /* Random activations as bf16 (what the device gets) and the same values as fp32 (what the
  * reference gets), so that the comparison measures the op, not the input rounding. */
-static void rnd_bf16(std::vector<uint16_t> &b, std::vector<float> &f, size_t n, float scale)
+static inline void rnd_bf16(std::vector<uint16_t> &b, std::vector<float> &f, size_t n, float scale)
 {
 	b.resize(n);
 	f.resize(n);
@@ -135,7 +135,7 @@ static void rnd_bf16(std::vector<uint16_t> &b, std::vector<float> &f, size_t n, 
 	}
 }
 
-static std::vector<float> rnd_vec(size_t n, float scale)
+static inline std::vector<float> rnd_vec(size_t n, float scale)
 {
 	std::vector<float> v(n);
 
@@ -148,7 +148,7 @@ static std::vector<float> rnd_vec(size_t n, float scale)
 
 /* Checks got against ref: first that got is finite wherever ref is (and reports the first bad
  * positions), then the relative L2 error ||got - ref|| / ||ref|| against tol.  One line. */
-static bool gt_compare(const char *what, const float *got, const float *ref, size_t n, double tol)
+static inline bool gt_compare(const char *what, const float *got, const float *ref, size_t n, double tol)
 {
 	struct gc_result c = gc_compare(got, ref, n);
 
@@ -165,21 +165,21 @@ static bool gt_compare(const char *what, const float *got, const float *ref, siz
 	return ok;
 }
 
-static bool gt_expect(bool cond, const char *what)
+static inline bool gt_expect(bool cond, const char *what)
 {
 	printf("%s %s\n", cond ? "ok   " : "FAIL ", what);
 	cond ? g_pass++ : g_fail++;
 	return cond;
 }
 
-static int gt_finish(const char *prog)
+static inline int gt_finish(const char *prog)
 {
 	printf("== %s: %d passed, %d failed\n", prog, g_pass, g_fail);
 	return g_fail ? 1 : 0;
 }
 
 /* Exits 77 (skip) when there is no usable device. */
-static void gt_need_device(void)
+static inline void gt_need_device(void)
 {
 	int n = 0;
 
@@ -204,7 +204,7 @@ struct tlin {
 	char name[64];
 };
 
-static void tensor_init(struct q3_tensor *t, const char *name, enum q3_dtype dt, int64_t d0, int64_t d1,
+static inline void tensor_init(struct q3_tensor *t, const char *name, enum q3_dtype dt, int64_t d0, int64_t d1,
 			std::vector<uint8_t> &buf)
 {
 	memset(t, 0, sizeof(*t));
@@ -220,7 +220,7 @@ static void tensor_init(struct q3_tensor *t, const char *name, enum q3_dtype dt,
 
 /* A Linear [N][K]: dense (bf16 or f32 values ~ N(0, 1/K)), or GPTQ with `bits`, group G (-1:
  * K), zero points asymmetric or not, act-order or not, v1 (zero_offset 1) or v2 layout. */
-static void make_linear(struct tlin *t, int N, int K, enum lin_kind kind, int bits = 4, int G = 128,
+static inline void make_linear(struct tlin *t, int N, int K, enum lin_kind kind, int bits = 4, int G = 128,
 			bool asym = false, bool actorder = false, int zoff = 1)
 {
 	struct q3_linear *l = &t->l;
@@ -233,8 +233,9 @@ static void make_linear(struct tlin *t, int N, int K, enum lin_kind kind, int bi
 	if (kind != LIN_GPTQ) {
 		l->fmt = Q3_W_DENSE;
 		tensor_init(&t->tw, t->name, kind == LIN_BF16 ? Q3_DT_BF16 : Q3_DT_F32, N, K, t->w);
+		bool big = (size_t)N * K > 10000000; /* uniform: far cheaper to draw at lm_head size */
 		for (size_t i = 0; i < (size_t)N * K; i++) {
-			float v = rnd_normal() * sd;
+			float v = (big ? rnd_uniform() * 1.7320508f : rnd_normal()) * sd;
 
 			if (kind == LIN_BF16)
 				((uint16_t *)t->w.data())[i] = q3_f32_to_bf16(v);
@@ -294,7 +295,7 @@ static void make_linear(struct tlin *t, int N, int K, enum lin_kind kind, int bi
 
 /* y[R][N] = x[R][K]·Wᵀ by the reference: q3_ref_linear, or for large shapes the reference
  * dequantization (q3_linear_dequant) once and the same fp32 dot products. */
-static void ref_linear(const struct q3_linear *l, const float *x, int R, float *y)
+static inline void ref_linear(const struct q3_linear *l, const float *x, int R, float *y)
 {
 	if ((double)l->N * l->K * R < 2e7) {
 		q3_ref_linear(l, x, R, y);
@@ -321,7 +322,7 @@ struct dmat {
 	void *mem;
 };
 
-static struct q3g_stage *gt_stage(void)
+static inline struct q3g_stage *gt_stage(void)
 {
 	static struct q3g_stage sg;
 
@@ -333,7 +334,7 @@ static struct q3g_stage *gt_stage(void)
 	return &sg;
 }
 
-static void dmat_upload(struct dmat *d, const struct q3_linear *const *ls, int n, const int *rowmap = NULL)
+static inline void dmat_upload(struct dmat *d, const struct q3_linear *const *ls, int n, const int *rowmap = NULL)
 {
 	GT_OK(q3g_mat_plan(ls, n, &d->p, &e_));
 	GT_CHECK(cudaMalloc(&d->mem, q3g_mat_bytes(&d->p)));
@@ -342,13 +343,13 @@ static void dmat_upload(struct dmat *d, const struct q3_linear *const *ls, int n
 		GT_OK(q3g_mat_upload(&d->m, i, ls[i], rowmap, gt_stage(), 0, &e_));
 }
 
-static void dmat_free(struct dmat *d)
+static inline void dmat_free(struct dmat *d)
 {
 	cudaFree(d->mem);
 	d->mem = NULL;
 }
 
-static const char *fmt_name(int f)
+static inline const char *fmt_name(int f)
 {
 	return f == Q3G_Q4 ? "q4" : f == Q3G_Q8 ? "q8" : "bf16";
 }
