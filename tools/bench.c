@@ -7,6 +7,7 @@
 
 int q3_bench_decode(int argc, char **argv);  /* bench_run.c */
 int q3_bench_prefill(int argc, char **argv); /* bench_run.c */
+int q3_bench_suite(int argc, char **argv);   /* bench_run.c */
 
 int cmd_bench(int argc, char **argv)
 {
@@ -14,6 +15,8 @@ int cmd_bench(int argc, char **argv)
 		return q3_bench_decode(argc - 1, argv + 1);
 	if (argc > 1 && !strcmp(argv[1], "prefill"))
 		return q3_bench_prefill(argc - 1, argv + 1);
-	fprintf(stderr, "qwen3d %s %s: not built yet (decode and prefill are)\n", argv[0], argc > 1 ? argv[1] : "");
+	if (argc > 1 && !strcmp(argv[1], "suite"))
+		return q3_bench_suite(argc - 1, argv + 1);
+	fprintf(stderr, "qwen3d %s %s: not built yet (decode, prefill and suite are)\n", argv[0], argc > 1 ? argv[1] : "");
 	return 1;
 }

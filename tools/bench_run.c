@@ -10,6 +10,9 @@
  *   qwen3d bench prefill --model DIR [--backend ...] [--tokens N] [--reps N] [--csv F]
  *       a fresh session fed a prompt of `tokens` random ids, `reps` times; prints tok/s (best
  *       and median).
+ *   qwen3d bench suite --model DIR [...]
+ *       one engine (one load of the weights): decode at batch 1 and 16 at ctx 1024, prefill of
+ *       512 and 4096 tokens.
  *
  * Bytes per decode step (an estimate from the checkpoint's sizes): every non-expert Linear and
  * the lm_head once, each layer's routed experts as many times as distinct experts the batch is
@@ -123,6 +126,8 @@ static double step_bytes(const struct q3_model *m, int B, int ctx)
 	       c->num_layers * distinct * per_expert + B * (state + kv);
 }
 
+#define CSV_HEADER "bench,backend,batch,ctx,tokens,tok_s,ms_per_step,gb_per_step,gb_s,peak_gb_s"
+
 static void csv_row(const char *path, const char *header, const char *row)
 {
 	FILE *f;
@@ -144,30 +149,16 @@ static void csv_row(const char *path, const char *header, const char *row)
 	fclose(f);
 }
 
-static const char decode_usage[] =
-	"usage: qwen3d bench decode --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
-	"                           [--warmup N] [--csv F]\n";
-
-int q3_bench_decode(int argc, char **argv)
+/* B sessions at position ctx, then `tokens` timed decode steps of all of them together. */
+static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int warmup, const char *csv)
 {
-	struct bench_opts o = { .batch = 1, .ctx = 1024, .tokens = 64, .warmup = 4 };
-	struct q3_engine *eng = NULL;
-	struct q3_session **ss = NULL;
-	int32_t *ids = NULL;
-	float *logits = NULL;
-	q3_err e;
-	int r, rc = 1;
-
-	if ((r = parse(argc, argv, &o, decode_usage)))
-		return r == 1 ? 0 : r;
-	if (open_engine(&o, o.ctx + o.warmup + o.tokens + 8, o.batch, &eng))
-		return 1;
 	const struct q3_config *c = q3_engine_config(eng);
-	int V = c->vocab_size, B = o.batch;
+	int V = c->vocab_size, rc = 1;
+	struct q3_session **ss = calloc(B, sizeof(*ss));
+	int32_t *ids = malloc(sizeof(int32_t) * (size_t)Q3_MAX(ctx, B));
+	float *logits = malloc(sizeof(float) * (size_t)B * V);
+	q3_err e;
 
-	ss = calloc(B, sizeof(*ss));
-	ids = malloc(sizeof(int32_t) * (size_t)Q3_MAX(o.ctx, B));
-	logits = malloc(sizeof(float) * (size_t)B * V);
 	if (!ss || !ids || !logits) {
 		fprintf(stderr, "qwen3d bench: out of memory\n");
 		goto out;
@@ -177,12 +168,10 @@ int q3_bench_decode(int argc, char **argv)
 			fprintf(stderr, "qwen3d bench: session %d: %s\n", i, e.msg);
 			goto out;
 		}
-	if (o.ctx > 0) {
-		double t0 = q3_now();
-
-		for (int i = 0; i < o.ctx; i++)
+	if (ctx > 0) {
+		for (int i = 0; i < ctx; i++)
 			ids[i] = rand_id(V);
-		if (q3_session_eval(ss[0], ids, o.ctx, NULL, 0, &e)) {
+		if (q3_session_eval(ss[0], ids, ctx, NULL, 0, &e)) {
 			fprintf(stderr, "qwen3d bench: prompt: %s\n", e.msg);
 			goto out;
 		}
@@ -191,12 +180,11 @@ int q3_bench_decode(int argc, char **argv)
 				fprintf(stderr, "qwen3d bench: copy: %s\n", e.msg);
 				goto out;
 			}
-		q3_info("bench decode: context of %d tokens in %.2f s", o.ctx, q3_now() - t0);
 	}
 	double t0 = 0;
 
-	for (int step = 0; step < o.warmup + o.tokens; step++) {
-		if (step == o.warmup)
+	for (int step = 0; step < warmup + tokens; step++) {
+		if (step == warmup)
 			t0 = q3_now();
 		for (int i = 0; i < B; i++)
 			ids[i] = rand_id(V);
@@ -205,20 +193,21 @@ int q3_bench_decode(int argc, char **argv)
 			goto out;
 		}
 	}
-	double dt = q3_now() - t0, per = dt / o.tokens;
-	double bytes = step_bytes(q3_engine_model(eng), B, o.ctx + o.warmup + o.tokens / 2);
+	double dt = q3_now() - t0, per = dt / tokens;
+	double bytes = step_bytes(q3_engine_model(eng), B, ctx + warmup + tokens / 2);
 	double gbs = bytes / per / 1e9, peak = peak_gbs(eng);
 	char row[512];
 
-	printf("decode  backend %s  batch %d  ctx %d  steps %d\n", q3_engine_backend(eng), B, o.ctx, o.tokens);
-	printf("  %.1f tok/s  (%.2f ms per step, %.1f tok/s per sequence)\n", B * o.tokens / dt, per * 1e3, o.tokens / dt);
+	printf("decode  backend %s  batch %d  ctx %d  steps %d\n", q3_engine_backend(eng), B, ctx, tokens);
+	printf("  %.1f tok/s  (%.2f ms per step, %.1f tok/s per sequence)\n", B * tokens / dt, per * 1e3, tokens / dt);
 	printf("  %.3f GB read per step -> %.0f GB/s", bytes / 1e9, gbs);
 	if (peak > 0)
 		printf("  (measured copy peak %.0f GB/s: %.0f%%)", peak, 100 * gbs / peak);
 	printf("\n");
-	snprintf(row, sizeof(row), "decode,%s,%d,%d,%d,%.2f,%.4f,%.3f,%.1f,%.1f", q3_engine_backend(eng), B, o.ctx, o.tokens,
-		 B * o.tokens / dt, per * 1e3, bytes / 1e9, gbs, peak);
-	csv_row(o.csv, "bench,backend,batch,ctx,tokens,tok_s,ms_per_step,gb_per_step,gb_s,peak_gb_s", row);
+	fflush(stdout);
+	snprintf(row, sizeof(row), "decode,%s,%d,%d,%d,%.2f,%.4f,%.3f,%.1f,%.1f", q3_engine_backend(eng), B, ctx, tokens,
+		 B * tokens / dt, per * 1e3, bytes / 1e9, gbs, peak);
+	csv_row(csv, CSV_HEADER, row);
 	rc = 0;
 out:
 	if (ss)
@@ -227,7 +216,6 @@ out:
 	free(ss);
 	free(ids);
 	free(logits);
-	q3_engine_close(eng);
 	return rc;
 }
 
@@ -238,6 +226,72 @@ static int cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* A fresh session fed `tokens` random ids, once untimed, then `reps` timed. */
+static int run_prefill(struct q3_engine *eng, int tokens, int reps, const char *csv)
+{
+	const struct q3_config *c = q3_engine_config(eng);
+	struct q3_session *s = NULL;
+	int32_t *ids = malloc(sizeof(int32_t) * tokens);
+	float *logits = malloc(sizeof(float) * c->vocab_size);
+	double *t = malloc(sizeof(double) * (reps + 1));
+	q3_err e;
+	int rc = 1;
+
+	if (!ids || !logits || !t || q3_session_new(eng, &s, &e)) {
+		fprintf(stderr, "qwen3d bench: out of memory or session\n");
+		goto out;
+	}
+	for (int rep = 0; rep <= reps; rep++) {
+		for (int i = 0; i < tokens; i++)
+			ids[i] = rand_id(c->vocab_size);
+		q3_session_reset(s);
+		double t0 = q3_now();
+
+		if (q3_session_eval(s, ids, tokens, logits, 0, &e)) {
+			fprintf(stderr, "qwen3d bench: prefill: %s\n", e.msg);
+			goto out;
+		}
+		t[rep] = q3_now() - t0;
+	}
+	qsort(t + 1, reps, sizeof(double), cmp_double);
+	double best = t[1], med = t[1 + reps / 2];
+	char row[512];
+
+	printf("prefill  backend %s  tokens %d  reps %d\n", q3_engine_backend(eng), tokens, reps);
+	printf("  %.1f tok/s best (%.3f s), %.1f tok/s median (%.3f s); first pass %.3f s\n", tokens / best, best,
+	       tokens / med, med, t[0]);
+	fflush(stdout);
+	snprintf(row, sizeof(row), "prefill,%s,1,0,%d,%.2f,%.4f,,,", q3_engine_backend(eng), tokens, tokens / best,
+		 best * 1e3);
+	csv_row(csv, CSV_HEADER, row);
+	rc = 0;
+out:
+	q3_session_free(s);
+	free(ids);
+	free(logits);
+	free(t);
+	return rc;
+}
+
+static const char decode_usage[] =
+	"usage: qwen3d bench decode --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
+	"                           [--warmup N] [--csv F]\n";
+
+int q3_bench_decode(int argc, char **argv)
+{
+	struct bench_opts o = { .batch = 1, .ctx = 1024, .tokens = 64, .warmup = 4 };
+	struct q3_engine *eng = NULL;
+	int r;
+
+	if ((r = parse(argc, argv, &o, decode_usage)))
+		return r == 1 ? 0 : r;
+	if (open_engine(&o, o.ctx + o.warmup + o.tokens + 8, o.batch, &eng))
+		return 1;
+	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.csv);
+	q3_engine_close(eng);
+	return r;
+}
+
 static const char prefill_usage[] =
 	"usage: qwen3d bench prefill --model DIR [--backend cpu|cuda|auto] [--tokens N] [--reps N] [--csv F]\n";
 
@@ -245,57 +299,38 @@ int q3_bench_prefill(int argc, char **argv)
 {
 	struct bench_opts o = { .batch = 1, .tokens = 512, .reps = 3 };
 	struct q3_engine *eng = NULL;
-	struct q3_session *s = NULL;
-	int32_t *ids = NULL;
-	float *logits = NULL;
-	double *t = NULL;
-	q3_err e;
-	int r, rc = 1;
+	int r;
 
 	if ((r = parse(argc, argv, &o, prefill_usage)))
 		return r == 1 ? 0 : r;
-	if (o.reps < 1)
-		o.reps = 1;
 	if (open_engine(&o, o.tokens + 8, 1, &eng))
 		return 1;
-	const struct q3_config *c = q3_engine_config(eng);
-
-	ids = malloc(sizeof(int32_t) * o.tokens);
-	logits = malloc(sizeof(float) * c->vocab_size);
-	t = malloc(sizeof(double) * (o.reps + 1));
-	if (!ids || !logits || !t || q3_session_new(eng, &s, &e)) {
-		fprintf(stderr, "qwen3d bench: out of memory or session: %s\n", e.msg);
-		goto out;
-	}
-	/* one untimed pass (first-use setup), then the timed ones */
-	for (int rep = 0; rep <= o.reps; rep++) {
-		for (int i = 0; i < o.tokens; i++)
-			ids[i] = rand_id(c->vocab_size);
-		q3_session_reset(s);
-		double t0 = q3_now();
-
-		if (q3_session_eval(s, ids, o.tokens, logits, 0, &e)) {
-			fprintf(stderr, "qwen3d bench: prefill: %s\n", e.msg);
-			goto out;
-		}
-		t[rep] = q3_now() - t0;
-	}
-	qsort(t + 1, o.reps, sizeof(double), cmp_double);
-	double best = t[1], med = t[1 + o.reps / 2];
-	char row[512];
-
-	printf("prefill  backend %s  tokens %d  reps %d\n", q3_engine_backend(eng), o.tokens, o.reps);
-	printf("  %.1f tok/s best (%.3f s), %.1f tok/s median (%.3f s); first pass %.3f s\n", o.tokens / best, best,
-	       o.tokens / med, med, t[0]);
-	snprintf(row, sizeof(row), "prefill,%s,1,0,%d,%.2f,%.4f,,,", q3_engine_backend(eng), o.tokens, o.tokens / best,
-		 best * 1e3);
-	csv_row(o.csv, "bench,backend,batch,ctx,tokens,tok_s,ms_per_step,gb_per_step,gb_s,peak_gb_s", row);
-	rc = 0;
-out:
-	q3_session_free(s);
-	free(ids);
-	free(logits);
-	free(t);
+	r = run_prefill(eng, o.tokens, Q3_MAX(o.reps, 1), o.csv);
 	q3_engine_close(eng);
-	return rc;
+	return r;
+}
+
+static const char suite_usage[] =
+	"usage: qwen3d bench suite --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
+	"                          [--reps N] [--csv F]\n"
+	"  one engine: decode at batch 1 and at --batch (default 16) at --ctx (default 1024), --tokens steps\n"
+	"  (default 64), then prefill of 512 and 4096 tokens, --reps times (default 2)\n";
+
+int q3_bench_suite(int argc, char **argv)
+{
+	struct bench_opts o = { .batch = 16, .ctx = 1024, .tokens = 64, .warmup = 4, .reps = 2 };
+	struct q3_engine *eng = NULL;
+	int r, fails = 0;
+
+	if ((r = parse(argc, argv, &o, suite_usage)))
+		return r == 1 ? 0 : r;
+	if (open_engine(&o, Q3_MAX(o.ctx + o.warmup + o.tokens + 8, 4096 + 8), o.batch, &eng))
+		return 1;
+	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.csv) != 0;
+	if (o.batch > 1)
+		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.csv) != 0;
+	fails += run_prefill(eng, 512, Q3_MAX(o.reps, 1), o.csv) != 0;
+	fails += run_prefill(eng, 4096, Q3_MAX(o.reps, 1), o.csv) != 0;
+	q3_engine_close(eng);
+	return fails ? 1 : 0;
 }
