@@ -6,7 +6,7 @@
  * tolerance chosen per op; the comment at each tolerance says why.  The reference always gets the
  * exact values the device got (bf16 inputs as fp32), so the error measures the op.
  *
- *   test_ops [filter]     runs the cases whose name contains filter (all by default)
+ *   test_ops [filter,...]   runs the cases whose name contains one of the filters (all by default)
  */
 #include <cublas_v2.h>
 #include <time.h>
@@ -19,9 +19,18 @@ static const char *g_filter;
 static cublasHandle_t g_cublas;
 static uint16_t *g_wtmp; /* expanded weights for q3g_gemm */
 
+/* Whether the case runs: no filter, or its name contains one of the comma-separated filters. */
 static bool want(const char *name)
 {
-	return !g_filter || strstr(name, g_filter);
+	char buf[256];
+
+	if (!g_filter)
+		return true;
+	snprintf(buf, sizeof(buf), "%s", g_filter);
+	for (char *sv = NULL, *tok = strtok_r(buf, ",", &sv); tok; tok = strtok_r(NULL, ",", &sv))
+		if (strstr(name, tok))
+			return true;
+	return false;
 }
 
 /* ---- Linears -------------------------------------------------------------------------------- */
