@@ -119,8 +119,8 @@ __global__ void mm_scatter_kernel(int *sorted, int *fill, const int *idx, int P,
 /* ---- grouped GEMM ----------------------------------------------------------------------------- */
 
 struct mm_launch {
-	struct q3g_mat w, sw;	/* the experts' stack and the shared expert's matrix */
-	struct q3g_mat w2, sw2; /* up mode: the up matrices (blocks.y >= nb use them) */
+	struct q3g_mat mat[4];	/* [shared][which]: the experts' stacks and the shared expert's
+				 * matrices; which = 1 (up mode, blocks.y >= nb) are the up ones */
 	const int4 *tiles;
 	const int *ntiles, *sorted;
 	const uint16_t *x;	/* up: bf16 [R][H] */
@@ -129,37 +129,36 @@ struct mm_launch {
 	float *out;		/* up: gu; down: y */
 	int E, S, H, ldgu, ldout, nb; /* S = k + 1; nb: row blocks per matrix */
 	bool down;
+	bool shared;		/* this launch takes the shared expert's tiles (group E), else the routed ones */
 };
 
+/* One launch per weight format: the routed experts' tiles, or the shared expert's (its format
+ * may differ), so that each instance holds one format's registers. */
 template <int FMT>
-static __device__ __forceinline__ void mm_window(const struct q3g_mat &m, int mi, int tile, int c0, int c1,
-						 const uint2 *xs, float acc[8][4])
-{
-	run_chunks<FMT, 8>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
-			   c0, c1, xs, Q3G_MM_TOK, -c0 * 4, 1.0f, acc);
-}
-
-__global__ void __launch_bounds__(Q3G_MMV_THREADS) mm_grouped_kernel(const __grid_constant__ mm_launch L)
+__global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __grid_constant__ mm_launch L)
 {
 	extern __shared__ uint4 smem[];
+	__shared__ int prow[Q3G_MM_TOK];
 	const int ti = blockIdx.x;
 
 	if (ti >= *L.ntiles)
 		return;
 	const int4 tl = L.tiles[ti];
 	const int grp = tl.x, start = tl.y, cnt = tl.z;
-	const bool shared = grp == L.E;
+
+	if ((grp == L.E) != L.shared)
+		return;
 	const int which = L.down ? 0 : (int)blockIdx.y / L.nb, nblk = (int)blockIdx.y % L.nb;
-	const struct q3g_mat &m = which ? (shared ? L.sw2 : L.w2) : (shared ? L.sw : L.w);
-	const int mi = shared ? 0 : grp;
+	const struct q3g_mat &m = L.mat[2 * L.shared + which];
+	const int mi = L.shared ? 0 : grp;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = nblk * (Q3G_MM_ROWS / Q3G_TILE_N) + warp;
 
 	if (nblk * (Q3G_MM_ROWS / Q3G_TILE_N) >= m.ntiles)
-		return; /* a narrower shared expert: the whole block idles */
+		return; /* a narrower matrix: the whole block idles */
 	uint16_t *xs = (uint16_t *)smem;
-	__shared__ int prow[Q3G_MM_TOK];
 	const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
+	const uint8_t *wb = (const uint8_t *)m.data + (size_t)mi * m.data_stride;
 	float acc[8][4];
 
 	if (threadIdx.x < Q3G_MM_TOK)
@@ -173,12 +172,12 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mm_grouped_kernel(const __gri
 		__syncthreads(); /* the previous window is consumed (and prow is visible) */
 		for (int i = threadIdx.x; i < Q3G_MM_TOK * (kw / 2); i += blockDim.x) {
 			int r = i / (kw / 2), kin = 2 * (i % (kw / 2)), p = prow[r];
-			float v[2] = { 0.0f, 0.0f };
 			uint32_t packed = 0;
 
 			if (p >= 0) {
 				if (L.down) {
 					const float *g = L.gu + (size_t)p * L.ldgu, *u = g + L.ldgu / 2;
+					float v[2];
 #pragma unroll
 					for (int q = 0; q < 2; q++) {
 						int kk = perm ? perm[k0 + kin + q] : k0 + kin + q;
@@ -204,12 +203,8 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mm_grouped_kernel(const __gri
 		if (tile < m.ntiles) {
 			int c0 = k0 / Q3G_KCHUNK, c1 = c0 + kw / Q3G_KCHUNK;
 
-			if (m.fmt == Q3G_Q4)
-				mm_window<Q3G_Q4>(m, mi, tile, c0, c1, (const uint2 *)xs, acc);
-			else if (m.fmt == Q3G_Q8)
-				mm_window<Q3G_Q8>(m, mi, tile, c0, c1, (const uint2 *)xs, acc);
-			else
-				mm_window<Q3G_BF16>(m, mi, tile, c0, c1, (const uint2 *)xs, acc);
+			run_chunks<FMT, 8>(m, wb, (size_t)mi * m.sz_stride, tile, c0, c1, (const uint2 *)xs, Q3G_MM_TOK,
+					   -c0 * 4, 1.0f, acc);
 		}
 	}
 	if (tile >= m.ntiles)
@@ -251,6 +246,24 @@ static size_t mm_smem(void)
 	return (size_t)Q3G_MM_TOK * MM_KT * 2;
 }
 
+/* The routed tiles with the stacks' format, then the shared expert's with its own. */
+static int mm_launch2(mm_launch &L, int fmt_routed, int fmt_shared, dim3 grid, cudaStream_t st, q3_err *e)
+{
+	for (int sh = 0; sh < 2; sh++) {
+		int f = sh ? fmt_shared : fmt_routed;
+
+		L.shared = sh;
+		if (f == Q3G_Q4)
+			mm_grouped_kernel<Q3G_Q4><<<grid, Q3G_MMV_THREADS, mm_smem(), st>>>(L);
+		else if (f == Q3G_Q8)
+			mm_grouped_kernel<Q3G_Q8><<<grid, Q3G_MMV_THREADS, mm_smem(), st>>>(L);
+		else
+			mm_grouped_kernel<Q3G_BF16><<<grid, Q3G_MMV_THREADS, mm_smem(), st>>>(L);
+		CUDA_CHECK_LAUNCH(e);
+	}
+	return 0;
+}
+
 extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, const float *w,
 			       const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *down,
 			       const struct q3g_mat *sgate, const struct q3g_mat *sup, const struct q3g_mat *sdown,
@@ -259,7 +272,7 @@ extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, cons
 	cudaStream_t st = (cudaStream_t)stream;
 	struct mm_ws ws;
 	size_t total;
-	int S = d->topk + 1, P = R * S, G = d->E + 1, Imax = Q3_MAX(d->I, d->Is);
+	int S = d->topk + 1, P = R * S, G = d->E + 1, Imax = Q3_MAX(d->I, d->Is), err;
 	mm_launch L;
 
 	if (G > 1024)
@@ -282,28 +295,30 @@ extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, cons
 	L.H = d->H;
 	L.ldgu = 2 * Imax;
 	/* up: gate rows then up rows, row blocks of Q3G_MM_ROWS */
-	L.w = *gate;
-	L.sw = *sgate;
-	L.w2 = *up;
-	L.sw2 = *sup;
+	L.mat[0] = *gate;
+	L.mat[1] = *up;
+	L.mat[2] = *sgate;
+	L.mat[3] = *sup;
 	L.x = x;
 	L.out = ws.gu;
 	L.ldout = 2 * Imax;
 	L.nb = cdiv(Q3_MAX(gate->ntiles, sgate->ntiles), Q3G_MM_ROWS / Q3G_TILE_N);
 	L.down = false;
-	mm_grouped_kernel<<<dim3(ws.maxtiles, 2 * L.nb), Q3G_MMV_THREADS, mm_smem(), st>>>(L);
-	CUDA_CHECK_LAUNCH(e);
+	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
+		return q3_errf(e, -EINVAL, "moe prefill: gate and up in different formats");
+	if ((err = mm_launch2(L, gate->fmt, sgate->fmt, dim3(ws.maxtiles, 2 * L.nb), st, e)))
+		return err;
 	/* down */
-	L.w = *down;
-	L.sw = *sdown;
+	L.mat[0] = *down;
+	L.mat[2] = *sdown;
 	L.gu = ws.gu;
 	L.wt = w;
 	L.out = ws.y;
 	L.ldout = d->H;
 	L.nb = cdiv(down->ntiles, Q3G_MM_ROWS / Q3G_TILE_N);
 	L.down = true;
-	mm_grouped_kernel<<<dim3(ws.maxtiles, L.nb), Q3G_MMV_THREADS, mm_smem(), st>>>(L);
-	CUDA_CHECK_LAUNCH(e);
+	if ((err = mm_launch2(L, down->fmt, sdown->fmt, dim3(ws.maxtiles, L.nb), st, e)))
+		return err;
 	mm_combine_kernel<<<(unsigned)cdiv(R * d->H, 256), 256, 0, st>>>(h, ws.y, R, S, d->H);
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
@@ -311,7 +326,10 @@ extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, cons
 
 int q3g_mm_init(q3_err *e)
 {
-	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-					   (int)mm_smem()));
+	int bytes = (int)mm_smem();
+
+	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_BF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	return 0;
 }

@@ -99,28 +99,26 @@ extern "C" int q3g_router_topk(int *idx, float *w, const float *logits, const fl
 /* ---- decode experts ------------------------------------------------------------------------- */
 
 struct moe_up_launch {
-	struct q3g_mat gate, up, sgate, sup;
+	struct q3g_mat mat[4]; /* gate, up, shared gate, shared up */
 	const uint16_t *x;
 	const int *idx;
 	float *gu;
 	int k, H, ldgu, nb; /* nb: blocks per matrix (row tiles / RT) */
 	int rt;
+	bool shared;	    /* this pass: the shared expert of each row (else the k routed ones) */
 };
 
-/* The matrix of slot expert ex (-1: shared) and which (0 gate, 1 up). */
-static __device__ __forceinline__ const struct q3g_mat &pick(const moe_up_launch &L, int ex, int which)
-{
-	return ex < 0 ? (which ? L.sup : L.sgate) : (which ? L.up : L.gate);
-}
-
-__global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_up_kernel(const __grid_constant__ moe_up_launch L)
+/* Block (pair, row tiles of gate or up).  One launch per weight format: the routed pairs, then
+ * the shared expert's (whose format may differ), so each instance keeps one format's registers. */
+template <int FMT>
+__global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	extern __shared__ uint4 smem[];
-	const int p = blockIdx.x, r = p / (L.k + 1);
+	const int r = L.shared ? blockIdx.x : blockIdx.x / L.k;
+	const int p = r * (L.k + 1) + (L.shared ? L.k : blockIdx.x % L.k);
 	const int which = blockIdx.y / L.nb, b = blockIdx.y % L.nb;
-	const int ex = L.idx[p];
-	const struct q3g_mat &m = pick(L, ex, which);
-	const int mi = ex < 0 ? 0 : ex;
+	const int mi = L.shared ? 0 : L.idx[p];
+	const struct q3g_mat &m = L.mat[2 * L.shared + which];
 	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = b * L.rt + warp / WPT, kr = warp % WPT, Kp = m.nchunks * Q3G_KCHUNK;
 	uint16_t *xs = (uint16_t *)smem;
@@ -128,20 +126,14 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_up_kernel(const __grid_co
 	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
 	if (b * L.rt >= m.ntiles)
-		return; /* the shared expert may be narrower: whole block idle, before any barrier */
+		return; /* a narrower matrix: whole block idle, before any barrier */
 	stage_x_bf16(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL);
 	__syncthreads();
 	if (tile < m.ntiles) {
 		int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
-		const uint8_t *wb = (const uint8_t *)m.data + (size_t)mi * m.data_stride;
-		size_t szb = (size_t)mi * m.sz_stride;
 
-		if (m.fmt == Q3G_Q4)
-			run_chunks<Q3G_Q4, 1>(m, wb, szb, tile, c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
-		else if (m.fmt == Q3G_Q8)
-			run_chunks<Q3G_Q8, 1>(m, wb, szb, tile, c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
-		else
-			run_chunks<Q3G_BF16, 1>(m, wb, szb, tile, c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
+		run_chunks<FMT, 1>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
+				   c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
 	}
 	reduce_tile_warps<1>(red, acc, WPT);
 	/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
@@ -157,7 +149,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_up_kernel(const __grid_co
 }
 
 struct moe_down_launch {
-	struct q3g_mat down, sdown;
+	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
 	const float *gu;
 	const int *idx;
 	const float *w;
@@ -167,18 +159,12 @@ struct moe_down_launch {
 
 static __device__ __forceinline__ const struct q3g_mat &pick_down(const moe_down_launch &L, int ex)
 {
-	return ex < 0 ? L.sdown : L.down;
+	return L.mat[ex < 0];
 }
 
-template <int FMT>
-static __device__ __forceinline__ void down_slot(const struct q3g_mat &m, int mi, int tile, int c0, int c1,
-						 const uint2 *xs, int ksoff, float wt, float acc[1][4])
-{
-	run_chunks<FMT, 1>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
-			   c0, c1, xs, 1, ksoff, wt, acc);
-}
-
-__global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_down_kernel(const __grid_constant__ moe_down_launch L)
+/* FR: the routed experts' format, FS: the shared expert's. */
+template <int FR, int FS>
+__global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __grid_constant__ moe_down_launch L)
 {
 	extern __shared__ uint4 smem[];
 	const int r = blockIdx.x, S = L.k + 1;
@@ -215,7 +201,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_down_kernel(const __grid_
 	__syncthreads();
 
 	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
-	if (tile < L.down.ntiles) {
+	if (tile < L.mat[0].ntiles) {
 		/* this warp's share of the (slot, chunk) items of its tile */
 		int per = cdiv(total, WPT), i0 = kr * per, i1 = min(total, i0 + per), base = 0;
 
@@ -227,19 +213,20 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_down_kernel(const __grid_
 			float wt = L.w[(size_t)r * S + s];
 
 			if (c0 < c1) {
-				if (m.fmt == Q3G_Q4)
-					down_slot<Q3G_Q4>(m, mi, tile, c0, c1, (const uint2 *)xs, ksoff, wt, acc);
-				else if (m.fmt == Q3G_Q8)
-					down_slot<Q3G_Q8>(m, mi, tile, c0, c1, (const uint2 *)xs, ksoff, wt, acc);
+				const uint8_t *wb = (const uint8_t *)m.data + (size_t)mi * m.data_stride;
+
+				if (ex < 0)
+					run_chunks<FS, 1>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, 1, ksoff, wt, acc);
 				else
-					down_slot<Q3G_BF16>(m, mi, tile, c0, c1, (const uint2 *)xs, ksoff, wt, acc);
+					run_chunks<FR, 1>(m, wb, (size_t)mi * m.sz_stride, tile, c0, c1, (const uint2 *)xs, 1,
+							  ksoff, wt, acc);
 			}
 			base += m.nchunks;
 			ksoff += m.nchunks * (Q3G_KCHUNK / Q3G_KSTEP);
 		}
 	}
 	reduce_tile_warps<1>(red, acc, WPT);
-	if (kr != 0 || tile >= L.down.ntiles || (lane & 3))
+	if (kr != 0 || tile >= L.mat[0].ntiles || (lane & 3))
 		return;
 	int row = tile * Q3G_TILE_N + (lane >> 2);
 	float *h = L.h + (size_t)r * L.H;
@@ -248,6 +235,19 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_down_kernel(const __grid_
 		h[row] += acc[0][0];
 	if (row + 8 < L.H)
 		h[row + 8] += acc[0][2];
+}
+
+typedef void (*moe_down_fn)(const moe_down_launch);
+
+static moe_down_fn down_kernel_for(int fr, int fs)
+{
+	static const moe_down_fn t[3][3] = {
+		{ moe_down_kernel<Q3G_Q4, Q3G_Q4>, moe_down_kernel<Q3G_Q4, Q3G_Q8>, moe_down_kernel<Q3G_Q4, Q3G_BF16> },
+		{ moe_down_kernel<Q3G_Q8, Q3G_Q4>, moe_down_kernel<Q3G_Q8, Q3G_Q8>, moe_down_kernel<Q3G_Q8, Q3G_BF16> },
+		{ moe_down_kernel<Q3G_BF16, Q3G_Q4>, moe_down_kernel<Q3G_BF16, Q3G_Q8>, moe_down_kernel<Q3G_BF16, Q3G_BF16> },
+	};
+
+	return t[fr][fs];
 }
 
 static size_t up_smem(const struct q3g_mat *m, int rt)
@@ -266,10 +266,10 @@ extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const st
 	if (up->ntiles != gate->ntiles || sup->ntiles != sgate->ntiles || 2 * Q3_MAX(gate->N, sgate->N) > ldgu)
 		return q3_errf(e, -EINVAL, "moe up: gate and up shapes differ, or gu rows too short");
 	memset(&L, 0, sizeof(L));
-	L.gate = *gate;
-	L.up = *up;
-	L.sgate = *sgate;
-	L.sup = *sup;
+	L.mat[0] = *gate;
+	L.mat[1] = *up;
+	L.mat[2] = *sgate;
+	L.mat[3] = *sup;
 	L.x = x;
 	L.idx = idx;
 	L.gu = gu;
@@ -281,8 +281,21 @@ extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const st
 	if (smem > q3g_dev.smem_optin)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
 			       q3g_dev.smem_optin);
-	moe_up_kernel<<<dim3(R * (k + 1), 2 * L.nb), Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
-	CUDA_CHECK_LAUNCH(e);
+	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
+		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
+	for (int sh = 0; sh < 2; sh++) {
+		dim3 grid(sh ? R : R * k, 2 * L.nb);
+		int f = sh ? sgate->fmt : gate->fmt;
+
+		L.shared = sh;
+		if (f == Q3G_Q4)
+			moe_up_kernel<Q3G_Q4><<<grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
+		else if (f == Q3G_Q8)
+			moe_up_kernel<Q3G_Q8><<<grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
+		else
+			moe_up_kernel<Q3G_BF16><<<grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
+		CUDA_CHECK_LAUNCH(e);
+	}
 	return 0;
 }
 
@@ -300,8 +313,8 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 		return q3_errf(e, -EINVAL, "moe down: %zu bytes of shared memory exceed the device's %zu", smem,
 			       q3g_dev.smem_optin);
 	memset(&L, 0, sizeof(L));
-	L.down = *down;
-	L.sdown = *sdown;
+	L.mat[0] = *down;
+	L.mat[1] = *sdown;
 	L.gu = gu;
 	L.idx = idx;
 	L.w = w;
@@ -310,16 +323,22 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	L.H = H;
 	L.ldgu = ldgu;
 	L.rt = 1;
-	moe_down_kernel<<<dim3(R, down->ntiles), Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
+	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt);
+	fn<<<dim3(R, down->ntiles), Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }
 
 int q3g_moe_init(q3_err *e)
 {
-	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-					   (int)q3g_dev.smem_optin));
-	CUDA_CHECK(e, cudaFuncSetAttribute(moe_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-					   (int)q3g_dev.smem_optin));
+	int bytes = (int)q3g_dev.smem_optin;
+
+	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_BF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	for (int fr = 0; fr < 3; fr++)
+		for (int fs = 0; fs < 3; fs++)
+			CUDA_CHECK(e, cudaFuncSetAttribute(down_kernel_for(fr, fs), cudaFuncAttributeMaxDynamicSharedMemorySize,
+							   bytes));
 	return 0;
 }

@@ -214,7 +214,10 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
 						  float wscale, float acc[NT][4])
 {
-	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB, U = Q3G_MMV_LOADS / LPC;
+	/* chunks loaded ahead: eight 16-byte loads per lane for a matvec; with many token tiles
+	 * (the grouped GEMM) the mma work per chunk hides latency and registers are scarce */
+	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB;
+	constexpr int U0 = Q3G_MMV_LOADS / LPC / (NT >= 4 ? 4 : 1), U = U0 > 0 ? U0 : 1;
 	const int lane = threadIdx.x & 31;
 	const uint8_t *tbase = wbase + (size_t)tile * m.nchunks * CB + lane * 16;
 	float accg[NT][4];
