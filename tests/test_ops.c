@@ -591,28 +591,35 @@ static void test_dense(void **state)
 	}
 }
 
-/* The CPU matvec gives a token the same bits alone or in a batch. */
+/* The CPU matvec gives a token the same bits alone or in a batch (both the one-token path of
+ * sequential groups and the general one). */
 static void test_linear_batch_invariance(void **state)
 {
-	struct gptq_case c = { .K = 128, .N = 72, .bits = 4, .group = 32, .act_order = true, .asym = true,
-			       .sdt = Q3_DT_F16 };
-	struct fake_linear f;
-	struct q3_cpu_linear cl;
-	float x[5 * 128], yb[5 * 72], y1[72];
-	q3_err e;
+	struct gptq_case cases[] = {
+		{ .K = 128, .N = 72, .bits = 4, .group = 32, .act_order = true, .asym = true, .sdt = Q3_DT_F16 },
+		{ .K = 128, .N = 72, .bits = 4, .group = 32, .asym = true, .sdt = Q3_DT_F16 },
+		{ .K = 128, .N = 72, .bits = 8, .group = 64, .sdt = Q3_DT_BF16 },
+	};
 
-	rng_seed(5);
-	make_gptq(&f, &c);
-	rng_fill(x, sizeof(x) / sizeof(x[0]), 1);
-	assert_int_equal(q3_cpu_linear_prepare(&cl, &f.l, &e), 0);
-	q3_cpu_linear_rows(&cl, x, 128, 5, yb, 72, 0, 72);
-	for (int t = 0; t < 5; t++) {
-		q3_cpu_linear_rows(&cl, x + t * 128, 128, 1, y1, 72, 0, 40);
-		q3_cpu_linear_rows(&cl, x + t * 128, 128, 1, y1, 72, 40, 72);
-		assert_memory_equal(y1, yb + t * 72, sizeof(y1));
+	for (size_t i = 0; i < Q3_ARRAY_SIZE(cases); i++) {
+		struct fake_linear f;
+		struct q3_cpu_linear cl;
+		float x[5 * 128], yb[5 * 72], y1[72];
+		q3_err e;
+
+		rng_seed(5 + i);
+		make_gptq(&f, &cases[i]);
+		rng_fill(x, sizeof(x) / sizeof(x[0]), 1);
+		assert_int_equal(q3_cpu_linear_prepare(&cl, &f.l, &e), 0);
+		q3_cpu_linear_rows(&cl, x, 128, 5, yb, 72, 0, 72);
+		for (int t = 0; t < 5; t++) {
+			q3_cpu_linear_rows(&cl, x + t * 128, 128, 1, y1, 72, 0, 40);
+			q3_cpu_linear_rows(&cl, x + t * 128, 128, 1, y1, 72, 40, 72);
+			assert_memory_equal(y1, yb + t * 72, sizeof(y1));
+		}
+		q3_cpu_linear_release(&cl);
+		free_fake(&f);
 	}
-	q3_cpu_linear_release(&cl);
-	free_fake(&f);
 }
 
 int main(void)
