@@ -32,6 +32,9 @@ int q3_cpu_linear_prepare(struct q3_cpu_linear *cl, const struct q3_linear *l, q
 	cl->l = l;
 	if (l->fmt == Q3_W_DENSE)
 		return 0;
+	if (l->bits != 4 && l->bits != 8)
+		return q3_errf(e, -EINVAL, "%s: %d-bit GPTQ weights are not supported (4 or 8)",
+			       l->qweight->name, l->bits);
 	per = 32 / l->bits;
 	mask = (1u << l->bits) - 1;
 	G = l->ngroups;
