@@ -651,15 +651,17 @@ static int layer_linear(struct cuda_bk *bk, const struct glayer *L, const struct
 	struct q3g_job j[2] = { job(&L->qkvz, bk->xb, H, bk->qkvz, qd, Q3G_EPI_STORE),
 				job(&L->ba, bk->xb, H, bk->ba, 2 * d->Nv, Q3G_EPI_STORE) };
 
-	if ((err = linears(bk, j, 2, k->R, e)) ||
-	    (err = q3g_conv1d_silu(bk->u, bk->qkvz, qd, L->conv_w, k->rows, k->R, k->nseq, L->lin, d, bk->st, e)))
+	if ((err = linears(bk, j, 2, k->R, e)))
 		return err;
 	if (k->decode) {
-		err = q3g_delta(bk->u, bk->ba, L->A_log, L->dt_bias, NULL, bk->core, bk->qkvz + d->conv_dim, qd,
-				L->lin_norm, true, k->rows, k->nseq, L->lin, d, bk->st, e);
+		/* one kernel: conv step, gates, recurrence, gated norm */
+		err = q3g_delta_decode(bk->qkvz, qd, L->conv_w, bk->ba, L->A_log, L->dt_bias, NULL, bk->core,
+				       bk->qkvz + d->conv_dim, qd, L->lin_norm, true, k->rows, k->nseq, L->lin, d, bk->st, e);
 	} else {
-		err = q3g_delta(bk->u, bk->ba, L->A_log, L->dt_bias, bk->og, NULL, NULL, 0, NULL, false, k->rows,
-				k->nseq, L->lin, d, bk->st, e);
+		err = q3g_conv1d_silu(bk->u, bk->qkvz, qd, L->conv_w, k->rows, k->R, k->nseq, L->lin, d, bk->st, e);
+		if (!err)
+			err = q3g_delta(bk->u, bk->ba, L->A_log, L->dt_bias, bk->og, NULL, NULL, 0, NULL, false, k->rows,
+					k->nseq, L->lin, d, bk->st, e);
 		if (!err)
 			err = q3g_gated_rmsnorm(bk->core, bk->og, bk->qkvz + d->conv_dim, qd, L->lin_norm, k->R, d->Nv,
 						d->Dv, d->eps, bk->st, e);

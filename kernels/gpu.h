@@ -181,6 +181,15 @@ int q3g_delta(const float *u, const float *ba, const float *A_log, const float *
 	      struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st,
 	      struct q3_err *e);
 
+/* The same for decode (every sequence feeds one token, fuse_norm), with the conv1d + SiLU done
+ * in the same kernel: qkvz [R][ldq] the projections (columns [0, conv_dim) the conv inputs),
+ * cw [conv_dim][W]; the sequences' conv states are read and advanced (q3g_conv1d_silu's job).
+ * With cw NULL it is q3g_delta on conv outputs u = qkvz. */
+int q3g_delta_decode(const float *qkvz, int ldq, const float *cw, const float *ba, const float *A_log,
+		     const float *dt_bias, float *o, uint16_t *core, const float *z, int ldz,
+		     const float *normw, bool fuse_norm, struct q3g_rows rows, int nseq, int lin,
+		     const struct q3g_dims *d, q3g_stream st, struct q3_err *e);
+
 /* core[r][j·Dv + c] = bf16(w[c] · o · rsqrt(mean_c(o²) + eps) · silu(z)) per row and value head. */
 int q3g_gated_rmsnorm(uint16_t *core, const float *o, const float *z, int ldz, const float *w, int R,
 		      int nheads, int Dv, float eps, q3g_stream st, struct q3_err *e);

@@ -66,7 +66,10 @@ extern "C" int q3g_conv1d_silu(float *u, const float *qkvz, int ldq, const float
 /* ---- delta rule ------------------------------------------------------------------------------- */
 
 struct delta_args {
-	const float *u;	     /* [R][conv_dim]: q | k | v after the conv */
+	const float *u;	     /* [R][conv_dim]: q | k | v after the conv (prefill) */
+	const float *qkvz;   /* [R][ldq]: the conv inputs (decode: the conv is done here) */
+	const float *cw;     /* [conv_dim][W] */
+	int ldq, W;
 	const float *ba;     /* [R][2 Nv]: b | a */
 	const float *A_log, *dt_bias, *normw;
 	float *o;	     /* [R][value_dim] */
@@ -78,6 +81,33 @@ struct delta_args {
 	float eps;
 };
 
+/* Decode (one token at position pos): conv1d + SiLU of channel ch from the projections and the
+ * read state (slot m holds the input at pos - (W-1) + m; zeros before position 0). */
+static __device__ __forceinline__ float conv_ch(const delta_args &A, const float *xr, const float *rd, int pos, int ch)
+{
+	const int S = A.W - 1;
+	float acc = A.cw[(size_t)ch * A.W + S] * xr[ch];
+
+	for (int m = 0; m < S; m++)
+		if (pos - S + m >= 0)
+			acc += A.cw[(size_t)ch * A.W + m] * rd[(size_t)m * A.conv_dim + ch];
+	return dev_silu(acc);
+}
+
+/* ... and its state after the token: slot m := slot m + 1, the last slot := the input. */
+static __device__ __forceinline__ void conv_shift(const delta_args &A, const float *xr, const float *rd, float *wr,
+						  int pos, int ch)
+{
+	const int S = A.W - 1;
+
+	for (int m = 0; m + 1 < S; m++)
+		wr[(size_t)m * A.conv_dim + ch] = pos - S + m + 1 >= 0 ? rd[(size_t)(m + 1) * A.conv_dim + ch] : 0.0f;
+	wr[(size_t)(S - 1) * A.conv_dim + ch] = xr[ch];
+}
+
+/* FUSE: every sequence feeds one token (decode): the conv is computed here from the projections
+ * (and the conv state advanced), and the output is gated-normed into core.  Otherwise the inputs
+ * are the conv outputs u and the raw output goes to o. */
 template <int KPL, bool FUSE>
 __global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ delta_args A)
 {
@@ -99,21 +129,50 @@ __global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ del
 
 	for (int t = 0; t < sq.n; t++) {
 		const int row = sq.row0 + t;
-		const float *ur = A.u + (size_t)row * A.conv_dim;
 		float q[KPL], k[KPL], v[CPW];
 		float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
 
+		if (FUSE) {
+			const float *xr = A.qkvz + (size_t)row * A.ldq;
+			const float *rd = sq.conv_rd + (size_t)A.lin * (A.W - 1) * A.conv_dim;
+			float *wr = sq.conv_wr + (size_t)A.lin * (A.W - 1) * A.conv_dim;
+			const int qc = kh * A.Dk + i0, kc = A.key_dim + kh * A.Dk + i0, vc = 2 * A.key_dim + j * A.Dv + c0;
+
+#pragma unroll
+			for (int i = 0; i < KPL; i++) {
+				q[i] = conv_ch(A, xr, rd, sq.pos, qc + i);
+				k[i] = conv_ch(A, xr, rd, sq.pos, kc + i);
+			}
+#pragma unroll
+			for (int c = 0; c < CPW; c++)
+				v[c] = conv_ch(A, xr, rd, sq.pos, vc + c);
+			/* the new state: q and k channels by the first value head of the key head (warp 0),
+			 * v channels by the lanes that own them */
+			if (warp == 0 && j % (A.Nv / A.Nk) == 0)
+				for (int i = 0; i < KPL; i++) {
+					conv_shift(A, xr, rd, wr, sq.pos, qc + i);
+					conv_shift(A, xr, rd, wr, sq.pos, kc + i);
+				}
+			if (lane < CPW)
+				conv_shift(A, xr, rd, wr, sq.pos, vc + lane);
+		} else {
+			const float *ur = A.u + (size_t)row * A.conv_dim;
+
+#pragma unroll
+			for (int i = 0; i < KPL; i++) {
+				q[i] = ur[kh * A.Dk + i0 + i];
+				k[i] = ur[A.key_dim + kh * A.Dk + i0 + i];
+			}
+#pragma unroll
+			for (int c = 0; c < CPW; c++)
+				v[c] = ur[2 * A.key_dim + j * A.Dv + c0 + c];
+		}
 #pragma unroll
 		for (int i = 0; i < KPL; i++) {
-			q[i] = ur[kh * A.Dk + i0 + i];
-			k[i] = ur[A.key_dim + kh * A.Dk + i0 + i];
 			sqq += q[i] * q[i];
 			skk += k[i] * k[i];
 			sqk += q[i] * k[i];
 		}
-#pragma unroll
-		for (int c = 0; c < CPW; c++)
-			v[c] = ur[2 * A.key_dim + j * A.Dv + c0 + c];
 		float b = A.ba[(size_t)row * 2 * A.Nv + j], a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
 		float pk[CPW], pq[CPW];
 
@@ -206,6 +265,15 @@ extern "C" int q3g_delta(const float *u, const float *ba, const float *A_log, co
 			 uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
 			 struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st, q3_err *e)
 {
+	return q3g_delta_decode(u, 0, NULL, ba, A_log, dt_bias, o, core, z, ldz, normw, fuse_norm, rows, nseq, lin, d,
+				st, e);
+}
+
+extern "C" int q3g_delta_decode(const float *u, int ldq, const float *cw, const float *ba, const float *A_log,
+				const float *dt_bias, float *o, uint16_t *core, const float *z, int ldz,
+				const float *normw, bool fuse_norm, struct q3g_rows rows, int nseq, int lin,
+				const struct q3g_dims *d, q3g_stream st, q3_err *e)
+{
 	delta_args A;
 	int kpl = d->Dk / 32;
 
@@ -215,7 +283,16 @@ extern "C" int q3g_delta(const float *u, const float *ba, const float *A_log, co
 			       "powers of 2, value a multiple of %d up to %d)", d->Dk, d->Dv, Q3G_DELTA_CPW,
 			       1024 * Q3G_DELTA_CPW / 32);
 	memset(&A, 0, sizeof(A));
-	A.u = u;
+	if (cw && !fuse_norm)
+		return q3_errf(e, -EINVAL, "delta rule: the fused conv is for decode (fuse_norm) only");
+	if (cw) {
+		A.qkvz = u;
+		A.cw = cw;
+		A.ldq = ldq;
+	} else {
+		A.u = u;
+	}
+	A.W = d->W;
 	A.ba = ba;
 	A.A_log = A_log;
 	A.dt_bias = dt_bias;

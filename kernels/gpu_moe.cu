@@ -105,20 +105,22 @@ struct moe_up_launch {
 	float *gu;
 	int k, H, ldgu, nb; /* nb: blocks per matrix (row tiles / RT) */
 	int rt;
-	bool shared;	    /* this pass: the shared expert of each row (else the k routed ones) */
+	int pass;	    /* 0: the k routed pairs of each row, 1: the shared one, 2: all k + 1 */
 };
 
-/* Block (pair, row tiles of gate or up).  One launch per weight format: the routed pairs, then
- * the shared expert's (whose format may differ), so each instance keeps one format's registers. */
+/* Block (pair, row tiles of gate or up).  An instance handles one weight format: all pairs when
+ * the routed and the shared experts share it, else the routed pairs and the shared ones in two
+ * launches, so that each instance keeps one format's registers. */
 template <int FMT>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	extern __shared__ uint4 smem[];
-	const int r = L.shared ? blockIdx.x : blockIdx.x / L.k;
-	const int p = r * (L.k + 1) + (L.shared ? L.k : blockIdx.x % L.k);
+	const int per_row = L.pass == 0 ? L.k : L.pass == 1 ? 1 : L.k + 1, r = blockIdx.x / per_row;
+	const int p = r * (L.k + 1) + (L.pass == 1 ? L.k : blockIdx.x % per_row);
+	const bool shared = p % (L.k + 1) == L.k;
 	const int which = blockIdx.y / L.nb, b = blockIdx.y % L.nb;
-	const int mi = L.shared ? 0 : L.idx[p];
-	const struct q3g_mat &m = L.mat[2 * L.shared + which];
+	const int mi = shared ? 0 : L.idx[p];
+	const struct q3g_mat &m = L.mat[2 * shared + which];
 	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = b * L.rt + warp / WPT, kr = warp % WPT, Kp = m.nchunks * Q3G_KCHUNK;
 	uint16_t *xs = (uint16_t *)smem;
@@ -162,6 +164,81 @@ static __device__ __forceinline__ const struct q3g_mat &pick_down(const moe_down
 	return L.mat[ex < 0];
 }
 
+/* One (slot, chunk) item: four k-steps of the slot's matrix against its staged activations at
+ * k-step kbase, the partial sums of each scale group scaled by the group's scale times wt (the
+ * slot's routing weight) into acc. */
+template <int FMT>
+static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int mi, int tile, int c, const uint4 *w,
+						 const uint2 *xs, int kbase, float wt, float acc[1][4])
+{
+	const int lane = threadIdx.x & 31;
+	const size_t szb = (size_t)mi * m.sz_stride;
+	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } }, s0 = 1.0f, s1 = 1.0f;
+	zconst zc = FMT == Q3G_BF16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
+
+	if (FMT != Q3G_BF16)
+		group_consts<FMT>(m, szb, tile, (c * 4) / m.gsteps, lane, s0, s1, zc);
+#pragma unroll
+	for (int st = 0; st < 4; st++) {
+		uint32_t a[4], b[2];
+
+		if (FMT != Q3G_BF16 && st > 0 && (c * 4 + st) % m.gsteps == 0) {
+			flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
+			group_consts<FMT>(m, szb, tile, (c * 4 + st) / m.gsteps, lane, s0, s1, zc);
+		}
+		a_frag<FMT>(w, st, zc, a);
+		b_frag(xs, kbase + st, 0, 1, lane, b);
+		mma_bf16(accg[0], a, b);
+	}
+	flush_group<1>(acc, accg, s0 * wt, s1 * wt, false);
+}
+
+/* A warp's items [i0, i1) of the flattened (slot, chunk) list of one row tile: slot s < k owns
+ * items [s·ncr, (s+1)·ncr) of the routed stack (expert ix[s]), slot k the shared expert's after
+ * them; the staged activations follow the same order, so item i starts at k-step 4i.  The
+ * weights of up to UB items are loaded before the first is used (one round trip for a whole
+ * row's experts at int4, instead of one per slot). */
+template <int FR, int FS>
+static __device__ __forceinline__ void down_items(const moe_down_launch &L, const int *ix, const float *wr, int tile,
+						  int i0, int i1, int ncr, const uint2 *xs, float acc[1][4])
+{
+	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS, UB = 16 / LM;
+	const int lane = threadIdx.x & 31, k = L.k;
+
+	for (int b0 = i0; b0 < i1; b0 += UB) {
+		uint4 w[UB][LM];
+
+#pragma unroll
+		for (int u = 0; u < UB; u++) {
+			int i = b0 + u;
+
+			if (i < i1) {
+				bool sh = i >= k * ncr;
+				int c = sh ? i - k * ncr : i % ncr, mi = sh ? 0 : ix[i / ncr];
+				const struct q3g_mat &m = L.mat[sh];
+				const uint8_t *p = (const uint8_t *)m.data + (size_t)mi * m.data_stride +
+						   ((size_t)tile * m.nchunks + c) * (sh ? fmt_traits<FS>::CB : fmt_traits<FR>::CB) +
+						   lane * 16;
+#pragma unroll
+				for (int q = 0; q < LM; q++)
+					if (q < (sh ? LS : LR))
+						w[u][q] = ldg_stream(p + q * 512);
+			}
+		}
+#pragma unroll
+		for (int u = 0; u < UB; u++) {
+			int i = b0 + u;
+
+			if (i >= i1)
+				break;
+			if (i >= k * ncr)
+				down_item<FS>(L.mat[1], 0, tile, i - k * ncr, w[u], xs, 4 * i, wr[k], acc);
+			else
+				down_item<FR>(L.mat[0], ix[i / ncr], tile, i % ncr, w[u], xs, 4 * i, wr[i / ncr], acc);
+		}
+	}
+}
+
 /* FR: the routed experts' format, FS: the shared expert's. */
 template <int FR, int FS>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __grid_constant__ moe_down_launch L)
@@ -203,27 +280,9 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 	if (tile < L.mat[0].ntiles) {
 		/* this warp's share of the (slot, chunk) items of its tile */
-		int per = cdiv(total, WPT), i0 = kr * per, i1 = min(total, i0 + per), base = 0;
+		int per = cdiv(total, WPT), i0 = kr * per, i1 = min(total, i0 + per);
 
-		ksoff = 0;
-		for (int s = 0; s < S && base < i1; s++) {
-			int ex = ix[s], mi = ex < 0 ? 0 : ex;
-			const struct q3g_mat &m = pick_down(L, ex);
-			int c0 = max(i0 - base, 0), c1 = min(i1 - base, m.nchunks);
-			float wt = L.w[(size_t)r * S + s];
-
-			if (c0 < c1) {
-				const uint8_t *wb = (const uint8_t *)m.data + (size_t)mi * m.data_stride;
-
-				if (ex < 0)
-					run_chunks<FS, 1>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, 1, ksoff, wt, acc);
-				else
-					run_chunks<FR, 1>(m, wb, (size_t)mi * m.sz_stride, tile, c0, c1, (const uint2 *)xs, 1,
-							  ksoff, wt, acc);
-			}
-			base += m.nchunks;
-			ksoff += m.nchunks * (Q3G_KCHUNK / Q3G_KSTEP);
-		}
+		down_items<FR, FS>(L, ix, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
 	}
 	reduce_tile_warps<1>(red, acc, WPT);
 	if (kr != 0 || tile >= L.mat[0].ntiles || (lane & 3))
@@ -283,11 +342,14 @@ extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const st
 			       q3g_dev.smem_optin);
 	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
 		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
-	for (int sh = 0; sh < 2; sh++) {
-		dim3 grid(sh ? R : R * k, 2 * L.nb);
-		int f = sh ? sgate->fmt : gate->fmt;
+	/* one launch when the routed and shared experts share a format, else one per format */
+	bool same = gate->fmt == sgate->fmt;
 
-		L.shared = sh;
+	for (int pass = same ? 2 : 0; pass < (same ? 3 : 2); pass++) {
+		dim3 grid(pass == 0 ? R * k : pass == 1 ? R : R * (k + 1), 2 * L.nb);
+		int f = pass == 1 ? sgate->fmt : gate->fmt;
+
+		L.pass = pass;
 		if (f == Q3G_Q4)
 			moe_up_kernel<Q3G_Q4><<<grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
 		else if (f == Q3G_Q8)

@@ -440,11 +440,15 @@ static void conv_case(const char *label, const struct q3g_dims *d, const std::ve
 		const struct q3g_seq &q = t.seq_h[s];
 		std::vector<float> st = rnd_vec((size_t)S * C, 1.0f), xin((size_t)q.n * C);
 
-		if (q.pos == 0) /* a fresh sequence must not read its state: make it poison */
-			std::fill(st.begin(), st.end(), NAN);
+		/* slots for positions before 0 must not be read (a fresh sequence's state is stale):
+		 * poison them on the device, zeros for the reference */
+		for (int j = 0; j < S; j++)
+			if (q.pos - S + j < 0)
+				std::fill(st.begin() + (size_t)j * C, st.begin() + (size_t)(j + 1) * C, NAN);
 		GT_CHECK(cudaMemcpy(q.conv_rd, st.data(), st.size() * 4, cudaMemcpyHostToDevice));
-		if (q.pos == 0)
-			std::fill(st.begin(), st.end(), 0.0f);
+		for (float &v : st)
+			if (isnan(v))
+				v = 0.0f;
 		for (int i = 0; i < q.n; i++)
 			memcpy(&xin[(size_t)i * C], &x[(size_t)(q.row0 + i) * ldq], C * 4);
 		q3_ref_conv1d_silu(&ref_u[(size_t)q.row0 * C], xin.data(), q.n, C, cw.data(), W, st.data());
@@ -482,6 +486,26 @@ static void delta_case(const char *label, const struct q3g_dims *d, const std::v
 
 	tstate_init(&t, d, seqs);
 	std::vector<float> u = rnd_vec((size_t)t.R * C, 1.0f), ba = rnd_vec((size_t)t.R * 2 * Nv, 1.0f);
+	/* decode (fuse): the kernel also runs the conv step, from the projections x and the conv
+	 * state; the reference conv gives u */
+	const int W = d->W, ldq = C + 24;
+	std::vector<float> x = rnd_vec((size_t)t.R * ldq, 1.0f), cw = rnd_vec((size_t)C * W, 0.5f), ref_conv;
+
+	if (fuse)
+		for (int sidx = 0; sidx < t.nseq; sidx++) {
+			const struct q3g_seq &q = t.seq_h[sidx];
+			std::vector<float> st = rnd_vec((size_t)(W - 1) * C, 1.0f);
+
+			for (int j = 0; j < W - 1; j++) /* positions before 0: poison, never read */
+				if (q.pos - (W - 1) + j < 0)
+					std::fill(st.begin() + (size_t)j * C, st.begin() + (size_t)(j + 1) * C, NAN);
+			GT_CHECK(cudaMemcpy(q.conv_rd, st.data(), st.size() * 4, cudaMemcpyHostToDevice));
+			for (float &v : st)
+				if (isnan(v))
+					v = 0.0f;
+			q3_ref_conv1d_silu(&u[(size_t)q.row0 * C], &x[(size_t)q.row0 * ldq], 1, C, cw.data(), W, st.data());
+			ref_conv.insert(ref_conv.end(), st.begin(), st.end());
+		}
 	std::vector<float> A_log(Nv), dtb = rnd_vec(Nv, 0.5f), z = rnd_vec((size_t)t.R * ldz, 1.0f),
 			   nw = rnd_vec(Dv, 1.0f);
 	std::vector<float> ref_o((size_t)t.R * Nv * Dv), ref_core((size_t)t.R * Nv * Dv), ref_S;
@@ -528,7 +552,21 @@ static void delta_case(const char *label, const struct q3g_dims *d, const std::v
 	uint16_t *dcore = dev_alloc<uint16_t>(ref_core.size());
 
 	if (fuse) {
-		GT_OK(q3g_delta(du, dba, dA, ddt, NULL, dcore, dz, ldz, dnw, true, t.rows, t.nseq, 0, d, 0, &e_));
+		float *dx = dev_upload(x.data(), x.size()), *dcw = dev_upload(cw.data(), cw.size());
+
+		GT_OK(q3g_delta_decode(dx, ldq, dcw, dba, dA, ddt, NULL, dcore, dz, ldz, dnw, true, t.rows, t.nseq, 0, d, 0,
+				       &e_));
+		std::vector<float> got;
+		for (int sidx = 0; sidx < t.nseq; sidx++) {
+			std::vector<float> g = dev_download(t.seq_h[sidx].conv_wr, (size_t)(W - 1) * C);
+			got.insert(got.end(), g.begin(), g.end());
+		}
+		char n3[200];
+		/* the new conv state is a copy of inputs: exact */
+		snprintf(n3, sizeof(n3), "%s: new conv state", name);
+		gt_compare(n3, got.data(), ref_conv.data(), got.size(), 0.0);
+		cudaFree(dx);
+		cudaFree(dcw);
 	} else {
 		GT_OK(q3g_delta(du, dba, dA, ddt, dO, NULL, NULL, 0, NULL, false, t.rows, t.nseq, 0, d, 0, &e_));
 		GT_OK(q3g_gated_rmsnorm(dcore, dO, dz, ldz, dnw, t.R, Nv, Dv, d->eps, 0, &e_));
@@ -565,7 +603,7 @@ static void gdn_tests(void)
 		  { { 0, 5 }, { 7, 1 }, { 2, 2 }, { 0, 1 } });
 	conv_case("real conv_dim 8192, decode batch", &dr, { { 3, 1 }, { 100, 1 }, { 0, 1 } });
 	conv_case("real conv_dim 8192, prefill 70", &dr, { { 5, 70 } });
-	delta_case("small decode", &ds, { { 0, 1 }, { 9, 1 }, { 3, 1 } }, true);
+	delta_case("small decode", &ds, { { 0, 1 }, { 9, 1 }, { 3, 1 }, { 1, 1 } }, true);
 	delta_case("small prefill", &ds, { { 0, 70 }, { 3, 130 } }, false);
 	delta_case("real decode", &dr, { { 4, 1 }, { 0, 1 } }, true);
 	delta_case("real prefill", &dr, { { 0, 65 }, { 17, 3 } }, false);
