@@ -130,6 +130,60 @@ static __device__ __forceinline__ uint32_t bf2_sub(uint32_t a, uint32_t b)
 	return *reinterpret_cast<uint32_t *>(&r);
 }
 
+/* ---- programmatic dependent launch (sm_90) ----------------------------------------------------
+ * Kernels of the decode path are launched with q3g_launch, which (on sm_90, unless disabled) lets
+ * a kernel start while the previous one finishes.  Every such kernel therefore begins with
+ * pdl_trigger() (its own dependents may launch) and calls pdl_wait() - which returns once the
+ * previous kernel has completed and its writes are visible - before it reads or writes anything
+ * another kernel touches, in every block (an early-exiting block waits first too, so that
+ * completion stays transitive).  Work that touches no such memory (prefetching weights into
+ * L2) goes between the two.  Without the launch attribute both are no-ops. */
+static __device__ __forceinline__ void pdl_trigger(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void pdl_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* Starts fetching bytes [p, p + n) into L2 (n a multiple of 16, p 16-byte aligned). */
+static __device__ __forceinline__ void prefetch_l2(const void *p, uint32_t n)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+#endif
+}
+
+/* Whether q3g_launch asks for programmatic dependent launch (set by q3g_init). */
+extern bool q3g_pdl;
+
+/* kernel<<<grid, block, smem, st>>>(args...), with programmatic stream serialization when q3g_pdl. */
+template <typename... KArgs, typename... Args>
+static cudaError_t q3g_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+			      Args &&...args)
+{
+	cudaLaunchConfig_t cfg = {};
+	cudaLaunchAttribute attr[1];
+
+	cfg.gridDim = grid;
+	cfg.blockDim = block;
+	cfg.dynamicSmemBytes = smem;
+	cfg.stream = st;
+	if (q3g_pdl && st) { /* not on the legacy default stream */
+		attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+		attr[0].val.programmaticStreamSerializationAllowed = 1;
+		cfg.attrs = attr;
+		cfg.numAttrs = 1;
+	}
+	return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
 static __host__ __device__ __forceinline__ int cdiv(int a, int b)
 {
 	return (a + b - 1) / b;

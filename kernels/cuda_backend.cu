@@ -609,7 +609,10 @@ static int linears(struct cuda_bk *bk, const struct q3g_job *jobs, int n, int R,
 
 			for (int i = 0; i < n; i++) {
 				c[i] = jobs[i];
-				c[i].x += (size_t)r0 * jobs[i].ldx;
+				if (c[i].xh)
+					c[i].xh += (size_t)r0 * jobs[i].ldx;
+				else
+					c[i].x += (size_t)r0 * jobs[i].ldx;
 				c[i].y += (size_t)r0 * jobs[i].ldy;
 			}
 			if ((err = q3g_mmv(c, n, Q3_MIN(Q3G_MMV_MAX_TOK, R - r0), bk->st, e)))
@@ -627,6 +630,7 @@ static struct q3g_job job(const struct lin *l, const uint16_t *x, int ldx, float
 {
 	struct q3g_job j;
 
+	memset(&j, 0, sizeof(j));
 	j.w = l->m;
 	j.x = x;
 	j.y = y;
@@ -642,14 +646,29 @@ struct call {
 	const struct q3g_seq *seq_h; /* host copies (prefill attention) */
 	int nsplit;
 	bool decode;
+	bool fuse_norm; /* the Linears and the MoE normalize the residual stream while staging it */
 };
+
+/* The job reading the normed residual stream: x = xb, or (fuse_norm) h normalized in place. */
+static struct q3g_job job_in(struct cuda_bk *bk, const struct call *k, const struct lin *l, const float *normw,
+			     float *y, int ldy)
+{
+	struct q3g_job j = job(l, bk->xb, bk->d.H, y, ldy, Q3G_EPI_STORE);
+
+	if (k->fuse_norm) {
+		j.xh = bk->h;
+		j.normw = normw;
+		j.eps = bk->d.eps;
+	}
+	return j;
+}
 
 static int layer_linear(struct cuda_bk *bk, const struct glayer *L, const struct call *k, q3_err *e)
 {
 	const struct q3g_dims *d = &bk->d;
 	int qd = 2 * d->key_dim + 2 * d->value_dim, H = d->H, err;
-	struct q3g_job j[2] = { job(&L->qkvz, bk->xb, H, bk->qkvz, qd, Q3G_EPI_STORE),
-				job(&L->ba, bk->xb, H, bk->ba, 2 * d->Nv, Q3G_EPI_STORE) };
+	struct q3g_job j[2] = { job_in(bk, k, &L->qkvz, L->input_norm, bk->qkvz, qd),
+				job_in(bk, k, &L->ba, L->input_norm, bk->ba, 2 * d->Nv) };
 
 	if ((err = linears(bk, j, 2, k->R, e)))
 		return err;
@@ -676,9 +695,9 @@ static int layer_full(struct cuda_bk *bk, const struct glayer *L, const struct c
 {
 	const struct q3g_dims *d = &bk->d;
 	int H = d->H, qd = d->Hq * d->D, kvd = d->Hkv * d->D, err;
-	struct q3g_job j[3] = { job(&L->q, bk->xb, H, bk->qg, 2 * qd, Q3G_EPI_STORE),
-				job(&L->k, bk->xb, H, bk->kk, kvd, Q3G_EPI_STORE),
-				job(&L->v, bk->xb, H, bk->vv, kvd, Q3G_EPI_STORE) };
+	struct q3g_job j[3] = { job_in(bk, k, &L->q, L->input_norm, bk->qg, 2 * qd),
+				job_in(bk, k, &L->k, L->input_norm, bk->kk, kvd),
+				job_in(bk, k, &L->v, L->input_norm, bk->vv, kvd) };
 
 	if ((err = linears(bk, j, 3, k->R, e)) ||
 	    (err = q3g_attn_prep(bk->qb, bk->qg, bk->kk, bk->vv, L->q_norm, L->k_norm, k->rows, k->R, L->full, d,
@@ -701,15 +720,18 @@ static int layer_moe(struct cuda_bk *bk, const struct glayer *L, const struct ca
 {
 	const struct q3g_dims *d = &bk->d;
 	int H = d->H, ldgu = 2 * Q3_MAX(d->I, d->Is), err;
-	struct q3g_job j[2] = { job(&L->router, bk->xb, H, bk->logits_r, d->E, Q3G_EPI_STORE),
-				job(&L->shared_gate, bk->xb, H, bk->sg, 1, Q3G_EPI_STORE) };
+	struct q3g_job j[2] = { job_in(bk, k, &L->router, L->post_norm, bk->logits_r, d->E),
+				job_in(bk, k, &L->shared_gate, L->post_norm, bk->sg, 1) };
 
 	if ((err = linears(bk, j, 2, k->R, e)) ||
 	    (err = q3g_router_topk(bk->idx, bk->wts, bk->logits_r, bk->sg, k->R, d->E, d->topk, d->norm_topk, bk->st, e)))
 		return err;
 	if (k->R <= bk->dec_rows) {
-		if ((err = q3g_moe_up(bk->gu, bk->xb, bk->idx, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m, k->R, d->topk,
-				      H, ldgu, bk->st, e)))
+		err = k->fuse_norm ? q3g_moe_up_norm(bk->gu, bk->h, L->post_norm, d->eps, bk->idx, &L->egate.m, &L->eup.m,
+						     &L->sgate.m, &L->sup.m, k->R, d->topk, H, ldgu, bk->st, e)
+				   : q3g_moe_up(bk->gu, bk->xb, bk->idx, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m,
+						k->R, d->topk, H, ldgu, bk->st, e);
+		if (err)
 			return err;
 		return q3g_moe_down(bk->h, bk->gu, bk->idx, bk->wts, &L->edown.m, &L->sdown.m, k->R, d->topk, H, ldgu,
 				    bk->st, e);
@@ -744,9 +766,12 @@ static int run_layers(struct cuda_bk *bk, const struct call *k, q3_err *e)
 	for (int i = 0; i < bk->c->num_layers; i++) {
 		const struct glayer *L = &bk->layers[i];
 
-		if ((err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->input_norm, NULL, k->R, d->H, d->eps, bk->st, e)) ||
+		/* the norms are separate kernels unless the consumers normalize while staging */
+		if ((!k->fuse_norm &&
+		     (err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->input_norm, NULL, k->R, d->H, d->eps, bk->st, e))) ||
 		    (err = L->lin >= 0 ? layer_linear(bk, L, k, e) : layer_full(bk, L, k, e)) ||
-		    (err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->post_norm, NULL, k->R, d->H, d->eps, bk->st, e)) ||
+		    (!k->fuse_norm &&
+		     (err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->post_norm, NULL, k->R, d->H, d->eps, bk->st, e))) ||
 		    (err = layer_moe(bk, L, k, e)))
 			return err;
 		if (bk->trace && (err = do_trace(bk, i, k->R, e)))
@@ -932,6 +957,7 @@ static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int 
 	struct call k = fill_table(bk, seqs, nseq, graph ? B : nseq, graph, bk->tab_h, bk->tab_d);
 
 	k.decode = decode;
+	k.fuse_norm = k.R <= Q3_MIN(BK_MMV_ROWS, bk->dec_rows) && !getenv("QWEN3D_NO_FUSED_NORM");
 	k.nsplit = nsplit_for(k.R, bk->d.Hkv);
 	if (k.R > bk->maxrows)
 		return q3_errf(e, -EINVAL, "cuda backend: %d rows in one call (at most %d)", k.R, bk->maxrows);

@@ -155,6 +155,10 @@ struct q3g_job {
 	const uint16_t *x;	 /* bf16 [R][ldx] */
 	float *y;		 /* fp32 [R][ldy] */
 	int ldx, ldy, epi;
+	/* q3g_mmv only, instead of x: the residual stream h (fp32 [R][ldx]) and a zero-centred
+	 * RMSNorm weight normw [K]: the input is q3g_add_rmsnorm(h)'s output, computed in place */
+	const float *xh, *normw;
+	float eps;
 };
 
 /* Up to Q3G_MMV_MAX_JOBS Linears on R <= Q3G_MMV_MAX_TOK rows, one launch, tensor cores. */
@@ -228,6 +232,11 @@ int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, in
 int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
 	       const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
 	       int k, int H, int ldgu, q3g_stream st, struct q3_err *e);
+/* The same with the input normalized in place: x = bf16(RMSNorm(h)·(1 + normw)), h [R][H]. */
+int q3g_moe_up_norm(float *gu, const float *h, const float *normw, float eps, const int *idx,
+		    const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *sgate,
+		    const struct q3g_mat *sup, int R, int k, int H, int ldgu, q3g_stream st,
+		    struct q3_err *e);
 int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w, const struct q3g_mat *down,
 		 const struct q3g_mat *sdown, int R, int k, int H, int ldgu, q3g_stream st,
 		 struct q3_err *e);

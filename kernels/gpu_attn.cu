@@ -23,6 +23,8 @@ __global__ void attn_prep_kernel(uint16_t *qout, const float *qg, const float *k
 {
 	__shared__ float red[32];
 	__shared__ float xs[Q3G_MAX_HEAD_DIM];
+	pdl_trigger();
+	pdl_wait();
 	const int r = blockIdx.x, hd = blockIdx.y, i = threadIdx.x, D = d.D;
 	const bool isq = hd < d.Hq;
 	const int pos = rows.row_pos[r];
@@ -62,8 +64,8 @@ extern "C" int q3g_attn_prep(uint16_t *q, const float *qg, const float *k, const
 {
 	if (d->D % 32 || d->D > Q3G_MAX_HEAD_DIM || d->rot > d->D || d->rot % 2)
 		return q3_errf(e, -EINVAL, "attention: head_dim %d / rotary %d not supported", d->D, d->rot);
-	attn_prep_kernel<<<dim3(R, d->Hq + d->Hkv), d->D, 0, (cudaStream_t)st>>>(q, qg, k, v, qnw, knw, rows, full, *d);
-	CUDA_CHECK_LAUNCH(e);
+	CUDA_CHECK(e, q3g_launch(attn_prep_kernel, dim3(R, d->Hq + d->Hkv), d->D, 0, (cudaStream_t)st, q, qg, k, v, qnw,
+				 knw, rows, full, *d));
 	return 0;
 }
 
@@ -103,6 +105,8 @@ __global__ void __launch_bounds__(Q3G_ATT_WARPS * 32) attn_decode_kernel(const u
 {
 	__shared__ float sm[Q3G_ATT_WARPS][GQ][2];
 	__shared__ float sacc[Q3G_ATT_WARPS][DPL * 32];
+	pdl_trigger();
+	pdl_wait();
 	const int kh = blockIdx.x, split = blockIdx.y, r = blockIdx.z;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, D = DPL * 32, kvd = d.Hkv * D;
 	const int pos = rows.row_pos[r], nk = pos + 1, chunk = cdiv(nk, nsplit);
@@ -190,6 +194,8 @@ __global__ void __launch_bounds__(Q3G_ATT_WARPS * 32) attn_decode_kernel(const u
 /* Block (row, query head), D threads: merge the splits, normalize, gate. */
 __global__ void attn_combine_kernel(uint16_t *att, const float *part, const float *qg, int nsplit, int Hq, int D)
 {
+	pdl_trigger();
+	pdl_wait();
 	const int r = blockIdx.x, h = blockIdx.y, dd = threadIdx.x;
 	const float *pp = part + ((size_t)r * Hq + h) * nsplit * (D + 2);
 	float M = -INFINITY, L = 0.0f, A = 0.0f;
@@ -214,14 +220,13 @@ static int launch_decode_gq(const uint16_t *q, float *part, int nsplit, struct q
 	dim3 grid(d->Hkv, nsplit, R);
 	int gq = d->Hq / d->Hkv;
 
-	switch (gq) {
-	case 1: attn_decode_kernel<DPL, 1><<<grid, Q3G_ATT_WARPS * 32, 0, st>>>(q, part, nsplit, rows, full, *d); break;
-	case 2: attn_decode_kernel<DPL, 2><<<grid, Q3G_ATT_WARPS * 32, 0, st>>>(q, part, nsplit, rows, full, *d); break;
-	case 4: attn_decode_kernel<DPL, 4><<<grid, Q3G_ATT_WARPS * 32, 0, st>>>(q, part, nsplit, rows, full, *d); break;
-	case 8: attn_decode_kernel<DPL, 8><<<grid, Q3G_ATT_WARPS * 32, 0, st>>>(q, part, nsplit, rows, full, *d); break;
-	default: return q3_errf(e, -EINVAL, "attention: %d query heads per kv head not supported", gq);
-	}
-	CUDA_CHECK_LAUNCH(e);
+	void (*k)(const uint16_t *, float *, int, struct q3g_rows, int, struct q3g_dims) =
+		gq == 1 ? attn_decode_kernel<DPL, 1> : gq == 2 ? attn_decode_kernel<DPL, 2>
+		: gq == 4 ? attn_decode_kernel<DPL, 4> : gq == 8 ? attn_decode_kernel<DPL, 8> : NULL;
+
+	if (!k)
+		return q3_errf(e, -EINVAL, "attention: %d query heads per kv head not supported", gq);
+	CUDA_CHECK(e, q3g_launch(k, grid, Q3G_ATT_WARPS * 32, 0, st, q, part, nsplit, rows, full, *d));
 	return 0;
 }
 
@@ -242,8 +247,7 @@ extern "C" int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg
 	}
 	if (err)
 		return err;
-	attn_combine_kernel<<<dim3(R, d->Hq), d->D, 0, s>>>(att, part, qg, nsplit, d->Hq, d->D);
-	CUDA_CHECK_LAUNCH(e);
+	CUDA_CHECK(e, q3g_launch(attn_combine_kernel, dim3(R, d->Hq), d->D, 0, s, att, part, qg, nsplit, d->Hq, d->D));
 	return 0;
 }
 

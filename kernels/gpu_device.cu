@@ -2,10 +2,12 @@
  * configure the kernels that opt in to large shared memory), the measured copy bandwidth, and
  * q3g_gemm (a Linear on many rows through cuBLAS). */
 #include <cublas_v2.h>
+#include <stdlib.h>
 
 #include "gpu_internal.h"
 
 struct q3g_device q3g_dev;
+bool q3g_pdl;
 
 extern "C" int q3_cuda_fail(q3_err *e, cudaError_t err, const char *stmt, const char *func,
 			    const char *file, int line)
@@ -36,6 +38,8 @@ extern "C" int q3g_init(q3_err *e)
 	if (q3g_dev.cc < 80)
 		return q3_errf(e, -ENOTSUP, "device %d (%s): compute capability %d.%d, the kernels need 8.0 or newer",
 			       dev, prop.name, prop.major, prop.minor);
+	/* programmatic dependent launch: sm_90 and newer, unless QWEN3D_NO_PDL is set */
+	q3g_pdl = q3g_dev.cc >= 90 && !getenv("QWEN3D_NO_PDL");
 	if ((err = q3g_mmv_init(e)) || (err = q3g_moe_init(e)) || (err = q3g_mm_init(e)))
 		return err;
 	return 0;

@@ -113,6 +113,8 @@ __global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ del
 {
 	constexpr int CPW = Q3G_DELTA_CPW;
 	__shared__ float red[32];
+	pdl_trigger();
+	pdl_wait();
 	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk);
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c0 = warp * CPW, i0 = lane * KPL;
 	const struct q3g_seq sq = A.rows.seq[s];
@@ -251,13 +253,10 @@ template <bool FUSE> static int launch_delta(const delta_args &A, int nseq, cuda
 {
 	dim3 grid(nseq, A.Nv), block(32 * A.Dv / Q3G_DELTA_CPW);
 
-	switch (A.Dk / 32) {
-	case 1: delta_kernel<1, FUSE><<<grid, block, 0, st>>>(A); break;
-	case 2: delta_kernel<2, FUSE><<<grid, block, 0, st>>>(A); break;
-	case 4: delta_kernel<4, FUSE><<<grid, block, 0, st>>>(A); break;
-	case 8: delta_kernel<8, FUSE><<<grid, block, 0, st>>>(A); break;
-	}
-	CUDA_CHECK_LAUNCH(e);
+	void (*k)(const delta_args) = A.Dk == 32 ? delta_kernel<1, FUSE> : A.Dk == 64 ? delta_kernel<2, FUSE>
+				      : A.Dk == 128 ? delta_kernel<4, FUSE> : delta_kernel<8, FUSE>;
+
+	CUDA_CHECK(e, q3g_launch(k, grid, block, 0, st, A));
 	return 0;
 }
 

@@ -36,14 +36,26 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_const
 	uint16_t *xs = (uint16_t *)smem;
 	float *red = (float *)(xs + (size_t)R * Kp);
 	float acc[NT][4];
+	const int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
+	const int cb = m.fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : m.fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_BF16;
 
-	stage_x_bf16(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+	pdl_trigger();
+	/* the weights do not depend on the previous kernel: start them towards L2 while it ends */
+	if (lane == 0 && tile < m.ntiles && c0 < c1)
+		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0) * cb, (uint32_t)((c1 - c0) * cb));
+	pdl_wait();
+	if (jb.xh) {
+		__shared__ float rs[Q3G_MMV_MAX_TOK];
+
+		stage_x_norm(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
+	} else {
+		stage_x_bf16(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+	}
 	__syncthreads();
 #pragma unroll
 	for (int n = 0; n < NT; n++)
 		acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 	if (tile < m.ntiles) {
-		int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 		const uint8_t *wb = (const uint8_t *)m.data;
 
 		if (m.fmt == Q3G_Q4)
@@ -120,16 +132,16 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 			return err;
 		for (int j = 0; j < njobs; j++) {
 			half[j] = jobs[j];
-			half[j].x += (size_t)r1 * jobs[j].ldx;
+			if (half[j].xh)
+				half[j].xh += (size_t)r1 * jobs[j].ldx;
+			else
+				half[j].x += (size_t)r1 * jobs[j].ldx;
 			half[j].y += (size_t)r1 * jobs[j].ldy;
 		}
 		return q3g_mmv(half, njobs, R - r1, st, e);
 	}
-	if (nt == 1)
-		mmv_kernel<1><<<L.cta0[njobs], Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
-	else
-		mmv_kernel<2><<<L.cta0[njobs], Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
-	CUDA_CHECK_LAUNCH(e);
+	CUDA_CHECK(e, q3g_launch(nt == 1 ? mmv_kernel<1> : mmv_kernel<2>, L.cta0[njobs], Q3G_MMV_THREADS, smem,
+				 (cudaStream_t)st, L));
 	return 0;
 }
 

@@ -22,6 +22,9 @@ __global__ void router_topk_kernel(int *idx, float *w, const float *logits, cons
 	constexpr int PER = Q3G_ROUTER_MAX_E / 32;
 	int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
 
+	pdl_trigger();
+	pdl_wait();
+
 	if (r >= R)
 		return;
 	const float *l = logits + (size_t)r * E;
@@ -91,8 +94,7 @@ extern "C" int q3g_router_topk(int *idx, float *w, const float *logits, const fl
 	if (E > Q3G_ROUTER_MAX_E || k > Q3G_ROUTER_MAX_K || k > E || k < 1)
 		return q3_errf(e, -EINVAL, "router: %d experts top %d (the kernel takes up to %d, top %d)", E, k,
 			       Q3G_ROUTER_MAX_E, Q3G_ROUTER_MAX_K);
-	router_topk_kernel<<<cdiv(R, 4), 128, 0, (cudaStream_t)st>>>(idx, w, logits, sg, R, E, k, norm);
-	CUDA_CHECK_LAUNCH(e);
+	CUDA_CHECK(e, q3g_launch(router_topk_kernel, cdiv(R, 4), 128, 0, (cudaStream_t)st, idx, w, logits, sg, R, E, k, norm));
 	return 0;
 }
 
@@ -101,6 +103,8 @@ extern "C" int q3g_router_topk(int *idx, float *w, const float *logits, const fl
 struct moe_up_launch {
 	struct q3g_mat mat[4]; /* gate, up, shared gate, shared up */
 	const uint16_t *x;
+	const float *xh, *normw; /* instead of x: the residual stream, normalized while staging */
+	float eps;
 	const int *idx;
 	float *gu;
 	int k, H, ldgu, nb; /* nb: blocks per matrix (row tiles / RT) */
@@ -115,6 +119,8 @@ template <int FMT>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	extern __shared__ uint4 smem[];
+	pdl_trigger();
+	pdl_wait(); /* the expert ids come from the router: nothing to prefetch before them */
 	const int per_row = L.pass == 0 ? L.k : L.pass == 1 ? 1 : L.k + 1, r = blockIdx.x / per_row;
 	const int p = r * (L.k + 1) + (L.pass == 1 ? L.k : blockIdx.x % per_row);
 	const bool shared = p % (L.k + 1) == L.k;
@@ -129,7 +135,15 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid
 
 	if (b * L.rt >= m.ntiles)
 		return; /* a narrower matrix: whole block idle, before any barrier */
-	stage_x_bf16(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL);
+	const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
+
+	if (L.xh) {
+		__shared__ float rs[1];
+
+		stage_x_norm(xs, rs, L.xh + (size_t)r * L.H, L.H, 1, m.K, Kp, perm, L.normw, L.eps);
+	} else {
+		stage_x_bf16(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, perm);
+	}
 	__syncthreads();
 	if (tile < m.ntiles) {
 		int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
@@ -244,6 +258,8 @@ template <int FR, int FS>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __grid_constant__ moe_down_launch L)
 {
 	extern __shared__ uint4 smem[];
+	pdl_trigger();
+	pdl_wait();
 	const int r = blockIdx.x, S = L.k + 1;
 	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = blockIdx.y * L.rt + warp / WPT, kr = warp % WPT;
@@ -314,9 +330,9 @@ static size_t up_smem(const struct q3g_mat *m, int rt)
 	return (((size_t)m->nchunks * Q3G_KCHUNK * 2 + 15) & ~(size_t)15) + (rt < 8 ? Q3G_MMV_THREADS * 16 : 0);
 }
 
-extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
-			  const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
-			  int k, int H, int ldgu, q3g_stream st, q3_err *e)
+static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *normw, float eps, const int *idx,
+		  const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *sgate,
+		  const struct q3g_mat *sup, int R, int k, int H, int ldgu, q3g_stream st, q3_err *e)
 {
 	moe_up_launch L;
 	int tiles = Q3_MAX(gate->ntiles, sgate->ntiles);
@@ -330,6 +346,9 @@ extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const st
 	L.mat[2] = *sgate;
 	L.mat[3] = *sup;
 	L.x = x;
+	L.xh = xh;
+	L.normw = normw;
+	L.eps = eps;
 	L.idx = idx;
 	L.gu = gu;
 	L.k = k;
@@ -350,15 +369,25 @@ extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const st
 		int f = pass == 1 ? sgate->fmt : gate->fmt;
 
 		L.pass = pass;
-		if (f == Q3G_Q4)
-			moe_up_kernel<Q3G_Q4><<<grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
-		else if (f == Q3G_Q8)
-			moe_up_kernel<Q3G_Q8><<<grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
-		else
-			moe_up_kernel<Q3G_BF16><<<grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
-		CUDA_CHECK_LAUNCH(e);
+		CUDA_CHECK(e, q3g_launch(f == Q3G_Q4 ? moe_up_kernel<Q3G_Q4> : f == Q3G_Q8 ? moe_up_kernel<Q3G_Q8>
+										 : moe_up_kernel<Q3G_BF16>,
+					 grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
 	}
 	return 0;
+}
+
+extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
+			  const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
+			  int k, int H, int ldgu, q3g_stream st, q3_err *e)
+{
+	return moe_up(gu, x, NULL, NULL, 0.0f, idx, gate, up, sgate, sup, R, k, H, ldgu, st, e);
+}
+
+extern "C" int q3g_moe_up_norm(float *gu, const float *h, const float *normw, float eps, const int *idx,
+			       const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *sgate,
+			       const struct q3g_mat *sup, int R, int k, int H, int ldgu, q3g_stream st, q3_err *e)
+{
+	return moe_up(gu, NULL, h, normw, eps, idx, gate, up, sgate, sup, R, k, H, ldgu, st, e);
 }
 
 extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w,
@@ -386,8 +415,7 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	L.ldgu = ldgu;
 	L.rt = 1;
 	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt);
-	fn<<<dim3(R, down->ntiles), Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
-	CUDA_CHECK_LAUNCH(e);
+	CUDA_CHECK(e, q3g_launch(fn, dim3(R, down->ntiles), Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
 	return 0;
 }
 

@@ -5,6 +5,8 @@
 
 __global__ void embed_kernel(float *h, const uint16_t *embed, const int32_t *ids, int H)
 {
+	pdl_trigger();
+	pdl_wait();
 	const uint16_t *src = embed + (size_t)ids[blockIdx.x] * H;
 	float *dst = h + (size_t)blockIdx.x * H;
 
@@ -15,8 +17,7 @@ __global__ void embed_kernel(float *h, const uint16_t *embed, const int32_t *ids
 extern "C" int q3g_embed(float *h, const uint16_t *embed, struct q3g_rows rows, int R, int H, q3g_stream st,
 			 q3_err *e)
 {
-	embed_kernel<<<R, 256, 0, (cudaStream_t)st>>>(h, embed, rows.ids, H);
-	CUDA_CHECK_LAUNCH(e);
+	CUDA_CHECK(e, q3g_launch(embed_kernel, R, 256, 0, (cudaStream_t)st, h, embed, rows.ids, H));
 	return 0;
 }
 
@@ -25,6 +26,8 @@ __global__ void add_rmsnorm_kernel(float *h, const float *a, uint16_t *y, const 
 				   int n, float eps)
 {
 	__shared__ float red[32];
+	pdl_trigger();
+	pdl_wait();
 	int r = rows_idx ? rows_idx[blockIdx.x] : blockIdx.x;
 	float *hr = h + (size_t)r * n;
 	const float *ar = a ? a + (size_t)r * n : NULL;
@@ -52,8 +55,7 @@ extern "C" int q3g_add_rmsnorm(float *h, const float *a, uint16_t *y, const floa
 {
 	if (R < 1)
 		return 0;
-	add_rmsnorm_kernel<<<R, 256, 0, (cudaStream_t)st>>>(h, a, y, w, rows_idx, n, eps);
-	CUDA_CHECK_LAUNCH(e);
+	CUDA_CHECK(e, q3g_launch(add_rmsnorm_kernel, R, 256, 0, (cudaStream_t)st, h, a, y, w, rows_idx, n, eps));
 	return 0;
 }
 

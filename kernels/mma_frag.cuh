@@ -150,6 +150,39 @@ static __device__ __forceinline__ void stage_x_bf16(uint16_t *xs, const uint16_t
 	}
 }
 
+/* The zero-centred RMSNorm folded into staging: rs[r] = rsqrt(mean(h[r]²) + eps) for rows
+ * r < R (one warp per row), then the same staging as stage_x_bf16 of the values
+ * bf16(h · rs · (1 + w)) - exactly what q3g_add_rmsnorm writes.  Contains a barrier. */
+static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, const float *h, int ldh, int R, int K,
+						    int Kp, const uint16_t *perm, const float *w, float eps)
+{
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5, half = Kp >> 1;
+
+	for (int r = warp; r < R; r += nw) {
+		const float *hr = h + (size_t)r * ldh;
+		float ss = 0.0f;
+
+		for (int k = lane; k < K; k += 32)
+			ss += hr[k] * hr[k];
+		ss = warp_sum(ss);
+		if (lane == 0)
+			rs[r] = rsqrtf(ss / (float)K + eps);
+	}
+	__syncthreads();
+	for (int i = threadIdx.x; i < R * half; i += blockDim.x) {
+		int r = i / half, kin = 2 * (i % half);
+		const float *hr = h + (size_t)r * ldh;
+		float v[2];
+
+		for (int q = 0; q < 2; q++) {
+			int k = perm ? perm[kin + q] : kin + q;
+
+			v[q] = k < K ? hr[k] * rs[r] * (1.0f + w[k]) : 0.0f;
+		}
+		*(uint32_t *)(xs + xs_slot(kin, r, R)) = pack_bf2(v[0], v[1]);
+	}
+}
+
 /* The scale and zero-point constants of group grp for this lane's rows of a tile. */
 template <int FMT>
 static __device__ __forceinline__ void group_consts(const struct q3g_mat &m, size_t sz_base, int tile, int grp,

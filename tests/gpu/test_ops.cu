@@ -35,6 +35,16 @@ static bool want(const char *name)
 
 /* ---- Linears -------------------------------------------------------------------------------- */
 
+static std::vector<float> round_bf16(const std::vector<float> &v)
+{
+	std::vector<float> r(v.size());
+
+	for (size_t i = 0; i < v.size(); i++)
+		r[i] = q3_bf16_to_f32(q3_f32_to_bf16(v[i]));
+	return r;
+}
+
+
 /* Tolerances of a Linear against the reference:
  *  - weights the tile format holds exactly (bf16 dense, GPTQ on the fast path): the products are
  *    exact in fp32 and only the order of fp32 additions (and the tensor cores' accumulation)
@@ -158,6 +168,47 @@ static void multi_job_case(int R)
 	cudaFree(x);
 }
 
+/* The matvec normalizing its input while staging (decode): against the reference RMSNorm,
+ * rounded to bf16 as q3g_add_rmsnorm writes it, then the reference Linear.  A row whose fp32
+ * norm straddles a bf16 rounding boundary may round the other way on the device (different
+ * summation order): one ulp (2^-8) on a few inputs, ~1e-4 on the outputs; 1e-3. */
+static void norm_lin_case(int N, int K, int R, bool act)
+{
+	char name[160];
+	struct tlin t;
+	struct dmat d;
+	const struct q3_linear *lp = &t.l;
+
+	snprintf(name, sizeof(name), "linear with RMSNorm staging N=%d K=%d R=%d%s", N, K, R, act ? " act-order" : "");
+	if (!want(name))
+		return;
+	make_linear(&t, N, K, LIN_GPTQ, 4, 128, act, act, 1);
+	dmat_upload(&d, &lp, 1);
+	std::vector<float> h = rnd_vec((size_t)R * K, 3.0f), w = rnd_vec(K, 0.2f), xn((size_t)R * K), ref((size_t)R * N);
+
+	for (int r = 0; r < R; r++)
+		q3_ref_rmsnorm(&xn[(size_t)r * K], &h[(size_t)r * K], w.data(), K, 1e-6f);
+	xn = round_bf16(xn);
+	ref_linear(&t.l, xn.data(), R, ref.data());
+	float *dh = dev_upload(h.data(), h.size()), *dw = dev_upload(w.data(), w.size()), *y = dev_alloc<float>(ref.size());
+	struct q3g_job j;
+
+	memset(&j, 0, sizeof(j));
+	j.w = d.m;
+	j.y = y;
+	j.ldx = K;
+	j.ldy = N;
+	j.xh = dh;
+	j.normw = dw;
+	j.eps = 1e-6f;
+	GT_OK(q3g_mmv(&j, 1, R, 0, &e_));
+	gt_compare(name, dev_download(y, ref.size()).data(), ref.data(), ref.size(), 1e-3);
+	cudaFree(dh);
+	cudaFree(dw);
+	cudaFree(y);
+	dmat_free(&d);
+}
+
 static void linear_tests(void)
 {
 	/* every layout variant at small and edge shapes */
@@ -182,6 +233,8 @@ static void linear_tests(void)
 	lin_case("q8 sym g128", 2048, 512, LIN_GPTQ, 8, 128, false, false, 1, 12);
 	multi_job_case(1);
 	multi_job_case(11);
+	norm_lin_case(512, 2048, 1, false);
+	norm_lin_case(40, 256, 13, true);
 	/* the real model's shapes */
 	lin_case("q4 qkvz", 12288, 2048, LIN_GPTQ, 4, 128, false, false, 1, 1);
 	lin_case("q4 qkvz", 12288, 2048, LIN_GPTQ, 4, 128, false, false, 1, 16);
@@ -200,15 +253,6 @@ static void linear_tests(void)
 }
 
 /* ---- norms and embedding ---------------------------------------------------------------------- */
-
-static std::vector<float> round_bf16(const std::vector<float> &v)
-{
-	std::vector<float> r(v.size());
-
-	for (size_t i = 0; i < v.size(); i++)
-		r[i] = q3_bf16_to_f32(q3_f32_to_bf16(v[i]));
-	return r;
-}
 
 /* bf16 outputs against the reference rounded to bf16: they differ only where the fp32 values
  * straddle a rounding boundary (one bf16 ulp, 2^-8 relative, on a few elements): 5e-3. */
