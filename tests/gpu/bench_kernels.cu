@@ -207,6 +207,129 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 		dmat_free(p);
 }
 
+extern bool q3g_pdl; /* kernels/gpu_device.cu */
+
+/* One Gated DeltaNet decode layer as the backend runs it at batch R (all launches of the layer:
+ * qkvz+ba with the norm folded in, conv+delta+gated norm, out_proj + residual, router + shared
+ * gate, top-k, experts up, experts down + residual), NL layers with their own dense weights
+ * chained in one graph: the time per layer includes the gaps between kernels. */
+static void bench_gdn_layers(int NL, int R, cudaStream_t st)
+{
+	struct q3g_dims d;
+	const int H = 2048, E = 512, k = 10, I = 512, S = k + 1;
+
+	memset(&d, 0, sizeof(d));
+	d.H = H; d.Nk = 16; d.Nv = 32; d.Dk = 128; d.Dv = 128; d.W = 4; d.key_dim = 2048; d.value_dim = 4096;
+	d.conv_dim = 8192; d.E = E; d.topk = k; d.I = I; d.Is = I; d.norm_topk = true; d.eps = 1e-6f; d.max_ctx = 64;
+	const int qd = 2 * d.key_dim + 2 * d.value_dim, ldgu = 2 * I;
+	std::vector<struct dmat> qkvz(NL), ba(NL), out(NL), router(NL), sgate(NL);
+	struct dmat eg, eu, ed, shg, shu, shd;
+	std::vector<struct tlin> tl[5], te[6];
+
+	for (int l = 0; l < NL; l++) {
+		make_stack(&qkvz[l], tl[0], 1, qd, H, LIN_GPTQ);
+		make_stack(&ba[l], tl[1], 1, 2 * d.Nv, H, LIN_BF16);
+		make_stack(&out[l], tl[2], 1, H, d.value_dim, LIN_GPTQ);
+		make_stack(&router[l], tl[3], 1, E, H, LIN_BF16);
+		make_stack(&sgate[l], tl[4], 1, 1, H, LIN_BF16);
+	}
+	make_stack(&eg, te[0], E, I, H, LIN_GPTQ);
+	make_stack(&eu, te[1], E, I, H, LIN_GPTQ);
+	make_stack(&ed, te[2], E, H, I, LIN_GPTQ);
+	make_stack(&shg, te[3], 1, I, H, LIN_GPTQ);
+	make_stack(&shu, te[4], 1, I, H, LIN_GPTQ);
+	make_stack(&shd, te[5], 1, H, I, LIN_GPTQ);
+	/* sessions: R sequences at position 10, one layer of state each */
+	size_t conv_n = (size_t)3 * d.conv_dim, rec_n = (size_t)d.Nv * d.Dv * d.Dk;
+	std::vector<struct q3g_seq> seqs(R);
+	std::vector<int> row_seq(R), row_pos(R, 10);
+	std::vector<int32_t> ids(R, 1);
+	for (int r = 0; r < R; r++) {
+		float *conv = dev_alloc<float>(2 * conv_n), *rec = dev_alloc<float>(rec_n);
+
+		GT_CHECK(cudaMemset(conv, 0, 2 * conv_n * 4));
+		GT_CHECK(cudaMemset(rec, 0, rec_n * 4));
+		seqs[r] = (struct q3g_seq){ r, 1, 10, 0, NULL, conv, conv + conv_n, rec };
+		row_seq[r] = r;
+	}
+	struct q3g_rows rows = { dev_upload(ids.data(), R), dev_upload(row_seq.data(), R), dev_upload(row_pos.data(), R),
+				 dev_upload(seqs.data(), R) };
+	std::vector<float> hh = rnd_vec((size_t)R * H, 1.0f), ones(H, 0.0f), A_log(d.Nv, 0.5f), dtb(d.Nv, 0.0f),
+			   cw = rnd_vec((size_t)d.conv_dim * 4, 0.5f), nw(d.Dv, 1.0f);
+	float *h = dev_upload(hh.data(), hh.size()), *w0 = dev_upload(ones.data(), H), *dA = dev_upload(A_log.data(), d.Nv);
+	float *ddt = dev_upload(dtb.data(), d.Nv), *dcw = dev_upload(cw.data(), cw.size()), *dnw = dev_upload(nw.data(), d.Dv);
+	float *pq = dev_alloc<float>((size_t)R * qd), *pba = dev_alloc<float>((size_t)R * 2 * d.Nv);
+	float *lg = dev_alloc<float>((size_t)R * E), *sg = dev_alloc<float>(R), *wts = dev_alloc<float>((size_t)R * S);
+	float *gu = dev_alloc<float>((size_t)R * S * ldgu);
+	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim);
+	int *idx = dev_alloc<int>((size_t)R * S);
+	cudaGraph_t g;
+	cudaGraphExec_t ex;
+	double bytes = 0;
+
+	for (int pdl = 0; pdl < 2; pdl++) {
+		bool saved = q3g_pdl;
+
+		if (pdl && !saved)
+			continue; /* no PDL on this device */
+		q3g_pdl = pdl;
+		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+		for (int l = 0; l < NL; l++) {
+			struct q3g_job j[2];
+
+			memset(j, 0, sizeof(j));
+			j[0].w = qkvz[l].m, j[0].y = pq, j[0].ldx = H, j[0].ldy = qd, j[0].xh = h, j[0].normw = w0, j[0].eps = 1e-6f;
+			j[1] = j[0], j[1].w = ba[l].m, j[1].y = pba, j[1].ldy = 2 * d.Nv;
+			GT_OK(q3g_mmv(j, 2, R, st, &e_));
+			GT_OK(q3g_delta_decode(pq, qd, dcw, pba, dA, ddt, NULL, core, pq + d.conv_dim, qd, dnw, true, rows, R, 0, &d,
+					       st, &e_));
+			memset(j, 0, sizeof(j));
+			j[0].w = out[l].m, j[0].x = core, j[0].y = h, j[0].ldx = d.value_dim, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
+			GT_OK(q3g_mmv(j, 1, R, st, &e_));
+			memset(j, 0, sizeof(j));
+			j[0].w = router[l].m, j[0].y = lg, j[0].ldx = H, j[0].ldy = E, j[0].xh = h, j[0].normw = w0, j[0].eps = 1e-6f;
+			j[1] = j[0], j[1].w = sgate[l].m, j[1].y = sg, j[1].ldy = 1;
+			GT_OK(q3g_mmv(j, 2, R, st, &e_));
+			GT_OK(q3g_router_topk(idx, wts, lg, sg, R, E, k, true, st, &e_));
+			GT_OK(q3g_moe_up_norm(gu, h, w0, 1e-6f, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
+			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
+		}
+		GT_CHECK(cudaStreamEndCapture(st, &g));
+		GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
+		if (!pdl) { /* per layer: dense weights, ~R·10 distinct experts + shared, state r+w */
+			double distinct = E * (1.0 - pow(1.0 - (double)k / E, R));
+
+			bytes = (double)mat_bytes(&qkvz[0]) + mat_bytes(&ba[0]) + mat_bytes(&out[0]) + mat_bytes(&router[0]) +
+				mat_bytes(&sgate[0]) + (distinct + 1) * 3 * (double)mat_bytes(&shg) + 2.0 * R * rec_n * 4;
+		}
+		float ms = 0;
+		cudaEvent_t a, b;
+
+		GT_CHECK(cudaEventCreate(&a));
+		GT_CHECK(cudaEventCreate(&b));
+		GT_CHECK(cudaGraphLaunch(ex, st));
+		GT_CHECK(cudaStreamSynchronize(st));
+		GT_CHECK(cudaEventRecord(a, st));
+		for (int i = 0; i < 5; i++)
+			GT_CHECK(cudaGraphLaunch(ex, st));
+		GT_CHECK(cudaEventRecord(b, st));
+		GT_CHECK(cudaEventSynchronize(b));
+		GT_CHECK(cudaEventElapsedTime(&ms, a, b));
+		char what[128];
+
+		snprintf(what, sizeof(what), "GDN decode layer (7 launches), R=%d, PDL %s", R, pdl ? "on" : "off");
+		/* report per layer: (ms / 5 replays / NL layers) in the REPS convention of report() */
+		report(what, ms / 5 / NL * 1.0f, bytes);
+		printf("  48 such layers: %.0f tok/s at batch %d (before the attention layers' extra work and lm_head)\n",
+		       R / (48.0 * ms / 5 / NL * 1e-3), R);
+		cudaEventDestroy(a);
+		cudaEventDestroy(b);
+		cudaGraphExecDestroy(ex);
+		cudaGraphDestroy(g);
+		q3g_pdl = saved;
+	}
+}
+
 int main(int argc, char **argv)
 {
 	cudaStream_t st;
@@ -240,6 +363,8 @@ int main(int argc, char **argv)
 	bench_linear("out_proj / o_proj", 2048, 4096, LIN_GPTQ, 16, st);
 	bench_linear("lm_head", 151936, 2048, LIN_BF16, 16, st);
 	bench_moe(512, 10, 2048, 512, 16, st);
+	bench_gdn_layers(8, 1, st);
+	bench_gdn_layers(8, 16, st);
 	if (g_csv)
 		fclose(g_csv);
 	return 0;
