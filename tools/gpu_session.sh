@@ -127,7 +127,8 @@ if [ $rc = 0 ]; then
 	add "copy bandwidth (D2D, read+write)" "$(grep -m1 'device-to-device copy' "$LOGS/bench_kernels.log" | sed 's/.*copy: //')"
 	while IFS= read -r l; do
 		add "$(echo "$l" | cut -c1-44)" "$(echo "$l" | cut -c53- | sed 's/  */ /g')"
-	done < <(grep -E '^(qkvz|out_proj|lm_head|moe up|moe down|router|q_proj)' "$LOGS/bench_kernels.log")
+	done < <(grep -E '^(qkvz|out_proj|lm_head|moe up|moe down|router|q_proj|GDN decode layer)' "$LOGS/bench_kernels.log")
+	grep -E '48 such layers' "$LOGS/bench_kernels.log" | sed 's/^ *//' | while IFS= read -r l; do echo "$l"; done
 else
 	add "bench_kernels" "FAILED (exit $rc)"
 fi
