@@ -128,7 +128,9 @@ if [ $rc = 0 ]; then
 	while IFS= read -r l; do
 		add "$(echo "$l" | cut -c1-44)" "$(echo "$l" | cut -c53- | sed 's/  */ /g')"
 	done < <(grep -E '^(qkvz|out_proj|lm_head|moe up|moe down|router|q_proj|GDN decode layer)' "$LOGS/bench_kernels.log")
-	grep -E '48 such layers' "$LOGS/bench_kernels.log" | sed 's/^ *//' | while IFS= read -r l; do echo "$l"; done
+	while IFS= read -r l; do
+		add "  (GDN layer proxy)" "$(echo "$l" | sed 's/^ *//')"
+	done < <(grep -E '48 such layers' "$LOGS/bench_kernels.log")
 else
 	add "bench_kernels" "FAILED (exit $rc)"
 fi
