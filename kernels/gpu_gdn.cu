@@ -109,14 +109,17 @@ static __device__ __forceinline__ void conv_shift(const delta_args &A, const flo
  * (and the conv state advanced), and the output is gated-normed into core.  Otherwise the inputs
  * are the conv outputs u and the raw output goes to o. */
 template <int KPL, bool FUSE>
-__global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ delta_args A)
+__global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_constant__ delta_args A)
 {
 	constexpr int CPW = Q3G_DELTA_CPW;
 	__shared__ float red[32];
 	pdl_trigger();
 	pdl_wait();
+	/* block (sequence, value head, column slice): decode takes the whole head (its gated norm
+	 * spans it), prefill slices of 16 warps (more blocks, more registers per thread) */
 	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk);
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c0 = warp * CPW, i0 = lane * KPL;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, i0 = lane * KPL;
+	const int c0 = blockIdx.z * (blockDim.x / 32) * CPW + warp * CPW;
 	const struct q3g_seq sq = A.rows.seq[s];
 	float *Sg = sq.rec + ((size_t)A.lin * A.Nv + j) * A.Dv * A.Dk;
 	const float qscale = rsqrtf((float)A.Dk);
@@ -129,9 +132,25 @@ __global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ del
 		for (int i = 0; i < KPL; i++)
 			S[c][i] = sq.pos > 0 ? Sg[(size_t)(c0 + c) * A.Dk + i0 + i] : 0.0f;
 
+	/* prefill: the next token's inputs are loaded while this one computes (software pipeline) */
+	float nq[KPL], nk[KPL], nv[CPW], nb = 0.0f, na = 0.0f;
+
+	if (!FUSE && sq.n > 0) {
+		const float *ur = A.u + (size_t)sq.row0 * A.conv_dim;
+#pragma unroll
+		for (int i = 0; i < KPL; i++) {
+			nq[i] = ur[kh * A.Dk + i0 + i];
+			nk[i] = ur[A.key_dim + kh * A.Dk + i0 + i];
+		}
+#pragma unroll
+		for (int c = 0; c < CPW; c++)
+			nv[c] = ur[2 * A.key_dim + j * A.Dv + c0 + c];
+		nb = A.ba[(size_t)sq.row0 * 2 * A.Nv + j];
+		na = A.ba[(size_t)sq.row0 * 2 * A.Nv + A.Nv + j];
+	}
 	for (int t = 0; t < sq.n; t++) {
 		const int row = sq.row0 + t;
-		float q[KPL], k[KPL], v[CPW];
+		float q[KPL], k[KPL], v[CPW], b, a;
 		float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
 
 		if (FUSE) {
@@ -157,17 +176,32 @@ __global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ del
 				}
 			if (lane < CPW)
 				conv_shift(A, xr, rd, wr, sq.pos, vc + lane);
+			b = A.ba[(size_t)row * 2 * A.Nv + j];
+			a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
 		} else {
-			const float *ur = A.u + (size_t)row * A.conv_dim;
-
 #pragma unroll
 			for (int i = 0; i < KPL; i++) {
-				q[i] = ur[kh * A.Dk + i0 + i];
-				k[i] = ur[A.key_dim + kh * A.Dk + i0 + i];
+				q[i] = nq[i];
+				k[i] = nk[i];
 			}
 #pragma unroll
 			for (int c = 0; c < CPW; c++)
-				v[c] = ur[2 * A.key_dim + j * A.Dv + c0 + c];
+				v[c] = nv[c];
+			b = nb;
+			a = na;
+			if (t + 1 < sq.n) {
+				const float *ur = A.u + (size_t)(row + 1) * A.conv_dim;
+#pragma unroll
+				for (int i = 0; i < KPL; i++) {
+					nq[i] = ur[kh * A.Dk + i0 + i];
+					nk[i] = ur[A.key_dim + kh * A.Dk + i0 + i];
+				}
+#pragma unroll
+				for (int c = 0; c < CPW; c++)
+					nv[c] = ur[2 * A.key_dim + j * A.Dv + c0 + c];
+				nb = A.ba[(size_t)(row + 1) * 2 * A.Nv + j];
+				na = A.ba[(size_t)(row + 1) * 2 * A.Nv + A.Nv + j];
+			}
 		}
 #pragma unroll
 		for (int i = 0; i < KPL; i++) {
@@ -175,7 +209,6 @@ __global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ del
 			skk += k[i] * k[i];
 			sqk += q[i] * k[i];
 		}
-		float b = A.ba[(size_t)row * 2 * A.Nv + j], a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
 		float pk[CPW], pq[CPW];
 
 #pragma unroll
@@ -251,7 +284,11 @@ __global__ void __launch_bounds__(1024) delta_kernel(const __grid_constant__ del
 
 template <bool FUSE> static int launch_delta(const delta_args &A, int nseq, cudaStream_t st, q3_err *e)
 {
-	dim3 grid(nseq, A.Nv), block(32 * A.Dv / Q3G_DELTA_CPW);
+	int warps = A.Dv / Q3G_DELTA_CPW, slices = FUSE || warps <= 16 ? 1 : warps / 16;
+	dim3 grid(nseq, A.Nv, slices), block(32 * warps / slices);
+
+	if (!FUSE && warps > 16 && warps % 16)
+		return q3_errf(e, -EINVAL, "delta rule: value head %d not supported in prefill", A.Dv);
 
 	void (*k)(const delta_args) = A.Dk == 32 ? delta_kernel<1, FUSE> : A.Dk == 64 ? delta_kernel<2, FUSE>
 				      : A.Dk == 128 ? delta_kernel<4, FUSE> : delta_kernel<8, FUSE>;
