@@ -249,21 +249,20 @@ int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, const float *w,
 		    const struct q3g_mat *sgate, const struct q3g_mat *sup, const struct q3g_mat *sdown,
 		    int R, const struct q3g_dims *d, void *ws, q3g_stream st, struct q3_err *e);
 
-/* ---- sampling (sampler.h's rules on the device) ------------------------------------------------ */
+/* ---- sampling (sampler.h's rules on the device; gpu_sample.cu) ------------------------------- */
 
 struct q3g_sampling {
-	float temperature; /* 0 = greedy */
+	float temperature; /* <= 0: greedy */
 	float top_p;	   /* 1 = off */
 	int top_k;	   /* 0 = off */
 	float min_p;	   /* 0 = off */
-	uint64_t seed, step;
+	uint64_t seed, step; /* the draw is uniform number `step` of `seed` (splitmix64) */
 };
 
-/* One id per row of logits [R][V]; params [R] (device); out [R].  Scratch: ws of
- * q3g_sample_scratch bytes. */
-size_t q3g_sample_scratch(int R, int V);
+/* One id per row of logits [R][V] (penalties already applied), params [R] on the device;
+ * out [R], -1 for a row without any finite or +inf logit. */
 int q3g_sample(int32_t *out, const float *logits, const struct q3g_sampling *params, int R, int V,
-	       void *ws, q3g_stream st, struct q3_err *e);
+	       q3g_stream st, struct q3_err *e);
 
 /* ---- device facts ---------------------------------------------------------------------------- */
 

@@ -997,6 +997,167 @@ static void moe_tests(void)
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 20);
 }
 
+/* ---- sampling ------------------------------------------------------------------------------ */
+
+/* sampler.h's rules restated (the C reference sampler lives on the server branch): candidates,
+ * top_k, top_p, min_p in the order (z desc, id asc), the draw in ascending id order. */
+static int ref_sample(const float *logits, int V, const struct q3g_sampling *p)
+{
+	struct cand {
+		float z;
+		int id;
+	};
+	std::vector<cand> c;
+	float zmax = -INFINITY;
+
+	if (p->temperature <= 0.0f || p->top_k == 1) {
+		int best = -1;
+		float bv = -INFINITY;
+
+		for (int i = 0; i < V; i++)
+			if (logits[i] > bv) {
+				bv = logits[i];
+				best = i;
+			}
+		return best;
+	}
+	for (int i = 0; i < V; i++) {
+		float z = logits[i] / p->temperature;
+
+		if (!(z > -INFINITY))
+			continue;
+		c.push_back({ z, i });
+		zmax = std::max(zmax, z);
+	}
+	if (c.empty())
+		return -1;
+	if (isinf(zmax)) {
+		for (cand &x : c)
+			x.z = isinf(x.z) ? 0.0f : -INFINITY;
+		zmax = 0.0f;
+	}
+	std::sort(c.begin(), c.end(), [](const cand &a, const cand &b) { return a.z > b.z || (a.z == b.z && a.id < b.id); });
+	size_t n = c.size();
+	if (p->top_k > 0 && (size_t)p->top_k < n)
+		n = p->top_k;
+	if (p->top_p < 1.0f) {
+		double total = 0, cum = 0;
+		size_t m = n;
+
+		for (size_t i = 0; i < n; i++)
+			total += expf(c[i].z - zmax);
+		for (size_t i = 0; i < n; i++) {
+			cum += expf(c[i].z - zmax);
+			if (cum >= p->top_p * total) {
+				m = i + 1;
+				break;
+			}
+		}
+		n = m;
+	}
+	c.resize(n);
+	if (p->min_p > 0.0f) {
+		std::vector<cand> k2;
+		for (const cand &x : c)
+			if (expf(x.z - zmax) >= p->min_p)
+				k2.push_back(x);
+		c = k2;
+	}
+	std::sort(c.begin(), c.end(), [](const cand &a, const cand &b) { return a.id < b.id; });
+	double total = 0, cum = 0;
+	for (const cand &x : c)
+		total += expf(x.z - zmax);
+	uint64_t z = p->seed + (p->step + 1) * 0x9E3779B97F4A7C15ull;
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+	z ^= z >> 31;
+	double r = (double)(z >> 11) * 0x1.0p-53 * total;
+	for (const cand &x : c) {
+		cum += expf(x.z - zmax);
+		if (cum > r)
+			return x.id;
+	}
+	return c.back().id;
+}
+
+static void sample_case(const char *label, int V, int R, struct q3g_sampling base, bool specials)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "sample %s V=%d R=%d", label, V, R);
+	if (!want(name))
+		return;
+	std::vector<float> lg = rnd_vec((size_t)R * V, 2.0f);
+	std::vector<struct q3g_sampling> ps(R);
+	std::vector<int> ref(R);
+
+	for (int r = 0; r < R; r++) {
+		ps[r] = base;
+		ps[r].seed = rnd_u64();
+		ps[r].step = (uint64_t)rnd_int(1000);
+		if (specials) { /* ties, -inf, NaN, and a row of +inf */
+			float *l = &lg[(size_t)r * V];
+
+			for (int i = 0; i < V / 10; i++)
+				l[rnd_int(V)] = -INFINITY;
+			for (int i = 0; i < 3; i++)
+				l[rnd_int(V)] = NAN;
+			l[5] = l[9] = 8.0f;
+			if (r == 1)
+				l[rnd_int(V)] = l[rnd_int(V)] = INFINITY;
+			if (r == 2)
+				for (int i = 0; i < V; i++)
+					l[i] = i % 2 ? -INFINITY : NAN;
+		}
+		ref[r] = ref_sample(&lg[(size_t)r * V], V, &ps[r]);
+	}
+	float *dl = dev_upload(lg.data(), lg.size());
+	struct q3g_sampling *dp = dev_upload(ps.data(), R);
+	int32_t *dout = dev_alloc<int32_t>(R);
+
+	GT_OK(q3g_sample(dout, dl, dp, R, V, 0, &e_));
+	std::vector<int32_t> got = dev_download(dout, R);
+	int same = 0;
+
+	for (int r = 0; r < R; r++)
+		same += got[r] == ref[r];
+	char n2[200];
+
+	/* the same rules on the same numbers: every id equal (sums in another order could only
+	 * matter at an exact top_p or draw boundary, which random inputs do not hit) */
+	snprintf(n2, sizeof(n2), "%s: %d of %d ids as the reference", name, same, R);
+	gt_expect(same == R, n2);
+	cudaFree(dl);
+	cudaFree(dp);
+	cudaFree(dout);
+}
+
+static void sample_tests(void)
+{
+	struct q3g_sampling p;
+
+	memset(&p, 0, sizeof(p));
+	p.top_p = 1.0f;
+	sample_case("greedy", 151936, 4, p, false);
+	sample_case("greedy (specials)", 1000, 4, p, true);
+	p.temperature = 0.8f;
+	sample_case("temperature 0.8", 151936, 8, p, false);
+	p.top_k = 40;
+	sample_case("top_k 40", 151936, 8, p, false);
+	p.top_p = 0.9f;
+	sample_case("top_k 40 top_p 0.9", 151936, 8, p, false);
+	p.top_k = 0;
+	sample_case("top_p 0.5", 151936, 8, p, false);
+	p.min_p = 0.05f;
+	sample_case("top_p 0.5 min_p 0.05", 151936, 8, p, false);
+	p.top_p = 1.0f;
+	p.temperature = 1.3f;
+	sample_case("min_p 0.05 (specials)", 1000, 6, p, true);
+	p.top_k = 7;
+	p.top_p = 0.7f;
+	sample_case("top_k 7 top_p 0.7 min_p (specials)", 1000, 6, p, true);
+}
+
 int main(int argc, char **argv)
 {
 	g_filter = argc > 1 ? argv[1] : NULL;
@@ -1013,6 +1174,7 @@ int main(int argc, char **argv)
 	gdn_tests();
 	attn_tests();
 	moe_tests();
+	sample_tests();
 	GT_CHECK(cudaDeviceSynchronize());
 	return gt_finish("test_ops");
 }

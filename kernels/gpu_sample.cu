@@ -1,0 +1,312 @@
+/* gpu_sample.cu - sampling on the device, one block per row of logits, with the rules of the C
+ * reference sampler (userspace/sampler.h, server branch), penalties excepted (the caller applies
+ * them to the logits first):
+ *   greedy      temperature <= 0 or top_k == 1: the argmax, lowest id on ties, NaN never wins;
+ *   candidates  z = logit / temperature for every logit that is not -inf or NaN (+inf logits
+ *               share all the mass: they become 0 and every other candidate -inf);
+ *   top_k       the k best in the order (z desc, id asc);
+ *   top_p       of those, the shortest prefix in that order whose mass sum(exp(z - zmax)) reaches
+ *               top_p of the total (at least one);
+ *   min_p       drop exp(z - zmax) < min_p;
+ *   draw        u = splitmix64 uniform(seed, step); walk the kept ids in ascending order,
+ *               accumulating exp(z - zmax) in double; the first whose running sum exceeds
+ *               u · total.
+ * Ranks are found without sorting: every candidate gets the 64-bit key (z as an orderable
+ * integer, then the complement of its id), so "better" is "larger key" and keys are distinct;
+ * a radix select over 8-bit digits finds the k-th key (by count) and the top_p cut (by mass).
+ * Output -1 where no logit is a candidate (the reference's -EDOM).
+ */
+#include "gpu_internal.h"
+
+#define SAMPLE_THREADS 1024
+
+static __device__ __forceinline__ uint64_t cand_key(float z, int id)
+{
+	uint32_t b = __float_as_uint(z);
+
+	b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+	return ((uint64_t)b << 32) | (uint32_t)(0xFFFFFFFFu - (uint32_t)id);
+}
+
+/* The candidate value of logit l (NaN: not a candidate). */
+static __device__ __forceinline__ float cand_z(float l, float temp, bool infmode)
+{
+	float z = l / temp;
+
+	if (!(z > -INFINITY))
+		return NAN;
+	if (infmode)
+		return isinf(z) ? 0.0f : -INFINITY;
+	return z;
+}
+
+static __device__ __forceinline__ uint64_t splitmix_u53(uint64_t seed, uint64_t step)
+{
+	uint64_t z = seed + (step + 1) * 0x9E3779B97F4A7C15ull;
+
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+	z ^= z >> 31;
+	return z >> 11;
+}
+
+struct sample_smem {
+	unsigned long long cnt[256];
+	double mass[256];
+	double scan[SAMPLE_THREADS];
+	uint64_t pick_key;
+	double acc;
+	int pick_bin;
+	float fred[32];
+	int ired[32];
+	double dred[32];
+	int out;
+};
+
+static __device__ double block_sum_d(double v, double *red)
+{
+	int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	__syncthreads();
+	if (lane == 0)
+		red[w] = v;
+	__syncthreads();
+	v = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0;
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+
+static __device__ int block_max_i(int v, int *red)
+{
+	int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+	__syncthreads();
+	if (lane == 0)
+		red[w] = v;
+	__syncthreads();
+	v = lane < (int)(blockDim.x >> 5) ? red[lane] : INT_MIN;
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+	return v;
+}
+
+/* Radix select over the candidates with key >= lo: by count (the need-th largest key) when
+ * by_mass is false, else by mass (the key at which the running mass, in descending order,
+ * first reaches need).  Returns 0 when the mass never reaches need. */
+static __device__ uint64_t radix_select(const float *l, int V, float temp, bool infmode, float zmax, uint64_t lo,
+					bool by_mass, double need, sample_smem &sm)
+{
+	uint64_t prefix = 0, mask = 0;
+	double above = 0.0;
+
+	for (int shift = 56; shift >= 0; shift -= 8) {
+		for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+			sm.cnt[b] = 0;
+			sm.mass[b] = 0.0;
+		}
+		__syncthreads();
+		for (int id = threadIdx.x; id < V; id += blockDim.x) {
+			float z = cand_z(l[id], temp, infmode);
+
+			if (isnan(z))
+				continue;
+			uint64_t key = cand_key(z, id);
+
+			if (key < lo || (key & mask) != prefix)
+				continue;
+			int bin = (int)((key >> shift) & 255);
+
+			if (by_mass)
+				atomicAdd(&sm.mass[bin], (double)expf(z - zmax));
+			else
+				atomicAdd(&sm.cnt[bin], 1ull);
+		}
+		__syncthreads();
+		if (threadIdx.x == 0) {
+			double acc = by_mass ? above : 0.0;
+			int pick = -1;
+
+			for (int b = 255; b >= 0; b--) {
+				double v = by_mass ? sm.mass[b] : (double)sm.cnt[b];
+
+				if (acc + v >= need) {
+					pick = b;
+					break;
+				}
+				acc += v;
+			}
+			sm.pick_bin = pick;
+			sm.acc = acc;
+		}
+		__syncthreads();
+		int pick = sm.pick_bin;
+
+		if (pick < 0)
+			return 0;
+		if (by_mass)
+			above = sm.acc;
+		else
+			need -= sm.acc;
+		prefix |= (uint64_t)pick << shift;
+		mask |= (uint64_t)255 << shift;
+		__syncthreads();
+	}
+	return prefix;
+}
+
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, const float *logits,
+								const struct q3g_sampling *params, int V)
+{
+	__shared__ sample_smem sm;
+	const int row = blockIdx.x, tid = threadIdx.x;
+	const float *l = logits + (size_t)row * V;
+	const struct q3g_sampling p = params[row];
+	const bool greedy = p.temperature <= 0.0f || p.top_k == 1;
+	const float temp = greedy ? 1.0f : p.temperature;
+
+	/* the maximum (and, for greedy, its lowest id) */
+	float best = -INFINITY;
+	int bid = -1, ncand = 0;
+
+	for (int id = tid; id < V; id += blockDim.x) {
+		float z = greedy ? l[id] : cand_z(l[id], temp, false);
+
+		if (z > best) { /* NaN never wins; ascending ids keep the lowest on ties */
+			best = z;
+			bid = id;
+		}
+		ncand += !isnan(z) && !(greedy && !(z > -INFINITY));
+	}
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1) {
+		float ob = __shfl_xor_sync(0xffffffffu, best, o);
+		int oi = __shfl_xor_sync(0xffffffffu, bid, o);
+
+		if (ob > best || (ob == best && oi >= 0 && (bid < 0 || oi < bid))) {
+			best = ob;
+			bid = oi;
+		}
+	}
+	if ((tid & 31) == 0) {
+		sm.fred[tid >> 5] = best;
+		sm.ired[tid >> 5] = bid;
+	}
+	__syncthreads();
+	if (tid == 0) {
+		for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+			if (sm.fred[w] > best || (sm.fred[w] == best && sm.ired[w] >= 0 && (bid < 0 || sm.ired[w] < bid))) {
+				best = sm.fred[w];
+				bid = sm.ired[w];
+			}
+		sm.fred[0] = best;
+		sm.out = bid;
+	}
+	__syncthreads();
+	best = sm.fred[0];
+	if (greedy) {
+		if (tid == 0)
+			out[row] = best > -INFINITY ? sm.out : -1;
+		return;
+	}
+	ncand = (int)block_sum_d((double)ncand, sm.dred);
+	if (ncand == 0) {
+		if (tid == 0)
+			out[row] = -1;
+		return;
+	}
+	const bool infmode = isinf(best) && best > 0;
+	const float zmax = infmode ? 0.0f : best;
+	uint64_t thr = 1; /* every candidate's key is > 0 */
+
+	if (p.top_k > 0 && p.top_k < ncand)
+		thr = radix_select(l, V, temp, infmode, zmax, 1, false, (double)p.top_k, sm);
+	if (p.top_p < 1.0f) {
+		double total = 0.0;
+
+		for (int id = tid; id < V; id += blockDim.x) {
+			float z = cand_z(l[id], temp, infmode);
+
+			if (!isnan(z) && cand_key(z, id) >= thr)
+				total += (double)expf(z - zmax);
+		}
+		total = block_sum_d(total, sm.dred);
+		uint64_t t2 = radix_select(l, V, temp, infmode, zmax, thr, true, (double)p.top_p * total, sm);
+
+		if (t2 > thr)
+			thr = t2;
+	}
+	/* the draw: each thread owns a run of ids; kept weights summed per run, scanned */
+	const int run = (V + blockDim.x - 1) / blockDim.x, id0 = tid * run, id1 = min(V, id0 + run);
+	double part = 0.0;
+	int last = -1;
+
+	for (int id = id0; id < id1; id++) {
+		float z = cand_z(l[id], temp, infmode);
+
+		if (isnan(z) || cand_key(z, id) < thr)
+			continue;
+		float w = expf(z - zmax);
+
+		if (p.min_p > 0.0f && !(w >= p.min_p))
+			continue;
+		part += (double)w;
+		last = id;
+	}
+	sm.scan[tid] = part;
+	__syncthreads();
+	for (int o = 1; o < (int)blockDim.x; o <<= 1) { /* inclusive scan */
+		double v = tid >= o ? sm.scan[tid - o] : 0.0;
+
+		__syncthreads();
+		sm.scan[tid] += v;
+		__syncthreads();
+	}
+	const double total = sm.scan[blockDim.x - 1], pre = sm.scan[tid] - part;
+	const double r = (double)splitmix_u53(p.seed, p.step) * 0x1.0p-53 * total;
+	const int lastk = block_max_i(last, sm.ired);
+
+	if (tid == 0)
+		sm.out = lastk; /* rounding never reached r: the last kept id, as the reference */
+	__syncthreads();
+	if (pre <= r && pre + part > r) {
+		double cum = pre;
+
+		for (int id = id0; id < id1; id++) {
+			float z = cand_z(l[id], temp, infmode);
+
+			if (isnan(z) || cand_key(z, id) < thr)
+				continue;
+			float w = expf(z - zmax);
+
+			if (p.min_p > 0.0f && !(w >= p.min_p))
+				continue;
+			cum += (double)w;
+			if (cum > r) {
+				sm.out = id;
+				break;
+			}
+		}
+	}
+	__syncthreads();
+	if (tid == 0)
+		out[row] = sm.out;
+}
+
+extern "C" int q3g_sample(int32_t *out, const float *logits, const struct q3g_sampling *params, int R, int V,
+			  q3g_stream st, q3_err *e)
+{
+	if (R < 1)
+		return 0;
+	sample_kernel<<<R, SAMPLE_THREADS, 0, (cudaStream_t)st>>>(out, logits, params, V);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
