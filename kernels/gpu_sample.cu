@@ -163,6 +163,19 @@ static __device__ uint64_t radix_select(const float *l, int V, float temp, bool 
 	return prefix;
 }
 
+/* The weight exp(z - zmax) of id if it is kept (key >= thr, and >= min_p), else -1. */
+static __device__ __forceinline__ float kept_weight(const float *l, int id, float temp, bool infmode, float zmax,
+						    uint64_t thr, float min_p)
+{
+	float z = cand_z(l[id], temp, infmode);
+
+	if (isnan(z) || cand_key(z, id) < thr)
+		return -1.0f;
+	float w = expf(z - zmax);
+
+	return min_p > 0.0f && !(w >= min_p) ? -1.0f : w;
+}
+
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, const float *logits,
 								const struct q3g_sampling *params, int V)
 {
@@ -250,16 +263,12 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, co
 	int last = -1;
 
 	for (int id = id0; id < id1; id++) {
-		float z = cand_z(l[id], temp, infmode);
+		float w = kept_weight(l, id, temp, infmode, zmax, thr, p.min_p);
 
-		if (isnan(z) || cand_key(z, id) < thr)
-			continue;
-		float w = expf(z - zmax);
-
-		if (p.min_p > 0.0f && !(w >= p.min_p))
-			continue;
-		part += (double)w;
-		last = id;
+		if (w >= 0.0f) {
+			part += (double)w;
+			last = id;
+		}
 	}
 	sm.scan[tid] = part;
 	__syncthreads();
@@ -281,13 +290,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, co
 		double cum = pre;
 
 		for (int id = id0; id < id1; id++) {
-			float z = cand_z(l[id], temp, infmode);
+			float w = kept_weight(l, id, temp, infmode, zmax, thr, p.min_p);
 
-			if (isnan(z) || cand_key(z, id) < thr)
-				continue;
-			float w = expf(z - zmax);
-
-			if (p.min_p > 0.0f && !(w >= p.min_p))
+			if (w < 0.0f)
 				continue;
 			cum += (double)w;
 			if (cum > r) {
