@@ -3,7 +3,9 @@
 # to travel with the tree: the CUDA code for sm_90 only (H100 / H200) in build/sm90, then the four
 # programs and the shared libraries the machine may lack (libjansson, libpcre2) in build/gpu:
 #   build/gpu/qwen3d  build/gpu/test_ops  build/gpu/test_model  build/gpu/bench_kernels  build/gpu/lib/
-# Run it on the build machine (needs nvcc and the Debian build dependencies), then carry build/gpu.
+# and all of it as build/gpu.tar.xz (~4 MB: the four programs share their device code, which xz
+# finds; the folder itself is ~30 MB).  Run it on the build machine (needs nvcc and the Debian
+# build dependencies), then carry build/gpu.tar.xz (gpu_session.sh unpacks it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${GPU_PACK_ARCH:--gencode arch=compute_90,code=sm_90}
@@ -19,5 +21,6 @@ for lib in libjansson.so.4 libpcre2-8.so.0; do
 	[ -n "$p" ] && cp -L "$p" build/gpu/lib/
 done
 git rev-parse --short HEAD > build/gpu/COMMIT 2>/dev/null || true
-du -sh build/gpu
-echo "carry build/gpu; on the GPU machine: bash tools/gpu_session.sh"
+tar cJf build/gpu.tar.xz -C build gpu
+du -sh build/gpu build/gpu.tar.xz
+echo "carry build/gpu.tar.xz; on the GPU machine: bash tools/gpu_session.sh"

@@ -10,7 +10,7 @@
 #      (decode batch 1 and 16 at 1K context, prefill 512 and 4096: `qwen3d bench suite`).
 # The fixture and the big checkpoint are generated in the background while 2-4 run.
 #
-# Needs the programs of tools/gpu_pack.sh in build/gpu (or a full build in build/).  Writes under
+# Needs the programs of tools/gpu_pack.sh: build/gpu.tar.xz or build/gpu (or a full build in build/).  Writes under
 # $OUT (default /tmp/gpu_session_out): summary.txt, bench.csv, kernels.csv, logs.tar.gz; prints
 # the summary table last.  Environment: BUDGET (seconds, default 530), WORK (scratch folder for
 # the generated models, default /tmp/q3work), SKIP_BIG=1 to skip the 80B checkpoint.
@@ -59,6 +59,10 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 add "device" "${GPU:-unknown}"
 
 BIN=""
+if [ ! -x build/gpu/qwen3d ] && [ -f build/gpu.tar.xz ]; then
+	note "unpacking build/gpu.tar.xz"
+	tar xJf build/gpu.tar.xz -C build
+fi
 for d in build/gpu build/sm90 build; do
 	if [ -x "$d/qwen3d" ] && [ -x "$d/test_ops" -o -x "$d/tests/gpu/test_ops" ]; then BIN=$d; break; fi
 done
