@@ -431,4 +431,5 @@ static void __exit q3mm_exit(void)
 module_init(q3mm_init);
 module_exit(q3mm_exit);
 MODULE_DESCRIPTION("qwen3mm: pinned 2 MiB page pool per NUMA node for qwen3d");
+MODULE_VERSION("1.0");
 MODULE_LICENSE("GPL");

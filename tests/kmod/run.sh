@@ -105,7 +105,7 @@ build_module() { # ABI OUT
 
 make_initramfs() { # ABI VMTEST OUT
 	local abi=$1 dir=$WORK/$1/initramfs m name
-	rm -rf "$dir" && mkdir -p "$dir"/{bin,dev,proc,sys,mnt,lib/modules}
+	rm -rf "$dir" && mkdir -p "$dir"/{bin,dev,proc,sys,mnt,tmp,lib/modules}
 	cp /bin/busybox "$dir/bin/busybox"
 	cp "$2" "$dir/vmtest"
 	build_module "$abi" "$dir/qwen3mm.ko"
@@ -120,7 +120,8 @@ make_initramfs() { # ABI VMTEST OUT
 		echo "$name" >>"$dir/modules.list"
 	done
 	cp tests/kmod/init.sh "$dir/init"
-	chmod +x "$dir/init"
+	cp udev/qwen3mm-knobs "$dir/qwen3mm-knobs"
+	chmod +x "$dir/init" "$dir/qwen3mm-knobs"
 	(cd "$dir" && find . | cpio -o -H newc --quiet | gzip -1) >"$3"
 }
 

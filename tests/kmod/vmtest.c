@@ -397,6 +397,34 @@ static void test_sysfs(void)
 	check(sysfs_num(SYS "/node0/free_bytes") == 32 * MiB, "node0 free is 32 MiB again");
 }
 
+/* udev/qwen3mm-knobs against the real sysfs: good lines applied, bad ones reported */
+static void test_udev_helper(void)
+{
+	static const char conf[] = "# test\nqueue_depth=64\nexpert_cache_policy=static\n"
+				   "read_chunk_kb=1000\nbogus=1\nnode1/pool_mb=36\nno equals sign\n";
+	char policy[64];
+	FILE *f = fopen("/tmp/qwen3mm.conf", "w");
+	int status;
+
+	if (!check(f && fputs(conf, f) >= 0 && !fclose(f), "write a qwen3mm.conf for the udev helper"))
+		return;
+	status = system("QWEN3MM_CONF=/tmp/qwen3mm.conf /qwen3mm-knobs 2>/tmp/knobs.err");
+	check(WIFEXITED(status) && WEXITSTATUS(status) == 1,
+	      "udev helper exits 1 when a line is refused (%d)", status);
+	sysfs_read(SYS "/knobs/expert_cache_policy", policy, sizeof(policy));
+	check(sysfs_num(SYS "/knobs/queue_depth") == 64 && !strcmp(policy, "lru lfu [static]") &&
+	      sysfs_num(SYS "/node1/pool_mb") == 36,
+	      "udev helper applied the good lines (queue_depth, policy, node1/pool_mb)");
+	check(sysfs_num(SYS "/knobs/read_chunk_kb") == 8192,
+	      "the module refused read_chunk_kb=1000 and kept 8192");
+	status = system("grep -q \"refused '1000'\" /tmp/knobs.err && grep -q \"unknown name 'bogus'\" "
+			"/tmp/knobs.err && grep -q 'not NAME=VALUE' /tmp/knobs.err");
+	check(WIFEXITED(status) && !WEXITSTATUS(status), "udev helper names each refused line");
+	sysfs_write(SYS "/knobs/queue_depth", "32");
+	sysfs_write(SYS "/knobs/expert_cache_policy", "lru");
+	sysfs_write(SYS "/node1/pool_mb", "32");
+}
+
 /* ---- phase 3: invalid ioctls and mmaps -------------------------------------------------- */
 
 static void test_bad_ioctls(int fd)
@@ -954,6 +982,7 @@ static int run(void)
 
 	test_load();
 	test_sysfs();
+	test_udev_helper();
 	start = pool_snap(SYS);
 	fd = dev_open();
 	if (check(fd >= 0, "open %s", QWEN3MM_DEVICE)) {
