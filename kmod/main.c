@@ -9,6 +9,8 @@
  * and every mapping pins the module (the mapping through its file), so rmmod
  * is refused while any buffer exists.
  */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
 #include <linux/capability.h>
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
@@ -376,23 +378,21 @@ static int q3mm_reserve(void)
 
 	if (nodes && *nodes) {
 		if (nodelist_parse(nodes, mask) || !nodes_subset(mask, node_states[N_MEMORY])) {
-			pr_err("qwen3mm: nodes=%s: not a list of nodes with memory\n", nodes);
+			pr_err("nodes=%s: not a list of nodes with memory\n", nodes);
 			return -EINVAL;
 		}
 	}
-	if (pool_mb > (ULONG_MAX >> 20))
-		return -EINVAL;
-	chunks = DIV_ROUND_UP(pool_mb << 20, QWEN3MM_CHUNK_SIZE);
+	chunks = q3mm_mb_to_chunks(pool_mb);
 	for_each_node_mask(nid, mask) {
 		ret = q3mm_pool_resize(nid, chunks);
 		if (ret) {
-			pr_err("qwen3mm: cannot reserve %lu MiB on node %d: %d\n", pool_mb, nid, ret);
+			pr_err("cannot reserve %lu MiB on node %d: %d\n", pool_mb, nid, ret);
 			return ret;
 		}
 	}
 	if (chunks)
-		pr_info("qwen3mm: reserved %lu MiB on each of nodes %*pbl\n",
-			chunks << (QWEN3MM_CHUNK_SHIFT - 20), nodemask_pr_args(&mask));
+		pr_info("reserved %lu MiB on each of nodes %*pbl\n", chunks * Q3MM_CHUNK_MB,
+			nodemask_pr_args(&mask));
 	return 0;
 }
 

@@ -293,6 +293,7 @@ static void test_load(void)
 	expect(load_module("nodes=0-x"), -EINVAL, "insmod nodes=0-x");
 	expect(load_module("pool_mb=100000 nodes=0"), -EINVAL,
 	       "insmod pool_mb=100000 (more than the node has)");
+	expect(load_module("pool_mb=18446744073709551615"), -EINVAL, "insmod pool_mb=2^64-1");
 	check(stat(SYS, &st) && errno == ENOENT, "failed loads leave no %s", SYS);
 	snprintf(params, sizeof(params), "pool_mb=%d nodes=0-1 debug_ioctls=1", POOL_MB);
 	if (!expect(load_module(params), 0, "insmod qwen3mm pool_mb=32 nodes=0-1 debug_ioctls=1"))
@@ -321,6 +322,8 @@ static void test_sysfs(void)
 		{ "knobs/cpu_expert_threads", "4097" }, { "knobs/cpu_expert_threads", "1.5" },
 		{ "node0/pool_mb", "abc" },             { "node0/pool_mb", "-2" },
 		{ "node0/pool_mb", "99999999" },        { "node1/pool_mb", "\n" },
+		{ "node0/pool_mb", "17592186044415" },  { "node0/pool_mb", "18446744073709551615" },
+		{ "node0/pool_mb", "18446744073709551616" },
 	};
 	static const struct bad_write good[] = {
 		{ "knobs/read_chunk_kb", "4096" },        { "knobs/queue_depth", "4096" },
