@@ -37,6 +37,7 @@ MODULE_PARM_DESC(debug_ioctls, "enable the DEBUG_PIN/DEBUG_UNPIN test hook (defa
 
 struct q3mm_file {
 	struct xarray bufs;	/* handle -> buffer, one reference each */
+	u32 next_handle;	/* handles are not reused soon after FREE */
 	struct mutex pin_lock;	/* pins, nr_pins */
 	struct page **pins;	/* DEBUG_PIN's pages, until DEBUG_UNPIN or close */
 	unsigned long nr_pins;
@@ -150,8 +151,9 @@ static int q3mm_alloc(struct q3mm_file *f, struct qwen3mm_alloc *a)
 			      a->flags & QWEN3MM_ALLOC_EXACT_NODE);
 	if (IS_ERR(buf))
 		return PTR_ERR(buf);
-	ret = xa_alloc(&f->bufs, &id, buf, XA_LIMIT(1, QWEN3MM_MAX_HANDLE), GFP_KERNEL);
-	if (ret) {
+	ret = xa_alloc_cyclic(&f->bufs, &id, buf, XA_LIMIT(1, QWEN3MM_MAX_HANDLE),
+			      &f->next_handle, GFP_KERNEL);
+	if (ret < 0) {
 		q3mm_buf_put(buf);
 		return ret == -EBUSY ? -ENOSPC : ret;
 	}
