@@ -161,6 +161,8 @@ accel=${KMOD_VM_ACCEL:-tcg}
 # ---- run ----------------------------------------------------------------------------------
 failed=()
 summary=()
+total_pass=0
+total_fail=0
 for meta in $KERNELS; do
 	fetch_kernel "$meta"
 	say "$ABI: building the module and the initramfs"
@@ -189,14 +191,15 @@ for meta in $KERNELS; do
 		echo "   --- last console lines ($log.txt) ---"
 		tail -n 40 "$log.txt" | sed 's/^/   /'
 		failed+=("$ABI")
+		[ "$nfail" != 0 ] || nfail=1 # a VM that died counts as one failure
 	fi
 	summary+=("$ABI: $npass passed, $nfail failed")
+	total_pass=$((total_pass + npass))
+	total_fail=$((total_fail + nfail))
 done
 
 echo "== test-kmod summary"
 for s in "${summary[@]}"; do echo "   $s"; done
-if [ ${#failed[@]} -gt 0 ]; then
-	echo "test-kmod: FAILED on ${failed[*]}"
-	exit 1
-fi
-echo "test-kmod: all kernels passed"
+[ ${#failed[@]} -gt 0 ] && echo "test-kmod: FAILED on ${failed[*]}"
+echo "test-kmod: $total_pass passed, $total_fail failed"
+[ ${#failed[@]} = 0 ]
