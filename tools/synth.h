@@ -57,11 +57,14 @@ enum q3_gen_kind {
 	Q3_GEN_GIDX,	/* i / group: sequential g_idx */
 	Q3_GEN_UNIFORM, /* mean + std * sqrt(3) * U(-1, 1), in the tensor's float dtype */
 	Q3_GEN_LOGU,	/* log(U(lo, hi)) with lo = mean, hi = std: A_log */
+	Q3_GEN_OCTAVE,	/* (random sign) m * 2^E or m * 2^(E+1), m uniform in [1, 2), RMS = std:
+			 * made from random bits without float math (BF16/F16 bulk: weights, scales) */
 };
 
 struct q3_gen {
 	enum q3_gen_kind kind;
 	float mean, std;
+	bool positive;	      /* OCTAVE: no sign bit */
 	uint32_t cval;
 	int group;
 	int64_t cols;	      /* row length of the 2-D view (last dim, or the product of the rest) */
