@@ -55,7 +55,8 @@ NVFLAGS  := -O3 -g -lineinfo -std=c++17 $(CUDA_ARCH) -Iuserspace -Ikernels -Ikmo
             -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -lstdc++
 CPPFLAGS += -DHAVE_CUDA=1
-MAIN_LIBS := $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a $(CUDA_LIBS)
+# a group: C code calls the CUDA library and the CUDA library calls C helpers (q3_errf)
+MAIN_LIBS := -Wl,--start-group $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a -Wl,--end-group $(CUDA_LIBS)
 else
 MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
@@ -136,9 +137,9 @@ gpu test-gpu:
 endif
 
 # ---- tests -----------------------------------------------------------------------------------
-$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a $(if $(HAVE_CUDA),$(BUILD)/libqwen3d_cuda.a)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libqwen3d.a -lcmocka $(LIBS) $(LDFLAGS)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(MAIN_LIBS) -lcmocka $(LIBS) $(LDFLAGS)
 
 test-unit: $(TEST_BIN) $(BUILD)/qwen3d
 	bash tests/run.sh $(BUILD) unit
