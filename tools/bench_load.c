@@ -40,6 +40,7 @@ struct bench {
 	int verify;		/* 0 off, 1 sampled, 2 full */
 	uint64_t vram_budget;
 	uint8_t *home;
+	struct q3_hostmem pool; /* --pool: a pre-faulted arena handed to every loader row */
 	uint64_t file_bytes;
 	FILE *csv;
 	double best_raw;	/* fastest raw read of the files, seconds */
@@ -427,6 +428,10 @@ static void bench_loader(struct bench *B, struct q3_load_opts o, const char *io_
 	snprintf(method, sizeof(method), "qwen3d loader (%s)", io_name);
 	prepare_cache(B, cache, sizeof(cache));
 	o.progress = !B->quiet;
+	if (B->pool.ptr && o.io != Q3_IO_MMAP) {
+		o.arena = B->pool.ptr;
+		o.arena_len = B->pool.len;
+	}
 	err = q3_load(B->ck, &o, &ld, &st, &e);
 	if (err) {
 		row(B, method, 0, -1, e.msg);
@@ -435,9 +440,13 @@ static void bench_loader(struct bench *B, struct q3_load_opts o, const char *io_
 	}
 	snprintf(note, sizeof(note), "%s; %s", cache, st.path);
 	row(B, method, st.bytes, st.t_total, note);
-	printf("%-28s alloc %.2f s, reads %.2f s (%.2f GB/s), copies after the last read %.2f s, populate %.2f s%s\n",
-	       "", st.t_alloc, st.t_io, st.t_io > 0 ? (double)st.bytes_read / 1e9 / st.t_io : 0, st.t_drain,
-	       st.t_populate, st.t_populate ? "" : " (stopped or off)");
+	if (o.io == Q3_IO_MMAP)
+		printf("%-28s alloc %.2f s, map + populate + VRAM reads %.2f s, copies after the last read %.2f s\n", "",
+		       st.t_alloc, st.t_io, st.t_drain);
+	else
+		printf("%-28s alloc %.2f s, reads %.2f s (%.2f GB/s), copies after the last read %.2f s, prefault %s\n",
+		       "", st.t_alloc, st.t_io, st.t_io > 0 ? (double)st.bytes_read / 1e9 / st.t_io : 0, st.t_drain,
+		       o.arena ? "none (pool)" : st.t_populate > 0 ? "done beside the reads" : "cut short by the reads");
 	printf("%-28s RAM %s (%s), VRAM %s (ring %s), %zu extents, %zu requests, %" PRIu64 " requeued\n", "",
 	       q3_fmt_bytes(st.bytes_ram, ram, sizeof(ram)), st.mem, q3_fmt_bytes(st.bytes_vram, vram, sizeof(vram)),
 	       q3_fmt_bytes(st.ring_bytes, ring, sizeof(ring)), st.nextents, st.nreq, st.retries);
@@ -476,6 +485,8 @@ static void usage(FILE *f)
 		"  --threads N          loader threads: pread engine, io-wq workers (default: online CPUs)\n"
 		"  --streams N          CUDA streams for VRAM copies (default 4)\n"
 		"  --peer-files N       the safetensors peer loads only the first N shards (default: all)\n"
+		"  --pool               give the loader a pre-faulted host arena (what the qwen3mm module's\n"
+		"                       pool or a running daemon has); its setup is timed apart\n"
 		"  --verify[=full]      compare the loaded tensors with the files (sampled, or every byte)\n"
 		"  --repeat N           run the loader rows N times (default 1)\n"
 		"  --quiet              no progress line\n");
@@ -507,12 +518,14 @@ int cmd_bench_load(int argc, char **argv)
 		{ "streams", required_argument, 0, 's' },  { "peer-files", required_argument, 0, 'p' },
 		{ "verify", optional_argument, 0, 'V' },   { "repeat", required_argument, 0, 'n' },
 		{ "quiet", no_argument, 0, 'q' },	   { "help", no_argument, 0, 'h' },
+		{ "pool", no_argument, 0, 'P' },
 		{ 0 }
 	};
 	struct bench B = { 0 };
 	struct q3_load_opts o = { .node = -1 };
 	const char *model = NULL, *only = "direct,buffered,mmap,peer,loader", *lio = "auto", *csv = NULL;
 	int raw_threads = 4, peer_files = 0, repeat = 1, c, rc = 0;
+	bool use_pool = false;
 	uint64_t v;
 	char *end, b1[32], b2[32];
 	q3_err e;
@@ -542,6 +555,7 @@ int cmd_bench_load(int argc, char **argv)
 		case 'V': B.verify = optarg && !strcmp(optarg, "full") ? 2 : 1; if (optarg && strcmp(optarg, "full")) goto bad; break;
 		case 'n': repeat = (int)strtol(optarg, &end, 10); if (*end || repeat < 1 || repeat > 100) goto bad; break;
 		case 'q': B.quiet = true; break;
+		case 'P': use_pool = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -580,6 +594,20 @@ int cmd_bench_load(int argc, char **argv)
 			o.home = B.home;
 		}
 	}
+	if (use_pool) {
+		double tp = q3_now();
+		if (q3_hostmem_alloc(q3_load_ram_bytes(B.ck, B.home), -1, &B.pool, &e) ||
+		    q3_hostmem_prefault(&B.pool, q3_ncpu())) {
+			fprintf(stderr, "qwen3d bench load: --pool: %s\n", B.pool.ptr ? "cannot fault the pool in" : e.msg);
+			q3_hostmem_free(&B.pool);
+			free(B.home);
+			q3_ckpt_close(B.ck);
+			return 1;
+		}
+		tp = q3_now() - tp;
+		printf("pool       %s (%s) faulted in %.2f s (%.2f GB/s), before and outside the timed rows\n",
+		       q3_fmt_bytes(B.pool.len, b1, sizeof(b1)), B.pool.provider, tp, B.pool.len / 1e9 / tp);
+	}
 	printf("cache      %s; %.1f%% of the files cached now\n\n", B.cold ? "cold: dropped before each row" :
 	       "warm: files read into the page cache first", 100 * cached(&B));
 	printf("%-28s %9s %8s   %s\n", "method", "seconds", "GB/s", "notes");
@@ -604,6 +632,7 @@ int cmd_bench_load(int argc, char **argv)
 		}
 	if (B.csv)
 		fclose(B.csv);
+	q3_hostmem_free(&B.pool);
 	free(B.home);
 	q3_ckpt_close(B.ck);
 	rc = B.failures ? 1 : 0;

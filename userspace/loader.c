@@ -32,13 +32,7 @@
  * The one place that gets host memory for RAM homes and the staging ring.  The memory providers
  * (memprov.c: the qwen3mm module's pinned pages, hugetlbfs, THP) replace it when they land. */
 
-struct hostbuf {
-	void *ptr;
-	size_t len;
-	char provider[96];
-};
-
-static int host_alloc(size_t len, int node, struct hostbuf *b, q3_err *e)
+int q3_hostmem_alloc(size_t len, int node, struct q3_hostmem *b, q3_err *e)
 {
 	size_t want = Q3_ALIGN_UP(len, HUGE_2M);
 	const char *kind = "hugetlbfs 2 MiB pages";
@@ -77,7 +71,7 @@ static int host_alloc(size_t len, int node, struct hostbuf *b, q3_err *e)
 	return 0;
 }
 
-static void host_free(struct hostbuf *b)
+void q3_hostmem_free(struct q3_hostmem *b)
 {
 	if (b->ptr)
 		munmap(b->ptr, b->len);
@@ -100,7 +94,7 @@ struct run {
 	struct q3_load_opts o;
 	struct q3_load_plan plan;
 	struct lfile *f;
-	struct hostbuf arena, ring;
+	struct q3_hostmem arena, ring;
 	struct q3_h2d *h2d;
 	uint32_t slot_bytes;
 	int nslots;
@@ -333,6 +327,23 @@ static void *populate_thread(void *arg)
 			break; /* MADV_POPULATE_* needs 5.14: the reads fault the pages in themselves */
 	}
 	return NULL;
+}
+
+int q3_hostmem_prefault(struct q3_hostmem *m, int nthreads)
+{
+	struct run R = { .mu = PTHREAD_MUTEX_INITIALIZER };
+	struct populate pp = { .R = &R, .base = m->ptr, .len = m->len, .advice = MADV_POPULATE_WRITE };
+	pthread_t th[64];
+	int n = 0;
+
+	for (; n < Q3_MIN(nthreads, 64); n++)
+		if (pthread_create(&th[n], NULL, populate_thread, &pp))
+			break;
+	if (!n)
+		populate_thread(&pp);
+	for (int i = 0; i < n; i++)
+		pthread_join(th[i], NULL);
+	return pp.t_end > 0 ? 0 : -EINVAL; /* MADV_POPULATE_WRITE needs Linux 5.14 */
 }
 
 /* ---- the io_uring engine ------------------------------------------------------------------ */
@@ -647,7 +658,8 @@ static int run_threads(struct run *R)
 /* ---- q3_load ------------------------------------------------------------------------------ */
 
 struct q3_load {
-	struct hostbuf arena, ring;
+	struct q3_hostmem arena, ring;
+	bool arena_borrowed; /* the caller's pool */
 	struct q3_h2d *h2d;
 	int nmaps;
 	void **maps;
@@ -659,14 +671,27 @@ void q3_load_free(struct q3_load *ld)
 	if (!ld)
 		return;
 	q3_h2d_close(ld->h2d, 0);
-	host_free(&ld->ring);
-	host_free(&ld->arena);
+	q3_hostmem_free(&ld->ring);
+	if (!ld->arena_borrowed)
+		q3_hostmem_free(&ld->arena);
 	for (int i = 0; i < ld->nmaps; i++)
 		if (ld->maps[i])
 			munmap(ld->maps[i], ld->map_len[i]);
 	free(ld->maps);
 	free(ld->map_len);
 	free(ld);
+}
+
+uint64_t q3_load_ram_bytes(const struct q3_ckpt *ck, const uint8_t *home)
+{
+	struct q3_load_plan p;
+	uint64_t n;
+
+	if (q3_load_plan_build(ck, home, DEFAULT_REQ, &p, NULL))
+		return 0;
+	n = p.ram_bytes;
+	q3_load_plan_free(&p);
+	return n;
 }
 
 int q3_load_gpus(void)
@@ -703,8 +728,15 @@ static int alloc_homes(struct run *R)
 	q3_err le;
 	int err;
 
-	if (P->ram_bytes && R->o.io != Q3_IO_MMAP) {
-		err = host_alloc(P->ram_bytes, R->o.node, &R->arena, &le);
+	if (P->ram_bytes && R->o.io != Q3_IO_MMAP && R->o.arena) {
+		if (R->o.arena_len < P->ram_bytes || (uintptr_t)R->o.arena % Q3_LOAD_ALIGN)
+			return fail(R, -EINVAL, "the arena given holds %zu bytes at %p; the RAM homes need %" PRIu64
+				    " bytes, 4 KiB aligned", R->o.arena_len, R->o.arena, P->ram_bytes);
+		R->arena.ptr = R->o.arena; /* the caller's: never freed here */
+		R->arena.len = R->o.arena_len;
+		snprintf(R->arena.provider, sizeof(R->arena.provider), "the caller's pool");
+	} else if (P->ram_bytes && R->o.io != Q3_IO_MMAP) {
+		err = q3_hostmem_alloc(P->ram_bytes, R->o.node, &R->arena, &le);
 		if (err)
 			return fail(R, err, "%s", le.msg);
 	}
@@ -720,7 +752,7 @@ static int alloc_homes(struct run *R)
 	R->slot = calloc((size_t)R->nslots, 1);
 	if (!R->slot)
 		return fail(R, -ENOMEM, "out of memory");
-	err = host_alloc((size_t)R->nslots * R->slot_bytes, R->o.node, &R->ring, &le);
+	err = q3_hostmem_alloc((size_t)R->nslots * R->slot_bytes, R->o.node, &R->ring, &le);
 	if (!err)
 		err = q3_h2d_open(R->o.gpu, P->vram_bytes, R->ring.ptr, R->ring.len, R->nslots, R->o.streams,
 				  &R->h2d, &le);
@@ -833,7 +865,7 @@ int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *opts, struct q3_load 
 	st->t_alloc = t1 - t0;
 
 	/* populate the arena beside the reads; in MMAP mode, map the page cache in */
-	if (!R.o.no_populate && (R.arena.len || R.o.io == Q3_IO_MMAP)) {
+	if (!R.o.no_populate && ((R.arena.len && !R.o.arena) || R.o.io == Q3_IO_MMAP)) {
 		npop = Q3_MIN((int)Q3_ARRAY_SIZE(pth), Q3_MAX(1, (R.o.threads > 0 ? R.o.threads : q3_ncpu()) / 2));
 		if (R.o.io == Q3_IO_MMAP)
 			npop = Q3_MIN((int)Q3_ARRAY_SIZE(pth), R.o.threads > 0 ? R.o.threads : q3_ncpu());
@@ -913,6 +945,7 @@ out:
 		} else {
 			point_tensors(&R);
 			ld->arena = R.arena, ld->ring = R.ring, ld->h2d = R.h2d;
+			ld->arena_borrowed = R.o.arena != NULL;
 			if (R.o.io == Q3_IO_MMAP) {
 				ld->nmaps = ck->nshards;
 				for (int s = 0; s < ck->nshards; s++) {
@@ -927,8 +960,9 @@ out:
 		}
 	}
 	q3_h2d_close(R.h2d, 0);
-	host_free(&R.ring);
-	host_free(&R.arena);
+	q3_hostmem_free(&R.ring);
+	if (!R.o.arena)
+		q3_hostmem_free(&R.arena);
 	for (int s = 0; R.f && s < ck->nshards; s++)
 		if (R.f[s].map)
 			munmap(R.f[s].map, ck->shards[s].size);

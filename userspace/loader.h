@@ -58,6 +58,10 @@ struct q3_load_opts {
 	int streams;		 /* CUDA streams for the copies; 0: 4 */
 	double cached_min;	 /* AUTO: read a file buffered when at least this fraction of its pages
 				  * is cached; 0: 0.5 */
+	void *arena;		 /* host memory for the RAM homes from the caller (a pinned, pre-faulted
+				  * pool: q3_load_ram_bytes says how much, 4 KiB aligned); NULL: the
+				  * loader allocates it (and faults it in while reading) */
+	size_t arena_len;
 	bool register_arena;	 /* io_uring fixed buffers for the RAM arena too (pins it all up front,
 				  * which faults it in one thread: only worth it for a pre-faulted pool) */
 	bool no_register;	 /* no fixed buffers at all */
@@ -110,6 +114,22 @@ uint64_t q3_load_place(const struct q3_ckpt *ck, uint64_t vram_budget, uint8_t *
 
 /* CUDA devices usable for VRAM homes (0 in a CPU-only build or without a GPU). */
 int q3_load_gpus(void);
+
+/* Bytes of host arena the RAM homes of this placement need (home NULL: all RAM). */
+uint64_t q3_load_ram_bytes(const struct q3_ckpt *ck, const uint8_t *home);
+
+/* Host memory for RAM homes: hugetlbfs 2 MiB pages when the pool has them, else THP, mlocked as
+ * it faults in, bound to node (-1: not bound).  Stands in for memprov's q3_mem_alloc until that
+ * lands.  provider names what served. */
+struct q3_hostmem {
+	void *ptr;
+	size_t len;
+	char provider[96];
+};
+int q3_hostmem_alloc(size_t len, int node, struct q3_hostmem *m, q3_err *e);
+void q3_hostmem_free(struct q3_hostmem *m);
+/* Faults every page in, with nthreads threads (MADV_POPULATE_WRITE).  Returns 0 or -errno. */
+int q3_hostmem_prefault(struct q3_hostmem *m, int nthreads);
 
 /* ---- the plan (exposed for tests) ---------------------------------------------------------- */
 
