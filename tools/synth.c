@@ -159,13 +159,15 @@ static void put_value(const struct q3_synth_tensor *t, uint64_t i, float v, uint
 	put_clipped(q3_dtype_size(t->dtype), i, b, begin, end, dst);
 }
 
-/* The special row / columns (routing skew) over elements [e0, e1). */
+/* The special row / columns (routing skew) of a float tensor over elements [e0, e1). */
 static void fix_specials(const struct q3_synth_tensor *t, uint64_t e0, uint64_t e1, uint64_t begin,
 			 uint64_t end, uint8_t *dst)
 {
 	const struct q3_gen *g = &t->gen;
 	uint64_t cols = (uint64_t)g->cols;
 
+	if (g->kind == Q3_GEN_GIDX)
+		return;
 	if (g->zero_row >= 0) {
 		uint64_t a = Q3_MAX(e0, (uint64_t)g->zero_row * cols);
 		uint64_t b = Q3_MIN(e1, ((uint64_t)g->zero_row + 1) * cols);
@@ -311,7 +313,7 @@ static void fill_noise(float *noise, size_t n, uint64_t seed)
 static int calibrate_router(int E, int k, double s, uint64_t seed, double *bias, double *top1,
 			    double *top10)
 {
-	int T = Q3_MAX(1024, (1 << 21) / E);
+	int T = Q3_MIN(16384, Q3_MAX(2048, (1 << 21) / E)); /* tokens: about 2M selections */
 	double *f = calloc((size_t)E, sizeof(double)), *m = calloc((size_t)E, sizeof(double));
 	float *noise = malloc(sizeof(float) * (size_t)T * (size_t)E);
 	double eps = 0.5 / T, sum10 = 0;
@@ -404,10 +406,19 @@ static struct q3_synth_tensor *add(struct builder *b, const char *name, enum q3_
 	return t;
 }
 
+/* A generator of that kind with no special row or column. */
+static struct q3_gen gen(enum q3_gen_kind kind)
+{
+	return (struct q3_gen){ .kind = kind, .zero_col = -1, .zero_row = -1, .fix_col = -1 };
+}
+
 static struct q3_gen uniform(float mean, float std)
 {
-	return (struct q3_gen){ .kind = Q3_GEN_UNIFORM, .mean = mean, .std = std, .zero_col = -1,
-				.zero_row = -1, .fix_col = -1 };
+	struct q3_gen g = gen(Q3_GEN_UNIFORM);
+
+	g.mean = mean;
+	g.std = std;
+	return g;
 }
 
 /* Random sign (or positive), RMS rms: the bulk of BF16 weights and F16 scales. */
@@ -461,19 +472,21 @@ static void add_linear(struct builder *b, const char *mod, int64_t K, int64_t N,
 		int64_t sqw[2] = { K / pack, N }, sqz[2] = { G, N / pack }, ssc[2] = { G, N }, sgi[1] = { K };
 
 		snprintf(name, sizeof(name), "%s.qweight", mod);
-		add(b, name, Q3_DT_I32, 2, sqw, (struct q3_gen){ .kind = Q3_GEN_BYTES });
+		add(b, name, Q3_DT_I32, 2, sqw, gen(Q3_GEN_BYTES));
 		snprintf(name, sizeof(name), "%s.qzeros", mod);
 		/* v1 stores z - 1 in every field: 7 per nibble, 127 per byte */
-		add(b, name, Q3_DT_I32, 2, sqz,
-			      (struct q3_gen){ .kind = Q3_GEN_CONST32,
-					       .cval = bits == 4 ? 0x77777777u : 0x7f7f7f7fu });
+		g = gen(Q3_GEN_CONST32);
+		g.cval = bits == 4 ? 0x77777777u : 0x7f7f7f7fu;
+		add(b, name, Q3_DT_I32, 2, sqz, g);
 		snprintf(name, sizeof(name), "%s.scales", mod);
 		g = octave(smean, true);
 		g.zero_col = zero_out;
 		add(b, name, Q3_DT_F16, 2, ssc, g);
 		if (o->g_idx) {
 			snprintf(name, sizeof(name), "%s.g_idx", mod);
-			add(b, name, Q3_DT_I32, 1, sgi, (struct q3_gen){ .kind = Q3_GEN_GIDX, .group = o->group_size });
+			g = gen(Q3_GEN_GIDX);
+			g.group = o->group_size;
+			add(b, name, Q3_DT_I32, 1, sgi, g);
 		}
 	}
 	b->expert = false;
