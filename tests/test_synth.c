@@ -115,7 +115,8 @@ static const struct q3_synth_tensor *find(const struct q3_synth *s, const char *
 	return NULL;
 }
 
-/* RMS * sqrt(K) of a Linear's weight: the gain it was made with. */
+/* RMS * sqrt(K) of a Linear's weight: the gain it was made with.  Also checks that the weights
+ * have zero mean: a common bias grows, layer after layer, into the same output for every token. */
 static double gain_of(const struct q3_synth *s, const char *mod, int K, int N, int bits)
 {
 	struct q3_linear l = { .K = K, .N = N, .bits = bits, .group_size = 128, .ngroups = K / 128,
@@ -123,7 +124,7 @@ static double gain_of(const struct q3_synth *s, const char *mod, int K, int N, i
 	struct q3_tensor t[4];
 	char name[256];
 	float *W = malloc(sizeof(float) * (size_t)K * N);
-	double ss = 0;
+	double ss = 0, sum = 0;
 
 	if (bits == 16) {
 		snprintf(name, sizeof(name), "%s.weight", mod);
@@ -140,8 +141,13 @@ static double gain_of(const struct q3_synth *s, const char *mod, int K, int N, i
 		l.qweight = &t[0], l.qzeros = &t[1], l.scales = &t[2];
 	}
 	q3_linear_dequant(&l, W);
-	for (size_t i = 0; i < (size_t)K * N; i++)
+	for (size_t i = 0; i < (size_t)K * N; i++) {
 		ss += (double)W[i] * W[i];
+		sum += W[i];
+	}
+	if (fabs(sum / ((double)K * N)) > 0.02 * sqrt(ss / ((double)K * N)))
+		fail_msg("%s: weights have mean %g against RMS %g", mod, sum / ((double)K * N),
+			 sqrt(ss / ((double)K * N)));
 	for (int i = 0; i < (bits == 16 ? 1 : 3); i++)
 		free(t[i].data);
 	free(W);

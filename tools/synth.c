@@ -210,12 +210,21 @@ static void fill_elems(const struct q3_synth_tensor *t, uint64_t begin, uint64_t
 	fix_specials(t, e0, e1, begin, end, dst);
 }
 
-/* Bytes [begin, begin + len) of a tensor made of 64-bit words word(w). */
+/* Word w of a tensor made of 64-bit words: constant zero points, or symmetric codes (a random
+ * word whose all-zero fields, nibbles or bytes, become the zero point: SWAR, no branch). */
 static inline uint64_t word_of(const struct q3_gen *g, uint64_t w)
 {
+	uint64_t x, any;
+
 	if (g->kind == Q3_GEN_CONST32)
 		return (uint64_t)g->cval << 32 | g->cval;
-	return rnd(g->seed, w);
+	x = rnd(g->seed, w);
+	if (g->group == 8) {
+		any = x | x >> 1 | x >> 2 | x >> 3 | x >> 4 | x >> 5 | x >> 6 | x >> 7;
+		return x | (~any & 0x0101010101010101ull) << 7;
+	}
+	any = x | x >> 1 | x >> 2 | x >> 3;
+	return x | (~any & 0x1111111111111111ull) << 3;
 }
 
 static void fill_words(const struct q3_synth_tensor *t, uint64_t begin, uint64_t len, uint8_t *dst)
@@ -237,7 +246,7 @@ static void fill_words(const struct q3_synth_tensor *t, uint64_t begin, uint64_t
 
 void q3_synth_fill(const struct q3_synth_tensor *t, uint64_t begin, uint64_t len, void *dst)
 {
-	if (t->gen.kind == Q3_GEN_BYTES || t->gen.kind == Q3_GEN_CONST32)
+	if (t->gen.kind == Q3_GEN_CODES || t->gen.kind == Q3_GEN_CONST32)
 		fill_words(t, begin, len, dst);
 	else
 		fill_elems(t, begin, len, dst);
@@ -466,13 +475,15 @@ static void add_linear(struct builder *b, const char *mod, int64_t K, int64_t N,
 	}
 	{
 		int64_t G = K / o->group_size, pack = 32 / bits;
-		/* E[(q - z)^2] for q uniform on [0, 2^bits) and z = 2^(bits-1) */
-		float qrms = bits == 4 ? sqrtf(21.5f) : sqrtf(5461.5f);
+		/* E[(q - z)^2] of the symmetric codes: 2 (1^2 + ... + (z-1)^2) / 2^bits */
+		float qrms = bits == 4 ? sqrtf(17.5f) : sqrtf(5397.5f);
 		float smean = wstd / qrms;
 		int64_t sqw[2] = { K / pack, N }, sqz[2] = { G, N / pack }, ssc[2] = { G, N }, sgi[1] = { K };
 
 		snprintf(name, sizeof(name), "%s.qweight", mod);
-		add(b, name, Q3_DT_I32, 2, sqw, gen(Q3_GEN_BYTES));
+		g = gen(Q3_GEN_CODES);
+		g.group = bits;
+		add(b, name, Q3_DT_I32, 2, sqw, g);
 		snprintf(name, sizeof(name), "%s.qzeros", mod);
 		/* v1 stores z - 1 in every field: 7 per nibble, 127 per byte */
 		g = gen(Q3_GEN_CONST32);
