@@ -421,11 +421,15 @@ static void bench_loader(struct bench *B, struct q3_load_opts o, const char *io_
 {
 	struct q3_load_stats st;
 	struct q3_load *ld = NULL;
-	char method[48], note[400], cache[200], ram[32], vram[32], ring[32];
+	char method[64], note[400], cache[200], ram[32], vram[32], ring[32];
 	q3_err e;
 	int err;
 
-	snprintf(method, sizeof(method), "qwen3d loader (%s)", io_name);
+	if (o.home)
+		snprintf(method, sizeof(method), "qwen3d loader (%s, VRAM %s)", io_name,
+			 q3_fmt_bytes(B->vram_budget, ram, sizeof(ram)));
+	else
+		snprintf(method, sizeof(method), "qwen3d loader (%s)", io_name);
 	prepare_cache(B, cache, sizeof(cache));
 	o.progress = !B->quiet;
 	if (B->pool.ptr && o.io != Q3_IO_MMAP) {
@@ -444,9 +448,9 @@ static void bench_loader(struct bench *B, struct q3_load_opts o, const char *io_
 		printf("%-28s alloc %.2f s, map + populate + VRAM reads %.2f s, copies after the last read %.2f s\n", "",
 		       st.t_alloc, st.t_io, st.t_drain);
 	else
-		printf("%-28s alloc %.2f s, reads %.2f s (%.2f GB/s), copies after the last read %.2f s, prefault %s\n",
-		       "", st.t_alloc, st.t_io, st.t_io > 0 ? (double)st.bytes_read / 1e9 / st.t_io : 0, st.t_drain,
-		       o.arena ? "none (pool)" : st.t_populate > 0 ? "done beside the reads" : "cut short by the reads");
+		printf("%-28s alloc %.2f s, prefault (%s) %.2f s, reads %.2f s (%.2f GB/s), copies after the last read %.2f s\n",
+		       "", st.t_alloc, st.prefault, st.t_populate, st.t_io,
+		       st.t_io > 0 ? (double)st.bytes_read / 1e9 / st.t_io : 0, st.t_drain);
 	printf("%-28s RAM %s (%s), VRAM %s (ring %s), %zu extents, %zu requests, %" PRIu64 " requeued\n", "",
 	       q3_fmt_bytes(st.bytes_ram, ram, sizeof(ram)), st.mem, q3_fmt_bytes(st.bytes_vram, vram, sizeof(vram)),
 	       q3_fmt_bytes(st.ring_bytes, ring, sizeof(ring)), st.nextents, st.nreq, st.retries);
@@ -485,6 +489,8 @@ static void usage(FILE *f)
 		"  --threads N          loader threads: pread engine, io-wq workers (default: online CPUs)\n"
 		"  --streams N          CUDA streams for VRAM copies (default 4)\n"
 		"  --peer-files N       the safetensors peer loads only the first N shards (default: all)\n"
+		"  --prefault P         auto, overlap, first or off: how the loader faults its arena in\n"
+		"  --register-arena     io_uring fixed buffers for the RAM arena too (for --pool)\n"
 		"  --pool               give the loader a pre-faulted host arena (what the qwen3mm module's\n"
 		"                       pool or a running daemon has); its setup is timed apart\n"
 		"  --verify[=full]      compare the loaded tensors with the files (sampled, or every byte)\n"
@@ -518,7 +524,8 @@ int cmd_bench_load(int argc, char **argv)
 		{ "streams", required_argument, 0, 's' },  { "peer-files", required_argument, 0, 'p' },
 		{ "verify", optional_argument, 0, 'V' },   { "repeat", required_argument, 0, 'n' },
 		{ "quiet", no_argument, 0, 'q' },	   { "help", no_argument, 0, 'h' },
-		{ "pool", no_argument, 0, 'P' },
+		{ "pool", no_argument, 0, 'P' },	   { "prefault", required_argument, 0, 'F' },
+		{ "register-arena", no_argument, 0, 'A' },
 		{ 0 }
 	};
 	struct bench B = { 0 };
@@ -556,6 +563,14 @@ int cmd_bench_load(int argc, char **argv)
 		case 'n': repeat = (int)strtol(optarg, &end, 10); if (*end || repeat < 1 || repeat > 100) goto bad; break;
 		case 'q': B.quiet = true; break;
 		case 'P': use_pool = true; break;
+		case 'A': o.register_arena = true; break;
+		case 'F':
+			if (!strcmp(optarg, "auto")) o.prefault = Q3_PREFAULT_AUTO;
+			else if (!strcmp(optarg, "overlap")) o.prefault = Q3_PREFAULT_OVERLAP;
+			else if (!strcmp(optarg, "first")) o.prefault = Q3_PREFAULT_FIRST;
+			else if (!strcmp(optarg, "off")) o.prefault = Q3_PREFAULT_OFF;
+			else goto bad;
+			break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}

@@ -44,6 +44,16 @@ enum q3_io_mode {
 
 enum q3_io_engine { Q3_ENGINE_AUTO, Q3_ENGINE_URING, Q3_ENGINE_THREADS };
 
+/* Faulting in the arena the loader allocates (zeroing its pages: in a VM, also the host backing
+ * them) is work of its own, done with MADV_POPULATE_WRITE in parallel threads. */
+enum q3_prefault {
+	Q3_PREFAULT_AUTO,    /* OVERLAP when some file is read from the disk, FIRST when all come
+			      * from the page cache (then memory is the bottleneck twice over) */
+	Q3_PREFAULT_OVERLAP, /* half the threads fault ahead of the reads, beside them */
+	Q3_PREFAULT_FIRST,   /* every thread faults the whole arena, then the reads start */
+	Q3_PREFAULT_OFF,     /* the reads fault their pages themselves */
+};
+
 struct q3_load_opts {
 	const uint8_t *home;	 /* [ck->ntensors] enum q3_home, in ck->tensors order; NULL: all RAM */
 	int node;		 /* NUMA node of the RAM homes; -1: wherever the kernel puts them */
@@ -65,11 +75,11 @@ struct q3_load_opts {
 	bool register_arena;	 /* io_uring fixed buffers for the RAM arena too (pins it all up front,
 				  * which faults it in one thread: only worth it for a pre-faulted pool) */
 	bool no_register;	 /* no fixed buffers at all */
-	bool no_populate;	 /* do not pre-fault the arena in parallel threads */
+	enum q3_prefault prefault;
 	bool progress;		 /* progress line on stderr when it is a terminal */
 	/* Test hook: sees every completed read (shard, file offset, bytes asked, result: bytes or
 	 * -errno) and returns the result the loader acts on, so that tests can inject short reads,
-	 * -EAGAIN and -EIO at the completion layer. */
+	 * -EAGAIN and -EIO at the completion layer.  Called one at a time (under a lock). */
 	int (*fault)(void *ctx, int shard, uint64_t off, uint32_t len, int res);
 	void *fault_ctx;
 };
@@ -87,7 +97,9 @@ struct q3_load_stats {
 	double t_alloc;		 /* host + VRAM arenas, ring, CUDA setup */
 	double t_io;		 /* first submit to last read done */
 	double t_drain;		 /* last read done to last VRAM copy done */
-	double t_populate;	 /* wall time of the populate threads (overlaps t_io) */
+	double t_populate;	 /* prefault: its time (FIRST, part of t_total) or when it caught up
+				  * with the end of the arena (OVERLAP; 0 when the reads finished first) */
+	const char *prefault;	 /* what was done: "overlap", "first", "off", "pool" */
 	double t_total;		 /* q3_load call: weights ready */
 	char path[256];		 /* what was done, one line */
 	char mem[160];		 /* where the host arena came from */
