@@ -12,6 +12,7 @@
 
 #include "checkpoint.h"
 #include "loader.h"
+#include "memprov.h"
 #include "testutil.h"
 
 static const char *const fixtures[] = { FIXTURES "/tiny-sym", FIXTURES "/tiny-actorder", FIXTURES "/tiny-mixed" };
@@ -377,7 +378,7 @@ static void test_caller_arena_is_used_and_kept(void **state)
 {
 	struct q3_ckpt *ck;
 	struct q3_load *ld;
-	struct q3_hostmem m;
+	struct q3_membuf m;
 	struct q3_load_opts o = { .node = -1 };
 	q3_err e;
 	uint64_t need;
@@ -385,8 +386,7 @@ static void test_caller_arena_is_used_and_kept(void **state)
 	assert_int_equal(q3_ckpt_open(fixtures[2], &ck, &e), 0);
 	need = q3_load_ram_bytes(ck, NULL);
 	assert_true(need >= ck->total_bytes);
-	assert_int_equal(q3_hostmem_alloc(need, -1, &m, &e), 0);
-	assert_int_equal(q3_hostmem_prefault(&m, 2), 0);
+	assert_int_equal(q3_mem_alloc(need, -1, 0, &m, &e), 0);
 	o.arena = m.ptr;
 	o.arena_len = need - 4096; /* too small */
 	assert_int_equal(q3_load(ck, &o, &ld, NULL, &e), -EINVAL);
@@ -399,7 +399,7 @@ static void test_caller_arena_is_used_and_kept(void **state)
 	assert_identical(ck, ld);
 	q3_load_free(ld);
 	memset(m.ptr, 0, m.len); /* still ours after q3_load_free */
-	q3_hostmem_free(&m);
+	q3_mem_free(&m);
 	q3_ckpt_close(ck);
 }
 

@@ -30,6 +30,7 @@
 #include "checkpoint.h"
 #include "cli.h"
 #include "loader.h"
+#include "memprov.h"
 
 #define RAW_BUF (16u << 20)
 #define RANGE (256ull << 20)
@@ -40,7 +41,7 @@ struct bench {
 	int verify;		/* 0 off, 1 sampled, 2 full */
 	uint64_t vram_budget;
 	uint8_t *home;
-	struct q3_hostmem pool; /* --pool: a pre-faulted arena handed to every loader row */
+	struct q3_membuf pool; /* --pool: a populated arena (memprov) handed to every loader row */
 	uint64_t file_bytes;
 	FILE *csv;
 	double best_raw;	/* fastest raw read of the files, seconds */
@@ -491,8 +492,8 @@ static void usage(FILE *f)
 		"  --peer-files N       the safetensors peer loads only the first N shards (default: all)\n"
 		"  --prefault P         auto, overlap, first or off: how the loader faults its arena in\n"
 		"  --register-arena     io_uring fixed buffers for the RAM arena too (for --pool)\n"
-		"  --pool               give the loader a pre-faulted host arena (what the qwen3mm module's\n"
-		"                       pool or a running daemon has); its setup is timed apart\n"
+		"  --pool               give the loader a populated host arena from memprov (what the qwen3mm\n"
+		"                       module's pool or a running daemon has); its setup is timed apart\n"
 		"  --verify[=full]      compare the loaded tensors with the files (sampled, or every byte)\n"
 		"  --repeat N           run the loader rows N times (default 1)\n"
 		"  --quiet              no progress line\n");
@@ -611,17 +612,16 @@ int cmd_bench_load(int argc, char **argv)
 	}
 	if (use_pool) {
 		double tp = q3_now();
-		if (q3_hostmem_alloc(q3_load_ram_bytes(B.ck, B.home), -1, &B.pool, &e) ||
-		    q3_hostmem_prefault(&B.pool, q3_ncpu())) {
-			fprintf(stderr, "qwen3d bench load: --pool: %s\n", B.pool.ptr ? "cannot fault the pool in" : e.msg);
-			q3_hostmem_free(&B.pool);
+		if (q3_mem_alloc(q3_load_ram_bytes(B.ck, B.home), -1, 0, &B.pool, &e)) {
+			fprintf(stderr, "qwen3d bench load: --pool: %s\n", e.msg);
 			free(B.home);
 			q3_ckpt_close(B.ck);
 			return 1;
 		}
 		tp = q3_now() - tp;
-		printf("pool       %s (%s) faulted in %.2f s (%.2f GB/s), before and outside the timed rows\n",
-		       q3_fmt_bytes(B.pool.len, b1, sizeof(b1)), B.pool.provider, tp, B.pool.len / 1e9 / tp);
+		printf("pool       %s from memprov (%s%s%s) in %.2f s (%.2f GB/s), before and outside the timed rows\n",
+		       q3_fmt_bytes(B.pool.len, b1, sizeof(b1)), q3_mem_provider_name(B.pool.provider),
+		       B.pool.note[0] ? "; " : "", B.pool.note, tp, B.pool.len / 1e9 / tp);
 	}
 	printf("cache      %s; %.1f%% of the files cached now\n\n", B.cold ? "cold: dropped before each row" :
 	       "warm: files read into the page cache first", 100 * cached(&B));
@@ -647,7 +647,7 @@ int cmd_bench_load(int argc, char **argv)
 		}
 	if (B.csv)
 		fclose(B.csv);
-	q3_hostmem_free(&B.pool);
+	q3_mem_free(&B.pool);
 	free(B.home);
 	q3_ckpt_close(B.ck);
 	rc = B.failures ? 1 : 0;

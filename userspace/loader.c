@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "load_gpu.h"
+#include "memprov.h"
 #include "progress.h"
 
 #define DEFAULT_REQ (8u << 20)
@@ -29,23 +30,45 @@
 #define MAX_STALLS 1000 /* retries of one request without a byte of progress before giving up */
 
 /* ---- host memory ---------------------------------------------------------------------------
- * The one place that gets host memory for RAM homes and the staging ring.  The memory providers
- * (memprov.c: the qwen3mm module's pinned pages, hugetlbfs, THP) replace it when they land. */
+ * RAM homes and the staging ring come from the memory providers (memprov.h), with one exception.
+ * memprov populates what it hands out, in the calling thread: right for the module's pool
+ * (populated at insmod: nothing left to do) and for the small ring, but for a fresh 45 GB arena
+ * that is 10-25 s of page faults (zeroing; in a VM also the host's backing) before the first
+ * read.  So the arena is taken from the qwen3mm pool when there is one, and otherwise mapped here
+ * without populating (hugetlbfs if reserved, else THP, locked as it faults in), and faulted in by
+ * threads beside the reads (or before them, when the files are cached). */
 
-int q3_hostmem_alloc(size_t len, int node, struct q3_hostmem *b, q3_err *e)
+struct hostmem {
+	void *ptr;
+	size_t len;
+	bool populated;	      /* nothing left to fault in */
+	bool memprov;	      /* mb is memprov's */
+	struct q3_membuf mb;
+	char provider[160];
+};
+
+static void host_free(struct hostmem *b)
+{
+	if (b->memprov)
+		q3_mem_free(&b->mb);
+	else if (b->ptr)
+		munmap(b->ptr, b->len);
+	memset(b, 0, sizeof(*b));
+}
+
+/* Maps len bytes of 2 MiB-aligned anonymous memory without touching it. */
+static int lazy_alloc(size_t len, int node, struct hostmem *b, const char *why_not_kmod, q3_err *e)
 {
 	size_t want = Q3_ALIGN_UP(len, HUGE_2M);
 	const char *kind = "hugetlbfs 2 MiB pages";
 	char *p;
 	bool locked;
 
-	memset(b, 0, sizeof(*b));
-	if (!len)
-		return 0;
 	p = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
 	if (p == MAP_FAILED) {
 		/* over-map by 2 MiB and trim, so that THP can back every 2 MiB of it */
-		char *q = mmap(NULL, want + HUGE_2M, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		char *q = mmap(NULL, want + HUGE_2M, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 		size_t head;
 
 		if (q == MAP_FAILED)
@@ -62,20 +85,44 @@ int q3_hostmem_alloc(size_t len, int node, struct q3_hostmem *b, q3_err *e)
 		if (mbind(p, want, MPOL_BIND, &mask, 64, 0))
 			node = -1;
 	}
-	/* locked as it faults in, so that nothing pages the weights out */
+	/* locked as it faults in: nothing pages the weights out */
 	locked = mlock2(p, want, MLOCK_ONFAULT) == 0;
+	madvise(p, want, MADV_DONTFORK); /* no child may copy-on-write pages a DMA targets */
 	b->ptr = p;
 	b->len = want;
-	snprintf(b->provider, sizeof(b->provider), "%s%s%s", kind, locked ? ", mlocked" : ", not locked",
-		 node >= 0 ? ", bound to its node" : "");
+	snprintf(b->provider, sizeof(b->provider), "%s, faulted in by the loader%s%s (qwen3mm pool: %s)", kind,
+		 locked ? ", mlocked" : ", not locked", node >= 0 ? ", bound to its node" : "", why_not_kmod);
 	return 0;
 }
 
-void q3_hostmem_free(struct q3_hostmem *b)
+/* The RAM arena: the qwen3mm pool, else lazily faulted memory. */
+static int arena_alloc(size_t len, int node, struct hostmem *b, q3_err *e)
 {
-	if (b->ptr)
-		munmap(b->ptr, b->len);
+	q3_err why;
+
 	memset(b, 0, sizeof(*b));
+	if (!q3_mem_alloc(len, node, Q3_MEM_NO_ALL & ~Q3_MEM_NO_KMOD, &b->mb, &why)) {
+		b->ptr = b->mb.ptr;
+		b->len = b->mb.len;
+		b->memprov = b->populated = true;
+		snprintf(b->provider, sizeof(b->provider), "qwen3mm pool (pinned 2 MiB pages)");
+		return 0;
+	}
+	/* "kmod: /dev/qwen3mm: No such file or directory" -> the part after the provider name */
+	return lazy_alloc(len, node, b, strncmp(why.msg, "kmod: ", 6) ? why.msg : why.msg + 6, e);
+}
+
+/* The staging ring: small, so whatever memprov gives, populated. */
+static int ring_alloc(size_t len, int node, struct hostmem *b, q3_err *e)
+{
+	memset(b, 0, sizeof(*b));
+	if (q3_mem_alloc(len, node, 0, &b->mb, e))
+		return -ENOMEM;
+	b->ptr = b->mb.ptr;
+	b->len = b->mb.len;
+	b->memprov = b->populated = true;
+	snprintf(b->provider, sizeof(b->provider), "%s", q3_mem_provider_name(b->mb.provider));
+	return 0;
 }
 
 /* ---- the run ------------------------------------------------------------------------------ */
@@ -94,7 +141,7 @@ struct run {
 	struct q3_load_opts o;
 	struct q3_load_plan plan;
 	struct lfile *f;
-	struct q3_hostmem arena, ring;
+	struct hostmem arena, ring;
 	struct q3_h2d *h2d;
 	uint32_t slot_bytes;
 	int nslots;
@@ -332,10 +379,10 @@ static void *populate_thread(void *arg)
 	return NULL;
 }
 
-int q3_hostmem_prefault(struct q3_hostmem *m, int nthreads)
+/* Faults [base, base + len) in with nthreads threads. */
+static void prefault(struct run *R, void *base, size_t len, int nthreads)
 {
-	struct run R = { .mu = PTHREAD_MUTEX_INITIALIZER };
-	struct populate pp = { .R = &R, .base = m->ptr, .len = m->len, .advice = MADV_POPULATE_WRITE };
+	struct populate pp = { .R = R, .base = base, .len = len, .advice = MADV_POPULATE_WRITE };
 	pthread_t th[64];
 	int n = 0;
 
@@ -346,7 +393,6 @@ int q3_hostmem_prefault(struct q3_hostmem *m, int nthreads)
 		populate_thread(&pp);
 	for (int i = 0; i < n; i++)
 		pthread_join(th[i], NULL);
-	return pp.t_end > 0 ? 0 : -EINVAL; /* MADV_POPULATE_WRITE needs Linux 5.14 */
 }
 
 /* ---- the io_uring engine ------------------------------------------------------------------ */
@@ -411,11 +457,17 @@ static void register_buffers(struct run *R, struct io_uring *ring)
 		snprintf(R->fixed_note, sizeof(R->fixed_note), "off (asked)");
 		return;
 	}
+	/* the arena too when asked, or when it is the module's pool and memprov found that io_uring
+	 * takes it (pinning populated memory costs nothing; 6.1 refuses device mappings) */
+	if (R->arena.memprov && R->arena.mb.fixed_io == 1)
+		R->o.register_arena = true;
 	cap = (size_t)R->nslots + (R->o.register_arena ? R->arena.len / GIB + 1 : 0);
 	if (!cap) {
 		/* pinning a fresh arena would fault all of it in, in this one thread, before any read */
-		snprintf(R->fixed_note, sizeof(R->fixed_note), "not used (a fresh arena%s)",
-			 R->arena.len ? "" : "; no ring");
+		snprintf(R->fixed_note, sizeof(R->fixed_note), "%s",
+			 !R->arena.len ? "not used (no arena, no ring)" :
+			 R->arena.populated ? "not used (register_arena not asked)" :
+			 "not used (pinning a fresh arena would fault it in one thread)");
 		return;
 	}
 	iov = calloc(cap, sizeof(*iov));
@@ -663,7 +715,7 @@ static int run_threads(struct run *R)
 /* ---- q3_load ------------------------------------------------------------------------------ */
 
 struct q3_load {
-	struct q3_hostmem arena, ring;
+	struct hostmem arena, ring;
 	bool arena_borrowed; /* the caller's pool */
 	struct q3_h2d *h2d;
 	int nmaps;
@@ -676,9 +728,9 @@ void q3_load_free(struct q3_load *ld)
 	if (!ld)
 		return;
 	q3_h2d_close(ld->h2d, 0);
-	q3_hostmem_free(&ld->ring);
+	host_free(&ld->ring);
 	if (!ld->arena_borrowed)
-		q3_hostmem_free(&ld->arena);
+		host_free(&ld->arena);
 	for (int i = 0; i < ld->nmaps; i++)
 		if (ld->maps[i])
 			munmap(ld->maps[i], ld->map_len[i]);
@@ -739,9 +791,10 @@ static int alloc_homes(struct run *R)
 				    " bytes, 4 KiB aligned", R->o.arena_len, R->o.arena, P->ram_bytes);
 		R->arena.ptr = R->o.arena; /* the caller's: never freed here */
 		R->arena.len = R->o.arena_len;
+		R->arena.populated = true;  /* a pool, as the contract says */
 		snprintf(R->arena.provider, sizeof(R->arena.provider), "the caller's pool");
 	} else if (P->ram_bytes && R->o.io != Q3_IO_MMAP) {
-		err = q3_hostmem_alloc(P->ram_bytes, R->o.node, &R->arena, &le);
+		err = arena_alloc(P->ram_bytes, R->o.node, &R->arena, &le);
 		if (err)
 			return fail(R, err, "%s", le.msg);
 	}
@@ -757,7 +810,7 @@ static int alloc_homes(struct run *R)
 	R->slot = calloc((size_t)R->nslots, 1);
 	if (!R->slot)
 		return fail(R, -ENOMEM, "out of memory");
-	err = q3_hostmem_alloc((size_t)R->nslots * R->slot_bytes, R->o.node, &R->ring, &le);
+	err = ring_alloc((size_t)R->nslots * R->slot_bytes, R->o.node, &R->ring, &le);
 	if (!err)
 		err = q3_h2d_open(R->o.gpu, P->vram_bytes, R->ring.ptr, R->ring.len, R->nslots, R->o.streams,
 				  &R->h2d, &le);
@@ -876,18 +929,17 @@ int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *opts, struct q3_load 
 
 		if (pf == Q3_PREFAULT_AUTO)
 			pf = st->files_direct ? Q3_PREFAULT_OVERLAP : Q3_PREFAULT_FIRST;
-		if (R.o.arena || !R.arena.len)
+		if (R.arena.populated || !R.arena.len)
 			pf = Q3_PREFAULT_OFF;
-		st->prefault = R.o.arena ? "pool" : pf == Q3_PREFAULT_OVERLAP ? "overlap" :
+		st->prefault = R.arena.populated ? "none: a pool" : pf == Q3_PREFAULT_OVERLAP ? "overlap" :
 			       pf == Q3_PREFAULT_FIRST ? "first" : "off";
 		if (R.o.io == Q3_IO_MMAP)
 			npop = Q3_MIN((int)Q3_ARRAY_SIZE(pth), nth);
 		else if (pf == Q3_PREFAULT_OVERLAP)
 			npop = Q3_MIN((int)Q3_ARRAY_SIZE(pth), Q3_MAX(1, nth / 2));
 		if (pf == Q3_PREFAULT_FIRST && R.o.io != Q3_IO_MMAP) {
-			struct q3_hostmem m = { .ptr = R.arena.ptr, .len = R.arena.len };
 			double tp = q3_now();
-			q3_hostmem_prefault(&m, nth);
+			prefault(&R, R.arena.ptr, R.arena.len, nth);
 			st->t_populate = q3_now() - tp;
 		}
 	}
@@ -982,9 +1034,9 @@ out:
 		}
 	}
 	q3_h2d_close(R.h2d, 0);
-	q3_hostmem_free(&R.ring);
+	host_free(&R.ring);
 	if (!R.o.arena)
-		q3_hostmem_free(&R.arena);
+		host_free(&R.arena);
 	for (int s = 0; R.f && s < ck->nshards; s++)
 		if (R.f[s].map)
 			munmap(R.f[s].map, ck->shards[s].size);

@@ -130,19 +130,6 @@ int q3_load_gpus(void);
 /* Bytes of host arena the RAM homes of this placement need (home NULL: all RAM). */
 uint64_t q3_load_ram_bytes(const struct q3_ckpt *ck, const uint8_t *home);
 
-/* Host memory for RAM homes: hugetlbfs 2 MiB pages when the pool has them, else THP, mlocked as
- * it faults in, bound to node (-1: not bound).  Stands in for memprov's q3_mem_alloc until that
- * lands.  provider names what served. */
-struct q3_hostmem {
-	void *ptr;
-	size_t len;
-	char provider[96];
-};
-int q3_hostmem_alloc(size_t len, int node, struct q3_hostmem *m, q3_err *e);
-void q3_hostmem_free(struct q3_hostmem *m);
-/* Faults every page in, with nthreads threads (MADV_POPULATE_WRITE).  Returns 0 or -errno. */
-int q3_hostmem_prefault(struct q3_hostmem *m, int nthreads);
-
 /* ---- the plan (exposed for tests) ---------------------------------------------------------- */
 
 #define Q3_LOAD_ALIGN 4096u
