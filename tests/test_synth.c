@@ -13,6 +13,7 @@
 #include "checkpoint.h"
 #include "cli.h"
 #include "dequant.h"
+#include "engine.h"
 #include "model.h"
 #include "../tools/synth.h"
 #include "testutil.h"
@@ -280,6 +281,47 @@ static void test_written_model_reads_back(void **state)
 	free(d);
 }
 
+/* A tiny synthetic model runs through the CPU engine: finite logits of the designed size (lm_head
+ * gain 2: RMS about 2) that depend on the token (a model whose every position gives the same
+ * logits is useless for benchmarks: the failure mode of weights with a common bias). */
+static void test_tiny_model_runs_on_the_cpu_engine(void **state)
+{
+	char *d = tu_mkdtemp();
+	struct q3_engine_opts eo = { .model_dir = d, .backend = "cpu", .threads = 2, .max_ctx = 64,
+				     .max_batch = 1, .quiet = true };
+	struct q3_engine *eng;
+	struct q3_session *ses;
+	int32_t ids[8] = { 11, 2000, 37, 4000, 5, 1234, 999, 3 };
+	const int T = 8;
+	float *lg;
+	int V;
+	q3_err e;
+
+	assert_int_equal(run_mkmodel("--preset", "tiny", "--out", d, "--zipf", "0.8", "--quiet", NULL), 0);
+	if (q3_engine_open(&eo, &eng, &e) || q3_session_new(eng, &ses, &e))
+		fail_msg("%s", e.msg);
+	V = q3_engine_config(eng)->vocab_size;
+	lg = malloc(sizeof(float) * (size_t)T * V);
+	if (q3_session_eval(ses, ids, T, lg, Q3_EVAL_ALL_LOGITS, &e))
+		fail_msg("%s", e.msg);
+	for (int t = 0; t < T; t++) {
+		double ss = 0, dot = 0, s0 = 0;
+		for (int v = 0; v < V; v++) {
+			float x = lg[(size_t)t * V + v], x0 = lg[v];
+			assert_true(isfinite(x));
+			ss += (double)x * x, s0 += (double)x0 * x0, dot += (double)x * x0;
+		}
+		assert_true(sqrt(ss / V) > 0.5 && sqrt(ss / V) < 8);
+		if (t) /* not the same direction as position 0 */
+			assert_true(dot / sqrt(ss * s0) < 0.9);
+	}
+	free(lg);
+	q3_session_free(ses);
+	q3_engine_close(eng);
+	tu_rm_rf(d);
+	free(d);
+}
+
 static void test_bad_options_are_refused(void **state)
 {
 	struct q3_synth s;
@@ -309,6 +351,7 @@ int main(void)
 		cmocka_unit_test(test_weights_have_the_designed_rms),
 		cmocka_unit_test(test_routing_skew_is_calibrated),
 		cmocka_unit_test(test_written_model_reads_back),
+		cmocka_unit_test(test_tiny_model_runs_on_the_cpu_engine),
 		cmocka_unit_test(test_bad_options_are_refused),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
