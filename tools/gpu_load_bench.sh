@@ -16,8 +16,8 @@
 #      read, warm <= 1.5 s, >= 5x the peer)
 # Every step checks the time left (BUDGET_S, default 450 s) and is skipped, saying so, when it
 # would not fit.  Output: stdout (the summary last), and $OUT/gpu_load_bench.{log,csv} when $OUT is
-# set.  Environment: QWEN3D (default build/qwen3d), MODEL_DIR (default: the first of $PWD/.bench,
-# /var/tmp, /tmp with room), VRAM_BUDGET (default 20G: dense + experts as on a 24 GB card),
+# set.  Environment: QWEN3D (default build/qwen3d), MODEL_DIR (default: the first of /var/tmp,
+# /tmp, $HOME with room and not tmpfs), VRAM_BUDGET (default 20G: dense + experts as on a 24 GB card),
 # PEER_FILES (default 2), KEEP=0 removes the model at the end, MKMODEL_ARGS (default
 # "--preset 80b-a3b"; e.g. "--preset 80b-a3b --layers 2" to try the script on a small machine).
 set -u
@@ -63,7 +63,9 @@ MK=(${MKMODEL_ARGS:---preset 80b-a3b})
 NAME=qwen3d-$(echo "${MK[*]}" | tr -c 'a-z0-9\n' - | sed 's/--*/-/g; s/^-//')
 NEED=$("$Q" mkmodel "${MK[@]}" --dry-run | awk '/^file_bytes/ {print $2}')
 pick_dir() {
-	for d in ${MODEL_DIR:-} "$PWD/.bench" /var/tmp /tmp; do
+	# outside the repository: a copy of the work tree (and a carried build/) is replaced on
+	# every call, a model under /var/tmp survives while the machine stays up
+	for d in ${MODEL_DIR:-} /var/tmp /tmp "$HOME"; do
 		[ -n "$d" ] || continue
 		mkdir -p "$d" 2>/dev/null || continue
 		local fs free

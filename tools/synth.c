@@ -336,15 +336,19 @@ static int calibrate_router(int E, int k, double s, uint64_t seed, double *bias,
 	for (int r = 0; r < E; r++)
 		bias[r] = -s * log(r + 1.0);
 	for (int it = 0; it < 400; it++) {
-		double mean = 0;
+		double mean = 0, moved = 0;
 		simulate_router(E, k, bias, T, noise, m);
 		for (int r = 0; r < E; r++) {
 			/* small bounded steps: larger ones make the tail oscillate instead of converging */
-			bias[r] += fmax(-0.3, fmin(0.3, 0.3 * (log(f[r] + eps) - log(m[r] + eps))));
+			double step = fmax(-0.3, fmin(0.3, 0.3 * (log(f[r] + eps) - log(m[r] + eps))));
+			bias[r] += step;
 			mean += bias[r] / E;
+			moved = fmax(moved, fabs(step));
 		}
 		for (int r = 0; r < E; r++)
 			bias[r] -= mean;
+		if (moved < 0.002) /* converged on this sample */
+			break;
 	}
 	fill_noise(noise, (size_t)T * (size_t)E, seed ^ 0xabcdefull);
 	simulate_router(E, k, bias, T, noise, m);
