@@ -82,6 +82,21 @@ static inline void q3_h2d_close(struct q3_h2d *h, int keep_vram)
 }
 #endif
 
+/* The same calls as a table: the loader uses q3_h2d_cuda unless it is given another one (tests
+ * pass a host-memory fake that exercises the ring without a GPU). */
+struct q3_h2d_ops {
+	int (*devices)(void);
+	int (*open)(int gpu, uint64_t vram_bytes, void *ring, size_t ring_bytes, int nslots, int nstreams,
+		    struct q3_h2d **out, q3_err *e);
+	void *(*vram)(struct q3_h2d *h);
+	int (*copy)(struct q3_h2d *h, int slot, uint64_t vram_off, const void *src, size_t len, q3_err *e);
+	int (*busy)(struct q3_h2d *h, int slot, q3_err *e);
+	int (*wait)(struct q3_h2d *h, int slot, q3_err *e);
+	int (*finish)(struct q3_h2d *h, q3_err *e);
+	int (*read)(struct q3_h2d *h, const void *dev, void *dst, size_t n, q3_err *e);
+	void (*close)(struct q3_h2d *h, int keep_vram);
+};
+
 #ifdef __cplusplus
 }
 #endif

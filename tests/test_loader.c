@@ -11,6 +11,7 @@
 #include <inttypes.h>
 
 #include "checkpoint.h"
+#include "load_gpu.h"
 #include "loader.h"
 #include "memprov.h"
 #include "testutil.h"
@@ -436,6 +437,156 @@ static void test_vram_homes(void **state)
 	q3_ckpt_close(ck);
 }
 
+/* ---- VRAM homes through a fake copy engine ---------------------------------------------------
+ * "VRAM" is host memory and a copy lands only when it completes: after a few polls, at a wait or
+ * at finish, reading its slot as it is then.  A loader that refilled a slot before its copy was
+ * done would put the wrong bytes in "VRAM", and the comparison with the files would catch it. */
+
+struct fake_slot {
+	int polls;	 /* busy answers left */
+	bool pending;
+	const void *src;
+	uint64_t off;
+	size_t len;
+};
+
+static int fake_violations; /* a slot refilled while its copy ran, or a copy out of bounds */
+
+struct fake_h2d {
+	uint8_t *vram;
+	uint64_t vram_bytes;
+	const uint8_t *ring;
+	size_t ring_bytes;
+	int nslots;
+	struct fake_slot *slot;
+	int copies;
+};
+
+static int fake_devices(void)
+{
+	return 1;
+}
+
+static int fake_open(int gpu, uint64_t vram_bytes, void *ring, size_t ring_bytes, int nslots, int nstreams,
+		     struct q3_h2d **out, q3_err *e)
+{
+	struct fake_h2d *f = calloc(1, sizeof(*f));
+
+	f->vram = malloc(vram_bytes);
+	f->vram_bytes = vram_bytes;
+	f->ring = ring;
+	f->ring_bytes = ring_bytes;
+	f->nslots = nslots;
+	f->slot = calloc((size_t)nslots, sizeof(*f->slot));
+	*out = (struct q3_h2d *)f;
+	return 0;
+}
+
+static void *fake_vram(struct q3_h2d *h)
+{
+	return ((struct fake_h2d *)h)->vram;
+}
+
+static void fake_land(struct fake_h2d *f, int slot)
+{
+	struct fake_slot *s = &f->slot[slot];
+
+	if (s->pending)
+		memcpy(f->vram + s->off, s->src, s->len);
+	s->pending = false;
+}
+
+static int fake_copy(struct q3_h2d *h, int slot, uint64_t off, const void *src, size_t len, q3_err *e)
+{
+	struct fake_h2d *f = (struct fake_h2d *)h;
+	struct fake_slot *s = &f->slot[slot];
+
+	/* counted, not asserted: the thread engine calls this from its threads */
+	if (slot < 0 || slot >= f->nslots || s->pending || (const uint8_t *)src < f->ring ||
+	    (const uint8_t *)src + len > f->ring + f->ring_bytes || off + len > f->vram_bytes) {
+		__atomic_add_fetch(&fake_violations, 1, __ATOMIC_RELAXED);
+		return q3_errf(e, -EINVAL, "fake copy engine: slot %d misused", slot);
+	}
+	*s = (struct fake_slot){ .polls = 1 + slot % 3, .pending = true, .src = src, .off = off, .len = len };
+	__atomic_add_fetch(&f->copies, 1, __ATOMIC_RELAXED);
+	return 0;
+}
+
+static int fake_busy(struct q3_h2d *h, int slot, q3_err *e)
+{
+	struct fake_h2d *f = (struct fake_h2d *)h;
+	struct fake_slot *s = &f->slot[slot];
+
+	if (s->pending && s->polls-- > 0)
+		return 1;
+	fake_land(f, slot);
+	return 0;
+}
+
+static int fake_wait(struct q3_h2d *h, int slot, q3_err *e)
+{
+	fake_land((struct fake_h2d *)h, slot);
+	return 0;
+}
+
+static int fake_finish(struct q3_h2d *h, q3_err *e)
+{
+	struct fake_h2d *f = (struct fake_h2d *)h;
+
+	for (int i = 0; i < f->nslots; i++)
+		fake_land(f, i);
+	return 0;
+}
+
+static int fake_read(struct q3_h2d *h, const void *dev, void *dst, size_t n, q3_err *e)
+{
+	memcpy(dst, dev, n);
+	return 0;
+}
+
+static void fake_close(struct q3_h2d *h, int keep)
+{
+	struct fake_h2d *f = (struct fake_h2d *)h;
+
+	free(f->vram);
+	free(f->slot);
+	free(f);
+}
+
+static const struct q3_h2d_ops fake_ops = { fake_devices, fake_open, fake_vram, fake_copy, fake_busy,
+					    fake_wait, fake_finish, fake_read, fake_close };
+
+static void test_vram_homes_through_the_ring(void **state)
+{
+	struct q3_ckpt *ck;
+	uint8_t *home;
+	q3_err e;
+
+	assert_int_equal(q3_ckpt_open(fixtures[1], &ck, &e), 0);
+	home = malloc(ck->ntensors);
+	assert_true(q3_load_place(ck, ck->total_bytes / 2, home) > 0);
+	q3_ckpt_close(ck);
+	for (int g = 0; g < 2; g++)
+		for (int m = 0; m < 3; m++) {
+			static const enum q3_io_mode io[] = { Q3_IO_DIRECT, Q3_IO_BUFFERED, Q3_IO_MMAP };
+			struct faults f = { .short_every = 3 };
+			/* a ring of 3 slots under a queue of 4, or 2 threads owning 2 slots each */
+			struct q3_load_opts o = { .node = -1, .home = home, .io = io[m], .req_bytes = 64 << 10,
+						  .qd = 4, .threads = 2, .ring_slots = 3, .streams = 2,
+						  .engine = g ? Q3_ENGINE_THREADS : Q3_ENGINE_URING,
+						  .h2d_ops = &fake_ops, .fault = inject, .fault_ctx = &f };
+			struct q3_load_stats st;
+
+			fake_violations = 0;
+			load_ok(fixtures[1], &o, &st);
+			assert_int_equal(fake_violations, 0);
+			assert_true(st.bytes_vram > 0 && st.bytes_ram > 0);
+			assert_true(st.retries > 0);
+			assert_true(st.ring_bytes >= 3 * (64 << 10));
+		}
+	free(home);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -450,6 +601,7 @@ int main(void)
 		cmocka_unit_test(test_file_changed_since_open_is_refused),
 		cmocka_unit_test(test_caller_arena_is_used_and_kept),
 		cmocka_unit_test(test_vram_homes),
+		cmocka_unit_test(test_vram_homes_through_the_ring),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -29,6 +29,12 @@
 #define POPULATE_CHUNK (64ull << 20)
 #define MAX_STALLS 1000 /* retries of one request without a byte of progress before giving up */
 
+/* CUDA's copy engine (stubs that say "no CUDA" in a CPU-only build). */
+static const struct q3_h2d_ops q3_h2d_cuda = {
+	q3_h2d_devices, q3_h2d_open, q3_h2d_vram, q3_h2d_copy, q3_h2d_busy,
+	q3_h2d_wait, q3_h2d_finish, q3_h2d_read, q3_h2d_close,
+};
+
 /* ---- host memory ---------------------------------------------------------------------------
  * RAM homes and the staging ring come from the memory providers (memprov.h), with one exception.
  * memprov populates what it hands out, in the calling thread: right for the module's pool
@@ -143,6 +149,7 @@ struct run {
 	struct lfile *f;
 	struct hostmem arena, ring;
 	struct q3_h2d *h2d;
+	const struct q3_h2d_ops *ops; /* h2d's functions */
 	uint32_t slot_bytes;
 	int nslots;
 	unsigned char *slot; /* enum slot_state per slot (io_uring engine) */
@@ -409,7 +416,7 @@ static int get_slot(struct run *R)
 	for (int i = 0; i < R->nslots; i++) {
 		if (R->slot[i] == SLOT_COPYING) {
 			q3_err ce;
-			int b = q3_h2d_busy(R->h2d, i, &ce);
+			int b = R->ops->busy(R->h2d, i, &ce);
 			if (b < 0)
 				return fail(R, b, "%s", ce.msg);
 			if (!b)
@@ -426,7 +433,7 @@ static int wait_any_copy(struct run *R)
 	for (int i = 0; i < R->nslots; i++)
 		if (R->slot[i] == SLOT_COPYING) {
 			q3_err ce;
-			int err = q3_h2d_wait(R->h2d, i, &ce);
+			int err = R->ops->wait(R->h2d, i, &ce);
 			if (err)
 				return fail(R, err, "%s", ce.msg);
 			R->slot[i] = SLOT_FREE;
@@ -440,7 +447,7 @@ static int start_copy(struct run *R, const struct q3_lreq *r, int slot, uint32_t
 {
 	const struct q3_extent *x = ext_of(R, r);
 	q3_err ce;
-	int err = q3_h2d_copy(R->h2d, slot, x->dst + (r->off - x->astart), slot_mem(R, slot), bytes, &ce);
+	int err = R->ops->copy(R->h2d, slot, x->dst + (r->off - x->astart), slot_mem(R, slot), bytes, &ce);
 
 	if (err)
 		return fail(R, err, "%s", ce.msg);
@@ -665,7 +672,7 @@ static void *reader_thread(void *arg)
 				w->next_slot = w->id;
 			{
 				q3_err ce;
-				if ((v = q3_h2d_wait(R->h2d, slot, &ce))) {
+				if ((v = R->ops->wait(R->h2d, slot, &ce))) {
 					fail(R, v, "%s", ce.msg);
 					break;
 				}
@@ -716,6 +723,7 @@ static int run_threads(struct run *R)
 
 struct q3_load {
 	struct hostmem arena, ring;
+	const struct q3_h2d_ops *ops;
 	bool arena_borrowed; /* the caller's pool */
 	struct q3_h2d *h2d;
 	int nmaps;
@@ -727,7 +735,8 @@ void q3_load_free(struct q3_load *ld)
 {
 	if (!ld)
 		return;
-	q3_h2d_close(ld->h2d, 0);
+	if (ld->h2d)
+		ld->ops->close(ld->h2d, 0);
 	host_free(&ld->ring);
 	if (!ld->arena_borrowed)
 		host_free(&ld->arena);
@@ -760,7 +769,7 @@ int q3_load_read_vram(struct q3_load *ld, const void *dev, void *dst, size_t n, 
 {
 	if (!ld->h2d)
 		return q3_errf(e, -EINVAL, "this load put nothing in VRAM");
-	return q3_h2d_read(ld->h2d, dev, dst, n, e);
+	return ld->ops->read(ld->h2d, dev, dst, n, e);
 }
 
 static void defaults(struct q3_load_opts *o)
@@ -800,7 +809,7 @@ static int alloc_homes(struct run *R)
 	}
 	if (!P->vram_bytes)
 		return 0;
-	if (q3_h2d_devices() <= R->o.gpu)
+	if (R->ops->devices() <= R->o.gpu)
 		return fail(R, -ENODEV, "%" PRIu64 " bytes of tensors are placed in VRAM, but CUDA device %d is not available",
 			    P->vram_bytes, R->o.gpu);
 	R->slot_bytes = R->o.req_bytes;
@@ -812,7 +821,7 @@ static int alloc_homes(struct run *R)
 		return fail(R, -ENOMEM, "out of memory");
 	err = ring_alloc((size_t)R->nslots * R->slot_bytes, R->o.node, &R->ring, &le);
 	if (!err)
-		err = q3_h2d_open(R->o.gpu, P->vram_bytes, R->ring.ptr, R->ring.len, R->nslots, R->o.streams,
+		err = R->ops->open(R->o.gpu, P->vram_bytes, R->ring.ptr, R->ring.len, R->nslots, R->o.streams,
 				  &R->h2d, &le);
 	if (err)
 		return fail(R, err, "%s", le.msg);
@@ -834,7 +843,7 @@ static int start_populate(struct populate *pp, pthread_t *th, int nth)
 static void point_tensors(struct run *R)
 {
 	const struct q3_load_plan *P = &R->plan;
-	uint8_t *vram = R->h2d ? q3_h2d_vram(R->h2d) : NULL;
+	uint8_t *vram = R->h2d ? R->ops->vram(R->h2d) : NULL;
 
 	for (size_t i = 0; i < P->n_ext; i++) {
 		const struct q3_extent *x = &P->ext[i];
@@ -887,6 +896,7 @@ int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *opts, struct q3_load 
 	*out = NULL;
 	memset(st, 0, sizeof(*st));
 	R.o = opts ? *opts : zero;
+	R.ops = R.o.h2d_ops ? R.o.h2d_ops : &q3_h2d_cuda;
 	R.st = st;
 	defaults(&R.o);
 	err = q3_load_plan_build(ck, R.o.home, R.o.req_bytes, &R.plan, e);
@@ -984,7 +994,7 @@ int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *opts, struct q3_load 
 	if (R.h2d && !R.err) {
 		double t2 = q3_now();
 		q3_err ce;
-		if ((err = q3_h2d_finish(R.h2d, &ce)))
+		if ((err = R.ops->finish(R.h2d, &ce)))
 			fail(&R, err, "%s", ce.msg);
 		st->t_drain = q3_now() - t2;
 	}
@@ -1018,7 +1028,7 @@ out:
 			fail(&R, -ENOMEM, "out of memory");
 		} else {
 			point_tensors(&R);
-			ld->arena = R.arena, ld->ring = R.ring, ld->h2d = R.h2d;
+			ld->arena = R.arena, ld->ring = R.ring, ld->h2d = R.h2d, ld->ops = R.ops;
 			ld->arena_borrowed = R.o.arena != NULL;
 			if (R.o.io == Q3_IO_MMAP) {
 				ld->nmaps = ck->nshards;
@@ -1033,7 +1043,8 @@ out:
 			*out = ld;
 		}
 	}
-	q3_h2d_close(R.h2d, 0);
+	if (R.h2d)
+		R.ops->close(R.h2d, 0);
 	host_free(&R.ring);
 	if (!R.o.arena)
 		host_free(&R.arena);

@@ -32,6 +32,8 @@
 #include "checkpoint.h"
 #include "util.h"
 
+struct q3_h2d_ops;
+
 enum q3_home { Q3_HOME_RAM = 0, Q3_HOME_VRAM = 1 };
 
 enum q3_io_mode {
@@ -77,6 +79,9 @@ struct q3_load_opts {
 	bool no_register;	 /* no fixed buffers at all */
 	enum q3_prefault prefault;
 	bool progress;		 /* progress line on stderr when it is a terminal */
+	/* The host-to-device copy engine for VRAM homes (kernels/load_gpu.h); NULL: CUDA.  Tests
+	 * pass a fake that keeps "VRAM" in host memory. */
+	const struct q3_h2d_ops *h2d_ops;
 	/* Test hook: sees every completed read (shard, file offset, bytes asked, result: bytes or
 	 * -errno) and returns the result the loader acts on, so that tests can inject short reads,
 	 * -EAGAIN and -EIO at the completion layer.  Called one at a time (under a lock). */
