@@ -587,6 +587,9 @@ static void test_vram_homes_through_the_ring(void **state)
 	free(home);
 }
 
+/* Under gcc 12 ASan, LeakSanitizer crashes at exit after test_vram_homes_through_the_ring (its
+ * stop-the-world tracer takes a SIGSEGV, whatever LSAN_OPTIONS leave out); tests/run.sh runs this
+ * program without leak detection under ASan until that is understood. */
 int main(void)
 {
 	const struct CMUnitTest tests[] = {

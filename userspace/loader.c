@@ -879,6 +879,48 @@ static void describe(struct run *R, const char *engine)
 		 st->files_buffered, st->files_cached, R->fixed_note[0] ? R->fixed_note : "not used");
 }
 
+#if !defined(__SANITIZE_ADDRESS__) && defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define __SANITIZE_ADDRESS__ 1
+#endif
+#endif
+#ifdef __SANITIZE_ADDRESS__
+#include <dirent.h>
+/* LeakSanitizer stops the world with ptrace and crashes ("Tracer caught signal 11") on io_uring's
+ * worker threads (iou-wrk-*), which outlive io_uring_queue_exit for a moment.  In sanitizer
+ * builds only, wait (at most 2 s) until they are gone so that a leak check at exit can run. */
+static void wait_io_workers_gone(void)
+{
+	for (int tries = 0; tries < 200; tries++) {
+		DIR *d = opendir("/proc/self/task");
+		struct dirent *de;
+		bool busy = false;
+
+		if (!d)
+			return;
+		while (!busy && (de = readdir(d))) {
+			char p[64], comm[32] = "";
+			FILE *f;
+
+			snprintf(p, sizeof(p), "/proc/self/task/%.20s/comm", de->d_name);
+			f = fopen(p, "r");
+			if (f) {
+				busy = fgets(comm, sizeof(comm), f) && !strncmp(comm, "iou-", 4);
+				fclose(f);
+			}
+		}
+		closedir(d);
+		if (!busy)
+			return;
+		usleep(10000);
+	}
+}
+#else
+static void wait_io_workers_gone(void)
+{
+}
+#endif
+
 int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *opts, struct q3_load **out,
 	    struct q3_load_stats *st_out, q3_err *e)
 {
@@ -1011,8 +1053,10 @@ int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *opts, struct q3_load 
 	}
 	describe(&R, engine);
 out:
-	if (have_ring)
+	if (have_ring) {
 		io_uring_queue_exit(&ring);
+		wait_io_workers_gone();
+	}
 	close_files(&R);
 	if (!R.err) {
 		struct q3_load *ld = calloc(1, sizeof(*ld));
