@@ -282,6 +282,7 @@ static void usage(FILE *f)
 		"usage: qwen3d mkmodel --preset tiny|80b-a3b --out DIR [options]\n"
 		"  --layers N          layers (default: the preset's; 80b-a3b has 48)\n"
 		"  --experts N         routed experts per layer (80b-a3b: 512)\n"
+		"  --vocab N           vocabulary size (151936 for the real tokenizer)\n"
 		"  --experts-bits B    4 or 8 (default 4)\n"
 		"  --dense F           q4, q8 or bf16: the other projections (default bf16)\n"
 		"  --group-size G      GPTQ group size (default 128)\n"
@@ -307,7 +308,7 @@ int cmd_mkmodel(int argc, char **argv)
 		{ "shard-size", required_argument, 0, 'S' }, { "threads", required_argument, 0, 't' },
 		{ "no-direct", no_argument, 0, 'D' },	   { "force", no_argument, 0, 'f' },
 		{ "dry-run", no_argument, 0, 'n' },	   { "quiet", no_argument, 0, 'q' },
-		{ "help", no_argument, 0, 'h' },	   { 0 }
+		{ "vocab", required_argument, 0, 'V' },   { "help", no_argument, 0, 'h' }, { 0 }
 	};
 	struct q3_synth_opts o = { .expert_bits = 4, .dense_bits = 16, .group_size = 128, .g_idx = true,
 				   .seed = 1, .shard_size = 5000000000ull };
@@ -324,6 +325,7 @@ int cmd_mkmodel(int argc, char **argv)
 		case 'p': o.preset = optarg; break;
 		case 'o': out = optarg; break;
 		case 'L': o.layers = (int)strtol(optarg, &end, 10); if (*end || o.layers < 1) goto bad; break;
+		case 'V': o.vocab = (int)strtol(optarg, &end, 10); if (*end) goto bad; break;
 		case 'E': o.experts = (int)strtol(optarg, &end, 10); if (*end || o.experts < 1) goto bad; break;
 		case 'b': o.expert_bits = (int)strtol(optarg, &end, 10); if (*end) goto bad; break;
 		case 'd':

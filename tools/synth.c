@@ -606,6 +606,10 @@ int q3_synth_plan(const struct q3_synth_opts *o, struct q3_synth *s, q3_err *e)
 		s->arch.layers = o->layers;
 	if (o->experts)
 		s->arch.experts = o->experts;
+	if (o->vocab)
+		s->arch.vocab = o->vocab;
+	if (s->arch.vocab < 256 || s->arch.vocab > 1 << 20)
+		return q3_errf(e, -EINVAL, "--vocab %d: expected 256..1048576", s->arch.vocab);
 	if (s->arch.layers < 1 || s->arch.layers > 1024)
 		return q3_errf(e, -EINVAL, "--layers %d: expected 1..1024", s->arch.layers);
 	if (s->arch.experts < s->arch.top_k || s->arch.experts > 4096)

@@ -41,6 +41,7 @@ struct q3_synth_opts {
 	const char *preset;	/* "tiny", "80b-a3b" */
 	int layers;		/* 0 = the preset's */
 	int experts;		/* 0 = the preset's */
+	int vocab;		/* 0 = the preset's (151936: the real tokenizer's ids all fit) */
 	int expert_bits;	/* 4 or 8 */
 	int dense_bits;		/* 4, 8, or 16 (BF16) for the other quantizable Linears */
 	int group_size;		/* GPTQ group size (input channels) */
