@@ -45,7 +45,7 @@ static void test_a_full_chat_request_is_read_with_every_parameter(void **st)
 			   "\"temperature\":0.5,\"top_p\":0.9,\"top_k\":-1,\"min_p\":0.1,\"presence_penalty\":1,"
 			   "\"frequency_penalty\":-0.5,\"max_completion_tokens\":33,\"stop\":[\"a\",\"bc\"],"
 			   "\"seed\":-7,\"stream\":true,\"stream_options\":{\"include_usage\":true},\"n\":1,"
-			   "\"user\":\"u\",\"logprobs\":false,\"unknown_key\":[1]}";
+			   "\"user\":\"u\",\"logprobs\":false,\"unknown_key\":[1],\"logit_bias\":{\"7\":-100,\"9\":2.5}}";
 	assert_int_equal(parse(Q3_API_CHAT, body, &r, &err), 0);
 	assert_string_equal(r.model, "m");
 	assert_true(r.stream && r.include_usage);
@@ -59,6 +59,9 @@ static void test_a_full_chat_request_is_read_with_every_parameter(void **st)
 	assert_int_equal((int64_t)r.samp.seed, -7);
 	assert_int_equal(r.max_tokens, 33);
 	assert_int_equal(r.nstop, 2);
+	assert_int_equal(r.samp.nbias, 2);
+	assert_int_equal(r.samp.bias[1].id, 9);
+	assert_float_equal(r.samp.bias[1].bias, 2.5, 1e-6);
 	assert_string_equal(r.stop[1], "bc");
 	assert_false(r.tools);
 	char *chat = json_dumps(r.chat, JSON_COMPACT);
@@ -105,6 +108,10 @@ static void test_wrong_types_and_ranges_name_the_parameter(void **st)
 		{ "\"seed\":\"1\"", "seed", "expected an integer" },
 		{ "\"presence_penalty\":-3", "presence_penalty", "outside" },
 		{ "\"logprobs\":true", "logprobs", "not supported" },
+		{ "\"logit_bias\":[1]", "logit_bias", "expected an object" },
+		{ "\"logit_bias\":{\"x\":1}", "logit_bias", "not a token id" },
+		{ "\"logit_bias\":{\"1000\":1}", "logit_bias", "not a token id" },
+		{ "\"logit_bias\":{\"5\":101}", "logit_bias", "[-100, 100]" },
 		{ "\"model\":5", "model", "expected a string" },
 		{ "\"response_format\":{\"type\":\"json_object\"}", "response_format", "not supported" },
 		{ "\"tool_choice\":\"auto\"", "tool_choice", "only allowed when 'tools'" },

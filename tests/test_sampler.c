@@ -274,6 +274,23 @@ static void test_penalties_count_only_accepted_tokens(void **st)
 	q3_sampler_free(&S);
 }
 
+static void test_logit_bias_is_added_before_everything(void **st)
+{
+	float x[4] = { 1, 2, 3, 4 };
+	struct q3_logit_bias b[] = { { 0, 10.0f }, { 3, -100.0f }, { 9, 50.0f } }; /* 9: ignored */
+	struct q3_sampling p;
+	init(4);
+	q3_sampling_default(&p);
+	p.temperature = 0;
+	p.bias = b;
+	p.nbias = 3;
+	assert_int_equal(sample_with(x, 4, &p, 0), 0);
+	p.nbias = 2;
+	p.bias = b + 1; /* only the -100 on id 3 */
+	assert_int_equal(sample_with(x, 4, &p, 0), 2);
+	q3_sampler_free(&S);
+}
+
 static void test_same_seed_same_tokens_other_seed_other_tokens(void **st)
 {
 	enum { V = 2000, N = 32 };
@@ -314,6 +331,7 @@ int main(void)
 		cmocka_unit_test(test_filters_keep_only_what_they_promise),
 		cmocka_unit_test(test_temperature_sharpens_and_flattens),
 		cmocka_unit_test(test_penalties_count_only_accepted_tokens),
+		cmocka_unit_test(test_logit_bias_is_added_before_everything),
 		cmocka_unit_test(test_same_seed_same_tokens_other_seed_other_tokens),
 		cmocka_unit_test(test_init_rejects_an_empty_vocabulary),
 	};

@@ -121,7 +121,39 @@ static int unsupported(struct q3_api_error *err, const char *param, const char *
 
 /* ---- sampling, limits and stop strings: the keys both endpoints share ---------------------- */
 
-static int parse_common(json_t *root, struct q3_api_req *r, struct q3_api_error *err)
+/* "logit_bias": {"token id": bias in [-100, 100], ...} */
+static int parse_bias(json_t *root, int vocab, struct q3_api_req *r, struct q3_api_error *err)
+{
+	json_t *v = opt(root, "logit_bias"), *b;
+	const char *key;
+
+	if (!v)
+		return 0;
+	if (!json_is_object(v))
+		return wrong_type(err, "logit_bias", "an object", v);
+	if (json_object_size(v) > Q3_API_MAX_BIAS)
+		return q3_api_errorf(err, BAD, INVALID, "logit_bias", "invalid_value",
+				     "Invalid 'logit_bias': at most %d entries.", Q3_API_MAX_BIAS);
+	if (!(r->bias = malloc(Q3_MAX(json_object_size(v), 1) * sizeof(*r->bias))))
+		return q3_api_errorf(err, 500, "server_error", NULL, NULL, "Out of memory.");
+	json_object_foreach(v, key, b) {
+		char *end;
+		long id = strtol(key, &end, 10);
+		if (!*key || *end || id < 0 || id >= vocab)
+			return q3_api_errorf(err, BAD, INVALID, "logit_bias", "invalid_value",
+					     "Invalid 'logit_bias': key '%.32s' is not a token id in [0, %d).", key,
+					     vocab);
+		if (!json_is_number(b) || json_number_value(b) < -100 || json_number_value(b) > 100)
+			return q3_api_errorf(err, BAD, INVALID, "logit_bias", "invalid_value",
+					     "Invalid 'logit_bias': the bias of '%.32s' must be a number in [-100, 100].",
+					     key);
+		r->bias[r->samp.nbias++] = (struct q3_logit_bias){ (int32_t)id, (float)json_number_value(b) };
+	}
+	r->samp.bias = r->bias;
+	return 0;
+}
+
+static int parse_common(json_t *root, int vocab, struct q3_api_req *r, struct q3_api_error *err)
 {
 	json_int_t x;
 	bool given;
@@ -147,6 +179,8 @@ static int parse_common(json_t *root, struct q3_api_req *r, struct q3_api_error 
 	    (rc = get_num(root, "min_p", 0, 1, &r->samp.min_p, err)) ||
 	    (rc = get_num(root, "presence_penalty", -2, 2, &r->samp.presence_penalty, err)) ||
 	    (rc = get_num(root, "frequency_penalty", -2, 2, &r->samp.frequency_penalty, err)))
+		return rc;
+	if ((rc = parse_bias(root, vocab, r, err)))
 		return rc;
 	if (r->samp.top_p <= 0)
 		return q3_api_errorf(err, BAD, INVALID, "top_p", "invalid_value",
@@ -502,6 +536,8 @@ int q3_api_parse(enum q3_api_kind kind, const char *body, size_t len, const stru
 	memset(r, 0, sizeof(*r));
 	r->kind = kind;
 	r->samp = *defaults;
+	r->samp.bias = NULL;
+	r->samp.nbias = 0;
 	r->root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
 	if (!r->root)
 		return q3_api_errorf(err, BAD, INVALID, NULL, "invalid_json",
@@ -512,7 +548,7 @@ int q3_api_parse(enum q3_api_kind kind, const char *body, size_t len, const stru
 				   "The request body must be a JSON object, not %s.", type_name(r->root));
 		goto fail;
 	}
-	if ((rc = parse_common(r->root, r, err)))
+	if ((rc = parse_common(r->root, vocab, r, err)))
 		goto fail;
 	rc = kind == Q3_API_CHAT ? parse_chat(r->root, r, err) : parse_completion(r->root, vocab, r, err);
 	if (rc)
@@ -528,5 +564,6 @@ void q3_api_req_free(struct q3_api_req *r)
 	json_decref(r->chat);
 	json_decref(r->root);
 	free(r->prompt_ids);
+	free(r->bias);
 	memset(r, 0, sizeof(*r));
 }

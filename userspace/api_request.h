@@ -24,6 +24,7 @@ enum q3_tool_choice { Q3_TOOLS_AUTO, Q3_TOOLS_NONE, Q3_TOOLS_REQUIRED, Q3_TOOLS_
 
 #define Q3_API_MAX_STOP 4
 #define Q3_API_MAX_STOP_LEN 256 /* bytes per stop string */
+#define Q3_API_MAX_BIAS 1024	/* logit_bias entries */
 
 struct q3_api_error {
 	int status;	  /* HTTP status */
@@ -52,8 +53,9 @@ struct q3_api_req {
 	int32_t *prompt_ids; /* malloc'ed, or NULL */
 	int nprompt_ids;
 
-	struct q3_sampling samp;
+	struct q3_sampling samp; /* samp.bias points into bias below */
 	bool has_seed;
+	struct q3_logit_bias *bias; /* logit_bias, malloc'ed, or NULL */
 	int max_tokens; /* 0: not given (up to the context) */
 	const char *stop[Q3_API_MAX_STOP];
 	int nstop;

@@ -164,6 +164,9 @@ int32_t q3_sampler_sample(struct q3_sampler *s, float *logits)
 	const struct q3_sampling *p = &s->p;
 	const int V = s->vocab;
 
+	for (int i = 0; i < p->nbias; i++)
+		if (p->bias[i].id >= 0 && p->bias[i].id < V)
+			logits[p->bias[i].id] += p->bias[i].bias;
 	for (int i = 0; i < s->nseen; i++) {
 		int32_t t = s->seen[i];
 		logits[t] -= p->presence_penalty + p->frequency_penalty * (float)s->count[t];

@@ -1,6 +1,7 @@
 /* sampler.h - turns one row of logits into the next token id: the plain C reference sampler.
  *
  * The steps, in this order (the order of Hugging Face's logits processors and warpers):
+ *   0. bias       logit[t] += bias[t] for the request's logit_bias entries;
  *   1. penalties  logit[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t],
  *                 count[t] = how often t occurs in the tokens generated so far by this request
  *                 (OpenAI's definition; the prompt does not count);
@@ -28,6 +29,11 @@
 
 #include "util.h"
 
+struct q3_logit_bias {
+	int32_t id;
+	float bias;
+};
+
 struct q3_sampling {
 	float temperature;	 /* >= 0; 0 = greedy */
 	float top_p;		 /* (0, 1]; 1 = off */
@@ -36,6 +42,9 @@ struct q3_sampling {
 	float presence_penalty;	 /* [-2, 2] */
 	float frequency_penalty; /* [-2, 2] */
 	uint64_t seed;
+	const struct q3_logit_bias *bias; /* [nbias], owned by the caller; ids outside the vocabulary
+					     are ignored */
+	int nbias;
 };
 
 /* Defaults: greedy off (temperature 1), every filter off, no penalties, seed 0. */
