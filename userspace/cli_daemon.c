@@ -27,14 +27,14 @@
 
 #define NOT_RUNNING 3 /* LSB: program is not running */
 
-static void usage(const char *cmd)
+static void usage(FILE *f, const char *cmd)
 {
-	fprintf(stderr, "usage: qwen3d %s [--config FILE] [--run-dir DIR]%s\n", cmd,
+	fprintf(f, "usage: qwen3d %s [--config FILE] [--run-dir DIR]%s\n", cmd,
 		!strcmp(cmd, "start") ? " [--model DIR] [--foreground] [--backend cpu|cuda|auto] [--host H]\n"
 					"                    [--port P] [--api-key K] [--SETTING VALUE ...]" : "");
 	if (strcmp(cmd, "start"))
 		return;
-	fprintf(stderr, "\nsettings (flag > sysfs knob > config file > default):\n");
+	fprintf(f, "\nsettings (flag > sysfs knob > config file > default):\n");
 	for (int id = 0; id < Q3_SET_COUNT; id++) {
 		const struct q3_set_def *d = &q3_set_defs[id];
 		char flag[64];
@@ -42,12 +42,13 @@ static void usage(const char *cmd)
 		for (char *p = flag + 2; *p; p++)
 			if (*p == '_')
 				*p = '-';
-		fprintf(stderr, "  %-20s %s%s%s%s%s\n", flag, d->help, *d->def ? " [" : "", d->def, *d->def ? "]" : "",
+		fprintf(f, "  %-20s %s%s%s%s%s\n", flag, d->help, *d->def ? " [" : "", d->def, *d->def ? "]" : "",
 			d->reloadable ? " (SIGHUP)" : "");
 	}
 }
 
-/* Parses settings flags (and --foreground for start); returns 0, or 2 after printing usage. */
+/* Parses settings flags (and --foreground for start); returns 0, 2 after printing usage for a bad
+ * argument, or -1 after printing it for --help. */
 static int parse_args(int argc, char **argv, struct q3_set_flags *f, bool *foreground)
 {
 	q3_err e;
@@ -64,9 +65,12 @@ static int parse_args(int argc, char **argv, struct q3_set_flags *f, bool *foreg
 			i++;
 			continue;
 		}
-		if (strcmp(argv[i], "--help") && strcmp(argv[i], "-h"))
-			fprintf(stderr, "qwen3d %s: unknown argument '%s'\n", argv[0], argv[i]);
-		usage(argv[0]);
+		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+			usage(stdout, argv[0]);
+			return -1;
+		}
+		fprintf(stderr, "qwen3d %s: unknown argument '%s'\n", argv[0], argv[i]);
+		usage(stderr, argv[0]);
 		return 2;
 	}
 	return 0;
@@ -172,7 +176,7 @@ int cmd_start(int argc, char **argv)
 	q3_err e;
 
 	if ((rc = parse_args(argc, argv, &f, &fg)))
-		return rc;
+		return rc < 0 ? 0 : rc;
 	if ((rc = load_settings("start", &f, &s)))
 		return rc;
 	const char *model = q3_set_str(&s, Q3_SET_MODEL);
@@ -280,7 +284,9 @@ int cmd_stop(int argc, char **argv)
 	struct q3_settings s;
 	int rc, pid, fd;
 
-	if ((rc = parse_args(argc, argv, &f, NULL)) || (rc = load_settings("stop", &f, &s)))
+	if ((rc = parse_args(argc, argv, &f, NULL)))
+		return rc < 0 ? 0 : rc;
+	if ((rc = load_settings("stop", &f, &s)))
 		return rc;
 	fd = open_pidfile(&s, false, &pid);
 	if (fd < 0 || !locked_by_other(fd) || pid <= 0) {
@@ -339,7 +345,9 @@ int cmd_status(int argc, char **argv)
 	uint64_t mem[6];
 	int rc, pid, fd;
 
-	if ((rc = parse_args(argc, argv, &f, NULL)) || (rc = load_settings("status", &f, &s)))
+	if ((rc = parse_args(argc, argv, &f, NULL)))
+		return rc < 0 ? 0 : rc;
+	if ((rc = load_settings("status", &f, &s)))
 		return rc;
 	fd = open_pidfile(&s, false, &pid);
 	if (fd < 0 || !locked_by_other(fd)) {

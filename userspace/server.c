@@ -527,6 +527,15 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	}
 	if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && r->status == 200)
 		r->status = 499;
+	if (r->job) { /* one line per generation: the access log */
+		pthread_mutex_lock(&r->job->mu);
+		int cached = r->job->cached, ntok = r->job->ntokens;
+		pthread_mutex_unlock(&r->job->mu);
+		q3_info("%s %d %.3fs prompt %d (cached %d) completion %d%s", r->ep == Q3_EP_CHAT ? "chat" : "completion",
+			r->status, q3_now() - r->t0, r->nprompt, cached, ntok, r->api.stream ? " stream" : "");
+	}
+	else if (r->status >= 400)
+		q3_info("%s %d", r->ep == Q3_EP_OTHER ? "?" : r->ep == Q3_EP_CHAT ? "chat" : r->ep == Q3_EP_COMPLETIONS ? "completion" : "get", r->status);
 	if (s->o.metrics)
 		q3_metrics_request(s->o.metrics, r->ep, r->status);
 	if (r->tools)

@@ -12,6 +12,7 @@
 #include "engine.h"
 #include "metrics.h"
 #include "snapcache.h"
+#include "stopstr.h"
 #include "tokenizer.h"
 
 #define RLX memory_order_relaxed
@@ -112,8 +113,7 @@ struct slot {
 	int nids;
 	bool decoding; /* prompt done; `next` waits to be fed */
 	int32_t next;
-	char *hold; /* text that may be the start of a stop string */
-	size_t nhold, holdcap;
+	struct q3_stopstr stops;
 };
 
 struct q3_worker {
@@ -170,61 +170,16 @@ static void job_append(struct q3_job *j, const char *text, size_t n)
 	pthread_mutex_unlock(&j->mu);
 }
 
-static int hold_add(struct slot *sl, const char *text, size_t n)
-{
-	if (sl->nhold + n > sl->holdcap) {
-		size_t cap = Q3_MAX(sl->holdcap * 2, sl->nhold + n);
-		char *h = realloc(sl->hold, cap);
-		if (!h)
-			return -ENOMEM;
-		sl->hold = h;
-		sl->holdcap = cap;
-	}
-	memcpy(sl->hold + sl->nhold, text, n);
-	sl->nhold += n;
-	return 0;
-}
-
-/* Feeds decoded text through the stop strings: emits what can no longer be part of a stop string
- * and keeps the rest.  Returns true when a stop string was found (the text before it emitted). */
+/* Feeds decoded text through the stop strings and appends what is certain to the job.  Returns
+ * true when a stop string was found. */
 static bool emit_text(struct slot *sl, const char *text, size_t n, bool final)
 {
-	struct q3_job *j = sl->job;
+	const char *out;
+	size_t nout;
+	bool stop = q3_stopstr_feed(&sl->stops, text, n, final, &out, &nout);
 
-	if (j->nstop == 0) {
-		job_append(j, text, n);
-		return false;
-	}
-	if (hold_add(sl, text, n)) {
-		job_append(j, sl->hold, sl->nhold); /* out of memory: give up holding back */
-		job_append(j, text, n);
-		sl->nhold = 0;
-		return false;
-	}
-	size_t cut = sl->nhold; /* earliest stop string start */
-	for (int i = 0; i < j->nstop; i++) {
-		const char *p = memmem(sl->hold, sl->nhold, j->stop[i], strlen(j->stop[i]));
-		if (p && (size_t)(p - sl->hold) < cut)
-			cut = (size_t)(p - sl->hold);
-	}
-	if (cut < sl->nhold) {
-		job_append(j, sl->hold, cut);
-		sl->nhold = 0;
-		return true;
-	}
-	size_t keep = 0; /* longest tail that begins a stop string */
-	for (int i = 0; i < j->nstop && !final; i++) {
-		size_t ls = strlen(j->stop[i]);
-		for (size_t k = Q3_MIN(ls - 1, sl->nhold); k > keep; k--)
-			if (!memcmp(sl->hold + sl->nhold - k, j->stop[i], k)) {
-				keep = k;
-				break;
-			}
-	}
-	job_append(j, sl->hold, sl->nhold - keep);
-	memmove(sl->hold, sl->hold + sl->nhold - keep, keep);
-	sl->nhold = keep;
-	return false;
+	job_append(sl->job, out, nout);
+	return stop;
 }
 
 /* ---- sessions and saved states ------------------------------------------------------------- */
@@ -273,14 +228,9 @@ static void finish(struct q3_worker *w, struct slot *sl, enum q3_finish why, con
 	const char *text;
 	size_t n;
 
-	if (why != Q3_FINISH_ERROR && why != Q3_FINISH_CANCELLED) {
-		q3_tok_stream_flush(&sl->ts, &text, &n); /* an incomplete character becomes U+FFFD */
-		if (!emit_text(sl, text, n, true))
-			emit_text(sl, "", 0, true);
-	} else {
-		q3_tok_stream_flush(&sl->ts, &text, &n);
-	}
-	sl->nhold = 0;
+	q3_tok_stream_flush(&sl->ts, &text, &n); /* an incomplete character becomes U+FFFD */
+	if (why != Q3_FINISH_ERROR && why != Q3_FINISH_CANCELLED)
+		emit_text(sl, text, n, true);
 	if (why == Q3_FINISH_ERROR)
 		q3_session_reset(sl->s); /* state unknown: never save it */
 	else
@@ -320,7 +270,7 @@ static void admit(struct q3_worker *w, struct slot *sl, struct q3_job *j)
 	sl->job = j;
 	sl->seq = ++w->seq;
 	sl->decoding = false;
-	sl->nhold = 0;
+	q3_stopstr_reset(&sl->stops, j->stop, j->nstop);
 	w->nactive++;
 	if (w->o.metrics) {
 		atomic_fetch_sub(&w->o.metrics->queued, 1);
@@ -339,7 +289,9 @@ static void admit(struct q3_worker *w, struct slot *sl, struct q3_job *j)
 	snap = q3_snapcache_lookup(&w->cache, j->prompt, j->nprompt, j->nprompt - 1);
 	if (snap && q3_session_copy(sl->s, snap->state, &e) == 0) {
 		sl->nids = snap->n;
+		pthread_mutex_lock(&j->mu);
 		j->cached = snap->n;
+		pthread_mutex_unlock(&j->mu);
 	} else if (snap) {
 		q3_warn("saved states: restore failed: %s", e.msg);
 		q3_session_reset(sl->s);
@@ -571,7 +523,7 @@ static void worker_free_mem(struct q3_worker *w)
 		if (sl->ts.tok)
 			q3_tok_stream_free(&sl->ts);
 		free(sl->ids);
-		free(sl->hold);
+		q3_stopstr_free(&sl->stops);
 	}
 	free(w->slots);
 	q3_snapcache_free(&w->cache, free_session, NULL);
@@ -615,8 +567,7 @@ int q3_worker_start(const struct q3_worker_opts *o, struct q3_worker **out, q3_e
 		if ((rc = q3_session_new(o->eng, &sl->s, e)) || (rc = q3_sampler_init(&sl->smp, w->V, e)) ||
 		    (rc = q3_tok_stream_init(&sl->ts, o->tok, Q3_TOK_SKIP_SPECIAL, e)))
 			goto fail;
-		sl->holdcap = 2 * Q3_API_MAX_STOP_LEN;
-		if (!(sl->ids = malloc(w->max_ctx * sizeof(*sl->ids))) || !(sl->hold = malloc(sl->holdcap))) {
+		if (!(sl->ids = malloc(w->max_ctx * sizeof(*sl->ids))) || q3_stopstr_init(&sl->stops)) {
 			rc = q3_errf(e, -ENOMEM, "worker: out of memory for slot %d", i);
 			goto fail;
 		}
