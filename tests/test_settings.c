@@ -49,7 +49,7 @@ static void test_each_source_overrides_the_weaker_ones(void **st)
 	struct q3_settings s;
 	struct q3_set_flags f = { 0 };
 	q3_err e;
-	const char *knobs[] = { "queue_depth", "64", "read_chunk", "16MiB", NULL };
+	const char *knobs[] = { "queue_depth", "64", "read_chunk_kb", "16MiB", NULL };
 
 	write_config("{\"port\": 9000, \"queue_depth\": 8, \"read_chunk\": \"1MiB\", \"max_batch\": 4,"
 		     " \"host\": \"0.0.0.0\"}");
@@ -119,9 +119,9 @@ static void test_bad_values_name_their_source_and_key(void **st)
 	assert_non_null(strstr(e.msg, "port"));
 
 	f.val[Q3_SET_PORT] = NULL;
-	const char *knobs[] = { "read_chunk", "lots", NULL };
+	const char *knobs[] = { "read_chunk_kb", "lots", NULL };
 	assert_int_equal(q3_settings_load(&s, &f, table_knob, knobs, &e), -EINVAL);
-	assert_non_null(strstr(e.msg, "knob /sys/test/read_chunk: read_chunk: 'lots' is not a size"));
+	assert_non_null(strstr(e.msg, "knob /sys/test/read_chunk_kb: read_chunk: 'lots' is not a size"));
 
 	write_config("{\"prot\": 80}");
 	f.config = cfg_path;

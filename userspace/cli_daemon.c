@@ -79,7 +79,7 @@ static int parse_args(int argc, char **argv, struct q3_set_flags *f, bool *foreg
 static int load_settings(const char *cmd, const struct q3_set_flags *f, struct q3_settings *s)
 {
 	q3_err e;
-	if (q3_settings_load(s, f, q3_settings_sysfs_knob, NULL, &e)) {
+	if (q3_settings_load_system(s, f, &e)) {
 		fprintf(stderr, "qwen3d %s: %s\n", cmd, e.msg);
 		return 1;
 	}

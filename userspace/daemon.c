@@ -139,7 +139,7 @@ static void reload(struct daemon *d)
 	struct q3_server_limits lim;
 	q3_err e;
 
-	if (q3_settings_load(&ns, d->flags, q3_settings_sysfs_knob, NULL, &e)) {
+	if (q3_settings_load_system(&ns, d->flags, &e)) {
 		q3_warn("SIGHUP: settings not reloaded: %s", e.msg);
 		return;
 	}

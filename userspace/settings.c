@@ -35,15 +35,15 @@ const struct q3_set_def q3_set_defs[Q3_SET_COUNT] = {
 			     "tokens per conversation (prompt + completion)" },
 	[Q3_SET_MAX_BATCH] = { "max_batch", Q3_SET_INT, "16", NULL, 1, 256, false, false,
 			       "requests decoded together in one step" },
-	[Q3_SET_VRAM_BUDGET] = { "vram_budget", Q3_SET_SIZE, "0", "vram_budget", 0, INT64_MAX, false, false,
+	[Q3_SET_VRAM_BUDGET] = { "vram_budget", Q3_SET_SIZE, "0", "vram_budget_mb", 0, INT64_MAX, false, false,
 				 "VRAM the weights may use (0: automatic)" },
-	[Q3_SET_READ_CHUNK] = { "read_chunk", Q3_SET_SIZE, "8MiB", "read_chunk", 4 * KIB, 1 * GIB, false,
+	[Q3_SET_READ_CHUNK] = { "read_chunk", Q3_SET_SIZE, "8MiB", "read_chunk_kb", 4 * KIB, 1 * GIB, false,
 				false, "size of one checkpoint read" },
 	[Q3_SET_QUEUE_DEPTH] = { "queue_depth", Q3_SET_INT, "32", "queue_depth", 1, 4096, false, false,
 				 "checkpoint reads in flight" },
-	[Q3_SET_EXPERT_CACHE] = { "expert_cache", Q3_SET_STR, "lru", "expert_cache", 0, 0, false, false,
-				  "VRAM expert cache policy" },
-	[Q3_SET_EXPERT_THREADS] = { "expert_threads", Q3_SET_INT, "0", "expert_threads", 0, 4096, false,
+	[Q3_SET_EXPERT_CACHE] = { "expert_cache", Q3_SET_STR, "lru", "expert_cache_policy", 0, 0, false,
+				  false, "VRAM expert cache policy: lru, lfu or static" },
+	[Q3_SET_EXPERT_THREADS] = { "expert_threads", Q3_SET_INT, "0", "cpu_expert_threads", 0, 4096, false,
 				    false, "CPU threads for experts kept in RAM (0: automatic)" },
 	[Q3_SET_CACHE_SIZE] = { "cache_size", Q3_SET_SIZE, "1GiB", NULL, 0, INT64_MAX, false, false,
 				"memory for saved conversation states (0: no reuse across requests)" },
@@ -276,19 +276,37 @@ char *q3_settings_json(const struct q3_settings *s)
 
 int q3_settings_sysfs_knob(void *ctx, const char *name, char *buf, size_t n, char *origin, size_t on)
 {
-	const char *dir = getenv("QWEN3D_SYSFS");
-	char path[512];
-	FILE *f;
+	const struct q3_sysfs_knobs *sk = ctx;
+	const struct q3_knobs *k = &sk->k;
 
-	snprintf(path, sizeof(path), "%s/%s", dir && *dir ? dir : "/sys/module/qwen3mm/parameters", name);
-	if (!(f = fopen(path, "re")))
+	if (!strcmp(name, "read_chunk_kb") && (k->present & Q3_KNOB_READ_CHUNK_KB))
+		snprintf(buf, n, "%uKiB", k->read_chunk_kb);
+	else if (!strcmp(name, "queue_depth") && (k->present & Q3_KNOB_QUEUE_DEPTH))
+		snprintf(buf, n, "%u", k->queue_depth);
+	else if (!strcmp(name, "vram_budget_mb") && (k->present & Q3_KNOB_VRAM_BUDGET_MB))
+		snprintf(buf, n, "%uMiB", k->vram_budget_mb);
+	else if (!strcmp(name, "expert_cache_policy") && (k->present & Q3_KNOB_EXPERT_CACHE_POLICY))
+		snprintf(buf, n, "%s", q3_cache_policy_name(k->expert_cache_policy));
+	else if (!strcmp(name, "cpu_expert_threads") && (k->present & Q3_KNOB_CPU_EXPERT_THREADS))
+		snprintf(buf, n, "%u", k->cpu_expert_threads);
+	else
 		return -ENOENT;
-	if (!fgets(buf, (int)n, f)) {
-		fclose(f);
-		return -ENOENT;
-	}
-	fclose(f);
-	buf[strcspn(buf, "\n")] = 0;
-	snprintf(origin, on, "%s", path);
+	snprintf(origin, on, "%s/%s", sk->dir, name);
 	return 0;
+}
+
+int q3_settings_read_knobs(struct q3_sysfs_knobs *sk, q3_err *e)
+{
+	const char *dir = getenv("QWEN3D_KNOBS_DIR");
+
+	snprintf(sk->dir, sizeof(sk->dir), "%s", dir && *dir ? dir : Q3_KNOBS_DIR);
+	return q3_knobs_read(sk->dir, &sk->k, e);
+}
+
+int q3_settings_load_system(struct q3_settings *s, const struct q3_set_flags *f, q3_err *e)
+{
+	struct q3_sysfs_knobs sk;
+	int rc = q3_settings_read_knobs(&sk, e);
+
+	return rc ? rc : q3_settings_load(s, f, q3_settings_sysfs_knob, &sk, e);
 }

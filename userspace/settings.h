@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "knobs.h"
 #include "util.h"
 
 enum q3_set_id {
@@ -117,5 +118,15 @@ int q3_settings_find(const char *name);
  * "origin": "...", "reloadable": bool}} (secrets shown as "(set)"), malloc'ed; NULL on ENOMEM. */
 char *q3_settings_json(const struct q3_settings *s);
 
-/* The knob reader the daemon uses: files under $QWEN3D_SYSFS or /sys/module/qwen3mm/parameters. */
+/* The qwen3mm knobs (knobs.h), read once: from $QWEN3D_KNOBS_DIR if set, else Q3_KNOBS_DIR. */
+struct q3_sysfs_knobs {
+	struct q3_knobs k;
+	char dir[256];
+};
+/* Reads them; a missing module is no error (no knob present), a garbage value is (-EINVAL). */
+int q3_settings_read_knobs(struct q3_sysfs_knobs *sk, q3_err *e);
+/* The knob reader the daemon passes to q3_settings_load, ctx a struct q3_sysfs_knobs: the
+ * settings' values in their units ("8192KiB", "lfu"), origin the sysfs file. */
 int q3_settings_sysfs_knob(void *ctx, const char *name, char *buf, size_t n, char *origin, size_t on);
+/* q3_settings_load with this machine's knobs: what the daemon and its commands use. */
+int q3_settings_load_system(struct q3_settings *s, const struct q3_set_flags *f, q3_err *e);

@@ -73,13 +73,15 @@ start_server() { # run-dir-name, extra args...  (sets BASE, RUN)
 # ---- the suite, run against binary $Q ------------------------------------------------------------
 suite() {
 	# lifecycle ------------------------------------------------------------------------------------
-	start_server run1 --conn-timeout 3 --request-timeout 3 --config "$WORK/config.json"
+	start_server run1 --conn-timeout 3 --request-timeout 3 --config "$WORK/config.json" --queue-depth 8
 	check lifecycle/start-reports-ready grep -q "serving model on $BASE" "$WORK/start.out"
 	"$Q" status --run-dir "$RUN" >"$WORK/status" 2>&1
 	check lifecycle/status-shows-pid-model-settings \
 		grep -q "running, pid $(cat "$RUN/qwen3d.pid")" "$WORK/status"
 	check lifecycle/status-names-sources grep -qE "^  port +$PORT +--port" "$WORK/status"
 	check lifecycle/status-config-source grep -qE "^  max_body +.*config $WORK/config.json" "$WORK/status"
+	check lifecycle/status-knob-source grep -qE "^  expert_cache +lfu +knob $WORK/knobs/expert_cache_policy" "$WORK/status"
+	check lifecycle/flag-beats-knob grep -qE "^  queue_depth +8 +--queue_depth" "$WORK/status"
 	check lifecycle/status-hides-key bash -c "! grep -q $KEY '$WORK/status'"
 	out=$("$Q" start --model "$WORK/model" --run-dir "$RUN" --port "$(free_port)" 2>&1)
 	check lifecycle/second-instance-refused bash -c "[[ '$out' == *'already running'* ]]"
@@ -319,6 +321,9 @@ EOF
 
 make_model
 echo '{"max_body": "256KiB"}' >"$WORK/config.json"
+# stand-in qwen3mm knobs (the module's sysfs files)
+mkdir -p "$WORK/knobs" && echo 64 >"$WORK/knobs/queue_depth" && echo 'lru [lfu] static' >"$WORK/knobs/expert_cache_policy"
+export QWEN3D_KNOBS_DIR=$WORK/knobs
 
 # the Node client, installed at test time
 if command -v node >/dev/null && command -v npm >/dev/null; then

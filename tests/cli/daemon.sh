@@ -22,6 +22,10 @@ expect() { # name want-exit want-text command...
 	fi
 }
 export QWEN3D_CONFIG=$T/none.json # no /etc/qwen3d/config.json of this machine
+export QWEN3D_KNOBS_DIR=$T/knobs   # nor its qwen3mm knobs
+mkdir -p "$T/knobs" && echo 3000 >"$T/knobs/read_chunk_kb"
+expect bad-knob 1 "read_chunk_kb: '3000' is not a power of two" "$Q" status --run-dir "$T/r"
+rm "$T/knobs/read_chunk_kb"
 echo '{}' >"$T/none.json"
 expect no-model 1 "no model" "$Q" start --run-dir "$T/r"
 expect missing-model 1 "No such file" "$Q" start --model "$T/missing" --run-dir "$T/r"
