@@ -51,7 +51,7 @@ struct req {
 
 	char *body; /* the upload */
 	size_t len, cap;
-	bool too_big, too_slow;
+	bool too_big;
 
 	/* generation */
 	struct q3_api_req api;
@@ -490,13 +490,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return MHD_YES;
 	}
 	if (*upload_size) {
-		if (q3_now() - r->t0 > r->lim.request_timeout)
-			r->too_slow = true;
-		else if (r->too_big || r->len + *upload_size > r->lim.max_body)
-			r->too_big = true;
-		else if (q3_api_buf_add(&r->body, &r->len, &r->cap, upload, *upload_size))
-			return MHD_NO;
+		size_t n = *upload_size;
 		*upload_size = 0;
+		if (r->status) /* answered already: the rest of the body is discarded */
+			return MHD_YES;
+		if (q3_now() - r->t0 > r->lim.request_timeout) {
+			/* libmicrohttpd cannot answer before the body is complete, and this client may
+			 * never complete it: drop the connection (counted as a 408) */
+			r->status = 408;
+			return MHD_NO;
+		}
+		if (r->too_big || r->len + n > r->lim.max_body)
+			r->too_big = true;
+		else if (q3_api_buf_add(&r->body, &r->len, &r->cap, upload, n))
+			return MHD_NO;
 		return MHD_YES;
 	}
 	if (r->status) /* answered already (a GET, or an error on the first call) */
@@ -506,9 +513,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		snprintf(msg, sizeof(msg), "The request body is larger than the %zu bytes allowed.", r->lim.max_body);
 		return fail(r, 413, "invalid_request_error", "request_too_large", msg);
 	}
-	if (r->too_slow)
-		return fail(r, 408, "invalid_request_error", "request_timeout",
-			    "The request body took longer than the time allowed to arrive.");
 	if (!r->body)
 		return fail(r, 400, "invalid_request_error", "invalid_json", "The request body is empty.");
 	return generate(r);
@@ -612,13 +616,13 @@ int q3_server_start(const struct q3_server_opts *o, struct q3_server **out, q3_e
 	s->mhd = MHD_start_daemon(MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ITC |
 					  MHD_USE_ERROR_LOG | MHD_USE_POLL,
 				  0, NULL, NULL, on_request, s,
+				  MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, s,
 				  MHD_OPTION_LISTEN_SOCKET, o->listen_fd,
 				  MHD_OPTION_CONNECTION_LIMIT, (unsigned)o->max_connections,
 				  MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)o->conn_timeout,
 				  MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
 				  MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
 				  MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
-				  MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, s,
 				  MHD_OPTION_END);
 	if (!s->mhd) {
 		pthread_mutex_destroy(&s->mu);

@@ -10,7 +10,8 @@
  *
  * Security: binds where the caller's socket is bound (127.0.0.1 by default), optional API key
  * (Authorization: Bearer), limits on body size, prompt tokens, connections, silent connections
- * (conn_timeout) and slow uploads (request_timeout).
+ * (conn_timeout) and slow uploads (request_timeout: the connection is dropped, since
+ * libmicrohttpd cannot answer before the body is complete).
  */
 #pragma once
 #include <stdbool.h>
