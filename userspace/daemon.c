@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -133,6 +134,37 @@ static void write_state(struct daemon *d)
 	json_decref(o);
 }
 
+/* Signals: blocked in every thread and taken by this one, so that a SIGTERM during the model
+ * load (minutes for the real model) ends the process at once, and later ones drain it. */
+static struct {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	sigset_t set;
+	bool ready;
+	int hup, term;
+} sigs = { .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+
+static void *signal_thread(void *arg)
+{
+	for (;;) {
+		int sig;
+		if (sigwait(&sigs.set, &sig))
+			continue;
+		pthread_mutex_lock(&sigs.mu);
+		if (sig != SIGHUP && !sigs.ready) {
+			q3_info("%s while loading: exiting", strsignal(sig));
+			_exit(1); /* nothing to drain; the pid file's lock goes with the process */
+		}
+		if (sig == SIGHUP)
+			sigs.hup++;
+		else
+			sigs.term = sig;
+		pthread_cond_signal(&sigs.cv);
+		pthread_mutex_unlock(&sigs.mu);
+	}
+	return NULL;
+}
+
 static void reload(struct daemon *d)
 {
 	struct q3_settings ns;
@@ -187,17 +219,19 @@ int q3_daemon_run(struct q3_settings *s, const struct q3_set_flags *flags, int l
 	struct q3_worker_opts wo = { 0 };
 	struct q3_sampling defaults;
 	int32_t eos[Q3_MAX_EOS + 2];
-	int neos, rc = 1, sig;
+	int neos, rc = 1;
 	char msg[600];
-	sigset_t set;
+	pthread_t sigthr;
 	q3_err e;
 
-	sigemptyset(&set);
-	sigaddset(&set, SIGTERM);
-	sigaddset(&set, SIGINT);
-	sigaddset(&set, SIGHUP);
-	pthread_sigmask(SIG_BLOCK, &set, NULL); /* before any thread exists: all inherit it */
+	sigemptyset(&sigs.set);
+	sigaddset(&sigs.set, SIGTERM);
+	sigaddset(&sigs.set, SIGINT);
+	sigaddset(&sigs.set, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &sigs.set, NULL); /* before any thread exists: all inherit it */
 	signal(SIGPIPE, SIG_IGN);
+	if (pthread_create(&sigthr, NULL, signal_thread, NULL) == 0)
+		pthread_detach(sigthr);
 
 	eo.model_dir = q3_set_str(s, Q3_SET_MODEL);
 	eo.backend = q3_set_str(s, Q3_SET_BACKEND);
@@ -255,20 +289,27 @@ int q3_daemon_run(struct q3_settings *s, const struct q3_set_flags *flags, int l
 		 q3_set_str(s, Q3_SET_HOST), (long long)q3_set_num(s, Q3_SET_PORT), q3_engine_backend(d.eng),
 		 d.cache_entries, d.state_bytes / 1048576.0);
 	q3_info("%s", msg);
+	pthread_mutex_lock(&sigs.mu);
+	sigs.ready = true; /* from now on a SIGTERM drains */
+	pthread_mutex_unlock(&sigs.mu);
 	ready(ctx, true, msg);
 	ready = NULL;
 
+	pthread_mutex_lock(&sigs.mu);
 	for (;;) {
-		if (sigwait(&set, &sig))
-			continue;
-		if (sig == SIGHUP) {
-			reload(&d);
-			continue;
-		}
-		q3_info("%s: shutting down", strsignal(sig));
-		drain(&d);
-		break;
+		while (!sigs.hup && !sigs.term)
+			pthread_cond_wait(&sigs.cv, &sigs.mu);
+		if (sigs.term)
+			break;
+		sigs.hup = 0;
+		pthread_mutex_unlock(&sigs.mu);
+		reload(&d);
+		pthread_mutex_lock(&sigs.mu);
 	}
+	int sig = sigs.term;
+	pthread_mutex_unlock(&sigs.mu);
+	q3_info("%s: shutting down", strsignal(sig));
+	drain(&d);
 	rc = 0;
 	goto out;
 fail:

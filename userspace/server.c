@@ -448,6 +448,13 @@ static enum MHD_Result generate(struct req *r)
 
 /* ---- the MHD callbacks --------------------------------------------------------------------- */
 
+static enum MHD_Result too_big(struct req *r)
+{
+	char msg[128];
+	snprintf(msg, sizeof(msg), "The request body is larger than the %zu bytes allowed.", r->lim.max_body);
+	return fail(r, 413, "invalid_request_error", "request_too_large", msg);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
 				  const char *version, const char *upload, size_t *upload_size, void **con_cls)
 {
@@ -485,8 +492,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		if (r->ep == Q3_EP_METRICS)
 			return respond(r, 200, "text/plain; version=0.0.4", q3_metrics_render(s->o.metrics));
 		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-		if (cl && strtoull(cl, NULL, 10) > r->lim.max_body)
-			r->too_big = true;
+		if (cl && strtoull(cl, NULL, 10) > r->lim.max_body) /* answered before the body is read */
+			return too_big(r);
 		return MHD_YES;
 	}
 	if (*upload_size) {
@@ -500,19 +507,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 			r->status = 408;
 			return MHD_NO;
 		}
-		if (r->too_big || r->len + n > r->lim.max_body)
+		if (r->too_big || r->len + n > r->lim.max_body) {
 			r->too_big = true;
-		else if (q3_api_buf_add(&r->body, &r->len, &r->cap, upload, n))
+			r->len += n; /* counted, not kept; a client that goes on far past the limit is dropped */
+			if (r->len > 4 * r->lim.max_body) {
+				r->status = 413;
+				return MHD_NO;
+			}
+		} else if (q3_api_buf_add(&r->body, &r->len, &r->cap, upload, n))
 			return MHD_NO;
 		return MHD_YES;
 	}
 	if (r->status) /* answered already (a GET, or an error on the first call) */
 		return MHD_YES;
-	if (r->too_big) {
-		char msg[128];
-		snprintf(msg, sizeof(msg), "The request body is larger than the %zu bytes allowed.", r->lim.max_body);
-		return fail(r, 413, "invalid_request_error", "request_too_large", msg);
-	}
+	if (r->too_big)
+		return too_big(r);
 	if (!r->body)
 		return fail(r, 400, "invalid_request_error", "invalid_json", "The request body is empty.");
 	return generate(r);
