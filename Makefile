@@ -55,13 +55,14 @@ NVFLAGS  := -O3 -g -lineinfo -std=c++17 $(CUDA_ARCH) -Iuserspace -Ikernels -Ikmo
             -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -lstdc++
 CPPFLAGS += -DHAVE_CUDA=1
-MAIN_LIBS := $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a $(CUDA_LIBS)
+# a group: C code calls the CUDA library and the CUDA library calls C helpers (q3_errf)
+MAIN_LIBS := -Wl,--start-group $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a -Wl,--end-group $(CUDA_LIBS)
 else
 MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
 
 .PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz demo \
-        fuzz-build deps clean help format FORCE
+        fuzz-build fuzz-lib lib deps clean help format
 
 all: $(BUILD)/qwen3d
 
@@ -137,9 +138,9 @@ gpu test-gpu:
 endif
 
 # ---- tests -----------------------------------------------------------------------------------
-$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a $(if $(HAVE_CUDA),$(BUILD)/libqwen3d_cuda.a)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libqwen3d.a -lcmocka $(LIBS) $(LDFLAGS)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(MAIN_LIBS) -lcmocka $(LIBS) $(LDFLAGS)
 
 test-unit: $(TEST_BIN) $(BUILD)/qwen3d
 	bash tests/run.sh $(BUILD) unit
@@ -173,21 +174,21 @@ test: all $(TEST_BIN)
 # ---- fuzzing (libFuzzer: the library is rebuilt with clang + ASan + UBSan in build-fuzz/) -----
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build-fuzz/fuzz/%)
 
-build-fuzz/fuzz/%: tests/fuzz/%.c build-fuzz/libqwen3d.a
+build-fuzz/fuzz/%: tests/fuzz/%.c fuzz-lib
 	@mkdir -p $(dir $@)
-	$(CLANG) $(CPPFLAGS) -DFUZZING -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -Itests \
+	$(CLANG) $(filter-out -DHAVE_CUDA=1,$(CPPFLAGS)) -DFUZZING -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -Itests \
 	    -o $@ $< build-fuzz/libqwen3d.a $(LIBS)
 
-build-fuzz/libqwen3d.a: FORCE
+fuzz-lib:
 	$(MAKE) BUILD=build-fuzz CC=$(CLANG) SAN=address,undefined NVCC= WARN= \
-	    CFLAGS="-O1 -g -fsanitize=fuzzer-no-link -DFUZZING" build-fuzz/libqwen3d.a
+	    CFLAGS="-O1 -g -fsanitize=fuzzer-no-link -DFUZZING" lib
+
+lib: $(BUILD)/libqwen3d.a
 
 fuzz-build: $(FUZZ_BIN)
 
 fuzz: fuzz-build
 	bash tests/fuzz/run.sh build-fuzz $(FUZZ_TIME)
-
-FORCE:
 
 # ---- kernel module ---------------------------------------------------------------------------
 kmod:

@@ -32,6 +32,9 @@ int q3_cpu_linear_prepare(struct q3_cpu_linear *cl, const struct q3_linear *l, q
 	cl->l = l;
 	if (l->fmt == Q3_W_DENSE)
 		return 0;
+	if (l->bits != 4 && l->bits != 8)
+		return q3_errf(e, -EINVAL, "%s: %d-bit GPTQ weights are not supported (4 or 8)",
+			       l->qweight->name, l->bits);
 	per = 32 / l->bits;
 	mask = (1u << l->bits) - 1;
 	G = l->ngroups;
@@ -104,13 +107,42 @@ gptq_tile(const struct q3_cpu_linear *cl, const float *x, size_t ldx, int T, flo
 	}
 }
 
+/* One token, columns [n, n + NT), groups constant over each word (g_idx trivial, group size a
+ * multiple of the codes per word): the tile's sums stay in registers.  Same operations in the
+ * same order as gptq_tile. */
+static void gptq_tile_1(const struct q3_cpu_linear *cl, const float *x, float *y, int n)
+{
+	const struct q3_linear *l = cl->l;
+	const int bits = l->bits, per = 32 / bits, N = l->N;
+	const uint32_t mask = (1u << bits) - 1;
+	const char *qw = l->qweight->data;
+	uint32_t words[NT];
+	float acc[NT] = { 0 };
+
+	for (int kw = 0; kw < l->K / per; kw++) {
+		int g = kw * per / l->group_size;
+		const float *s = cl->scales + (size_t)g * N + n, *z = cl->zeros + (size_t)g * N + n;
+		const float *xk = x + (size_t)kw * per;
+
+		memcpy(words, qw + 4 * ((size_t)kw * N + n), sizeof(words));
+		for (int j = 0; j < per; j++)
+			for (int c = 0; c < NT; c++)
+				acc[c] += xk[j] * (s[c] * ((float)(int)((words[c] >> (bits * j)) & mask) - z[c]));
+	}
+	memcpy(y + n, acc, sizeof(acc));
+}
+
 static void gptq_rows(const struct q3_cpu_linear *cl, const float *x, size_t ldx, int T, float *y,
 		      size_t ldy, int n0, int n1)
 {
+	bool one = T == 1 && cl->gidx_seq && cl->l->group_size % (32 / cl->l->bits) == 0;
 	int n = n0;
 
 	for (; n + NT <= n1; n += NT)
-		gptq_tile(cl, x, ldx, T, y, ldy, n, NT);
+		if (one)
+			gptq_tile_1(cl, x, y, n);
+		else
+			gptq_tile(cl, x, ldx, T, y, ldy, n, NT);
 	if (n < n1)
 		gptq_tile(cl, x, ldx, T, y, ldy, n, n1 - n);
 }
@@ -129,6 +161,28 @@ static float dot8(const float *x, const float *w, int len)
 	return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+/* wf[0, len) = fp32 of len weights at element `at` of a dense tensor.  Full blocks take the
+ * fixed-length loops, which the compiler vectorizes. */
+static void to_f32_block(float *wf, const struct q3_tensor *w, size_t at, int len)
+{
+	uint16_t h[KB];
+
+	if (w->dtype == Q3_DT_F32) {
+		memcpy(wf, (const char *)w->data + 4 * at, 4 * (size_t)len);
+		return;
+	}
+	memcpy(h, (const char *)w->data + 2 * at, 2 * (size_t)len);
+	if (w->dtype == Q3_DT_BF16 && len == KB)
+		for (int i = 0; i < KB; i++)
+			wf[i] = q3_bf16_to_f32(h[i]);
+	else if (w->dtype == Q3_DT_BF16)
+		for (int i = 0; i < len; i++)
+			wf[i] = q3_bf16_to_f32(h[i]);
+	else
+		for (int i = 0; i < len; i++)
+			wf[i] = q3_f16_to_f32(h[i]);
+}
+
 /* Dense rows: each row is converted to fp32 KB weights at a time and dotted with every token;
  * y[t][n] accumulates the blocks in order. */
 static void dense_rows(const struct q3_cpu_linear *cl, const float *x, size_t ldx, int T, float *y,
@@ -137,28 +191,12 @@ static void dense_rows(const struct q3_cpu_linear *cl, const float *x, size_t ld
 	const struct q3_tensor *w = cl->l->w;
 	const int K = cl->l->K;
 	float wf[KB];
-	uint16_t h[KB];
 
 	for (int n = n0; n < n1; n++) {
 		for (int k0 = 0; k0 < K; k0 += KB) {
 			int len = Q3_MIN(KB, K - k0);
-			size_t at = (size_t)n * K + k0;
 
-			switch (w->dtype) {
-			case Q3_DT_F32:
-				memcpy(wf, (const char *)w->data + 4 * at, 4 * (size_t)len);
-				break;
-			case Q3_DT_F16:
-				memcpy(h, (const char *)w->data + 2 * at, 2 * (size_t)len);
-				for (int i = 0; i < len; i++)
-					wf[i] = q3_f16_to_f32(h[i]);
-				break;
-			default:
-				memcpy(h, (const char *)w->data + 2 * at, 2 * (size_t)len);
-				for (int i = 0; i < len; i++)
-					wf[i] = q3_bf16_to_f32(h[i]);
-				break;
-			}
+			to_f32_block(wf, w, (size_t)n * K + k0, len);
 			for (int t = 0; t < T; t++) {
 				float d = dot8(x + (size_t)t * ldx + k0, wf, len);
 				float *yt = y + (size_t)t * ldy + n;

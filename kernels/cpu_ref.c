@@ -203,45 +203,60 @@ size_t q3_ref_delta_chunked_scratch(int Dk, int Dv)
 {
 	size_t C = Q3_DELTA_CHUNK;
 
-	return 2 * C + C * C + 2 * C * (size_t)Dk + C * (size_t)Dv;
+	return 3 * C + 2 * C * C + 2 * C * (size_t)Dk + C * (size_t)Dv;
 }
 
-/* One chunk of c <= Q3_DELTA_CHUNK tokens; see q3_ref_delta_chunked. */
+/* y[0, n) += a · x[0, n) */
+static void axpy(float *y, float a, const float *x, int n)
+{
+	for (int i = 0; i < n; i++)
+		y[i] += a * x[i];
+}
+
+/* One chunk of c <= Q3_DELTA_CHUNK tokens; see q3_ref_delta_chunked.  The matrix products of the
+ * recipe are written as row updates (y_i += a · x_j) so that the inner loops run along rows. */
 static void delta_chunk(float *S, const float *q, const float *k, size_t ldqk, const float *v,
 			size_t ldv, const float *g, const float *beta, size_t ldg, float *o, size_t ldo,
 			int c, int Dk, int Dv, float *scratch)
 {
 	const int C = Q3_DELTA_CHUNK;
-	float *Gc = scratch;		     /* [C] cumulative log-decay */
-	float *row = Gc + C;		     /* [C] */
-	float *A = row + C;		     /* [C][C] strictly lower, then (T − I) */
-	float *kb = A + C * C;		     /* [C][Dk]: k ⊙ beta, then W = T (kβ ⊙ exp(Gc)) */
-	float *W = kb + (size_t)C * Dk;	     /* [C][Dk] */
-	float *U = W + (size_t)C * Dk;	     /* [C][Dv]: T (v ⊙ beta), then v_new */
-	float last;
+	float *Gc = scratch;		 /* [C] cumulative log-decay inside the chunk */
+	float *eG = Gc + C;		 /* [C] exp(Gc) */
+	float *row = eG + C;		 /* [C] */
+	float *decay = row + C;		 /* [C][C] exp(Gc_i − Gc_j), i >= j */
+	float *A = decay + C * C;	 /* [C][C] strictly lower: A, then (T − I) */
+	float *W = A + C * C;		 /* [C][Dk]: kβ ⊙ exp(Gc), then W = T (kβ ⊙ exp(Gc)) */
+	float *kb = W + (size_t)C * Dk;	 /* [C][Dk]: k ⊙ beta */
+	float *U = kb + (size_t)C * Dk;	 /* [C][Dv]: v ⊙ beta, then T (v ⊙ beta), then v_new */
+	float last, el;
 
-	for (int i = 0; i < c; i++)
-		Gc[i] = (i ? Gc[i - 1] : 0.0f) + g[(size_t)i * ldg];
 	for (int i = 0; i < c; i++) {
-		const float *ki = k + (size_t)i * ldqk;
+		const float *ki = k + (size_t)i * ldqk, *vi = v + (size_t)i * ldv;
 		float bi = beta[(size_t)i * ldg];
 
-		for (int d = 0; d < Dk; d++)
+		Gc[i] = (i ? Gc[i - 1] : 0.0f) + g[(size_t)i * ldg];
+		eG[i] = expf(Gc[i]);
+		for (int d = 0; d < Dk; d++) {
 			kb[(size_t)i * Dk + d] = ki[d] * bi;
+			W[(size_t)i * Dk + d] = kb[(size_t)i * Dk + d] * eG[i];
+		}
+		for (int e = 0; e < Dv; e++)
+			U[(size_t)i * Dv + e] = vi[e] * bi;
 	}
 	/* A[i][j] = −(kβ_i · k_j) exp(Gc_i − Gc_j) for i > j */
 	for (int i = 0; i < c; i++)
-		for (int j = 0; j < c; j++) {
+		for (int j = 0; j <= i; j++) {
+			const float *kj = k + (size_t)j * ldqk;
 			float s = 0.0f;
 
-			if (j < i) {
-				const float *kj = k + (size_t)j * ldqk;
-
-				for (int d = 0; d < Dk; d++)
-					s += kb[(size_t)i * Dk + d] * kj[d];
-				s = -(s * expf(Gc[i] - Gc[j]));
+			decay[i * C + j] = expf(Gc[i] - Gc[j]);
+			if (j == i) {
+				A[i * C + j] = 0.0f;
+				continue;
 			}
-			A[i * C + j] = s;
+			for (int d = 0; d < Dk; d++)
+				s += kb[(size_t)i * Dk + d] * kj[d];
+			A[i * C + j] = -(s * decay[i * C + j]);
 		}
 	/* forward substitution: A[i][:i] += A[i][:i] @ A[:i][:i], rows in order */
 	for (int i = 1; i < c; i++) {
@@ -250,82 +265,52 @@ static void delta_chunk(float *S, const float *q, const float *k, size_t ldqk, c
 		for (int j = 0; j < i; j++) {
 			float s = 0.0f;
 
-			for (int m = 0; m < i; m++)
+			for (int m = j + 1; m < i; m++) /* A[m][j] = 0 for m <= j */
 				s += row[m] * A[m * C + j];
 			A[i * C + j] = row[j] + s;
 		}
 	}
-	/* U = (A + I)(v ⊙ beta);  W = (A + I)(kβ ⊙ exp(Gc)) */
-	for (int i = 0; i < c; i++) {
-		for (int e = 0; e < Dv; e++) {
-			float s = 0.0f;
-
-			for (int j = 0; j <= i; j++) {
-				float t = j == i ? 1.0f : A[i * C + j];
-
-				s += t * (v[(size_t)j * ldv + e] * beta[(size_t)j * ldg]);
-			}
-			U[(size_t)i * Dv + e] = s;
+	/* U = (A + I)(v ⊙ beta), W = (A + I)(kβ ⊙ exp(Gc)): row i adds rows j < i, which are
+	 * still the inputs, so go from the last row up */
+	for (int i = c - 1; i > 0; i--)
+		for (int j = 0; j < i; j++) {
+			axpy(U + (size_t)i * Dv, A[i * C + j], U + (size_t)j * Dv, Dv);
+			axpy(W + (size_t)i * Dk, A[i * C + j], W + (size_t)j * Dk, Dk);
 		}
-		for (int d = 0; d < Dk; d++) {
-			float s = 0.0f;
-
-			for (int j = 0; j <= i; j++) {
-				float t = j == i ? 1.0f : A[i * C + j];
-
-				s += t * (kb[(size_t)j * Dk + d] * expf(Gc[j]));
-			}
-			W[(size_t)i * Dk + d] = s;
-		}
-	}
 	/* v_new = U − W S */
 	for (int i = 0; i < c; i++)
-		for (int e = 0; e < Dv; e++) {
-			float s = 0.0f;
-
-			for (int d = 0; d < Dk; d++)
-				s += W[(size_t)i * Dk + d] * S[(size_t)d * Dv + e];
-			U[(size_t)i * Dv + e] -= s;
-		}
+		for (int d = 0; d < Dk; d++)
+			axpy(U + (size_t)i * Dv, -W[(size_t)i * Dk + d], S + (size_t)d * Dv, Dv);
 	/* o_i = (q_i ⊙ exp(Gc_i)) S + Σ_{j<=i} (q_i·k_j) exp(Gc_i − Gc_j) v_new_j */
 	for (int i = 0; i < c; i++) {
 		const float *qi = q + (size_t)i * ldqk;
 		float *oi = o + (size_t)i * ldo;
-		float ei = expf(Gc[i]);
 
+		for (int e = 0; e < Dv; e++)
+			oi[e] = 0.0f;
+		for (int d = 0; d < Dk; d++)
+			axpy(oi, qi[d] * eG[i], S + (size_t)d * Dv, Dv);
 		for (int j = 0; j <= i; j++) {
 			const float *kj = k + (size_t)j * ldqk;
 			float s = 0.0f;
 
 			for (int d = 0; d < Dk; d++)
 				s += qi[d] * kj[d];
-			row[j] = s * expf(Gc[i] - Gc[j]);
-		}
-		for (int e = 0; e < Dv; e++) {
-			float inter = 0.0f, intra = 0.0f;
-
-			for (int d = 0; d < Dk; d++)
-				inter += (qi[d] * ei) * S[(size_t)d * Dv + e];
-			for (int j = 0; j <= i; j++)
-				intra += row[j] * U[(size_t)j * Dv + e];
-			oi[e] = inter + intra;
+			axpy(oi, s * decay[i * C + j], U + (size_t)j * Dv, Dv);
 		}
 	}
 	/* S = S exp(Gc_last) + Σ_j (k_j exp(Gc_last − Gc_j)) ⊗ v_new_j */
 	last = Gc[c - 1];
+	el = expf(last);
 	for (int j = 0; j < c; j++)
 		row[j] = expf(last - Gc[j]);
 	for (int d = 0; d < Dk; d++) {
 		float *Sd = S + (size_t)d * Dv;
-		float el = expf(last);
 
-		for (int e = 0; e < Dv; e++) {
-			float s = 0.0f;
-
-			for (int j = 0; j < c; j++)
-				s += (k[(size_t)j * ldqk + d] * row[j]) * U[(size_t)j * Dv + e];
-			Sd[e] = Sd[e] * el + s;
-		}
+		for (int e = 0; e < Dv; e++)
+			Sd[e] *= el;
+		for (int j = 0; j < c; j++)
+			axpy(Sd, k[(size_t)j * ldqk + d] * row[j], U + (size_t)j * Dv, Dv);
 	}
 }
 

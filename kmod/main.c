@@ -9,6 +9,8 @@
  * and every mapping pins the module (the mapping through its file), so rmmod
  * is refused while any buffer exists.
  */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
 #include <linux/capability.h>
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
@@ -35,6 +37,7 @@ MODULE_PARM_DESC(debug_ioctls, "enable the DEBUG_PIN/DEBUG_UNPIN test hook (defa
 
 struct q3mm_file {
 	struct xarray bufs;	/* handle -> buffer, one reference each */
+	u32 next_handle;	/* handles are not reused soon after FREE */
 	struct mutex pin_lock;	/* pins, nr_pins */
 	struct page **pins;	/* DEBUG_PIN's pages, until DEBUG_UNPIN or close */
 	unsigned long nr_pins;
@@ -148,8 +151,9 @@ static int q3mm_alloc(struct q3mm_file *f, struct qwen3mm_alloc *a)
 			      a->flags & QWEN3MM_ALLOC_EXACT_NODE);
 	if (IS_ERR(buf))
 		return PTR_ERR(buf);
-	ret = xa_alloc(&f->bufs, &id, buf, XA_LIMIT(1, QWEN3MM_MAX_HANDLE), GFP_KERNEL);
-	if (ret) {
+	ret = xa_alloc_cyclic(&f->bufs, &id, buf, XA_LIMIT(1, QWEN3MM_MAX_HANDLE),
+			      &f->next_handle, GFP_KERNEL);
+	if (ret < 0) {
 		q3mm_buf_put(buf);
 		return ret == -EBUSY ? -ENOSPC : ret;
 	}
@@ -376,23 +380,21 @@ static int q3mm_reserve(void)
 
 	if (nodes && *nodes) {
 		if (nodelist_parse(nodes, mask) || !nodes_subset(mask, node_states[N_MEMORY])) {
-			pr_err("qwen3mm: nodes=%s: not a list of nodes with memory\n", nodes);
+			pr_err("nodes=%s: not a list of nodes with memory\n", nodes);
 			return -EINVAL;
 		}
 	}
-	if (pool_mb > (ULONG_MAX >> 20))
-		return -EINVAL;
-	chunks = DIV_ROUND_UP(pool_mb << 20, QWEN3MM_CHUNK_SIZE);
+	chunks = q3mm_mb_to_chunks(pool_mb);
 	for_each_node_mask(nid, mask) {
 		ret = q3mm_pool_resize(nid, chunks);
 		if (ret) {
-			pr_err("qwen3mm: cannot reserve %lu MiB on node %d: %d\n", pool_mb, nid, ret);
+			pr_err("cannot reserve %lu MiB on node %d: %d\n", pool_mb, nid, ret);
 			return ret;
 		}
 	}
 	if (chunks)
-		pr_info("qwen3mm: reserved %lu MiB on each of nodes %*pbl\n",
-			chunks << (QWEN3MM_CHUNK_SHIFT - 20), nodemask_pr_args(&mask));
+		pr_info("reserved %lu MiB on each of nodes %*pbl\n", chunks * Q3MM_CHUNK_MB,
+			nodemask_pr_args(&mask));
 	return 0;
 }
 
@@ -431,4 +433,5 @@ static void __exit q3mm_exit(void)
 module_init(q3mm_init);
 module_exit(q3mm_exit);
 MODULE_DESCRIPTION("qwen3mm: pinned 2 MiB page pool per NUMA node for qwen3d");
+MODULE_VERSION("1.0");
 MODULE_LICENSE("GPL");

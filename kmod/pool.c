@@ -11,6 +11,8 @@
  * until none is left; a chunk is zeroed before it rejoins the free list, so
  * no user ever sees another user's data.
  */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
 #include <linux/gfp.h>
 #include <linux/highmem.h>
 #include <linux/list.h>
@@ -155,7 +157,7 @@ void q3mm_pool_exit(void)
 		if (!n)
 			continue;
 		if (n->st.held)
-			pr_info("qwen3mm: node %d: %lu chunks still pinned by others, freed when they unpin\n",
+			pr_info("node %d: %lu chunks still pinned by others, freed when they unpin\n",
 				nid, n->st.held);
 		q3mm_chunks_put(&n->free_list);
 		q3mm_chunks_put(&n->held_list);

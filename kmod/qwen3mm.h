@@ -16,6 +16,13 @@
 
 #define Q3MM_CHUNK_ORDER	(QWEN3MM_CHUNK_SHIFT - PAGE_SHIFT)
 #define Q3MM_CHUNK_PAGES	(1UL << Q3MM_CHUNK_ORDER)
+#define Q3MM_CHUNK_MB		(1UL << (QWEN3MM_CHUNK_SHIFT - 20))
+
+/* MiB to whole chunks, rounded up, without overflow for any value */
+static inline unsigned long q3mm_mb_to_chunks(unsigned long mb)
+{
+	return mb / Q3MM_CHUNK_MB + !!(mb % Q3MM_CHUNK_MB);
+}
 
 /* Counters of one node, or of the whole pool; units are chunks. */
 struct q3mm_stats {

@@ -100,7 +100,7 @@ static ssize_t pool_mb_show(struct kobject *kobj, struct kobj_attribute *attr, c
 	struct q3mm_stats st;
 
 	q3mm_pool_stats(q3mm_kobj_nid(kobj), &st);
-	return sysfs_emit(buf, "%lu\n", st.total << (QWEN3MM_CHUNK_SHIFT - 20));
+	return sysfs_emit(buf, "%lu\n", st.total * Q3MM_CHUNK_MB);
 }
 
 static ssize_t pool_mb_store(struct kobject *kobj, struct kobj_attribute *attr,
@@ -109,10 +109,9 @@ static ssize_t pool_mb_store(struct kobject *kobj, struct kobj_attribute *attr,
 	unsigned long mb;
 	int ret;
 
-	if (kstrtoul(buf, 10, &mb) || mb > (ULONG_MAX >> 20))
+	if (kstrtoul(buf, 10, &mb))
 		return -EINVAL;
-	ret = q3mm_pool_resize(q3mm_kobj_nid(kobj),
-			       DIV_ROUND_UP(mb << 20, QWEN3MM_CHUNK_SIZE));
+	ret = q3mm_pool_resize(q3mm_kobj_nid(kobj), q3mm_mb_to_chunks(mb));
 	return ret ? ret : count;
 }
 static struct kobj_attribute q3mm_pool_mb_attr = __ATTR_RW(pool_mb);

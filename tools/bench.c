@@ -1,9 +1,24 @@
-/* bench.c - placeholder until its issue lands: every command here says so and fails. */
+/* bench.c - `qwen3d bench load|decode|prefill`: dispatches to each benchmark's file. */
 #include <stdio.h>
+#include <string.h>
+
 #include "cli.h"
+
+int cmd_bench_load(int argc, char **argv); /* tools/bench_load.c */
 
 int cmd_bench(int argc, char **argv)
 {
-	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
-	return 1;
+	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+		fprintf(argc < 2 ? stderr : stdout,
+			"usage: qwen3d bench load|decode|prefill [options]   (qwen3d bench load --help)\n");
+		return argc < 2 ? 2 : 0;
+	}
+	if (!strcmp(argv[1], "load"))
+		return cmd_bench_load(argc - 1, argv + 1);
+	if (!strcmp(argv[1], "decode") || !strcmp(argv[1], "prefill")) {
+		fprintf(stderr, "qwen3d bench %s: not built yet\n", argv[1]);
+		return 1;
+	}
+	fprintf(stderr, "qwen3d bench: unknown benchmark '%s' (load, decode, prefill)\n", argv[1]);
+	return 2;
 }

@@ -290,7 +290,7 @@ static void usage(FILE *f)
 		"  --zipf S            skew routing: expert popularity ~ rank^-S (default 0: none)\n"
 		"  --seed N            random seed (default 1)\n"
 		"  --shard-size SIZE   bytes of tensors per shard (default 5e9, as the hub's 5GB)\n"
-		"  --threads N         writer threads (default: online CPUs)\n"
+		"  --threads N         writer threads (default: twice the online CPUs, so writes overlap)\n"
 		"  --no-direct         buffered writes instead of O_DIRECT\n"
 		"  --force             overwrite a model already in DIR\n"
 		"  --dry-run           print the plan (sizes, shards, routing skew) and write nothing\n"
@@ -313,7 +313,7 @@ int cmd_mkmodel(int argc, char **argv)
 	struct q3_synth_opts o = { .expert_bits = 4, .dense_bits = 16, .group_size = 128, .g_idx = true,
 				   .seed = 1, .shard_size = 5000000000ull };
 	const char *out = NULL;
-	int threads = q3_ncpu(), c, err;
+	int threads = Q3_MIN(64, 2 * q3_ncpu()), c, err;
 	bool direct = true, force = false, dry = false, quiet = false;
 	struct q3_synth s;
 	q3_err e;

@@ -49,61 +49,182 @@ static inline float unit16(uint64_t seed, uint64_t i)
 	return ((float)((r >> (16 * (i & 3))) & 0xffff) + 0.5f) * (1.0f / 65536.0f);
 }
 
+/* Element i as a float (the slow kinds; OCTAVE and GIDX are made as bits). */
 static float gen_value(const struct q3_gen *g, uint64_t i)
 {
-	int64_t row = (int64_t)(i / (uint64_t)g->cols), col = (int64_t)(i % (uint64_t)g->cols);
 	float u = unit16(g->seed, i);
 
-	if (col == g->zero_col || row == g->zero_row)
-		return 0.0f;
-	if (col == g->fix_col)
-		return g->colvals ? g->colvals[row] : g->colval;
 	if (g->kind == Q3_GEN_LOGU)
 		return logf(g->mean + (g->std - g->mean) * u);
 	return g->mean + g->std * 1.7320508f * (2.0f * u - 1.0f);
 }
 
-/* Bytes [begin, begin + len) of a tensor whose element e is made by elem(e, bytes). */
-static void fill_elems(const struct q3_synth_tensor *t, uint64_t begin, uint64_t len, uint8_t *dst)
+static void encode(enum q3_dtype dt, float v, uint8_t *b)
 {
+	uint16_t h;
+
+	if (dt == Q3_DT_F32) {
+		memcpy(b, &v, 4);
+		return;
+	}
+	h = dt == Q3_DT_BF16 ? q3_f32_to_bf16(v) : q3_f32_to_f16(v);
+	memcpy(b, &h, 2);
+}
+
+/* OCTAVE: with m uniform in [1, 2), E[m^2] = 7/3; octave E + 1 is taken with probability p so
+ * that (7/3) 4^E (1 + 3p) = rms^2 exactly.  p is compared with 8 random bits. */
+struct octave {
+	int ebits, mbits; /* exponent and mantissa widths: BF16 8/7, F16 5/10 */
+	uint32_t ebase;	  /* biased exponent of 2^E */
+	uint32_t pthr;	  /* p * 256 */
+	bool sign;
+};
+
+static struct octave octave_of(const struct q3_gen *g, enum q3_dtype dt)
+{
+	struct octave o = { .sign = !g->positive };
+	double r = g->std / sqrt(7.0 / 3.0);
+	int E = (int)floor(log2(r));
+	double p = (r * r / ldexp(1.0, 2 * E) - 1.0) / 3.0;
+
+	o.ebits = dt == Q3_DT_BF16 ? 8 : 5;
+	o.mbits = dt == Q3_DT_BF16 ? 7 : 10;
+	o.ebase = (uint32_t)(E + (dt == Q3_DT_BF16 ? 127 : 15));
+	o.pthr = (uint32_t)fmin(256.0, fmax(0.0, p * 256.0 + 0.5));
+	return o;
+}
+
+/* 21 random bits per element, three elements per 64-bit draw: mantissa, 8 bits for the octave,
+ * the sign. */
+static inline uint16_t octave_bits(const struct octave *o, uint32_t x)
+{
+	uint32_t m = x & ((1u << o->mbits) - 1), up = ((x >> 12) & 0xff) < o->pthr;
+	uint32_t s = o->sign ? (x >> 20) & 1 : 0;
+
+	return (uint16_t)(s << 15 | (o->ebase + up) << o->mbits | m);
+}
+
+/* Whole elements [i0, i1) into dst (element i0 at dst). */
+static void fill_whole(const struct q3_synth_tensor *t, uint64_t i0, uint64_t i1, uint8_t *dst)
+{
+	const struct q3_gen *g = &t->gen;
 	size_t es = q3_dtype_size(t->dtype);
-	uint64_t e0 = begin / es, e1 = (begin + len + es - 1) / es;
 
-	for (uint64_t i = e0; i < e1; i++) {
-		uint8_t b[8];
-		uint64_t at = i * es;
+	if (g->kind == Q3_GEN_OCTAVE) {
+		struct octave o = octave_of(g, t->dtype);
+		uint64_t i = i0;
 
-		switch (t->gen.kind) {
-		case Q3_GEN_GIDX: {
-			int32_t v = (int32_t)(i / (uint64_t)t->gen.group);
-			memcpy(b, &v, 4);
-			break;
+		for (; i < i1 && i % 3; i++, dst += 2) { /* up to the next whole draw */
+			uint16_t h = octave_bits(&o, (uint32_t)(rnd(g->seed, i / 3) >> (21 * (i % 3))));
+			memcpy(dst, &h, 2);
 		}
-		default: {
-			float v = gen_value(&t->gen, i);
-			if (t->dtype == Q3_DT_BF16) {
-				uint16_t h = q3_f32_to_bf16(v);
-				memcpy(b, &h, 2);
-			} else if (t->dtype == Q3_DT_F16) {
-				uint16_t h = q3_f32_to_f16(v);
-				memcpy(b, &h, 2);
-			} else {
-				memcpy(b, &v, 4);
-			}
+		for (; i + 3 <= i1; i += 3, dst += 6) {
+			uint64_t r = rnd(g->seed, i / 3);
+			uint16_t h[3] = { octave_bits(&o, (uint32_t)r), octave_bits(&o, (uint32_t)(r >> 21)),
+					  octave_bits(&o, (uint32_t)(r >> 42)) };
+			memcpy(dst, h, 6);
 		}
+		for (; i < i1; i++, dst += 2) {
+			uint16_t h = octave_bits(&o, (uint32_t)(rnd(g->seed, i / 3) >> (21 * (i % 3))));
+			memcpy(dst, &h, 2);
 		}
-		for (size_t k = 0; k < es; k++)
-			if (at + k >= begin && at + k < begin + len)
-				dst[at + k - begin] = b[k];
+	} else if (g->kind == Q3_GEN_GIDX) {
+		for (uint64_t i = i0; i < i1; i++, dst += 4) {
+			int32_t v = (int32_t)(i / (uint64_t)g->group);
+			memcpy(dst, &v, 4);
+		}
+	} else {
+		for (uint64_t i = i0; i < i1; i++, dst += es)
+			encode(t->dtype, gen_value(g, i), dst);
 	}
 }
 
-/* Bytes [begin, begin + len) of a tensor made of 64-bit words word(w). */
+/* Element i with value bytes b, clipped to the byte window [begin, end) that dst starts at. */
+static void put_clipped(size_t es, uint64_t i, const uint8_t *b, uint64_t begin, uint64_t end,
+			uint8_t *dst)
+{
+	for (size_t k = 0; k < es; k++) {
+		uint64_t at = i * es + k;
+		if (at >= begin && at < end)
+			dst[at - begin] = b[k];
+	}
+}
+
+static void put_value(const struct q3_synth_tensor *t, uint64_t i, float v, uint64_t begin, uint64_t end,
+		      uint8_t *dst)
+{
+	uint8_t b[8];
+
+	encode(t->dtype, v, b);
+	put_clipped(q3_dtype_size(t->dtype), i, b, begin, end, dst);
+}
+
+/* The special row / columns (routing skew) of a float tensor over elements [e0, e1). */
+static void fix_specials(const struct q3_synth_tensor *t, uint64_t e0, uint64_t e1, uint64_t begin,
+			 uint64_t end, uint8_t *dst)
+{
+	const struct q3_gen *g = &t->gen;
+	uint64_t cols = (uint64_t)g->cols;
+
+	if (g->kind == Q3_GEN_GIDX)
+		return;
+	if (g->zero_row >= 0) {
+		uint64_t a = Q3_MAX(e0, (uint64_t)g->zero_row * cols);
+		uint64_t b = Q3_MIN(e1, ((uint64_t)g->zero_row + 1) * cols);
+		for (uint64_t i = a; i < b; i++)
+			put_value(t, i, 0.0f, begin, end, dst);
+	}
+	for (int which = 0; which < 2; which++) {
+		int64_t c = which ? g->fix_col : g->zero_col;
+		if (c < 0)
+			continue;
+		for (uint64_t row = e0 / cols; row * cols < e1; row++) {
+			uint64_t i = row * cols + (uint64_t)c;
+			if (i >= e0 && i < e1)
+				put_value(t, i, !which ? 0.0f : g->colvals ? g->colvals[row] : g->colval,
+					  begin, end, dst);
+		}
+	}
+}
+
+/* Bytes [begin, begin + len) of an element-wise tensor: whole elements in place, the ragged
+ * first and last element through a small buffer. */
+static void fill_elems(const struct q3_synth_tensor *t, uint64_t begin, uint64_t len, uint8_t *dst)
+{
+	size_t es = q3_dtype_size(t->dtype);
+	uint64_t end = begin + len, e0 = begin / es, e1 = (end + es - 1) / es;
+	uint64_t w0 = (begin + es - 1) / es, w1 = end / es; /* whole elements */
+
+	uint8_t b[8];
+
+	if (w0 < w1)
+		fill_whole(t, w0, w1, dst + (w0 * es - begin));
+	if (e0 < w0 || w0 >= w1) { /* ragged first element (or the only one) */
+		fill_whole(t, e0, e0 + 1, b);
+		put_clipped(es, e0, b, begin, end, dst);
+	}
+	if (e1 - 1 >= w1 && e1 - 1 != e0) { /* ragged last element */
+		fill_whole(t, e1 - 1, e1, b);
+		put_clipped(es, e1 - 1, b, begin, end, dst);
+	}
+	fix_specials(t, e0, e1, begin, end, dst);
+}
+
+/* Word w of a tensor made of 64-bit words: constant zero points, or symmetric codes (a random
+ * word whose all-zero fields, nibbles or bytes, become the zero point: SWAR, no branch). */
 static inline uint64_t word_of(const struct q3_gen *g, uint64_t w)
 {
+	uint64_t x, any;
+
 	if (g->kind == Q3_GEN_CONST32)
 		return (uint64_t)g->cval << 32 | g->cval;
-	return rnd(g->seed, w);
+	x = rnd(g->seed, w);
+	if (g->group == 8) {
+		any = x | x >> 1 | x >> 2 | x >> 3 | x >> 4 | x >> 5 | x >> 6 | x >> 7;
+		return x | (~any & 0x0101010101010101ull) << 7;
+	}
+	any = x | x >> 1 | x >> 2 | x >> 3;
+	return x | (~any & 0x1111111111111111ull) << 3;
 }
 
 static void fill_words(const struct q3_synth_tensor *t, uint64_t begin, uint64_t len, uint8_t *dst)
@@ -125,7 +246,7 @@ static void fill_words(const struct q3_synth_tensor *t, uint64_t begin, uint64_t
 
 void q3_synth_fill(const struct q3_synth_tensor *t, uint64_t begin, uint64_t len, void *dst)
 {
-	if (t->gen.kind == Q3_GEN_BYTES || t->gen.kind == Q3_GEN_CONST32)
+	if (t->gen.kind == Q3_GEN_CODES || t->gen.kind == Q3_GEN_CONST32)
 		fill_words(t, begin, len, dst);
 	else
 		fill_elems(t, begin, len, dst);
@@ -201,7 +322,7 @@ static void fill_noise(float *noise, size_t n, uint64_t seed)
 static int calibrate_router(int E, int k, double s, uint64_t seed, double *bias, double *top1,
 			    double *top10)
 {
-	int T = Q3_MAX(1024, (1 << 21) / E);
+	int T = Q3_MIN(16384, Q3_MAX(2048, (1 << 21) / E)); /* tokens: about 2M selections */
 	double *f = calloc((size_t)E, sizeof(double)), *m = calloc((size_t)E, sizeof(double));
 	float *noise = malloc(sizeof(float) * (size_t)T * (size_t)E);
 	double eps = 0.5 / T, sum10 = 0;
@@ -215,15 +336,19 @@ static int calibrate_router(int E, int k, double s, uint64_t seed, double *bias,
 	for (int r = 0; r < E; r++)
 		bias[r] = -s * log(r + 1.0);
 	for (int it = 0; it < 400; it++) {
-		double mean = 0;
+		double mean = 0, moved = 0;
 		simulate_router(E, k, bias, T, noise, m);
 		for (int r = 0; r < E; r++) {
 			/* small bounded steps: larger ones make the tail oscillate instead of converging */
-			bias[r] += fmax(-0.3, fmin(0.3, 0.3 * (log(f[r] + eps) - log(m[r] + eps))));
+			double step = fmax(-0.3, fmin(0.3, 0.3 * (log(f[r] + eps) - log(m[r] + eps))));
+			bias[r] += step;
 			mean += bias[r] / E;
+			moved = fmax(moved, fabs(step));
 		}
 		for (int r = 0; r < E; r++)
 			bias[r] -= mean;
+		if (moved < 0.002) /* converged on this sample */
+			break;
 	}
 	fill_noise(noise, (size_t)T * (size_t)E, seed ^ 0xabcdefull);
 	simulate_router(E, k, bias, T, noise, m);
@@ -294,10 +419,29 @@ static struct q3_synth_tensor *add(struct builder *b, const char *name, enum q3_
 	return t;
 }
 
+/* A generator of that kind with no special row or column. */
+static struct q3_gen gen(enum q3_gen_kind kind)
+{
+	return (struct q3_gen){ .kind = kind, .zero_col = -1, .zero_row = -1, .fix_col = -1 };
+}
+
 static struct q3_gen uniform(float mean, float std)
 {
-	return (struct q3_gen){ .kind = Q3_GEN_UNIFORM, .mean = mean, .std = std, .zero_col = -1,
-				.zero_row = -1, .fix_col = -1 };
+	struct q3_gen g = gen(Q3_GEN_UNIFORM);
+
+	g.mean = mean;
+	g.std = std;
+	return g;
+}
+
+/* Random sign (or positive), RMS rms: the bulk of BF16 weights and F16 scales. */
+static struct q3_gen octave(float rms, bool positive)
+{
+	struct q3_gen g = uniform(0, rms);
+
+	g.kind = Q3_GEN_OCTAVE;
+	g.positive = positive;
+	return g;
 }
 
 static void add_vec(struct builder *b, const char *name, int64_t n, struct q3_gen g)
@@ -320,7 +464,7 @@ static void add_linear(struct builder *b, const char *mod, int64_t K, int64_t N,
 	b->expert = expert;
 	if (bits == 16) {
 		int64_t sh[2] = { N, K };
-		g = uniform(0, wstd);
+		g = octave(wstd, false);
 		g.cols = K;
 		g.zero_row = zero_out;
 		snprintf(name, sizeof(name), "%s.weight", mod);
@@ -335,25 +479,29 @@ static void add_linear(struct builder *b, const char *mod, int64_t K, int64_t N,
 	}
 	{
 		int64_t G = K / o->group_size, pack = 32 / bits;
-		/* E[(q - z)^2] for q uniform on [0, 2^bits) and z = 2^(bits-1) */
-		float qrms = bits == 4 ? sqrtf(21.5f) : sqrtf(5461.5f);
+		/* E[(q - z)^2] of the symmetric codes: 2 (1^2 + ... + (z-1)^2) / 2^bits */
+		float qrms = bits == 4 ? sqrtf(17.5f) : sqrtf(5397.5f);
 		float smean = wstd / qrms;
 		int64_t sqw[2] = { K / pack, N }, sqz[2] = { G, N / pack }, ssc[2] = { G, N }, sgi[1] = { K };
 
 		snprintf(name, sizeof(name), "%s.qweight", mod);
-		add(b, name, Q3_DT_I32, 2, sqw, (struct q3_gen){ .kind = Q3_GEN_BYTES });
+		g = gen(Q3_GEN_CODES);
+		g.group = bits;
+		add(b, name, Q3_DT_I32, 2, sqw, g);
 		snprintf(name, sizeof(name), "%s.qzeros", mod);
 		/* v1 stores z - 1 in every field: 7 per nibble, 127 per byte */
-		add(b, name, Q3_DT_I32, 2, sqz,
-			      (struct q3_gen){ .kind = Q3_GEN_CONST32,
-					       .cval = bits == 4 ? 0x77777777u : 0x7f7f7f7fu });
+		g = gen(Q3_GEN_CONST32);
+		g.cval = bits == 4 ? 0x77777777u : 0x7f7f7f7fu;
+		add(b, name, Q3_DT_I32, 2, sqz, g);
 		snprintf(name, sizeof(name), "%s.scales", mod);
-		g = uniform(smean, smean * 0.25f / 1.7320508f);
+		g = octave(smean, true);
 		g.zero_col = zero_out;
 		add(b, name, Q3_DT_F16, 2, ssc, g);
 		if (o->g_idx) {
 			snprintf(name, sizeof(name), "%s.g_idx", mod);
-			add(b, name, Q3_DT_I32, 1, sgi, (struct q3_gen){ .kind = Q3_GEN_GIDX, .group = o->group_size });
+			g = gen(Q3_GEN_GIDX);
+			g.group = o->group_size;
+			add(b, name, Q3_DT_I32, 1, sgi, g);
 		}
 	}
 	b->expert = false;
@@ -415,7 +563,7 @@ static void add_layer(struct builder *b, int i)
 	/* router: noise of RMS 1 on the logits, plus the popularity bias on the skew channel */
 	{
 		int64_t sh[2] = { a->experts, H };
-		g = uniform(0, 1.0f / sqrtf((float)H));
+		g = octave(1.0f / sqrtf((float)H), false);
 		g.cols = H;
 		if (s->router_bias) {
 			g.fix_col = skew;
@@ -632,7 +780,7 @@ int q3_synth_plan(const struct q3_synth_opts *o, struct q3_synth *s, q3_err *e)
 
 	{
 		int64_t emb[2] = { a->vocab, a->hidden };
-		struct q3_gen g = uniform(0, 1.0f);
+		struct q3_gen g = octave(1.0f, false);
 		if (o->zipf > 0) {
 			g.fix_col = s->skew_channel;
 			g.colval = (float)s->embed_const;

@@ -10,9 +10,10 @@
  *
  * Values are random but sane for a 48-layer forward pass (qwen3next.md sections 4 and 5): every
  * Linear y = x·Wᵀ is scaled by 1/sqrt(in features) with a gain chosen so that each sub-layer adds
- * about 0.15 RMS to a residual stream of RMS 1; GPTQ codes are uniform random nibbles (bytes for
- * 8-bit) with symmetric zero points and scales that give the same weight RMS; norms sit near their
- * identity; A_log / dt_bias give per-head decays in (0, 1).
+ * about 0.15 RMS to a residual stream of RMS 1; GPTQ codes are random and symmetric around the
+ * symmetric zero point (zero-mean weights, see Q3_GEN_CODES) with scales that give the same weight
+ * RMS; every weight's sign is random; norms sit near their identity; A_log / dt_bias give per-head
+ * decays in (0, 1).
  *
  * Routing skew (zipf > 0): every embedding row carries a constant C on one hidden channel, no
  * sub-layer writes that channel (its output rows are zero), so after the post-attention norm it
@@ -53,16 +54,23 @@ struct q3_synth_opts {
 
 /* How a tensor's values are made (element i of the flattened tensor). */
 enum q3_gen_kind {
-	Q3_GEN_BYTES,	/* uniform random bytes: GPTQ codes */
+	Q3_GEN_CODES,	/* GPTQ codes of `group` bits (4 or 8), symmetric around the zero point 2^(bits-1):
+			 * uniform random, with the one code that has no mirror (0) moved to the zero
+			 * point.  Zero-mean weights matter: a mean of -0.5 code per weight makes every
+			 * Linear add a common (all-ones) component, which the next one amplifies by
+			 * ~sqrt(K), until 48 layers give the same output for every token. */
 	Q3_GEN_CONST32, /* every 32-bit word = cval: symmetric GPTQ zero points */
 	Q3_GEN_GIDX,	/* i / group: sequential g_idx */
 	Q3_GEN_UNIFORM, /* mean + std * sqrt(3) * U(-1, 1), in the tensor's float dtype */
 	Q3_GEN_LOGU,	/* log(U(lo, hi)) with lo = mean, hi = std: A_log */
+	Q3_GEN_OCTAVE,	/* (random sign) m * 2^E or m * 2^(E+1), m uniform in [1, 2), RMS = std:
+			 * made from random bits without float math (BF16/F16 bulk: weights, scales) */
 };
 
 struct q3_gen {
 	enum q3_gen_kind kind;
 	float mean, std;
+	bool positive;	      /* OCTAVE: no sign bit */
 	uint32_t cval;
 	int group;
 	int64_t cols;	      /* row length of the 2-D view (last dim, or the product of the rest) */

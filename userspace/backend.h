@@ -46,7 +46,8 @@ typedef void (*q3_trace_fn)(void *ctx, int layer, const float *h, int ntok, int 
 
 struct q3_backend_ops {
 	const char *name;
-	/* Prepares the weights of m (whose tensors' data is loaded and stays valid until close). */
+	/* Prepares the weights of m (whose tensors' data is loaded and stays valid until close).  On
+	 * failure *bk is NULL and nothing is held (under "auto" the engine then tries the CPU). */
 	int (*open)(const struct q3_model *m, const struct q3_backend_opts *o, void **bk, q3_err *e);
 	void (*close)(void *bk);
 	/* A session's buffers: KV cache for max_ctx positions, conv and recurrent states. */

@@ -91,13 +91,13 @@ static int parse_opts(int argc, char **argv, const char *usage, struct run_opts 
 			*status = 0;
 			return -1;
 		default:
-			fprintf(stderr, "qwen3d %s: unknown or incomplete option '%s'\n%s", argv[0],
-				argv[optind - 1], usage);
+			fprintf(stderr, "qwen3d %s: unknown or incomplete option '%s' (see --help)\n", argv[0],
+				argv[optind - 1]);
 			return -1;
 		}
 	}
 	if (optind < argc) {
-		fprintf(stderr, "qwen3d %s: unexpected argument '%s'\n%s", argv[0], argv[optind], usage);
+		fprintf(stderr, "qwen3d %s: unexpected argument '%s' (see --help)\n", argv[0], argv[optind]);
 		return -1;
 	}
 	return 0;
@@ -160,7 +160,7 @@ int cmd_logits(int argc, char **argv)
 	if (parse_opts(argc, argv, logits_usage, &o, &status))
 		return status;
 	if (!o.model || !o.prompt_ids || !o.out) {
-		fprintf(stderr, "qwen3d logits: --model, --prompt-ids and --out are required\n%s", logits_usage);
+		fprintf(stderr, "qwen3d logits: --model, --prompt-ids and --out are required (see --help)\n");
 		return 2;
 	}
 	if ((T = parse_ids(argv[0], "prompt-ids", o.prompt_ids, &prompt)) < 0)
@@ -242,7 +242,7 @@ int cmd_generate(int argc, char **argv)
 		return 1;
 	}
 	if (!o.model || !o.prompt_ids) {
-		fprintf(stderr, "qwen3d generate: --model and --prompt-ids are required\n%s", generate_usage);
+		fprintf(stderr, "qwen3d generate: --model and --prompt-ids are required (see --help)\n");
 		return 2;
 	}
 	if ((T = parse_ids(argv[0], "prompt-ids", o.prompt_ids, &prompt)) < 0)

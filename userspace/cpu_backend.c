@@ -394,9 +394,26 @@ static int lin_tasks(const struct q3_cpu_linear *cl)
 	return (cl->l->N + Q3_CPU_LINEAR_ROWS - 1) / Q3_CPU_LINEAR_ROWS;
 }
 
+/* Multiply-adds below which an op runs on the calling thread alone: waking the pool costs
+ * more than it saves (tens of microseconds on a busy machine). */
+#define PARALLEL_MIN_WORK (256u << 10)
+
+/* Runs fn over ntasks tasks, on the pool when the op's work (about one multiply-add each) is
+ * worth it, else here. */
+static void run(struct cpu_bk *bk, int ntasks, q3_task_fn fn, void *ctx, uint64_t work)
+{
+	if (work >= PARALLEL_MIN_WORK) {
+		q3_pool_run(bk->pool, ntasks, fn, ctx);
+		return;
+	}
+	for (int i = 0; i < ntasks; i++)
+		fn(ctx, i, 0);
+}
+
 struct lin_batch {
 	struct lin_op *ops;
 	int n, ntasks;
+	uint64_t work; /* Σ N K T */
 };
 
 static void lin_add(struct lin_batch *b, const struct q3_cpu_linear *cl, const float *x, size_t ldx,
@@ -404,6 +421,7 @@ static void lin_add(struct lin_batch *b, const struct q3_cpu_linear *cl, const f
 {
 	b->ops[b->n] = (struct lin_op){ cl, x, ldx, T, y, ldy, b->ntasks };
 	b->ntasks += lin_tasks(cl);
+	b->work += (uint64_t)cl->l->N * cl->l->K * T;
 	b->n++;
 }
 
@@ -429,7 +447,7 @@ static void lin_task(void *ctx, int task, int worker)
 
 static void lin_run(struct cpu_bk *bk, struct lin_batch *b)
 {
-	q3_pool_run(bk->pool, b->ntasks, lin_task, b);
+	run(bk, b->ntasks, lin_task, b, b->work);
 }
 
 /* One Linear over R rows of width K into rows of width N. */
@@ -521,7 +539,7 @@ static void linear_attention(struct cpu_bk *bk, const struct cpu_layer *L, int R
 					bk->kn + (size_t)r * c->lin_key_dim + (size_t)kh * Dk,
 					u + (size_t)kh * Dk, u + c->lin_key_dim + (size_t)kh * Dk, Dk);
 	}
-	q3_pool_run(bk->pool, nseq * Nv, delta_task, &job);
+	run(bk, nseq * Nv, delta_task, &job, (uint64_t)R * Nv * Dk * Dv * 4);
 	linear(bk, &L->lin_out, bk->core, R, bk->out);
 }
 
@@ -548,6 +566,16 @@ static void attn_task(void *ctx, int task, int worker)
 			      kv_rows(bk, st, j->L->full, 0) + (size_t)kvh * D,
 			      kv_rows(bk, st, j->L->full, 1) + (size_t)kvh * D, (size_t)c->kv_dim,
 			      bk->row_pos[r] + 1, D, 1.0f / sqrtf((float)D), worker_scratch(bk, worker));
+}
+
+/* Multiply-adds of the attention of R rows: 2 D per visible position and head. */
+static uint64_t attn_work(const struct cpu_bk *bk, int R)
+{
+	uint64_t w = 0;
+
+	for (int r = 0; r < R; r++)
+		w += 2 * (uint64_t)(bk->row_pos[r] + 1) * bk->c->head_dim * bk->c->num_heads;
+	return w;
 }
 
 /* out = GatedAttention(xn) for every row (qwen3next.md 4.4); K and V of the rows are appended to
@@ -583,7 +611,7 @@ static void full_attention(struct cpu_bk *bk, const struct cpu_layer *L, int R)
 		}
 		memcpy(V, bk->vv + (size_t)r * c->kv_dim, sizeof(float) * c->kv_dim);
 	}
-	q3_pool_run(bk->pool, R * c->num_heads, attn_task, &job);
+	run(bk, R * c->num_heads, attn_task, &job, attn_work(bk, R));
 	linear(bk, &L->o, bk->att, R, bk->out);
 }
 

@@ -36,10 +36,16 @@ struct q3_session {
 	int pos;
 };
 
-static int pick_backend(const char *name, const struct q3_backend_ops **out, q3_err *e)
+/* The backend a name asks for; *fallback is set when another may be tried if it fails to open
+ * ("auto": CUDA where built, else or failing that the CPU). */
+static int pick_backend(const char *name, const struct q3_backend_ops **out,
+			const struct q3_backend_ops **fallback, q3_err *e)
 {
+	*fallback = NULL;
 	if (!name || !strcmp(name, "auto")) {
 		*out = q3_backend_cuda() ? q3_backend_cuda() : &q3_backend_cpu;
+		if (*out != &q3_backend_cpu)
+			*fallback = &q3_backend_cpu;
 		return 0;
 	}
 	if (!strcmp(name, "cpu")) {
@@ -71,6 +77,7 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 {
 	struct q3_engine *eng;
 	const struct q3_config *c;
+	const struct q3_backend_ops *fallback;
 	int err;
 
 	*out = NULL;
@@ -81,7 +88,7 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 	eng = calloc(1, sizeof(*eng));
 	if (!eng)
 		return q3_errf(e, -ENOMEM, "out of memory");
-	if ((err = pick_backend(o->backend, &eng->ops, e)))
+	if ((err = pick_backend(o->backend, &eng->ops, &fallback, e)))
 		goto fail;
 	if ((err = q3_ckpt_open(o->model_dir, &eng->ck, e)) ||
 	    (err = q3_model_bind(eng->ck, &eng->m, e)) || (err = q3_ckpt_map(eng->ck, e)) ||
@@ -106,7 +113,15 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 		err = q3_errf(e, -ENOMEM, "out of memory");
 		goto fail;
 	}
-	if ((err = eng->ops->open(eng->m, &eng->bo, &eng->bk, e)))
+	err = eng->ops->open(eng->m, &eng->bo, &eng->bk, e);
+	if (err && fallback) {
+		if (!o->quiet)
+			q3_info("engine: backend %s unavailable (%s); using %s", eng->ops->name, e ? e->msg : "",
+				fallback->name);
+		eng->ops = fallback;
+		err = eng->ops->open(eng->m, &eng->bo, &eng->bk, e);
+	}
+	if (err)
 		goto fail;
 	if (!o->quiet)
 		q3_info("engine: %s, %d layers, backend %s, %d threads, max_ctx %d, max_batch %d",

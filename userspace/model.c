@@ -427,7 +427,8 @@ int q3_model_bind(struct q3_ckpt *ck, struct q3_model **out, q3_err *e)
 	if (b.nerr) {
 		q3_model_free(m);
 		if (b.nerr > 1)
-			return q3_errf(e, -EINVAL, "%s (and %d more problems)", b.first.msg, b.nerr - 1);
+			return q3_errf(e, -EINVAL, "%s (and %d more problem%s)", b.first.msg, b.nerr - 1,
+				       b.nerr > 2 ? "s" : "");
 		return q3_errf(e, -EINVAL, "%s", b.first.msg);
 	}
 	*out = m;

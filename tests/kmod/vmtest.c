@@ -293,6 +293,7 @@ static void test_load(void)
 	expect(load_module("nodes=0-x"), -EINVAL, "insmod nodes=0-x");
 	expect(load_module("pool_mb=100000 nodes=0"), -EINVAL,
 	       "insmod pool_mb=100000 (more than the node has)");
+	expect(load_module("pool_mb=18446744073709551615"), -EINVAL, "insmod pool_mb=2^64-1");
 	check(stat(SYS, &st) && errno == ENOENT, "failed loads leave no %s", SYS);
 	snprintf(params, sizeof(params), "pool_mb=%d nodes=0-1 debug_ioctls=1", POOL_MB);
 	if (!expect(load_module(params), 0, "insmod qwen3mm pool_mb=32 nodes=0-1 debug_ioctls=1"))
@@ -321,6 +322,8 @@ static void test_sysfs(void)
 		{ "knobs/cpu_expert_threads", "4097" }, { "knobs/cpu_expert_threads", "1.5" },
 		{ "node0/pool_mb", "abc" },             { "node0/pool_mb", "-2" },
 		{ "node0/pool_mb", "99999999" },        { "node1/pool_mb", "\n" },
+		{ "node0/pool_mb", "17592186044415" },  { "node0/pool_mb", "18446744073709551615" },
+		{ "node0/pool_mb", "18446744073709551616" },
 	};
 	static const struct bad_write good[] = {
 		{ "knobs/read_chunk_kb", "4096" },        { "knobs/queue_depth", "4096" },
@@ -395,6 +398,34 @@ static void test_sysfs(void)
 	      sysfs_num(SYS "/node0/pool_mb"));
 	expect(sysfs_write(SYS "/node0/pool_mb", "32"), 0, "shrink node0 back to 32 MiB");
 	check(sysfs_num(SYS "/node0/free_bytes") == 32 * MiB, "node0 free is 32 MiB again");
+}
+
+/* udev/qwen3mm-knobs against the real sysfs: good lines applied, bad ones reported */
+static void test_udev_helper(void)
+{
+	static const char conf[] = "# test\nqueue_depth=64\nexpert_cache_policy=static\n"
+				   "read_chunk_kb=1000\nbogus=1\nnode1/pool_mb=36\nno equals sign\n";
+	char policy[64];
+	FILE *f = fopen("/tmp/qwen3mm.conf", "w");
+	int status;
+
+	if (!check(f && fputs(conf, f) >= 0 && !fclose(f), "write a qwen3mm.conf for the udev helper"))
+		return;
+	status = system("QWEN3MM_CONF=/tmp/qwen3mm.conf /qwen3mm-knobs 2>/tmp/knobs.err");
+	check(WIFEXITED(status) && WEXITSTATUS(status) == 1,
+	      "udev helper exits 1 when a line is refused (%d)", status);
+	sysfs_read(SYS "/knobs/expert_cache_policy", policy, sizeof(policy));
+	check(sysfs_num(SYS "/knobs/queue_depth") == 64 && !strcmp(policy, "lru lfu [static]") &&
+	      sysfs_num(SYS "/node1/pool_mb") == 36,
+	      "udev helper applied the good lines (queue_depth, policy, node1/pool_mb)");
+	check(sysfs_num(SYS "/knobs/read_chunk_kb") == 8192,
+	      "the module refused read_chunk_kb=1000 and kept 8192");
+	status = system("grep -q \"refused '1000'\" /tmp/knobs.err && grep -q \"unknown name 'bogus'\" "
+			"/tmp/knobs.err && grep -q 'not NAME=VALUE' /tmp/knobs.err");
+	check(WIFEXITED(status) && !WEXITSTATUS(status), "udev helper names each refused line");
+	sysfs_write(SYS "/knobs/queue_depth", "32");
+	sysfs_write(SYS "/knobs/expert_cache_policy", "lru");
+	sysfs_write(SYS "/node1/pool_mb", "32");
 }
 
 /* ---- phase 3: invalid ioctls and mmaps -------------------------------------------------- */
@@ -922,20 +953,70 @@ static void test_unload(struct snap start)
 	expect(unload_module(), 0, "rmmod again");
 }
 
+/* A pipe keeps page references (vmsplice) past the buffer, the file and the module itself. */
+static void test_unload_with_referenced_pages(void)
+{
+	char *p, *copy = malloc(64 * 1024);
+	struct qwen3mm_alloc a;
+	struct iovec iov;
+	int fd, pp[2];
+	ssize_t n;
+
+	if (!expect(load_module("pool_mb=4 nodes=0"), 0, "insmod pool_mb=4 nodes=0"))
+		return;
+	fd = dev_open();
+	if (dev_alloc(fd, 4 * MiB, 0, 0, &a) || !(p = dev_map(fd, &a, 4 * MiB, 0)) || pipe(pp)) {
+		check(false, "set up the vmsplice check");
+		return;
+	}
+	fill(p, 64 * 1024, 4242);
+	iov = (struct iovec){ .iov_base = p, .iov_len = 64 * 1024 };
+	n = vmsplice(pp[1], &iov, 1, 0);
+	check(n == 64 * 1024, "vmsplice 64 KiB of the mapping into a pipe (%zd)", n);
+	munmap(p, 4 * MiB);
+	close(fd);
+	check(sysfs_num(SYS "/buffers") == 0 && sysfs_num(SYS "/held_bytes") == (long long)CHUNK &&
+	      sysfs_num(SYS "/free_bytes") == (long long)CHUNK,
+	      "the chunk the pipe references is held, the other is free");
+	expect(unload_module(), 0, "rmmod while only a pipe references pool pages");
+	check(read(pp[0], copy, 64 * 1024) == 64 * 1024 && matches(copy, 64 * 1024, 4242),
+	      "the pipe still reads the data after rmmod");
+	close(pp[0]);
+	close(pp[1]);
+	free(copy);
+}
+
+/* the kernel log, malloc'ed and NUL-terminated */
+static char *read_dmesg(void)
+{
+	int n = klogctl(10 /* SYSLOG_ACTION_SIZE_BUFFER */, NULL, 0);
+	char *buf = malloc(n > 0 ? n + 1 : 1);
+
+	n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, buf, n > 0 ? n : 0);
+	buf[n > 0 ? n : 0] = 0;
+	return buf;
+}
+
+static bool dmesg_has(const char *needle)
+{
+	char *buf = read_dmesg();
+	bool found = strstr(buf, needle) != NULL;
+
+	free(buf);
+	return found;
+}
+
 static void test_dmesg(void)
 {
 	static const char *const bad[] = { "WARNING:", "BUG:", "Oops", "Call Trace", "general protection",
 		"Bad page", "refcount_t:" };
-	int n = klogctl(10 /* SYSLOG_ACTION_SIZE_BUFFER */, NULL, 0);
-	char *buf = malloc(n > 0 ? n + 1 : 1);
+	char *buf = read_dmesg();
 	const char *hit = NULL;
 
-	n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, buf, n > 0 ? n : 0);
-	buf[n > 0 ? n : 0] = 0;
 	for (size_t i = 0; i < Q3_ARRAY_SIZE(bad) && !hit; i++)
 		if (strstr(buf, bad[i]))
 			hit = bad[i];
-	if (!check(n > 0 && !hit, "dmesg has no WARNING:/BUG:/Oops (%s)", hit ? hit : "clean"))
+	if (!check(*buf && !hit, "dmesg has no WARNING:/BUG:/Oops (%s)", hit ? hit : "clean"))
 		printf("%s\n", buf);
 	free(buf);
 }
@@ -954,6 +1035,7 @@ static int run(void)
 
 	test_load();
 	test_sysfs();
+	test_udev_helper();
 	start = pool_snap(SYS);
 	fd = dev_open();
 	if (check(fd >= 0, "open %s", QWEN3MM_DEVICE)) {
@@ -966,6 +1048,9 @@ static int run(void)
 		close(fd);
 	}
 	test_unload(start);
+	test_unload_with_referenced_pages();
+	check(dmesg_has("chunks still pinned by others, freed when they unpin"),
+	      "rmmod said it left the referenced chunk to its holder");
 	test_dmesg();
 	printf("# %d passed, %d failed\n", n_pass, n_fail);
 	return n_fail ? 1 : 0;
