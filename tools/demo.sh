@@ -2,7 +2,7 @@
 # tools/demo.sh [BUILD] - serves a small demo model so that qwen3d runs with no checkpoint at hand.
 #
 # Generates (once) a tiny Qwen3-Next with random weights and the real Qwen3 tokenizer (151,936 ids,
-# so decoded text is real text) in demo/model, then runs `qwen3d start --foreground` on it.
+# so decoded text is real text) in demo/qwen3-next-tiny-random, then runs `qwen3d start --foreground` on it.
 # Its answers are noise: the weights were never trained.  Environment: QWEN3D_DEMO_DIR (default
 # demo/), PORT (default 8000), HOST (default 127.0.0.1); extra arguments go to qwen3d start.
 set -eu
@@ -11,14 +11,15 @@ BUILD=${1:-build}
 Q=$BUILD/qwen3d
 DIR=${QWEN3D_DEMO_DIR:-demo}
 PORT=${PORT:-8000}
+MODEL=$DIR/qwen3-next-tiny-random # its folder name is the model id the API reports
 HOST=${HOST:-127.0.0.1}
 
 [ -x "$Q" ] || { echo "tools/demo.sh: $Q is missing: run make first" >&2; exit 1; }
-if [ ! -f "$DIR/model/config.json" ] || [ ! -f "$DIR/model/tokenizer.json" ]; then
+if [ ! -f "$MODEL/config.json" ] || [ ! -f "$MODEL/tokenizer.json" ]; then
 	mkdir -p "$DIR"
-	echo "demo: writing a tiny random-weight model with the real tokenizer to $DIR/model ..."
-	"$Q" mkmodel --preset tiny --vocab 151936 --out "$DIR/model" --force --no-direct --quiet
-	cp tests/fixtures/tokenizer/tokenizer.json tests/fixtures/tokenizer/tokenizer_config.json "$DIR/model/"
+	echo "demo: writing a tiny random-weight model with the real tokenizer to $MODEL ..."
+	"$Q" mkmodel --preset tiny --vocab 151936 --out "$MODEL" --force --no-direct --quiet
+	cp tests/fixtures/tokenizer/tokenizer.json tests/fixtures/tokenizer/tokenizer_config.json "$MODEL/"
 fi
 
 cat <<EOF
@@ -37,7 +38,7 @@ cat <<EOF
   The real model: download a GPTQ int4 Qwen3-Next-80B-A3B-Instruct checkpoint (config.json,
   *.safetensors, tokenizer.json, tokenizer_config.json in one folder) and run
     $Q start --model /path/to/Qwen3-Next-80B-A3B-Instruct-int4
-  (README.md lists checkpoints known to work).  Ctrl-C stops the demo.
+  Ctrl-C stops the demo.
 
 EOF
-exec "$Q" start --foreground --model "$DIR/model" --run-dir "$DIR/run" --host "$HOST" --port "$PORT" "$@"
+exec "$Q" start --foreground --model "$MODEL" --run-dir "$DIR/run" --host "$HOST" --port "$PORT" "$@"
