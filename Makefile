@@ -55,19 +55,21 @@ NVFLAGS  := -O3 -g -lineinfo -std=c++17 $(CUDA_ARCH) -Iuserspace -Ikernels -Ikmo
             -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -lstdc++
 CPPFLAGS += -DHAVE_CUDA=1
+# a group: C code calls the CUDA library and the CUDA library calls C helpers (q3_errf);
 # -u: pull the CUDA backend out of its archive (engine.c refers to it weakly, backend.h)
-MAIN_LIBS := -Wl,-u,q3_backend_cuda $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a $(CUDA_LIBS)
+MAIN_LIBS := -Wl,-u,q3_backend_cuda -Wl,--start-group $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a -Wl,--end-group $(CUDA_LIBS)
 else
 MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
 
-.PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz \
+.PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz demo \
         fuzz-build fuzz-lib lib deps clean help format
 
 all: $(BUILD)/qwen3d
 
 help:
 	@echo "make            build build/qwen3d (CPU backend; CUDA backend too where nvcc exists)"
+	@echo "make demo       build, make a tiny random-weight model with the real tokenizer, serve it"
 	@echo "make test       every CPU test: unit, fixture parity, CLI, ASan, fuzz smoke, kmod VM, API"
 	@echo "make test-unit  the cmocka programs only"
 	@echo "make gpu        the CUDA library and GPU test programs (needs nvcc)"
@@ -137,9 +139,9 @@ gpu test-gpu:
 endif
 
 # ---- tests -----------------------------------------------------------------------------------
-$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a $(if $(HAVE_CUDA),$(BUILD)/libqwen3d_cuda.a)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libqwen3d.a -lcmocka $(LIBS) $(LDFLAGS)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(MAIN_LIBS) -lcmocka $(LIBS) $(LDFLAGS)
 
 test-unit: $(TEST_BIN) $(BUILD)/qwen3d
 	bash tests/run.sh $(BUILD) unit
@@ -156,6 +158,9 @@ test-asan:
 
 test-api: $(BUILD)/qwen3d
 	bash tests/api/run.sh $(BUILD)
+
+demo: $(BUILD)/qwen3d
+	bash tools/demo.sh $(BUILD)
 
 test-kmod:
 	bash tests/kmod/run.sh

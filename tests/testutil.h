@@ -1,4 +1,4 @@
-/* testutil.h - helpers shared by the cmocka tests: temp dirs and file copies (tu_*), the fixtures' reference tensors, numeric
+/* testutil.h - helpers shared by the cmocka tests: the fixtures' reference tensors, numeric
  * comparisons in the style of style-anchors principle 4 (NaN/Inf first, then a scale-free error,
  * first mismatches printed), a seeded random generator.  Header-only; include once per test. */
 #pragma once
@@ -10,11 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <cmocka.h>
 
 #include "safetensors.h"
@@ -178,7 +173,15 @@ static inline void rng_fill(float *x, size_t n, float scale)
 		x[i] = scale * rng_f();
 }
 
-/* ---- temp dirs and files ---- */
+/* ---- temp dirs and files (tests that build corrupted copies of fixtures) ---- */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 static inline char *tu_mkdtemp(void)
 {

@@ -7,6 +7,7 @@
  * most max_tokens tokens.
  */
 #include "engine.h"
+#include "loader.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -24,6 +25,8 @@
 struct q3_engine {
 	struct q3_ckpt *ck;
 	struct q3_model *m;
+	struct q3_load *ld; /* the weights' host memory (loader.h) */
+	struct q3_load_stats load;
 	const struct q3_backend_ops *ops;
 	void *bk;
 	struct q3_backend_opts bo;
@@ -70,6 +73,7 @@ void q3_engine_close(struct q3_engine *eng)
 		eng->ops->close(eng->bk);
 	free(eng->seqs);
 	q3_model_free(eng->m);
+	q3_load_free(eng->ld);
 	q3_ckpt_close(eng->ck);
 	free(eng);
 }
@@ -92,8 +96,19 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 	if ((err = pick_backend(o->backend, &eng->ops, &fallback, e)))
 		goto fail;
 	if ((err = q3_ckpt_open(o->model_dir, &eng->ck, e)) ||
-	    (err = q3_model_bind(eng->ck, &eng->m, e)) || (err = q3_ckpt_map(eng->ck, e)) ||
-	    (err = q3_model_check_data(eng->m, e)))
+	    (err = q3_model_bind(eng->ck, &eng->m, e)))
+		goto fail;
+	{
+		/* Every tensor's home is pinned RAM here; backends copy what they want on the device. */
+		struct q3_load_opts lo = { .node = -1, .progress = !o->quiet };
+
+		if ((err = q3_load(eng->ck, &lo, &eng->ld, &eng->load, e)))
+			goto fail;
+		if (!o->quiet && eng->ck->total_bytes > (64u << 20))
+			q3_info("engine: loaded %.2f GB in %.2f s (%s; %s)", eng->load.bytes / 1e9,
+				eng->load.t_total, eng->load.path, eng->load.mem);
+	}
+	if ((err = q3_model_check_data(eng->m, e)))
 		goto fail;
 	c = &eng->ck->cfg;
 	eng->bo = (struct q3_backend_opts){
