@@ -378,13 +378,12 @@ static int dtype_code(enum q3_dtype dt)
 	return dt == Q3_DT_F32 ? 0 : dt == Q3_DT_F16 ? 1 : 2;
 }
 
-/* Copies n bytes from host memory src into the stage at offset off (pinned bounce, then H2D). */
+/* Copies n bytes from host memory src (the loader's RAM home: pinned or not, the driver copes)
+ * into the device stage at offset off. */
 static int stage_put(struct q3g_stage *sg, size_t off, const void *src, size_t n, cudaStream_t st,
 		     q3_err *e)
 {
-	memcpy((char *)sg->host + off, src, n);
-	CUDA_CHECK(e, cudaMemcpyAsync((char *)sg->dev + off, (char *)sg->host + off, n,
-				      cudaMemcpyHostToDevice, st));
+	CUDA_CHECK(e, cudaMemcpyAsync((char *)sg->dev + off, src, n, cudaMemcpyHostToDevice, st));
 	return 0;
 }
 

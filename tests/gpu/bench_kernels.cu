@@ -357,11 +357,15 @@ int main(int argc, char **argv)
 	bench_linear("out_proj / o_proj", 2048, 4096, LIN_GPTQ, 1, st);
 	bench_linear("expert gate (one)", 512, 2048, LIN_GPTQ, 1, st);
 	bench_linear("router", 512, 2048, LIN_BF16, 1, st);
+	/* mkmodel's 80b-a3b keeps the dense projections bf16 by default */
+	bench_linear("qkvz bf16", 12288, 2048, LIN_BF16, 1, st);
+	bench_linear("out_proj bf16", 2048, 4096, LIN_BF16, 1, st);
 	bench_linear("lm_head", 151936, 2048, LIN_BF16, 1, st);
 	bench_moe(512, 10, 2048, 512, 1, st);
 	bench_linear("qkvz", 12288, 2048, LIN_GPTQ, 16, st);
 	bench_linear("out_proj / o_proj", 2048, 4096, LIN_GPTQ, 16, st);
 	bench_linear("lm_head", 151936, 2048, LIN_BF16, 16, st);
+	bench_linear("qkvz bf16", 12288, 2048, LIN_BF16, 16, st);
 	bench_moe(512, 10, 2048, 512, 16, st);
 	bench_gdn_layers(8, 1, st);
 	bench_gdn_layers(8, 16, st);
