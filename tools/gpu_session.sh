@@ -140,11 +140,21 @@ else
 fi
 
 # ---- 3. ops against the CPU reference -------------------------------------------------------------
-step test_ops "$(cap 240 240)" "$(prog test_ops)"
-rc=$?
-grep -E '^(FAIL|==)' "$LOGS/test_ops.log" | head -40
-add "test_ops (every op vs cpu_ref)" "$(grep -m1 '^== test_ops' "$LOGS/test_ops.log" | sed 's/== test_ops: //') exit $rc"
-if [ $rc != 0 ] && [ $rc != 77 ] && command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 300 ]; then
+# one process per group of ops: a fault in one group does not hide the others' results
+OPS_PASS=0 OPS_FAIL=0 OPS_BAD=""
+for grp in "linear" "expand" "rmsnorm,embed" "conv1d,delta" "attn" "router,moe" "sample"; do
+	name=test_ops_$(echo "$grp" | tr -c 'a-z0-9\n' '_' | sed 's/_*$//')
+	step "$name" "$(cap 120 200)" "$(prog test_ops)" "$grp"
+	rc=$?
+	grep -E '^(FAIL|==)' "$LOGS/$name.log" | head -20
+	p=$(grep -m1 '^== test_ops' "$LOGS/$name.log" | sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed/\1/')
+	f=$(grep -m1 '^== test_ops' "$LOGS/$name.log" | sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed/\2/')
+	OPS_PASS=$((OPS_PASS + ${p:-0}))
+	OPS_FAIL=$((OPS_FAIL + ${f:-0}))
+	[ $rc = 0 ] || [ $rc = 77 ] || OPS_BAD="$OPS_BAD $grp(exit $rc)"
+done
+add "test_ops (every op vs cpu_ref)" "$OPS_PASS passed, $OPS_FAIL failed${OPS_BAD:+; failing groups:$OPS_BAD}"
+if [ -n "$OPS_BAD" ] && command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 300 ]; then
 	step sanitizer "$(cap 90 200)" compute-sanitizer --tool memcheck --print-limit 20 "$(prog test_ops)" \
 		"small,edges,g32,K=80,v2,fallback,3 jobs,R=2,R=5"
 	grep -m 30 -E '=========|FAIL' "$LOGS/sanitizer.log"
