@@ -45,9 +45,9 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_const
 		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0) * cb, (uint32_t)((c1 - c0) * cb));
 	pdl_wait();
 	if (jb.xh) {
-		__shared__ float rs[Q3G_MMV_MAX_TOK];
+		__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];
 
-		stage_x_norm(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
+		stage_x_norm(xs, rs, nred, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
 	} else {
 		stage_x_bf16(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
 	}

@@ -138,9 +138,9 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid
 	const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
 
 	if (L.xh) {
-		__shared__ float rs[1];
+		__shared__ float rs[1], nred[32];
 
-		stage_x_norm(xs, rs, L.xh + (size_t)r * L.H, L.H, 1, m.K, Kp, perm, L.normw, L.eps);
+		stage_x_norm(xs, rs, nred, L.xh + (size_t)r * L.H, L.H, 1, m.K, Kp, perm, L.normw, L.eps);
 	} else {
 		stage_x_bf16(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, perm);
 	}

@@ -151,22 +151,32 @@ static __device__ __forceinline__ void stage_x_bf16(uint16_t *xs, const uint16_t
 }
 
 /* The zero-centred RMSNorm folded into staging: rs[r] = rsqrt(mean(h[r]²) + eps) for rows
- * r < R (one warp per row), then the same staging as stage_x_bf16 of the values
- * bf16(h · rs · (1 + w)) - exactly what q3g_add_rmsnorm writes.  Contains a barrier. */
-static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, const float *h, int ldh, int R, int K,
-						    int Kp, const uint16_t *perm, const float *w, float eps)
+ * r < R (R <= Q3G_MMV_MAX_TOK; the whole block sums each row, red: Q3G_MMV_MAX_TOK x 32 floats of
+ * shared memory), then the same staging as stage_x_bf16 of the values bf16(h · rs · (1 + w)) -
+ * exactly what q3g_add_rmsnorm writes.  Contains barriers: call from every thread. */
+static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, float *red, const float *h, int ldh,
+						    int R, int K, int Kp, const uint16_t *perm, const float *w,
+						    float eps)
 {
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5, half = Kp >> 1;
 
-	for (int r = warp; r < R; r += nw) {
+	for (int r = 0; r < R; r++) {
 		const float *hr = h + (size_t)r * ldh;
 		float ss = 0.0f;
 
-		for (int k = lane; k < K; k += 32)
+		for (int k = threadIdx.x; k < K; k += blockDim.x)
 			ss += hr[k] * hr[k];
 		ss = warp_sum(ss);
 		if (lane == 0)
-			rs[r] = rsqrtf(ss / (float)K + eps);
+			red[r * 32 + warp] = ss;
+	}
+	__syncthreads();
+	if (threadIdx.x < R) {
+		float ss = 0.0f;
+
+		for (int i = 0; i < nw; i++)
+			ss += red[threadIdx.x * 32 + i];
+		rs[threadIdx.x] = rsqrtf(ss / (float)K + eps);
 	}
 	__syncthreads();
 	for (int i = threadIdx.x; i < R * half; i += blockDim.x) {
