@@ -1,4 +1,4 @@
-/* common.cuh - what every CUDA file of kernels/ shares: the one error check (CUDA_CHECK), bf16
+/* common.cuh - what every CUDA file of kernels/ shares: the one error check (CUDA_CHECK), fp16/bf16
  * helpers, warp reductions, the tensor-core mma wrapper and the streaming weight load.
  *
  * Error handling follows the project's rule (library code returns -errno with a one-line reason):
@@ -7,6 +7,7 @@
  */
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdint.h>
@@ -53,6 +54,32 @@ static __device__ __forceinline__ uint32_t pack_bf2(float a, float b)
 	return *reinterpret_cast<uint32_t *>(&v);
 }
 
+/* fp16 is what the tensor-core path carries (11 significant bits: activations rounded 8x less
+ * than bf16); values beyond its range saturate to +-65504 instead of becoming infinite (NaN
+ * stays NaN). */
+static __device__ __forceinline__ float sat_f16(float x)
+{
+	return x > 65504.0f ? 65504.0f : x < -65504.0f ? -65504.0f : x;
+}
+
+/* Two floats as one fp16x2 word (lo = a, the lower index), saturating. */
+static __device__ __forceinline__ uint32_t pack_h2(float a, float b)
+{
+	__half2 v = __floats2half2_rn(sat_f16(a), sat_f16(b));
+	return *reinterpret_cast<uint32_t *>(&v);
+}
+
+/* One float as fp16 bits, saturating. */
+static __device__ __forceinline__ uint16_t f2h_bits(float x)
+{
+	return __half_as_ushort(__float2half_rn(sat_f16(x)));
+}
+
+static __device__ __forceinline__ float h_bits2f(uint16_t h)
+{
+	return __half2float(__ushort_as_half(h));
+}
+
 static __device__ __forceinline__ float warp_sum(float v)
 {
 #pragma unroll
@@ -94,12 +121,12 @@ static __device__ __forceinline__ float dev_silu(float x)
 	return x / (1.0f + __expf(-x));
 }
 
-/* d += a * b: one m16n8k16 tensor-core product, bf16 inputs, fp32 accumulators.
+/* d += a * b: one m16n8k16 tensor-core product, fp16 inputs, fp32 accumulators.
  * a: 4 words (rows g, g+8 x k pairs 2t, 2t+8), b: 2 words (k pairs 2t, 2t+8 of token g),
  * d: rows g, g+8 x tokens 2t, 2t+1 (g = lane / 4, t = lane % 4). */
-static __device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2])
+static __device__ __forceinline__ void mma_f16(float d[4], const uint32_t a[4], const uint32_t b[2])
 {
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
 		     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
 		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
 		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -123,10 +150,10 @@ static __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32
 	return r;
 }
 
-/* bf16x2 a - b (exact when both are small integers, as in the dequantization below). */
-static __device__ __forceinline__ uint32_t bf2_sub(uint32_t a, uint32_t b)
+/* fp16x2 a - b (exact when both are small integers, as in the dequantization). */
+static __device__ __forceinline__ uint32_t h2_sub(uint32_t a, uint32_t b)
 {
-	bf162 r = __hsub2(*reinterpret_cast<bf162 *>(&a), *reinterpret_cast<bf162 *>(&b));
+	__half2 r = __hsub2(*reinterpret_cast<__half2 *>(&a), *reinterpret_cast<__half2 *>(&b));
 	return *reinterpret_cast<uint32_t *>(&r);
 }
 

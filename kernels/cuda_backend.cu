@@ -2,7 +2,7 @@
  * kernels of gpu.h.
  *
  * open       every weight is uploaded and repacked into the tile format (GPTQ int4/int8 stay
- *            quantized; dense weights become bf16), in_proj_qkvz / in_proj_ba rows reordered to
+ *            quantized; dense weights become fp16), in_proj_qkvz / in_proj_ba rows reordered to
  *            [q | k | v | z] and [b | a]; activation scratch for max_tokens rows is allocated.
  * state_new  one device allocation per session: KV cache (bf16) of the full-attention layers,
  *            conv states (fp32, double-buffered: a call reads one half and writes the other),

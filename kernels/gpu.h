@@ -4,7 +4,8 @@
  *
  * Conventions (all pointers are device pointers unless marked host):
  *  - activations are rows: R tokens of the call, sequence after sequence, row-major; the residual
- *    stream and every Linear output are fp32, the inputs of Linears are bf16 (uint16_t here);
+ *    stream and every Linear output are fp32, the inputs of Linears are fp16 (uint16_t here;
+ *    the KV cache and attention queries are bf16);
  *  - norms, softmax, the delta-rule state and all accumulations are fp32;
  *  - per-token and per-sequence facts (ids, positions, which session state a row belongs to)
  *    come from a struct q3g_rows that lives on the device, so that one captured CUDA graph
@@ -37,13 +38,13 @@ typedef struct CUstream_st *q3g_stream; /* = cudaStream_t */
 enum q3g_wfmt {
 	Q3G_Q4 = 0,   /* GPTQ 4-bit codes, scale per (group, row), optional zero points */
 	Q3G_Q8 = 1,   /* GPTQ 8-bit codes */
-	Q3G_BF16 = 2, /* dense bf16 (dense checkpoints; GPTQ layouts the fast path does not take) */
+	Q3G_F16 = 2,  /* dense fp16 (dense checkpoints; GPTQ layouts the fast path does not take) */
 };
 
 /* A Linear y = x·Wᵀ (W [N][K]) in tile format on the device: tiles of 16 output rows, chunks of
  * 64 inputs, each chunk laid out so that lane l of a warp reads the mma A fragments of its four
  * k-steps with 16-byte loads (see gpu_weights.cu for the exact bit layout).  Codes are stored as
- * is; the kernels compute s · (q − z) with q − z exact in bf16 and apply s per group in fp32.
+ * is; the kernels compute s · (q − z) with q − z exact in fp16 and apply s per group in fp32.
  *
  * A stack of E matrices of one shape (the routed experts of a layer) shares one descriptor: matrix
  * e starts at data + e·data_stride bytes, and likewise for scales, zeros and perm. */
@@ -52,11 +53,11 @@ struct q3g_mat {
 	int N, K;		/* true sizes */
 	int ntiles;		/* ceil(N / 16) */
 	int nchunks;		/* ceil(K / 64) */
-	int gsteps;		/* k-steps of 16 per scale group (group_size / 16); 0 for bf16 */
+	int gsteps;		/* k-steps of 16 per scale group (group_size / 16); 0 for fp16 */
 	int ngroups;		/* scale groups per row, padding included */
 	int nmat;		/* matrices in the stack (1 for a plain Linear) */
 	const void *data;	/* [nmat][ntiles][nchunks][chunk bytes] */
-	const float *scales;	/* [nmat][ntiles][ngroups][16]; NULL for bf16 */
+	const float *scales;	/* [nmat][ntiles][ngroups][16]; NULL for fp16 */
 	const float *zeros;	/* [nmat][ntiles][ngroups][16] zero points; NULL: symmetric (8 or 128) */
 	const uint16_t *perm;	/* [nmat][nchunks * 64]: position -> input index (act-order), >= K:
 				 * padding; NULL: identity */
@@ -64,7 +65,7 @@ struct q3g_mat {
 };
 
 /* Host-side plan of a stack: format and sizes, decided from the stored Linears (all of one
- * shape).  Falls back to bf16 when a GPTQ layout is outside the fast path (group not a multiple
+ * shape).  Falls back to fp16 when a GPTQ layout is outside the fast path (group not a multiple
  * of 16, K not a multiple of 16, an act-order g_idx whose sorted groups are not contiguous runs
  * of group_size).  rowmap (host, [N] or NULL): output row n of the tile format is stored row
  * rowmap[n] (used to reorder in_proj_qkvz into [q | k | v | z]). */
@@ -94,7 +95,7 @@ struct q3g_stage {
 int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, const int *rowmap,
 		   struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
 
-/* W of matrix idx as bf16 row-major [N][K] in the original input order (for cuBLAS and tests). */
+/* W of matrix idx as fp16 row-major [N][K] in the original input order (for cuBLAS and tests). */
 int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, struct q3_err *e);
 
 /* ---- per-call rows and sessions ------------------------------------------------------------- */
@@ -139,7 +140,7 @@ int q3g_init(struct q3_err *e);
 int q3g_embed(float *h, const uint16_t *embed, struct q3g_rows rows, int R, int H, q3g_stream st,
 	      struct q3_err *e);
 
-/* For each row: h += a (a may be NULL), then y = bf16(h · rsqrt(mean(h²) + eps) · (1 + w)).
+/* For each row: h += a (a may be NULL), then y = fp16(h · rsqrt(mean(h²) + eps) · (1 + w)).
  * rows_idx (optional, [R]): normalize only rows rows_idx[i] of h into row i of y. */
 int q3g_add_rmsnorm(float *h, const float *a, uint16_t *y, const float *w, const int *rows_idx, int R,
 		    int n, float eps, q3g_stream st, struct q3_err *e);
@@ -152,7 +153,7 @@ enum q3g_epi {
 
 struct q3g_job {
 	struct q3g_mat w;	 /* the descriptor (by value: launches carry it as a parameter) */
-	const uint16_t *x;	 /* bf16 [R][ldx] */
+	const uint16_t *x;	 /* fp16 [R][ldx] */
 	float *y;		 /* fp32 [R][ldy] */
 	int ldx, ldy, epi;
 	/* q3g_mmv only, instead of x: the residual stream h (fp32 [R][ldx]) and a zero-centred
@@ -164,7 +165,7 @@ struct q3g_job {
 /* Up to Q3G_MMV_MAX_JOBS Linears on R <= Q3G_MMV_MAX_TOK rows, one launch, tensor cores. */
 int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream st, struct q3_err *e);
 
-/* The same Linear on R rows of any count (prefill): W expanded to bf16 row-major into wtmp
+/* The same Linear on R rows of any count (prefill): W expanded to fp16 row-major into wtmp
  * ([N][K]) and multiplied by cuBLAS (cublas: a cublasHandle_t). */
 int q3g_gemm(void *cublas, const struct q3g_job *job, int R, uint16_t *wtmp, q3g_stream st,
 	     struct q3_err *e);
@@ -178,7 +179,7 @@ int q3g_conv1d_silu(float *u, const float *qkvz, int ldq, const float *cw, struc
 /* The delta rule for every sequence and value head: l2norm q, k (q scaled by Dk^-0.5), gates
  * beta = sigmoid(b), g = -exp(A_log)·softplus(a + dt_bias) from ba [R][2 Nv] ([b | a]), then the
  * recurrence on the sequence's state (layer lin), output o.  With fuse_norm (every sequence feeds
- * one token): o is written gated-normed, bf16, to core [R][value_dim] (z [R][ldz] the gate,
+ * one token): o is written gated-normed, fp16, to core [R][value_dim] (z [R][ldz] the gate,
  * normw [Dv]); else raw fp32 to o [R][value_dim]. */
 int q3g_delta(const float *u, const float *ba, const float *A_log, const float *dt_bias, float *o,
 	      uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
@@ -194,7 +195,7 @@ int q3g_delta_decode(const float *qkvz, int ldq, const float *cw, const float *b
 		     const float *normw, bool fuse_norm, struct q3g_rows rows, int nseq, int lin,
 		     const struct q3g_dims *d, q3g_stream st, struct q3_err *e);
 
-/* core[r][j·Dv + c] = bf16(w[c] · o · rsqrt(mean_c(o²) + eps) · silu(z)) per row and value head. */
+/* core[r][j·Dv + c] = fp16(w[c] · o · rsqrt(mean_c(o²) + eps) · silu(z)) per row and value head. */
 int q3g_gated_rmsnorm(uint16_t *core, const float *o, const float *z, int ldz, const float *w, int R,
 		      int nheads, int Dv, float eps, q3g_stream st, struct q3_err *e);
 
@@ -207,7 +208,7 @@ int q3g_attn_prep(uint16_t *q, const float *qg, const float *k, const float *v, 
 
 /* Decode attention (flash-decoding): each row attends over its cache positions [0, pos] in up to
  * nsplit splits; part: scratch [R][Hq][nsplit][D + 2] fp32.  Then the splits are combined and
- * multiplied by sigmoid(gate) into att (bf16 [R][q_dim]). */
+ * multiplied by sigmoid(gate) into att (fp16 [R][q_dim]). */
 int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *part, int nsplit,
 		    struct q3g_rows rows, int R, int full, const struct q3g_dims *d, q3g_stream st,
 		    struct q3_err *e);
@@ -232,7 +233,7 @@ int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, in
 int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
 	       const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
 	       int k, int H, int ldgu, q3g_stream st, struct q3_err *e);
-/* The same with the input normalized in place: x = bf16(RMSNorm(h)·(1 + normw)), h [R][H]. */
+/* The same with the input normalized in place: x = fp16(RMSNorm(h)·(1 + normw)), h [R][H]. */
 int q3g_moe_up_norm(float *gu, const float *h, const float *normw, float eps, const int *idx,
 		    const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *sgate,
 		    const struct q3g_mat *sup, int R, int k, int H, int ldgu, q3g_stream st,

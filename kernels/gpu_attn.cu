@@ -210,7 +210,7 @@ __global__ void attn_combine_kernel(uint16_t *att, const float *part, const floa
 	}
 	float g = qg[(size_t)r * 2 * Hq * D + (size_t)h * 2 * D + D + dd];
 
-	att[((size_t)r * Hq + h) * D + dd] = __bfloat16_as_ushort(f2bf(A / L * dev_sigmoid(g)));
+	att[((size_t)r * Hq + h) * D + dd] = f2h_bits(A / L * dev_sigmoid(g));
 }
 
 template <int DPL>
@@ -282,7 +282,7 @@ __global__ void causal_softmax_kernel(uint16_t *p, const float *s, int nq, int T
 		pr[j] = __bfloat16_as_ushort(f2bf(j < lim ? __expf(sr[j] - mx) * inv : 0.0f));
 }
 
-/* att[i][h·D + d] = bf16(o[i][h][d] · sigmoid(gate)) */
+/* att[i][h·D + d] = fp16(o[i][h][d] · sigmoid(gate)) */
 __global__ void attn_gate_kernel(uint16_t *att, const float *o, const float *qg, int n, int Hq, int D)
 {
 	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x, qd = (size_t)Hq * D;
@@ -292,7 +292,7 @@ __global__ void attn_gate_kernel(uint16_t *att, const float *o, const float *qg,
 	size_t i = id / qd, x = id % qd, h = x / D, dd = x % D;
 	float g = qg[i * 2 * qd + h * 2 * D + D + dd];
 
-	att[id] = __bfloat16_as_ushort(f2bf(o[id] * dev_sigmoid(g)));
+	att[id] = f2h_bits(o[id] * dev_sigmoid(g));
 }
 
 #define CUBLAS_CHECK(e, stmt)                                                                      \

@@ -3,7 +3,7 @@
  * userspace's "config.h", and a kernels/config.h would shadow it for every file in this folder.)
  *
  * The weight "tile format" (gpu_weights.cu) is built around the tensor-core instruction
- * mma.sync.m16n8k16 (bf16 in, fp32 accumulate): a tile is 16 output rows by 64 inputs
+ * mma.sync.m16n8k16 (fp16 in, fp32 accumulate): a tile is 16 output rows by 64 inputs
  * (Q3G_KCHUNK), stored so that each lane of a warp fetches the A fragments of four k-steps of
  * 16 with 16-byte loads in the order the instruction consumes them.
  */
@@ -32,7 +32,7 @@
 /* Bytes of one tile chunk (16 rows x 64 inputs) by format. */
 #define Q3G_CHUNK_BYTES_Q4 512
 #define Q3G_CHUNK_BYTES_Q8 1024
-#define Q3G_CHUNK_BYTES_BF16 2048
+#define Q3G_CHUNK_BYTES_F16 2048
 
 #if defined(__cplusplus)
 #define Q3G_STATIC_ASSERT(c, m) static_assert(c, m)
@@ -44,7 +44,7 @@ Q3G_STATIC_ASSERT(Q3G_KCHUNK == 4 * Q3G_KSTEP, "a chunk is four k-steps (one uin
 Q3G_STATIC_ASSERT(Q3G_CHUNK_BYTES_Q4 == Q3G_TILE_N * Q3G_KCHUNK / 2, "int4 chunk = 16 x 64 nibbles");
 Q3G_STATIC_ASSERT(Q3G_CHUNK_BYTES_Q4 == Q3G_WARP * 16, "int4 chunk = one 16-byte load per lane");
 Q3G_STATIC_ASSERT(Q3G_CHUNK_BYTES_Q8 == 2 * Q3G_CHUNK_BYTES_Q4, "int8 chunk = two loads per lane");
-Q3G_STATIC_ASSERT(Q3G_CHUNK_BYTES_BF16 == 4 * Q3G_CHUNK_BYTES_Q4, "bf16 chunk = four loads per lane");
+Q3G_STATIC_ASSERT(Q3G_CHUNK_BYTES_F16 == 4 * Q3G_CHUNK_BYTES_Q4, "fp16 chunk = four loads per lane");
 Q3G_STATIC_ASSERT(Q3G_MMV_THREADS % Q3G_WARP == 0 && Q3G_MMV_THREADS / Q3G_WARP == 8,
 		  "the matvec splits its 8 warps over row tiles x k ranges");
 Q3G_STATIC_ASSERT(Q3G_MMV_MAX_TOK == 2 * Q3G_NTOK, "the matvec keeps at most two mma token tiles");

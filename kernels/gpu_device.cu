@@ -91,8 +91,8 @@ extern "C" int q3g_gemm(void *cublas, const struct q3g_job *job, int R, uint16_t
 	if ((cs = cublasSetStream(h, (cudaStream_t)st)) != CUBLAS_STATUS_SUCCESS)
 		return q3_errf(e, -EIO, "gemm: cublasSetStream: status %d", (int)cs);
 	/* Y col-major [N][R] (ld ldy) = W (T of col-major [K][N]) · X (col-major [K][R], ld ldx) */
-	cs = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m->N, R, m->K, &one, wtmp, CUDA_R_16BF, m->K, job->x,
-			  CUDA_R_16BF, job->ldx, job->epi == Q3G_EPI_ADD ? &one : &zero, job->y, CUDA_R_32F,
+	cs = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m->N, R, m->K, &one, wtmp, CUDA_R_16F, m->K, job->x,
+			  CUDA_R_16F, job->ldx, job->epi == Q3G_EPI_ADD ? &one : &zero, job->y, CUDA_R_32F,
 			  job->ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 	if (cs != CUBLAS_STATUS_SUCCESS)
 		return q3_errf(e, -EIO, "gemm: cublasGemmEx [%d x %d x %d]: status %d", R, m->N, m->K, (int)cs);

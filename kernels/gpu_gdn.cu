@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 #pragma unroll
 			for (int c = 0; c < CPW; c++)
 				if (lane == c)
-					out[c] = __bfloat16_as_ushort(f2bf(A.normw[c0 + c] * (o[c] * rs) * dev_silu(zr[c])));
+					out[c] = f2h_bits(A.normw[c0 + c] * (o[c] * rs) * dev_silu(zr[c]));
 		}
 	}
 #pragma unroll

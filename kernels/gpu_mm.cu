@@ -123,7 +123,7 @@ struct mm_launch {
 				 * matrices; which = 1 (up mode, blocks.y >= nb) are the up ones */
 	const int4 *tiles;
 	const int *ntiles, *sorted;
-	const uint16_t *x;	/* up: bf16 [R][H] */
+	const uint16_t *x;	/* up: fp16 [R][H] */
 	const float *gu;	/* down: [P][ldgu] */
 	const float *wt;	/* down: routing weight per pair */
 	float *out;		/* up: gu; down: y */
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 
 						v[q] = kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
 					}
-					packed = pack_bf2(v[0], v[1]);
+					packed = pack_h2(v[0], v[1]);
 				} else {
 					const uint16_t *xr = L.x + (size_t)(p / L.S) * L.H;
 					uint16_t h[2];
@@ -258,7 +258,7 @@ static int mm_launch2(mm_launch &L, int fmt_routed, int fmt_shared, dim3 grid, c
 		else if (f == Q3G_Q8)
 			mm_grouped_kernel<Q3G_Q8><<<grid, Q3G_MMV_THREADS, mm_smem(), st>>>(L);
 		else
-			mm_grouped_kernel<Q3G_BF16><<<grid, Q3G_MMV_THREADS, mm_smem(), st>>>(L);
+			mm_grouped_kernel<Q3G_F16><<<grid, Q3G_MMV_THREADS, mm_smem(), st>>>(L);
 		CUDA_CHECK_LAUNCH(e);
 	}
 	return 0;
@@ -330,6 +330,6 @@ int q3g_mm_init(q3_err *e)
 
 	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_BF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	return 0;
 }

@@ -3,7 +3,7 @@
  *
  * A block (8 warps) owns RT row tiles of one Linear; the 8 / RT warps of a tile split its input
  * chunks, and their partial sums meet in shared memory.  The block first stages the R activation
- * rows (bf16, gathered through the act-order permutation) in shared memory in B-fragment order.
+ * rows (fp16, gathered through the act-order permutation) in shared memory in B-fragment order.
  * Each warp then streams its chunks: eight 16-byte loads per lane in flight, the A fragments
  * dequantized in registers, one mma per k-step and token tile.  Every output element is written
  * by exactly one thread, so results are deterministic (no atomics) and the residual add can be
@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_const
 	float *red = (float *)(xs + (size_t)R * Kp);
 	float acc[NT][4];
 	const int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
-	const int cb = m.fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : m.fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_BF16;
+	const int cb = m.fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : m.fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
 
 	pdl_trigger();
 	/* the weights do not depend on the previous kernel: start them towards L2 while it ends */
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_const
 
 		stage_x_norm(xs, rs, nred, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
 	} else {
-		stage_x_bf16(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+		stage_x_f16(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
 	}
 	__syncthreads();
 #pragma unroll
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_const
 		else if (m.fmt == Q3G_Q8)
 			run_chunks<Q3G_Q8, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
 		else
-			run_chunks<Q3G_BF16, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			run_chunks<Q3G_F16, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
 	}
 	reduce_tile_warps<NT>(red, acc, WPT);
 	if (kr != 0 || tile >= m.ntiles)

@@ -6,7 +6,7 @@
  *   q3g_moe_up       block (pair, row tiles of gate or up): the pair's expert's gate and up
  *                    projections of the row, fp32 [P][2][Imax].
  *   q3g_moe_down     block (row, output row tiles): loops over the row's k + 1 slots, stages
- *                    silu(gate) ⊙ up of each (bf16, through the down matrix's act-order
+ *                    silu(gate) ⊙ up of each (fp16, through the down matrix's act-order
  *                    permutation), runs the down projections scaled by the routing weights (the
  *                    shared expert's is sigmoid of its gate) and adds the sum to the residual
  *                    stream.  One block owns each output element: deterministic, no atomics.
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid
 
 		stage_x_norm(xs, rs, nred, L.xh + (size_t)r * L.H, L.H, 1, m.K, Kp, perm, L.normw, L.eps);
 	} else {
-		stage_x_bf16(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, perm);
+		stage_x_f16(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, perm);
 	}
 	__syncthreads();
 	if (tile < m.ntiles) {
@@ -188,21 +188,21 @@ static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int mi
 	const int lane = threadIdx.x & 31;
 	const size_t szb = (size_t)mi * m.sz_stride;
 	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } }, s0 = 1.0f, s1 = 1.0f;
-	zconst zc = FMT == Q3G_BF16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
+	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
 
-	if (FMT != Q3G_BF16)
+	if (FMT != Q3G_F16)
 		group_consts<FMT>(m, szb, tile, (c * 4) / m.gsteps, lane, s0, s1, zc);
 #pragma unroll
 	for (int st = 0; st < 4; st++) {
 		uint32_t a[4], b[2];
 
-		if (FMT != Q3G_BF16 && st > 0 && (c * 4 + st) % m.gsteps == 0) {
+		if (FMT != Q3G_F16 && st > 0 && (c * 4 + st) % m.gsteps == 0) {
 			flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
 			group_consts<FMT>(m, szb, tile, (c * 4 + st) / m.gsteps, lane, s0, s1, zc);
 		}
 		a_frag<FMT>(w, st, zc, a);
 		b_frag(xs, kbase + st, 0, 1, lane, b);
-		mma_bf16(accg[0], a, b);
+		mma_f16(accg[0], a, b);
 	}
 	flush_group<1>(acc, accg, s0 * wt, s1 * wt, false);
 }
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 
 				v[q] = kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
 			}
-			*(uint32_t *)(xo + xs_slot(kin, 0, 1)) = pack_bf2(v[0], v[1]);
+			*(uint32_t *)(xo + xs_slot(kin, 0, 1)) = pack_h2(v[0], v[1]);
 		}
 		ksoff += Kp / Q3G_KSTEP;
 		total += m.nchunks;
@@ -317,9 +317,9 @@ typedef void (*moe_down_fn)(const moe_down_launch);
 static moe_down_fn down_kernel_for(int fr, int fs)
 {
 	static const moe_down_fn t[3][3] = {
-		{ moe_down_kernel<Q3G_Q4, Q3G_Q4>, moe_down_kernel<Q3G_Q4, Q3G_Q8>, moe_down_kernel<Q3G_Q4, Q3G_BF16> },
-		{ moe_down_kernel<Q3G_Q8, Q3G_Q4>, moe_down_kernel<Q3G_Q8, Q3G_Q8>, moe_down_kernel<Q3G_Q8, Q3G_BF16> },
-		{ moe_down_kernel<Q3G_BF16, Q3G_Q4>, moe_down_kernel<Q3G_BF16, Q3G_Q8>, moe_down_kernel<Q3G_BF16, Q3G_BF16> },
+		{ moe_down_kernel<Q3G_Q4, Q3G_Q4>, moe_down_kernel<Q3G_Q4, Q3G_Q8>, moe_down_kernel<Q3G_Q4, Q3G_F16> },
+		{ moe_down_kernel<Q3G_Q8, Q3G_Q4>, moe_down_kernel<Q3G_Q8, Q3G_Q8>, moe_down_kernel<Q3G_Q8, Q3G_F16> },
+		{ moe_down_kernel<Q3G_F16, Q3G_Q4>, moe_down_kernel<Q3G_F16, Q3G_Q8>, moe_down_kernel<Q3G_F16, Q3G_F16> },
 	};
 
 	return t[fr][fs];
@@ -370,7 +370,7 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 
 		L.pass = pass;
 		CUDA_CHECK(e, q3g_launch(f == Q3G_Q4 ? moe_up_kernel<Q3G_Q4> : f == Q3G_Q8 ? moe_up_kernel<Q3G_Q8>
-										 : moe_up_kernel<Q3G_BF16>,
+										 : moe_up_kernel<Q3G_F16>,
 					 grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
 	}
 	return 0;
@@ -425,7 +425,7 @@ int q3g_moe_init(q3_err *e)
 
 	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_BF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	for (int fr = 0; fr < 3; fr++)
 		for (int fs = 0; fs < 3; fs++)
 			CUDA_CHECK(e, cudaFuncSetAttribute(down_kernel_for(fr, fs), cudaFuncAttributeMaxDynamicSharedMemorySize,

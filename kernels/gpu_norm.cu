@@ -1,6 +1,6 @@
 /* gpu_norm.cu - the row-wise ops: embedding lookup, the residual add fused with the zero-centred
  * RMSNorm that feeds the next Linears, and the gated RMSNorm of linear attention.  fp32 math,
- * bf16 outputs where they feed a Linear. */
+ * fp16 outputs where they feed a Linear. */
 #include "gpu_internal.h"
 
 __global__ void embed_kernel(float *h, const uint16_t *embed, const int32_t *ids, int H)
@@ -49,7 +49,7 @@ __global__ void add_rmsnorm_kernel(float *h, const float *a, uint16_t *y, const 
 	float rs = rsqrtf(ss / (float)n + eps);
 
 	for (int i = threadIdx.x; i < n; i += blockDim.x)
-		yr[i] = __bfloat16_as_ushort(f2bf(hr[i] * rs * (1.0f + w[i])));
+		yr[i] = f2h_bits(hr[i] * rs * (1.0f + w[i]));
 }
 
 extern "C" int q3g_add_rmsnorm(float *h, const float *a, uint16_t *y, const float *w, const int *rows_idx,
@@ -81,7 +81,7 @@ __global__ void gated_rmsnorm_kernel(uint16_t *core, const float *o, const float
 	float rs = rsqrtf(ss / (float)Dv + eps);
 
 	for (int c = lane; c < Dv; c += 32)
-		out[c] = __bfloat16_as_ushort(f2bf(w[c] * (orow[c] * rs) * dev_silu(zrow[c])));
+		out[c] = f2h_bits(w[c] * (orow[c] * rs) * dev_silu(zrow[c]));
 }
 
 extern "C" int q3g_gated_rmsnorm(uint16_t *core, const float *o, const float *z, int ldz, const float *w, int R,

@@ -1,6 +1,6 @@
 /* gpu_weights.cu - weights in the kernels' tile format: the plan (format and sizes, decided on the
  * host from the stored Linears), the upload and repack (raw GPTQ or dense tensors copied to the
- * device, then rearranged by a kernel), and the expansion back to a bf16 row-major matrix (for
+ * device, then rearranged by a kernel), and the expansion back to an fp16 row-major matrix (for
  * cuBLAS in prefill, and for the tests).
  *
  * Tile format.  Output rows come in tiles of 16, inputs in chunks of 64 (four mma k-steps of 16);
@@ -14,10 +14,11 @@
  *          nibble R + 4E, so (word >> 4R) & 0x000F000F puts both codes of regR in place;
  *  - Q8:   1024 bytes: two 512-byte parts (k-steps 0-1, 2-3); in part p lane l's 16 bytes hold
  *          words (2(s & 1) + (R >> 1)) with bytes (2(R & 1) + E), s = 2p + (s & 1);
- *  - BF16: 2048 bytes: four 512-byte parts, part s = k-step s, lane l's 16 bytes = reg0..reg3.
+ *  - F16:  2048 bytes: four 512-byte parts, part s = k-step s, lane l's 16 bytes = reg0..reg3.
  * So a warp reads each 512-byte part with one fully coalesced 16-byte load per lane.
  * Scales and zero points are fp32 [tile][group][16 rows]; codes are stored as they are, and the
- * kernels form q − z exactly in bf16, multiply by the group's scale in fp32.
+ * kernels form q − z exactly in fp16, multiply by the group's scale in fp32.  Dense weights are
+ * stored fp16 (bf16 and f32 checkpoints converted, saturating at +-65504).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -99,7 +100,7 @@ static size_t align256(size_t x)
 
 static size_t chunk_bytes(int fmt)
 {
-	return fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_BF16;
+	return fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
 }
 
 extern "C" int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct q3g_mat_plan *p,
@@ -107,7 +108,7 @@ extern "C" int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct 
 {
 	const struct q3_linear *l0 = ls[0];
 	int *perm = NULL;
-	bool bf16 = false;
+	bool dense16 = false;
 
 	memset(p, 0, sizeof(*p));
 	p->N = l0->N;
@@ -124,17 +125,17 @@ extern "C" int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct 
 		if (l->fmt == Q3_W_DENSE || l->fmt != l0->fmt || l->bits != l0->bits ||
 		    l->group_size != l0->group_size || l->group_size % Q3G_KSTEP || l->K % Q3G_KSTEP ||
 		    (l->bits != 4 && l->bits != 8))
-			bf16 = true;
+			dense16 = true;
 	}
-	if (!bf16) {
+	if (!dense16) {
 		perm = (int *)malloc(sizeof(int) * (size_t)p->K);
 		if (!perm)
 			return q3_errf(e, -ENOMEM, "out of memory");
-		for (int i = 0; i < nmat && !bf16; i++) {
+		for (int i = 0; i < nmat && !dense16; i++) {
 			int r = gptq_perm(ls[i], perm);
 
 			if (r < 0)
-				bf16 = true;
+				dense16 = true;
 			else if (r == 0)
 				p->perm = true;
 			if (!p->zeros && !gptq_symmetric(ls[i]))
@@ -142,8 +143,8 @@ extern "C" int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct 
 		}
 		free(perm);
 	}
-	if (bf16) {
-		p->fmt = Q3G_BF16;
+	if (dense16) {
+		p->fmt = Q3G_F16;
 		p->perm = p->zeros = false;
 	} else {
 		p->fmt = l0->bits == 4 ? Q3G_Q4 : Q3G_Q8;
@@ -187,7 +188,7 @@ extern "C" void q3g_mat_place(struct q3g_mat *m, const struct q3g_mat_plan *p, v
 	m->data_stride = data_stride(p);
 	c += n * m->data_stride;
 	m->sz_stride = p->sz_floats;
-	if (p->fmt != Q3G_BF16) {
+	if (p->fmt != Q3G_F16) {
 		m->scales = (const float *)c;
 		c += align256(n * p->sz_floats * 4);
 		if (p->zeros) {
@@ -216,7 +217,7 @@ struct gptq_src {
 	const uint32_t *qweight; /* [K / P][Nsrc] */
 	const uint32_t *qzeros;	 /* [ngroups][Nsrc / P] */
 	const uint16_t *scales;	 /* [ngroups][Nsrc], f16 or bf16 */
-	const int *gidx;	 /* [K] or NULL: k / G (only for the bf16 fallback) */
+	const int *gidx;	 /* [K] or NULL: k / G (only for the fp16 fallback) */
 	const uint16_t *perm;	 /* [Kp] or NULL */
 	const int *rowmap;	 /* [N] or NULL */
 	int N, K, bits, G, zero_off, scales_bf16;
@@ -312,7 +313,7 @@ __global__ void repack_scales_kernel(gptq_src s, float *sc, float *zr, int ntile
 }
 
 /* Dense source: rows [0, N) of [N][K] in F32 / F16 / BF16 (dtype 0 / 1 / 2), or a GPTQ Linear
- * dequantized (fallback); one thread per (tile, chunk, lane), 64 bytes of bf16. */
+ * dequantized (fallback); one thread per (tile, chunk, lane), 64 bytes of fp16. */
 struct dense_src {
 	const void *w;	/* [rows][K] */
 	int dtype;	/* 0 f32, 1 f16, 2 bf16 */
@@ -337,7 +338,7 @@ static __device__ __forceinline__ float gptq_dequant(const gptq_src &s, int row,
 	return sc * (float)(gptq_code(s, row, k) - gptq_zero_dev(s, g, row));
 }
 
-__global__ void repack_bf16_kernel(dense_src d, gptq_src s, bool from_gptq, uint8_t *dst, int N, int K,
+__global__ void repack_f16_kernel(dense_src d, gptq_src s, bool from_gptq, uint8_t *dst, int N, int K,
 				   int tile0, int ntiles, int nchunks)
 {
 	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -347,7 +348,7 @@ __global__ void repack_bf16_kernel(dense_src d, gptq_src s, bool from_gptq, uint
 	if (tc >= (size_t)ntiles * nchunks)
 		return;
 	int tile = tile0 + (int)(tc / nchunks), ch = (int)(tc % nchunks);
-	uint8_t *base = dst + ((size_t)tile * nchunks + ch) * Q3G_CHUNK_BYTES_BF16;
+	uint8_t *base = dst + ((size_t)tile * nchunks + ch) * Q3G_CHUNK_BYTES_F16;
 
 	for (int st = 0; st < 4; st++) {
 		uint32_t w[4];
@@ -365,7 +366,7 @@ __global__ void repack_bf16_kernel(dense_src d, gptq_src s, bool from_gptq, uint
 				if (row < N && kin < K)
 					v[E] = from_gptq ? gptq_dequant(s, row, kin) : dense_at(d, K, row, kin);
 			}
-			w[R] = pack_bf2(v[0], v[1]);
+			w[R] = pack_h2(v[0], v[1]);
 		}
 		*((uint4 *)(base + st * 512) + l) = make_uint4(w[0], w[1], w[2], w[3]);
 	}
@@ -420,7 +421,7 @@ static int upload_dense(const struct q3g_mat *m, int idx, const struct q3_linear
 		dense_src d = { sg->dev, dtype_code(l->w->dtype), r0, r1 - r0 };
 		size_t threads = (size_t)nt * m->nchunks * 32;
 
-		repack_bf16_kernel<<<(unsigned)cdiv((int)threads, 256), 256, 0, st>>>(d, none, false, dst, l->N, l->K,
+		repack_f16_kernel<<<(unsigned)cdiv((int)threads, 256), 256, 0, st>>>(d, none, false, dst, l->N, l->K,
 										       t0, nt, m->nchunks);
 		CUDA_CHECK_LAUNCH(e);
 		CUDA_CHECK(e, cudaStreamSynchronize(st)); /* the stage is reused by the next slice */
@@ -466,14 +467,14 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 	PUT(scales, const uint16_t *, l->scales->data, sc_b);
 	if (rowmap)
 		PUT(rowmap, const int *, rowmap, rm_b);
-	if (m->fmt == Q3G_BF16) {
+	if (m->fmt == Q3G_F16) {
 		uint8_t *dst = (uint8_t *)m->data + (size_t)idx * m->data_stride;
 		dense_src none = { NULL, 0, 0, 0 };
 		size_t threads = (size_t)m->ntiles * m->nchunks * 32;
 
 		if (l->g_idx)
 			PUT(gidx, const int *, l->g_idx->data, gi_b);
-		repack_bf16_kernel<<<(unsigned)cdiv((int)threads, 256), 256, 0, st>>>(none, s, true, dst, l->N, l->K,
+		repack_f16_kernel<<<(unsigned)cdiv((int)threads, 256), 256, 0, st>>>(none, s, true, dst, l->N, l->K,
 										       0, m->ntiles, m->nchunks);
 		CUDA_CHECK_LAUNCH(e);
 	} else {
@@ -526,10 +527,10 @@ static __device__ float tile_weight(const struct q3g_mat &m, int idx, int row, i
 	const uint8_t *base = (const uint8_t *)m.data + (size_t)idx * m.data_stride;
 	size_t tc = (size_t)tile * m.nchunks + ch;
 
-	if (m.fmt == Q3G_BF16) {
-		const uint16_t *p = (const uint16_t *)(base + tc * Q3G_CHUNK_BYTES_BF16 + s * 512 + l * 16 + R * 4);
+	if (m.fmt == Q3G_F16) {
+		const uint16_t *p = (const uint16_t *)(base + tc * Q3G_CHUNK_BYTES_F16 + s * 512 + l * 16 + R * 4);
 
-		return __uint_as_float((uint32_t)p[E] << 16);
+		return h_bits2f(p[E]);
 	}
 	int q, grp = (ch * Q3G_KCHUNK + s * 16) / (m.gsteps * 16);
 	size_t si = (size_t)idx * m.sz_stride + ((size_t)tile * m.ngroups + grp) * Q3G_TILE_N + rr;
@@ -563,7 +564,7 @@ __global__ void expand_kernel(struct q3g_mat m, int idx, uint16_t *w)
 
 	if (kin >= m.K || k >= m.K)
 		return;
-	w[(size_t)row * m.K + k] = __bfloat16_as_ushort(__float2bfloat16_rn(tile_weight(m, idx, row, kin)));
+	w[(size_t)row * m.K + k] = f2h_bits(tile_weight(m, idx, row, kin));
 }
 
 extern "C" int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, q3_err *e)

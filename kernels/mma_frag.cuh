@@ -2,13 +2,14 @@
  * staging activations in shared memory in the order the B fragments need.  Shared by the matvec
  * (gpu_mmv.cu), the decode MoE (gpu_moe.cu) and the grouped GEMM (gpu_mm.cu).
  *
- * Dequantization is exact: a code q and its zero point z become q − z in bf16 (|q − z| <= 255
- * fits bf16's 8 significant bits), the mma multiplies by the activation in bf16 and accumulates
+ * Dequantization is exact: a code q and its zero point z become q − z in fp16 (|q − z| <= 255
+ * fits fp16's 11 significant bits), the mma multiplies by the activation in fp16 and accumulates
  * in fp32, and the group's scale is applied to the fp32 partial sum of the group.
- *  - int4: (w >> 4R) & 0x000F000F | 0x43004300 is the bf16 pair (128 + q0, 128 + q1); subtracting
- *    the pair (128 + z, 128 + z) leaves q − z.  One lop3 and one bf16x2 subtraction per pair.
+ *  - int4: (w >> 4R) & 0x000F000F | 0x64006400 is the fp16 pair (1024 + q0, 1024 + q1);
+ *    subtracting the pair (1024 + z, 1024 + z) leaves q − z.  One lop3 and one fp16x2 subtraction
+ *    per pair.
  *  - int8: a byte b placed in the mantissa of 2^23 (0x4B0000bb) is 2^23 + b exactly; minus
- *    (2^23 + z) is b − z in fp32, packed to bf16x2 (exact).
+ *    (2^23 + z) is b − z in fp32, packed to fp16x2 (exact).
  */
 #pragma once
 #include "common.cuh"
@@ -22,13 +23,13 @@ template <> struct fmt_traits<Q3G_Q4> {
 template <> struct fmt_traits<Q3G_Q8> {
 	static constexpr int LPC = 2, CB = Q3G_CHUNK_BYTES_Q8;
 };
-template <> struct fmt_traits<Q3G_BF16> {
-	static constexpr int LPC = 4, CB = Q3G_CHUNK_BYTES_BF16;
+template <> struct fmt_traits<Q3G_F16> {
+	static constexpr int LPC = 4, CB = Q3G_CHUNK_BYTES_F16;
 };
 
 /* Per-lane dequantization constants of the current group (rows g and g + 8). */
 struct zconst {
-	uint32_t z0, z1; /* int4: bf16 pairs (128 + z); int8: float bits of 2^23 + z */
+	uint32_t z0, z1; /* int4: fp16 pairs (1024 + z); int8: float bits of 2^23 + z */
 };
 
 template <int FMT> static __device__ __forceinline__ zconst make_zconst(float z0, float z1)
@@ -36,8 +37,8 @@ template <int FMT> static __device__ __forceinline__ zconst make_zconst(float z0
 	zconst c;
 
 	if (FMT == Q3G_Q4) {
-		c.z0 = pack_bf2(128.0f + z0, 128.0f + z0);
-		c.z1 = pack_bf2(128.0f + z1, 128.0f + z1);
+		c.z0 = pack_h2(1024.0f + z0, 1024.0f + z0);
+		c.z1 = pack_h2(1024.0f + z1, 1024.0f + z1);
 	} else {
 		c.z0 = __float_as_uint(8388608.0f + z0);
 		c.z1 = __float_as_uint(8388608.0f + z1);
@@ -56,7 +57,7 @@ static __device__ __forceinline__ uint32_t q8_pair(uint32_t w, int b, uint32_t z
 	float v0 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u + b)) - zf;
 	float v1 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u + b + 1)) - zf;
 
-	return pack_bf2(v0, v1);
+	return pack_h2(v0, v1);
 }
 
 static __device__ __forceinline__ uint32_t u4_word(const uint4 &v, int i)
@@ -71,10 +72,10 @@ static __device__ __forceinline__ void a_frag(const uint4 *w, int s, const zcons
 	if (FMT == Q3G_Q4) {
 		uint32_t q = u4_word(w[0], s);
 
-		a[0] = bf2_sub(and_or(q, 0x000F000Fu, 0x43004300u), zc.z0);
-		a[1] = bf2_sub(and_or(q >> 4, 0x000F000Fu, 0x43004300u), zc.z1);
-		a[2] = bf2_sub(and_or(q >> 8, 0x000F000Fu, 0x43004300u), zc.z0);
-		a[3] = bf2_sub(and_or(q >> 12, 0x000F000Fu, 0x43004300u), zc.z1);
+		a[0] = h2_sub(and_or(q, 0x000F000Fu, 0x64006400u), zc.z0);
+		a[1] = h2_sub(and_or(q >> 4, 0x000F000Fu, 0x64006400u), zc.z1);
+		a[2] = h2_sub(and_or(q >> 8, 0x000F000Fu, 0x64006400u), zc.z0);
+		a[3] = h2_sub(and_or(q >> 12, 0x000F000Fu, 0x64006400u), zc.z1);
 	} else if (FMT == Q3G_Q8) {
 		const uint4 &v = w[s >> 1];
 		uint32_t lo = u4_word(v, 2 * (s & 1)), hi = u4_word(v, 2 * (s & 1) + 1);
@@ -125,9 +126,9 @@ static __device__ __forceinline__ void b_frag(const uint2 *xs, int ks, int nt, i
 	}
 }
 
-/* Stages x rows [0, R) (bf16, row stride ldx, K inputs) gathered through perm (NULL: identity)
+/* Stages x rows [0, R) (fp16, row stride ldx, K inputs) gathered through perm (NULL: identity)
  * into xs for positions [0, Kp); all threads of the block take part (no barrier inside). */
-static __device__ __forceinline__ void stage_x_bf16(uint16_t *xs, const uint16_t *x, int ldx, int R, int K,
+static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t *x, int ldx, int R, int K,
 						    int Kp, const uint16_t *perm)
 {
 	int half = Kp >> 1;
@@ -152,7 +153,7 @@ static __device__ __forceinline__ void stage_x_bf16(uint16_t *xs, const uint16_t
 
 /* The zero-centred RMSNorm folded into staging: rs[r] = rsqrt(mean(h[r]²) + eps) for rows
  * r < R (R <= Q3G_MMV_MAX_TOK; the whole block sums each row, red: Q3G_MMV_MAX_TOK x 32 floats of
- * shared memory), then the same staging as stage_x_bf16 of the values bf16(h · rs · (1 + w)) -
+ * shared memory), then the same staging as stage_x_f16 of the values fp16(h · rs · (1 + w)) -
  * exactly what q3g_add_rmsnorm writes.  Contains barriers: call from every thread. */
 static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, float *red, const float *h, int ldh,
 						    int R, int K, int Kp, const uint16_t *perm, const float *w,
@@ -189,7 +190,7 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, flo
 
 			v[q] = k < K ? hr[k] * rs[r] * (1.0f + w[k]) : 0.0f;
 		}
-		*(uint32_t *)(xs + xs_slot(kin, r, R)) = pack_bf2(v[0], v[1]);
+		*(uint32_t *)(xs + xs_slot(kin, r, R)) = pack_h2(v[0], v[1]);
 	}
 }
 
@@ -265,12 +266,12 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 	const uint8_t *tbase = wbase + (size_t)tile * m.nchunks * CB + lane * 16;
 	float accg[NT][4];
 	float s0 = 1.0f, s1 = 1.0f;
-	zconst zc = FMT == Q3G_BF16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
+	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
 	int gleft = 1 << 30, grp = 0;
 
 	if (c0 >= c1)
 		return;
-	if (FMT != Q3G_BF16) {
+	if (FMT != Q3G_F16) {
 		grp = (c0 * 4) / m.gsteps;
 		gleft = m.gsteps - (c0 * 4) % m.gsteps;
 		group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
@@ -302,9 +303,9 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 					uint32_t b[2];
 
 					b_frag(xs, ks + ksoff, n, R, lane, b);
-					mma_bf16(accg[n], a, b);
+					mma_f16(accg[n], a, b);
 				}
-				if (FMT != Q3G_BF16 && --gleft == 0) {
+				if (FMT != Q3G_F16 && --gleft == 0) {
 					flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, true);
 					gleft = m.gsteps;
 					if (++grp < m.ngroups)
@@ -313,6 +314,6 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 			}
 		}
 	}
-	/* the last (or only, for bf16: s = 1) group */
+	/* the last (or only, for fp16: s = 1) group */
 	flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, false);
 }

@@ -1,6 +1,6 @@
 /* test_gpu_plan.c - the host side of the CUDA backend's weight format, which needs no GPU: for
  * every Linear of every fixture, q3g_mat_plan picks the layout the checkpoint calls for (int4 or
- * int8 tiles for GPTQ on the fast path, bf16 for dense weights and for GPTQ layouts outside it),
+ * int8 tiles for GPTQ on the fast path, fp16 for dense weights and for GPTQ layouts outside it),
  * notices act-order (a permutation) and asymmetric zero points, and sizes the buffers exactly.
  * Skipped (77) in builds without the CUDA library. */
 #include <errno.h>
@@ -19,7 +19,7 @@ int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct q3g_mat_pla
 size_t q3g_mat_bytes(const struct q3g_mat_plan *p) __attribute__((weak));
 
 struct counts {
-	int q4, q8, bf16, perm, zeros, fallback;
+	int q4, q8, f16, perm, zeros, fallback;
 	int multi; /* GPTQ Linears on the fast path with more than one group */
 };
 
@@ -35,8 +35,8 @@ static void plan_one(const struct q3_linear *l, struct counts *n)
 	assert_int_equal(p.ntiles, (l->N + 15) / 16);
 	assert_int_equal(p.nchunks, (l->K + 63) / 64);
 	if (l->fmt == Q3_W_DENSE) {
-		assert_int_equal(p.fmt, Q3G_BF16);
-	} else if (p.fmt == Q3G_BF16) {
+		assert_int_equal(p.fmt, Q3G_F16);
+	} else if (p.fmt == Q3G_F16) {
 		n->fallback++;
 	} else {
 		/* GPTQ on the fast path: the stored bits, whole groups of k-steps */
@@ -55,7 +55,7 @@ static void plan_one(const struct q3_linear *l, struct counts *n)
 	assert_true(q3g_mat_bytes(&p) >= p.data_bytes + p.sz_floats * 4 * (p.zeros ? 2 : 1) + p.perm_entries * 2);
 	n->q4 += p.fmt == Q3G_Q4;
 	n->q8 += p.fmt == Q3G_Q8;
-	n->bf16 += p.fmt == Q3G_BF16;
+	n->f16 += p.fmt == Q3G_F16;
 }
 
 static struct counts plan_model(const char *name)
@@ -144,9 +144,9 @@ static void test_stack(void **state)
 	assert_int_equal(q3g_mat_plan(same, 2, &p, &e), 0);
 	assert_int_equal(p.fmt, Q3G_Q4);
 	assert_int_equal(p.nmat, 2);
-	/* 4-bit group 32 with 8-bit group 128: one format cannot hold both, so bf16 */
+	/* 4-bit group 32 with 8-bit group 128: one format cannot hold both, so fp16 */
 	assert_int_equal(q3g_mat_plan(mixed, 2, &p, &e), 0);
-	assert_int_equal(p.fmt, Q3G_BF16);
+	assert_int_equal(p.fmt, Q3G_F16);
 	assert_int_equal(q3g_mat_plan(shapes, 2, &p, &e), -EINVAL);
 	q3_model_free(m);
 	q3_ckpt_close(ck);

@@ -91,7 +91,7 @@ static void bench_linear(const char *name, int N, int K, enum lin_kind kind, int
 	std::vector<uint16_t> xb;
 	std::vector<float> xf;
 
-	rnd_bf16(xb, xf, (size_t)R * K, 1.0f);
+	rnd_f16(xb, xf, (size_t)R * K, 1.0f);
 	uint16_t *x = dev_upload(xb.data(), xb.size());
 	float *y = dev_alloc<float>((size_t)R * N);
 	cudaGraph_t g;
@@ -160,7 +160,7 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 	std::vector<uint16_t> xb;
 	std::vector<float> xf;
 
-	rnd_bf16(xb, xf, (size_t)R * H, 1.0f);
+	rnd_f16(xb, xf, (size_t)R * H, 1.0f);
 	uint16_t *x = dev_upload(xb.data(), xb.size());
 	int *di = dev_upload(idx.data(), idx.size());
 	float *dw = dev_upload(w.data(), w.size()), *gu = dev_alloc<float>((size_t)R * S * ldgu), *h = dev_alloc<float>((size_t)R * H);

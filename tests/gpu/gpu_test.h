@@ -135,6 +135,26 @@ static inline void rnd_bf16(std::vector<uint16_t> &b, std::vector<float> &f, siz
 	}
 }
 
+static inline std::vector<float> f16_to_f32(const std::vector<uint16_t> &b)
+{
+	std::vector<float> f(b.size());
+
+	for (size_t i = 0; i < b.size(); i++)
+		f[i] = q3_f16_to_f32(b[i]);
+	return f;
+}
+
+/* The same with fp16 (the inputs of Linears). */
+static inline void rnd_f16(std::vector<uint16_t> &b, std::vector<float> &f, size_t n, float scale)
+{
+	b.resize(n);
+	f.resize(n);
+	for (size_t i = 0; i < n; i++) {
+		b[i] = q3_f32_to_f16(rnd_normal() * scale);
+		f[i] = q3_f16_to_f32(b[i]);
+	}
+}
+
 static inline std::vector<float> rnd_vec(size_t n, float scale)
 {
 	std::vector<float> v(n);
@@ -351,5 +371,5 @@ static inline void dmat_free(struct dmat *d)
 
 static inline const char *fmt_name(int f)
 {
-	return f == Q3G_Q4 ? "q4" : f == Q3G_Q8 ? "q8" : "bf16";
+	return f == Q3G_Q4 ? "q4" : f == Q3G_Q8 ? "q8" : "f16";
 }
