@@ -163,7 +163,7 @@ fi
 # ---- 4. the whole model against Hugging Face ------------------------------------------------------
 step test_model "$(cap 150 180)" "$(prog test_model)"
 rc=$?
-grep -E '^(FAIL|ok|skip|==)' "$LOGS/test_model.log" | head -40
+grep -E '^(FAIL|ok|skip|info|==)' "$LOGS/test_model.log" | head -40
 add "test_model (fixtures vs HF logits)" "$(grep -m1 '^== test_model' "$LOGS/test_model.log" | sed 's/== test_model: //') exit $rc"
 note "waiting for make_reference (real per-head sizes)"
 wait $PID_REAL
@@ -172,7 +172,7 @@ if [ $rc_real = 0 ] && [ -f "$REAL/reference.safetensors" ]; then
 	cp "$REAL/reference.json" "$OUT/realdims_reference.json" 2>/dev/null
 	step test_model_real "$(cap 150 150)" "$(prog test_model)" "$REAL"
 	rc=$?
-	grep -E '^(FAIL|ok|skip|==)' "$LOGS/test_model_real.log" | head -20
+	grep -E '^(FAIL|ok|skip|info|==)' "$LOGS/test_model_real.log" | head -20
 	add "test_model (real dims, HF logits)" "$(grep -m1 '^== test_model' "$LOGS/test_model_real.log" | sed 's/== test_model: //') exit $rc"
 else
 	tail -n 5 "$LOGS/make_reference.log"

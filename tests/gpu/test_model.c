@@ -111,6 +111,28 @@ static double rel_l2(const float *a, const float *b, size_t n)
 	return c.bad ? INFINITY : c.rel;
 }
 
+/* Per-layer diagnostics: the residual stream after the embedding and each decoder layer (the
+ * trace hook) against the reference's prefill_hidden [L+1][T][H]: one line of rel L2 per layer,
+ * information only (the gate is on the logits), to show where a divergence starts. */
+struct trace_ctx {
+	const float *ref; /* [L+1][T][H] */
+	int T, H, L1;
+	double rel[256];
+	int n;
+};
+
+static void trace_layer(void *ctx, int layer, const float *h, int ntok, int H)
+{
+	struct trace_ctx *t = ctx;
+	int i = layer + 1;
+
+	if (i < 0 || i >= t->L1 || i >= 256 || ntok != t->T || H != t->H)
+		return;
+	t->rel[i] = rel_l2(h, t->ref + (size_t)i * t->T * t->H, (size_t)ntok * H);
+	if (i + 1 > t->n)
+		t->n = i + 1;
+}
+
 static int open_engine(const char *dir, int ctx, int batch, struct q3_engine **eng)
 {
 	struct q3_engine_opts eo = { .model_dir = dir, .backend = "cuda", .max_ctx = ctx, .max_batch = batch, .quiet = true };
@@ -209,6 +231,39 @@ static void test_model(const char *dir)
 		CHECK_Q3(q3_engine_decode(eng, three, ids3, 3, b, &e_), "batched decode");
 		rel = rel_l2(b, c, V);
 		result(rel <= 1e-5, "%s: a session decoded in a batch of 3 vs alone: rel L2 %.2e (tol 1e-5)", dir, rel);
+	}
+
+	/* per-layer residual stream of the prefill against the reference (information) */
+	{
+		int64_t L1 = 0, TT = 0, HH = 0;
+		const float *hid = ref_tensor(&r, "prefill_hidden", &L1, &TT);
+		struct q3_session *x = NULL;
+
+		if (hid) {
+			struct trace_ctx tc;
+
+			memset(&tc, 0, sizeof(tc));
+			for (size_t i = 0; i < r.h.n; i++)
+				if (!strcmp(r.h.t[i].name, "prefill_hidden") && r.h.t[i].ndim == 3)
+					HH = r.h.t[i].shape[2];
+			tc.ref = hid;
+			tc.T = (int)T;
+			tc.H = (int)HH;
+			tc.L1 = (int)L1;
+			CHECK_Q3(q3_session_new(eng, &x, &e_), "session");
+			if (q3_engine_set_trace(eng, trace_layer, &tc) == 0) {
+				q3_err e2;
+
+				if (T <= 4096 && q3_session_eval(x, prompt, (int)T, NULL, 0, &e2) == 0) {
+					printf("info  %s: residual stream vs reference, rel L2 after the embedding and each layer:", dir);
+					for (int i = 0; i < tc.n; i++)
+						printf(" %.1e", tc.rel[i]);
+					printf("\n");
+				}
+				q3_engine_set_trace(eng, NULL, NULL);
+			}
+			q3_session_free(x);
+		}
 	}
 
 	/* the eager path (no CUDA graph) gives the graph's logits */
