@@ -152,6 +152,11 @@ static void write_file(const char *dir, const char *name, const char *data, size
 	assert_int_equal(fclose(f), 0);
 }
 
+static void write_str(const char *dir, const char *name, const char *s)
+{
+	write_file(dir, name, s, strlen(s));
+}
+
 static void remove_dir(const char *dir)
 {
 	static const char *const names[] = { "vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json" };
@@ -225,16 +230,16 @@ static void test_vocab_merges_path(void **state)
 	q3_tok_free(t2);
 
 	/* a config naming another tokenizer class is refused for this path */
-	write_file(dir, "tokenizer_config.json", "{\"tokenizer_class\": \"LlamaTokenizer\"}", 37);
+	write_str(dir, "tokenizer_config.json", "{\"tokenizer_class\": \"LlamaTokenizer\"}");
 	assert_int_equal(q3_tok_load(dir, &t2, &e), -ENOTSUP);
 	assert_non_null(strstr(e.msg, "LlamaTokenizer"));
 	/* a merge naming a token that is not in the vocabulary */
-	write_file(dir, "tokenizer_config.json", "{}", 2);
-	write_file(dir, "merges.txt", "\xc4\xa0 \xc4\xa0\nzzqq yy\n", 16);
+	write_str(dir, "tokenizer_config.json", "{}");
+	write_str(dir, "merges.txt", "\xc4\xa0 \xc4\xa0\nzzqq yy\n");
 	assert_int_equal(q3_tok_load(dir, &t2, &e), -EINVAL);
 	assert_non_null(strstr(e.msg, "merges.txt"));
 	assert_non_null(strstr(e.msg, "zzqq"));
-	write_file(dir, "merges.txt", "a b c\n", 6);
+	write_str(dir, "merges.txt", "a b c\n");
 	assert_int_equal(q3_tok_load(dir, &t2, &e), -EINVAL);
 	assert_non_null(strstr(e.msg, "line 1"));
 	remove_dir(dir);
@@ -635,7 +640,7 @@ static void expect_load_error(const char *json, const char *want)
 	q3_err e;
 
 	assert_non_null(mkdtemp(dir));
-	write_file(dir, "tokenizer.json", json, strlen(json));
+	write_str(dir, "tokenizer.json", json);
 	int rc = q3_tok_load(dir, &t, &e);
 	remove_dir(dir);
 	if (rc == 0)

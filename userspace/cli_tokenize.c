@@ -46,6 +46,7 @@ static int parse(int argc, char **argv, struct opts *o)
 	memset(o, 0, sizeof(*o));
 	o->seconds = 3;
 	optind = 1;
+	opterr = 0; /* usage() says it, in one line */
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
 		switch (c) {
 		case 't':

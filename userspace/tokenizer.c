@@ -79,6 +79,7 @@ struct matcher {
 
 struct q3_tok {
 	int32_t n_vocab;
+	size_t id_cap;
 	struct entry *ent;
 	uint8_t *flags;            /* per id: TOK_SPECIAL, TOK_ADDED */
 	char *arena;
@@ -236,21 +237,27 @@ static int arena_add(struct q3_tok *t, const void *s, size_t n, uint32_t *off, q
 	return 0;
 }
 
-/* Grows the id tables to hold id. */
+/* Grows the id tables to hold id (capacity doubles: ids mostly arrive in increasing order). */
 static int ensure_id(struct q3_tok *t, int32_t id, q3_err *e)
 {
 	if (id < t->n_vocab)
 		return 0;
+	if ((size_t)id >= t->id_cap) {
+		size_t cap = t->id_cap ? t->id_cap : 1024;
+		while (cap <= (size_t)id)
+			cap *= 2;
+		struct entry *ne = realloc(t->ent, cap * sizeof(*ne));
+		if (!ne)
+			return q3_errf(e, -ENOMEM, "%s: out of memory", t->path);
+		t->ent = ne;
+		uint8_t *nf = realloc(t->flags, cap);
+		if (!nf)
+			return q3_errf(e, -ENOMEM, "%s: out of memory", t->path);
+		t->flags = nf;
+		t->id_cap = cap;
+	}
 	size_t n = (size_t)id + 1;
-	struct entry *ne = realloc(t->ent, n * sizeof(*ne));
-	if (!ne)
-		return q3_errf(e, -ENOMEM, "%s: out of memory", t->path);
-	t->ent = ne;
-	uint8_t *nf = realloc(t->flags, n);
-	if (!nf)
-		return q3_errf(e, -ENOMEM, "%s: out of memory", t->path);
-	t->flags = nf;
-	memset(t->ent + t->n_vocab, 0, (n - (size_t)t->n_vocab) * sizeof(*ne));
+	memset(t->ent + t->n_vocab, 0, (n - (size_t)t->n_vocab) * sizeof(*t->ent));
 	memset(t->flags + t->n_vocab, 0, n - (size_t)t->n_vocab);
 	t->n_vocab = (int32_t)n;
 	return 0;
