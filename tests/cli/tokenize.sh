@@ -74,6 +74,12 @@ head -c 20000 $T/encode.jsonl >"$tmp/corpus"
 grep -q "MB/s" "$tmp/out" || { echo "FAIL bench: $(cat "$tmp/out")"; fail=1; }
 check "bench ids" "$(cat "$tmp/ids")" "$("$Q" tokenize --tokenizer $T <"$tmp/corpus")"
 
+# --bench --docs: NUL-separated documents, one encode call and one line of ids each
+printf 'Hello world\0\0 hi there\0' >"$tmp/docs"
+"$Q" tokenize --tokenizer $T --bench "$tmp/docs" --docs --seconds 0.1 --ids-out "$tmp/ids" >"$tmp/out" || fail=1
+check "bench docs ids" "$(cat "$tmp/ids")" "$(printf '9707 1879\n\n15588 1052\n')"
+grep -q "^qwen3d tokenize: 20 bytes -> 4 tokens" "$tmp/out" || { echo "FAIL bench docs: $(cat "$tmp/out")"; fail=1; }
+
 # errors: one line on stderr, nothing on stdout, exit 1 (2 for usage)
 printf 'x' >"$tmp/in"
 expect_error "no folder" 1 "needs --tokenizer DIR or --model DIR" "$Q" tokenize
