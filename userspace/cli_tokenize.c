@@ -333,9 +333,10 @@ int cmd_render(int argc, char **argv)
 
 	if (rc >= 0)
 		return rc;
-	if (o.dir && q3_chat_check_template(o.dir, &e) < 0) {
-		fprintf(stderr, "qwen3d render: %s\n", e.msg);
-		return 1;
+	if (o.dir && (rc = q3_chat_check_template(o.dir, &e))) {
+		fprintf(stderr, "qwen3d render: %s%s\n", rc > 0 ? "warning: " : "", e.msg);
+		if (rc < 0)
+			return 1;
 	}
 	if (!(in = read_stream(stdin, &len))) {
 		fprintf(stderr, "qwen3d render: stdin: read failed\n");

@@ -55,6 +55,11 @@ printf '<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_sta
 cmp -s "$tmp/out" "$tmp/want" || { echo "FAIL render: $(od -c "$tmp/out" | head -5)"; fail=1; }
 "$Q" render --model $T <"$tmp/req" >"$tmp/out2" 2>"$tmp/err"
 cmp -s "$tmp/out2" "$tmp/want" && [ ! -s "$tmp/err" ] || { echo "FAIL render --model"; fail=1; }
+# a folder with another template: rendered anyway, with one warning line
+mkdir "$tmp/other" && printf '{"chat_template": "{{ messages }}"}' >"$tmp/other/tokenizer_config.json"
+"$Q" render --model "$tmp/other" <"$tmp/req" >"$tmp/out2" 2>"$tmp/err" || fail=1
+cmp -s "$tmp/out2" "$tmp/want" || { echo "FAIL render --model other"; fail=1; }
+grep -q "warning: .*differs from the Qwen3-Instruct-2507" "$tmp/err" || { echo "FAIL render warning: $(cat "$tmp/err")"; fail=1; }
 # render | tokenize gives transformers' ids (first record of chat.jsonl)
 python3 - "$T/chat.jsonl" "$tmp" <<'PY' || fail=1
 import json, subprocess, sys, os
