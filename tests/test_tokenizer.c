@@ -349,6 +349,25 @@ static void test_onig_space(void **state)
 	free(got);
 }
 
+/* An LV syllable and U+11A7 (TIndex 0, not a trailing consonant) do not compose: Hugging Face
+ * keeps both (checked against tokenizers 0.23: 가ᆧ -> 19969 124137 100), where utf8proc's own
+ * NFC wrongly drops U+11A7. */
+static void test_hangul_tindex0(void **state)
+{
+	static const char s[] = "\xea\xb0\x80\xe1\x86\xa7";
+	int32_t want[] = { 19969, 124137, 100 };
+	size_t n, dlen;
+	char *d;
+	q3_err e;
+	int32_t *ids = encode(tok, s, strlen(s), &n);
+
+	assert_ids(ids, n, want, 3, "U+AC00 U+11A7", 0);
+	assert_int_equal(q3_tok_decode(tok, ids, n, &d, &dlen, &e), 0);
+	assert_string_equal(d, s);
+	free(d);
+	free(ids);
+}
+
 /* Long runs (BPE of a 100k-byte word, 200k spaces, 6000 combining marks) finish and round-trip. */
 static void test_long_runs(void **state)
 {
@@ -686,6 +705,7 @@ int main(void)
 		cmocka_unit_test(test_decode_errors),
 		cmocka_unit_test(test_invalid_utf8),
 		cmocka_unit_test(test_onig_space),
+		cmocka_unit_test(test_hangul_tindex0),
 		cmocka_unit_test(test_long_runs),
 		cmocka_unit_test(test_nfc_random),
 		cmocka_unit_test(test_stream_split_points),

@@ -28,6 +28,22 @@ static void write_file(const char *name, const uint8_t *data, size_t n)
 	fclose(f);
 }
 
+static void clean_dir(void)
+{
+	static const char *const names[] = { "tokenizer.json", "vocab.json", "merges.txt" };
+	char path[128];
+	for (size_t i = 0; i < 3; i++) {
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		unlink(path);
+	}
+}
+
+static void remove_dir(void)
+{
+	clean_dir();
+	rmdir(dir);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	q3_err e;
@@ -38,6 +54,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	snprintf(dir, sizeof(dir), "/tmp/fuzz_tokXXXXXX");
 	if (!mkdtemp(dir))
 		abort();
+	atexit(remove_dir);
 	return 0;
 }
 
@@ -57,8 +74,10 @@ static void roundtrip(const struct q3_tok *t, const char *s, size_t n, bool chec
 		abort();
 	if (check && q3_utf8_check(text, len) != len)
 		abort();
-	/* no '<': no added token, so what comes back is NFC of the whole text */
-	if (check && !memchr(s, '<', n)) {
+	/* no '<': no added token, so what comes back is NFC of the whole text -- as utf8proc
+	 * computes it, except that utf8proc wrongly composes an LV syllable with U+11A7 (TIndex 0),
+	 * which Hugging Face (and the Unicode algorithm) leave alone, so texts with it are skipped */
+	if (check && !memchr(s, '<', n) && !memmem(s, n, "\xe1\x86\xa7", 3)) {
 		utf8proc_uint8_t *nfc = NULL;
 		utf8proc_ssize_t nl = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &nfc,
 						   UTF8PROC_STABLE | UTF8PROC_COMPOSE);
@@ -104,12 +123,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		roundtrip(qwen, (const char *)data + 1, size - 1, true);
 		return 0;
 	}
-	char path[128];
-	static const char *const names[] = { "tokenizer.json", "vocab.json", "merges.txt" };
-	for (size_t i = 0; i < 3; i++) {
-		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
-		unlink(path);
-	}
+	clean_dir();
 	if (data[1] & 1) {
 		write_file("vocab.json", data + 2, size - 2);
 		write_file("merges.txt", (const uint8_t *)MERGES, sizeof(MERGES) - 1);
