@@ -158,11 +158,15 @@ static void test_hold_back(void **state)
 	assert_string_equal(l.all.buf, "T[Hello <tool_cx]C0[f|{}]");
 	assert_int_equal(q3_tc_count(p), 1);
 	assert_int_equal(q3_tc_finish(p, on_event, &l, &e), 0);
+	assert_int_equal(q3_tc_count(p), 1); /* still the message just ended */
 	/* reusable for the next message, counting from 0 again */
-	assert_int_equal(q3_tc_count(p), 0);
 	assert_int_equal(q3_tc_feed(p, "<tool_call>{\"name\": \"g\", \"arguments\": {}}</tool_call>", 53, on_event, &l,
 				&e), 0);
 	assert_string_equal(l.all.buf, "T[Hello <tool_cx]C0[f|{}]C0[g|{}]");
+	assert_int_equal(q3_tc_count(p), 1);
+	assert_int_equal(q3_tc_finish(p, on_event, &l, &e), 0);
+	assert_int_equal(q3_tc_finish(p, on_event, &l, &e), 0); /* an empty message */
+	assert_int_equal(q3_tc_count(p), 0);
 	q3_tc_free(p);
 	q3_sb_free(&l.all);
 }
