@@ -152,6 +152,11 @@ static void write_file(const char *dir, const char *name, const char *data, size
 	assert_int_equal(fclose(f), 0);
 }
 
+static void write_str(const char *dir, const char *name, const char *s)
+{
+	write_file(dir, name, s, strlen(s));
+}
+
 static void remove_dir(const char *dir)
 {
 	static const char *const names[] = { "vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json" };
@@ -225,16 +230,16 @@ static void test_vocab_merges_path(void **state)
 	q3_tok_free(t2);
 
 	/* a config naming another tokenizer class is refused for this path */
-	write_file(dir, "tokenizer_config.json", "{\"tokenizer_class\": \"LlamaTokenizer\"}", 37);
+	write_str(dir, "tokenizer_config.json", "{\"tokenizer_class\": \"LlamaTokenizer\"}");
 	assert_int_equal(q3_tok_load(dir, &t2, &e), -ENOTSUP);
 	assert_non_null(strstr(e.msg, "LlamaTokenizer"));
 	/* a merge naming a token that is not in the vocabulary */
-	write_file(dir, "tokenizer_config.json", "{}", 2);
-	write_file(dir, "merges.txt", "\xc4\xa0 \xc4\xa0\nzzqq yy\n", 16);
+	write_str(dir, "tokenizer_config.json", "{}");
+	write_str(dir, "merges.txt", "\xc4\xa0 \xc4\xa0\nzzqq yy\n");
 	assert_int_equal(q3_tok_load(dir, &t2, &e), -EINVAL);
 	assert_non_null(strstr(e.msg, "merges.txt"));
 	assert_non_null(strstr(e.msg, "zzqq"));
-	write_file(dir, "merges.txt", "a b c\n", 6);
+	write_str(dir, "merges.txt", "a b c\n");
 	assert_int_equal(q3_tok_load(dir, &t2, &e), -EINVAL);
 	assert_non_null(strstr(e.msg, "line 1"));
 	remove_dir(dir);
@@ -342,6 +347,25 @@ static void test_onig_space(void **state)
 	int32_t *got = encode(tok, "x\xe1\xa0\x8e\xe1\xa0\x8ey", 8, &n);
 	assert_ids(got, n, want, nw, "U+180E", 0);
 	free(got);
+}
+
+/* An LV syllable and U+11A7 (TIndex 0, not a trailing consonant) do not compose: Hugging Face
+ * keeps both (checked against tokenizers 0.23: 가ᆧ -> 19969 124137 100), where utf8proc's own
+ * NFC wrongly drops U+11A7. */
+static void test_hangul_tindex0(void **state)
+{
+	static const char s[] = "\xea\xb0\x80\xe1\x86\xa7";
+	int32_t want[] = { 19969, 124137, 100 };
+	size_t n, dlen;
+	char *d;
+	q3_err e;
+	int32_t *ids = encode(tok, s, strlen(s), &n);
+
+	assert_ids(ids, n, want, 3, "U+AC00 U+11A7", 0);
+	assert_int_equal(q3_tok_decode(tok, ids, n, &d, &dlen, &e), 0);
+	assert_string_equal(d, s);
+	free(d);
+	free(ids);
 }
 
 /* Long runs (BPE of a 100k-byte word, 200k spaces, 6000 combining marks) finish and round-trip. */
@@ -635,7 +659,7 @@ static void expect_load_error(const char *json, const char *want)
 	q3_err e;
 
 	assert_non_null(mkdtemp(dir));
-	write_file(dir, "tokenizer.json", json, strlen(json));
+	write_str(dir, "tokenizer.json", json);
 	int rc = q3_tok_load(dir, &t, &e);
 	remove_dir(dir);
 	if (rc == 0)
@@ -681,6 +705,7 @@ int main(void)
 		cmocka_unit_test(test_decode_errors),
 		cmocka_unit_test(test_invalid_utf8),
 		cmocka_unit_test(test_onig_space),
+		cmocka_unit_test(test_hangul_tindex0),
 		cmocka_unit_test(test_long_runs),
 		cmocka_unit_test(test_nfc_random),
 		cmocka_unit_test(test_stream_split_points),

@@ -1,7 +1,9 @@
 /* cli_tokenize.c - `qwen3d tokenize`, `qwen3d detokenize` and `qwen3d render`:
  *   tokenize   [--tokenizer DIR | --model DIR]   text on stdin -> ids on stdout, space separated, one line
- *              --bench FILE [--seconds S] [--ids-out F]: encode FILE repeatedly on one thread and
- *              print its speed (and write its ids to F, one line, for comparing with Hugging Face)
+ *              --bench FILE [--docs] [--seconds S] [--ids-out F]: encode FILE repeatedly on one thread
+ *              and print its speed; --docs: FILE holds documents separated by NUL bytes, one encode
+ *              call each; --ids-out: write the ids to F, one line per document (for comparing with
+ *              Hugging Face, see tools/bench_tokenize.py)
  *   detokenize [--tokenizer DIR | --model DIR]   ids on stdin (whitespace or comma separated) -> text
  *   render     [--tokenizer DIR | --model DIR]   {"messages", "tools", "add_generation_prompt"} on
  *              stdin -> the prompt text, byte exact (the model folder is only checked, if given)
@@ -22,12 +24,13 @@
 struct opts {
 	const char *dir, *bench, *ids_out;
 	double seconds;
+	bool docs;
 };
 
 static int usage(const char *cmd)
 {
 	fprintf(stderr, "usage: qwen3d %s [--tokenizer DIR | --model DIR]%s\n", cmd,
-		!strcmp(cmd, "tokenize") ? " [--bench FILE [--seconds S] [--ids-out FILE]]" : "");
+		!strcmp(cmd, "tokenize") ? " [--bench FILE [--docs] [--seconds S] [--ids-out FILE]]" : "");
 	return 2;
 }
 
@@ -37,7 +40,8 @@ static int parse(int argc, char **argv, struct opts *o)
 	static const struct option lo[] = {
 		{ "tokenizer", required_argument, NULL, 't' }, { "model", required_argument, NULL, 'm' },
 		{ "bench", required_argument, NULL, 'b' },     { "seconds", required_argument, NULL, 's' },
-		{ "ids-out", required_argument, NULL, 'o' },   { "help", no_argument, NULL, 'h' },
+		{ "ids-out", required_argument, NULL, 'o' },   { "docs", no_argument, NULL, 'd' },
+		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	bool tok = !strcmp(argv[0], "tokenize");
@@ -46,6 +50,7 @@ static int parse(int argc, char **argv, struct opts *o)
 	memset(o, 0, sizeof(*o));
 	o->seconds = 3;
 	optind = 1;
+	opterr = 0; /* usage() says it, in one line */
 	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
 		switch (c) {
 		case 't':
@@ -55,9 +60,12 @@ static int parse(int argc, char **argv, struct opts *o)
 		case 'b':
 		case 's':
 		case 'o':
+		case 'd':
 			if (!tok)
 				return usage(argv[0]);
-			if (c == 'b')
+			if (c == 'd')
+				o->docs = true;
+			else if (c == 'b')
 				o->bench = optarg;
 			else if (c == 'o')
 				o->ids_out = optarg;
@@ -147,12 +155,37 @@ static int write_ids(FILE *f, const int32_t *ids, size_t n)
 	return fflush(f) || ferror(f) ? -EIO : 0;
 }
 
+/* Encodes the documents of text (the whole text, or with --docs its NUL-separated parts) one
+ * call each; *ntok gets the token count, and f (if not NULL) one line of ids per document. */
+static int encode_docs(struct q3_tok *tok, const char *text, size_t len, bool docs, FILE *f, size_t *ntok,
+		       q3_err *e)
+{
+	size_t at = 0;
+
+	*ntok = 0;
+	do {
+		const char *end = docs ? memchr(text + at, 0, len - at) : NULL;
+		size_t dl = (end ? (size_t)(end - text) : len) - at, n;
+		int32_t *ids;
+		int err = q3_tok_encode(tok, text + at, dl, &ids, &n, e);
+		if (err)
+			return q3_err_prefix(e, err, "document at byte %zu", at);
+		*ntok += n;
+		err = f ? write_ids(f, ids, n) : 0;
+		free(ids);
+		if (err)
+			return q3_errf(e, err, "write failed");
+		at += dl + 1;
+	} while (at < len);
+	return 0;
+}
+
 static int bench(struct q3_tok *tok, const struct opts *o)
 {
 	char *text;
 	size_t len, n = 0, rounds = 0;
-	int32_t *ids = NULL;
 	double t0, dt;
+	FILE *f;
 	q3_err e;
 
 	if (q3_read_file(o->bench, (size_t)1 << 32, &text, &len, &e)) {
@@ -161,8 +194,7 @@ static int bench(struct q3_tok *tok, const struct opts *o)
 	}
 	t0 = q3_now();
 	do {
-		free(ids);
-		if (q3_tok_encode(tok, text, len, &ids, &n, &e)) {
+		if (encode_docs(tok, text, len, o->docs, NULL, &n, &e)) {
 			fprintf(stderr, "qwen3d tokenize: %s: %s\n", o->bench, e.msg);
 			free(text);
 			return 1;
@@ -170,17 +202,21 @@ static int bench(struct q3_tok *tok, const struct opts *o)
 		rounds++;
 		dt = q3_now() - t0;
 	} while (dt < o->seconds);
-	printf("qwen3d tokenize: %zu bytes -> %zu tokens, %zu rounds in %.2f s: %.2f MB/s (one thread)\n", len, n,
-	       rounds, dt, (double)len * (double)rounds / dt / 1e6);
+	size_t bytes = len; /* the text, without the separators */
+	for (size_t i = 0; o->docs && i < len; i++)
+		bytes -= !text[i];
+	printf("qwen3d tokenize: %zu bytes -> %zu tokens, %zu rounds in %.2f s: %.2f MB/s (one thread)\n", bytes, n,
+	       rounds, dt, (double)bytes * (double)rounds / dt / 1e6);
 	int rc = 0;
 	if (o->ids_out) {
-		FILE *f = fopen(o->ids_out, "w");
-		if (!f || write_ids(f, ids, n) || fclose(f)) {
+		if (!(f = fopen(o->ids_out, "w"))) {
 			fprintf(stderr, "qwen3d tokenize: %s: %s\n", o->ids_out, strerror(errno));
+			rc = 1;
+		} else if (encode_docs(tok, text, len, o->docs, f, &n, &e) | fclose(f)) {
+			fprintf(stderr, "qwen3d tokenize: %s: write failed\n", o->ids_out);
 			rc = 1;
 		}
 	}
-	free(ids);
 	free(text);
 	return rc;
 }
@@ -297,9 +333,10 @@ int cmd_render(int argc, char **argv)
 
 	if (rc >= 0)
 		return rc;
-	if (o.dir && q3_chat_check_template(o.dir, &e) < 0) {
-		fprintf(stderr, "qwen3d render: %s\n", e.msg);
-		return 1;
+	if (o.dir && (rc = q3_chat_check_template(o.dir, &e))) {
+		fprintf(stderr, "qwen3d render: %s%s\n", rc > 0 ? "warning: " : "", e.msg);
+		if (rc < 0)
+			return 1;
 	}
 	if (!(in = read_stream(stdin, &len))) {
 		fprintf(stderr, "qwen3d render: stdin: read failed\n");

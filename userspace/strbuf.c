@@ -1,4 +1,4 @@
-/* strbuf.c - the growable byte buffer of strbuf.h. */
+/* strbuf.c - the growable byte buffer and arrays of strbuf.h. */
 #include "strbuf.h"
 
 #include <errno.h>
@@ -84,4 +84,21 @@ void q3_sb_free(struct q3_sb *sb)
 	free(sb->buf);
 	sb->buf = NULL;
 	sb->len = sb->cap = 0;
+}
+
+int q3_grow(void **p, size_t *cap, size_t need, size_t elem)
+{
+	if (need <= *cap)
+		return 0;
+	size_t c = *cap ? *cap : 64;
+	while (c < need)
+		c = c > SIZE_MAX / 2 ? need : c * 2;
+	if (c > SIZE_MAX / elem)
+		return -ENOMEM;
+	void *np = realloc(*p, c * elem);
+	if (!np)
+		return -ENOMEM;
+	*p = np;
+	*cap = c;
+	return 0;
 }

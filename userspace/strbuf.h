@@ -1,4 +1,5 @@
-/* strbuf.h - a growable byte buffer for building text (prompts, JSON, decoded tokens).
+/* strbuf.h - a growable byte buffer for building text (prompts, JSON, decoded tokens), and
+ * growing arrays.
  *
  * The buffer is always NUL-terminated (the NUL is not counted in len).  Appends return 0 or
  * -ENOMEM; after a failed append the buffer keeps its old contents.  q3_sb_take() hands the
@@ -24,3 +25,7 @@ int q3_sb_addf(struct q3_sb *sb, const char *fmt, ...) __attribute__((format(pri
  * if even that cannot be allocated) and resets sb. */
 char *q3_sb_take(struct q3_sb *sb, size_t *len);
 void q3_sb_free(struct q3_sb *sb);
+
+/* Grows the malloc'ed array *p of *cap elements of elem bytes to hold at least need elements
+ * (capacity doubles); 0 or -ENOMEM (*p unchanged). */
+int q3_grow(void **p, size_t *cap, size_t need, size_t elem);

@@ -17,6 +17,7 @@ static const char CLOSE[] = "</tool_call>";
 struct q3_tc {
 	struct q3_sb buf; /* text received and not yet reported */
 	bool in_call;     /* buf holds the body of an open <tool_call> */
+	bool finished;    /* the message ended; the next feed starts a new one */
 	int ncalls;
 };
 
@@ -127,10 +128,20 @@ static void consume(struct q3_tc *p, size_t k)
 	p->buf.buf[p->buf.len] = 0;
 }
 
+/* After q3_tc_finish, the count stays readable until the next message starts. */
+static void start_message(struct q3_tc *p)
+{
+	if (p->finished) {
+		p->finished = false;
+		p->ncalls = 0;
+	}
+}
+
 int q3_tc_feed(struct q3_tc *p, const char *s, size_t n, q3_tc_cb cb, void *ctx, q3_err *e)
 {
 	int rc;
 
+	start_message(p);
 	if (q3_sb_add(&p->buf, s, n))
 		return q3_errf(e, -ENOMEM, "out of memory");
 	for (;;) {
@@ -169,6 +180,7 @@ int q3_tc_finish(struct q3_tc *p, q3_tc_cb cb, void *ctx, q3_err *e)
 {
 	int rc;
 
+	start_message(p);
 	if (p->in_call)
 		rc = block(p, p->buf.buf, p->buf.len, false, cb, ctx, e);
 	else
@@ -177,6 +189,6 @@ int q3_tc_finish(struct q3_tc *p, q3_tc_cb cb, void *ctx, q3_err *e)
 	if (p->buf.buf)
 		p->buf.buf[0] = 0;
 	p->in_call = false;
-	p->ncalls = 0;
+	p->finished = true;
 	return rc;
 }

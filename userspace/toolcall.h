@@ -44,6 +44,7 @@ int q3_tc_new(struct q3_tc **out, q3_err *e);
 int q3_tc_feed(struct q3_tc *p, const char *s, size_t n, q3_tc_cb cb, void *ctx, q3_err *e);
 /* Ends the message (see above); the parser can then be reused for the next message. */
 int q3_tc_finish(struct q3_tc *p, q3_tc_cb cb, void *ctx, q3_err *e);
-/* Number of well-formed calls reported so far in this message. */
+/* Number of well-formed calls reported so far in this message; after q3_tc_finish, in the
+ * message just ended (until the next feed starts a new one). */
 int q3_tc_count(const struct q3_tc *p);
 void q3_tc_free(struct q3_tc *p);
