@@ -86,6 +86,7 @@ struct cuda_bk {
 	/* activations (maxrows rows) */
 	float *h, *qkvz, *ba, *u, *og, *qg, *kk, *vv, *logits_r, *sg, *wts, *gu, *part, *att_o, *logits;
 	uint16_t *xb, *core, *qb, *att, *wtmp, *att_p;
+	float *xf, *wtmp32;	/* the router's fp32 input and expanded weights (prefill) */
 	float *att_s;
 	size_t att_elems;
 	int *idx;
@@ -215,7 +216,7 @@ static void cuda_close(void *p)
 	void *bufs[] = { bk->embed, bk->final_norm, bk->tab_d, bk->h, bk->qkvz, bk->ba, bk->u, bk->og,
 			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->gu, bk->part, bk->att_o,
 			 bk->logits, bk->xb, bk->core, bk->qb, bk->att, bk->wtmp, bk->att_p, bk->att_s,
-			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws };
+			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32 };
 	for (size_t j = 0; j < Q3_ARRAY_SIZE(bufs); j++)
 		cudaFree(bufs[j]);
 	cudaFreeHost(bk->tab_h);
@@ -411,6 +412,8 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 				wt = Q3_MAX(wt, (size_t)ls[j]->m.N * ls[j]->m.K);
 	}
 	DALLOC(bk->wtmp, wt * 2, "expanded weights");
+	DALLOC(bk->xf, R * d->H * 4, "the router's input");
+	DALLOC(bk->wtmp32, (size_t)Q3_MAX(d->E, 1) * d->H * 4, "the router's expanded weights");
 	/* prefill attention: scores for up to 64 Mi elements per pass */
 	bk->att_elems = Q3_MAX((size_t)64 << 20, (size_t)(d->Hq / d->Hkv) * bk->o.max_ctx);
 	DALLOC(bk->att_s, bk->att_elems * 4, "attention scores");
@@ -723,7 +726,14 @@ static int layer_moe(struct cuda_bk *bk, const struct glayer *L, const struct ca
 	struct q3g_job j[2] = { job_in(bk, k, &L->router, L->post_norm, bk->logits_r, d->E),
 				job_in(bk, k, &L->shared_gate, L->post_norm, bk->sg, 1) };
 
-	if ((err = linears(bk, j, 2, k->R, e)) ||
+	/* routing decisions from fp32 inputs (dense router and gate, the usual case), else the
+	 * Linears' fp16 path */
+	if (L->router.m.fmt == Q3G_F16 && L->shared_gate.m.fmt == Q3G_F16 && !getenv("QWEN3D_ROUTER_F16"))
+		err = q3g_router_logits(bk->cb, bk->logits_r, bk->sg, bk->h, L->post_norm, d->eps, &L->router.m,
+					&L->shared_gate.m, k->R, H, bk->xf, bk->wtmp32, bk->st, e);
+	else
+		err = linears(bk, j, 2, k->R, e);
+	if (err ||
 	    (err = q3g_router_topk(bk->idx, bk->wts, bk->logits_r, bk->sg, k->R, d->E, d->topk, d->norm_topk, bk->st, e)))
 		return err;
 	if (k->R <= bk->dec_rows) {

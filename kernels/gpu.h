@@ -97,6 +97,8 @@ int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, 
 
 /* W of matrix idx as fp16 row-major [N][K] in the original input order (for cuBLAS and tests). */
 int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, struct q3_err *e);
+/* The same in fp32. */
+int q3g_mat_expand_f32(const struct q3g_mat *m, int idx, float *w, q3g_stream st, struct q3_err *e);
 
 /* ---- per-call rows and sessions ------------------------------------------------------------- */
 
@@ -144,6 +146,10 @@ int q3g_embed(float *h, const uint16_t *embed, struct q3g_rows rows, int R, int 
  * rows_idx (optional, [R]): normalize only rows rows_idx[i] of h into row i of y. */
 int q3g_add_rmsnorm(float *h, const float *a, uint16_t *y, const float *w, const int *rows_idx, int R,
 		    int n, float eps, q3g_stream st, struct q3_err *e);
+
+/* x = h · rsqrt(mean(h²) + eps) · (1 + w) per row, fp32. */
+int q3g_rmsnorm_f32(float *x, const float *h, const float *w, int R, int n, float eps, q3g_stream st,
+		    struct q3_err *e);
 
 /* One Linear application of a matvec launch: y[t][n] (op) x[t]·W[n]ᵀ for t < R. */
 enum q3g_epi {
@@ -220,6 +226,15 @@ int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *pa
 int q3g_attn_prefill(void *cublas, uint16_t *att, const uint16_t *q, const float *qg,
 		     const struct q3g_seq *seq, int full, float *s, uint16_t *p, float *o, size_t scratch_elems,
 		     const struct q3g_dims *d, q3g_stream st, struct q3_err *e);
+
+/* The router and the shared-expert gate in fp32 (routing decisions are sensitive to the inputs'
+ * rounding): the post-attention RMSNorm of h [R][H] (weight normw) in fp32, then
+ * logits[r] = x·routerᵀ ([R][E]) and sg[r] = x·shared_gateᵀ ([R][1]).  Matrices in tile format,
+ * fp16 (dense).  R <= Q3G_MMV_MAX_TOK: a SIMT kernel over the tile format; more rows: the norm
+ * into xf ([R][H] fp32 scratch) and fp32 cuBLAS on the weights expanded into wtmp (E·H floats). */
+int q3g_router_logits(void *cublas, float *logits, float *sg, const float *h, const float *normw, float eps,
+		      const struct q3g_mat *router, const struct q3g_mat *sgate, int R, int H, float *xf,
+		      float *wtmp, q3g_stream st, struct q3_err *e);
 
 /* Router: per row, softmax over E logits, the top k (ties: lower index), renormalized when
  * norm; slot k is the shared expert (index -1, weight sigmoid(sg[r])).  idx, w: [R][k + 1]. */

@@ -11,6 +11,8 @@
  *                    shared expert's is sigmoid of its gate) and adds the sum to the residual
  *                    stream.  One block owns each output element: deterministic, no atomics.
  */
+#include <cublas_v2.h>
+
 #include "gpu_internal.h"
 #include "mma_frag.cuh"
 
@@ -96,6 +98,182 @@ extern "C" int q3g_router_topk(int *idx, float *w, const float *logits, const fl
 			       Q3G_ROUTER_MAX_E, Q3G_ROUTER_MAX_K);
 	CUDA_CHECK(e, q3g_launch(router_topk_kernel, cdiv(R, 4), 128, 0, (cudaStream_t)st, idx, w, logits, sg, R, E, k, norm));
 	return 0;
+}
+
+/* ---- router logits in fp32 --------------------------------------------------------------------- */
+
+struct router_launch {
+	struct q3g_mat mat[2]; /* router, shared-expert gate (fp16 tile format) */
+	float *y[2];
+	int ldy[2];
+	int tiles0;	       /* blocks of the router; the rest are the gate's */
+	const float *h, *normw;
+	float eps;
+	int R, H;
+};
+
+/* Block = one row tile of one matrix; its 8 warps split the chunks; lane (g, t) sums rows g and
+ * g + 8 over its inputs of each k-step (the same 16-byte loads as the matvec), for every row of
+ * x; the four lanes of a row group and then the warps add up. */
+__global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __grid_constant__ router_launch L)
+{
+	extern __shared__ float xsf[]; /* [R][H] normalized x, fp32; then [8][32][2 R] partials */
+	__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];
+	pdl_trigger();
+	pdl_wait();
+	const int j = (int)blockIdx.x >= L.tiles0, tile = j ? blockIdx.x - L.tiles0 : blockIdx.x;
+	const struct q3g_mat &m = L.mat[j];
+	const int R = L.R, H = L.H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	const int nw = blockDim.x >> 5;
+	float acc[Q3G_MMV_MAX_TOK][2];
+
+	/* the norm of each row, then x = h · rs · (1 + w) in fp32 */
+	for (int r = 0; r < R; r++) {
+		float ss = 0.0f;
+
+		for (int k = threadIdx.x; k < H; k += blockDim.x)
+			ss += L.h[(size_t)r * H + k] * L.h[(size_t)r * H + k];
+		ss = warp_sum(ss);
+		if (lane == 0)
+			nred[r * 32 + warp] = ss;
+	}
+	__syncthreads();
+	if ((int)threadIdx.x < R) {
+		float ss = 0.0f;
+
+		for (int i = 0; i < nw; i++)
+			ss += nred[threadIdx.x * 32 + i];
+		rs[threadIdx.x] = rsqrtf(ss / (float)H + L.eps);
+	}
+	__syncthreads();
+	for (int i = threadIdx.x; i < R * H; i += blockDim.x) {
+		int r = i / H, k = i % H;
+
+		xsf[i] = L.h[(size_t)r * H + k] * rs[r] * (1.0f + L.normw[k]);
+	}
+	__syncthreads();
+#pragma unroll
+	for (int r = 0; r < Q3G_MMV_MAX_TOK; r++)
+		acc[r][0] = acc[r][1] = 0.0f;
+	const int per = cdiv(m.nchunks, nw), c0 = warp * per, c1 = min(m.nchunks, c0 + per);
+	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
+
+	for (int c = c0; c < c1; c++) {
+		uint4 w[4];
+
+#pragma unroll
+		for (int s = 0; s < 4; s++)
+			w[s] = ldg_stream(base + (size_t)c * Q3G_CHUNK_BYTES_F16 + s * 512);
+#pragma unroll
+		for (int s = 0; s < 4; s++) {
+			const uint32_t regs[4] = { w[s].x, w[s].y, w[s].z, w[s].w };
+#pragma unroll
+			for (int q = 0; q < 4; q++) { /* reg q: row g + 8 (q & 1), inputs 2t + 8 (q >> 1) + {0, 1} */
+				float2 wf = __half22float2(*reinterpret_cast<const __half2 *>(&regs[q]));
+				int k = c * Q3G_KCHUNK + 16 * s + 2 * t + 8 * (q >> 1);
+
+				if (k >= m.K)
+					continue;
+#pragma unroll
+				for (int r = 0; r < Q3G_MMV_MAX_TOK; r++) {
+					if (r >= R)
+						break;
+					float x0 = xsf[r * H + k], x1 = k + 1 < m.K ? xsf[r * H + k + 1] : 0.0f;
+
+					acc[r][q & 1] += wf.x * x0 + wf.y * x1;
+				}
+			}
+		}
+	}
+	/* the four lanes of a row group, then the warps */
+#pragma unroll
+	for (int r = 0; r < Q3G_MMV_MAX_TOK; r++)
+#pragma unroll
+		for (int q = 0; q < 2; q++) {
+			acc[r][q] += __shfl_xor_sync(0xffffffffu, acc[r][q], 1);
+			acc[r][q] += __shfl_xor_sync(0xffffffffu, acc[r][q], 2);
+		}
+	__syncthreads(); /* xsf is reused for the partial sums */
+	float *part = xsf;
+
+	if (t == 0)
+#pragma unroll
+		for (int r = 0; r < Q3G_MMV_MAX_TOK; r++) {
+			part[(warp * 32 + g) * 2 * Q3G_MMV_MAX_TOK + 2 * r] = acc[r][0];
+			part[(warp * 32 + g) * 2 * Q3G_MMV_MAX_TOK + 2 * r + 1] = acc[r][1];
+		}
+	__syncthreads();
+	for (int i = threadIdx.x; i < 16 * R; i += blockDim.x) {
+		int r = i / 16, rr = i % 16, row = tile * Q3G_TILE_N + rr;
+		float v = 0.0f;
+
+		for (int ww = 0; ww < nw; ww++)
+			v += part[(ww * 32 + (rr & 7)) * 2 * Q3G_MMV_MAX_TOK + 2 * r + (rr >> 3)];
+		if (row < m.N)
+			L.y[j][(size_t)r * L.ldy[j] + row] = v;
+	}
+}
+
+/* fp32 y[R][N] = x[R][K]·Wᵀ with cuBLAS (no TF32: CUBLAS_COMPUTE_32F), W expanded into wtmp. */
+static int gemm_f32(cublasHandle_t hb, const struct q3g_mat *m, const float *x, int ldx, float *y, int ldy, int R,
+		    float *wtmp, cudaStream_t st, q3_err *e)
+{
+	const float one = 1.0f, zero = 0.0f;
+	cublasStatus_t cs;
+	int err;
+
+	if ((err = q3g_mat_expand_f32(m, 0, wtmp, st, e)))
+		return err;
+	cs = cublasGemmEx(hb, CUBLAS_OP_T, CUBLAS_OP_N, m->N, R, m->K, &one, wtmp, CUDA_R_32F, m->K, x, CUDA_R_32F, ldx,
+			  &zero, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+	if (cs != CUBLAS_STATUS_SUCCESS)
+		return q3_errf(e, -EIO, "router: fp32 cublasGemmEx [%d x %d x %d]: status %d", R, m->N, m->K, (int)cs);
+	return 0;
+}
+
+static size_t router_smem(int R, int H)
+{
+	size_t x = (size_t)R * H * 4, part = (size_t)Q3G_MMV_THREADS * 2 * Q3G_MMV_MAX_TOK * 4;
+
+	return x > part ? x : part;
+}
+
+extern "C" int q3g_router_logits(void *cublas, float *logits, float *sg, const float *h, const float *normw, float eps,
+				 const struct q3g_mat *router, const struct q3g_mat *sgate, int R, int H, float *xf,
+				 float *wtmp, q3g_stream stream, q3_err *e)
+{
+	cudaStream_t st = (cudaStream_t)stream;
+	int err;
+
+	if (router->fmt != Q3G_F16 || sgate->fmt != Q3G_F16 || router->K != H || sgate->K != H)
+		return q3_errf(e, -EINVAL, "router: expects dense (fp16) router and shared gate over %d inputs", H);
+	if (R <= Q3G_MMV_MAX_TOK && router_smem(R, H) <= q3g_dev.smem_optin) {
+		router_launch L;
+
+		memset(&L, 0, sizeof(L));
+		L.mat[0] = *router;
+		L.mat[1] = *sgate;
+		L.y[0] = logits;
+		L.y[1] = sg;
+		L.ldy[0] = router->N;
+		L.ldy[1] = sgate->N;
+		L.tiles0 = router->ntiles;
+		L.h = h;
+		L.normw = normw;
+		L.eps = eps;
+		L.R = R;
+		L.H = H;
+		CUDA_CHECK(e, q3g_launch(router_f32_kernel, router->ntiles + sgate->ntiles, Q3G_MMV_THREADS,
+					 router_smem(R, H), st, L));
+		return 0;
+	}
+	if ((err = q3g_rmsnorm_f32(xf, h, normw, R, H, eps, stream, e)))
+		return err;
+	if (cublasSetStream((cublasHandle_t)cublas, st) != CUBLAS_STATUS_SUCCESS)
+		return q3_errf(e, -EIO, "router: cublasSetStream failed");
+	if ((err = gemm_f32((cublasHandle_t)cublas, router, xf, H, logits, router->N, R, wtmp, st, e)))
+		return err;
+	return gemm_f32((cublasHandle_t)cublas, sgate, xf, H, sg, sgate->N, R, wtmp, st, e);
 }
 
 /* ---- decode experts ------------------------------------------------------------------------- */
@@ -423,6 +601,7 @@ int q3g_moe_init(q3_err *e)
 {
 	int bytes = (int)q3g_dev.smem_optin;
 
+	CUDA_CHECK(e, cudaFuncSetAttribute(router_f32_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));

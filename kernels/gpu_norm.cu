@@ -61,6 +61,33 @@ extern "C" int q3g_add_rmsnorm(float *h, const float *a, uint16_t *y, const floa
 	return 0;
 }
 
+/* x[r] = h[r] · rsqrt(mean(h[r]²) + eps) · (1 + w), fp32 (the router's input in prefill). */
+__global__ void rmsnorm_f32_kernel(float *x, const float *h, const float *w, int n, float eps)
+{
+	__shared__ float red[32];
+	pdl_trigger();
+	pdl_wait();
+	const float *hr = h + (size_t)blockIdx.x * n;
+	float *xr = x + (size_t)blockIdx.x * n, ss = 0.0f;
+
+	for (int i = threadIdx.x; i < n; i += blockDim.x)
+		ss += hr[i] * hr[i];
+	ss = block_sum(ss, red);
+	float rs = rsqrtf(ss / (float)n + eps);
+
+	for (int i = threadIdx.x; i < n; i += blockDim.x)
+		xr[i] = hr[i] * rs * (1.0f + w[i]);
+}
+
+extern "C" int q3g_rmsnorm_f32(float *x, const float *h, const float *w, int R, int n, float eps, q3g_stream st,
+			       q3_err *e)
+{
+	if (R < 1)
+		return 0;
+	CUDA_CHECK(e, q3g_launch(rmsnorm_f32_kernel, R, 256, 0, (cudaStream_t)st, x, h, w, n, eps));
+	return 0;
+}
+
 /* One warp per (row, head) of Dv values. */
 __global__ void gated_rmsnorm_kernel(uint16_t *core, const float *o, const float *z, int ldz, const float *w,
 				     int R, int nheads, int Dv, float eps)

@@ -551,7 +551,8 @@ static __device__ float tile_weight(const struct q3g_mat &m, int idx, int row, i
 	return m.scales[si] * ((float)q - z);
 }
 
-__global__ void expand_kernel(struct q3g_mat m, int idx, uint16_t *w)
+/* w16 (fp16) or w32 (fp32): one of them */
+__global__ void expand_kernel(struct q3g_mat m, int idx, uint16_t *w16, float *w32)
 {
 	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 	int Kp = m.nchunks * Q3G_KCHUNK;
@@ -564,14 +565,28 @@ __global__ void expand_kernel(struct q3g_mat m, int idx, uint16_t *w)
 
 	if (kin >= m.K || k >= m.K)
 		return;
-	w[(size_t)row * m.K + k] = f2h_bits(tile_weight(m, idx, row, kin));
+	float v = tile_weight(m, idx, row, kin);
+
+	if (w32)
+		w32[(size_t)row * m.K + k] = v;
+	else
+		w16[(size_t)row * m.K + k] = f2h_bits(v);
 }
 
 extern "C" int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, q3_err *e)
 {
 	size_t n = (size_t)m->N * m->nchunks * Q3G_KCHUNK;
 
-	expand_kernel<<<(unsigned)((n + 255) / 256), 256, 0, (cudaStream_t)st>>>(*m, idx, w);
+	expand_kernel<<<(unsigned)((n + 255) / 256), 256, 0, (cudaStream_t)st>>>(*m, idx, w, NULL);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
+
+extern "C" int q3g_mat_expand_f32(const struct q3g_mat *m, int idx, float *w, q3g_stream st, q3_err *e)
+{
+	size_t n = (size_t)m->N * m->nchunks * Q3G_KCHUNK;
+
+	expand_kernel<<<(unsigned)((n + 255) / 256), 256, 0, (cudaStream_t)st>>>(*m, idx, NULL, w);
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }

@@ -836,6 +836,46 @@ static void attn_tests(void)
 
 /* ---- MoE ------------------------------------------------------------------------------------- */
 
+/* The router and shared gate in fp32 from the residual stream: the reference RMSNorm and Linear
+ * in fp32 on the same numbers; only the order of fp32 sums differs: 1e-5. */
+static void router_logits_case(int R, int E, int H)
+{
+	char name[128];
+
+	snprintf(name, sizeof(name), "router logits fp32 R=%d E=%d H=%d (%s)", R, E, H, R <= 16 ? "SIMT" : "cuBLAS");
+	if (!want(name))
+		return;
+	struct tlin tr, tg;
+	struct dmat dr, dg;
+	const struct q3_linear *lr = &tr.l, *lg = &tg.l;
+
+	make_linear(&tr, E, H, LIN_BF16);
+	make_linear(&tg, 1, H, LIN_BF16);
+	dmat_upload(&dr, &lr, 1);
+	dmat_upload(&dg, &lg, 1);
+	std::vector<float> h = rnd_vec((size_t)R * H, 2.0f), w = rnd_vec(H, 0.2f), xn((size_t)R * H);
+	std::vector<float> ref((size_t)R * E), rsg(R);
+
+	for (int r = 0; r < R; r++)
+		q3_ref_rmsnorm(&xn[(size_t)r * H], &h[(size_t)r * H], w.data(), H, 1e-6f);
+	ref_linear(&tr.l, xn.data(), R, ref.data());
+	ref_linear(&tg.l, xn.data(), R, rsg.data());
+	float *dh = dev_upload(h.data(), h.size()), *dw = dev_upload(w.data(), H), *dl = dev_alloc<float>(ref.size());
+	float *ds = dev_alloc<float>(R), *xf = dev_alloc<float>((size_t)R * H), *wt = dev_alloc<float>((size_t)E * H);
+
+	GT_OK(q3g_router_logits(g_cublas, dl, ds, dh, dw, 1e-6f, &dr.m, &dg.m, R, H, xf, wt, 0, &e_));
+	char n2[200];
+	snprintf(n2, sizeof(n2), "%s: logits", name);
+	gt_compare(n2, dev_download(dl, ref.size()).data(), ref.data(), ref.size(), 1e-5);
+	snprintf(n2, sizeof(n2), "%s: shared gate", name);
+	gt_compare(n2, dev_download(ds, R).data(), rsg.data(), R, 1e-5);
+	void *fr[] = { dh, dw, dl, ds, xf, wt };
+	for (void *p : fr)
+		cudaFree(p);
+	dmat_free(&dr);
+	dmat_free(&dg);
+}
+
 static void router_case(int R, int E, int k, bool norm)
 {
 	char name[128];
@@ -996,6 +1036,10 @@ static void moe_tests(void)
 {
 	struct q3g_dims ds = dims_small(), dr = dims_real();
 
+	router_logits_case(1, 512, 2048);
+	router_logits_case(16, 512, 2048);
+	router_logits_case(3, 16, 256);
+	router_logits_case(40, 512, 2048);
 	router_case(7, 512, 10, true);
 	router_case(3, 16, 4, false);
 	router_case(33, 1000, 32, true);
