@@ -286,10 +286,9 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			memset(j, 0, sizeof(j));
 			j[0].w = out[l].m, j[0].x = core, j[0].y = h, j[0].ldx = d.value_dim, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
 			GT_OK(q3g_mmv(j, 1, R, st, &e_));
-			memset(j, 0, sizeof(j));
-			j[0].w = router[l].m, j[0].y = lg, j[0].ldx = H, j[0].ldy = E, j[0].xh = h, j[0].normw = w0, j[0].eps = 1e-6f;
-			j[1] = j[0], j[1].w = sgate[l].m, j[1].y = sg, j[1].ldy = 1;
-			GT_OK(q3g_mmv(j, 2, R, st, &e_));
+			/* the router in fp32 (R <= 16: the SIMT kernel, no cuBLAS) */
+			GT_OK(q3g_router_logits(NULL, lg, sg, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R, H, NULL, NULL, st,
+						&e_));
 			GT_OK(q3g_router_topk(idx, wts, lg, sg, R, E, k, true, st, &e_));
 			GT_OK(q3g_moe_up_norm(gu, h, w0, 1e-6f, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
 			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
