@@ -8,11 +8,33 @@ struct q3g_device {
 	int id;
 	int sms;
 	int cc;		   /* compute capability, 10 * major + minor */
-	size_t smem_optin; /* shared memory a block may opt in to */
+	size_t smem_optin; /* shared memory a block may opt in to (static + dynamic) */
+	size_t smem_dyn;   /* dynamic shared memory the kernels here may ask for: the opt-in limit
+			    * less Q3G_SMEM_STATIC_MAX for their own static __shared__ arrays */
 	size_t l2;
 };
 
 extern struct q3g_device q3g_dev;
+
+/* The most static __shared__ memory a kernel with a large dynamic area may declare (checked at
+ * init): cudaFuncSetAttribute refuses a dynamic limit that, with the static part, passes the
+ * opt-in limit. */
+#define Q3G_SMEM_STATIC_MAX 4096
+
+/* Lets func take q3g_dev.smem_dyn bytes of dynamic shared memory. */
+template <typename F>
+static inline int q3g_allow_dyn_smem(F *func, const char *name, q3_err *e)
+{
+	cudaFuncAttributes a;
+
+	CUDA_CHECK(e, cudaFuncGetAttributes(&a, (const void *)func));
+	if (a.sharedSizeBytes > Q3G_SMEM_STATIC_MAX)
+		return q3_errf(e, -EINVAL, "%s: %zu bytes of static shared memory, more than the %d reserved", name,
+			       (size_t)a.sharedSizeBytes, Q3G_SMEM_STATIC_MAX);
+	CUDA_CHECK(e, cudaFuncSetAttribute((const void *)func, cudaFuncAttributeMaxDynamicSharedMemorySize,
+					   (int)q3g_dev.smem_dyn));
+	return 0;
+}
 
 int q3g_mmv_init(q3_err *e);
 int q3g_moe_init(q3_err *e);

@@ -326,10 +326,14 @@ extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, cons
 
 int q3g_mm_init(q3_err *e)
 {
-	int bytes = (int)mm_smem();
+	int err;
 
-	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel<Q3G_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	if (mm_smem() > q3g_dev.smem_dyn)
+		return q3_errf(e, -EINVAL, "grouped GEMM: %zu bytes of shared memory exceed the device's %zu",
+			       (size_t)mm_smem(), q3g_dev.smem_dyn);
+	if ((err = q3g_allow_dyn_smem(mm_grouped_kernel<Q3G_Q4>, "mm_grouped_kernel<Q4>", e)) ||
+	    (err = q3g_allow_dyn_smem(mm_grouped_kernel<Q3G_Q8>, "mm_grouped_kernel<Q8>", e)) ||
+	    (err = q3g_allow_dyn_smem(mm_grouped_kernel<Q3G_F16>, "mm_grouped_kernel<F16>", e)))
+		return err;
 	return 0;
 }

@@ -121,7 +121,7 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 		L.cta0[j + 1] = L.cta0[j] + cdiv(m->ntiles, L.rt[j]);
 		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], nt));
 	}
-	if (smem > q3g_dev.smem_optin) {
+	if (smem > q3g_dev.smem_dyn) {
 		/* too many rows for the staging area of this device: two launches of half the rows */
 		struct q3g_job half[Q3G_MMV_MAX_JOBS];
 		int r1 = R / 2, err;
@@ -147,9 +147,10 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 
 int q3g_mmv_init(q3_err *e)
 {
-	CUDA_CHECK(e, cudaFuncSetAttribute(mmv_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-					   (int)q3g_dev.smem_optin));
-	CUDA_CHECK(e, cudaFuncSetAttribute(mmv_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-					   (int)q3g_dev.smem_optin));
+	int err;
+
+	if ((err = q3g_allow_dyn_smem(mmv_kernel<1>, "mmv_kernel<1>", e)) ||
+	    (err = q3g_allow_dyn_smem(mmv_kernel<2>, "mmv_kernel<2>", e)))
+		return err;
 	return 0;
 }

@@ -247,7 +247,7 @@ extern "C" int q3g_router_logits(void *cublas, float *logits, float *sg, const f
 
 	if (router->fmt != Q3G_F16 || sgate->fmt != Q3G_F16 || router->K != H || sgate->K != H)
 		return q3_errf(e, -EINVAL, "router: expects dense (fp16) router and shared gate over %d inputs", H);
-	if (R <= Q3G_MMV_MAX_TOK && router_smem(R, H) <= q3g_dev.smem_optin) {
+	if (R <= Q3G_MMV_MAX_TOK && router_smem(R, H) <= q3g_dev.smem_dyn) {
 		router_launch L;
 
 		memset(&L, 0, sizeof(L));
@@ -534,9 +534,9 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 	L.ldgu = ldgu;
 	L.rt = 1;
 	L.nb = tiles;
-	if (smem > q3g_dev.smem_optin)
+	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
-			       q3g_dev.smem_optin);
+			       q3g_dev.smem_dyn);
 	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
 		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
 	/* one launch when the routed and shared experts share a format, else one per format */
@@ -578,9 +578,9 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 
 	if (down->N != H || sdown->N != H || down->ntiles != sdown->ntiles)
 		return q3_errf(e, -EINVAL, "moe down: output rows %d / %d, hidden %d", down->N, sdown->N, H);
-	if (smem > q3g_dev.smem_optin)
+	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe down: %zu bytes of shared memory exceed the device's %zu", smem,
-			       q3g_dev.smem_optin);
+			       q3g_dev.smem_dyn);
 	memset(&L, 0, sizeof(L));
 	L.mat[0] = *down;
 	L.mat[1] = *sdown;
@@ -599,15 +599,16 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 
 int q3g_moe_init(q3_err *e)
 {
-	int bytes = (int)q3g_dev.smem_optin;
+	int err;
 
-	CUDA_CHECK(e, cudaFuncSetAttribute(router_f32_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-	CUDA_CHECK(e, cudaFuncSetAttribute(moe_up_kernel<Q3G_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+	if ((err = q3g_allow_dyn_smem(router_f32_kernel, "router_f32_kernel", e)) ||
+	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q4>, "moe_up_kernel<Q4>", e)) ||
+	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q8>, "moe_up_kernel<Q8>", e)) ||
+	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_F16>, "moe_up_kernel<F16>", e)))
+		return err;
 	for (int fr = 0; fr < 3; fr++)
 		for (int fs = 0; fs < 3; fs++)
-			CUDA_CHECK(e, cudaFuncSetAttribute(down_kernel_for(fr, fs), cudaFuncAttributeMaxDynamicSharedMemorySize,
-							   bytes));
+			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs), "moe_down_kernel", e)))
+				return err;
 	return 0;
 }
