@@ -111,6 +111,20 @@ static __device__ __forceinline__ float block_sum(float v, float *red)
 	return warp_sum(v);
 }
 
+/* Max over a block, like block_sum: every thread gets it. */
+static __device__ __forceinline__ float block_max(float v, float *red)
+{
+	int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+
+	v = warp_max(v);
+	__syncthreads(); /* red may still be read by a previous call */
+	if (lane == 0)
+		red[w] = v;
+	__syncthreads();
+	v = lane < nw ? red[lane] : -INFINITY;
+	return warp_max(v);
+}
+
 static __device__ __forceinline__ float dev_sigmoid(float x)
 {
 	return 1.0f / (1.0f + __expf(-x));

@@ -266,13 +266,7 @@ __global__ void causal_softmax_kernel(uint16_t *p, const float *s, int nq, int T
 
 	for (int j = threadIdx.x; j < lim; j += blockDim.x)
 		mx = fmaxf(mx, sr[j]);
-	mx = warp_max(mx);
-	__syncthreads();
-	if ((threadIdx.x & 31) == 0)
-		red[threadIdx.x >> 5] = mx;
-	__syncthreads();
-	mx = (int)threadIdx.x < (int)(blockDim.x >> 5) ? red[threadIdx.x] : -INFINITY;
-	mx = warp_max(mx);
+	mx = block_max(mx, red); /* every warp needs the row's max, not only warp 0 */
 	for (int j = threadIdx.x; j < lim; j += blockDim.x)
 		sum += __expf(sr[j] - mx);
 	sum = block_sum(sum, red);

@@ -39,6 +39,8 @@ __global__ void router_topk_kernel(int *idx, float *w, const float *logits, cons
 		int e = lane + 32 * i;
 
 		v[i] = e < E ? l[e] : -INFINITY;
+		if (isnan(v[i]))
+			v[i] = -INFINITY; /* a NaN logit must still leave k valid expert ids */
 		mx = fmaxf(mx, v[i]);
 	}
 	mx = warp_max(mx);
@@ -50,7 +52,7 @@ __global__ void router_topk_kernel(int *idx, float *w, const float *logits, cons
 	sum = warp_sum(sum);
 	for (int j = 0; j < k; j++) {
 		float best = -2.0f;
-		int bi = 0x7fffffff;
+		int bi = E; /* beaten by any expert not taken yet (their v >= 0) */
 
 #pragma unroll
 		for (int i = 0; i < PER; i++)
@@ -81,7 +83,7 @@ __global__ void router_topk_kernel(int *idx, float *w, const float *logits, cons
 		}
 	}
 	if (lane < k) {
-		idx[(size_t)r * (k + 1) + lane] = myi;
+		idx[(size_t)r * (k + 1) + lane] = myi < E ? myi : 0;
 		w[(size_t)r * (k + 1) + lane] = norm ? myw / wsum : myw;
 	}
 	if (lane == 0) {

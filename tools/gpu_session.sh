@@ -218,7 +218,7 @@ else
 fi
 
 # ---- results ------------------------------------------------------------------------------------------
-rm -rf "$BIG" 2>/dev/null
+[ "${KEEP_BIG:-0}" = 1 ] || rm -rf "$BIG" 2>/dev/null
 tar czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 add "elapsed" "$(($(date +%s) - T0)) s"
 echo

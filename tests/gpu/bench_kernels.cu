@@ -102,6 +102,7 @@ static void bench_linear(const char *name, int N, int K, enum lin_kind kind, int
 		struct q3g_job j;
 		int c = i % copies;
 
+		memset(&j, 0, sizeof(j)); /* xh / normw / eps unset: the plain (unfused) input path */
 		j.w = d.m;
 		j.w.data = (const char *)d.m.data + c * d.m.data_stride;
 		j.w.scales = d.m.scales + c * d.m.sz_stride;

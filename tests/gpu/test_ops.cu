@@ -60,10 +60,15 @@ static std::vector<float> round_f16(const std::vector<float> &v)
  *    (and the tensor cores' accumulation) differs: well under 1e-5 relative; 1e-4 leaves room;
  *  - f32 dense weights, and GPTQ layouts that fall back to dequantized fp16: each weight carries
  *    fp16 rounding (2^-11 relative), about 3e-4 on a dot product; 2e-3. */
-static double lin_tol(const struct dmat *d, const struct q3_linear *l)
+static double lin_tol(const struct dmat *d, const struct q3_linear *l, int R)
 {
 	bool exact = d->p.fmt != Q3G_F16 || (l->fmt == Q3_W_DENSE && l->w->dtype == Q3_DT_BF16);
 
+	/* R > 16 goes through q3g_gemm, which expands W to fp16 for cuBLAS: scale·(q − z) rounded to
+	 * fp16 is off by up to 2^-11 relative per weight, ~2e-4 relative L2 on the outputs (seen on
+	 * the H200: 1.2e-4 to 2.1e-4); the matvec applies the group scale in fp32 and stays exact */
+	if (R > Q3G_MMV_MAX_TOK)
+		return 1e-3;
 	return exact ? 1e-4 : 2e-3;
 }
 
@@ -104,7 +109,7 @@ static void lin_case(const char *label, int N, int K, enum lin_kind kind, int bi
 	char full[300];
 
 	snprintf(full, sizeof(full), "%s [%s%s]", name, fmt_name(d.p.fmt), d.p.perm ? ", act-order" : "");
-	gt_compare(full, got.data(), ref.data(), got.size(), lin_tol(&d, &t.l));
+	gt_compare(full, got.data(), ref.data(), got.size(), lin_tol(&d, &t.l, R));
 	cudaFree(x);
 	cudaFree(y);
 	dmat_free(&d);
