@@ -59,11 +59,14 @@ int q3_session_copy(struct q3_session *dst, const struct q3_session *src, q3_err
 /* Feeds n >= 1 tokens on top of the session's state (prefill, or a continued prefill: the same
  * logits as one single prefill of the whole prompt).  logits may be NULL.  Fails with -ENOSPC
  * when the session would pass max_ctx, -EINVAL for ids outside the vocabulary; the session is
- * unchanged on failure. */
+ * unchanged on those failures (checked before anything runs).  Should the backend itself fail
+ * mid-way (a device error), the session is reset to position 0.  Prompts of any length are fed
+ * in backend-sized pieces; the caller need not split them. */
 int q3_session_eval(struct q3_session *s, const int32_t *ids, int n, float *logits, unsigned flags,
 		    q3_err *e);
 
-/* One decode step for n sessions together (n <= max_batch): feeds ids[i] to ss[i] and writes
- * logits[i][V] (if logits is not NULL). */
+/* One decode step for n sessions together (n <= max_batch, all distinct): feeds ids[i] to ss[i]
+ * and writes logits[i][V] (if logits is not NULL).  Each session's logits are those it would get
+ * decoding alone.  Errors as q3_session_eval (checked before anything runs). */
 int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
 		     float *logits, q3_err *e);

@@ -1,0 +1,297 @@
+/* engine.c - engines and sessions (engine.h) on top of a backend (backend.h).
+ *
+ * Opening: checkpoint (config, shards, tensor table) -> role binding -> tensor bytes (mapped
+ * for now; the loader will stream them) -> data checks -> the chosen backend prepares its
+ * weights.  Sessions are a backend state plus a position; this file validates every request
+ * (ids, capacity, batch) before the backend sees it, and splits long prompts into calls of at
+ * most max_tokens tokens.
+ */
+#include "engine.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "checkpoint.h"
+#include "model.h"
+
+#define DEFAULT_MAX_CTX 4096
+#define DEFAULT_MAX_BATCH 16
+/* Tokens per backend call: prompts longer than this are fed in several calls. */
+#define MAX_TOKENS 256
+
+struct q3_engine {
+	struct q3_ckpt *ck;
+	struct q3_model *m;
+	const struct q3_backend_ops *ops;
+	void *bk;
+	struct q3_backend_opts bo;
+	struct q3_fwd_seq *seqs; /* [max_batch], for q3_engine_decode */
+};
+
+struct q3_session {
+	struct q3_engine *eng;
+	void *st;
+	int pos;
+};
+
+/* The backend a name asks for; *fallback is set when another may be tried if it fails to open
+ * ("auto": CUDA where built, else or failing that the CPU). */
+static int pick_backend(const char *name, const struct q3_backend_ops **out,
+			const struct q3_backend_ops **fallback, q3_err *e)
+{
+	*fallback = NULL;
+	if (!name || !strcmp(name, "auto")) {
+		*out = q3_backend_cuda() ? q3_backend_cuda() : &q3_backend_cpu;
+		if (*out != &q3_backend_cpu)
+			*fallback = &q3_backend_cpu;
+		return 0;
+	}
+	if (!strcmp(name, "cpu")) {
+		*out = &q3_backend_cpu;
+		return 0;
+	}
+	if (!strcmp(name, "cuda")) {
+		*out = q3_backend_cuda();
+		if (!*out)
+			return q3_errf(e, -ENOTSUP, "backend cuda: this build has no CUDA backend (use --backend cpu)");
+		return 0;
+	}
+	return q3_errf(e, -EINVAL, "backend '%s': expected cpu, cuda or auto", name);
+}
+
+void q3_engine_close(struct q3_engine *eng)
+{
+	if (!eng)
+		return;
+	if (eng->bk)
+		eng->ops->close(eng->bk);
+	free(eng->seqs);
+	q3_model_free(eng->m);
+	q3_ckpt_close(eng->ck);
+	free(eng);
+}
+
+int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_err *e)
+{
+	struct q3_engine *eng;
+	const struct q3_config *c;
+	const struct q3_backend_ops *fallback;
+	int err;
+
+	*out = NULL;
+	if (!o || !o->model_dir)
+		return q3_errf(e, -EINVAL, "engine: no model folder given");
+	if (o->threads < 0 || o->max_ctx < 0 || o->max_batch < 0)
+		return q3_errf(e, -EINVAL, "engine: negative threads, max_ctx or max_batch");
+	eng = calloc(1, sizeof(*eng));
+	if (!eng)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	if ((err = pick_backend(o->backend, &eng->ops, &fallback, e)))
+		goto fail;
+	if ((err = q3_ckpt_open(o->model_dir, &eng->ck, e)) ||
+	    (err = q3_model_bind(eng->ck, &eng->m, e)) || (err = q3_ckpt_map(eng->ck, e)) ||
+	    (err = q3_model_check_data(eng->m, e)))
+		goto fail;
+	c = &eng->ck->cfg;
+	eng->bo = (struct q3_backend_opts){
+		.threads = o->threads ? o->threads : q3_ncpu(),
+		.max_ctx = o->max_ctx ? o->max_ctx : DEFAULT_MAX_CTX,
+		.max_batch = o->max_batch ? o->max_batch : DEFAULT_MAX_BATCH,
+		.vram_budget = o->vram_budget,
+		.quiet = o->quiet,
+	};
+	if (eng->bo.max_ctx > c->max_position_embeddings) {
+		err = q3_errf(e, -EINVAL, "engine: max_ctx %d exceeds the model's max_position_embeddings %d",
+			      eng->bo.max_ctx, c->max_position_embeddings);
+		goto fail;
+	}
+	eng->bo.max_tokens = Q3_MAX(MAX_TOKENS, eng->bo.max_batch);
+	eng->seqs = calloc((size_t)eng->bo.max_batch, sizeof(*eng->seqs));
+	if (!eng->seqs) {
+		err = q3_errf(e, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	err = eng->ops->open(eng->m, &eng->bo, &eng->bk, e);
+	if (err && fallback) {
+		if (!o->quiet)
+			q3_info("engine: backend %s unavailable (%s); using %s", eng->ops->name, e ? e->msg : "",
+				fallback->name);
+		eng->ops = fallback;
+		err = eng->ops->open(eng->m, &eng->bo, &eng->bk, e);
+	}
+	if (err)
+		goto fail;
+	if (!o->quiet)
+		q3_info("engine: %s, %d layers, backend %s, %d threads, max_ctx %d, max_batch %d",
+			o->model_dir, c->num_layers, eng->ops->name, eng->bo.threads, eng->bo.max_ctx,
+			eng->bo.max_batch);
+	*out = eng;
+	return 0;
+fail:
+	q3_engine_close(eng);
+	return err;
+}
+
+const struct q3_config *q3_engine_config(const struct q3_engine *eng)
+{
+	return &eng->ck->cfg;
+}
+
+const char *q3_engine_backend(const struct q3_engine *eng)
+{
+	return eng->ops->name;
+}
+
+int q3_engine_max_ctx(const struct q3_engine *eng)
+{
+	return eng->bo.max_ctx;
+}
+
+int q3_engine_max_batch(const struct q3_engine *eng)
+{
+	return eng->bo.max_batch;
+}
+
+const struct q3_model *q3_engine_model(const struct q3_engine *eng)
+{
+	return eng->m;
+}
+
+int q3_engine_set_trace(struct q3_engine *eng, q3_trace_fn fn, void *ctx)
+{
+	if (!eng->ops->set_trace)
+		return -ENOTSUP;
+	eng->ops->set_trace(eng->bk, fn, ctx);
+	return 0;
+}
+
+int q3_session_new(struct q3_engine *eng, struct q3_session **out, q3_err *e)
+{
+	struct q3_session *s = calloc(1, sizeof(*s));
+	int err;
+
+	*out = NULL;
+	if (!s)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	s->eng = eng;
+	if ((err = eng->ops->state_new(eng->bk, &s->st, e))) {
+		free(s);
+		return err;
+	}
+	*out = s;
+	return 0;
+}
+
+void q3_session_free(struct q3_session *s)
+{
+	if (!s)
+		return;
+	s->eng->ops->state_free(s->eng->bk, s->st);
+	free(s);
+}
+
+int q3_session_pos(const struct q3_session *s)
+{
+	return s->pos;
+}
+
+void q3_session_reset(struct q3_session *s)
+{
+	s->pos = 0; /* backends start from an empty state at position 0 */
+}
+
+int q3_session_copy(struct q3_session *dst, const struct q3_session *src, q3_err *e)
+{
+	if (dst->eng != src->eng)
+		return q3_errf(e, -EINVAL, "session copy: the sessions belong to different engines");
+	if (dst != src)
+		dst->eng->ops->state_copy(dst->eng->bk, dst->st, src->st, src->pos);
+	dst->pos = src->pos;
+	return 0;
+}
+
+static int check_ids(const struct q3_engine *eng, const int32_t *ids, int n, q3_err *e)
+{
+	int V = eng->ck->cfg.vocab_size;
+
+	for (int i = 0; i < n; i++)
+		if (ids[i] < 0 || ids[i] >= V)
+			return q3_errf(e, -EINVAL, "token id %d (item %d) is outside the vocabulary [0, %d)",
+				       ids[i], i, V);
+	return 0;
+}
+
+int q3_session_eval(struct q3_session *s, const int32_t *ids, int n, float *logits, unsigned flags,
+		    q3_err *e)
+{
+	struct q3_engine *eng = s->eng;
+	bool all = flags & Q3_EVAL_ALL_LOGITS;
+	size_t V = (size_t)eng->ck->cfg.vocab_size;
+	int err;
+
+	if (n < 1)
+		return q3_errf(e, -EINVAL, "eval: no tokens to feed");
+	if ((err = check_ids(eng, ids, n, e)))
+		return err;
+	if (n > eng->bo.max_ctx - s->pos)
+		return q3_errf(e, -ENOSPC, "eval: %d tokens at position %d pass the context of %d", n, s->pos,
+			       eng->bo.max_ctx);
+	for (int off = 0; off < n; off += eng->bo.max_tokens) {
+		int len = Q3_MIN(eng->bo.max_tokens, n - off);
+		bool last = off + len == n;
+		struct q3_fwd_seq sq = {
+			.state = s->st,
+			.pos = s->pos,
+			.n = len,
+			.ids = ids + off,
+			.logits = !logits ? NULL : all ? logits + (size_t)off * V : last ? logits : NULL,
+			.all_logits = all,
+		};
+
+		if ((err = eng->ops->forward(eng->bk, &sq, 1, e))) {
+			s->pos = 0;
+			return err;
+		}
+		s->pos += len;
+	}
+	return 0;
+}
+
+int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
+		     float *logits, q3_err *e)
+{
+	size_t V = (size_t)eng->ck->cfg.vocab_size;
+	int err;
+
+	if (n < 1 || n > eng->bo.max_batch)
+		return q3_errf(e, -EINVAL, "decode: %d sessions, expected 1 to %d", n, eng->bo.max_batch);
+	if ((err = check_ids(eng, ids, n, e)))
+		return err;
+	for (int i = 0; i < n; i++) {
+		if (ss[i]->eng != eng)
+			return q3_errf(e, -EINVAL, "decode: session %d belongs to another engine", i);
+		if (ss[i]->pos >= eng->bo.max_ctx)
+			return q3_errf(e, -ENOSPC, "decode: session %d is at the context limit %d", i,
+				       eng->bo.max_ctx);
+		for (int j = 0; j < i; j++)
+			if (ss[j] == ss[i])
+				return q3_errf(e, -EINVAL, "decode: session %d appears twice", i);
+		eng->seqs[i] = (struct q3_fwd_seq){
+			.state = ss[i]->st,
+			.pos = ss[i]->pos,
+			.n = 1,
+			.ids = ids + i,
+			.logits = logits ? logits + (size_t)i * V : NULL,
+		};
+	}
+	if ((err = eng->ops->forward(eng->bk, eng->seqs, n, e))) {
+		for (int i = 0; i < n; i++)
+			ss[i]->pos = 0;
+		return err;
+	}
+	for (int i = 0; i < n; i++)
+		ss[i]->pos++;
+	return 0;
+}
