@@ -168,7 +168,7 @@ static void ref_ffn(const struct q3_expert *ex, const float *x, double *y)
 	free(h);
 }
 
-static double rel_l2(const float *y, const double *ref, int n)
+static double rel_l2_f64(const float *y, const double *ref, int n)
 {
 	double num = 0, den = 0;
 
@@ -202,7 +202,7 @@ static void check_ffn(const struct q3_expert *ex, const struct q3_xexpert *x, in
 			q3_xexpert_ffn((enum q3_xisa)isa, (enum q3_xact_kind)kind, x, xin, (size_t)H, T,
 				       y, (size_t)H, scr);
 			for (int t = 0; t < T; t++) {
-				double err = rel_l2(y + (size_t)t * H, ref + (size_t)t * H, H);
+				double err = rel_l2_f64(y + (size_t)t * H, ref + (size_t)t * H, H);
 
 				if (!(err <= tol))
 					fail_msg("%s ffn %s %s T=%d token %d: rel L2 %.3g > %.1g", what,
