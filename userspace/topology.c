@@ -118,6 +118,9 @@ static int load(const char *xml, const char *synth, struct q3_topo **out, q3_err
 	}
 	hwloc_topology_set_io_types_filter(t->h, xml || synth ? HWLOC_TYPE_FILTER_KEEP_ALL
 							      : HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
+	/* The linux component reads PCI devices from sysfs itself; the libpciaccess-based "pci"
+	 * component adds nothing we use, is slower, and leaks in libpciaccess. */
+	hwloc_topology_set_components(t->h, HWLOC_TOPOLOGY_COMPONENTS_FLAG_BLACKLIST, "pci");
 	if (hwloc_topology_load(t->h)) {
 		err = q3_errf(e, -EINVAL, "topology: %s: hwloc cannot load it",
 			      xml ? xml : synth ? synth : "this machine");
