@@ -295,7 +295,7 @@ static void test_open_errors(void **state)
 	assert_non_null(strstr(e.msg, "bogus"));
 	assert_null(eng);
 	o.backend = "cuda";
-	if (!q3_backend_cuda()) {
+	if (!q3_cuda_backend_ops()) {
 		assert_int_equal(q3_engine_open(&o, &eng, &e), -ENOTSUP);
 		assert_non_null(strstr(e.msg, "no CUDA backend"));
 	}

@@ -1,16 +1,26 @@
-/* bench.c - placeholder until its issue lands: `qwen3d bench experts` is built (bench_experts.c);
- * every other benchmark says it is not built yet and fails. */
+/* bench.c - `qwen3d bench`: dispatches to the benchmarks (decode, prefill and suite live in
+ * bench_run.c, experts in bench_experts.c; load is not built yet). */
 #include <stdio.h>
 #include <string.h>
 
 #include "cli.h"
 
-int cmd_bench_experts(int argc, char **argv); /* tools/bench_experts.c */
+int q3_bench_decode(int argc, char **argv);  /* bench_run.c */
+int q3_bench_prefill(int argc, char **argv); /* bench_run.c */
+int q3_bench_suite(int argc, char **argv);   /* bench_run.c */
+int cmd_bench_experts(int argc, char **argv); /* bench_experts.c */
 
 int cmd_bench(int argc, char **argv)
 {
-	if (argc >= 2 && !strcmp(argv[1], "experts"))
+	if (argc > 1 && !strcmp(argv[1], "decode"))
+		return q3_bench_decode(argc - 1, argv + 1);
+	if (argc > 1 && !strcmp(argv[1], "prefill"))
+		return q3_bench_prefill(argc - 1, argv + 1);
+	if (argc > 1 && !strcmp(argv[1], "suite"))
+		return q3_bench_suite(argc - 1, argv + 1);
+	if (argc > 1 && !strcmp(argv[1], "experts"))
 		return cmd_bench_experts(argc - 1, argv + 1);
-	fprintf(stderr, "qwen3d %s: not built yet\n", argv[0]);
+	fprintf(stderr, "qwen3d %s %s: not built yet (decode, prefill, suite and experts are)\n", argv[0],
+		argc > 1 ? argv[1] : "");
 	return 1;
 }

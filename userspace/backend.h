@@ -58,20 +58,22 @@ struct q3_backend_ops {
 	int (*forward)(void *bk, const struct q3_fwd_seq *seqs, int nseq, q3_err *e);
 	/* Optional (may be NULL): install or clear (fn NULL) the trace hook. */
 	void (*set_trace)(void *bk, q3_trace_fn fn, void *ctx);
+	/* Tokens per forward call the backend wants (prefill chunk); 0: the engine's default. */
+	int max_tokens;
 };
 
 extern const struct q3_backend_ops q3_backend_cpu;
 
-/* The CUDA backend, where one is built (the .cu files of kernels/ define HAVE_CUDA_BACKEND); NULL
- * otherwise. */
-#ifdef HAVE_CUDA_BACKEND
-const struct q3_backend_ops *q3_backend_cuda(void);
-#else
-static inline const struct q3_backend_ops *q3_backend_cuda(void)
+/* The CUDA backend (kernels/cuda_backend.cu), in programs linked with libqwen3d_cuda.a (the
+ * qwen3d binary and the GPU tests, where nvcc built it).  A weak reference: in programs without
+ * it the address is NULL, so use q3_cuda_backend_ops().  The function itself returns NULL when
+ * no CUDA device is usable. */
+const struct q3_backend_ops *q3_backend_cuda(void) __attribute__((weak));
+
+static inline const struct q3_backend_ops *q3_cuda_backend_ops(void)
 {
-	return NULL;
+	return q3_backend_cuda ? q3_backend_cuda() : NULL;
 }
-#endif
 
 /* Debug access for tests: the trace hook of an open engine's backend.  Returns -ENOTSUP when the
  * backend has none. */

@@ -43,7 +43,7 @@ static int pick_backend(const char *name, const struct q3_backend_ops **out,
 {
 	*fallback = NULL;
 	if (!name || !strcmp(name, "auto")) {
-		*out = q3_backend_cuda() ? q3_backend_cuda() : &q3_backend_cpu;
+		*out = q3_cuda_backend_ops() ? q3_cuda_backend_ops() : &q3_backend_cpu;
 		if (*out != &q3_backend_cpu)
 			*fallback = &q3_backend_cpu;
 		return 0;
@@ -53,9 +53,10 @@ static int pick_backend(const char *name, const struct q3_backend_ops **out,
 		return 0;
 	}
 	if (!strcmp(name, "cuda")) {
-		*out = q3_backend_cuda();
+		*out = q3_cuda_backend_ops();
 		if (!*out)
-			return q3_errf(e, -ENOTSUP, "backend cuda: this build has no CUDA backend (use --backend cpu)");
+			return q3_errf(e, -ENOTSUP, "backend cuda: %s (use --backend cpu)",
+				       q3_backend_cuda ? "no usable CUDA device" : "this build has no CUDA backend");
 		return 0;
 	}
 	return q3_errf(e, -EINVAL, "backend '%s': expected cpu, cuda or auto", name);
@@ -107,7 +108,7 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 			      eng->bo.max_ctx, c->max_position_embeddings);
 		goto fail;
 	}
-	eng->bo.max_tokens = Q3_MAX(MAX_TOKENS, eng->bo.max_batch);
+	eng->bo.max_tokens = Q3_MAX(eng->ops->max_tokens ? eng->ops->max_tokens : MAX_TOKENS, eng->bo.max_batch);
 	eng->seqs = calloc((size_t)eng->bo.max_batch, sizeof(*eng->seqs));
 	if (!eng->seqs) {
 		err = q3_errf(e, -ENOMEM, "out of memory");

@@ -1,0 +1,1012 @@
+/* cuda_backend.cu - the CUDA backend (backend.h): the Qwen3-Next forward pass on one GPU with the
+ * kernels of gpu.h.
+ *
+ * open       every weight is uploaded and repacked into the tile format (GPTQ int4/int8 stay
+ *            quantized; dense weights become bf16), in_proj_qkvz / in_proj_ba rows reordered to
+ *            [q | k | v | z] and [b | a]; activation scratch for max_tokens rows is allocated.
+ * state_new  one device allocation per session: KV cache (bf16) of the full-attention layers,
+ *            conv states (fp32, double-buffered: a call reads one half and writes the other),
+ *            delta-rule states (fp32).
+ * forward    the rows of all sequences go through each layer together.  A call whose sequences
+ *            all feed one token (decode) replays a CUDA graph captured for its batch size (the
+ *            batch padded to a bucket with a scratch session): the per-call facts (ids,
+ *            positions, state pointers) are the graph's first node, a copy from pinned memory,
+ *            and the logits its last.  Prefill calls run the same ops eagerly, with cuBLAS for
+ *            the dense Linears and attention, and the grouped MoE GEMM.
+ * Nothing is allocated and nothing waits for the device inside a step, except the final wait
+ * for the logits.
+ */
+#include <cublas_v2.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu_internal.h"
+
+extern "C" {
+#include "backend.h"
+#include "dequant.h"
+#include "half.h"
+#include "model.h"
+}
+
+#define BK_STAGE_BYTES (64u << 20) /* upload staging */
+#define BK_MAX_TOKENS 4096	   /* rows per forward call (prefill chunk) */
+#define BK_LOGIT_ROWS 16	   /* rows of logits computed per lm_head pass */
+#define BK_ATT_DECODE_MAX 16	   /* sequences up to this many new tokens attend with the decode kernel */
+#define BK_MAX_GRAPHS 64
+#define BK_MMV_ROWS 64		   /* Linears on up to this many rows use the matvec */
+
+struct lin {
+	struct q3g_mat m;
+	void *mem;
+};
+
+struct glayer {
+	int lin, full;
+	float *input_norm, *post_norm;
+	struct lin qkvz, ba, lin_out;
+	float *conv_w, *A_log, *dt_bias, *lin_norm;
+	struct lin q, k, v, o;
+	float *q_norm, *k_norm;
+	struct lin router, shared_gate, egate, eup, edown, sgate, sup, sdown;
+};
+
+struct gstate {
+	void *mem;
+	uint16_t *kv;
+	float *conv[2];
+	float *rec;
+	int parity; /* conv[parity] holds the state before the next call */
+};
+
+struct graph {
+	int B;
+	cudaGraphExec_t exec;
+};
+
+struct cuda_bk {
+	const struct q3_model *m;
+	const struct q3_config *c;
+	struct q3_backend_opts o;
+	struct q3g_dims d;
+	cudaStream_t st;
+	cublasHandle_t cb;
+	void *cb_ws;
+	struct glayer *layers;
+	uint16_t *embed;
+	float *final_norm;
+	struct lin lm_head;
+	int maxrows;		/* rows per call: max_tokens, at least the largest decode bucket */
+	size_t kv_elems, conv_elems, rec_elems;
+
+	/* per-call table: pinned host and device copies, [ids R | row_seq R | row_pos R | lrows L | seq S] */
+	void *tab_h, *tab_d;
+	size_t tab_bytes;
+
+	/* activations (maxrows rows) */
+	float *h, *qkvz, *ba, *u, *og, *qg, *kk, *vv, *logits_r, *sg, *wts, *gu, *part, *att_o, *logits;
+	uint16_t *xb, *core, *qb, *att, *wtmp, *att_p;
+	float *att_s;
+	size_t att_elems;
+	int *idx;
+	void *moe_ws;
+	float *logits_h; /* pinned [max(max_batch, 16)][V] */
+	int nsplit_max;
+	int dec_rows;		/* rows the decode paths (attention splits, per-pair MoE) take */
+
+	struct gstate dummy;
+	struct graph graphs[BK_MAX_GRAPHS];
+	int ngraphs;
+	bool no_graphs;
+	q3_trace_fn trace;
+	void *trace_ctx;
+	float *trace_h;
+};
+
+/* ---- allocation helpers ----------------------------------------------------------------------- */
+
+static int dalloc(void **p, size_t bytes, const char *what, q3_err *e)
+{
+	cudaError_t err = cudaMalloc(p, bytes ? bytes : 16);
+
+	if (err != cudaSuccess) {
+		size_t fr = 0, tot = 0;
+
+		cudaGetLastError();
+		cudaMemGetInfo(&fr, &tot);
+		*p = NULL;
+		return q3_errf(e, -ENOMEM, "cuda backend: no device memory for %s (%zu MiB; %zu of %zu MiB free)", what,
+			       bytes >> 20, fr >> 20, tot >> 20);
+	}
+	return 0;
+}
+
+#define DALLOC(ptr, bytes, what)                                                   \
+	do {                                                                       \
+		if ((err = dalloc((void **)&(ptr), (bytes), (what), e)))           \
+			return err;                                                \
+	} while (0)
+
+/* A float tensor (any float dtype) as fp32 on the device. */
+static int up_f32(float **dst, const struct q3_tensor *t, q3_err *e)
+{
+	size_t n = q3_tensor_numel(t);
+	float *h = (float *)malloc(sizeof(float) * n);
+	int err;
+
+	if (!h)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	q3_tensor_to_f32(t, h);
+	if ((err = dalloc((void **)dst, sizeof(float) * n, t->name, e))) {
+		free(h);
+		return err;
+	}
+	cudaError_t ce = cudaMemcpy(*dst, h, sizeof(float) * n, cudaMemcpyHostToDevice);
+
+	free(h);
+	CUDA_CHECK(e, ce);
+	return 0;
+}
+
+/* A stack of Linears (all one shape) in tile format. */
+static int up_lin(struct lin *L, const struct q3_linear *const *ls, int n, const int *rowmap,
+		  struct q3g_stage *sg, cudaStream_t st, const char *what, q3_err *e)
+{
+	struct q3g_mat_plan p;
+	int err;
+
+	if ((err = q3g_mat_plan(ls, n, &p, e)))
+		return err;
+	if ((err = dalloc(&L->mem, q3g_mat_bytes(&p), what, e)))
+		return err;
+	q3g_mat_place(&L->m, &p, L->mem);
+	for (int i = 0; i < n; i++)
+		if ((err = q3g_mat_upload(&L->m, i, ls[i], rowmap, sg, st, e))) {
+			char name[256];
+
+			return q3_err_prefix(e, err, "%s", q3_linear_name(ls[i], name, sizeof(name)));
+		}
+	return 0;
+}
+
+static int up_one(struct lin *L, const struct q3_linear *l, const int *rowmap, struct q3g_stage *sg,
+		  cudaStream_t st, q3_err *e)
+{
+	char name[256];
+
+	return up_lin(L, &l, 1, rowmap, sg, st, q3_linear_name(l, name, sizeof(name)), e);
+}
+
+/* ---- open / close --------------------------------------------------------------------------- */
+
+static void free_lin(struct lin *L)
+{
+	cudaFree(L->mem);
+	L->mem = NULL;
+}
+
+static void cuda_close(void *p)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+
+	if (!bk)
+		return;
+	if (bk->st)
+		cudaStreamSynchronize(bk->st);
+	for (int i = 0; i < bk->ngraphs; i++)
+		cudaGraphExecDestroy(bk->graphs[i].exec);
+	if (bk->layers) {
+		for (int i = 0; i < bk->c->num_layers; i++) {
+			struct glayer *L = &bk->layers[i];
+			struct lin *ls[] = { &L->qkvz, &L->ba, &L->lin_out, &L->q, &L->k, &L->v, &L->o,
+					     &L->router, &L->shared_gate, &L->egate, &L->eup, &L->edown,
+					     &L->sgate, &L->sup, &L->sdown };
+			float *fs[] = { L->input_norm, L->post_norm, L->conv_w, L->A_log, L->dt_bias,
+					L->lin_norm, L->q_norm, L->k_norm };
+
+			for (size_t j = 0; j < Q3_ARRAY_SIZE(ls); j++)
+				free_lin(ls[j]);
+			for (size_t j = 0; j < Q3_ARRAY_SIZE(fs); j++)
+				cudaFree(fs[j]);
+		}
+		free(bk->layers);
+	}
+	free_lin(&bk->lm_head);
+	void *bufs[] = { bk->embed, bk->final_norm, bk->tab_d, bk->h, bk->qkvz, bk->ba, bk->u, bk->og,
+			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->gu, bk->part, bk->att_o,
+			 bk->logits, bk->xb, bk->core, bk->qb, bk->att, bk->wtmp, bk->att_p, bk->att_s,
+			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws };
+	for (size_t j = 0; j < Q3_ARRAY_SIZE(bufs); j++)
+		cudaFree(bufs[j]);
+	cudaFreeHost(bk->tab_h);
+	cudaFreeHost(bk->logits_h);
+	free(bk->trace_h);
+	if (bk->cb)
+		cublasDestroy(bk->cb);
+	if (bk->st)
+		cudaStreamDestroy(bk->st);
+	free(bk);
+}
+
+static void fill_dims(struct cuda_bk *bk)
+{
+	const struct q3_config *c = bk->c;
+	struct q3g_dims *d = &bk->d;
+
+	d->H = c->hidden_size;
+	d->V = c->vocab_size;
+	d->Hq = c->num_heads;
+	d->Hkv = c->num_kv_heads;
+	d->D = c->head_dim;
+	d->rot = c->rotary_dim;
+	d->rope_theta = c->rope_theta;
+	d->Nk = c->lin_num_k_heads;
+	d->Nv = c->lin_num_v_heads;
+	d->Dk = c->lin_k_dim;
+	d->Dv = c->lin_v_dim;
+	d->W = c->conv_kernel;
+	d->key_dim = c->lin_key_dim;
+	d->value_dim = c->lin_value_dim;
+	d->conv_dim = c->conv_dim;
+	d->E = c->num_experts;
+	d->topk = c->top_k;
+	d->I = c->moe_inter;
+	d->Is = c->shared_inter;
+	d->norm_topk = c->norm_topk_prob;
+	d->eps = c->rms_eps;
+	d->max_ctx = bk->o.max_ctx;
+}
+
+/* Row maps of the Gated DeltaNet projections: new row -> stored row (qwen3next.md 4.5.1). */
+static void gdn_rowmaps(const struct q3_config *c, int *qkvz, int *ba)
+{
+	int Nk = c->lin_num_k_heads, Nv = c->lin_num_v_heads, Dk = c->lin_k_dim, Dv = c->lin_v_dim;
+	int r = Nv / Nk, grp = 2 * Dk + 2 * r * Dv, n = 0;
+
+	for (int g = 0; g < Nk; g++)
+		for (int i = 0; i < Dk; i++)
+			qkvz[n++] = g * grp + i;
+	for (int g = 0; g < Nk; g++)
+		for (int i = 0; i < Dk; i++)
+			qkvz[n++] = g * grp + Dk + i;
+	for (int j = 0; j < Nv; j++)
+		for (int i = 0; i < Dv; i++)
+			qkvz[n++] = (j / r) * grp + 2 * Dk + (j % r) * Dv + i;
+	for (int j = 0; j < Nv; j++)
+		for (int i = 0; i < Dv; i++)
+			qkvz[n++] = (j / r) * grp + 2 * Dk + r * Dv + (j % r) * Dv + i;
+	for (int j = 0; j < Nv; j++) {
+		ba[j] = (j / r) * 2 * r + j % r;
+		ba[Nv + j] = (j / r) * 2 * r + r + j % r;
+	}
+}
+
+static int up_experts(struct lin *L, const struct q3_layer *ML, int E, int which, struct q3g_stage *sg,
+		      cudaStream_t st, q3_err *e)
+{
+	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)E);
+	char what[64];
+	int err;
+
+	if (!ls)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	for (int x = 0; x < E; x++)
+		ls[x] = which == 0 ? &ML->experts[x].gate : which == 1 ? &ML->experts[x].up : &ML->experts[x].down;
+	snprintf(what, sizeof(what), "layer %d experts' %s", ML->idx, which == 0 ? "gate" : which == 1 ? "up" : "down");
+	err = up_lin(L, ls, E, NULL, sg, st, what, e);
+	free(ls);
+	return err;
+}
+
+static int up_layer(struct cuda_bk *bk, int i, int *nlin, int *nfull, const int *rm_qkvz, const int *rm_ba,
+		    struct q3g_stage *sg, q3_err *e)
+{
+	const struct q3_layer *ML = &bk->m->layers[i];
+	struct glayer *L = &bk->layers[i];
+	cudaStream_t st = bk->st;
+	int err;
+
+	L->lin = L->full = -1;
+	if ((err = up_f32(&L->input_norm, ML->input_norm, e)) || (err = up_f32(&L->post_norm, ML->post_norm, e)))
+		return err;
+	if (ML->kind == Q3_LAYER_LINEAR) {
+		L->lin = (*nlin)++;
+		if ((err = up_one(&L->qkvz, &ML->qkvz, rm_qkvz, sg, st, e)) ||
+		    (err = up_one(&L->ba, &ML->ba, rm_ba, sg, st, e)) ||
+		    (err = up_one(&L->lin_out, &ML->lin_out, NULL, sg, st, e)) ||
+		    (err = up_f32(&L->conv_w, ML->conv1d, e)) || (err = up_f32(&L->A_log, ML->A_log, e)) ||
+		    (err = up_f32(&L->dt_bias, ML->dt_bias, e)) || (err = up_f32(&L->lin_norm, ML->lin_norm, e)))
+			return err;
+	} else {
+		L->full = (*nfull)++;
+		if ((err = up_one(&L->q, &ML->q, NULL, sg, st, e)) || (err = up_one(&L->k, &ML->k, NULL, sg, st, e)) ||
+		    (err = up_one(&L->v, &ML->v, NULL, sg, st, e)) || (err = up_one(&L->o, &ML->o, NULL, sg, st, e)) ||
+		    (err = up_f32(&L->q_norm, ML->q_norm, e)) || (err = up_f32(&L->k_norm, ML->k_norm, e)))
+			return err;
+	}
+	if ((err = up_one(&L->router, &ML->router, NULL, sg, st, e)) ||
+	    (err = up_one(&L->shared_gate, &ML->shared_gate, NULL, sg, st, e)) ||
+	    (err = up_experts(&L->egate, ML, bk->c->num_experts, 0, sg, st, e)) ||
+	    (err = up_experts(&L->eup, ML, bk->c->num_experts, 1, sg, st, e)) ||
+	    (err = up_experts(&L->edown, ML, bk->c->num_experts, 2, sg, st, e)) ||
+	    (err = up_one(&L->sgate, &ML->shared.gate, NULL, sg, st, e)) ||
+	    (err = up_one(&L->sup, &ML->shared.up, NULL, sg, st, e)) ||
+	    (err = up_one(&L->sdown, &ML->shared.down, NULL, sg, st, e)))
+		return err;
+	return 0;
+}
+
+/* The embedding as bf16 [V][H]. */
+static int up_embed(struct cuda_bk *bk, q3_err *e)
+{
+	const struct q3_tensor *t = bk->m->embed;
+	size_t n = q3_tensor_numel(t);
+	int err;
+
+	DALLOC(bk->embed, n * 2, "the embedding");
+	if (t->dtype == Q3_DT_BF16) {
+		CUDA_CHECK(e, cudaMemcpy(bk->embed, t->data, n * 2, cudaMemcpyHostToDevice));
+		return 0;
+	}
+	uint16_t *h = (uint16_t *)malloc(n * 2);
+
+	if (!h)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	for (size_t i = 0; i < n; i++)
+		h[i] = q3_f32_to_bf16(q3_tensor_f32_at(t, i));
+	cudaError_t ce = cudaMemcpy(bk->embed, h, n * 2, cudaMemcpyHostToDevice);
+
+	free(h);
+	CUDA_CHECK(e, ce);
+	return 0;
+}
+
+static size_t tab_size(int R, int L, int S)
+{
+	return ((size_t)(4 * R + L) * sizeof(int) + 15) / 16 * 16 + (size_t)S * sizeof(struct q3g_seq);
+}
+
+static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
+{
+	const struct q3g_dims *d = &bk->d;
+	size_t R = (size_t)bk->maxrows, P = R * (d->topk + 1), Imax = Q3_MAX(d->I, d->Is);
+	size_t lrows = Q3_MAX((size_t)bk->o.max_batch, (size_t)BK_LOGIT_ROWS), wt = 0;
+	int err;
+
+	bk->nsplit_max = Q3G_ATT_SPLITS;
+	bk->tab_bytes = tab_size(bk->maxrows, bk->maxrows, Q3_MAX(bk->maxrows, bk->o.max_batch));
+	CUDA_CHECK(e, cudaMallocHost(&bk->tab_h, bk->tab_bytes));
+	DALLOC(bk->tab_d, bk->tab_bytes, "the call table");
+	DALLOC(bk->h, R * d->H * 4, "activations");
+	DALLOC(bk->xb, R * d->H * 2, "activations");
+	DALLOC(bk->qkvz, R * (2 * d->key_dim + 2 * d->value_dim) * 4, "activations");
+	DALLOC(bk->ba, R * 2 * d->Nv * 4, "activations");
+	DALLOC(bk->u, R * d->conv_dim * 4, "activations");
+	DALLOC(bk->og, R * d->value_dim * 4, "activations");
+	DALLOC(bk->core, R * d->value_dim * 2, "activations");
+	DALLOC(bk->qg, R * 2 * d->Hq * d->D * 4, "activations");
+	DALLOC(bk->kk, R * d->Hkv * d->D * 4, "activations");
+	DALLOC(bk->vv, R * d->Hkv * d->D * 4, "activations");
+	DALLOC(bk->qb, R * d->Hq * d->D * 2, "activations");
+	DALLOC(bk->att, R * d->Hq * d->D * 2, "activations");
+	DALLOC(bk->att_o, R * d->Hq * d->D * 4, "activations");
+	bk->dec_rows = Q3_MAX(BK_ATT_DECODE_MAX, bk->o.max_batch);
+	DALLOC(bk->part, (size_t)bk->dec_rows * d->Hq * bk->nsplit_max * (d->D + 2) * 4, "attention splits");
+	DALLOC(bk->logits_r, R * d->E * 4, "router logits");
+	DALLOC(bk->sg, R * 4, "router logits");
+	DALLOC(bk->idx, P * 4, "routing");
+	DALLOC(bk->wts, P * 4, "routing");
+	DALLOC(bk->gu, (size_t)bk->dec_rows * (d->topk + 1) * 2 * Imax * 4, "expert activations");
+	DALLOC(bk->moe_ws, q3g_moe_prefill_scratch(bk->maxrows, d), "the prefill MoE");
+	DALLOC(bk->logits, lrows * d->V * 4, "logits");
+	CUDA_CHECK(e, cudaMallocHost(&bk->logits_h, lrows * d->V * 4));
+	/* the largest dense Linear expanded for cuBLAS */
+	for (int i = 0; i < bk->c->num_layers; i++) {
+		const struct glayer *L = &bk->layers[i];
+		const struct lin *ls[] = { &L->qkvz, &L->ba, &L->lin_out, &L->q, &L->k, &L->v, &L->o,
+					   &L->router, &L->shared_gate };
+
+		for (size_t j = 0; j < Q3_ARRAY_SIZE(ls); j++)
+			if (ls[j]->mem)
+				wt = Q3_MAX(wt, (size_t)ls[j]->m.N * ls[j]->m.K);
+	}
+	DALLOC(bk->wtmp, wt * 2, "expanded weights");
+	/* prefill attention: scores for up to 64 Mi elements per pass */
+	bk->att_elems = Q3_MAX((size_t)64 << 20, (size_t)(d->Hq / d->Hkv) * bk->o.max_ctx);
+	DALLOC(bk->att_s, bk->att_elems * 4, "attention scores");
+	DALLOC(bk->att_p, bk->att_elems * 2, "attention scores");
+	return 0;
+}
+
+static int state_alloc(struct cuda_bk *bk, struct gstate *s, q3_err *e)
+{
+	size_t bytes = bk->kv_elems * 2 + (2 * bk->conv_elems + bk->rec_elems) * 4;
+	char *c;
+	int err;
+
+	memset(s, 0, sizeof(*s));
+	if ((err = dalloc(&s->mem, bytes, "a session", e)))
+		return err;
+	c = (char *)s->mem;
+	s->kv = (uint16_t *)c;
+	c += (bk->kv_elems * 2 + 15) / 16 * 16;
+	s->conv[0] = (float *)c;
+	s->conv[1] = s->conv[0] + bk->conv_elems;
+	s->rec = s->conv[1] + bk->conv_elems;
+	return 0;
+}
+
+static int cuda_open_inner(struct cuda_bk *bk, q3_err *e)
+{
+	const struct q3_config *c = bk->c;
+	struct q3g_stage sg = { NULL, NULL, BK_STAGE_BYTES };
+	int *rm_qkvz = NULL, *rm_ba = NULL, nlin = 0, nfull = 0, err;
+	double t0 = q3_now();
+
+	if ((err = q3g_init(e)))
+		return err;
+	CUDA_CHECK(e, cudaStreamCreateWithFlags(&bk->st, cudaStreamNonBlocking));
+	if (cublasCreate(&bk->cb) != CUBLAS_STATUS_SUCCESS)
+		return q3_errf(e, -EIO, "cuda backend: cublasCreate failed");
+	/* a fixed cuBLAS workspace: no allocation inside a step */
+	DALLOC(bk->cb_ws, 32u << 20, "the cuBLAS workspace");
+	if (cublasSetWorkspace(bk->cb, bk->cb_ws, 32u << 20) != CUBLAS_STATUS_SUCCESS ||
+	    cublasSetStream(bk->cb, bk->st) != CUBLAS_STATUS_SUCCESS)
+		return q3_errf(e, -EIO, "cuda backend: cuBLAS setup failed");
+	fill_dims(bk);
+	bk->kv_elems = (size_t)c->num_full_layers * 2 * bk->o.max_ctx * c->kv_dim;
+	bk->conv_elems = (size_t)c->num_linear_layers * (c->conv_kernel - 1) * c->conv_dim;
+	bk->rec_elems = (size_t)c->num_linear_layers * c->lin_num_v_heads * c->lin_k_dim * c->lin_v_dim;
+
+	CUDA_CHECK(e, cudaMallocHost(&sg.host, sg.bytes));
+	if ((err = dalloc(&sg.dev, sg.bytes, "the upload stage", e)))
+		goto out;
+	rm_qkvz = (int *)malloc(sizeof(int) * (size_t)c->qkvz_dim);
+	rm_ba = (int *)malloc(sizeof(int) * (size_t)c->ba_dim);
+	bk->layers = (struct glayer *)calloc((size_t)c->num_layers, sizeof(*bk->layers));
+	if (!rm_qkvz || !rm_ba || !bk->layers) {
+		err = q3_errf(e, -ENOMEM, "out of memory");
+		goto out;
+	}
+	gdn_rowmaps(c, rm_qkvz, rm_ba);
+	for (int i = 0; i < c->num_layers; i++) {
+		if ((err = up_layer(bk, i, &nlin, &nfull, rm_qkvz, rm_ba, &sg, e)))
+			goto out;
+		if (!bk->o.quiet && c->num_layers >= 8 && (i + 1) % 8 == 0)
+			q3_info("cuda backend: %d / %d layers on the device (%.1f s)", i + 1, c->num_layers, q3_now() - t0);
+	}
+	if ((err = up_embed(bk, e)) || (err = up_f32(&bk->final_norm, bk->m->final_norm, e)) ||
+	    (err = up_one(&bk->lm_head, &bk->m->lm_head, NULL, &sg, bk->st, e)))
+		goto out;
+	bk->maxrows = Q3_MAX(bk->o.max_tokens, bk->o.max_batch);
+	if ((err = alloc_scratch(bk, e)) || (err = state_alloc(bk, &bk->dummy, e)))
+		goto out;
+	bk->no_graphs = getenv("QWEN3D_NO_GRAPHS") != NULL;
+	if (!bk->o.quiet) {
+		size_t fr = 0, tot = 0;
+
+		cudaMemGetInfo(&fr, &tot);
+		q3_info("cuda backend: weights on device %d in %.1f s; %zu of %zu MiB in use", q3g_dev.id, q3_now() - t0,
+			(tot - fr) >> 20, tot >> 20);
+	}
+out:
+	free(rm_qkvz);
+	free(rm_ba);
+	cudaFree(sg.dev);
+	cudaFreeHost(sg.host);
+	return err;
+}
+
+static int cuda_open(const struct q3_model *m, const struct q3_backend_opts *o, void **out, q3_err *e)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)calloc(1, sizeof(*bk));
+	int err;
+
+	*out = NULL;
+	if (!bk)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	bk->m = m;
+	bk->c = m->cfg;
+	bk->o = *o;
+	if (o->max_ctx < 1 || o->max_batch < 1 || o->max_tokens < o->max_batch) {
+		free(bk);
+		return q3_errf(e, -EINVAL, "cuda backend: bad options (max_ctx %d, max_batch %d, max_tokens %d)",
+			       o->max_ctx, o->max_batch, o->max_tokens);
+	}
+	if ((err = cuda_open_inner(bk, e))) {
+		cuda_close(bk);
+		return err;
+	}
+	*out = bk;
+	return 0;
+}
+
+/* ---- sessions ------------------------------------------------------------------------------- */
+
+static int cuda_state_new(void *p, void **out, q3_err *e)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+	struct gstate *s = (struct gstate *)calloc(1, sizeof(*s));
+	int err;
+
+	*out = NULL;
+	if (!s)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	if ((err = state_alloc(bk, s, e))) {
+		free(s);
+		return err;
+	}
+	*out = s;
+	return 0;
+}
+
+static void cuda_state_free(void *p, void *st)
+{
+	struct gstate *s = (struct gstate *)st;
+
+	if (!s)
+		return;
+	cudaFree(s->mem);
+	free(s);
+}
+
+static void cuda_state_copy(void *p, void *dst, const void *src, int pos)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+	struct gstate *d = (struct gstate *)dst;
+	const struct gstate *s = (const struct gstate *)src;
+	size_t kvd = bk->c->kv_dim, layer = (size_t)bk->o.max_ctx * kvd;
+
+	for (int f = 0; f < bk->c->num_full_layers; f++)
+		for (int w = 0; w < 2; w++)
+			cudaMemcpyAsync(d->kv + (2 * (size_t)f + w) * layer, s->kv + (2 * (size_t)f + w) * layer,
+					(size_t)pos * kvd * 2, cudaMemcpyDeviceToDevice, bk->st);
+	cudaMemcpyAsync(d->conv[0], s->conv[0], (2 * bk->conv_elems + bk->rec_elems) * 4, cudaMemcpyDeviceToDevice,
+			bk->st);
+	d->parity = s->parity;
+	cudaStreamSynchronize(bk->st);
+}
+
+static void cuda_set_trace(void *p, q3_trace_fn fn, void *ctx)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+
+	bk->trace = fn;
+	bk->trace_ctx = ctx;
+}
+
+/* ---- the forward pass ---------------------------------------------------------------------- */
+
+/* Where the call table's parts live for R rows, L logit rows, S sequences. */
+struct tab {
+	int32_t *ids;
+	int *row_seq, *row_pos, *lrows;
+	struct q3g_seq *seq;
+};
+
+static struct tab tab_at(void *base, int R, int L)
+{
+	struct tab t;
+	char *c = (char *)base;
+
+	t.ids = (int32_t *)c;
+	t.row_seq = (int *)c + R;
+	t.row_pos = (int *)c + 2 * R;
+	t.lrows = (int *)c + 3 * R;
+	t.seq = (struct q3g_seq *)(c + ((size_t)(4 * R + L) * sizeof(int) + 15) / 16 * 16);
+	return t;
+}
+
+/* Linears on R rows: the matvec for a few rows, cuBLAS for many. */
+static int linears(struct cuda_bk *bk, const struct q3g_job *jobs, int n, int R, q3_err *e)
+{
+	int err;
+
+	if (R <= BK_MMV_ROWS) {
+		/* a few rows: the matvec, 16 rows per pass (weights re-read per pass, never expanded) */
+		for (int r0 = 0; r0 < R; r0 += Q3G_MMV_MAX_TOK) {
+			struct q3g_job c[Q3G_MMV_MAX_JOBS];
+
+			for (int i = 0; i < n; i++) {
+				c[i] = jobs[i];
+				c[i].x += (size_t)r0 * jobs[i].ldx;
+				c[i].y += (size_t)r0 * jobs[i].ldy;
+			}
+			if ((err = q3g_mmv(c, n, Q3_MIN(Q3G_MMV_MAX_TOK, R - r0), bk->st, e)))
+				return err;
+		}
+		return 0;
+	}
+	for (int i = 0; i < n; i++)
+		if ((err = q3g_gemm(bk->cb, &jobs[i], R, bk->wtmp, bk->st, e)))
+			return err;
+	return 0;
+}
+
+static struct q3g_job job(const struct lin *l, const uint16_t *x, int ldx, float *y, int ldy, int epi)
+{
+	struct q3g_job j;
+
+	j.w = l->m;
+	j.x = x;
+	j.y = y;
+	j.ldx = ldx;
+	j.ldy = ldy;
+	j.epi = epi;
+	return j;
+}
+
+struct call {
+	int R, nseq, maxn, nl; /* rows, sequences, longest sequence, logit rows */
+	struct q3g_rows rows;	/* device pointers */
+	const struct q3g_seq *seq_h; /* host copies (prefill attention) */
+	int nsplit;
+	bool decode;
+};
+
+static int layer_linear(struct cuda_bk *bk, const struct glayer *L, const struct call *k, q3_err *e)
+{
+	const struct q3g_dims *d = &bk->d;
+	int qd = 2 * d->key_dim + 2 * d->value_dim, H = d->H, err;
+	struct q3g_job j[2] = { job(&L->qkvz, bk->xb, H, bk->qkvz, qd, Q3G_EPI_STORE),
+				job(&L->ba, bk->xb, H, bk->ba, 2 * d->Nv, Q3G_EPI_STORE) };
+
+	if ((err = linears(bk, j, 2, k->R, e)) ||
+	    (err = q3g_conv1d_silu(bk->u, bk->qkvz, qd, L->conv_w, k->rows, k->R, k->nseq, L->lin, d, bk->st, e)))
+		return err;
+	if (k->decode) {
+		err = q3g_delta(bk->u, bk->ba, L->A_log, L->dt_bias, NULL, bk->core, bk->qkvz + d->conv_dim, qd,
+				L->lin_norm, true, k->rows, k->nseq, L->lin, d, bk->st, e);
+	} else {
+		err = q3g_delta(bk->u, bk->ba, L->A_log, L->dt_bias, bk->og, NULL, NULL, 0, NULL, false, k->rows,
+				k->nseq, L->lin, d, bk->st, e);
+		if (!err)
+			err = q3g_gated_rmsnorm(bk->core, bk->og, bk->qkvz + d->conv_dim, qd, L->lin_norm, k->R, d->Nv,
+						d->Dv, d->eps, bk->st, e);
+	}
+	if (err)
+		return err;
+	j[0] = job(&L->lin_out, bk->core, d->value_dim, bk->h, H, Q3G_EPI_ADD);
+	return linears(bk, j, 1, k->R, e);
+}
+
+static int layer_full(struct cuda_bk *bk, const struct glayer *L, const struct call *k, q3_err *e)
+{
+	const struct q3g_dims *d = &bk->d;
+	int H = d->H, qd = d->Hq * d->D, kvd = d->Hkv * d->D, err;
+	struct q3g_job j[3] = { job(&L->q, bk->xb, H, bk->qg, 2 * qd, Q3G_EPI_STORE),
+				job(&L->k, bk->xb, H, bk->kk, kvd, Q3G_EPI_STORE),
+				job(&L->v, bk->xb, H, bk->vv, kvd, Q3G_EPI_STORE) };
+
+	if ((err = linears(bk, j, 3, k->R, e)) ||
+	    (err = q3g_attn_prep(bk->qb, bk->qg, bk->kk, bk->vv, L->q_norm, L->k_norm, k->rows, k->R, L->full, d,
+				 bk->st, e)))
+		return err;
+	if (k->maxn <= BK_ATT_DECODE_MAX && k->R <= bk->dec_rows) {
+		err = q3g_attn_decode(bk->att, bk->qb, bk->qg, bk->part, k->nsplit, k->rows, k->R, L->full, d, bk->st, e);
+	} else {
+		for (int s = 0; s < k->nseq && !err; s++)
+			err = q3g_attn_prefill(bk->cb, bk->att, bk->qb, bk->qg, &k->seq_h[s], L->full, bk->att_s, bk->att_p,
+					       bk->att_o, bk->att_elems, d, bk->st, e);
+	}
+	if (err)
+		return err;
+	j[0] = job(&L->o, bk->att, qd, bk->h, H, Q3G_EPI_ADD);
+	return linears(bk, j, 1, k->R, e);
+}
+
+static int layer_moe(struct cuda_bk *bk, const struct glayer *L, const struct call *k, q3_err *e)
+{
+	const struct q3g_dims *d = &bk->d;
+	int H = d->H, ldgu = 2 * Q3_MAX(d->I, d->Is), err;
+	struct q3g_job j[2] = { job(&L->router, bk->xb, H, bk->logits_r, d->E, Q3G_EPI_STORE),
+				job(&L->shared_gate, bk->xb, H, bk->sg, 1, Q3G_EPI_STORE) };
+
+	if ((err = linears(bk, j, 2, k->R, e)) ||
+	    (err = q3g_router_topk(bk->idx, bk->wts, bk->logits_r, bk->sg, k->R, d->E, d->topk, d->norm_topk, bk->st, e)))
+		return err;
+	if (k->R <= bk->dec_rows) {
+		if ((err = q3g_moe_up(bk->gu, bk->xb, bk->idx, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m, k->R, d->topk,
+				      H, ldgu, bk->st, e)))
+			return err;
+		return q3g_moe_down(bk->h, bk->gu, bk->idx, bk->wts, &L->edown.m, &L->sdown.m, k->R, d->topk, H, ldgu,
+				    bk->st, e);
+	}
+	return q3g_moe_prefill(bk->h, bk->xb, bk->idx, bk->wts, &L->egate.m, &L->eup.m, &L->edown.m, &L->sgate.m,
+			       &L->sup.m, &L->sdown.m, k->R, d, bk->moe_ws, bk->st, e);
+}
+
+static int do_trace(struct cuda_bk *bk, int layer, int R, q3_err *e)
+{
+	size_t n = (size_t)R * bk->d.H;
+
+	if (!bk->trace_h && !(bk->trace_h = (float *)malloc((size_t)bk->maxrows * bk->d.H * 4)))
+		return q3_errf(e, -ENOMEM, "out of memory");
+	CUDA_CHECK(e, cudaMemcpyAsync(bk->trace_h, bk->h, n * 4, cudaMemcpyDeviceToHost, bk->st));
+	CUDA_CHECK(e, cudaStreamSynchronize(bk->st));
+	bk->trace(bk->trace_ctx, layer, bk->trace_h, R, bk->d.H);
+	return 0;
+}
+
+/* Everything of one call after the table is on the device: layers, final norm, lm_head of the
+ * first min(nl, BK_LOGIT_ROWS·chunks) logit rows into bk->logits, and the copy to logits_h. */
+static int run_layers(struct cuda_bk *bk, const struct call *k, q3_err *e)
+{
+	const struct q3g_dims *d = &bk->d;
+	int err;
+
+	if ((err = q3g_embed(bk->h, bk->embed, k->rows, k->R, d->H, bk->st, e)))
+		return err;
+	if (bk->trace && (err = do_trace(bk, -1, k->R, e)))
+		return err;
+	for (int i = 0; i < bk->c->num_layers; i++) {
+		const struct glayer *L = &bk->layers[i];
+
+		if ((err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->input_norm, NULL, k->R, d->H, d->eps, bk->st, e)) ||
+		    (err = L->lin >= 0 ? layer_linear(bk, L, k, e) : layer_full(bk, L, k, e)) ||
+		    (err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->post_norm, NULL, k->R, d->H, d->eps, bk->st, e)) ||
+		    (err = layer_moe(bk, L, k, e)))
+			return err;
+		if (bk->trace && (err = do_trace(bk, i, k->R, e)))
+			return err;
+	}
+	return 0;
+}
+
+/* Final norm and lm_head for logit rows [l0, l0 + n) (n <= rows of bk->logits), then the copy
+ * of their logits to the pinned host buffer. */
+static int head_rows(struct cuda_bk *bk, const int *lrows_d, int l0, int n, q3_err *e)
+{
+	const struct q3g_dims *d = &bk->d;
+	int err;
+
+	if ((err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, bk->final_norm, lrows_d + l0, n, d->H, d->eps, bk->st, e)))
+		return err;
+	for (int r0 = 0; r0 < n; r0 += BK_LOGIT_ROWS) {
+		int nr = Q3_MIN(BK_LOGIT_ROWS, n - r0);
+		struct q3g_job j = job(&bk->lm_head, bk->xb + (size_t)r0 * d->H, d->H, bk->logits + (size_t)r0 * d->V, d->V,
+				       Q3G_EPI_STORE);
+
+		if ((err = q3g_mmv(&j, 1, nr, bk->st, e)))
+			return err;
+	}
+	CUDA_CHECK(e, cudaMemcpyAsync(bk->logits_h, bk->logits, (size_t)n * d->V * 4, cudaMemcpyDeviceToHost, bk->st));
+	return 0;
+}
+
+static int bucket(int n)
+{
+	static const int b[] = { 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256 };
+
+	for (size_t i = 0; i < Q3_ARRAY_SIZE(b); i++)
+		if (n <= b[i])
+			return b[i];
+	return (n + 63) / 64 * 64;
+}
+
+static int nsplit_for(int B, int Hkv)
+{
+	int n = 2 * q3g_dev.sms / Q3_MAX(1, Hkv * B);
+
+	return Q3_MAX(1, Q3_MIN(Q3G_ATT_SPLITS, n));
+}
+
+/* Fills the host table for the given sequences (padded to R = B rows / sequences with the
+ * scratch session when B > nseq) and returns the call. */
+static struct call fill_table(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int nseq, int B, bool graph,
+			      void *base, void *dbase)
+{
+	struct call k;
+	int R = 0, nl = 0;
+
+	memset(&k, 0, sizeof(k));
+	for (int s = 0; s < nseq; s++)
+		R += seqs[s].n;
+	if (B > nseq)
+		R += B - nseq;
+	for (int s = 0; s < nseq; s++)
+		if (seqs[s].logits)
+			nl += seqs[s].all_logits ? seqs[s].n : 1;
+	if (graph)
+		nl = B; /* a graph computes the logits of every row (one per sequence); unwanted ones are dropped */
+	struct tab t = tab_at(base, R, Q3_MAX(nl, 1)), td = tab_at(dbase, R, Q3_MAX(nl, 1));
+	int r = 0, l = 0;
+
+	for (int s = 0; s < Q3_MAX(nseq, B); s++) {
+		bool pad = s >= nseq;
+		const struct gstate *gs = pad ? &bk->dummy : (const struct gstate *)seqs[s].state;
+		int n = pad ? 1 : seqs[s].n, pos = pad ? 0 : seqs[s].pos;
+		struct q3g_seq *q = &t.seq[s];
+
+		q->row0 = r;
+		q->n = n;
+		q->pos = pos;
+		q->pad = 0;
+		q->kv = gs->kv;
+		q->conv_rd = gs->conv[gs->parity];
+		q->conv_wr = gs->conv[gs->parity ^ 1];
+		q->rec = gs->rec;
+		for (int i = 0; i < n; i++, r++) {
+			t.ids[r] = pad ? 0 : seqs[s].ids[i];
+			t.row_seq[r] = s;
+			t.row_pos[r] = pos + i;
+		}
+		if (graph)
+			t.lrows[l++] = r - 1;
+		else if (!pad && seqs[s].logits) {
+			if (seqs[s].all_logits)
+				for (int i = 0; i < n; i++)
+					t.lrows[l++] = r - n + i;
+			else
+				t.lrows[l++] = r - 1;
+		}
+		k.maxn = Q3_MAX(k.maxn, n);
+	}
+	k.R = R;
+	k.nseq = Q3_MAX(nseq, B);
+	k.nl = nl;
+	k.rows.ids = td.ids;
+	k.rows.row_seq = td.row_seq;
+	k.rows.row_pos = td.row_pos;
+	k.rows.seq = td.seq;
+	k.seq_h = t.seq;
+	return k;
+}
+
+static size_t call_tab_bytes(const struct call *k)
+{
+	return tab_size(k->R, Q3_MAX(k->nl, 1), k->nseq);
+}
+
+/* The graph of batch bucket B (captured on first use). */
+static int graph_for(struct cuda_bk *bk, int B, const struct call *k, cudaGraphExec_t *out, q3_err *e)
+{
+	cudaGraph_t g = NULL;
+	cudaGraphExec_t ex = NULL;
+	int err = 0;
+
+	for (int i = 0; i < bk->ngraphs; i++)
+		if (bk->graphs[i].B == B) {
+			*out = bk->graphs[i].exec;
+			return 0;
+		}
+	if (bk->ngraphs == BK_MAX_GRAPHS)
+		return q3_errf(e, -ENOSPC, "cuda backend: too many decode graphs");
+	CUDA_CHECK(e, cudaStreamBeginCapture(bk->st, cudaStreamCaptureModeThreadLocal));
+	err = cudaMemcpyAsync(bk->tab_d, bk->tab_h, call_tab_bytes(k), cudaMemcpyHostToDevice, bk->st) == cudaSuccess
+		      ? 0
+		      : q3_errf(e, -EIO, "cuda backend: table copy in capture failed");
+	if (!err)
+		err = run_layers(bk, k, e);
+	if (!err)
+		err = head_rows(bk, tab_at(bk->tab_d, k->R, k->nl).lrows, 0, k->nl, e);
+	cudaError_t ce = cudaStreamEndCapture(bk->st, &g);
+
+	if (err) {
+		if (g)
+			cudaGraphDestroy(g);
+		return err;
+	}
+	CUDA_CHECK(e, ce);
+	ce = cudaGraphInstantiate(&ex, g, 0);
+	cudaGraphDestroy(g);
+	CUDA_CHECK(e, ce);
+	bk->graphs[bk->ngraphs].B = B;
+	bk->graphs[bk->ngraphs++].exec = ex;
+	*out = ex;
+	return 0;
+}
+
+static void copy_logits_out(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int nseq, int l0, int nl_chunk,
+			    int *lcursor)
+{
+	/* logit rows were assigned to sequences in order; lcursor counts rows handed out so far */
+	size_t V = (size_t)bk->d.V;
+	int l = 0;
+
+	for (int s = 0; s < nseq; s++) {
+		int n = !seqs[s].logits ? 0 : seqs[s].all_logits ? seqs[s].n : 1;
+
+		for (int i = 0; i < n; i++, l++)
+			if (l >= l0 && l < l0 + nl_chunk)
+				memcpy(seqs[s].logits + (size_t)i * V, bk->logits_h + (size_t)(l - l0) * V, V * 4);
+	}
+	*lcursor = l0 + nl_chunk;
+}
+
+static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int nseq, q3_err *e)
+{
+	bool decode = true;
+	int err, B = nseq, lcur = 0;
+
+	for (int s = 0; s < nseq; s++)
+		decode &= seqs[s].n == 1;
+	if (decode && !bk->no_graphs && !bk->trace) {
+		B = bucket(nseq);
+		if (B > bk->maxrows || B > Q3_MAX(bk->o.max_batch, BK_LOGIT_ROWS))
+			B = nseq;
+	}
+	bool graph = decode && !bk->no_graphs && !bk->trace && B >= nseq;
+	struct call k = fill_table(bk, seqs, nseq, graph ? B : nseq, graph, bk->tab_h, bk->tab_d);
+
+	k.decode = decode;
+	k.nsplit = nsplit_for(k.R, bk->d.Hkv);
+	if (k.R > bk->maxrows)
+		return q3_errf(e, -EINVAL, "cuda backend: %d rows in one call (at most %d)", k.R, bk->maxrows);
+	if (graph) {
+		cudaGraphExec_t ex = NULL;
+
+		if ((err = graph_for(bk, B, &k, &ex, e)))
+			return err;
+		CUDA_CHECK(e, cudaGraphLaunch(ex, bk->st));
+		CUDA_CHECK(e, cudaStreamSynchronize(bk->st));
+		for (int s = 0; s < nseq; s++)
+			if (seqs[s].logits)
+				memcpy(seqs[s].logits, bk->logits_h + (size_t)s * bk->d.V, (size_t)bk->d.V * 4);
+		return 0;
+	}
+	CUDA_CHECK(e, cudaMemcpyAsync(bk->tab_d, bk->tab_h, call_tab_bytes(&k), cudaMemcpyHostToDevice, bk->st));
+	if ((err = run_layers(bk, &k, e)))
+		return err;
+	const int *lrows_d = tab_at(bk->tab_d, k.R, Q3_MAX(k.nl, 1)).lrows;
+	int lrows_cap = Q3_MAX(bk->o.max_batch, BK_LOGIT_ROWS);
+
+	for (int l0 = 0; l0 < k.nl; l0 += lrows_cap) {
+		int n = Q3_MIN(lrows_cap, k.nl - l0);
+
+		if ((err = head_rows(bk, lrows_d, l0, n, e)))
+			return err;
+		CUDA_CHECK(e, cudaStreamSynchronize(bk->st));
+		copy_logits_out(bk, seqs, nseq, l0, n, &lcur);
+	}
+	CUDA_CHECK(e, cudaStreamSynchronize(bk->st));
+	return 0;
+}
+
+static int cuda_forward(void *p, const struct q3_fwd_seq *seqs, int nseq, q3_err *e)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+	int err = forward_inner(bk, seqs, nseq, e);
+
+	if (err) {
+		cudaStreamSynchronize(bk->st);
+		cudaGetLastError();
+		return err;
+	}
+	for (int s = 0; s < nseq; s++) {
+		struct gstate *gs = (struct gstate *)seqs[s].state;
+
+		gs->parity ^= 1;
+	}
+	return 0;
+}
+
+static const struct q3_backend_ops cuda_ops = {
+	"cuda",
+	cuda_open,
+	cuda_close,
+	cuda_state_new,
+	cuda_state_free,
+	cuda_state_copy,
+	cuda_forward,
+	cuda_set_trace,
+	BK_MAX_TOKENS,
+};
+
+extern "C" const struct q3_backend_ops *q3_backend_cuda(void)
+{
+	int n = 0;
+
+	if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
+		cudaGetLastError();
+		return NULL;
+	}
+	return &cuda_ops;
+}
+
+extern "C" double q3_cuda_copy_gbs(void)
+{
+	q3_err e;
+
+	return q3g_copy_bandwidth((size_t)1 << 30, 10, &e);
+}

@@ -1,0 +1,257 @@
+/* gpu.h - the CUDA kernels of the Qwen3-Next forward pass, as C functions (C linkage): the GPU
+ * twin of cpu_ref.h.  Each op launches on a stream and returns 0 or -EIO with a one-line reason
+ * (a launch error; kernels run asynchronously, so their faults surface at the next check).
+ *
+ * Conventions (all pointers are device pointers unless marked host):
+ *  - activations are rows: R tokens of the call, sequence after sequence, row-major; the residual
+ *    stream and every Linear output are fp32, the inputs of Linears are bf16 (uint16_t here);
+ *  - norms, softmax, the delta-rule state and all accumulations are fp32;
+ *  - per-token and per-sequence facts (ids, positions, which session state a row belongs to)
+ *    come from a struct q3g_rows that lives on the device, so that one captured CUDA graph
+ *    serves every decode step of a batch size.
+ *
+ * The op <-> reference pairs (tests/gpu/test_ops.cu walks them):
+ *   q3g_add_rmsnorm      q3_ref_rmsnorm             q3g_gated_rmsnorm  q3_ref_rmsnorm_gated
+ *   q3g_mmv / q3g_gemm   q3_ref_linear              q3g_conv1d_silu    q3_ref_conv1d_silu
+ *   q3g_delta            q3_ref_delta_qk + q3_ref_delta_gates + q3_ref_delta_step / _chunked
+ *   q3g_attn_prep        q3_ref_rmsnorm + q3_ref_rope       q3g_attn_*  q3_ref_attention
+ *   q3g_router_topk      q3_ref_router_topk          q3g_moe_*          q3_ref_moe
+ */
+#pragma once
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpu_config.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct q3_linear;
+struct q3_err;
+typedef struct CUstream_st *q3g_stream; /* = cudaStream_t */
+
+/* ---- weights: the tile format ------------------------------------------------------------- */
+
+enum q3g_wfmt {
+	Q3G_Q4 = 0,   /* GPTQ 4-bit codes, scale per (group, row), optional zero points */
+	Q3G_Q8 = 1,   /* GPTQ 8-bit codes */
+	Q3G_BF16 = 2, /* dense bf16 (dense checkpoints; GPTQ layouts the fast path does not take) */
+};
+
+/* A Linear y = x·Wᵀ (W [N][K]) in tile format on the device: tiles of 16 output rows, chunks of
+ * 64 inputs, each chunk laid out so that lane l of a warp reads the mma A fragments of its four
+ * k-steps with 16-byte loads (see gpu_weights.cu for the exact bit layout).  Codes are stored as
+ * is; the kernels compute s · (q − z) with q − z exact in bf16 and apply s per group in fp32.
+ *
+ * A stack of E matrices of one shape (the routed experts of a layer) shares one descriptor: matrix
+ * e starts at data + e·data_stride bytes, and likewise for scales, zeros and perm. */
+struct q3g_mat {
+	int fmt;		/* enum q3g_wfmt */
+	int N, K;		/* true sizes */
+	int ntiles;		/* ceil(N / 16) */
+	int nchunks;		/* ceil(K / 64) */
+	int gsteps;		/* k-steps of 16 per scale group (group_size / 16); 0 for bf16 */
+	int ngroups;		/* scale groups per row, padding included */
+	int nmat;		/* matrices in the stack (1 for a plain Linear) */
+	const void *data;	/* [nmat][ntiles][nchunks][chunk bytes] */
+	const float *scales;	/* [nmat][ntiles][ngroups][16]; NULL for bf16 */
+	const float *zeros;	/* [nmat][ntiles][ngroups][16] zero points; NULL: symmetric (8 or 128) */
+	const uint16_t *perm;	/* [nmat][nchunks * 64]: position -> input index (act-order), >= K:
+				 * padding; NULL: identity */
+	size_t data_stride, sz_stride, perm_stride; /* per matrix: bytes, floats, entries */
+};
+
+/* Host-side plan of a stack: format and sizes, decided from the stored Linears (all of one
+ * shape).  Falls back to bf16 when a GPTQ layout is outside the fast path (group not a multiple
+ * of 16, K not a multiple of 16, an act-order g_idx whose sorted groups are not contiguous runs
+ * of group_size).  rowmap (host, [N] or NULL): output row n of the tile format is stored row
+ * rowmap[n] (used to reorder in_proj_qkvz into [q | k | v | z]). */
+struct q3g_mat_plan {
+	int fmt, N, K, ntiles, nchunks, gsteps, ngroups, nmat;
+	bool zeros, perm;
+	size_t data_bytes, sz_floats, perm_entries; /* per matrix */
+};
+
+int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct q3g_mat_plan *p,
+		 struct q3_err *e);
+/* Bytes of device memory the stack needs (data, scales, zeros, perm; each 256-aligned). */
+size_t q3g_mat_bytes(const struct q3g_mat_plan *p);
+/* Points a descriptor into mem (q3g_mat_bytes of device memory) for plan p. */
+void q3g_mat_place(struct q3g_mat *m, const struct q3g_mat_plan *p, void *mem);
+
+/* Staging for uploads: a device buffer and a pinned host buffer of the same size. */
+struct q3g_stage {
+	void *dev;
+	void *host;
+	size_t bytes;
+};
+
+/* Uploads matrix idx of stack m from the stored Linear l (host data) and repacks it into the
+ * tile format on the device.  rowmap as in q3g_mat_plan.  Synchronous with respect to the stage
+ * (returns when the stage may be reused). */
+int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, const int *rowmap,
+		   struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
+
+/* W of matrix idx as bf16 row-major [N][K] in the original input order (for cuBLAS and tests). */
+int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, struct q3_err *e);
+
+/* ---- per-call rows and sessions ------------------------------------------------------------- */
+
+/* A session's state on the device, one allocation (see q3g_state_layout). */
+struct q3g_seq {
+	int row0, n, pos, pad;	/* rows [row0, row0 + n) feed positions pos .. pos + n - 1 */
+	uint16_t *kv;		/* [n_full][2][max_ctx][kv_dim] bf16: K, V */
+	float *conv_rd;		/* [n_lin][W - 1][conv_dim]: the last W-1 conv inputs before this call */
+	float *conv_wr;		/* the same after it (the other half of a double buffer) */
+	float *rec;		/* [n_lin][Nv][Dv][Dk]: delta-rule states, transposed (S[i][c] at c·Dk + i) */
+};
+
+struct q3g_rows {
+	const int32_t *ids;	/* [R] token ids */
+	const int *row_seq;	/* [R] sequence of each row */
+	const int *row_pos;	/* [R] absolute position */
+	const struct q3g_seq *seq; /* [nseq] */
+};
+
+/* ---- model shape the kernels need ----------------------------------------------------------- */
+
+struct q3g_dims {
+	int H, V;		/* hidden, vocab */
+	int Hq, Hkv, D, rot;	/* full attention */
+	double rope_theta;
+	int Nk, Nv, Dk, Dv, W;	/* Gated DeltaNet; W = conv kernel */
+	int key_dim, value_dim, conv_dim;
+	int E, topk, I, Is;	/* MoE */
+	bool norm_topk;
+	float eps;
+	int max_ctx;
+};
+
+/* ---- ops ------------------------------------------------------------------------------------ */
+
+/* Reads the current device's facts and configures the kernels (shared-memory limits).  Call once
+ * per process (per device) before any op. */
+int q3g_init(struct q3_err *e);
+
+/* h[r] = embed[ids[r]] (embed: bf16 [V][H]). */
+int q3g_embed(float *h, const uint16_t *embed, struct q3g_rows rows, int R, int H, q3g_stream st,
+	      struct q3_err *e);
+
+/* For each row: h += a (a may be NULL), then y = bf16(h · rsqrt(mean(h²) + eps) · (1 + w)).
+ * rows_idx (optional, [R]): normalize only rows rows_idx[i] of h into row i of y. */
+int q3g_add_rmsnorm(float *h, const float *a, uint16_t *y, const float *w, const int *rows_idx, int R,
+		    int n, float eps, q3g_stream st, struct q3_err *e);
+
+/* One Linear application of a matvec launch: y[t][n] (op) x[t]·W[n]ᵀ for t < R. */
+enum q3g_epi {
+	Q3G_EPI_STORE = 0, /* y = x·Wᵀ (fp32) */
+	Q3G_EPI_ADD = 1,   /* y += x·Wᵀ (the residual add) */
+};
+
+struct q3g_job {
+	struct q3g_mat w;	 /* the descriptor (by value: launches carry it as a parameter) */
+	const uint16_t *x;	 /* bf16 [R][ldx] */
+	float *y;		 /* fp32 [R][ldy] */
+	int ldx, ldy, epi;
+};
+
+/* Up to Q3G_MMV_MAX_JOBS Linears on R <= Q3G_MMV_MAX_TOK rows, one launch, tensor cores. */
+int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream st, struct q3_err *e);
+
+/* The same Linear on R rows of any count (prefill): W expanded to bf16 row-major into wtmp
+ * ([N][K]) and multiplied by cuBLAS (cublas: a cublasHandle_t). */
+int q3g_gemm(void *cublas, const struct q3g_job *job, int R, uint16_t *wtmp, q3g_stream st,
+	     struct q3_err *e);
+
+/* Gated DeltaNet: causal conv1d + SiLU over the rows of every sequence, from the projections
+ * qkvz [R][ldq] (columns [0, conv_dim) are the conv inputs q | k | v) into u [R][conv_dim];
+ * reads each sequence's conv_rd state and writes conv_wr (layer lin). cw: [conv_dim][W] fp32. */
+int q3g_conv1d_silu(float *u, const float *qkvz, int ldq, const float *cw, struct q3g_rows rows,
+		    int R, int nseq, int lin, const struct q3g_dims *d, q3g_stream st, struct q3_err *e);
+
+/* The delta rule for every sequence and value head: l2norm q, k (q scaled by Dk^-0.5), gates
+ * beta = sigmoid(b), g = -exp(A_log)·softplus(a + dt_bias) from ba [R][2 Nv] ([b | a]), then the
+ * recurrence on the sequence's state (layer lin), output o.  With fuse_norm (every sequence feeds
+ * one token): o is written gated-normed, bf16, to core [R][value_dim] (z [R][ldz] the gate,
+ * normw [Dv]); else raw fp32 to o [R][value_dim]. */
+int q3g_delta(const float *u, const float *ba, const float *A_log, const float *dt_bias, float *o,
+	      uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
+	      struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st,
+	      struct q3_err *e);
+
+/* core[r][j·Dv + c] = bf16(w[c] · o · rsqrt(mean_c(o²) + eps) · silu(z)) per row and value head. */
+int q3g_gated_rmsnorm(uint16_t *core, const float *o, const float *z, int ldz, const float *w, int R,
+		      int nheads, int Dv, float eps, q3g_stream st, struct q3_err *e);
+
+/* Full attention, before the scores: per row, q_norm + RoPE on the query heads (qg [R][2 q_dim],
+ * per head [q | gate]) into q (bf16 [R][Hq][D]); k_norm + RoPE on k and the raw v ([R][kv_dim]
+ * each) into the sequence's cache of layer full at the row's position. */
+int q3g_attn_prep(uint16_t *q, const float *qg, const float *k, const float *v, const float *qnw,
+		  const float *knw, struct q3g_rows rows, int R, int full, const struct q3g_dims *d,
+		  q3g_stream st, struct q3_err *e);
+
+/* Decode attention (flash-decoding): each row attends over its cache positions [0, pos] in up to
+ * nsplit splits; part: scratch [R][Hq][nsplit][D + 2] fp32.  Then the splits are combined and
+ * multiplied by sigmoid(gate) into att (bf16 [R][q_dim]). */
+int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *part, int nsplit,
+		    struct q3g_rows rows, int R, int full, const struct q3g_dims *d, q3g_stream st,
+		    struct q3_err *e);
+
+/* Prefill attention of one sequence (rows row0 .. row0 + n - 1 at positions pos .. pos + n - 1)
+ * through cuBLAS: S = q·Kᵀ (scratch s, fp32, qblk x (pos + n) per head), causal softmax into p
+ * (bf16, same shape), O = P·V into o (fp32 [n][Hq][D]), then att = o ⊙ sigmoid(gate).  Host
+ * pointers seq (the sequence's device state, host copy). */
+int q3g_attn_prefill(void *cublas, uint16_t *att, const uint16_t *q, const float *qg,
+		     const struct q3g_seq *seq, int full, float *s, uint16_t *p, float *o, size_t scratch_elems,
+		     const struct q3g_dims *d, q3g_stream st, struct q3_err *e);
+
+/* Router: per row, softmax over E logits, the top k (ties: lower index), renormalized when
+ * norm; slot k is the shared expert (index -1, weight sigmoid(sg[r])).  idx, w: [R][k + 1]. */
+int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, int R, int E, int k,
+		    bool norm, q3g_stream st, struct q3_err *e);
+
+/* Decode MoE (per (row, slot) pair p = r·(k+1) + s, any R):
+ *   up:   gu[p][0..N) = x[r]·gateᵀ, gu[p][ldgu/2 ..) = x[r]·upᵀ, with the pair's expert idx[p]
+ *         (gate/up: the stacks) or, for idx -1, the shared expert (sgate/sup);
+ *   down: h[r] += Σ_s w[p] · down_e(silu(gate) ⊙ up). */
+int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
+	       const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
+	       int k, int H, int ldgu, q3g_stream st, struct q3_err *e);
+int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w, const struct q3g_mat *down,
+		 const struct q3g_mat *sdown, int R, int k, int H, int ldgu, q3g_stream st,
+		 struct q3_err *e);
+
+/* Prefill MoE (any R): pairs grouped by expert, grouped tensor-core GEMMs.  ws: scratch of
+ * q3g_moe_prefill_scratch bytes. */
+size_t q3g_moe_prefill_scratch(int R, const struct q3g_dims *d);
+int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, const float *w,
+		    const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *down,
+		    const struct q3g_mat *sgate, const struct q3g_mat *sup, const struct q3g_mat *sdown,
+		    int R, const struct q3g_dims *d, void *ws, q3g_stream st, struct q3_err *e);
+
+/* ---- sampling (sampler.h's rules on the device) ------------------------------------------------ */
+
+struct q3g_sampling {
+	float temperature; /* 0 = greedy */
+	float top_p;	   /* 1 = off */
+	int top_k;	   /* 0 = off */
+	float min_p;	   /* 0 = off */
+	uint64_t seed, step;
+};
+
+/* One id per row of logits [R][V]; params [R] (device); out [R].  Scratch: ws of
+ * q3g_sample_scratch bytes. */
+size_t q3g_sample_scratch(int R, int V);
+int q3g_sample(int32_t *out, const float *logits, const struct q3g_sampling *params, int R, int V,
+	       void *ws, q3g_stream st, struct q3_err *e);
+
+/* ---- device facts ---------------------------------------------------------------------------- */
+
+/* Measured device-to-device copy bandwidth in GB/s (bytes read + written), or a negative errno. */
+double q3g_copy_bandwidth(size_t bytes, int reps, struct q3_err *e);
+
+#ifdef __cplusplus
+}
+#endif

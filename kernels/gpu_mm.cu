@@ -1,0 +1,317 @@
+/* gpu_mm.cu - the MoE block of prefill: (row, slot) pairs grouped by expert, then grouped
+ * tensor-core GEMMs that read each active expert's int4 weights once per 64 of its tokens.
+ *
+ *   sort      count the pairs of each expert (the shared expert is group E), exclusive scan,
+ *             a work list of (group, first sorted pair, count <= 64) tiles, scatter the pairs;
+ *   up        block (tile, 128 rows of gate or up): gu[pair] = x[row]·Wᵀ, fp32;
+ *   down      block (tile, 128 output rows): y[pair] = w[pair] · (silu(gate) ⊙ up)·W_downᵀ;
+ *   combine   h[row] += Σ_slots y[row·(k+1) + slot], in slot order (deterministic).
+ * The GEMM blocks stage Q3G_MM_TOK token rows x Q3G_MM_KTILE inputs in shared memory (B fragments,
+ * gathered through the matrix's act-order permutation) and run the same chunk loop as the
+ * matvec (mma_frag.cuh) over that window, with 8 token tiles per A fragment.
+ */
+#include "gpu_internal.h"
+#include "mma_frag.cuh"
+
+#define MM_KT 256 /* inputs per staged window */
+
+struct mm_ws {
+	int *count, *offset, *fill, *ntiles, *sorted;
+	int4 *tiles;
+	float *gu, *y;
+	int maxtiles;
+};
+
+static size_t a256(size_t x)
+{
+	return (x + 255) & ~(size_t)255;
+}
+
+static void ws_layout(void *base, int R, const struct q3g_dims *d, struct mm_ws *w, size_t *total)
+{
+	int G = d->E + 1, P = R * (d->topk + 1), Imax = Q3_MAX(d->I, d->Is);
+	char *c = (char *)base;
+	size_t off = 0;
+
+	w->maxtiles = P / Q3G_MM_TOK + G + 1;
+#define TAKE(field, type, n)                            \
+	do {                                            \
+		w->field = (type)(c ? c + off : NULL); \
+		off += a256(n);                         \
+	} while (0)
+	TAKE(count, int *, sizeof(int) * (G + 1));
+	TAKE(offset, int *, sizeof(int) * (G + 1));
+	TAKE(fill, int *, sizeof(int) * (G + 1));
+	TAKE(ntiles, int *, sizeof(int));
+	TAKE(sorted, int *, sizeof(int) * P);
+	TAKE(tiles, int4 *, sizeof(int4) * w->maxtiles);
+	TAKE(gu, float *, sizeof(float) * (size_t)P * 2 * Imax);
+	TAKE(y, float *, sizeof(float) * (size_t)P * d->H);
+#undef TAKE
+	*total = off;
+}
+
+extern "C" size_t q3g_moe_prefill_scratch(int R, const struct q3g_dims *d)
+{
+	struct mm_ws w;
+	size_t total;
+
+	ws_layout(NULL, R, d, &w, &total);
+	return total;
+}
+
+/* ---- sort ------------------------------------------------------------------------------------ */
+
+__global__ void mm_count_kernel(int *count, const int *idx, int P, int E)
+{
+	int p = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (p < P) {
+		int ex = idx[p];
+
+		atomicAdd(&count[ex < 0 ? E : ex], 1);
+	}
+}
+
+/* One block: exclusive scan of G counts (G <= blockDim.x), the tile list, fill = offset. */
+__global__ void mm_scan_kernel(const int *count, int *offset, int *fill, int4 *tiles, int *ntiles, int G)
+{
+	__shared__ int s[1024 + 1];
+	__shared__ int t[1024 + 1];
+	int g = threadIdx.x;
+	int c = g < G ? count[g] : 0, nt = (c + Q3G_MM_TOK - 1) / Q3G_MM_TOK;
+
+	s[g] = c;
+	t[g] = nt;
+	__syncthreads();
+	/* Hillis-Steele inclusive scans of counts and tile counts */
+	for (int o = 1; o < blockDim.x; o <<= 1) {
+		int a = g >= o ? s[g - o] : 0, b = g >= o ? t[g - o] : 0;
+
+		__syncthreads();
+		s[g] += a;
+		t[g] += b;
+		__syncthreads();
+	}
+	int off = s[g] - c, toff = t[g] - nt;
+
+	if (g < G) {
+		offset[g] = off;
+		fill[g] = off;
+		for (int i = 0; i < nt; i++)
+			tiles[toff + i] = make_int4(g, off + i * Q3G_MM_TOK, min(Q3G_MM_TOK, c - i * Q3G_MM_TOK), 0);
+	}
+	if (g == blockDim.x - 1)
+		*ntiles = t[g];
+}
+
+__global__ void mm_scatter_kernel(int *sorted, int *fill, const int *idx, int P, int E)
+{
+	int p = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (p < P) {
+		int ex = idx[p];
+
+		sorted[atomicAdd(&fill[ex < 0 ? E : ex], 1)] = p;
+	}
+}
+
+/* ---- grouped GEMM ----------------------------------------------------------------------------- */
+
+struct mm_launch {
+	struct q3g_mat w, sw;	/* the experts' stack and the shared expert's matrix */
+	struct q3g_mat w2, sw2; /* up mode: the up matrices (blocks.y >= nb use them) */
+	const int4 *tiles;
+	const int *ntiles, *sorted;
+	const uint16_t *x;	/* up: bf16 [R][H] */
+	const float *gu;	/* down: [P][ldgu] */
+	const float *wt;	/* down: routing weight per pair */
+	float *out;		/* up: gu; down: y */
+	int E, S, H, ldgu, ldout, nb; /* S = k + 1; nb: row blocks per matrix */
+	bool down;
+};
+
+template <int FMT>
+static __device__ __forceinline__ void mm_window(const struct q3g_mat &m, int mi, int tile, int c0, int c1,
+						 const uint2 *xs, float acc[8][4])
+{
+	run_chunks<FMT, 8>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
+			   c0, c1, xs, Q3G_MM_TOK, -c0 * 4, 1.0f, acc);
+}
+
+__global__ void __launch_bounds__(Q3G_MMV_THREADS) mm_grouped_kernel(const __grid_constant__ mm_launch L)
+{
+	extern __shared__ uint4 smem[];
+	const int ti = blockIdx.x;
+
+	if (ti >= *L.ntiles)
+		return;
+	const int4 tl = L.tiles[ti];
+	const int grp = tl.x, start = tl.y, cnt = tl.z;
+	const bool shared = grp == L.E;
+	const int which = L.down ? 0 : (int)blockIdx.y / L.nb, nblk = (int)blockIdx.y % L.nb;
+	const struct q3g_mat &m = which ? (shared ? L.sw2 : L.w2) : (shared ? L.sw : L.w);
+	const int mi = shared ? 0 : grp;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int tile = nblk * (Q3G_MM_ROWS / Q3G_TILE_N) + warp;
+
+	if (nblk * (Q3G_MM_ROWS / Q3G_TILE_N) >= m.ntiles)
+		return; /* a narrower shared expert: the whole block idles */
+	uint16_t *xs = (uint16_t *)smem;
+	__shared__ int prow[Q3G_MM_TOK];
+	const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
+	float acc[8][4];
+
+	if (threadIdx.x < Q3G_MM_TOK)
+		prow[threadIdx.x] = threadIdx.x < cnt ? L.sorted[start + threadIdx.x] : -1;
+#pragma unroll
+	for (int n = 0; n < 8; n++)
+		acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+	for (int k0 = 0; k0 < m.nchunks * Q3G_KCHUNK; k0 += MM_KT) {
+		const int kw = min(MM_KT, m.nchunks * Q3G_KCHUNK - k0);
+
+		__syncthreads(); /* the previous window is consumed (and prow is visible) */
+		for (int i = threadIdx.x; i < Q3G_MM_TOK * (kw / 2); i += blockDim.x) {
+			int r = i / (kw / 2), kin = 2 * (i % (kw / 2)), p = prow[r];
+			float v[2] = { 0.0f, 0.0f };
+			uint32_t packed = 0;
+
+			if (p >= 0) {
+				if (L.down) {
+					const float *g = L.gu + (size_t)p * L.ldgu, *u = g + L.ldgu / 2;
+#pragma unroll
+					for (int q = 0; q < 2; q++) {
+						int kk = perm ? perm[k0 + kin + q] : k0 + kin + q;
+
+						v[q] = kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
+					}
+					packed = pack_bf2(v[0], v[1]);
+				} else {
+					const uint16_t *xr = L.x + (size_t)(p / L.S) * L.H;
+					uint16_t h[2];
+#pragma unroll
+					for (int q = 0; q < 2; q++) {
+						int kk = perm ? perm[k0 + kin + q] : k0 + kin + q;
+
+						h[q] = kk < m.K ? xr[kk] : 0;
+					}
+					packed = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+				}
+			}
+			*(uint32_t *)(xs + xs_slot(kin, r, Q3G_MM_TOK)) = packed;
+		}
+		__syncthreads();
+		if (tile < m.ntiles) {
+			int c0 = k0 / Q3G_KCHUNK, c1 = c0 + kw / Q3G_KCHUNK;
+
+			if (m.fmt == Q3G_Q4)
+				mm_window<Q3G_Q4>(m, mi, tile, c0, c1, (const uint2 *)xs, acc);
+			else if (m.fmt == Q3G_Q8)
+				mm_window<Q3G_Q8>(m, mi, tile, c0, c1, (const uint2 *)xs, acc);
+			else
+				mm_window<Q3G_BF16>(m, mi, tile, c0, c1, (const uint2 *)xs, acc);
+		}
+	}
+	if (tile >= m.ntiles)
+		return;
+	const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+	for (int n = 0; n < 8; n++)
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			int row = tile * Q3G_TILE_N + g + 8 * (i >> 1), tok = n * 8 + 2 * t + (i & 1);
+			int p = tok < cnt ? prow[tok] : -1;
+
+			if (p < 0 || row >= m.N)
+				continue;
+			if (L.down)
+				L.out[(size_t)p * L.ldout + row] = acc[n][i] * L.wt[p];
+			else
+				L.out[(size_t)p * L.ldout + (size_t)which * (L.ldout / 2) + row] = acc[n][i];
+		}
+}
+
+/* h[r][i] += Σ_s y[r·S + s][i] */
+__global__ void mm_combine_kernel(float *h, const float *y, int R, int S, int H)
+{
+	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (id >= (size_t)R * H)
+		return;
+	size_t r = id / H, i = id % H;
+	float acc = 0.0f;
+
+	for (int s = 0; s < S; s++)
+		acc += y[(r * S + s) * H + i];
+	h[id] += acc;
+}
+
+static size_t mm_smem(void)
+{
+	return (size_t)Q3G_MM_TOK * MM_KT * 2;
+}
+
+extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, const float *w,
+			       const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *down,
+			       const struct q3g_mat *sgate, const struct q3g_mat *sup, const struct q3g_mat *sdown,
+			       int R, const struct q3g_dims *d, void *wsp, q3g_stream stream, q3_err *e)
+{
+	cudaStream_t st = (cudaStream_t)stream;
+	struct mm_ws ws;
+	size_t total;
+	int S = d->topk + 1, P = R * S, G = d->E + 1, Imax = Q3_MAX(d->I, d->Is);
+	mm_launch L;
+
+	if (G > 1024)
+		return q3_errf(e, -EINVAL, "moe prefill: %d experts (the sort takes up to 1023)", d->E);
+	ws_layout(wsp, R, d, &ws, &total);
+	CUDA_CHECK(e, cudaMemsetAsync(ws.count, 0, sizeof(int) * (G + 1), st));
+	mm_count_kernel<<<cdiv(P, 256), 256, 0, st>>>(ws.count, idx, P, d->E);
+	CUDA_CHECK_LAUNCH(e);
+	mm_scan_kernel<<<1, 1024, 0, st>>>(ws.count, ws.offset, ws.fill, ws.tiles, ws.ntiles, G);
+	CUDA_CHECK_LAUNCH(e);
+	mm_scatter_kernel<<<cdiv(P, 256), 256, 0, st>>>(ws.sorted, ws.fill, idx, P, d->E);
+	CUDA_CHECK_LAUNCH(e);
+
+	memset(&L, 0, sizeof(L));
+	L.tiles = ws.tiles;
+	L.ntiles = ws.ntiles;
+	L.sorted = ws.sorted;
+	L.E = d->E;
+	L.S = S;
+	L.H = d->H;
+	L.ldgu = 2 * Imax;
+	/* up: gate rows then up rows, row blocks of Q3G_MM_ROWS */
+	L.w = *gate;
+	L.sw = *sgate;
+	L.w2 = *up;
+	L.sw2 = *sup;
+	L.x = x;
+	L.out = ws.gu;
+	L.ldout = 2 * Imax;
+	L.nb = cdiv(Q3_MAX(gate->ntiles, sgate->ntiles), Q3G_MM_ROWS / Q3G_TILE_N);
+	L.down = false;
+	mm_grouped_kernel<<<dim3(ws.maxtiles, 2 * L.nb), Q3G_MMV_THREADS, mm_smem(), st>>>(L);
+	CUDA_CHECK_LAUNCH(e);
+	/* down */
+	L.w = *down;
+	L.sw = *sdown;
+	L.gu = ws.gu;
+	L.wt = w;
+	L.out = ws.y;
+	L.ldout = d->H;
+	L.nb = cdiv(down->ntiles, Q3G_MM_ROWS / Q3G_TILE_N);
+	L.down = true;
+	mm_grouped_kernel<<<dim3(ws.maxtiles, L.nb), Q3G_MMV_THREADS, mm_smem(), st>>>(L);
+	CUDA_CHECK_LAUNCH(e);
+	mm_combine_kernel<<<(unsigned)cdiv(R * d->H, 256), 256, 0, st>>>(h, ws.y, R, S, d->H);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
+
+int q3g_mm_init(q3_err *e)
+{
+	CUDA_CHECK(e, cudaFuncSetAttribute(mm_grouped_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+					   (int)mm_smem()));
+	return 0;
+}

@@ -1,0 +1,143 @@
+/* gpu_mmv.cu - the matvec: up to Q3G_MMV_MAX_JOBS Linears applied to R <= 16 token rows in one
+ * launch, on tensor cores, with the weights streamed once from the tile format.
+ *
+ * A block (8 warps) owns RT row tiles of one Linear; the 8 / RT warps of a tile split its input
+ * chunks, and their partial sums meet in shared memory.  The block first stages the R activation
+ * rows (bf16, gathered through the act-order permutation) in shared memory in B-fragment order.
+ * Each warp then streams its chunks: eight 16-byte loads per lane in flight, the A fragments
+ * dequantized in registers, one mma per k-step and token tile.  Every output element is written
+ * by exactly one thread, so results are deterministic (no atomics) and the residual add can be
+ * fused (Q3G_EPI_ADD).
+ */
+#include "gpu_internal.h"
+#include "mma_frag.cuh"
+
+struct mmv_launch {
+	int njobs, R;
+	int cta0[Q3G_MMV_MAX_JOBS + 1]; /* job j owns blocks [cta0[j], cta0[j + 1]) */
+	int rt[Q3G_MMV_MAX_JOBS];	/* row tiles per block */
+	struct q3g_job job[Q3G_MMV_MAX_JOBS];
+};
+
+template <int NT>
+__global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_constant__ mmv_launch L)
+{
+	extern __shared__ uint4 smem[];
+	int j = 0;
+
+	while (j + 1 < L.njobs && (int)blockIdx.x >= L.cta0[j + 1])
+		j++;
+	const struct q3g_job &jb = L.job[j];
+	const struct q3g_mat &m = jb.w;
+	const int R = L.R, RT = L.rt[j], WPT = (Q3G_MMV_THREADS / 32) / RT;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int tile = ((int)blockIdx.x - L.cta0[j]) * RT + warp / WPT, kr = warp % WPT;
+	const int Kp = m.nchunks * Q3G_KCHUNK;
+	uint16_t *xs = (uint16_t *)smem;
+	float *red = (float *)(xs + (size_t)R * Kp);
+	float acc[NT][4];
+
+	stage_x_bf16(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+	__syncthreads();
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+		acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+	if (tile < m.ntiles) {
+		int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
+		const uint8_t *wb = (const uint8_t *)m.data;
+
+		if (m.fmt == Q3G_Q4)
+			run_chunks<Q3G_Q4, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+		else if (m.fmt == Q3G_Q8)
+			run_chunks<Q3G_Q8, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+		else
+			run_chunks<Q3G_BF16, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+	}
+	reduce_tile_warps<NT>(red, acc, WPT);
+	if (kr != 0 || tile >= m.ntiles)
+		return;
+	const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			int row = tile * Q3G_TILE_N + g + 8 * (i >> 1), tok = n * 8 + 2 * t + (i & 1);
+
+			if (row < m.N && tok < R) {
+				float *y = jb.y + (size_t)tok * jb.ldy + row;
+
+				*y = jb.epi == Q3G_EPI_ADD ? *y + acc[n][i] : acc[n][i];
+			}
+		}
+}
+
+/* Row tiles per block: one for a few rows (staging is cheap); more when many rows would make
+ * every block re-read a large staged input, as long as the grid still fills the device. */
+static int pick_rt(int ntiles, int R)
+{
+	int rt = 1;
+
+	if (R > 4)
+		while (rt < 8 && ntiles / (rt * 2) >= 2 * q3g_dev.sms)
+			rt *= 2;
+	return rt;
+}
+
+static size_t mmv_smem(int R, int Kp, int rt, int nt)
+{
+	size_t x = ((size_t)R * Kp * 2 + 15) & ~(size_t)15;
+
+	return x + (rt < 8 ? (size_t)Q3G_MMV_THREADS * nt * 4 * 4 : 0);
+}
+
+extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream st, q3_err *e)
+{
+	mmv_launch L;
+	size_t smem = 0;
+	int nt = R > 8 ? 2 : 1;
+
+	if (R < 1 || R > Q3G_MMV_MAX_TOK || njobs < 1 || njobs > Q3G_MMV_MAX_JOBS)
+		return q3_errf(e, -EINVAL, "mmv: %d rows, %d jobs", R, njobs);
+	memset(&L, 0, sizeof(L));
+	L.njobs = njobs;
+	L.R = R;
+	for (int j = 0; j < njobs; j++) {
+		const struct q3g_mat *m = &jobs[j].w;
+
+		L.job[j] = jobs[j];
+		L.rt[j] = pick_rt(m->ntiles, R);
+		L.cta0[j + 1] = L.cta0[j] + cdiv(m->ntiles, L.rt[j]);
+		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], nt));
+	}
+	if (smem > q3g_dev.smem_optin) {
+		/* too many rows for the staging area of this device: two launches of half the rows */
+		struct q3g_job half[Q3G_MMV_MAX_JOBS];
+		int r1 = R / 2, err;
+
+		if (R == 1)
+			return q3_errf(e, -EINVAL, "mmv: one row of %zu bytes exceeds shared memory", smem);
+		if ((err = q3g_mmv(jobs, njobs, r1, st, e)))
+			return err;
+		for (int j = 0; j < njobs; j++) {
+			half[j] = jobs[j];
+			half[j].x += (size_t)r1 * jobs[j].ldx;
+			half[j].y += (size_t)r1 * jobs[j].ldy;
+		}
+		return q3g_mmv(half, njobs, R - r1, st, e);
+	}
+	if (nt == 1)
+		mmv_kernel<1><<<L.cta0[njobs], Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
+	else
+		mmv_kernel<2><<<L.cta0[njobs], Q3G_MMV_THREADS, smem, (cudaStream_t)st>>>(L);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
+
+int q3g_mmv_init(q3_err *e)
+{
+	CUDA_CHECK(e, cudaFuncSetAttribute(mmv_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+					   (int)q3g_dev.smem_optin));
+	CUDA_CHECK(e, cudaFuncSetAttribute(mmv_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+					   (int)q3g_dev.smem_optin));
+	return 0;
+}

@@ -1,0 +1,272 @@
+/* mma_frag.cuh - reading the tile format (gpu_weights.cu) into mma.m16n8k16 A fragments, and
+ * staging activations in shared memory in the order the B fragments need.  Shared by the matvec
+ * (gpu_mmv.cu), the decode MoE (gpu_moe.cu) and the grouped GEMM (gpu_mm.cu).
+ *
+ * Dequantization is exact: a code q and its zero point z become q − z in bf16 (|q − z| <= 255
+ * fits bf16's 8 significant bits), the mma multiplies by the activation in bf16 and accumulates
+ * in fp32, and the group's scale is applied to the fp32 partial sum of the group.
+ *  - int4: (w >> 4R) & 0x000F000F | 0x43004300 is the bf16 pair (128 + q0, 128 + q1); subtracting
+ *    the pair (128 + z, 128 + z) leaves q − z.  One lop3 and one bf16x2 subtraction per pair.
+ *  - int8: a byte b placed in the mantissa of 2^23 (0x4B0000bb) is 2^23 + b exactly; minus
+ *    (2^23 + z) is b − z in fp32, packed to bf16x2 (exact).
+ */
+#pragma once
+#include "common.cuh"
+#include "gpu.h"
+
+/* Loads of 16 bytes per lane per 64-input chunk, by format. */
+template <int FMT> struct fmt_traits;
+template <> struct fmt_traits<Q3G_Q4> {
+	static constexpr int LPC = 1, CB = Q3G_CHUNK_BYTES_Q4;
+};
+template <> struct fmt_traits<Q3G_Q8> {
+	static constexpr int LPC = 2, CB = Q3G_CHUNK_BYTES_Q8;
+};
+template <> struct fmt_traits<Q3G_BF16> {
+	static constexpr int LPC = 4, CB = Q3G_CHUNK_BYTES_BF16;
+};
+
+/* Per-lane dequantization constants of the current group (rows g and g + 8). */
+struct zconst {
+	uint32_t z0, z1; /* int4: bf16 pairs (128 + z); int8: float bits of 2^23 + z */
+};
+
+template <int FMT> static __device__ __forceinline__ zconst make_zconst(float z0, float z1)
+{
+	zconst c;
+
+	if (FMT == Q3G_Q4) {
+		c.z0 = pack_bf2(128.0f + z0, 128.0f + z0);
+		c.z1 = pack_bf2(128.0f + z1, 128.0f + z1);
+	} else {
+		c.z0 = __float_as_uint(8388608.0f + z0);
+		c.z1 = __float_as_uint(8388608.0f + z1);
+	}
+	return c;
+}
+
+template <int FMT> static __device__ __forceinline__ zconst sym_zconst()
+{
+	return FMT == Q3G_Q4 ? make_zconst<FMT>(8.0f, 8.0f) : make_zconst<FMT>(128.0f, 128.0f);
+}
+
+static __device__ __forceinline__ uint32_t q8_pair(uint32_t w, int b, uint32_t zbits)
+{
+	float zf = __uint_as_float(zbits);
+	float v0 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u + b)) - zf;
+	float v1 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u + b + 1)) - zf;
+
+	return pack_bf2(v0, v1);
+}
+
+static __device__ __forceinline__ uint32_t u4_word(const uint4 &v, int i)
+{
+	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+/* The A fragment of k-step s (0..3) of a chunk whose 16-byte loads are w[0 .. LPC). */
+template <int FMT>
+static __device__ __forceinline__ void a_frag(const uint4 *w, int s, const zconst &zc, uint32_t a[4])
+{
+	if (FMT == Q3G_Q4) {
+		uint32_t q = u4_word(w[0], s);
+
+		a[0] = bf2_sub(and_or(q, 0x000F000Fu, 0x43004300u), zc.z0);
+		a[1] = bf2_sub(and_or(q >> 4, 0x000F000Fu, 0x43004300u), zc.z1);
+		a[2] = bf2_sub(and_or(q >> 8, 0x000F000Fu, 0x43004300u), zc.z0);
+		a[3] = bf2_sub(and_or(q >> 12, 0x000F000Fu, 0x43004300u), zc.z1);
+	} else if (FMT == Q3G_Q8) {
+		const uint4 &v = w[s >> 1];
+		uint32_t lo = u4_word(v, 2 * (s & 1)), hi = u4_word(v, 2 * (s & 1) + 1);
+
+		a[0] = q8_pair(lo, 0, zc.z0);
+		a[1] = q8_pair(lo, 2, zc.z1);
+		a[2] = q8_pair(hi, 0, zc.z0);
+		a[3] = q8_pair(hi, 2, zc.z1);
+	} else {
+		const uint4 &v = w[s];
+
+		a[0] = v.x;
+		a[1] = v.y;
+		a[2] = v.z;
+		a[3] = v.w;
+	}
+}
+
+/* Shared-memory layout of staged activations for B fragments: rows r < R of positions [0, Kp),
+ * as uint2 words xs[(ks·R + r)·4 + t] = { pair (2t, 2t+1), pair (2t+8, 2t+9) } of k-step ks.
+ * A warp's B fragment of token tile nt at k-step ks is then 32 consecutive uint2 (R >= 8). */
+static __device__ __forceinline__ size_t xs_index(int ks, int r, int R, int t)
+{
+	return ((size_t)ks * R + r) * 4 + t;
+}
+
+/* Position kin (0 .. Kp) of row r as a 16-bit slot in the uint16 view of xs. */
+static __device__ __forceinline__ size_t xs_slot(int kin, int r, int R)
+{
+	int ks = kin >> 4, w = kin & 15;
+	int t = (w & 7) >> 1, reg = w >> 3, E = w & 1;
+
+	return xs_index(ks, r, R, t) * 4 + reg * 2 + E;
+}
+
+/* B fragment of token tile nt at k-step ks for this lane (zeros for rows >= R). */
+static __device__ __forceinline__ void b_frag(const uint2 *xs, int ks, int nt, int R, int lane, uint32_t b[2])
+{
+	int r = nt * 8 + (lane >> 2);
+
+	if (r < R) {
+		uint2 v = xs[xs_index(ks, r, R, lane & 3)];
+
+		b[0] = v.x;
+		b[1] = v.y;
+	} else {
+		b[0] = b[1] = 0;
+	}
+}
+
+/* Stages x rows [0, R) (bf16, row stride ldx, K inputs) gathered through perm (NULL: identity)
+ * into xs for positions [0, Kp); all threads of the block take part (no barrier inside). */
+static __device__ __forceinline__ void stage_x_bf16(uint16_t *xs, const uint16_t *x, int ldx, int R, int K,
+						    int Kp, const uint16_t *perm)
+{
+	int half = Kp >> 1;
+
+	for (int i = threadIdx.x; i < R * half; i += blockDim.x) {
+		int r = i / half, kin = 2 * (i % half);
+		const uint16_t *xr = x + (size_t)r * ldx;
+		uint16_t v0 = 0, v1 = 0;
+
+		if (perm) {
+			int k0 = perm[kin], k1 = perm[kin + 1];
+
+			v0 = k0 < K ? xr[k0] : 0;
+			v1 = k1 < K ? xr[k1] : 0;
+		} else {
+			v0 = kin < K ? xr[kin] : 0;
+			v1 = kin + 1 < K ? xr[kin + 1] : 0;
+		}
+		*(uint32_t *)(xs + xs_slot(kin, r, R)) = (uint32_t)v0 | ((uint32_t)v1 << 16);
+	}
+}
+
+/* The scale and zero-point constants of group grp for this lane's rows of a tile. */
+template <int FMT>
+static __device__ __forceinline__ void group_consts(const struct q3g_mat &m, size_t sz_base, int tile, int grp,
+						    int lane, float &s0, float &s1, zconst &zc)
+{
+	size_t i = sz_base + ((size_t)tile * m.ngroups + grp) * Q3G_TILE_N + (lane >> 2);
+
+	s0 = m.scales[i];
+	s1 = m.scales[i + 8];
+	zc = m.zeros ? make_zconst<FMT>(m.zeros[i], m.zeros[i + 8]) : sym_zconst<FMT>();
+}
+
+/* acc += (row scales f0 | f1) · accg, and accg = 0 when clear. */
+template <int NT>
+static __device__ __forceinline__ void flush_group(float acc[NT][4], float accg[NT][4], float f0, float f1, bool clear)
+{
+#pragma unroll
+	for (int n = 0; n < NT; n++) {
+		acc[n][0] += f0 * accg[n][0];
+		acc[n][1] += f0 * accg[n][1];
+		acc[n][2] += f1 * accg[n][2];
+		acc[n][3] += f1 * accg[n][3];
+		if (clear)
+			accg[n][0] = accg[n][1] = accg[n][2] = accg[n][3] = 0.0f;
+	}
+}
+
+/* The warps kr = 0 .. WPT-1 of a row tile (consecutive warps) add their accumulators into the
+ * first one's, through red (Q3G_MMV_THREADS · NT float4 of shared memory).  Every thread of the
+ * block must call it (it has a barrier). */
+template <int NT>
+static __device__ __forceinline__ void reduce_tile_warps(float *red, float acc[NT][4], int WPT)
+{
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kr = warp % WPT;
+
+	if (WPT == 1)
+		return;
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+		*(float4 *)(red + ((warp * NT + n) * 32 + lane) * 4) = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+	__syncthreads();
+	if (kr == 0)
+		for (int w = warp + 1; w < warp + WPT; w++)
+#pragma unroll
+			for (int n = 0; n < NT; n++) {
+				float4 v = *(const float4 *)(red + ((w * NT + n) * 32 + lane) * 4);
+
+				acc[n][0] += v.x;
+				acc[n][1] += v.y;
+				acc[n][2] += v.z;
+				acc[n][3] += v.w;
+			}
+}
+
+/* Runs the k-chunks [c0, c1) of row tile `tile` of matrix base (bytes) against staged xs,
+ * accumulating into acc[NT][4] (fp32, scales applied).  wscale multiplies every group's partial
+ * sum (a routing weight; 1 otherwise).  The warp loads Q3G_MMV_LOADS 16-byte words per lane
+ * before using the first. */
+#define Q3G_MMV_LOADS 8
+template <int FMT, int NT>
+static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
+						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
+						  float wscale, float acc[NT][4])
+{
+	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB, U = Q3G_MMV_LOADS / LPC;
+	const int lane = threadIdx.x & 31;
+	const uint8_t *tbase = wbase + (size_t)tile * m.nchunks * CB + lane * 16;
+	float accg[NT][4];
+	float s0 = 1.0f, s1 = 1.0f;
+	zconst zc = FMT == Q3G_BF16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
+	int gleft = 1 << 30, grp = 0;
+
+	if (c0 >= c1)
+		return;
+	if (FMT != Q3G_BF16) {
+		grp = (c0 * 4) / m.gsteps;
+		gleft = m.gsteps - (c0 * 4) % m.gsteps;
+		group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
+	}
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+		accg[n][0] = accg[n][1] = accg[n][2] = accg[n][3] = 0.0f;
+	for (int c = c0; c < c1; c += U) {
+		uint4 w[U][LPC];
+
+#pragma unroll
+		for (int u = 0; u < U; u++)
+#pragma unroll
+			for (int p = 0; p < LPC; p++)
+				if (c + u < c1)
+					w[u][p] = ldg_stream(tbase + (size_t)(c + u) * CB + p * 512);
+#pragma unroll
+		for (int u = 0; u < U; u++) {
+			if (c + u >= c1)
+				break;
+#pragma unroll
+			for (int s = 0; s < 4; s++) {
+				uint32_t a[4];
+				int ks = (c + u) * 4 + s;
+
+				a_frag<FMT>(w[u], s, zc, a);
+#pragma unroll
+				for (int n = 0; n < NT; n++) {
+					uint32_t b[2];
+
+					b_frag(xs, ks + ksoff, n, R, lane, b);
+					mma_bf16(accg[n], a, b);
+				}
+				if (FMT != Q3G_BF16 && --gleft == 0) {
+					flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, true);
+					gleft = m.gsteps;
+					if (++grp < m.ngroups)
+						group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
+				}
+			}
+		}
+	}
+	/* the last (or only, for bf16: s = 1) group */
+	flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, false);
+}

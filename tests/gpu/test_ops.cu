@@ -1,0 +1,936 @@
+/* test_ops.cu - every CUDA op of gpu.h against its CPU reference (kernels/cpu_ref.h) on fresh
+ * random inputs, at tiny shapes, tile edges and the real model's shapes.
+ *
+ * Each check first looks for non-finite values (outputs are poisoned with NaN before each run, so
+ * an element never written shows up there), then compares by relative L2 error against a
+ * tolerance chosen per op; the comment at each tolerance says why.  The reference always gets the
+ * exact values the device got (bf16 inputs as fp32), so the error measures the op.
+ *
+ *   test_ops [filter,...]   runs the cases whose name contains one of the filters (all by default)
+ */
+#include <cublas_v2.h>
+#include <time.h>
+
+#include <algorithm>
+
+#include "gpu_test.h"
+
+static const char *g_filter;
+static cublasHandle_t g_cublas;
+static uint16_t *g_wtmp; /* expanded weights for q3g_gemm */
+
+/* Whether the case runs: no filter, or its name contains one of the comma-separated filters. */
+static bool want(const char *name)
+{
+	char buf[256];
+
+	if (!g_filter)
+		return true;
+	snprintf(buf, sizeof(buf), "%s", g_filter);
+	for (char *sv = NULL, *tok = strtok_r(buf, ",", &sv); tok; tok = strtok_r(NULL, ",", &sv))
+		if (strstr(name, tok))
+			return true;
+	return false;
+}
+
+/* ---- Linears -------------------------------------------------------------------------------- */
+
+/* Tolerances of a Linear against the reference:
+ *  - weights the tile format holds exactly (bf16 dense, GPTQ on the fast path): the products are
+ *    exact in fp32 and only the order of fp32 additions (and the tensor cores' accumulation)
+ *    differs: well under 1e-5 relative at these depths; 1e-4 leaves room;
+ *  - f32 dense weights, and GPTQ layouts that fall back to dequantized bf16: each weight carries
+ *    bf16 rounding (2^-9 relative), about 1e-3 on a dot product; 1e-2. */
+static double lin_tol(const struct dmat *d, const struct q3_linear *l)
+{
+	bool exact = d->p.fmt != Q3G_BF16 || (l->fmt == Q3_W_DENSE && l->w->dtype == Q3_DT_BF16);
+
+	return exact ? 1e-4 : 1e-2;
+}
+
+/* Runs the Linear on R rows through the matvec (R <= 16) or cuBLAS, compares with the reference. */
+static void lin_case(const char *label, int N, int K, enum lin_kind kind, int bits, int G, bool asym, bool act,
+		     int zoff, int R, bool add = false)
+{
+	char name[256];
+	struct tlin t;
+	struct dmat d;
+	const struct q3_linear *lp = &t.l;
+	std::vector<uint16_t> xb;
+	std::vector<float> xf, y0((size_t)R * N), ref((size_t)R * N);
+
+	snprintf(name, sizeof(name), "linear %s N=%d K=%d R=%d%s", label, N, K, R, add ? " (add)" : "");
+	if (!want(name))
+		return;
+	make_linear(&t, N, K, kind, bits, G, asym, act, zoff);
+	dmat_upload(&d, &lp, 1);
+	rnd_bf16(xb, xf, (size_t)R * K, 1.0f);
+	uint16_t *x = dev_upload(xb.data(), xb.size());
+	float *y = dev_alloc<float>((size_t)R * N);
+
+	ref_linear(&t.l, xf.data(), R, ref.data());
+	if (add) {
+		y0 = rnd_vec((size_t)R * N, 1.0f);
+		GT_CHECK(cudaMemcpy(y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice));
+		for (size_t i = 0; i < ref.size(); i++)
+			ref[i] += y0[i];
+	}
+	struct q3g_job j = { d.m, x, y, K, N, add ? Q3G_EPI_ADD : Q3G_EPI_STORE };
+
+	if (R <= Q3G_MMV_MAX_TOK)
+		GT_OK(q3g_mmv(&j, 1, R, 0, &e_));
+	else
+		GT_OK(q3g_gemm(g_cublas, &j, R, g_wtmp, 0, &e_));
+	std::vector<float> got = dev_download(y, (size_t)R * N);
+	char full[300];
+
+	snprintf(full, sizeof(full), "%s [%s%s]", name, fmt_name(d.p.fmt), d.p.perm ? ", act-order" : "");
+	gt_compare(full, got.data(), ref.data(), got.size(), lin_tol(&d, &t.l));
+	cudaFree(x);
+	cudaFree(y);
+	dmat_free(&d);
+}
+
+/* The expansion back to bf16 row-major (cuBLAS's input) against the reference dequantization
+ * rounded to bf16: equal up to that rounding, so 1e-2 (2^-9 per element). */
+static void expand_case(const char *label, int N, int K, enum lin_kind kind, int bits, int G, bool asym, bool act)
+{
+	char name[256];
+	struct tlin t;
+	struct dmat d;
+	const struct q3_linear *lp = &t.l;
+
+	snprintf(name, sizeof(name), "expand %s N=%d K=%d", label, N, K);
+	if (!want(name))
+		return;
+	make_linear(&t, N, K, kind, bits, G, asym, act, 1);
+	dmat_upload(&d, &lp, 1);
+	uint16_t *w = dev_alloc<uint16_t>((size_t)N * K);
+
+	GT_OK(q3g_mat_expand(&d.m, 0, w, 0, &e_));
+	std::vector<float> got = bf16_to_f32(dev_download(w, (size_t)N * K)), ref((size_t)N * K);
+
+	q3_linear_dequant(&t.l, ref.data());
+	gt_compare(name, got.data(), ref.data(), ref.size(), 1e-2);
+	cudaFree(w);
+	dmat_free(&d);
+}
+
+/* Three Linears of different formats in one matvec launch. */
+static void multi_job_case(int R)
+{
+	char name[128];
+	struct tlin t[3];
+	struct dmat d[3];
+	int N[3] = { 200, 64, 1 }, K = 512;
+	std::vector<uint16_t> xb;
+	std::vector<float> xf;
+
+	snprintf(name, sizeof(name), "linear 3 jobs (q4 act-order, bf16, bf16 N=1) R=%d", R);
+	if (!want(name))
+		return;
+	make_linear(&t[0], N[0], K, LIN_GPTQ, 4, 128, true, true);
+	make_linear(&t[1], N[1], K, LIN_BF16);
+	make_linear(&t[2], N[2], K, LIN_BF16);
+	rnd_bf16(xb, xf, (size_t)R * K, 1.0f);
+	uint16_t *x = dev_upload(xb.data(), xb.size());
+	struct q3g_job j[3];
+	float *y[3];
+
+	for (int i = 0; i < 3; i++) {
+		const struct q3_linear *lp = &t[i].l;
+
+		dmat_upload(&d[i], &lp, 1);
+		y[i] = dev_alloc<float>((size_t)R * N[i]);
+		j[i] = (struct q3g_job){ d[i].m, x, y[i], K, N[i], Q3G_EPI_STORE };
+	}
+	GT_OK(q3g_mmv(j, 3, R, 0, &e_));
+	for (int i = 0; i < 3; i++) {
+		std::vector<float> ref((size_t)R * N[i]);
+		char n2[160];
+
+		ref_linear(&t[i].l, xf.data(), R, ref.data());
+		snprintf(n2, sizeof(n2), "%s: job %d", name, i);
+		gt_compare(n2, dev_download(y[i], ref.size()).data(), ref.data(), ref.size(), 1e-4);
+		cudaFree(y[i]);
+		dmat_free(&d[i]);
+	}
+	cudaFree(x);
+}
+
+static void linear_tests(void)
+{
+	/* every layout variant at small and edge shapes */
+	lin_case("bf16", 64, 2048, LIN_BF16, 0, 0, false, false, 1, 1);
+	lin_case("bf16", 64, 2048, LIN_BF16, 0, 0, false, false, 1, 2);
+	lin_case("bf16 N=1", 1, 2048, LIN_BF16, 0, 0, false, false, 1, 4);
+	lin_case("f32 tile edges", 40, 80, LIN_F32, 0, 0, false, false, 1, 3);
+	lin_case("q4 sym g128", 512, 2048, LIN_GPTQ, 4, 128, false, false, 1, 1);
+	lin_case("q4 sym g128", 512, 2048, LIN_GPTQ, 4, 128, false, false, 1, 8);
+	lin_case("q4 sym g128", 512, 2048, LIN_GPTQ, 4, 128, false, false, 1, 9);
+	lin_case("q4 sym g128", 512, 2048, LIN_GPTQ, 4, 128, false, false, 1, 16);
+	lin_case("q4 sym g128", 512, 2048, LIN_GPTQ, 4, 128, false, false, 1, 16, true);
+	lin_case("q4 asym act-order g128 edges", 24, 256, LIN_GPTQ, 4, 128, true, true, 1, 5);
+	lin_case("q4 asym act-order g32", 40, 192, LIN_GPTQ, 4, 32, true, true, 1, 2);
+	lin_case("q4 sym g32", 128, 256, LIN_GPTQ, 4, 32, false, false, 1, 1);
+	lin_case("q4 sym g16 K=80 (pad)", 16, 80, LIN_GPTQ, 4, 16, false, false, 1, 3);
+	lin_case("q4 group=K", 16, 192, LIN_GPTQ, 4, -1, false, false, 1, 2);
+	lin_case("q4 v2 asym", 32, 128, LIN_GPTQ, 4, 64, true, false, 0, 7);
+	lin_case("q4 g8 (bf16 fallback)", 16, 64, LIN_GPTQ, 4, 8, true, false, 1, 2);
+	lin_case("q8 sym g128", 256, 512, LIN_GPTQ, 8, 128, false, false, 1, 4);
+	lin_case("q8 asym act-order g128", 40, 384, LIN_GPTQ, 8, 128, true, true, 1, 1);
+	lin_case("q8 sym g128", 2048, 512, LIN_GPTQ, 8, 128, false, false, 1, 12);
+	multi_job_case(1);
+	multi_job_case(11);
+	/* the real model's shapes */
+	lin_case("q4 qkvz", 12288, 2048, LIN_GPTQ, 4, 128, false, false, 1, 1);
+	lin_case("q4 qkvz", 12288, 2048, LIN_GPTQ, 4, 128, false, false, 1, 16);
+	lin_case("q4 out_proj", 2048, 4096, LIN_GPTQ, 4, 128, false, false, 1, 1, true);
+	lin_case("q4 out_proj", 2048, 4096, LIN_GPTQ, 4, 128, false, false, 1, 16);
+	lin_case("q4 expert down", 2048, 512, LIN_GPTQ, 4, 128, true, true, 1, 3);
+	lin_case("bf16 router", 512, 2048, LIN_BF16, 0, 0, false, false, 1, 16);
+	/* many rows: cuBLAS on the expanded matrix */
+	lin_case("gemm q4 asym act-order", 96, 256, LIN_GPTQ, 4, 128, true, true, 1, 40);
+	lin_case("gemm q4 out_proj", 2048, 4096, LIN_GPTQ, 4, 128, false, false, 1, 100, true);
+	lin_case("gemm bf16", 64, 2048, LIN_BF16, 0, 0, false, false, 1, 33);
+	lin_case("gemm q8", 256, 512, LIN_GPTQ, 8, 128, false, false, 1, 70);
+	expand_case("q4 asym act-order", 48, 256, LIN_GPTQ, 4, 64, true, true);
+	expand_case("q8 sym", 32, 128, LIN_GPTQ, 8, 128, false, false);
+	expand_case("bf16", 24, 80, LIN_BF16, 0, 0, false, false);
+}
+
+/* ---- norms and embedding ---------------------------------------------------------------------- */
+
+static std::vector<float> round_bf16(const std::vector<float> &v)
+{
+	std::vector<float> r(v.size());
+
+	for (size_t i = 0; i < v.size(); i++)
+		r[i] = q3_bf16_to_f32(q3_f32_to_bf16(v[i]));
+	return r;
+}
+
+/* bf16 outputs against the reference rounded to bf16: they differ only where the fp32 values
+ * straddle a rounding boundary (one bf16 ulp, 2^-8 relative, on a few elements): 5e-3. */
+#define TOL_BF16_OUT 5e-3
+
+static void norm_tests(void)
+{
+	const int R = 5, n = 2048;
+	const float eps = 1e-6f;
+
+	if (want("add_rmsnorm")) {
+		std::vector<float> h = rnd_vec((size_t)R * n, 1.0f), a = rnd_vec((size_t)R * n, 0.3f), w = rnd_vec(n, 0.2f);
+		std::vector<float> hs(h), ref((size_t)R * n);
+		float *dh = dev_upload(h.data(), h.size()), *da = dev_upload(a.data(), a.size()), *dw = dev_upload(w.data(), n);
+		uint16_t *dy = dev_alloc<uint16_t>((size_t)R * n);
+
+		for (size_t i = 0; i < hs.size(); i++)
+			hs[i] += a[i];
+		for (int r = 0; r < R; r++)
+			q3_ref_rmsnorm(&ref[(size_t)r * n], &hs[(size_t)r * n], w.data(), n, eps);
+		GT_OK(q3g_add_rmsnorm(dh, da, dy, dw, NULL, R, n, eps, 0, &e_));
+		/* h + a is one fp32 addition on both sides: exact */
+		gt_compare("add_rmsnorm: residual h += a", dev_download(dh, hs.size()).data(), hs.data(), hs.size(), 1e-7);
+		gt_compare("add_rmsnorm: y", bf16_to_f32(dev_download(dy, ref.size())).data(), round_bf16(ref).data(),
+			   ref.size(), TOL_BF16_OUT);
+		/* selected rows, no add (the final norm before lm_head) */
+		int sel[2] = { 4, 1 };
+		int *dsel = dev_upload(sel, 2);
+		std::vector<float> ref2((size_t)2 * n);
+
+		dev_poison(dy, (size_t)R * n);
+		for (int i = 0; i < 2; i++)
+			q3_ref_rmsnorm(&ref2[(size_t)i * n], &hs[(size_t)sel[i] * n], w.data(), n, eps);
+		GT_OK(q3g_add_rmsnorm(dh, NULL, dy, dw, dsel, 2, n, eps, 0, &e_));
+		gt_compare("add_rmsnorm: selected rows", bf16_to_f32(dev_download(dy, ref2.size())).data(),
+			   round_bf16(ref2).data(), ref2.size(), TOL_BF16_OUT);
+		cudaFree(dh);
+		cudaFree(da);
+		cudaFree(dw);
+		cudaFree(dy);
+		cudaFree(dsel);
+	}
+	if (want("gated_rmsnorm")) {
+		const int nh = 32, Dv = 128, ldz = 4096 + 8;
+		std::vector<float> o = rnd_vec((size_t)R * nh * Dv, 1.0f), z = rnd_vec((size_t)R * ldz, 1.0f),
+				   w = rnd_vec(Dv, 1.0f), ref((size_t)R * nh * Dv);
+		float *dO = dev_upload(o.data(), o.size()), *dz = dev_upload(z.data(), z.size()), *dw = dev_upload(w.data(), w.size());
+		uint16_t *dc = dev_alloc<uint16_t>(ref.size());
+
+		for (int r = 0; r < R; r++)
+			for (int j = 0; j < nh; j++)
+				q3_ref_rmsnorm_gated(&ref[((size_t)r * nh + j) * Dv], &o[((size_t)r * nh + j) * Dv],
+						     &z[(size_t)r * ldz + (size_t)j * Dv], w.data(), Dv, eps);
+		GT_OK(q3g_gated_rmsnorm(dc, dO, dz, ldz, dw, R, nh, Dv, eps, 0, &e_));
+		gt_compare("gated_rmsnorm", bf16_to_f32(dev_download(dc, ref.size())).data(), round_bf16(ref).data(),
+			   ref.size(), TOL_BF16_OUT);
+		cudaFree(dO);
+		cudaFree(dz);
+		cudaFree(dw);
+		cudaFree(dc);
+	}
+	if (want("embed")) {
+		const int V = 1000, H = 256, n = 7;
+		std::vector<uint16_t> tb;
+		std::vector<float> tf;
+		std::vector<int32_t> ids(n);
+		std::vector<float> ref((size_t)n * H);
+
+		rnd_bf16(tb, tf, (size_t)V * H, 1.0f);
+		for (int i = 0; i < n; i++) {
+			ids[i] = rnd_int(V);
+			memcpy(&ref[(size_t)i * H], &tf[(size_t)ids[i] * H], H * 4);
+		}
+		uint16_t *dt = dev_upload(tb.data(), tb.size());
+		int32_t *di = dev_upload(ids.data(), n);
+		float *dh = dev_alloc<float>(ref.size());
+		struct q3g_rows rows = { di, NULL, NULL, NULL };
+
+		GT_OK(q3g_embed(dh, dt, rows, n, H, 0, &e_));
+		/* a copy: exact */
+		gt_compare("embed", dev_download(dh, ref.size()).data(), ref.data(), ref.size(), 0.0);
+		cudaFree(dt);
+		cudaFree(di);
+		cudaFree(dh);
+	}
+}
+
+/* ---- sessions for the stateful ops ---------------------------------------------------------- */
+
+/* One layer of each kind, states laid out as the backend lays them out. */
+struct tseq {
+	int pos, n;
+};
+
+struct tstate {
+	struct q3g_dims d;
+	int nseq, R;
+	std::vector<struct q3g_seq> seq_h;
+	std::vector<int> row_seq, row_pos;
+	std::vector<int32_t> ids;
+	struct q3g_rows rows;
+	void *dmem;
+	std::vector<void *> bufs;
+	size_t kv_n, conv_n, rec_n;
+};
+
+static void tstate_init(struct tstate *t, const struct q3g_dims *d, const std::vector<tseq> &seqs)
+{
+	t->d = *d;
+	t->nseq = (int)seqs.size();
+	t->R = 0;
+	t->kv_n = (size_t)2 * d->max_ctx * d->Hkv * d->D;
+	t->conv_n = (size_t)(d->W - 1) * d->conv_dim;
+	t->rec_n = (size_t)d->Nv * d->Dv * d->Dk;
+	for (int s = 0; s < t->nseq; s++) {
+		struct q3g_seq q;
+		uint16_t *kv = dev_alloc<uint16_t>(t->kv_n);
+		float *conv = dev_alloc<float>(2 * t->conv_n), *rec = dev_alloc<float>(t->rec_n);
+
+		memset(&q, 0, sizeof(q));
+		q.row0 = t->R;
+		q.n = seqs[s].n;
+		q.pos = seqs[s].pos;
+		q.kv = kv;
+		q.conv_rd = conv;
+		q.conv_wr = conv + t->conv_n;
+		q.rec = rec;
+		t->bufs.push_back(kv);
+		t->bufs.push_back(conv);
+		t->bufs.push_back(rec);
+		t->seq_h.push_back(q);
+		for (int i = 0; i < q.n; i++) {
+			t->row_seq.push_back(s);
+			t->row_pos.push_back(q.pos + i);
+			t->ids.push_back(rnd_int(100));
+		}
+		t->R += q.n;
+	}
+	t->rows.ids = dev_upload(t->ids.data(), t->ids.size());
+	t->rows.row_seq = dev_upload(t->row_seq.data(), t->row_seq.size());
+	t->rows.row_pos = dev_upload(t->row_pos.data(), t->row_pos.size());
+	t->rows.seq = dev_upload(t->seq_h.data(), t->seq_h.size());
+}
+
+static void tstate_free(struct tstate *t)
+{
+	for (void *p : t->bufs)
+		cudaFree(p);
+	cudaFree((void *)t->rows.ids);
+	cudaFree((void *)t->rows.row_seq);
+	cudaFree((void *)t->rows.row_pos);
+	cudaFree((void *)t->rows.seq);
+}
+
+static struct q3g_dims dims_small(void)
+{
+	struct q3g_dims d;
+
+	memset(&d, 0, sizeof(d));
+	d.H = 256;
+	d.V = 4096;
+	d.Hq = 4;
+	d.Hkv = 2;
+	d.D = 64;
+	d.rot = 16;
+	d.rope_theta = 1e7;
+	d.Nk = 2;
+	d.Nv = 4;
+	d.Dk = 64;
+	d.Dv = 64;
+	d.W = 4;
+	d.key_dim = 128;
+	d.value_dim = 256;
+	d.conv_dim = 512;
+	d.E = 16;
+	d.topk = 4;
+	d.I = 128;
+	d.Is = 128;
+	d.norm_topk = true;
+	d.eps = 1e-6f;
+	d.max_ctx = 512;
+	return d;
+}
+
+static struct q3g_dims dims_real(void)
+{
+	struct q3g_dims d = dims_small();
+
+	d.H = 2048;
+	d.V = 151936;
+	d.Hq = 16;
+	d.Hkv = 2;
+	d.D = 256;
+	d.rot = 64;
+	d.Nk = 16;
+	d.Nv = 32;
+	d.Dk = 128;
+	d.Dv = 128;
+	d.key_dim = 2048;
+	d.value_dim = 4096;
+	d.conv_dim = 8192;
+	d.E = 512;
+	d.topk = 10;
+	d.I = 512;
+	d.Is = 512;
+	d.max_ctx = 8192;
+	return d;
+}
+
+/* ---- Gated DeltaNet ------------------------------------------------------------------------- */
+
+static void conv_case(const char *label, const struct q3g_dims *d, const std::vector<tseq> &seqs)
+{
+	char name[128];
+
+	snprintf(name, sizeof(name), "conv1d_silu %s", label);
+	if (!want(name))
+		return;
+	struct tstate t;
+	const int C = d->conv_dim, W = d->W, S = W - 1, ldq = C + 40;
+
+	tstate_init(&t, d, seqs);
+	std::vector<float> x = rnd_vec((size_t)t.R * ldq, 1.0f), cw = rnd_vec((size_t)C * W, 0.5f);
+	std::vector<float> ref_u((size_t)t.R * C), ref_state;
+	float *dx = dev_upload(x.data(), x.size()), *dcw = dev_upload(cw.data(), cw.size());
+	float *du = dev_alloc<float>(ref_u.size());
+
+	for (int s = 0; s < t.nseq; s++) {
+		const struct q3g_seq &q = t.seq_h[s];
+		std::vector<float> st = rnd_vec((size_t)S * C, 1.0f), xin((size_t)q.n * C);
+
+		if (q.pos == 0) /* a fresh sequence must not read its state: make it poison */
+			std::fill(st.begin(), st.end(), NAN);
+		GT_CHECK(cudaMemcpy(q.conv_rd, st.data(), st.size() * 4, cudaMemcpyHostToDevice));
+		if (q.pos == 0)
+			std::fill(st.begin(), st.end(), 0.0f);
+		for (int i = 0; i < q.n; i++)
+			memcpy(&xin[(size_t)i * C], &x[(size_t)(q.row0 + i) * ldq], C * 4);
+		q3_ref_conv1d_silu(&ref_u[(size_t)q.row0 * C], xin.data(), q.n, C, cw.data(), W, st.data());
+		ref_state.insert(ref_state.end(), st.begin(), st.end());
+	}
+	GT_OK(q3g_conv1d_silu(du, dx, ldq, dcw, t.rows, t.R, t.nseq, 0, d, 0, &e_));
+	char n2[160];
+
+	/* the same fp32 sums in the same order; silu's exp differs by an ulp or two: 1e-5 */
+	snprintf(n2, sizeof(n2), "%s: output", name);
+	gt_compare(n2, dev_download(du, ref_u.size()).data(), ref_u.data(), ref_u.size(), 1e-5);
+	std::vector<float> got;
+	for (int s = 0; s < t.nseq; s++) {
+		std::vector<float> g = dev_download(t.seq_h[s].conv_wr, (size_t)S * C);
+		got.insert(got.end(), g.begin(), g.end());
+	}
+	/* the new state is a copy of inputs: exact */
+	snprintf(n2, sizeof(n2), "%s: new state", name);
+	gt_compare(n2, got.data(), ref_state.data(), got.size(), 0.0);
+	cudaFree(dx);
+	cudaFree(dcw);
+	cudaFree(du);
+	tstate_free(&t);
+}
+
+static void delta_case(const char *label, const struct q3g_dims *d, const std::vector<tseq> &seqs, bool fuse)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "delta %s%s", label, fuse ? " (fused gated norm)" : "");
+	if (!want(name))
+		return;
+	struct tstate t;
+	const int Nv = d->Nv, Dk = d->Dk, Dv = d->Dv, C = d->conv_dim, ldz = d->value_dim + 16;
+
+	tstate_init(&t, d, seqs);
+	std::vector<float> u = rnd_vec((size_t)t.R * C, 1.0f), ba = rnd_vec((size_t)t.R * 2 * Nv, 1.0f);
+	std::vector<float> A_log(Nv), dtb = rnd_vec(Nv, 0.5f), z = rnd_vec((size_t)t.R * ldz, 1.0f),
+			   nw = rnd_vec(Dv, 1.0f);
+	std::vector<float> ref_o((size_t)t.R * Nv * Dv), ref_core((size_t)t.R * Nv * Dv), ref_S;
+
+	for (int j = 0; j < Nv; j++)
+		A_log[j] = logf(1.0f + 15.0f * fabsf(rnd_uniform()));
+	for (int s = 0; s < t.nseq; s++) {
+		const struct q3g_seq &q = t.seq_h[s];
+		std::vector<float> Sdev = rnd_vec(t.rec_n, 0.1f);
+
+		if (q.pos == 0)
+			std::fill(Sdev.begin(), Sdev.end(), NAN); /* must not be read */
+		GT_CHECK(cudaMemcpy(q.rec, Sdev.data(), Sdev.size() * 4, cudaMemcpyHostToDevice));
+		for (int j = 0; j < Nv; j++) {
+			int kh = j / (Nv / d->Nk);
+			std::vector<float> S((size_t)Dk * Dv), qn(Dk), kn(Dk), beta(Nv), g(Nv);
+
+			/* device layout [Dv][Dk] (transposed) -> reference S[i][c] */
+			for (int c = 0; c < Dv; c++)
+				for (int i = 0; i < Dk; i++)
+					S[(size_t)i * Dv + c] = q.pos ? Sdev[((size_t)j * Dv + c) * Dk + i] : 0.0f;
+			for (int tk = 0; tk < q.n; tk++) {
+				int r = q.row0 + tk;
+				const float *ur = &u[(size_t)r * C];
+				float *o = &ref_o[((size_t)r * Nv + j) * Dv];
+
+				q3_ref_delta_qk(qn.data(), kn.data(), ur + kh * Dk, ur + d->key_dim + kh * Dk, Dk);
+				q3_ref_delta_gates(beta.data(), g.data(), &ba[(size_t)r * 2 * Nv], &ba[(size_t)r * 2 * Nv + Nv],
+						   A_log.data(), dtb.data(), Nv);
+				q3_ref_delta_step(S.data(), qn.data(), kn.data(), ur + 2 * d->key_dim + j * Dv, g[j], beta[j], o,
+						  Dk, Dv);
+				q3_ref_rmsnorm_gated(&ref_core[((size_t)r * Nv + j) * Dv], o, &z[(size_t)r * ldz + j * Dv],
+						     nw.data(), Dv, d->eps);
+			}
+			for (int c = 0; c < Dv; c++)
+				for (int i = 0; i < Dk; i++)
+					Sdev[((size_t)j * Dv + c) * Dk + i] = S[(size_t)i * Dv + c];
+		}
+		ref_S.insert(ref_S.end(), Sdev.begin(), Sdev.end());
+	}
+	float *du = dev_upload(u.data(), u.size()), *dba = dev_upload(ba.data(), ba.size());
+	float *dA = dev_upload(A_log.data(), Nv), *ddt = dev_upload(dtb.data(), Nv), *dz = dev_upload(z.data(), z.size());
+	float *dnw = dev_upload(nw.data(), Dv), *dO = dev_alloc<float>(ref_o.size());
+	uint16_t *dcore = dev_alloc<uint16_t>(ref_core.size());
+
+	if (fuse) {
+		GT_OK(q3g_delta(du, dba, dA, ddt, NULL, dcore, dz, ldz, dnw, true, t.rows, t.nseq, 0, d, 0, &e_));
+	} else {
+		GT_OK(q3g_delta(du, dba, dA, ddt, dO, NULL, NULL, 0, NULL, false, t.rows, t.nseq, 0, d, 0, &e_));
+		GT_OK(q3g_gated_rmsnorm(dcore, dO, dz, ldz, dnw, t.R, Nv, Dv, d->eps, 0, &e_));
+	}
+	char n2[200];
+	/* fp32 on both sides; reductions in another order and exp/log1p of the device's libm: the
+	 * recurrence carries rounding across tokens, still far under 1e-4 for a few hundred steps
+	 * (fla's own tests allow 2e-3) */
+	if (!fuse) {
+		snprintf(n2, sizeof(n2), "%s: o", name);
+		gt_compare(n2, dev_download(dO, ref_o.size()).data(), ref_o.data(), ref_o.size(), 1e-4);
+	}
+	snprintf(n2, sizeof(n2), "%s: gated-normed output (bf16)", name);
+	gt_compare(n2, bf16_to_f32(dev_download(dcore, ref_core.size())).data(), round_bf16(ref_core).data(),
+		   ref_core.size(), TOL_BF16_OUT);
+	std::vector<float> got;
+	for (int s = 0; s < t.nseq; s++) {
+		std::vector<float> g = dev_download(t.seq_h[s].rec, t.rec_n);
+		got.insert(got.end(), g.begin(), g.end());
+	}
+	snprintf(n2, sizeof(n2), "%s: final state", name);
+	gt_compare(n2, got.data(), ref_S.data(), got.size(), 1e-4);
+	void *fr[] = { du, dba, dA, ddt, dz, dnw, dO, dcore };
+	for (void *p : fr)
+		cudaFree(p);
+	tstate_free(&t);
+}
+
+static void gdn_tests(void)
+{
+	struct q3g_dims ds = dims_small(), dr = dims_real();
+
+	conv_case("small, 4 sequences (fresh, decode, short continuation, fresh 1)", &ds,
+		  { { 0, 5 }, { 7, 1 }, { 2, 2 }, { 0, 1 } });
+	conv_case("real conv_dim 8192, decode batch", &dr, { { 3, 1 }, { 100, 1 }, { 0, 1 } });
+	conv_case("real conv_dim 8192, prefill 70", &dr, { { 5, 70 } });
+	delta_case("small decode", &ds, { { 0, 1 }, { 9, 1 }, { 3, 1 } }, true);
+	delta_case("small prefill", &ds, { { 0, 70 }, { 3, 130 } }, false);
+	delta_case("real decode", &dr, { { 4, 1 }, { 0, 1 } }, true);
+	delta_case("real prefill", &dr, { { 0, 65 }, { 17, 3 } }, false);
+}
+
+/* ---- attention ------------------------------------------------------------------------------- */
+
+/* Fills a sequence's cache positions [0, upto) of layer 0 with random bf16 K and V; returns them
+ * as fp32 [upto][Hkv·D] each. */
+static void fill_cache(const struct q3g_dims *d, const struct q3g_seq &q, int upto, std::vector<float> &K,
+		       std::vector<float> &V)
+{
+	size_t kvd = (size_t)d->Hkv * d->D, n = (size_t)upto * kvd;
+	std::vector<uint16_t> kb, vb;
+
+	rnd_bf16(kb, K, n, 1.0f);
+	rnd_bf16(vb, V, n, 1.0f);
+	GT_CHECK(cudaMemcpy(q.kv, kb.data(), n * 2, cudaMemcpyHostToDevice));
+	GT_CHECK(cudaMemcpy(q.kv + (size_t)d->max_ctx * kvd, vb.data(), n * 2, cudaMemcpyHostToDevice));
+}
+
+static void prep_case(const char *label, const struct q3g_dims *d, const std::vector<tseq> &seqs)
+{
+	char name[128];
+
+	snprintf(name, sizeof(name), "attn_prep %s", label);
+	if (!want(name))
+		return;
+	struct tstate t;
+	const int D = d->D, qd = d->Hq * D, kvd = d->Hkv * D;
+
+	tstate_init(&t, d, seqs);
+	std::vector<float> qg = rnd_vec((size_t)t.R * 2 * qd, 1.0f), k = rnd_vec((size_t)t.R * kvd, 1.0f),
+			   v = rnd_vec((size_t)t.R * kvd, 1.0f), qnw = rnd_vec(D, 0.3f), knw = rnd_vec(D, 0.3f);
+	std::vector<float> ref_q((size_t)t.R * qd), ref_k((size_t)t.R * kvd), ref_v((size_t)t.R * kvd);
+
+	for (int r = 0; r < t.R; r++) {
+		int pos = t.row_pos[r];
+
+		for (int h = 0; h < d->Hq; h++) {
+			float *y = &ref_q[((size_t)r * d->Hq + h) * D];
+
+			q3_ref_rmsnorm(y, &qg[(size_t)r * 2 * qd + (size_t)h * 2 * D], qnw.data(), D, d->eps);
+			q3_ref_rope(y, d->rot, pos, d->rope_theta);
+		}
+		for (int h = 0; h < d->Hkv; h++) {
+			float *y = &ref_k[(size_t)r * kvd + (size_t)h * D];
+
+			q3_ref_rmsnorm(y, &k[(size_t)r * kvd + (size_t)h * D], knw.data(), D, d->eps);
+			q3_ref_rope(y, d->rot, pos, d->rope_theta);
+		}
+		memcpy(&ref_v[(size_t)r * kvd], &v[(size_t)r * kvd], kvd * 4);
+	}
+	float *dqg = dev_upload(qg.data(), qg.size()), *dk = dev_upload(k.data(), k.size()), *dv = dev_upload(v.data(), v.size());
+	float *dqn = dev_upload(qnw.data(), D), *dkn = dev_upload(knw.data(), D);
+	uint16_t *dq = dev_alloc<uint16_t>(ref_q.size());
+
+	GT_OK(q3g_attn_prep(dq, dqg, dk, dv, dqn, dkn, t.rows, t.R, 0, d, 0, &e_));
+	std::vector<float> gk, gv;
+	for (int r = 0; r < t.R; r++) {
+		const struct q3g_seq &q = t.seq_h[t.row_seq[r]];
+		std::vector<float> a = bf16_to_f32(dev_download(q.kv + (size_t)t.row_pos[r] * kvd, kvd));
+		std::vector<float> b = bf16_to_f32(dev_download(q.kv + ((size_t)d->max_ctx + t.row_pos[r]) * kvd, kvd));
+		gk.insert(gk.end(), a.begin(), a.end());
+		gv.insert(gv.end(), b.begin(), b.end());
+	}
+	char n2[160];
+	/* bf16 outputs; RoPE angles from the device's sincosf/powf (a few ulp at large positions) */
+	snprintf(n2, sizeof(n2), "%s: q", name);
+	gt_compare(n2, bf16_to_f32(dev_download(dq, ref_q.size())).data(), round_bf16(ref_q).data(), ref_q.size(), 1e-2);
+	snprintf(n2, sizeof(n2), "%s: K cache", name);
+	gt_compare(n2, gk.data(), round_bf16(ref_k).data(), gk.size(), 1e-2);
+	snprintf(n2, sizeof(n2), "%s: V cache", name);
+	gt_compare(n2, gv.data(), round_bf16(ref_v).data(), gv.size(), 0.0);
+	void *fr[] = { dqg, dk, dv, dqn, dkn, dq };
+	for (void *p : fr)
+		cudaFree(p);
+	tstate_free(&t);
+}
+
+/* Decode attention: each row its own sequence at pos p, cache [0, p] random. */
+static void decode_att_case(const char *label, const struct q3g_dims *d, const std::vector<int> &pos, int nsplit)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "attn_decode %s nsplit=%d", label, nsplit);
+	if (!want(name))
+		return;
+	std::vector<tseq> seqs;
+	for (int p : pos)
+		seqs.push_back({ p, 1 });
+	struct tstate t;
+	const int D = d->D, qd = d->Hq * D;
+
+	tstate_init(&t, d, seqs);
+	std::vector<uint16_t> qb;
+	std::vector<float> qf, qg = rnd_vec((size_t)t.R * 2 * qd, 1.0f), ref((size_t)t.R * qd), scores(d->max_ctx);
+
+	rnd_bf16(qb, qf, (size_t)t.R * qd, 1.0f);
+	for (int r = 0; r < t.R; r++) {
+		std::vector<float> K, V, gate(qd);
+
+		fill_cache(d, t.seq_h[r], pos[r] + 1, K, V);
+		for (int h = 0; h < d->Hq; h++)
+			memcpy(&gate[(size_t)h * D], &qg[(size_t)r * 2 * qd + (size_t)h * 2 * D + D], D * 4);
+		q3_ref_attention(&ref[(size_t)r * qd], &qf[(size_t)r * qd], gate.data(), K.data(), V.data(), pos[r] + 1,
+				 d->Hq, d->Hkv, D, 1.0f / sqrtf((float)D), scores.data());
+	}
+	uint16_t *dq = dev_upload(qb.data(), qb.size()), *datt = dev_alloc<uint16_t>(ref.size());
+	float *dqg = dev_upload(qg.data(), qg.size()), *part = dev_alloc<float>((size_t)t.R * d->Hq * nsplit * (D + 2));
+
+	GT_OK(q3g_attn_decode(datt, dq, dqg, part, nsplit, t.rows, t.R, 0, d, 0, &e_));
+	/* bf16 output (2^-9), fp32 online softmax with __expf: 1e-2 */
+	gt_compare(name, bf16_to_f32(dev_download(datt, ref.size())).data(), ref.data(), ref.size(), 1e-2);
+	cudaFree(dq);
+	cudaFree(datt);
+	cudaFree(dqg);
+	cudaFree(part);
+	tstate_free(&t);
+}
+
+static void prefill_att_case(const char *label, const struct q3g_dims *d, int p0, int n)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "attn_prefill %s p0=%d n=%d", label, p0, n);
+	if (!want(name))
+		return;
+	struct tstate t;
+	const int D = d->D, qd = d->Hq * D;
+
+	tstate_init(&t, d, { { p0, n } });
+	std::vector<uint16_t> qb;
+	std::vector<float> qf, K, V, qg = rnd_vec((size_t)n * 2 * qd, 1.0f), ref((size_t)n * qd), scores(d->max_ctx);
+
+	rnd_bf16(qb, qf, (size_t)n * qd, 1.0f);
+	fill_cache(d, t.seq_h[0], p0 + n, K, V);
+	for (int i = 0; i < n; i++) {
+		std::vector<float> gate(qd);
+
+		for (int h = 0; h < d->Hq; h++)
+			memcpy(&gate[(size_t)h * D], &qg[(size_t)i * 2 * qd + (size_t)h * 2 * D + D], D * 4);
+		q3_ref_attention(&ref[(size_t)i * qd], &qf[(size_t)i * qd], gate.data(), K.data(), V.data(), p0 + i + 1,
+				 d->Hq, d->Hkv, D, 1.0f / sqrtf((float)D), scores.data());
+	}
+	size_t elems = (size_t)(d->Hq / d->Hkv) * (p0 + n) * 7; /* small scratch: several passes */
+	uint16_t *dq = dev_upload(qb.data(), qb.size()), *datt = dev_alloc<uint16_t>(ref.size());
+	uint16_t *p = dev_alloc<uint16_t>(elems);
+	float *dqg = dev_upload(qg.data(), qg.size()), *s = dev_alloc<float>(elems), *o = dev_alloc<float>(ref.size());
+
+	GT_OK(q3g_attn_prefill(g_cublas, datt, dq, dqg, &t.seq_h[0], 0, s, p, o, elems, d, 0, &e_));
+	/* P is rounded to bf16 before P·V (2^-9 relative per weight), the output to bf16: 1e-2 */
+	gt_compare(name, bf16_to_f32(dev_download(datt, ref.size())).data(), ref.data(), ref.size(), 1e-2);
+	void *fr[] = { dq, datt, p, dqg, s, o };
+	for (void *q : fr)
+		cudaFree(q);
+	tstate_free(&t);
+}
+
+static void attn_tests(void)
+{
+	struct q3g_dims ds = dims_small(), dr = dims_real();
+
+	prep_case("small", &ds, { { 0, 3 }, { 100, 1 } });
+	prep_case("real", &dr, { { 0, 2 }, { 5000, 1 } });
+	decode_att_case("small", &ds, { 0, 6, 100, 511 }, 1);
+	decode_att_case("small", &ds, { 0, 6, 100, 511 }, 8);
+	decode_att_case("real", &dr, { 0, 37, 1023, 4095 }, 32);
+	decode_att_case("real", &dr, { 8191 }, 7);
+	prefill_att_case("small", &ds, 0, 40);
+	prefill_att_case("small", &ds, 37, 50);
+	prefill_att_case("real", &dr, 0, 96);
+	prefill_att_case("real", &dr, 300, 70);
+}
+
+/* ---- MoE ------------------------------------------------------------------------------------- */
+
+static void router_case(int R, int E, int k, bool norm)
+{
+	char name[128];
+
+	snprintf(name, sizeof(name), "router_topk R=%d E=%d k=%d%s", R, E, k, norm ? "" : " (no renorm)");
+	if (!want(name))
+		return;
+	std::vector<float> lg = rnd_vec((size_t)R * E, 3.0f), sg = rnd_vec(R, 1.0f);
+	std::vector<int> ridx((size_t)R * k);
+	std::vector<float> rw((size_t)R * k), rw_all((size_t)R * (k + 1));
+	float *dl = dev_upload(lg.data(), lg.size()), *ds = dev_upload(sg.data(), R), *dw = dev_alloc<float>((size_t)R * (k + 1));
+	int *di = dev_alloc<int>((size_t)R * (k + 1));
+
+	GT_OK(q3g_router_topk(di, dw, dl, ds, R, E, k, norm, 0, &e_));
+	std::vector<int> gi = dev_download(di, (size_t)R * (k + 1));
+	std::vector<float> gw = dev_download(dw, (size_t)R * (k + 1));
+	bool same = true;
+
+	for (int r = 0; r < R; r++) {
+		q3_ref_router_topk(&lg[(size_t)r * E], E, k, norm, &ridx[(size_t)r * k], &rw[(size_t)r * k]);
+		for (int j = 0; j < k; j++) {
+			same &= gi[(size_t)r * (k + 1) + j] == ridx[(size_t)r * k + j];
+			rw_all[(size_t)r * (k + 1) + j] = rw[(size_t)r * k + j];
+		}
+		same &= gi[(size_t)r * (k + 1) + k] == -1;
+		rw_all[(size_t)r * (k + 1) + k] = q3_sigmoid(sg[r]);
+	}
+	char n2[200];
+
+	snprintf(n2, sizeof(n2), "%s: the same experts in the same order", name);
+	gt_expect(same, n2);
+	snprintf(n2, sizeof(n2), "%s: weights", name);
+	/* fp32 softmax: the sum in another order, __expf vs expf: 1e-5 */
+	gt_compare(n2, gw.data(), rw_all.data(), gw.size(), 1e-5);
+	cudaFree(dl);
+	cudaFree(ds);
+	cudaFree(dw);
+	cudaFree(di);
+}
+
+/* A random MoE layer: router bf16, experts GPTQ (bits, group, asym, act-order), shared expert
+ * 8-bit, shared gate bf16. */
+struct tmoe {
+	struct q3_config c;
+	struct q3_layer L;
+	std::vector<struct q3_expert> experts;
+	std::vector<struct tlin> lins;
+};
+
+static void make_moe(struct tmoe *m, const struct q3g_dims *d, int bits, int G, bool asym, bool act)
+{
+	int E = d->E;
+
+	memset(&m->c, 0, sizeof(m->c));
+	memset(&m->L, 0, sizeof(m->L));
+	m->c.num_experts = E;
+	m->c.top_k = d->topk;
+	m->c.hidden_size = d->H;
+	m->c.moe_inter = d->I;
+	m->c.shared_inter = d->Is;
+	m->c.norm_topk_prob = d->norm_topk;
+	m->lins.resize(3 * E + 5);
+	m->experts.resize(E);
+	for (int x = 0; x < E; x++) {
+		make_linear(&m->lins[3 * x], d->I, d->H, LIN_GPTQ, bits, G, asym, act);
+		make_linear(&m->lins[3 * x + 1], d->I, d->H, LIN_GPTQ, bits, G, asym, act);
+		make_linear(&m->lins[3 * x + 2], d->H, d->I, LIN_GPTQ, bits, G, asym, act);
+	}
+	make_linear(&m->lins[3 * E], d->Is, d->H, LIN_GPTQ, 8, 128, false, false);
+	make_linear(&m->lins[3 * E + 1], d->Is, d->H, LIN_GPTQ, 8, 128, false, false);
+	make_linear(&m->lins[3 * E + 2], d->H, d->Is, LIN_GPTQ, 8, 128, false, false);
+	make_linear(&m->lins[3 * E + 3], E, d->H, LIN_BF16);
+	make_linear(&m->lins[3 * E + 4], 1, d->H, LIN_BF16);
+	/* a router with a clear ranking: logits spread wide enough that the device's fp32 sums in
+	 * another order cannot swap the k-th and (k+1)-th expert */
+	for (size_t i = 0; i < m->lins[3 * E + 3].w.size() / 2; i++)
+		((uint16_t *)m->lins[3 * E + 3].w.data())[i] = q3_f32_to_bf16(rnd_normal() * 4.0f / sqrtf((float)d->H));
+	for (int x = 0; x < E; x++)
+		m->experts[x] = (struct q3_expert){ m->lins[3 * x].l, m->lins[3 * x + 1].l, m->lins[3 * x + 2].l };
+	m->L.experts = m->experts.data();
+	m->L.shared = (struct q3_expert){ m->lins[3 * E].l, m->lins[3 * E + 1].l, m->lins[3 * E + 2].l };
+	m->L.router = m->lins[3 * E + 3].l;
+	m->L.shared_gate = m->lins[3 * E + 4].l;
+}
+
+static void moe_case(const char *label, const struct q3g_dims *d, int bits, int G, bool asym, bool act, int R)
+{
+	char name[192];
+
+	snprintf(name, sizeof(name), "moe %s E=%d k=%d H=%d I=%d R=%d (%s)", label, d->E, d->topk, d->H, d->I, R,
+		 R <= 16 ? "decode kernels" : "grouped prefill GEMM");
+	if (!want(name))
+		return;
+	struct tmoe m;
+	const int E = d->E, H = d->H, k = d->topk, Imax = std::max(d->I, d->Is), ldgu = 2 * Imax;
+
+	make_moe(&m, d, bits, G, asym, act);
+	std::vector<const struct q3_linear *> g(E), u(E), dn(E);
+	for (int x = 0; x < E; x++) {
+		g[x] = &m.experts[x].gate;
+		u[x] = &m.experts[x].up;
+		dn[x] = &m.experts[x].down;
+	}
+	struct dmat dg, du, dd, sg, su, sd, rt, sgt;
+	const struct q3_linear *one;
+
+	dmat_upload(&dg, g.data(), E);
+	dmat_upload(&du, u.data(), E);
+	dmat_upload(&dd, dn.data(), E);
+	one = &m.L.shared.gate, dmat_upload(&sg, &one, 1);
+	one = &m.L.shared.up, dmat_upload(&su, &one, 1);
+	one = &m.L.shared.down, dmat_upload(&sd, &one, 1);
+	one = &m.L.router, dmat_upload(&rt, &one, 1);
+	one = &m.L.shared_gate, dmat_upload(&sgt, &one, 1);
+
+	std::vector<uint16_t> xb;
+	std::vector<float> xf, ref((size_t)R * H), scratch(q3_ref_moe_scratch(&m.c));
+
+	rnd_bf16(xb, xf, (size_t)R * H, 1.0f);
+	for (int r = 0; r < R; r++)
+		q3_ref_moe(&m.c, &m.L, &xf[(size_t)r * H], &ref[(size_t)r * H], scratch.data());
+	uint16_t *dx = dev_upload(xb.data(), xb.size());
+	float *dh = dev_alloc<float>((size_t)R * H), *dlog = dev_alloc<float>((size_t)R * E), *dsg = dev_alloc<float>(R);
+	float *dw = dev_alloc<float>((size_t)R * (k + 1)), *dgu = dev_alloc<float>((size_t)R * (k + 1) * ldgu);
+	int *di = dev_alloc<int>((size_t)R * (k + 1));
+
+	GT_CHECK(cudaMemset(dh, 0, (size_t)R * H * 4));
+	for (int r0 = 0; r0 < R; r0 += 16) {
+		int nr = std::min(16, R - r0);
+		struct q3g_job j[2] = { { rt.m, dx + (size_t)r0 * H, dlog + (size_t)r0 * E, H, E, Q3G_EPI_STORE },
+					{ sgt.m, dx + (size_t)r0 * H, dsg + r0, H, 1, Q3G_EPI_STORE } };
+
+		GT_OK(q3g_mmv(j, 2, nr, 0, &e_));
+	}
+	GT_OK(q3g_router_topk(di, dw, dlog, dsg, R, E, k, d->norm_topk, 0, &e_));
+	if (R <= 16) {
+		GT_OK(q3g_moe_up(dgu, dx, di, &dg.m, &du.m, &sg.m, &su.m, R, k, H, ldgu, 0, &e_));
+		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dd.m, &sd.m, R, k, H, ldgu, 0, &e_));
+	} else {
+		void *ws = dev_alloc<char>(q3g_moe_prefill_scratch(R, d));
+
+		GT_OK(q3g_moe_prefill(dh, dx, di, dw, &dg.m, &du.m, &dd.m, &sg.m, &su.m, &sd.m, R, d, ws, 0, &e_));
+		GT_CHECK(cudaDeviceSynchronize());
+		cudaFree(ws);
+	}
+	/* the expert activations silu(gate)·up are rounded to bf16 before the down projection (the
+	 * reference keeps fp32): about 2^-9 relative per input of down, ~1e-3 on the output; 1e-2 */
+	gt_compare(name, dev_download(dh, ref.size()).data(), ref.data(), ref.size(), 1e-2);
+	struct dmat *all[] = { &dg, &du, &dd, &sg, &su, &sd, &rt, &sgt };
+	for (struct dmat *p : all)
+		dmat_free(p);
+	void *fr[] = { dx, dh, dlog, dsg, dw, dgu, di };
+	for (void *p : fr)
+		cudaFree(p);
+}
+
+static void moe_tests(void)
+{
+	struct q3g_dims ds = dims_small(), dr = dims_real();
+
+	router_case(7, 512, 10, true);
+	router_case(3, 16, 4, false);
+	router_case(33, 1000, 32, true);
+	moe_case("q4 sym g128", &ds, 4, 128, false, false, 3);
+	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 5);
+	moe_case("q4 sym g128", &ds, 4, 128, false, false, 40);
+	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 150);
+	dr.E = 32; /* the real expert shapes; fewer of them keeps the CPU reference quick */
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 2);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 20);
+}
+
+int main(int argc, char **argv)
+{
+	g_filter = argc > 1 ? argv[1] : NULL;
+	gt_need_device();
+	gt_seed();
+	GT_OK(q3g_init(&e_));
+	if (cublasCreate(&g_cublas) != CUBLAS_STATUS_SUCCESS) {
+		fprintf(stderr, "cublasCreate failed\n");
+		return 1;
+	}
+	GT_CHECK(cudaMalloc(&g_wtmp, (size_t)2048 * 4096 * 2));
+	linear_tests();
+	norm_tests();
+	gdn_tests();
+	attn_tests();
+	moe_tests();
+	GT_CHECK(cudaDeviceSynchronize());
+	return gt_finish("test_ops");
+}
