@@ -212,6 +212,11 @@ int q3g_attn_prefill(void *cublas, uint16_t *att, const uint16_t *q, const float
 int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, int R, int E, int k,
 		    bool norm, q3g_stream st, struct q3_err *e);
 
+/* A routed pair whose expert is not computed by this call (offload: the CPU computes it, or
+ * another pass has it): moe_up / moe_down / moe_prefill leave it out.  Experts are indices into
+ * the stacks (a stack of resident experts when some live in host RAM: see cuda_offload.h). */
+#define Q3G_SKIP (-2)
+
 /* Decode MoE (per (row, slot) pair p = r·(k+1) + s, any R):
  *   up:   gu[p][0..N) = x[r]·gateᵀ, gu[p][ldgu/2 ..) = x[r]·upᵀ, with the pair's expert idx[p]
  *         (gate/up: the stacks) or, for idx -1, the shared expert (sgate/sup);

@@ -69,7 +69,8 @@ __global__ void mm_count_kernel(int *count, const int *idx, int P, int E)
 	if (p < P) {
 		int ex = idx[p];
 
-		atomicAdd(&count[ex < 0 ? E : ex], 1);
+		if (ex != Q3G_SKIP)
+			atomicAdd(&count[ex < 0 ? E : ex], 1);
 	}
 }
 
@@ -112,7 +113,8 @@ __global__ void mm_scatter_kernel(int *sorted, int *fill, const int *idx, int P,
 	if (p < P) {
 		int ex = idx[p];
 
-		sorted[atomicAdd(&fill[ex < 0 ? E : ex], 1)] = p;
+		if (ex != Q3G_SKIP)
+			sorted[atomicAdd(&fill[ex < 0 ? E : ex], 1)] = p;
 	}
 }
 
@@ -231,8 +233,8 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mm_grouped_kernel(const __gri
 		}
 }
 
-/* h[r][i] += Σ_s y[r·S + s][i] */
-__global__ void mm_combine_kernel(float *h, const float *y, int R, int S, int H)
+/* h[r][i] += Σ_s y[r·S + s][i] over the pairs not skipped */
+__global__ void mm_combine_kernel(float *h, const float *y, const int *idx, int R, int S, int H)
 {
 	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 
@@ -242,7 +244,8 @@ __global__ void mm_combine_kernel(float *h, const float *y, int R, int S, int H)
 	float acc = 0.0f;
 
 	for (int s = 0; s < S; s++)
-		acc += y[(r * S + s) * H + i];
+		if (idx[r * S + s] != Q3G_SKIP)
+			acc += y[(r * S + s) * H + i];
 	h[id] += acc;
 }
 
@@ -304,7 +307,7 @@ extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, cons
 	L.down = true;
 	mm_grouped_kernel<<<dim3(ws.maxtiles, L.nb), Q3G_MMV_THREADS, mm_smem(), st>>>(L);
 	CUDA_CHECK_LAUNCH(e);
-	mm_combine_kernel<<<(unsigned)cdiv(R * d->H, 256), 256, 0, st>>>(h, ws.y, R, S, d->H);
+	mm_combine_kernel<<<(unsigned)cdiv(R * d->H, 256), 256, 0, st>>>(h, ws.y, idx, R, S, d->H);
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }

@@ -119,6 +119,8 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_up_kernel(const __grid_co
 	const int p = blockIdx.x, r = p / (L.k + 1);
 	const int which = blockIdx.y / L.nb, b = blockIdx.y % L.nb;
 	const int ex = L.idx[p];
+	if (ex == Q3G_SKIP)
+		return; /* computed elsewhere; before any barrier */
 	const struct q3g_mat &m = pick(L, ex, which);
 	const int mi = ex < 0 ? 0 : ex;
 	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -191,6 +193,8 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_down_kernel(const __grid_
 	/* stage silu(gate) ⊙ up of every slot, one after the other (k-step offsets add up) */
 	for (int s = 0; s < S; s++) {
 		int ex = ix[s], mi = ex < 0 ? 0 : ex;
+		if (ex == Q3G_SKIP)
+			continue;
 		const struct q3g_mat &m = pick_down(L, ex);
 		const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
 		const float *g = L.gu + ((size_t)r * S + s) * L.ldgu, *u = g + L.ldgu / 2;
@@ -222,6 +226,8 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) moe_down_kernel(const __grid_
 		ksoff = 0;
 		for (int s = 0; s < S && base < i1; s++) {
 			int ex = ix[s], mi = ex < 0 ? 0 : ex;
+			if (ex == Q3G_SKIP)
+				continue;
 			const struct q3g_mat &m = pick_down(L, ex);
 			int c0 = max(i0 - base, 0), c1 = min(i1 - base, m.nchunks);
 			float wt = L.w[(size_t)r * S + s];

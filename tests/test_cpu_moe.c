@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "cpu_moe.h"
+#include "half.h"
 #include "../tools/xsynth.h"
 
 #define E 12
@@ -285,12 +286,86 @@ static void test_handoff(void **state)
 	free(out);
 }
 
+/* The GPU's layout: bf16 inputs, routing rows of k + 1 with the shared expert's -1 last; every
+ * routed pair counted in the statistics. */
+static void test_bf16_rows(void **state)
+{
+	enum { T = 4, LDK = K + 1 };
+	struct fixture f;
+	struct q3_xpool_opts po = {.nthreads = 2};
+	struct q3_cpu_moe_opts mo = {.I = 128, .num_experts = E, .top_k = K, .max_tokens = T,
+				     .isa = q3_xisa_best()};
+	struct q3_xpool *p;
+	struct q3_cpu_moe *m;
+	struct q3_xstats *xs;
+	q3_err e = {0};
+	uint64_t rng = 21;
+	int32_t ids[T * K], ids2[T * LDK];
+	float w[T * K], w2[T * LDK];
+	static double freq[3 * E];
+
+	make_fixture(&f, false, 256, 128);
+	mo.H = f.H;
+	float *x = malloc(sizeof(float) * T * f.H), *ref = malloc(sizeof(float) * T * f.H);
+	float *out = malloc(sizeof(float) * T * f.H);
+	uint16_t *xb = malloc(sizeof(uint16_t) * T * f.H);
+
+	for (int i = 0; i < T * f.H; i++) {
+		xb[i] = q3_f32_to_bf16((float)(q3_xrandu(&rng) - 0.5));
+		x[i] = q3_bf16_to_f32(xb[i]);
+	}
+	routing(T, &rng, ids, w);
+	for (int t = 0; t < T; t++) {
+		for (int i = 0; i < K; i++) {
+			ids2[t * LDK + i] = ids[t * K + i];
+			w2[t * LDK + i] = w[t * K + i];
+		}
+		ids2[t * LDK + K] = -1; /* the shared expert: not a routed pair */
+		w2[t * LDK + K] = 0.5f;
+	}
+	reference(&f, mo.isa, Q3_XACT_INT8, T, x, ids, w, ref);
+	assert_int_equal(q3_xstats_new(3, E, 0, 1, &xs, &e), 0);
+	assert_int_equal(q3_xpool_new(&po, &p, &e), 0);
+	assert_int_equal(q3_cpu_moe_new(p, &mo, &m, &e), 0);
+	struct q3_cpu_moe_req r = {.T = T, .xb = xb, .ldx = (size_t)f.H, .ids = ids2, .w = w2, .k = K,
+				   .ldk = LDK, .experts = f.table, .out = out, .ldo = (size_t)f.H,
+				   .stats = xs, .layer = 2};
+
+	assert_int_equal(q3_cpu_moe_run(m, &r, &e), 0);
+	assert_memory_equal(out, ref, sizeof(float) * T * f.H);
+	q3_xstats_tick(xs, T);
+	q3_xstats_freq(xs, freq);
+	for (int x2 = 0; x2 < E; x2++) {
+		int n = 0;
+
+		for (int i = 0; i < T * K; i++)
+			n += ids[i] == x2;
+		assert_true(fabs(freq[2 * E + x2] - (double)n / T) < 1e-9);
+		assert_true(freq[x2] == 0);
+	}
+	struct q3_cpu_moe_stats st;
+
+	q3_cpu_moe_stats(m, &st);
+	assert_int_equal(st.pairs + st.skipped, T * K);
+	r.ldk = K - 1; /* rows shorter than k */
+	assert_int_equal(q3_cpu_moe_run(m, &r, &e), -EINVAL);
+	q3_cpu_moe_free(m);
+	q3_xpool_free(p);
+	q3_xstats_free(xs);
+	free_fixture(&f);
+	free(x);
+	free(ref);
+	free(out);
+	free(xb);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_sym_small),
 		cmocka_unit_test(test_actorder),
 		cmocka_unit_test(test_handoff),
+		cmocka_unit_test(test_bf16_rows),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "half.h"
+
 enum { PH_PLAN, PH_ACT, PH_GATEUP, PH_DOWN, NPH };
 
 /* One distinct expert of a call. */
@@ -54,7 +56,7 @@ struct q3_cpu_moe {
 	atomic_int dn_left;
 	struct q3_cpu_moe_stats st;
 	uint64_t call_bytes;
-	int call_pairs;
+	int call_pairs, call_skipped, ldk;
 	bool posted;
 };
 
@@ -93,22 +95,31 @@ static void plan(struct q3_cpu_moe *m)
 
 	m->nslots = m->nact = m->tasks_gu = m->tasks_dn = 0;
 	m->call_bytes = 0;
-	if (r->T < 0 || r->T > m->o.max_tokens || r->k < 0 || r->k > m->o.top_k) {
+	m->call_skipped = 0;
+	m->ldk = r->ldk ? r->ldk : r->k;
+	if (r->T < 0 || r->T > m->o.max_tokens || r->k < 0 || r->k > m->o.top_k || m->ldk < r->k ||
+	    (!r->x && !r->xb)) {
 		fail(m, "cpu experts: %d tokens or routing width past the limits", r->T);
 		return;
 	}
 	/* count tokens per expert, in ascending expert order */
 	memset(m->slot_of, 0, sizeof(int) * (size_t)m->o.num_experts);
-	for (int i = 0; i < r->T * r->k; i++) {
-		int id = r->ids[i];
+	for (int t = 0; t < r->T; t++)
+		for (int i = 0; i < r->k; i++) {
+			int id = r->ids[(size_t)t * m->ldk + i];
 
-		if (id < 0 || id >= m->o.num_experts) {
-			fail(m, "cpu experts: routed expert id %d out of range", id);
-			return;
+			if (id < 0 || id >= m->o.num_experts) {
+				fail(m, "cpu experts: routed expert id %d out of range", id);
+				return;
+			}
+			if (r->experts[id])
+				m->slot_of[id]++;
+			else
+				m->call_skipped++;
 		}
-		if (r->experts[id])
-			m->slot_of[id]++;
-	}
+	if (r->stats)
+		for (int t = 0; t < r->T; t++)
+			q3_xstats_add(r->stats, r->layer, r->ids + (size_t)t * m->ldk, r->k);
 	for (int id = 0; id < m->o.num_experts; id++) {
 		struct slot *s;
 
@@ -127,13 +138,13 @@ static void plan(struct q3_cpu_moe *m)
 	}
 	for (int t = 0; t < r->T; t++)
 		for (int i = 0; i < r->k; i++) {
-			int id = r->ids[t * r->k + i];
+			int id = r->ids[(size_t)t * m->ldk + i];
 
 			if (r->experts[id]) {
 				struct slot *s = &m->slots[m->slot_of[id] - 1];
 
 				s->tok[s->n] = (int16_t)t;
-				s->wt[s->n++] = r->w[t * r->k + i];
+				s->wt[s->n++] = r->w[(size_t)t * m->ldk + i];
 			}
 		}
 	m->call_pairs = pairs;
@@ -185,12 +196,20 @@ static void plan(struct q3_cpu_moe *m)
 	atomic_store(&m->dn_left, m->tasks_dn);
 }
 
-static void task_act(struct q3_cpu_moe *m, int i)
+static void task_act(struct q3_cpu_moe *m, int i, int worker)
 {
 	const struct act_item *it = &m->items[i];
+	const float *x = m->r.x + (size_t)it->tok * m->r.ldx;
 
-	q3_xact_set_blocks(m->o.isa, it->act, it->row, m->r.x + (size_t)it->tok * m->r.ldx, it->perm,
-			   0, m->o.H / Q3_XBLOCK);
+	if (!m->r.x) { /* bf16 rows: to fp32 in this worker's scratch (free until phase 3) */
+		const uint16_t *xb = m->r.xb + (size_t)it->tok * m->r.ldx;
+		float *f = m->ytmp[worker];
+
+		for (int k = 0; k < m->o.H; k++)
+			f[k] = q3_bf16_to_f32(xb[k]);
+		x = f;
+	}
+	q3_xact_set_blocks(m->o.isa, it->act, it->row, x, it->perm, 0, m->o.H / Q3_XBLOCK);
 }
 
 /* Phase 2 task i: one token chunk of one expert, a range of intermediate tiles. */
@@ -284,7 +303,7 @@ static void job_task(void *ctx, int ph, int i, int worker)
 		plan(m);
 		break;
 	case PH_ACT:
-		task_act(m, i);
+		task_act(m, i, worker);
 		break;
 	case PH_GATEUP:
 		task_gateup(m, i);
@@ -426,6 +445,7 @@ int q3_cpu_moe_wait(struct q3_cpu_moe *m, q3_err *e)
 		return q3_errf(e, m->err, "%s", m->errmsg);
 	m->st.calls++;
 	m->st.pairs += (uint64_t)m->call_pairs;
+	m->st.skipped += (uint64_t)m->call_skipped;
 	m->st.experts += (uint64_t)m->nslots;
 	m->st.bytes += m->call_bytes;
 	m->st.busy_s += m->t1 - m->t0;

@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "cpu_expert.h"
+#include "expert_stats.h"
 #include "util.h"
 #include "xpool.h"
 
@@ -42,18 +43,25 @@ struct q3_cpu_moe_opts {
 struct q3_cpu_moe_req {
 	int T;
 	const float *x;	     /* [T][ldx]: the normed hidden states (model order) */
+	const uint16_t *xb;  /* or the same in bf16 (used when x is NULL) */
 	size_t ldx;
-	const int32_t *ids;  /* [T][k] */
-	const float *w;	     /* [T][k] */
+	const int32_t *ids;  /* [T][ldk]: the first k of each row are routed experts */
+	const float *w;	     /* [T][ldk] */
 	int k;		     /* <= top_k */
+	int ldk;	     /* row stride of ids and w; 0: k */
 	const struct q3_xexpert *const *experts; /* [num_experts]; NULL: skip */
 	float *out;	     /* [T][ldo] */
 	size_t ldo;
+	struct q3_xstats *stats; /* optional: every routed pair is counted here, layer `layer` */
+	int layer;
 };
 
 /* Running totals (q3_cpu_moe_stats); bytes are the weights read, each expert once per call. */
 struct q3_cpu_moe_stats {
-	uint64_t calls, pairs, experts, bytes;
+	uint64_t calls;
+	uint64_t pairs;	  /* (token, expert) pairs computed here */
+	uint64_t skipped; /* pairs routed to experts not in the table (computed elsewhere) */
+	uint64_t experts, bytes;
 	double busy_s; /* from post (or the gate opening) to done */
 };
 
