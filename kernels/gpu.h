@@ -94,6 +94,12 @@ struct q3g_stage {
 int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, const int *rowmap,
 		   struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
 
+/* Repacks matrix idx of stack m from the raw GPTQ tensors of l already copied to the device
+ * (qweight, qzeros, scales: the stored bytes), asynchronously on st; the raw copies must stay
+ * until st has run it.  GPTQ tile formats without act-order only (streaming experts in prefill). */
+int q3g_mat_repack_raw(const struct q3g_mat *m, int idx, const struct q3_linear *l, const void *qw,
+		       const void *qz, const void *sc, q3g_stream st, struct q3_err *e);
+
 /* W of matrix idx as bf16 row-major [N][K] in the original input order (for cuBLAS and tests). */
 int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, struct q3_err *e);
 

@@ -118,7 +118,7 @@ static void plan(struct q3_cpu_moe *m)
 				m->call_skipped++;
 		}
 	if (r->stats)
-		for (int t = 0; t < r->T; t++)
+		for (int t = 0; t < (r->stats_rows > 0 ? Q3_MIN(r->stats_rows, r->T) : r->T); t++)
 			q3_xstats_add(r->stats, r->layer, r->ids + (size_t)t * m->ldk, r->k);
 	for (int id = 0; id < m->o.num_experts; id++) {
 		struct slot *s;

@@ -52,8 +52,9 @@ struct q3_cpu_moe_req {
 	const struct q3_xexpert *const *experts; /* [num_experts]; NULL: skip */
 	float *out;	     /* [T][ldo] */
 	size_t ldo;
-	struct q3_xstats *stats; /* optional: every routed pair is counted here, layer `layer` */
+	struct q3_xstats *stats; /* optional: every routed pair is counted here, layer `layer`, */
 	int layer;
+	int stats_rows;		 /* of the first stats_rows tokens (0: all; the rest are padding) */
 };
 
 /* Running totals (q3_cpu_moe_stats); bytes are the weights read, each expert once per call. */

@@ -140,6 +140,13 @@ const struct q3_config *q3_engine_config(const struct q3_engine *eng)
 	return &eng->ck->cfg;
 }
 
+void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s)
+{
+	memset(s, 0, sizeof(*s));
+	if (eng->ops->stats)
+		eng->ops->stats(eng->bk, s);
+}
+
 const char *q3_engine_backend(const struct q3_engine *eng)
 {
 	return eng->ops->name;
