@@ -55,8 +55,10 @@ NVFLAGS  := -O3 -g -lineinfo -std=c++17 $(CUDA_ARCH) -Iuserspace -Ikernels -Ikmo
             -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -lstdc++
 CPPFLAGS += -DHAVE_CUDA=1
-# -u: pull the CUDA backend out of its archive (engine.c refers to it weakly, backend.h)
-MAIN_LIBS := -Wl,-u,q3_backend_cuda $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a $(CUDA_LIBS)
+# -u: pull the CUDA backend out of its archive (engine.c refers to it weakly, backend.h); a group:
+# C code calls the CUDA library and the CUDA library calls C helpers (q3_errf, the CPU experts)
+MAIN_LIBS := -Wl,-u,q3_backend_cuda -Wl,--start-group $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a \
+	     -Wl,--end-group $(CUDA_LIBS)
 else
 MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
@@ -137,9 +139,9 @@ gpu test-gpu:
 endif
 
 # ---- tests -----------------------------------------------------------------------------------
-$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libqwen3d.a $(if $(HAVE_CUDA),$(BUILD)/libqwen3d_cuda.a)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libqwen3d.a -lcmocka $(LIBS) $(LDFLAGS)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -Itests -o $@ $< $(MAIN_LIBS) -lcmocka $(LIBS) $(LDFLAGS)
 
 test-unit: $(TEST_BIN) $(BUILD)/qwen3d
 	bash tests/run.sh $(BUILD) unit
