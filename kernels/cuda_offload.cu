@@ -20,6 +20,7 @@ extern "C" {
 #include "cpu_moe.h"
 #include "expert_stats.h"
 #include "model.h"
+#include "checkpoint.h"
 #include "placement.h"
 #include "topology.h"
 #include "xpool.h"
@@ -80,6 +81,9 @@ struct q3_offload {
 	int32_t *pidx_h;	/* pinned [pf_rows][k + 1] routing of a prefill call */
 	int pf_rows;
 	int16_t *maps_h, *maps_d; /* [E / OFF_STAGE + 2][E] expert -> staging slot per batch */
+	/* the checkpoint's mappings registered with CUDA (pinned: full-speed prefill copies) */
+	void **pinned;
+	int npinned;
 	/* counters */
 	uint64_t pairs_gpu, pairs_cpu, pcie, uploads, tokens;
 };
@@ -350,6 +354,39 @@ static int stage_alloc(struct q3_offload *off, q3_err *e)
 	return 0;
 }
 
+/* The experts' host bytes are the checkpoint's mappings (or the loader's arena): registering them
+ * with CUDA makes the prefill copies DMA straight from them at full PCIe speed (read-only; the
+ * pages are faulted in and stay).  Best effort: without it the copies are staged by the driver. */
+static void pin_checkpoint(struct q3_offload *off, bool quiet)
+{
+	const struct q3_ckpt *ck = off->m->ck;
+	const char *env = getenv("QWEN3D_OFFLOAD_PIN");
+	double t0 = q3_now();
+	uint64_t bytes = 0;
+
+	if ((env && !strcmp(env, "0")) || !ck->maps)
+		return;
+	off->pinned = (void **)calloc((size_t)ck->nshards, sizeof(void *));
+	for (int s = 0; off->pinned && s < ck->nshards; s++) {
+		if (!ck->maps[s])
+			continue;
+		cudaError_t ce = cudaHostRegister(ck->maps[s], ck->shards[s].size,
+						  cudaHostRegisterReadOnly | cudaHostRegisterPortable);
+
+		if (ce != cudaSuccess) {
+			cudaGetLastError();
+			if (!quiet)
+				q3_warn("offload: %s: cudaHostRegister: %s (prefill copies will be staged)",
+					ck->shards[s].name, cudaGetErrorString(ce));
+			continue;
+		}
+		off->pinned[off->npinned++] = ck->maps[s];
+		bytes += ck->shards[s].size;
+	}
+	if (!quiet && bytes)
+		q3_info("offload: %.1f GiB of checkpoint pinned for DMA in %.1f s", gib(bytes), q3_now() - t0);
+}
+
 static uint64_t staging_bytes(const struct q3_offload *off)
 {
 	return 2ull * OFF_STAGE * (off->expert_bytes + off->expert_bytes + 3 * 3 * 256);
@@ -458,6 +495,8 @@ static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_er
 		err = handoff_alloc(off, e);
 	if (!err)
 		err = stage_alloc(off, e);
+	if (!err)
+		pin_checkpoint(off, o->quiet);
 	if (!err && !o->quiet)
 		q3_info("offload: %d CPU expert threads (%s) on node %d", off->nthreads, q3_xisa_name(off->isa),
 			off->node);
@@ -508,6 +547,9 @@ extern "C" void q3_off_close(struct q3_offload *off)
 	}
 	q3_cpu_moe_free(off->moe);
 	q3_xpool_free(off->pool);
+	for (int i = 0; i < off->npinned; i++)
+		cudaHostUnregister(off->pinned[i]);
+	free(off->pinned);
 	q3_xstats_free(off->xs);
 	if (off->layers)
 		for (int l = 0; l < off->L; l++) {

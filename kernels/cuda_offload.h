@@ -27,7 +27,8 @@
  *
  * Environment: QWEN3D_OFFLOAD_FRACTION (0 .. 1) keeps that share of the experts in VRAM whatever
  * the budget (tests: force the offload paths on a model that fits); QWEN3D_OFFLOAD_TIMEOUT
- * (seconds) bounds the waits; QWEN3D_EXPERT_STATS names the statistics file.
+ * (seconds) bounds the waits; QWEN3D_EXPERT_STATS names the statistics file; QWEN3D_OFFLOAD_PIN=0
+ * leaves the checkpoint's mappings unregistered (they are pinned for DMA by default).
  *
  * Statistics (q3_off_stats): routed pairs served from VRAM and by the CPU, bytes over PCIe, the
  * CPU threads' weight bandwidth; the decayed per-expert counts are saved at close (and loaded at
