@@ -207,6 +207,34 @@ static int code_model(const struct q3_linear *l, int k, int n)
 	return (int)((w >> (4 * (k % 8))) & 0xF);
 }
 
+/* Without permutations the packed layout is the stored words rearranged: a tile's rows are
+ * runs of Q3_XTILE words of qweight, its scales runs of Q3_XTILE scales, its zero points the
+ * qzeros words of its columns (offset applied).  Copies, no per-code work. */
+static void pack_plain(const struct q3_linear *l, uint32_t *codes, uint16_t *scales, uint32_t *zeros)
+{
+	const char *qw = l->qweight->data, *sc = l->scales->data;
+	int K = l->K, N = l->N, ng = l->ngroups, tiles = N / Q3_XTILE;
+
+	for (int t = 0; t < tiles; t++) {
+		for (int r = 0; r < K / 8; r++)
+			memcpy(codes + ((size_t)t * (size_t)(K / 8) + (size_t)r) * Q3_XTILE,
+			       qw + ((size_t)r * (size_t)N + (size_t)t * Q3_XTILE) * 4, Q3_XTILE * 4);
+		for (int g = 0; g < ng; g++)
+			memcpy(scales + ((size_t)t * (size_t)ng + (size_t)g) * Q3_XTILE,
+			       sc + ((size_t)g * (size_t)N + (size_t)t * Q3_XTILE) * 2, Q3_XTILE * 2);
+		for (int g = 0; zeros && g < ng; g++)
+			for (int q = 0; q < Q3_XTILE / 8; q++) {
+				uint32_t w = q3_tensor_u32_at(l->qzeros, (uint64_t)g * (uint64_t)(N / 8) +
+									  (uint64_t)(t * Q3_XTILE / 8 + q)),
+					 o = 0;
+
+				for (int i = 0; i < 8; i++)
+					o |= (uint32_t)q3_xzero(w, i, l->zero_offset) << (4 * i);
+				zeros[((size_t)t * (size_t)ng + (size_t)g) * (Q3_XTILE / 8) + (size_t)q] = o;
+			}
+	}
+}
+
 /* Writes one Linear into the blob at base + *off; colmap maps kernel column -> model column
  * (NULL: identity). */
 static void pack_lin(char *base, uint64_t *off, struct blob_mat *bm, const struct lin_plan *p,
@@ -231,6 +259,11 @@ static void pack_lin(char *base, uint64_t *off, struct blob_mat *bm, const struc
 	bm->off_perm = sz[3] ? *off + sz[0] + sz[1] + sz[2] : 0;
 	codes = (uint32_t *)(base + bm->off_codes);
 	scales = (uint16_t *)(base + bm->off_scales);
+	if (!p->perm && !colmap) {
+		pack_plain(l, codes, scales, p->zeros ? (uint32_t *)(base + bm->off_zeros) : NULL);
+		*off += sz[0] + sz[1] + sz[2] + sz[3];
+		return;
+	}
 	for (int t = 0; t < tiles; t++)
 		for (int c = 0; c < Q3_XTILE; c++) {
 			int j = t * Q3_XTILE + c, n = colmap ? colmap[j] : j;

@@ -125,10 +125,11 @@ AI void group_f32(const struct q3_xmat *m, const struct q3_xact *a, const uint32
 	}
 }
 
-/* NT tokens (t0 ..) x NC chunks of 8 columns (chunk c0 ..) of one tile:
- * y = Σ_g s · (acc − z · gs) per column. */
+/* NT tokens (t0 ..) x NC chunks of 8 columns (chunk c0 ..) of one tile, groups [g0, g1):
+ * y = Σ_g s · (acc − z · gs) per column, starting from 0 (g0 == 0) or from y (a later group
+ * range: the same sums in the same order). */
 AI void block(const bool q8, const struct q3_xmat *m, const struct q3_xact *a, int tile, int t0,
-	      const int NT, int c0, const int NC, float *y, size_t ldy)
+	      const int NT, int c0, const int NC, float *y, size_t ldy, int g0, int g1)
 {
 	const uint32_t *cw = m->codes + (size_t)tile * m->cd_tile + (size_t)c0 * 8;
 	const uint16_t *sc = m->scales + (size_t)tile * m->sc_tile + (size_t)c0 * 8;
@@ -137,8 +138,10 @@ AI void block(const bool q8, const struct q3_xmat *m, const struct q3_xact *a, i
 
 	UNROLL for (int t = 0; t < NT; t++)
 		UNROLL for (int c = 0; c < NC; c++)
-			yv[t][c] = _mm256_setzero_ps();
-	for (int g = 0; g < m->ngroups; g++) {
+			yv[t][c] = g0 ? _mm256_loadu_ps(y + (size_t)(t0 + t) * ldy + (size_t)tile * Q3_XTILE +
+							(size_t)(c0 + c) * 8)
+				      : _mm256_setzero_ps();
+	for (int g = g0; g < g1; g++) {
 		__m256 acc[4][4];
 		float gs[4];
 
@@ -167,20 +170,26 @@ AI void block(const bool q8, const struct q3_xmat *m, const struct q3_xact *a, i
 					 yv[t][c]);
 }
 
-/* One token: the whole tile (4 chunks) at once; pairs of tokens: half a tile at a time. */
+/* One token: the whole tile (4 chunks) at once; pairs of tokens: half a tile at a time.  Tiles
+ * outermost when a tile's codes are contiguous (packed); groups outermost when rows are (the
+ * GPTQ layout: a group's rows, all tiles, are one contiguous stretch). */
 AI void mat(bool q8, const struct q3_xmat *m, const struct q3_xact *a, float *y, size_t ldy,
 	    int tile0, int tile1)
 {
-	for (int tile = tile0; tile < tile1; tile++) {
-		int t = 0;
+	bool rows = q3_xmat_row_major(m);
+	int gstep = rows ? 1 : m->ngroups;
 
-		for (; t + 2 <= a->T; t += 2) {
-			block(q8, m, a, tile, t, 2, 0, 2, y, ldy);
-			block(q8, m, a, tile, t, 2, 2, 2, y, ldy);
+	for (int g0 = 0; g0 < m->ngroups; g0 += gstep)
+		for (int tile = tile0; tile < tile1; tile++) {
+			int t = 0, g1 = g0 + gstep;
+
+			for (; t + 2 <= a->T; t += 2) {
+				block(q8, m, a, tile, t, 2, 0, 2, y, ldy, g0, g1);
+				block(q8, m, a, tile, t, 2, 2, 2, y, ldy, g0, g1);
+			}
+			for (; t < a->T; t++)
+				block(q8, m, a, tile, t, 1, 0, 4, y, ldy, g0, g1);
 		}
-		for (; t < a->T; t++)
-			block(q8, m, a, tile, t, 1, 0, 4, y, ldy);
-	}
 }
 
 static void mat_q8(const struct q3_xmat *m, const struct q3_xact *a, float *y, size_t ldy,

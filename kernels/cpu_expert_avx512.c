@@ -104,9 +104,10 @@ AI void group_f32(const struct q3_xmat *m, const struct q3_xact *a, const uint32
 	}
 }
 
-/* NT tokens (t0 ..) x the tile's 32 columns: y = Σ_g s · (acc − z · gs) per column. */
+/* NT tokens (t0 ..) x the tile's 32 columns, groups [g0, g1): y = Σ_g s · (acc − z · gs) per
+ * column, from 0 (g0 == 0) or from y. */
 AI void block(const bool q8, const struct q3_xmat *m, const struct q3_xact *a, int tile, int t0,
-	      const int NT, float *y, size_t ldy)
+	      const int NT, float *y, size_t ldy, int g0, int g1)
 {
 	const uint32_t *cw = m->codes + (size_t)tile * m->cd_tile;
 	const uint16_t *sc = m->scales + (size_t)tile * m->sc_tile;
@@ -115,8 +116,10 @@ AI void block(const bool q8, const struct q3_xmat *m, const struct q3_xact *a, i
 
 	UNROLL for (int t = 0; t < NT; t++)
 		UNROLL for (int c = 0; c < 2; c++)
-			yv[t][c] = _mm512_setzero_ps();
-	for (int g = 0; g < m->ngroups; g++) {
+			yv[t][c] = g0 ? _mm512_loadu_ps(y + (size_t)(t0 + t) * ldy + (size_t)tile * Q3_XTILE +
+							(size_t)c * 16)
+				      : _mm512_setzero_ps();
+	for (int g = g0; g < g1; g++) {
 		__m512 acc[4][2];
 		float gs[4];
 
@@ -145,20 +148,24 @@ AI void block(const bool q8, const struct q3_xmat *m, const struct q3_xact *a, i
 					 yv[t][c]);
 }
 
-/* Tokens four (int8) or two (fp32) at a time, then pairs, then one. */
+/* Tokens four (int8) or two (fp32) at a time, then pairs, then one; tiles or groups outermost
+ * as in cpu_expert_avx2.c. */
 AI void mat(const bool q8, const struct q3_xmat *m, const struct q3_xact *a, float *y, size_t ldy,
 	    int tile0, int tile1)
 {
-	for (int tile = tile0; tile < tile1; tile++) {
-		int t = 0;
+	int gstep = q3_xmat_row_major(m) ? 1 : m->ngroups;
 
-		for (; q8 && t + 4 <= a->T; t += 4)
-			block(q8, m, a, tile, t, 4, y, ldy);
-		for (; t + 2 <= a->T; t += 2)
-			block(q8, m, a, tile, t, 2, y, ldy);
-		for (; t < a->T; t++)
-			block(q8, m, a, tile, t, 1, y, ldy);
-	}
+	for (int g0 = 0; g0 < m->ngroups; g0 += gstep)
+		for (int tile = tile0; tile < tile1; tile++) {
+			int t = 0, g1 = g0 + gstep;
+
+			for (; q8 && t + 4 <= a->T; t += 4)
+				block(q8, m, a, tile, t, 4, y, ldy, g0, g1);
+			for (; t + 2 <= a->T; t += 2)
+				block(q8, m, a, tile, t, 2, y, ldy, g0, g1);
+			for (; t < a->T; t++)
+				block(q8, m, a, tile, t, 1, y, ldy, g0, g1);
+		}
 }
 
 static void mat_q8(const struct q3_xmat *m, const struct q3_xact *a, float *y, size_t ldy,

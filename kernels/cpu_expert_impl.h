@@ -29,6 +29,13 @@ extern const struct q3_xkern q3_xkern_amx;
  * kernel refuses.  In cpu_expert_amx.c. */
 bool q3_xamx_enable(void);
 
+/* Whether a matrix's code rows are contiguous across tiles (the GPTQ layout), so that the kernels
+ * walk it group by group over every tile rather than tile by tile. */
+static inline bool q3_xmat_row_major(const struct q3_xmat *m)
+{
+	return m->cd_row > m->cd_tile;
+}
+
 /* Unaligned 32-bit load (code words and activation quads may sit anywhere). */
 static inline uint32_t q3_xld32(const void *p)
 {

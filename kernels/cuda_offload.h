@@ -3,8 +3,11 @@
  * At open, the backend uploads the dense weights, then asks q3_off_open how many routed experts
  * of each layer fit the VRAM budget (placement.h: most used first from the expert statistics, or
  * spread evenly); it keeps only those in its expert stacks ("slots"), in the slot order
- * q3_off_slot_expert gives.  Every other expert stays in host RAM, where the CPU expert threads
- * (cpu_moe.h, bound to the cores of the GPU's NUMA node) compute it.
+ * q3_off_slot_expert gives.  Every other expert is computed by the CPU expert threads (cpu_moe.h,
+ * bound to the cores of the GPU's NUMA node) from a packed copy (cpu_expert.h: measured faster
+ * than reading the GPTQ layout in place; QWEN3D_OFFLOAD_CPU_LAYOUT=gptq reads it in place and
+ * saves the copy) made at open, in parallel, in memory preferring that node (spilling to the
+ * nearest others when it is full).
  *
  * Decode (a layer's rows <= max_rows), around the MoE of layer l, all on the compute stream and
  * capturable in a CUDA graph:
