@@ -33,19 +33,8 @@ LOGS=$WORK/logs
 mkdir -p "$OUT" "$LOGS" "$WORK"
 SUMMARY=()
 
-note() { echo "[$(($(date +%s) - T0))s] $*"; }
-left() { echo $((T_END - $(date +%s))); }
-cap() { local l=$(($(left) - ${2:-0})); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo "$l"; }
-add() { SUMMARY+=("$(printf '%-46s %s' "$1" "$2")"); }
-step() { # NAME TIMEOUT CMD...
-	local name=$1 to=$2 t=$(date +%s) rc
-	shift 2
-	note "start $name (timeout ${to}s): $*"
-	timeout --kill-after=5 "$to" "$@" >"$LOGS/$name.log" 2>&1
-	rc=$?
-	note "end $name: exit $rc after $(($(date +%s) - t))s"
-	return $rc
-}
+ADD_WIDTH=46
+. tools/gpu_common.sh
 finish() {
 	tar czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 	add "elapsed" "$(($(date +%s) - T0)) s"

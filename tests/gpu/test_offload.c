@@ -30,65 +30,8 @@
 #include "backend.h"
 #include "engine.h"
 #include "gpu_compare.h"
+#include "model_ref.h"
 #include "safetensors.h"
-
-static int npass, nfail;
-
-static void result(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void result(bool ok, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("%s ", ok ? "ok   " : "FAIL ");
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-	ok ? npass++ : nfail++;
-}
-
-struct ref {
-	char *buf;
-	size_t len;
-	struct q3_st_header h;
-};
-
-static const void *ref_tensor(const struct ref *r, const char *name, int64_t *d0, int64_t *d1)
-{
-	for (size_t i = 0; i < r->h.n; i++)
-		if (!strcmp(r->h.t[i].name, name)) {
-			*d0 = r->h.t[i].shape[0];
-			*d1 = r->h.t[i].ndim > 1 ? r->h.t[i].shape[1] : 1;
-			return r->buf + r->h.data_off + r->h.t[i].begin;
-		}
-	return NULL;
-}
-
-static int argmax(const float *x, int n)
-{
-	int b = 0;
-
-	for (int i = 1; i < n; i++)
-		if (x[i] > x[b])
-			b = i;
-	return b;
-}
-
-static void compare(const char *what, const float *got, const float *ref, int rows, int V, double tol,
-		    double min_agree)
-{
-	struct gc_result c = gc_compare(got, ref, (size_t)rows * V);
-	int agree = 0;
-
-	if (c.bad) {
-		result(false, "%s: %zu non-finite logits", what, c.bad);
-		return;
-	}
-	for (int r = 0; r < rows; r++)
-		agree += argmax(got + (size_t)r * V, V) == argmax(ref + (size_t)r * V, V);
-	result(c.rel <= tol && agree >= min_agree * rows,
-	       "%s: rel L2 %.2e (tol %.0e), argmax agrees at %d of %d", what, c.rel, tol, agree, rows);
-}
 
 /* Prefill logits [T][V] and decode logits [G][V] of one engine; 0 or -1. */
 static int run(const char *dir, const int32_t *prompt, int T, const int32_t *gen, int G, int V, float *pre,
@@ -152,17 +95,13 @@ out:
 static void test_model(const char *dir)
 {
 	struct ref r;
-	char path[1024], what[1200], stats[1100];
+	char what[1200], stats[1100];
 	int64_t T, G, V, d1, tmp;
 	q3_err e;
 	struct q3_engine_stats st, st0;
 
-	snprintf(path, sizeof(path), "%s/reference.safetensors", dir);
-	memset(&r, 0, sizeof(r));
-	if (q3_read_file(path, (size_t)1 << 32, &r.buf, &r.len, &e) || q3_st_parse(r.buf, r.len, r.len, path, &r.h, &e)) {
-		printf("skip  %s: %s\n", dir, e.msg);
+	if (ref_load(dir, &r))
 		return;
-	}
 	const int32_t *prompt = ref_tensor(&r, "prompt_ids", &T, &d1), *gen = ref_tensor(&r, "gen_ids", &G, &d1);
 	const float *rpre = ref_tensor(&r, "prefill_logits", &tmp, &V), *rdec = ref_tensor(&r, "decode_logits", &tmp, &d1);
 
@@ -191,13 +130,13 @@ static void test_model(const char *dir)
 		if (run(dir, prompt, (int)T, gen, (int)G, (int)V, pre, dec, &st))
 			continue;
 		snprintf(what, sizeof(what), "%s, %s of the experts in VRAM: prefill vs reference", dir, fr[f]);
-		compare(what, pre, rpre, (int)T, (int)V, 3e-2, 0.95);
+		compare_logits(what, pre, rpre, (int)T, (int)V, 3e-2, 0.95);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs reference", dir, fr[f]);
-		compare(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95);
+		compare_logits(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: prefill vs all in VRAM", dir, fr[f]);
-		compare(what, pre, pre0, (int)T, (int)V, 2e-2, 0.95);
+		compare_logits(what, pre, pre0, (int)T, (int)V, 2e-2, 0.95);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs all in VRAM", dir, fr[f]);
-		compare(what, dec, dec0, (int)G, (int)V, 2e-2, 0.95);
+		compare_logits(what, dec, dec0, (int)G, (int)V, 2e-2, 0.95);
 		double share = (double)st.experts_vram / (st.experts_total ? st.experts_total : 1);
 
 		result(st.offload && fabs(share - atof(fr[f])) < 0.1,
