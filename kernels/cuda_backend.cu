@@ -26,6 +26,7 @@
 extern "C" {
 #include "backend.h"
 #include "engine.h"
+#include "expert_stats.h"
 #include "dequant.h"
 #include "half.h"
 #include "model.h"
@@ -1092,6 +1093,39 @@ static void cuda_stats(void *p, struct q3_engine_stats *s)
 	snprintf(s->cpu_isa, sizeof(s->cpu_isa), "%s", os.isa);
 }
 
+/* Between requests: one bounded re-balancing round of the VRAM expert cache (cuda_offload.h). */
+static int cuda_idle(void *p, q3_err *e)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+	struct q3_swap sw[64];
+	struct q3g_stage sg = { NULL, NULL, 16u << 20 };
+	int n, err = 0;
+
+	if (!q3_off_active(bk->off) || !(n = q3_off_rebalance_plan(bk->off, sw, 64, 64ull << 20)))
+		return 0;
+	CUDA_CHECK(e, cudaMallocHost(&sg.host, sg.bytes));
+	if (cudaMalloc(&sg.dev, sg.bytes) != cudaSuccess) {
+		cudaFreeHost(sg.host);
+		return q3_errf(e, -ENOMEM, "cuda backend: no device memory to re-balance the expert cache");
+	}
+	for (int i = 0; i < n && !err; i++) {
+		int l = sw[i].layer_in, xi = sw[i].expert_in, xo = sw[i].expert_out;
+		int slot = q3_off_swap_slot(bk->off, l, xi, xo);
+		const struct q3_expert *ex = &bk->m->layers[l].experts[xi];
+		struct glayer *L = &bk->layers[l];
+
+		if (slot < 0)
+			continue;
+		if (!(err = q3g_mat_upload(&L->egate.m, slot, &ex->gate, NULL, &sg, bk->st, e)) &&
+		    !(err = q3g_mat_upload(&L->eup.m, slot, &ex->up, NULL, &sg, bk->st, e)) &&
+		    !(err = q3g_mat_upload(&L->edown.m, slot, &ex->down, NULL, &sg, bk->st, e)))
+			err = q3_off_swap_commit(bk->off, l, xi, xo, e);
+	}
+	cudaFree(sg.dev);
+	cudaFreeHost(sg.host);
+	return err;
+}
+
 static const struct q3_backend_ops cuda_ops = {
 	"cuda",
 	cuda_open,
@@ -1103,6 +1137,7 @@ static const struct q3_backend_ops cuda_ops = {
 	cuda_set_trace,
 	BK_MAX_TOKENS,
 	cuda_stats,
+	cuda_idle,
 };
 
 extern "C" const struct q3_backend_ops *q3_backend_cuda(void)

@@ -806,6 +806,53 @@ extern "C" int q3_off_cpu_end(struct q3_offload *off, q3_err *e)
 
 /* ---- prefill -------------------------------------------------------------------------------------- */
 
+/* Where an expert's raw tensors go in a staging slot: one copy of the stretch of host memory they
+ * span when it is compact (a checkpoint keeps an expert's tensors together) and keeps them 4-byte
+ * aligned, else one copy each, 256-aligned.  off[i][k]: the slot offset of linear i's tensor k
+ * (qweight, qzeros, scales). */
+struct raw_layout {
+	const char *span; /* NULL: per-tensor copies */
+	size_t span_len;
+	size_t off[3][3];
+};
+
+static void raw_layout(const struct q3_expert *ex, size_t slot_bytes, struct raw_layout *rl)
+{
+	const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
+	const char *lo = NULL, *hi = NULL;
+	bool aligned = true;
+	size_t at = 0;
+
+	for (int i = 0; i < 3; i++) {
+		const struct q3_tensor *t[4] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales, ls[i]->g_idx };
+
+		for (int k = 0; k < 4; k++) {
+			const char *p = t[k] ? (const char *)t[k]->data : NULL;
+
+			if (!p)
+				continue;
+			lo = !lo || p < lo ? p : lo;
+			hi = !hi || p + t[k]->nbytes > hi ? p + t[k]->nbytes : hi;
+		}
+	}
+	for (int i = 0; i < 3; i++) {
+		const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
+
+		for (int k = 0; k < 3; k++)
+			aligned &= ((const char *)t[k]->data - lo) % 4 == 0;
+	}
+	rl->span = lo && (size_t)(hi - lo) <= slot_bytes && aligned ? lo : NULL;
+	rl->span_len = rl->span ? (size_t)(hi - lo) : 0;
+	for (int i = 0; i < 3; i++) {
+		const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
+
+		for (int k = 0; k < 3; k++) {
+			rl->off[i][k] = rl->span ? (size_t)((const char *)t[k]->data - lo) : at;
+			at += Q3_ALIGN_UP(t[k]->nbytes, 256);
+		}
+	}
+}
+
 /* Raw copies of the tensors of n experts (ids xs) into a staging buffer's raw area, slot j for
  * xs[j], on the copy stream; then the buffer's `copied` event. */
 static int stage_copies(struct q3_offload *off, struct stage_buf *sb, int layer, const int *xs, int n, q3_err *e)
@@ -814,15 +861,21 @@ static int stage_copies(struct q3_offload *off, struct stage_buf *sb, int layer,
 		const struct q3_expert *ex = &off->m->layers[layer].experts[xs[j]];
 		const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
 		char *raw = (char *)sb->raw + (size_t)j * sb->raw_bytes;
+		struct raw_layout rl;
 
+		raw_layout(ex, sb->raw_bytes, &rl);
+		if (rl.span) {
+			CUDA_CHECK(e, cudaMemcpyAsync(raw, rl.span, rl.span_len, cudaMemcpyHostToDevice, off->copy_st));
+			off->pcie += rl.span_len;
+			continue;
+		}
 		for (int i = 0; i < 3; i++) {
 			const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
 
 			for (int k = 0; k < 3; k++) {
-				CUDA_CHECK(e, cudaMemcpyAsync(raw, t[k]->data, t[k]->nbytes, cudaMemcpyHostToDevice,
-							      off->copy_st));
+				CUDA_CHECK(e, cudaMemcpyAsync(raw + rl.off[i][k], t[k]->data, t[k]->nbytes,
+							      cudaMemcpyHostToDevice, off->copy_st));
 				off->pcie += t[k]->nbytes;
-				raw += Q3_ALIGN_UP(t[k]->nbytes, 256);
 			}
 		}
 	}
@@ -838,6 +891,7 @@ static int stage_repack(struct q3_offload *off, struct stage_buf *sb, int layer,
 	const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
 	const struct q3g_mat *mats[3] = { &sb->gate, &sb->up, &sb->down };
 	char *raw = (char *)sb->raw + (size_t)j * sb->raw_bytes;
+	struct raw_layout rl;
 	int err;
 
 	for (int i = 0; i < 3 && off->perms; i++) {
@@ -845,14 +899,13 @@ static int stage_repack(struct q3_offload *off, struct stage_buf *sb, int layer,
 			return err;
 		off->pcie += q3_linear_bytes(ls[i]);
 	}
-	for (int i = 0; i < 3 && !off->perms; i++) {
-		const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
-		char *qw = raw, *qz = qw + Q3_ALIGN_UP(t[0]->nbytes, 256), *sc = qz + Q3_ALIGN_UP(t[1]->nbytes, 256);
-
-		if ((err = q3g_mat_repack_raw(mats[i], j, ls[i], qw, qz, sc, st, e)))
+	if (off->perms)
+		return 0;
+	raw_layout(ex, sb->raw_bytes, &rl);
+	for (int i = 0; i < 3; i++)
+		if ((err = q3g_mat_repack_raw(mats[i], j, ls[i], raw + rl.off[i][0], raw + rl.off[i][1],
+					      raw + rl.off[i][2], st, e)))
 			return err;
-		raw = sc + Q3_ALIGN_UP(t[2]->nbytes, 256);
-	}
 	return 0;
 }
 
@@ -936,6 +989,74 @@ extern "C" int q3_off_prefill(struct q3_offload *off, int layer, float *h, const
 					   stream, e)))
 			return err;
 	}
+	return 0;
+}
+
+/* ---- re-balancing ------------------------------------------------------------------------------ */
+
+extern "C" int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swaps, int max, uint64_t max_bytes)
+{
+	size_t n = (size_t)off->L * off->E;
+	uint8_t *res;
+	uint64_t *bytes;
+	int ns = 0;
+
+	if (!q3_off_active(off) || !off->xs)
+		return 0;
+	res = (uint8_t *)malloc(n);
+	bytes = (uint64_t *)malloc(n * sizeof(uint64_t));
+	if (res && bytes) {
+		struct q3_rebalance_opts ro;
+
+		for (size_t i = 0; i < n; i++) {
+			res[i] = off->layers[i / off->E].slot_of_h[i % off->E] >= 0;
+			bytes[i] = off->expert_bytes;
+		}
+		memset(&ro, 0, sizeof(ro));
+		ro.hysteresis = 0.25;
+		ro.z = 3;
+		ro.min_tokens = 1000;
+		ro.max_bytes = max_bytes;
+		ro.same_layer = true;
+		ns = q3_xstats_rebalance(off->xs, res, bytes, &ro, swaps, max);
+	}
+	free(res);
+	free(bytes);
+	return ns;
+}
+
+extern "C" int q3_off_swap_slot(const struct q3_offload *off, int layer, int x_in, int x_out)
+{
+	const struct off_layer *ol = &off->layers[layer];
+	struct q3_xexpert v;
+
+	if (ol->slot_of_h[x_out] < 0 || ol->slot_of_h[x_in] >= 0)
+		return -1;
+	/* x_out will be the CPU's: it needs a view (a packed copy exists only for experts that were
+	 * never resident; the stored layout serves the others, unless act-order) */
+	if (!off->views[(size_t)layer * off->E + x_out].H &&
+	    q3_xexpert_gptq(&v, &off->m->layers[layer].experts[x_out], NULL))
+		return -1;
+	return ol->slot_of_h[x_out];
+}
+
+extern "C" int q3_off_swap_commit(struct q3_offload *off, int layer, int x_in, int x_out, q3_err *e)
+{
+	struct off_layer *ol = &off->layers[layer];
+	struct q3_xexpert *v = &off->views[(size_t)layer * off->E + x_out];
+	int slot = ol->slot_of_h[x_out], err;
+
+	if (slot < 0 || ol->slot_of_h[x_in] >= 0)
+		return q3_errf(e, -EINVAL, "offload: swap of layer %d: expert %d not resident or %d already", layer,
+			       x_out, x_in);
+	if (!v->H && (err = q3_xexpert_gptq(v, &off->m->layers[layer].experts[x_out], e)))
+		return err;
+	ol->slot_of_h[x_in] = (int16_t)slot;
+	ol->slot_of_h[x_out] = -1;
+	ol->slot_expert[slot] = x_in;
+	ol->table[x_in] = NULL;
+	ol->table[x_out] = v;
+	CUDA_CHECK(e, cudaMemcpy(ol->slot_of_d, ol->slot_of_h, sizeof(int16_t) * off->E, cudaMemcpyHostToDevice));
 	return 0;
 }
 

@@ -33,6 +33,11 @@
  * (seconds) bounds the waits; QWEN3D_EXPERT_STATS names the statistics file; QWEN3D_OFFLOAD_PIN=0
  * leaves the checkpoint's mappings unregistered (they are pinned for DMA by default).
  *
+ * Between requests the backend may re-balance (q3_off_rebalance_plan, then per swap: upload into
+ * q3_off_swap_slot, q3_off_swap_commit): experts the decayed statistics show used clearly more
+ * than a resident one of their layer take its slot (expert_stats.h: hysteresis, noise test, a
+ * byte limit per round so a round costs milliseconds).
+ *
  * Statistics (q3_off_stats): routed pairs served from VRAM and by the CPU, bytes over PCIe, the
  * CPU threads' weight bandwidth; the decayed per-expert counts are saved at close (and loaded at
  * open) when a stats path is given.
@@ -49,6 +54,7 @@ extern "C" {
 
 struct q3_model;
 struct q3_offload;
+struct q3_swap;
 
 struct q3_off_opts {
 	uint64_t vram_budget;	 /* bytes for weights (dense + experts); 0: automatic */
@@ -121,6 +127,16 @@ int q3_off_prefill(struct q3_offload *off, int layer, float *h, const uint16_t *
 		   const struct q3g_mat *down, const struct q3g_mat *sgate, const struct q3g_mat *sup,
 		   const struct q3g_mat *sdown, int R, const struct q3g_dims *d, void *ws, q3g_stream st,
 		   struct q3_err *e);
+
+/* ---- re-balancing, between requests (nothing in flight) -------------------------------------- */
+/* Swaps the decayed expert statistics call for (within each layer: the stacks keep their size),
+ * at most max of them and max_bytes of uploads; 0 when the statistics do not justify any. */
+int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swaps, int max, uint64_t max_bytes);
+/* The slot expert x_out of layer l occupies (the caller uploads x_in's weights there, then
+ * commits); -1 if x_out is not resident or x_in cannot be evicted later (no CPU view). */
+int q3_off_swap_slot(const struct q3_offload *off, int layer, int x_in, int x_out);
+/* Points the slot map and the CPU table at the swap (x_in now in VRAM, x_out on the CPU). */
+int q3_off_swap_commit(struct q3_offload *off, int layer, int x_in, int x_out, struct q3_err *e);
 
 void q3_off_stats(const struct q3_offload *off, struct q3_off_stats *s);
 

@@ -440,6 +440,53 @@ static void test_file(void **state)
 	free(dir);
 }
 
+/* Per-layer caches (the CUDA backend's stacks): swaps stay within a layer, so every layer keeps
+ * its number of resident experts, and the cache still follows a shift. */
+static void test_same_layer(void **state)
+{
+	static struct zipf a, b;
+	static uint8_t planned[N];
+	static struct q3_swap swaps[N];
+	struct q3_xstats *s;
+	q3_err e = {0};
+	struct q3_rebalance_opts ro = {.hysteresis = 0.25, .z = 3, .min_tokens = 100, .same_layer = true};
+	uint64_t uses = 0, dummy = 0, h0 = 0, h1 = 0, u0 = 0, u1 = 0;
+	int per_layer[L] = {0}, total = 0;
+
+	zipf_init(&a, 1.0, 31);
+	zipf_init(&b, 1.0, 32);
+	assert_int_equal(q3_xstats_new(L, E, 1000, 1, &s, &e), 0);
+	run_tokens(&a, 1500, s, NULL, NULL, &dummy, &dummy, &uses);
+	plan_from_stats(s, planned);
+	for (int i = 0; i < N; i++)
+		per_layer[i / E] += planned[i];
+	run_tokens(&b, 200, NULL, planned, NULL, &h0, &dummy, &u0);
+	for (int round = 0; round < 12; round++) {
+		int ns;
+
+		run_tokens(&b, 250, s, NULL, NULL, &dummy, &dummy, &uses);
+		ns = q3_xstats_rebalance(s, planned, xbytes, &ro, swaps, N);
+		for (int i = 0; i < ns; i++) {
+			assert_int_equal(swaps[i].layer_in, swaps[i].layer_out);
+			planned[swaps[i].layer_in * E + swaps[i].expert_in] = 1;
+			planned[swaps[i].layer_out * E + swaps[i].expert_out] = 0;
+		}
+		total += ns;
+	}
+	for (int l = 0; l < L; l++) {
+		int n = 0;
+
+		for (int x = 0; x < E; x++)
+			n += planned[l * E + x];
+		assert_int_equal(n, per_layer[l]);
+	}
+	run_tokens(&b, 200, NULL, planned, NULL, &h1, &dummy, &u1);
+	printf("# per-layer re-balance after a shift: %.1f%% -> %.1f%% (%d swaps)\n", 100.0 * h0 / u0,
+	       100.0 * h1 / u1, total);
+	assert_true(h1 * u0 > h0 * u1);
+	q3_xstats_free(s);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -448,6 +495,7 @@ int main(void)
 		cmocka_unit_test(test_planned_vs_lru),
 		cmocka_unit_test(test_shift_and_rebalance),
 		cmocka_unit_test(test_no_thrash),
+		cmocka_unit_test(test_same_layer),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

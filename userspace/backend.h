@@ -64,6 +64,8 @@ struct q3_backend_ops {
 	int max_tokens;
 	/* Optional (may be NULL): q3_engine_stats's facts (s is zeroed before). */
 	void (*stats)(void *bk, struct q3_engine_stats *s);
+	/* Optional (may be NULL): q3_engine_idle (nothing in flight; a few milliseconds of work). */
+	int (*idle)(void *bk, q3_err *e);
 };
 
 extern const struct q3_backend_ops q3_backend_cpu;

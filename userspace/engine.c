@@ -147,6 +147,11 @@ void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s)
 		eng->ops->stats(eng->bk, s);
 }
 
+int q3_engine_idle(struct q3_engine *eng, q3_err *e)
+{
+	return eng->ops->idle ? eng->ops->idle(eng->bk, e) : 0;
+}
+
 const char *q3_engine_backend(const struct q3_engine *eng)
 {
 	return eng->ops->name;

@@ -61,6 +61,11 @@ struct q3_engine_stats {
 /* Fills s.  Same thread as every other call on the engine. */
 void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s);
 
+/* Between requests (the server's worker when its queue is empty): lets the backend re-balance
+ * its caches, e.g. move the routed experts used most lately into VRAM, a bounded step (a few
+ * milliseconds) at a time, so call it again while idle.  0 or -errno. */
+int q3_engine_idle(struct q3_engine *eng, q3_err *e);
+
 /* A new, empty timeline (position 0). */
 int q3_session_new(struct q3_engine *eng, struct q3_session **out, q3_err *e);
 void q3_session_free(struct q3_session *s);

@@ -277,24 +277,14 @@ static bool better(double a, double b, const struct q3_rebalance_opts *o)
 	return a > b * (1.0 + o->hysteresis) && a - b > o->z * sqrt(a + b);
 }
 
-int q3_xstats_rebalance(const struct q3_xstats *s, const uint8_t *resident, const uint64_t *bytes,
-			const struct q3_rebalance_opts *o, struct q3_swap *swaps, int max)
+/* One pool of candidates: entries [0, n) of the table (a layer, or all). */
+static int rebalance_range(const struct q3_xstats *s, const uint8_t *resident, const uint64_t *bytes,
+			   const struct q3_rebalance_opts *o, size_t first, size_t n, struct ent *in,
+			   struct ent *out, struct q3_swap *swaps, int max, uint64_t *moved)
 {
-	size_t n = (size_t)s->L * (size_t)s->E;
-	struct ent *in, *out;
 	int nin = 0, nout = 0, ns = 0;
-	uint64_t moved = 0;
 
-	if (max <= 0 || q3_xstats_tokens(s) < o->min_tokens)
-		return 0;
-	in = malloc(n * sizeof(*in));
-	out = malloc(n * sizeof(*out));
-	if (!in || !out) {
-		free(in);
-		free(out);
-		return 0;
-	}
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = first; i < first + n; i++) {
 		struct ent x = {(int)i, s->c[i] / s->scale}; /* decayed counts: noise ~ sqrt */
 
 		if (resident[i])
@@ -313,12 +303,35 @@ int q3_xstats_rebalance(const struct q3_xstats *s, const uint8_t *resident, cons
 			j--; /* too small to make room */
 		if (j < 0 || !better(a->f, out[j].f, o))
 			break;
-		if (o->max_bytes && moved + bytes[a->idx] > o->max_bytes)
+		if (o->max_bytes && *moved + bytes[a->idx] > o->max_bytes)
 			break;
-		moved += bytes[a->idx];
+		*moved += bytes[a->idx];
 		swaps[ns++] = (struct q3_swap){a->idx / s->E, a->idx % s->E, out[j].idx / s->E,
 					       out[j].idx % s->E};
 		j--;
+	}
+	return ns;
+}
+
+int q3_xstats_rebalance(const struct q3_xstats *s, const uint8_t *resident, const uint64_t *bytes,
+			const struct q3_rebalance_opts *o, struct q3_swap *swaps, int max)
+{
+	size_t n = (size_t)s->L * (size_t)s->E;
+	struct ent *in, *out;
+	int ns = 0;
+	uint64_t moved = 0;
+
+	if (max <= 0 || q3_xstats_tokens(s) < o->min_tokens)
+		return 0;
+	in = malloc(n * sizeof(*in));
+	out = malloc(n * sizeof(*out));
+	if (in && out) {
+		if (o->same_layer)
+			for (int l = 0; l < s->L && ns < max; l++) /* layer by layer */
+				ns += rebalance_range(s, resident, bytes, o, (size_t)l * s->E, (size_t)s->E, in, out,
+						      swaps + ns, max - ns, &moved);
+		else
+			ns = rebalance_range(s, resident, bytes, o, 0, n, in, out, swaps, max, &moved);
 	}
 	free(in);
 	free(out);

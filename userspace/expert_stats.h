@@ -60,6 +60,7 @@ struct q3_rebalance_opts {
 				 * deviations of counting noise, z · sqrt(a + b) (Poisson); e.g. 3 */
 	double min_tokens;	/* no change before this much (decayed) evidence */
 	uint64_t max_bytes;	/* bytes admitted per round (PCIe copies); 0: no limit */
+	bool same_layer;	/* swap only within a layer (per-layer caches of fixed size) */
 };
 
 struct q3_swap {
