@@ -1015,7 +1015,9 @@ extern "C" int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swa
 		memset(&ro, 0, sizeof(ro));
 		ro.hysteresis = 0.25;
 		ro.z = 3;
-		ro.min_tokens = 1000;
+		const char *mt = getenv("QWEN3D_REBALANCE_MIN_TOKENS"); /* tests: act on little evidence */
+
+		ro.min_tokens = mt && atof(mt) >= 0 ? atof(mt) : 1000;
 		ro.max_bytes = max_bytes;
 		ro.same_layer = true;
 		ns = q3_xstats_rebalance(off->xs, res, bytes, &ro, swaps, max);

@@ -31,7 +31,8 @@
  * Environment: QWEN3D_OFFLOAD_FRACTION (0 .. 1) keeps that share of the experts in VRAM whatever
  * the budget (tests: force the offload paths on a model that fits); QWEN3D_OFFLOAD_TIMEOUT
  * (seconds) bounds the waits; QWEN3D_EXPERT_STATS names the statistics file; QWEN3D_OFFLOAD_PIN=0
- * leaves the checkpoint's mappings unregistered (they are pinned for DMA by default).
+ * leaves the checkpoint's mappings unregistered (they are pinned for DMA by default);
+ * QWEN3D_REBALANCE_MIN_TOKENS (default 1000) is the evidence re-balancing waits for.
  *
  * Between requests the backend may re-balance (q3_off_rebalance_plan, then per swap: upload into
  * q3_off_swap_slot, q3_off_swap_commit): experts the decayed statistics show used clearly more

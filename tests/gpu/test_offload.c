@@ -15,7 +15,8 @@
  *    test_model; the CPU part is deterministic whatever the thread count);
  *  - the engine's stats: offload on, the expected share of experts in VRAM, pairs served both
  *    ways (none from VRAM at 0), PCIe bytes and CPU expert bytes counted;
- *  - the statistics file is written at close and read back at the next open.
+ *  - the statistics file is written at close and read back at the next open;
+ *  - re-balancing between the prompt and the decode steps (q3_engine_idle) keeps the logits.
  * Exits 77 when no CUDA device is usable.
  */
 #include <dirent.h>
@@ -52,6 +53,13 @@ static int run(const char *dir, const int32_t *prompt, int T, const int32_t *gen
 		result(false, "%s: prefill: %s", dir, e.msg);
 		goto out;
 	}
+	/* between the prompt and the decode steps, as a server between requests: re-balancing (on
+	 * whatever evidence the prompt gave: QWEN3D_REBALANCE_MIN_TOKENS) must keep the logits */
+	for (int i = 0; i < 3; i++)
+		if (q3_engine_idle(eng, &e)) {
+			result(false, "%s: idle (re-balance): %s", dir, e.msg);
+			goto out;
+		}
 	for (int i = 0; i < G; i++)
 		if (q3_engine_decode(eng, &s, gen + i, 1, dec + (size_t)i * V, &e)) {
 			result(false, "%s: decode: %s", dir, e.msg);
@@ -121,6 +129,8 @@ static void test_model(const char *dir)
 		goto out;
 	result(!st0.offload, "%s: all experts fit: offload off", dir);
 	static const char *const fr[] = {"0.5", "0"};
+
+	setenv("QWEN3D_REBALANCE_MIN_TOKENS", "1", 1);
 
 	for (size_t f = 0; f < 2; f++) {
 		setenv("QWEN3D_OFFLOAD_FRACTION", fr[f], 1);
