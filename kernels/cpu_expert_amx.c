@@ -80,6 +80,8 @@ static void tile_amx(const struct q3_xmat *m, const struct q3_xact *a, int tile,
 			for (int i = 0; i < 4; i++) {
 				const uint32_t *w = cw + (size_t)(4 * b + i) * m->cd_row;
 
+				_mm_prefetch((const char *)(w + 16 * m->cd_row), _MM_HINT_T0);
+				_mm_prefetch((const char *)(w + 16 * m->cd_row + 16), _MM_HINT_T0);
 				for (int c = 0; c < 2; c++) {
 					__m512i v = _mm512_loadu_si512(w + 16 * c);
 

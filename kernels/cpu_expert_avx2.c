@@ -34,6 +34,7 @@ AI __m256 load_zeros(const struct q3_xmat *m, const uint32_t *zp)
 }
 
 #define UNROLL _Pragma("GCC unroll 4")
+#define PF_ROWS 16 /* rows of codes prefetched ahead (2 KiB in the packed layout) */
 
 /* One group of int8 activations: acc[t][c] = Σ_b d_b · (Σ q·x over block b), gs[t] = Σ_b bsum_b,
  * for NT tokens (t0 ..) and NC chunks of 8 columns starting at code word cw. */
@@ -52,6 +53,11 @@ AI void group_q8(const struct q3_xmat *m, const struct q3_xact *a, const uint32_
 		UNROLL for (int r = 4 * b; r < 4 * b + 4; r++) {
 			const uint32_t *w = cw + (size_t)r * m->cd_row;
 			__m256i lo[4], hi[4];
+
+			/* the row PF_ROWS ahead: the hardware prefetcher alone leaves the loads waiting */
+			_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row), _MM_HINT_T0);
+			if (NC * 8 > 16)
+				_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row + 16), _MM_HINT_T0);
 
 			UNROLL for (int c = 0; c < NC; c++) {
 				__m256i v = _mm256_loadu_si256((const __m256i *)(w + 8 * c));
@@ -94,6 +100,10 @@ AI void group_f32(const struct q3_xmat *m, const struct q3_xact *a, const uint32
 	for (int r = g * rpg; r < (g + 1) * rpg; r++) {
 		const uint32_t *w = cw + (size_t)r * m->cd_row;
 		__m256i v[4];
+
+		_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row), _MM_HINT_T0);
+		if (NC * 8 > 16)
+			_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row + 16), _MM_HINT_T0);
 
 		UNROLL for (int c = 0; c < NC; c++)
 			v[c] = _mm256_loadu_si256((const __m256i *)(w + 8 * c));

@@ -13,6 +13,7 @@
 #include "cpu_expert_zmm.h"
 
 #define UNROLL _Pragma("GCC unroll 4")
+#define PF_ROWS 16 /* rows of codes prefetched ahead (as in cpu_expert_avx2.c) */
 
 /* One group of int8 activations for NT tokens (t0 ..) and the tile's two chunks of 16 columns:
  * acc[t][c] = Σ_b d_b · (Σ q·x over block b), gs[t] = Σ_b bsum_b. */
@@ -31,6 +32,9 @@ AI void group_q8(const struct q3_xmat *m, const struct q3_xact *a, const uint32_
 		UNROLL for (int r = 4 * b; r < 4 * b + 4; r++) {
 			const uint32_t *w = cw + (size_t)r * m->cd_row;
 			__m512i lo[2], hi[2];
+
+			_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row), _MM_HINT_T0);
+			_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row + 16), _MM_HINT_T0);
 
 			UNROLL for (int c = 0; c < 2; c++) {
 				__m512i v = _mm512_loadu_si512(w + 16 * c);
@@ -73,6 +77,9 @@ AI void group_f32(const struct q3_xmat *m, const struct q3_xact *a, const uint32
 	for (int r = g * rpg; r < (g + 1) * rpg; r++) {
 		const uint32_t *w = cw + (size_t)r * m->cd_row;
 		__m512i v[2];
+
+		_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row), _MM_HINT_T0);
+		_mm_prefetch((const char *)(w + PF_ROWS * m->cd_row + 16), _MM_HINT_T0);
 
 		UNROLL for (int c = 0; c < 2; c++)
 			v[c] = _mm512_loadu_si512(w + 16 * c);
