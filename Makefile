@@ -55,21 +55,21 @@ NVFLAGS  := -O3 -g -lineinfo -std=c++17 $(CUDA_ARCH) -Iuserspace -Ikernels -Ikmo
             -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -lstdc++
 CPPFLAGS += -DHAVE_CUDA=1
-# a group: C code calls the CUDA library and the CUDA library calls C helpers (q3_errf);
-# -u: pull the CUDA backend out of its archive (engine.c refers to it weakly, backend.h)
-MAIN_LIBS := -Wl,-u,q3_backend_cuda -Wl,--start-group $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a -Wl,--end-group $(CUDA_LIBS)
+# -u: pull the CUDA backend out of its archive (engine.c refers to it weakly, backend.h); a group:
+# C code calls the CUDA library and the CUDA library calls C helpers (q3_errf, the CPU experts)
+MAIN_LIBS := -Wl,-u,q3_backend_cuda -Wl,--start-group $(BUILD)/libqwen3d_cuda.a $(BUILD)/libqwen3d.a \
+	     -Wl,--end-group $(CUDA_LIBS)
 else
 MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
 
-.PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz demo \
+.PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz \
         fuzz-build fuzz-lib lib deps clean help format
 
 all: $(BUILD)/qwen3d
 
 help:
 	@echo "make            build build/qwen3d (CPU backend; CUDA backend too where nvcc exists)"
-	@echo "make demo       build, make a tiny random-weight model with the real tokenizer, serve it"
 	@echo "make test       every CPU test: unit, fixture parity, CLI, ASan, fuzz smoke, kmod VM, API"
 	@echo "make test-unit  the cmocka programs only"
 	@echo "make gpu        the CUDA library and GPU test programs (needs nvcc)"
@@ -158,9 +158,6 @@ test-asan:
 
 test-api: $(BUILD)/qwen3d
 	bash tests/api/run.sh $(BUILD)
-
-demo: $(BUILD)/qwen3d
-	bash tools/demo.sh $(BUILD)
 
 test-kmod:
 	bash tests/kmod/run.sh

@@ -20,10 +20,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda_offload.h"
 #include "gpu_internal.h"
 
 extern "C" {
 #include "backend.h"
+#include "engine.h"
+#include "expert_stats.h"
 #include "dequant.h"
 #include "half.h"
 #include "model.h"
@@ -96,6 +99,8 @@ struct cuda_bk {
 	int dec_rows;		/* rows the decode paths (attention splits, per-pair MoE) take */
 
 	struct gstate dummy;
+	struct q3_offload *off; /* routed experts beyond VRAM (cuda_offload.h) */
+	int *sidx;		/* [maxrows][k + 1] expert slots of the pairs (offload) */
 	struct graph graphs[BK_MAX_GRAPHS];
 	int ngraphs;
 	bool no_graphs;
@@ -194,6 +199,7 @@ static void cuda_close(void *p)
 		return;
 	if (bk->st)
 		cudaStreamSynchronize(bk->st);
+	q3_off_close(bk->off);
 	for (int i = 0; i < bk->ngraphs; i++)
 		cudaGraphExecDestroy(bk->graphs[i].exec);
 	if (bk->layers) {
@@ -216,7 +222,7 @@ static void cuda_close(void *p)
 	void *bufs[] = { bk->embed, bk->final_norm, bk->tab_d, bk->h, bk->qkvz, bk->ba, bk->u, bk->og,
 			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->gu, bk->part, bk->att_o,
 			 bk->logits, bk->xb, bk->core, bk->qb, bk->att, bk->wtmp, bk->att_p, bk->att_s,
-			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32 };
+			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx };
 	for (size_t j = 0; j < Q3_ARRAY_SIZE(bufs); j++)
 		cudaFree(bufs[j]);
 	cudaFreeHost(bk->tab_h);
@@ -282,19 +288,25 @@ static void gdn_rowmaps(const struct q3_config *c, int *qkvz, int *ba)
 	}
 }
 
-static int up_experts(struct lin *L, const struct q3_layer *ML, int E, int which, struct q3g_stage *sg,
-		      cudaStream_t st, q3_err *e)
+/* The routed experts of a layer the offload plan keeps in VRAM, slot by slot (all of them when
+ * nothing is offloaded; a spare slot holds expert 0's weights and is never read). */
+static int up_experts(struct lin *L, const struct q3_layer *ML, const struct q3_offload *off, int which,
+		      struct q3g_stage *sg, cudaStream_t st, q3_err *e)
 {
-	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)E);
+	int n = q3_off_slots(off, ML->idx);
+	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)n);
 	char what[64];
 	int err;
 
 	if (!ls)
 		return q3_errf(e, -ENOMEM, "out of memory");
-	for (int x = 0; x < E; x++)
-		ls[x] = which == 0 ? &ML->experts[x].gate : which == 1 ? &ML->experts[x].up : &ML->experts[x].down;
+	for (int s = 0; s < n; s++) {
+		int x = Q3_MAX(0, q3_off_slot_expert(off, ML->idx, s));
+
+		ls[s] = which == 0 ? &ML->experts[x].gate : which == 1 ? &ML->experts[x].up : &ML->experts[x].down;
+	}
 	snprintf(what, sizeof(what), "layer %d experts' %s", ML->idx, which == 0 ? "gate" : which == 1 ? "up" : "down");
-	err = up_lin(L, ls, E, NULL, sg, st, what, e);
+	err = up_lin(L, ls, n, NULL, sg, st, what, e);
 	free(ls);
 	return err;
 }
@@ -327,9 +339,6 @@ static int up_layer(struct cuda_bk *bk, int i, int *nlin, int *nfull, const int 
 	}
 	if ((err = up_one(&L->router, &ML->router, NULL, sg, st, e)) ||
 	    (err = up_one(&L->shared_gate, &ML->shared_gate, NULL, sg, st, e)) ||
-	    (err = up_experts(&L->egate, ML, bk->c->num_experts, 0, sg, st, e)) ||
-	    (err = up_experts(&L->eup, ML, bk->c->num_experts, 1, sg, st, e)) ||
-	    (err = up_experts(&L->edown, ML, bk->c->num_experts, 2, sg, st, e)) ||
 	    (err = up_one(&L->sgate, &ML->shared.gate, NULL, sg, st, e)) ||
 	    (err = up_one(&L->sup, &ML->shared.up, NULL, sg, st, e)) ||
 	    (err = up_one(&L->sdown, &ML->shared.down, NULL, sg, st, e)))
@@ -439,11 +448,61 @@ static int state_alloc(struct cuda_bk *bk, struct gstate *s, q3_err *e)
 	return 0;
 }
 
+/* After the dense weights (dense bytes of device memory) and the scratch: the offload plan, then
+ * the routed experts it keeps in VRAM. */
+static int up_all_experts(struct cuda_bk *bk, uint64_t dense, struct q3g_stage *sg, q3_err *e)
+{
+	const struct q3_config *c = bk->c;
+	const struct q3_expert *x0 = &bk->m->layers[0].experts[0];
+	const struct q3_linear *ls[3] = { &x0->gate, &x0->up, &x0->down };
+	struct q3_off_opts oo;
+	size_t fr = 0, tot = 0;
+	char busid[32] = "";
+	const char *env = getenv("QWEN3D_VRAM_BUDGET");
+	int err;
+
+	memset(&oo, 0, sizeof(oo));
+	for (int i = 0; i < 3; i++) {
+		struct q3g_mat_plan p;
+
+		if ((err = q3g_mat_plan(&ls[i], 1, &p, e)))
+			return err;
+		oo.expert_bytes += q3g_mat_bytes(&p);
+	}
+	cudaMemGetInfo(&fr, &tot);
+	cudaDeviceGetPCIBusId(busid, sizeof(busid), q3g_dev.id);
+	oo.vram_budget = bk->o.vram_budget;
+	if (!oo.vram_budget && env && q3_parse_size(env, &oo.vram_budget))
+		return q3_errf(e, -EINVAL, "QWEN3D_VRAM_BUDGET='%s' is not a size (like 20GiB)", env);
+	oo.dense_bytes = dense;
+	oo.free_bytes = fr;
+	/* sessions (KV + states) for a full batch, CUDA graphs and the context's own growth */
+	oo.reserve_bytes = (uint64_t)bk->o.max_batch * (bk->kv_elems * 2 + (2 * bk->conv_elems + bk->rec_elems) * 4) +
+			   (512ull << 20);
+	oo.max_rows = bk->dec_rows;
+	oo.gpu_busid = busid;
+	oo.quiet = bk->o.quiet;
+	if ((err = q3_off_open(&bk->off, bk->m, &oo, e)))
+		return err;
+	for (int i = 0; i < c->num_layers; i++) {
+		struct glayer *L = &bk->layers[i];
+		const struct q3_layer *ML = &bk->m->layers[i];
+
+		if ((err = up_experts(&L->egate, ML, bk->off, 0, sg, bk->st, e)) ||
+		    (err = up_experts(&L->eup, ML, bk->off, 1, sg, bk->st, e)) ||
+		    (err = up_experts(&L->edown, ML, bk->off, 2, sg, bk->st, e)))
+			return err;
+	}
+	DALLOC(bk->sidx, (size_t)bk->maxrows * (c->top_k + 1) * 4, "routing");
+	return 0;
+}
+
 static int cuda_open_inner(struct cuda_bk *bk, q3_err *e)
 {
 	const struct q3_config *c = bk->c;
 	struct q3g_stage sg = { NULL, NULL, BK_STAGE_BYTES };
 	int *rm_qkvz = NULL, *rm_ba = NULL, nlin = 0, nfull = 0, err;
+	size_t free0 = 0, free1 = 0, tot0 = 0;
 	double t0 = q3_now();
 
 	if ((err = q3g_init(e)))
@@ -472,6 +531,7 @@ static int cuda_open_inner(struct cuda_bk *bk, q3_err *e)
 		goto out;
 	}
 	gdn_rowmaps(c, rm_qkvz, rm_ba);
+	cudaMemGetInfo(&free0, &tot0);
 	for (int i = 0; i < c->num_layers; i++) {
 		if ((err = up_layer(bk, i, &nlin, &nfull, rm_qkvz, rm_ba, &sg, e)))
 			goto out;
@@ -481,8 +541,10 @@ static int cuda_open_inner(struct cuda_bk *bk, q3_err *e)
 	if ((err = up_embed(bk, e)) || (err = up_f32(&bk->final_norm, bk->m->final_norm, e)) ||
 	    (err = up_one(&bk->lm_head, &bk->m->lm_head, NULL, &sg, bk->st, e)))
 		goto out;
+	cudaMemGetInfo(&free1, &tot0);
 	bk->maxrows = Q3_MAX(bk->o.max_tokens, bk->o.max_batch);
-	if ((err = alloc_scratch(bk, e)) || (err = state_alloc(bk, &bk->dummy, e)))
+	if ((err = alloc_scratch(bk, e)) || (err = state_alloc(bk, &bk->dummy, e)) ||
+	    (err = up_all_experts(bk, free0 > free1 ? free0 - free1 : 0, &sg, e)))
 		goto out;
 	bk->no_graphs = getenv("QWEN3D_NO_GRAPHS") != NULL;
 	if (!bk->o.quiet) {
@@ -650,6 +712,7 @@ struct call {
 	int nsplit;
 	bool decode;
 	bool fuse_norm; /* the Linears and the MoE normalize the residual stream while staging it */
+	bool capture;	/* run_layers is being captured into a graph */
 };
 
 /* The job reading the normed residual stream: x = xb, or (fuse_norm) h normalized in place. */
@@ -719,12 +782,19 @@ static int layer_full(struct cuda_bk *bk, const struct glayer *L, const struct c
 	return linears(bk, j, 1, k->R, e);
 }
 
-static int layer_moe(struct cuda_bk *bk, const struct glayer *L, const struct call *k, q3_err *e)
+/* The MoE block of layer li.  With experts beyond VRAM (cuda_offload.h): in decode the routing and
+ * activations go to the CPU threads, the GPU computes its resident experts (slots) and the shared
+ * one meanwhile, then adds the CPU's part; in prefill the missing experts are streamed in. */
+static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const struct call *k, q3_err *e)
 {
 	const struct q3g_dims *d = &bk->d;
 	int H = d->H, ldgu = 2 * Q3_MAX(d->I, d->Is), err;
 	struct q3g_job j[2] = { job_in(bk, k, &L->router, L->post_norm, bk->logits_r, d->E),
 				job_in(bk, k, &L->shared_gate, L->post_norm, bk->sg, 1) };
+	/* with experts on the CPU the threads read the normed activations xb, which run_layers then
+	 * writes even when the norm is otherwise fused */
+	bool off = q3_off_layer_cpu(bk->off, li), fuse = k->fuse_norm && !off;
+	const int *ix = off ? bk->sidx : bk->idx;
 
 	/* routing decisions from fp32 inputs (dense router and gate, the usual case), else the
 	 * Linears' fp16 path */
@@ -737,15 +807,22 @@ static int layer_moe(struct cuda_bk *bk, const struct glayer *L, const struct ca
 	    (err = q3g_router_topk(bk->idx, bk->wts, bk->logits_r, bk->sg, k->R, d->E, d->topk, d->norm_topk, bk->st, e)))
 		return err;
 	if (k->R <= bk->dec_rows) {
-		err = k->fuse_norm ? q3g_moe_up_norm(bk->gu, bk->h, L->post_norm, d->eps, bk->idx, &L->egate.m, &L->eup.m,
-						     &L->sgate.m, &L->sup.m, k->R, d->topk, H, ldgu, bk->st, e)
-				   : q3g_moe_up(bk->gu, bk->xb, bk->idx, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m,
-						k->R, d->topk, H, ldgu, bk->st, e);
-		if (err)
+		if (off && ((err = q3_off_publish(bk->off, li, bk->idx, bk->wts, bk->xb, k->R, bk->st, e)) ||
+			    (err = q3_off_remap(bk->off, li, bk->idx, bk->sidx, k->R, bk->st, e))))
 			return err;
-		return q3g_moe_down(bk->h, bk->gu, bk->idx, bk->wts, &L->edown.m, &L->sdown.m, k->R, d->topk, H, ldgu,
-				    bk->st, e);
+		err = fuse ? q3g_moe_up_norm(bk->gu, bk->h, L->post_norm, d->eps, ix, &L->egate.m, &L->eup.m, &L->sgate.m,
+					     &L->sup.m, k->R, d->topk, H, ldgu, bk->st, e)
+			   : q3g_moe_up(bk->gu, bk->xb, ix, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m, k->R, d->topk,
+					H, ldgu, bk->st, e);
+		if (err ||
+		    (err = q3g_moe_down(bk->h, bk->gu, ix, bk->wts, &L->edown.m, &L->sdown.m, k->R, d->topk, H, ldgu,
+					bk->st, e)))
+			return err;
+		return off ? q3_off_join(bk->off, li, bk->h, k->R, bk->st, e) : 0;
 	}
+	if (off)
+		return q3_off_prefill(bk->off, li, bk->h, bk->xb, bk->idx, bk->wts, bk->sidx, &L->egate.m, &L->eup.m,
+				      &L->edown.m, &L->sgate.m, &L->sup.m, &L->sdown.m, k->R, d, bk->moe_ws, bk->st, e);
 	return q3g_moe_prefill(bk->h, bk->xb, bk->idx, bk->wts, &L->egate.m, &L->eup.m, &L->edown.m, &L->sgate.m,
 			       &L->sup.m, &L->sdown.m, k->R, d, bk->moe_ws, bk->st, e);
 }
@@ -780,9 +857,13 @@ static int run_layers(struct cuda_bk *bk, const struct call *k, q3_err *e)
 		if ((!k->fuse_norm &&
 		     (err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->input_norm, NULL, k->R, d->H, d->eps, bk->st, e))) ||
 		    (err = L->lin >= 0 ? layer_linear(bk, L, k, e) : layer_full(bk, L, k, e)) ||
-		    (!k->fuse_norm &&
+		    ((!k->fuse_norm || q3_off_layer_cpu(bk->off, i)) &&
 		     (err = q3g_add_rmsnorm(bk->h, NULL, bk->xb, L->post_norm, NULL, k->R, d->H, d->eps, bk->st, e))) ||
-		    (err = layer_moe(bk, L, k, e)))
+		    (err = layer_moe(bk, i, L, k, e)))
+			return err;
+		/* eager decode: the layer's CPU job, once its GPU work is queued (a graph's are armed
+		 * after the launch) */
+		if (!k->capture && k->R <= bk->dec_rows && (err = q3_off_cpu_layer(bk->off, i, e)))
 			return err;
 		if (bk->trace && (err = do_trace(bk, i, k->R, e)))
 			return err;
@@ -909,6 +990,10 @@ static int graph_for(struct cuda_bk *bk, int B, const struct call *k, cudaGraphE
 		}
 	if (bk->ngraphs == BK_MAX_GRAPHS)
 		return q3_errf(e, -ENOSPC, "cuda backend: too many decode graphs");
+	struct call kc = *k;
+
+	kc.capture = true;
+	k = &kc;
 	CUDA_CHECK(e, cudaStreamBeginCapture(bk->st, cudaStreamCaptureModeThreadLocal));
 	err = cudaMemcpyAsync(bk->tab_d, bk->tab_h, call_tab_bytes(k), cudaMemcpyHostToDevice, bk->st) == cudaSuccess
 		      ? 0
@@ -976,7 +1061,13 @@ static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int 
 
 		if ((err = graph_for(bk, B, &k, &ex, e)))
 			return err;
+		q3_off_begin(bk->off, k.R, nseq);
 		CUDA_CHECK(e, cudaGraphLaunch(ex, bk->st));
+		for (int i = 0; i < bk->c->num_layers; i++)
+			if ((err = q3_off_cpu_layer(bk->off, i, e)))
+				return err;
+		if ((err = q3_off_cpu_end(bk->off, e)))
+			return err;
 		CUDA_CHECK(e, cudaStreamSynchronize(bk->st));
 		for (int s = 0; s < nseq; s++)
 			if (seqs[s].logits)
@@ -984,7 +1075,8 @@ static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int 
 		return 0;
 	}
 	CUDA_CHECK(e, cudaMemcpyAsync(bk->tab_d, bk->tab_h, call_tab_bytes(&k), cudaMemcpyHostToDevice, bk->st));
-	if ((err = run_layers(bk, &k, e)))
+	q3_off_begin(bk->off, k.R, k.R);
+	if ((err = run_layers(bk, &k, e)) || (err = q3_off_cpu_end(bk->off, e)))
 		return err;
 	const int *lrows_d = tab_at(bk->tab_d, k.R, Q3_MAX(k.nl, 1)).lrows;
 	int lrows_cap = Q3_MAX(bk->o.max_batch, BK_LOGIT_ROWS);
@@ -1007,6 +1099,7 @@ static int cuda_forward(void *p, const struct q3_fwd_seq *seqs, int nseq, q3_err
 	int err = forward_inner(bk, seqs, nseq, e);
 
 	if (err) {
+		q3_off_abort(bk->off); /* no GPU wait may outlive the call */
 		cudaStreamSynchronize(bk->st);
 		cudaGetLastError();
 		return err;
@@ -1019,6 +1112,60 @@ static int cuda_forward(void *p, const struct q3_fwd_seq *seqs, int nseq, q3_err
 	return 0;
 }
 
+static void cuda_stats(void *p, struct q3_engine_stats *s)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+	struct q3_off_stats os;
+
+	q3_off_stats(bk->off, &os);
+	s->offload = os.active;
+	s->experts_vram = os.experts_vram;
+	s->experts_total = os.experts_total;
+	s->vram_budget = os.budget_bytes;
+	s->pairs_vram = os.pairs_gpu;
+	s->pairs_cpu = os.pairs_cpu;
+	s->pcie_bytes = os.pcie_bytes;
+	s->tokens = os.tokens;
+	s->cpu_expert_bytes = os.cpu_bytes;
+	s->cpu_expert_busy_s = os.cpu_busy_s;
+	s->cpu_threads = os.cpu_threads;
+	s->cpu_node = os.cpu_node;
+	snprintf(s->cpu_isa, sizeof(s->cpu_isa), "%s", os.isa);
+}
+
+/* Between requests: one bounded re-balancing round of the VRAM expert cache (cuda_offload.h). */
+static int cuda_idle(void *p, q3_err *e)
+{
+	struct cuda_bk *bk = (struct cuda_bk *)p;
+	struct q3_swap sw[64];
+	struct q3g_stage sg = { NULL, NULL, 16u << 20 };
+	int n, err = 0;
+
+	if (!q3_off_active(bk->off) || !(n = q3_off_rebalance_plan(bk->off, sw, 64, 64ull << 20)))
+		return 0;
+	CUDA_CHECK(e, cudaMallocHost(&sg.host, sg.bytes));
+	if (cudaMalloc(&sg.dev, sg.bytes) != cudaSuccess) {
+		cudaFreeHost(sg.host);
+		return q3_errf(e, -ENOMEM, "cuda backend: no device memory to re-balance the expert cache");
+	}
+	for (int i = 0; i < n && !err; i++) {
+		int l = sw[i].layer_in, xi = sw[i].expert_in, xo = sw[i].expert_out;
+		int slot = q3_off_swap_slot(bk->off, l, xi, xo);
+		const struct q3_expert *ex = &bk->m->layers[l].experts[xi];
+		struct glayer *L = &bk->layers[l];
+
+		if (slot < 0)
+			continue;
+		if (!(err = q3g_mat_upload(&L->egate.m, slot, &ex->gate, NULL, &sg, bk->st, e)) &&
+		    !(err = q3g_mat_upload(&L->eup.m, slot, &ex->up, NULL, &sg, bk->st, e)) &&
+		    !(err = q3g_mat_upload(&L->edown.m, slot, &ex->down, NULL, &sg, bk->st, e)))
+			err = q3_off_swap_commit(bk->off, l, xi, xo, e);
+	}
+	cudaFree(sg.dev);
+	cudaFreeHost(sg.host);
+	return err;
+}
+
 static const struct q3_backend_ops cuda_ops = {
 	"cuda",
 	cuda_open,
@@ -1029,6 +1176,8 @@ static const struct q3_backend_ops cuda_ops = {
 	cuda_forward,
 	cuda_set_trace,
 	BK_MAX_TOKENS,
+	cuda_stats,
+	cuda_idle,
 };
 
 extern "C" const struct q3_backend_ops *q3_backend_cuda(void)

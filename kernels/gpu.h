@@ -95,6 +95,12 @@ struct q3g_stage {
 int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, const int *rowmap,
 		   struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
 
+/* Repacks matrix idx of stack m from the raw GPTQ tensors of l already copied to the device
+ * (qweight, qzeros, scales: the stored bytes), asynchronously on st; the raw copies must stay
+ * until st has run it.  GPTQ tile formats without act-order only (streaming experts in prefill). */
+int q3g_mat_repack_raw(const struct q3g_mat *m, int idx, const struct q3_linear *l, const void *qw,
+		       const void *qz, const void *sc, q3g_stream st, struct q3_err *e);
+
 /* W of matrix idx as fp16 row-major [N][K] in the original input order (for cuBLAS and tests). */
 int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, struct q3_err *e);
 /* The same in fp32. */
@@ -240,6 +246,11 @@ int q3g_router_logits(void *cublas, float *logits, float *sg, const float *h, co
  * norm; slot k is the shared expert (index -1, weight sigmoid(sg[r])).  idx, w: [R][k + 1]. */
 int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, int R, int E, int k,
 		    bool norm, q3g_stream st, struct q3_err *e);
+
+/* A routed pair whose expert is not computed by this call (offload: the CPU computes it, or
+ * another pass has it): moe_up / moe_down / moe_prefill leave it out.  Experts are indices into
+ * the stacks (a stack of resident experts when some live in host RAM: see cuda_offload.h). */
+#define Q3G_SKIP (-2)
 
 /* Decode MoE (per (row, slot) pair p = r·(k+1) + s, any R):
  *   up:   gu[p][0..N) = x[r]·gateᵀ, gu[p][ldgu/2 ..) = x[r]·upᵀ, with the pair's expert idx[p]

@@ -69,7 +69,8 @@ __global__ void mm_count_kernel(int *count, const int *idx, int P, int E)
 	if (p < P) {
 		int ex = idx[p];
 
-		atomicAdd(&count[ex < 0 ? E : ex], 1);
+		if (ex != Q3G_SKIP)
+			atomicAdd(&count[ex < 0 ? E : ex], 1);
 	}
 }
 
@@ -112,7 +113,8 @@ __global__ void mm_scatter_kernel(int *sorted, int *fill, const int *idx, int P,
 	if (p < P) {
 		int ex = idx[p];
 
-		sorted[atomicAdd(&fill[ex < 0 ? E : ex], 1)] = p;
+		if (ex != Q3G_SKIP)
+			sorted[atomicAdd(&fill[ex < 0 ? E : ex], 1)] = p;
 	}
 }
 
@@ -226,8 +228,8 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 		}
 }
 
-/* h[r][i] += Σ_s y[r·S + s][i] */
-__global__ void mm_combine_kernel(float *h, const float *y, int R, int S, int H)
+/* h[r][i] += Σ_s y[r·S + s][i] over the pairs not skipped */
+__global__ void mm_combine_kernel(float *h, const float *y, const int *idx, int R, int S, int H)
 {
 	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 
@@ -237,7 +239,8 @@ __global__ void mm_combine_kernel(float *h, const float *y, int R, int S, int H)
 	float acc = 0.0f;
 
 	for (int s = 0; s < S; s++)
-		acc += y[(r * S + s) * H + i];
+		if (idx[r * S + s] != Q3G_SKIP)
+			acc += y[(r * S + s) * H + i];
 	h[id] += acc;
 }
 
@@ -319,7 +322,7 @@ extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, cons
 	L.down = true;
 	if ((err = mm_launch2(L, down->fmt, sdown->fmt, dim3(ws.maxtiles, L.nb), st, e)))
 		return err;
-	mm_combine_kernel<<<(unsigned)cdiv(R * d->H, 256), 256, 0, st>>>(h, ws.y, R, S, d->H);
+	mm_combine_kernel<<<(unsigned)cdiv(R * d->H, 256), 256, 0, st>>>(h, ws.y, idx, R, S, d->H);
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }

@@ -305,7 +305,10 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid
 	const int p = r * (L.k + 1) + (L.pass == 1 ? L.k : blockIdx.x % per_row);
 	const bool shared = p % (L.k + 1) == L.k;
 	const int which = blockIdx.y / L.nb, b = blockIdx.y % L.nb;
-	const int mi = shared ? 0 : L.idx[p];
+	const int ex = L.idx[p];
+	if (ex == Q3G_SKIP)
+		return; /* computed elsewhere (the CPU's experts, offload): before any barrier */
+	const int mi = shared ? 0 : ex;
 	const struct q3g_mat &m = L.mat[2 * shared + which];
 	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = b * L.rt + warp / WPT, kr = warp % WPT, Kp = m.nchunks * Q3G_KCHUNK;
@@ -352,11 +355,6 @@ struct moe_down_launch {
 	float *h;
 	int k, H, ldgu, rt;
 };
-
-static __device__ __forceinline__ const struct q3g_mat &pick_down(const moe_down_launch &L, int ex)
-{
-	return L.mat[ex < 0];
-}
 
 /* One (slot, chunk) item: four k-steps of the slot's matrix against its staged activations at
  * k-step kbase, the partial sums of each scale group scaled by the group's scale times wt (the
@@ -406,7 +404,7 @@ static __device__ __forceinline__ void down_items(const moe_down_launch &L, cons
 		for (int u = 0; u < UB; u++) {
 			int i = b0 + u;
 
-			if (i < i1) {
+			if (i < i1 && ix[i >= k * ncr ? k : i / ncr] != Q3G_SKIP) {
 				bool sh = i >= k * ncr;
 				int c = sh ? i - k * ncr : i % ncr, mi = sh ? 0 : ix[i / ncr];
 				const struct q3g_mat &m = L.mat[sh];
@@ -425,6 +423,8 @@ static __device__ __forceinline__ void down_items(const moe_down_launch &L, cons
 
 			if (i >= i1)
 				break;
+			if (ix[i >= k * ncr ? k : i / ncr] == Q3G_SKIP)
+				continue; /* the CPU's expert (offload) */
 			if (i >= k * ncr)
 				down_item<FS>(L.mat[1], 0, tile, i - k * ncr, w[u], xs, 4 * i, wr[k], acc);
 			else
@@ -449,9 +449,12 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 
 	/* stage silu(gate) ⊙ up of every slot, one after the other (k-step offsets add up) */
 	for (int s = 0; s < S; s++) {
+		/* slots keep their places (down_items indexes items by slot); a slot whose expert the
+		 * CPU computes (Q3G_SKIP, offload) is staged as zeros and its items are skipped */
 		int ex = ix[s], mi = ex < 0 ? 0 : ex;
-		const struct q3g_mat &m = pick_down(L, ex);
-		const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
+		const bool skip = ex == Q3G_SKIP;
+		const struct q3g_mat &m = L.mat[s == L.k];
+		const uint16_t *perm = m.perm && !skip ? m.perm + (size_t)mi * m.perm_stride : NULL;
 		const float *g = L.gu + ((size_t)r * S + s) * L.ldgu, *u = g + L.ldgu / 2;
 		int Kp = m.nchunks * Q3G_KCHUNK;
 		uint16_t *xo = xs + (size_t)ksoff * Q3G_KSTEP;
@@ -463,7 +466,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 			for (int q = 0; q < 2; q++) {
 				int kk = perm ? perm[kin + q] : kin + q;
 
-				v[q] = kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
+				v[q] = !skip && kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
 			}
 			*(uint32_t *)(xo + xs_slot(kin, 0, 1)) = pack_h2(v[0], v[1]);
 		}

@@ -429,6 +429,18 @@ static int upload_dense(const struct q3g_mat *m, int idx, const struct q3_linear
 	return 0;
 }
 
+/* The shape and quantization facts of a GPTQ Linear; the pointers are the caller's to set. */
+static void gptq_src_init(gptq_src *s, const struct q3_linear *l)
+{
+	memset(s, 0, sizeof(*s));
+	s->N = l->N;
+	s->K = l->K;
+	s->bits = l->bits;
+	s->G = l->group_size;
+	s->zero_off = l->zero_offset;
+	s->scales_bf16 = l->scales->dtype == Q3_DT_BF16;
+}
+
 extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l,
 			      const int *rowmap, struct q3g_stage *sg, q3g_stream stream, q3_err *e)
 {
@@ -448,13 +460,7 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 		    align256((size_t)m->nchunks * Q3G_KCHUNK * 2) > sg->bytes)
 		return q3_errf(e, -EINVAL, "gpu weights: staging buffer too small for a GPTQ Linear [%d, %d]",
 			       l->N, l->K);
-	memset(&s, 0, sizeof(s));
-	s.N = l->N;
-	s.K = l->K;
-	s.bits = l->bits;
-	s.G = l->group_size;
-	s.zero_off = l->zero_offset;
-	s.scales_bf16 = l->scales->dtype == Q3_DT_BF16;
+	gptq_src_init(&s, l);
 #define PUT(field, type, src, n)                                                               \
 	do {                                                                                   \
 		if ((err = stage_put(sg, off, src, n, st, e)))                                 \
@@ -512,6 +518,30 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 	}
 #undef PUT
 	CUDA_CHECK(e, cudaStreamSynchronize(st));
+	return 0;
+}
+
+extern "C" int q3g_mat_repack_raw(const struct q3g_mat *m, int idx, const struct q3_linear *l, const void *qw,
+				  const void *qz, const void *sc, q3g_stream stream, q3_err *e)
+{
+	cudaStream_t st = (cudaStream_t)stream;
+	gptq_src s;
+
+	if (l->fmt != Q3_W_GPTQ || m->fmt == Q3G_F16 || m->perm)
+		return q3_errf(e, -EINVAL, "gpu weights: raw repack takes GPTQ tile formats without act-order");
+	gptq_src_init(&s, l);
+	s.qweight = (const uint32_t *)qw;
+	s.qzeros = (const uint32_t *)qz;
+	s.scales = (const uint16_t *)sc;
+	uint8_t *dst = (uint8_t *)m->data + (size_t)idx * m->data_stride;
+	float *scd = (float *)m->scales + (size_t)idx * m->sz_stride;
+	float *zr = m->zeros ? (float *)m->zeros + (size_t)idx * m->sz_stride : NULL;
+	size_t threads = (size_t)m->ntiles * m->nchunks * 32, nsc = (size_t)m->ntiles * m->ngroups * 16;
+
+	repack_gptq_kernel<<<(unsigned)cdiv((int)threads, 256), 256, 0, st>>>(s, dst, m->ntiles, m->nchunks);
+	CUDA_CHECK_LAUNCH(e);
+	repack_scales_kernel<<<(unsigned)cdiv((int)nsc, 256), 256, 0, st>>>(s, scd, zr, m->ntiles, m->ngroups);
+	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }
 

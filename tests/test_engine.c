@@ -297,7 +297,7 @@ static void test_open_errors(void **state)
 	o.backend = "cuda";
 	if (!q3_cuda_backend_ops()) {
 		assert_int_equal(q3_engine_open(&o, &eng, &e), -ENOTSUP);
-		assert_non_null(strstr(e.msg, "backend cuda"));
+		assert_non_null(strstr(e.msg, "backend cuda")); /* no CUDA backend built, or no device */
 	}
 	o.backend = "cpu";
 	o.model_dir = FIXTURES "/no-such-model";

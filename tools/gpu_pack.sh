@@ -11,13 +11,16 @@ cd "$(dirname "$0")/.."
 ARCH=${GPU_PACK_ARCH:--gencode arch=compute_90,code=sm_90}
 JOBS=${JOBS:-2}
 make -j"$JOBS" BUILD=build/sm90 CUDA_ARCH="$ARCH" build/sm90/qwen3d \
-	build/sm90/tests/gpu/test_ops build/sm90/tests/gpu/test_model build/sm90/tests/gpu/bench_kernels
+	build/sm90/tests/gpu/test_ops build/sm90/tests/gpu/test_model build/sm90/tests/gpu/bench_kernels \
+	build/sm90/tests/gpu/test_offload build/sm90/tests/test_cpu_expert build/sm90/tests/test_cpu_moe \
+	build/sm90/tests/test_xpool
 rm -rf build/gpu
 mkdir -p build/gpu/lib
 cp build/sm90/qwen3d build/sm90/tests/gpu/test_ops build/sm90/tests/gpu/test_model \
-	build/sm90/tests/gpu/bench_kernels build/gpu/
-for lib in libjansson.so.4 libpcre2-8.so.0; do
-	p=$(ldd build/gpu/qwen3d | awk -v l="$lib" '$1 == l { print $3 }')
+	build/sm90/tests/gpu/bench_kernels build/sm90/tests/gpu/test_offload build/sm90/tests/test_cpu_expert \
+	build/sm90/tests/test_cpu_moe build/sm90/tests/test_xpool build/gpu/
+for lib in libjansson.so.4 libpcre2-8.so.0 libhwloc.so.15 libnuma.so.1 libcmocka.so.0 libudev.so.1; do
+	p=$( (ldd build/gpu/qwen3d; ldd build/gpu/test_cpu_expert) | awk -v l="$lib" '$1 == l { print $3; exit }')
 	[ -n "$p" ] && cp -L "$p" build/gpu/lib/
 done
 git rev-parse --short HEAD > build/gpu/COMMIT 2>/dev/null || true

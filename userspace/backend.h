@@ -18,6 +18,8 @@
 #include <stdint.h>
 
 #include "model.h"
+
+struct q3_engine_stats;
 #include "util.h"
 
 struct q3_backend_opts {
@@ -60,6 +62,10 @@ struct q3_backend_ops {
 	void (*set_trace)(void *bk, q3_trace_fn fn, void *ctx);
 	/* Tokens per forward call the backend wants (prefill chunk); 0: the engine's default. */
 	int max_tokens;
+	/* Optional (may be NULL): q3_engine_stats's facts (s is zeroed before). */
+	void (*stats)(void *bk, struct q3_engine_stats *s);
+	/* Optional (may be NULL): q3_engine_idle (nothing in flight; a few milliseconds of work). */
+	int (*idle)(void *bk, q3_err *e);
 };
 
 extern const struct q3_backend_ops q3_backend_cpu;

@@ -156,6 +156,18 @@ const struct q3_config *q3_engine_config(const struct q3_engine *eng)
 	return &eng->ck->cfg;
 }
 
+void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s)
+{
+	memset(s, 0, sizeof(*s));
+	if (eng->ops->stats)
+		eng->ops->stats(eng->bk, s);
+}
+
+int q3_engine_idle(struct q3_engine *eng, q3_err *e)
+{
+	return eng->ops->idle ? eng->ops->idle(eng->bk, e) : 0;
+}
+
 const char *q3_engine_backend(const struct q3_engine *eng)
 {
 	return eng->ops->name;

@@ -41,6 +41,31 @@ const char *q3_engine_backend(const struct q3_engine *eng); /* "cpu", "cuda" */
 int q3_engine_max_ctx(const struct q3_engine *eng);
 int q3_engine_max_batch(const struct q3_engine *eng);
 
+/* Where the weights live and how the routed experts are served (issue 8), for `qwen3d status`
+ * and /metrics.  Counters are totals since open; zeros where the backend has nothing to say
+ * (the CPU backend, or every expert in VRAM). */
+struct q3_engine_stats {
+	bool offload;		  /* some routed experts live in host RAM */
+	int experts_vram, experts_total;
+	uint64_t vram_budget;	  /* bytes of VRAM for weights in force */
+	uint64_t pairs_vram;	  /* routed (token, expert) pairs served from VRAM */
+	uint64_t pairs_cpu;	  /* ... computed by the CPU (decode) or streamed in (prefill) */
+	uint64_t pcie_bytes;	  /* offload traffic: handoffs and streamed experts */
+	uint64_t tokens;	  /* rows that went through the offload path */
+	uint64_t cpu_expert_bytes; /* expert weights the CPU expert threads read */
+	double cpu_expert_busy_s;  /* their busy time: bytes / busy = CPU expert GB/s */
+	int cpu_threads, cpu_node;
+	char cpu_isa[16];
+};
+
+/* Fills s.  Same thread as every other call on the engine. */
+void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s);
+
+/* Between requests (the server's worker when its queue is empty): lets the backend re-balance
+ * its caches, e.g. move the routed experts used most lately into VRAM, a bounded step (a few
+ * milliseconds) at a time, so call it again while idle.  0 or -errno. */
+int q3_engine_idle(struct q3_engine *eng, q3_err *e);
+
 /* A new, empty timeline (position 0). */
 int q3_session_new(struct q3_engine *eng, struct q3_session **out, q3_err *e);
 void q3_session_free(struct q3_session *s);

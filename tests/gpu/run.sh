@@ -7,10 +7,10 @@ BUILD=${1:?usage: tests/gpu/run.sh BUILD [MODEL_DIR...]}
 shift
 TIMEOUT=${GPU_TEST_TIMEOUT:-600}
 rc=0
-for t in test_ops test_model; do
+for t in test_ops test_model test_offload; do
 	bin="$BUILD/tests/gpu/$t"
 	[ -x "$bin" ] || { echo "FAIL  $t: $bin not built (make gpu)"; rc=1; continue; }
-	if [ "$t" = test_model ]; then
+	if [ "$t" != test_ops ]; then
 		timeout --kill-after=10 "$TIMEOUT" "$bin" "$@"
 	else
 		timeout --kill-after=10 "$TIMEOUT" "$bin"

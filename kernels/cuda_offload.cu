@@ -1,0 +1,1092 @@
+/* cuda_offload.cu - routed experts beyond VRAM for the CUDA backend: the plan, the CPU side, the
+ * decode handoff kernels and the prefill streaming (see cuda_offload.h).
+ *
+ * Handoff memory is pinned and mapped into the device's address space: four words (gate, done,
+ * the call's base sequence number, an error word) and the routing / activation / output rows of
+ * one layer.  Layer l of a call has the sequence number seq0 + l + 1; the GPU stores it into
+ * `gate` after its copies, the CPU threads store it into `done` after their output, and both
+ * sides compare as wrapping 32-bit numbers.  The GPU's wait gives up after QWEN3D_OFFLOAD_TIMEOUT
+ * seconds (default 10) and traps: the context is lost, the process must restart, as for any
+ * device fault.
+ */
+#include <atomic>
+#include <numa.h>
+#include <numaif.h>
+#include <sys/mman.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_offload.h"
+#include "gpu_internal.h"
+
+extern "C" {
+#include "cpu_expert.h"
+#include "cpu_moe.h"
+#include "expert_stats.h"
+#include "model.h"
+#include "checkpoint.h"
+#include "placement.h"
+#include "topology.h"
+#include "xpool.h"
+}
+
+#define OFF_STAGE 32		  /* experts per prefill staging buffer (two buffers) */
+#define OFF_HALF_LIFE 200000.0	  /* tokens: the expert statistics' memory */
+
+struct hand {
+	volatile uint32_t gate, done, seq0, err;
+};
+
+struct off_layer {
+	int nslots;		/* stack size (>= 1) */
+	int *slot_expert;	/* [nslots] expert id, -1 spare */
+	int16_t *slot_of_h;	/* [E] slot or -1 */
+	int16_t *slot_of_d;	/* device copy */
+	const struct q3_xexpert **table; /* [E] the CPU's experts (NULL: in VRAM) */
+	int ncpu;
+};
+
+struct stage_buf {
+	struct q3g_mat gate, up, down;
+	void *mat_mem;		/* the three stacks */
+	void *raw;		/* raw GPTQ bytes of OFF_STAGE experts */
+	size_t raw_bytes;
+	cudaEvent_t copied, free_ev;
+};
+
+struct q3_offload {
+	const struct q3_model *m;
+	int L, E, k, H, I, max_rows;
+	bool active, perms;
+	uint64_t budget, expert_bytes;
+	struct off_layer *layers;
+	struct q3_xexpert *views; /* [L][E] */
+	void *blobs;
+	size_t blobs_bytes;
+	/* CPU */
+	struct q3_xpool *pool;
+	struct q3_cpu_moe *moe;
+	enum q3_xisa isa;
+	int node, nthreads;
+	struct q3_xstats *xs;
+	char stats_path[1024];
+	/* handoff (mapped pinned) */
+	struct hand *hw, *hw_d;
+	int32_t *idx_h;
+	float *w_h, *out_h, *out_d;
+	uint16_t *xb_h;
+	uint32_t next_seq;
+	int R, rows_real, armed;
+	double timeout_s;
+	/* prefill */
+	struct stage_buf sb[2];
+	cudaStream_t copy_st;
+	struct q3g_stage upstage; /* act-order experts: q3g_mat_upload's staging */
+	int32_t *pidx_h;	/* pinned [pf_rows][k + 1] routing of a prefill call */
+	int pf_rows;
+	int16_t *maps_h, *maps_d; /* [E / OFF_STAGE + 2][E] expert -> staging slot per batch */
+	/* the checkpoint's mappings registered with CUDA (pinned: full-speed prefill copies) */
+	void **pinned;
+	int npinned;
+	/* counters */
+	uint64_t pairs_gpu, pairs_cpu, pcie, uploads, tokens;
+};
+
+/* ---- kernels ------------------------------------------------------------------------------------ */
+
+__global__ void off_signal_kernel(struct hand *hw, uint32_t layer)
+{
+	__threadfence_system(); /* the copies before this kernel are complete; be explicit */
+	hw->gate = hw->seq0 + layer + 1;
+	__threadfence_system();
+}
+
+__global__ void off_wait_kernel(struct hand *hw, uint32_t layer, long long timeout_cycles)
+{
+	uint32_t want = hw->seq0 + layer + 1;
+	long long t0 = clock64();
+
+	while ((int32_t)(hw->done - want) < 0) {
+		if (clock64() - t0 > timeout_cycles) {
+			hw->err = want;
+			__threadfence_system();
+			__trap();
+		}
+		__nanosleep(200);
+	}
+	__threadfence_system();
+}
+
+/* h[i] += out[i] (out: the CPU's partial, host memory read over PCIe) */
+__global__ void off_add_kernel(float *h, const float *out, int n)
+{
+	int i = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (i < n)
+		h[i] += out[i];
+}
+
+/* expert ids -> stack slots; experts not there -> Q3G_SKIP; the shared expert (-1) kept, or
+ * skipped when skip_shared */
+__global__ void off_remap_kernel(int *sidx, const int *idx, const int16_t *slot_of, int P, bool skip_shared)
+{
+	int p = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (p >= P)
+		return;
+	int ex = idx[p];
+
+	if (ex < 0)
+		sidx[p] = skip_shared ? Q3G_SKIP : ex;
+	else
+		sidx[p] = slot_of[ex] >= 0 ? slot_of[ex] : Q3G_SKIP;
+}
+
+/* ---- open / close ------------------------------------------------------------------------------- */
+
+static double gib(uint64_t b)
+{
+	return (double)b / (double)(1ull << 30);
+}
+
+/* The CPU threads: the cores of the GPU's node (all cores when unknown) but the first, which the
+ * engine's own threads use. */
+static int cpu_pool(struct q3_offload *off, const struct q3_off_opts *o, q3_err *e)
+{
+	struct q3_topo *t = NULL;
+	struct q3_locality loc;
+	int cpus[4096], n = 0;
+	q3_err e2;
+
+	off->node = -1;
+	if (q3_topo_load(NULL, &t, &e2) == 0) {
+		if (o->gpu_busid && q3_topo_pci_locality(t, o->gpu_busid, &loc, &e2) == 0)
+			off->node = loc.node;
+		n = q3_place_cpus(t, off->node, 1, cpus, 4096);
+		q3_topo_free(t);
+	}
+	if (n <= 0) {
+		n = Q3_MAX(1, q3_ncpu() - 1);
+		for (int i = 0; i < n; i++)
+			cpus[i] = i + (q3_ncpu() > 1 ? 1 : 0);
+	}
+	off->nthreads = o->threads > 0 ? Q3_MIN(o->threads, n) : n;
+	struct q3_xpool_opts po = { off->nthreads, cpus, n, 0, 0 };
+
+	off->isa = q3_xisa_best();
+	return q3_xpool_new(&po, &off->pool, e);
+}
+
+static int cpu_moe(struct q3_offload *off, q3_err *e)
+{
+	struct q3_cpu_moe_opts mo;
+
+	memset(&mo, 0, sizeof(mo));
+	mo.H = off->H;
+	mo.I = off->I;
+	mo.num_experts = off->E;
+	mo.top_k = off->k;
+	mo.max_tokens = off->max_rows;
+	mo.isa = off->isa;
+	mo.act = Q3_XACT_INT8;
+	mo.perms = off->perms;
+	mo.gate_timeout_s = off->timeout_s;
+	return q3_cpu_moe_new(off->pool, &mo, &off->moe, e);
+}
+
+/* Packing job: expert i of the list into its place in the blobs (the worker's own node memory). */
+struct pack_job {
+	struct q3_offload *off;
+	int n;
+	int *le;	  /* [n] layer * E + expert */
+	size_t *at;	  /* [n] blob offsets */
+	std::atomic<int> err;
+	char msg[600];
+};
+
+static int pack_ntasks(void *ctx, int ph)
+{
+	return ((struct pack_job *)ctx)->n;
+}
+
+static void pack_task(void *ctx, int ph, int i, int w)
+{
+	struct pack_job *j = (struct pack_job *)ctx;
+	struct q3_offload *off = j->off;
+	int l = j->le[i] / off->E, x = j->le[i] % off->E;
+	const struct q3_expert *ex = &off->m->layers[l].experts[x];
+	size_t sz = Q3_ALIGN_UP(q3_xexpert_packed_size(ex), 64);
+	char *p = (char *)off->blobs + j->at[i];
+	q3_err e;
+
+	if (q3_xexpert_pack(ex, p, sz, &e) || q3_xexpert_view(&off->views[j->le[i]], p, sz, &e)) {
+		if (j->err.exchange(1) == 0)
+			snprintf(j->msg, sizeof(j->msg), "offload: layer %d expert %d: %s", l, x, e.msg);
+	}
+}
+
+/* Memory for the packed experts: preferably on node (-1: anywhere), the kernel falling back to
+ * the nearest other nodes when it is full (MPOL_PREFERRED: one copy, spilled, never duplicated). */
+static void *blobs_alloc(size_t n, int node)
+{
+	void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED)
+		return NULL;
+	if (node >= 0 && node < 1024 && numa_available() >= 0) {
+		unsigned long mask[1024 / (8 * sizeof(unsigned long))] = { 0 };
+
+		mask[node / (8 * sizeof(unsigned long))] |= 1ul << (node % (8 * sizeof(unsigned long)));
+		mbind(p, n, MPOL_PREFERRED, mask, 1024, 0);
+	}
+	madvise(p, n, MADV_HUGEPAGE);
+	return p;
+}
+
+/* CPU views of every expert not in VRAM: packed copies (the faster layout, measured: bench
+ * experts), made in parallel by the expert threads into memory of the GPU's node; or, with
+ * QWEN3D_OFFLOAD_CPU_LAYOUT=gptq, the stored tensors read in place (no copy, slower), except
+ * act-order experts, which always need the packed layout. */
+static int cpu_views(struct q3_offload *off, q3_err *e)
+{
+	const struct q3_model *m = off->m;
+	const char *lay = getenv("QWEN3D_OFFLOAD_CPU_LAYOUT");
+	bool gptq = lay && !strcmp(lay, "gptq");
+	struct pack_job job;
+	size_t need = 0;
+	int err;
+
+	job.off = off;
+	job.n = 0;
+	job.le = NULL;
+	job.at = NULL;
+	job.err = 0;
+	job.msg[0] = 0;
+	off->views = (struct q3_xexpert *)calloc((size_t)off->L * off->E, sizeof(*off->views));
+	job.le = (int *)malloc(sizeof(int) * (size_t)off->L * off->E);
+	job.at = (size_t *)malloc(sizeof(size_t) * (size_t)off->L * off->E);
+	if (!off->views || !job.le || !job.at) {
+		err = q3_errf(e, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (int l = 0; l < off->L; l++)
+		for (int x = 0; x < off->E; x++) {
+			const struct q3_expert *ex = &m->layers[l].experts[x], *e0 = &m->layers[0].experts[0];
+			struct q3_xexpert *v = &off->views[(size_t)l * off->E + x];
+
+			if (ex->gate.bits != e0->gate.bits || ex->gate.group_size != e0->gate.group_size ||
+			    ex->down.group_size != e0->down.group_size || ex->gate.fmt != e0->gate.fmt) {
+				err = q3_errf(e, -ENOTSUP,
+					      "offload: layer %d expert %d is stored unlike layer 0's experts (bits, "
+					      "group): streaming needs one format",
+					      l, x);
+				goto out;
+			}
+			if (off->layers[l].slot_of_h[x] >= 0)
+				continue;
+			if ((err = q3_xexpert_check(ex, e))) {
+				q3_err_prefix(e, err, "offload: layer %d expert %d", l, x);
+				goto out;
+			}
+			off->layers[l].table[x] = v;
+			if (q3_xexpert_gptq(v, ex, NULL))
+				off->perms = true; /* act-order: packed whatever the setting */
+			else if (gptq)
+				continue;
+			job.le[job.n] = l * off->E + x;
+			job.at[job.n++] = need;
+			need += Q3_ALIGN_UP(q3_xexpert_packed_size(ex), 64);
+		}
+	if (need) {
+		off->blobs = blobs_alloc(need, off->node);
+		off->blobs_bytes = need;
+		if (!off->blobs) {
+			err = q3_errf(e, -ENOMEM, "offload: no memory for %.1f GiB of packed experts", gib(need));
+			goto out;
+		}
+		double t0 = q3_now();
+		struct q3_xjob xj;
+
+		memset(&xj, 0, sizeof(xj));
+		xj.nphases = 1;
+		xj.ntasks = pack_ntasks;
+		xj.task = pack_task;
+		xj.ctx = &job;
+		q3_xpool_run(off->pool, &xj);
+		if (job.err.load()) {
+			err = q3_errf(e, -EINVAL, "%s", job.msg);
+			goto out;
+		}
+		q3_debug("offload: %d experts packed (%.1f GiB) in %.1f s", job.n, gib(need), q3_now() - t0);
+	}
+	err = 0;
+out:
+	free(job.le);
+	free(job.at);
+	return err;
+}
+
+static int layers_from_plan(struct q3_offload *off, const struct q3_place_plan *p, q3_err *e)
+{
+	off->layers = (struct off_layer *)calloc((size_t)off->L, sizeof(*off->layers));
+	if (!off->layers)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	for (int l = 0; l < off->L; l++) {
+		struct off_layer *ol = &off->layers[l];
+		int n = 0;
+
+		ol->slot_of_h = (int16_t *)malloc(sizeof(int16_t) * off->E);
+		ol->table = (const struct q3_xexpert **)calloc((size_t)off->E, sizeof(*ol->table));
+		ol->slot_expert = (int *)malloc(sizeof(int) * (size_t)off->E);
+		if (!ol->slot_of_h || !ol->table || !ol->slot_expert)
+			return q3_errf(e, -ENOMEM, "out of memory");
+		for (int x = 0; x < off->E; x++) {
+			bool in = !p || p->vram[(size_t)l * off->E + x];
+
+			ol->slot_of_h[x] = in ? (int16_t)n : -1;
+			if (in)
+				ol->slot_expert[n++] = x;
+		}
+		ol->ncpu = off->E - n;
+		ol->nslots = n ? n : 1;
+		if (!n)
+			ol->slot_expert[0] = -1;
+		if (cudaMalloc((void **)&ol->slot_of_d, sizeof(int16_t) * off->E) != cudaSuccess)
+			return q3_errf(e, -ENOMEM, "offload: no device memory for the slot maps");
+		CUDA_CHECK(e, cudaMemcpy(ol->slot_of_d, ol->slot_of_h, sizeof(int16_t) * off->E, cudaMemcpyHostToDevice));
+	}
+	return 0;
+}
+
+static int handoff_alloc(struct q3_offload *off, q3_err *e)
+{
+	size_t R = (size_t)off->max_rows, S = (size_t)off->k + 1;
+
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->hw, sizeof(struct hand), cudaHostAllocMapped));
+	memset((void *)off->hw, 0, sizeof(struct hand));
+	CUDA_CHECK(e, cudaHostGetDevicePointer((void **)&off->hw_d, (void *)off->hw, 0));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->idx_h, R * S * 4, cudaHostAllocDefault));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->w_h, R * S * 4, cudaHostAllocDefault));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->xb_h, R * off->H * 2, cudaHostAllocDefault));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->out_h, R * off->H * 4, cudaHostAllocMapped));
+	CUDA_CHECK(e, cudaHostGetDevicePointer((void **)&off->out_d, off->out_h, 0));
+	off->next_seq = 1;
+	off->armed = -1;
+	return 0;
+}
+
+/* Two staging stacks of OFF_STAGE experts (tile format) and their raw GPTQ buffers. */
+static int stage_alloc(struct q3_offload *off, q3_err *e)
+{
+	const struct q3_layer *L0 = &off->m->layers[0];
+	const struct q3_linear *g = &L0->experts[0].gate, *u = &L0->experts[0].up, *dn = &L0->experts[0].down;
+	const struct q3_linear *ls[3] = { g, u, dn };
+	size_t raw = 0;
+	int err;
+
+	for (int i = 0; i < 3; i++)
+		raw += Q3_ALIGN_UP(q3_linear_bytes(ls[i]), 256) + 3 * 256;
+	CUDA_CHECK(e, cudaStreamCreateWithFlags(&off->copy_st, cudaStreamNonBlocking));
+	for (int b = 0; b < 2; b++) {
+		struct stage_buf *sb = &off->sb[b];
+		struct q3g_mat *mats[3] = { &sb->gate, &sb->up, &sb->down };
+		struct q3g_mat_plan plans[3];
+		size_t bytes = 0;
+		char *mem;
+
+		for (int i = 0; i < 3; i++) {
+			const struct q3_linear *arr[OFF_STAGE];
+
+			for (int j = 0; j < OFF_STAGE; j++)
+				arr[j] = ls[i];
+			if ((err = q3g_mat_plan(arr, OFF_STAGE, &plans[i], e)))
+				return err;
+			/* any expert may come here: room for zero points (a symmetric one gets 8s) */
+			plans[i].zeros = plans[i].fmt != Q3G_F16;
+			bytes += Q3_ALIGN_UP(q3g_mat_bytes(&plans[i]), 256);
+		}
+		if (cudaMalloc(&sb->mat_mem, bytes) != cudaSuccess ||
+		    cudaMalloc(&sb->raw, raw * OFF_STAGE) != cudaSuccess)
+			return q3_errf(e, -ENOMEM, "offload: no device memory for the prefill staging (%.2f GiB)",
+				       gib(2 * (bytes + raw * OFF_STAGE)));
+		sb->raw_bytes = raw;
+		mem = (char *)sb->mat_mem;
+		for (int i = 0; i < 3; i++) {
+			q3g_mat_place(mats[i], &plans[i], mem);
+			mem += Q3_ALIGN_UP(q3g_mat_bytes(&plans[i]), 256);
+		}
+		CUDA_CHECK(e, cudaEventCreateWithFlags(&sb->copied, cudaEventDisableTiming));
+		CUDA_CHECK(e, cudaEventCreateWithFlags(&sb->free_ev, cudaEventDisableTiming));
+	}
+	if (off->perms) { /* act-order experts go through the synchronous upload (it sorts g_idx) */
+		off->upstage.bytes = 16u << 20;
+		CUDA_CHECK(e, cudaHostAlloc(&off->upstage.host, off->upstage.bytes, cudaHostAllocDefault));
+		if (cudaMalloc(&off->upstage.dev, off->upstage.bytes) != cudaSuccess)
+			return q3_errf(e, -ENOMEM, "offload: no device memory for the upload stage");
+	}
+	off->pf_rows = 4096;
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->pidx_h, (size_t)off->pf_rows * (off->k + 1) * 4, cudaHostAllocDefault));
+	size_t nb = (size_t)off->E / OFF_STAGE + 2;
+
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->maps_h, nb * off->E * 2, cudaHostAllocDefault));
+	if (cudaMalloc((void **)&off->maps_d, nb * off->E * 2) != cudaSuccess)
+		return q3_errf(e, -ENOMEM, "offload: no device memory for the staging maps");
+	return 0;
+}
+
+/* The experts' host bytes are the checkpoint's mappings (or the loader's arena): registering them
+ * with CUDA makes the prefill copies DMA straight from them at full PCIe speed (read-only; the
+ * pages are faulted in and stay).  Best effort: without it the copies are staged by the driver. */
+static void pin_checkpoint(struct q3_offload *off, bool quiet)
+{
+	const struct q3_ckpt *ck = off->m->ck;
+	const char *env = getenv("QWEN3D_OFFLOAD_PIN");
+	double t0 = q3_now();
+	uint64_t bytes = 0;
+
+	if ((env && !strcmp(env, "0")) || !ck->maps)
+		return;
+	off->pinned = (void **)calloc((size_t)ck->nshards, sizeof(void *));
+	for (int s = 0; off->pinned && s < ck->nshards; s++) {
+		if (!ck->maps[s])
+			continue;
+		cudaError_t ce = cudaHostRegister(ck->maps[s], ck->shards[s].size,
+						  cudaHostRegisterReadOnly | cudaHostRegisterPortable);
+
+		if (ce != cudaSuccess) {
+			cudaGetLastError();
+			if (!quiet)
+				q3_warn("offload: %s: cudaHostRegister: %s (prefill copies will be staged)",
+					ck->shards[s].name, cudaGetErrorString(ce));
+			continue;
+		}
+		off->pinned[off->npinned++] = ck->maps[s];
+		bytes += ck->shards[s].size;
+	}
+	if (!quiet && bytes)
+		q3_info("offload: %.1f GiB of checkpoint pinned for DMA in %.1f s", gib(bytes), q3_now() - t0);
+}
+
+static uint64_t staging_bytes(const struct q3_offload *off)
+{
+	return 2ull * OFF_STAGE * (off->expert_bytes + off->expert_bytes + 3 * 3 * 256);
+}
+
+static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_err *e)
+{
+	const struct q3_model *m = off->m;
+	uint64_t room, total = (uint64_t)off->L * off->E * o->expert_bytes, have = 0;
+	struct q3_place_plan plan;
+	const char *sp = o->stats_path ? o->stats_path : getenv("QWEN3D_EXPERT_STATS");
+	double *freq = NULL;
+	int err;
+
+	have = o->free_bytes > o->reserve_bytes ? o->free_bytes - o->reserve_bytes : 0;
+	if (o->vram_budget) {
+		if (o->vram_budget < o->dense_bytes)
+			return q3_errf(e, -ENOSPC,
+				       "--vram-budget %.2f GiB: the dense weights alone take %.2f GiB",
+				       gib(o->vram_budget), gib(o->dense_bytes));
+		room = o->vram_budget - o->dense_bytes;
+		if (room > have)
+			return q3_errf(e, -ENOSPC,
+				       "--vram-budget %.2f GiB: after %.2f GiB of dense weights only %.2f GiB is "
+				       "free for experts (%.2f GiB kept for activations, sessions, staging)",
+				       gib(o->vram_budget), gib(o->dense_bytes), gib(have), gib(o->reserve_bytes));
+	} else {
+		room = have;
+	}
+	off->expert_bytes = o->expert_bytes;
+	/* tests: keep this fraction of the experts in VRAM whatever the budget */
+	const char *fr = getenv("QWEN3D_OFFLOAD_FRACTION");
+
+	if (fr && *fr) {
+		double f = atof(fr);
+
+		if (!(f >= 0 && f <= 1))
+			return q3_errf(e, -EINVAL, "QWEN3D_OFFLOAD_FRACTION='%s': expected 0 .. 1", fr);
+		room = (uint64_t)(f * (double)total) + (f < 1 ? staging_bytes(off) : 0);
+		if (f < 1 && room >= total)
+			room = total - 1;
+	}
+	if (room >= total) { /* everything fits: no offload */
+		off->budget = o->dense_bytes + total;
+		return layers_from_plan(off, NULL, e);
+	}
+	off->active = true;
+	/* streaming staging comes out of the experts' room */
+	room = room > staging_bytes(off) ? room - staging_bytes(off) : 0;
+	off->budget = o->dense_bytes + room;
+	if (sp && *sp) {
+		snprintf(off->stats_path, sizeof(off->stats_path), "%s", sp);
+	}
+	if ((err = q3_xstats_new(off->L, off->E, OFF_HALF_LIFE, q3_xstats_fingerprint(m->ck), &off->xs, e)))
+		return err;
+	if (off->stats_path[0]) {
+		q3_err le;
+
+		if (q3_xstats_load(off->xs, off->stats_path, &le) && !o->quiet && !strstr(le.msg, "no such file"))
+			q3_warn("offload: %s; starting without expert statistics", le.msg);
+	}
+	if (q3_xstats_tokens(off->xs) > 0) {
+		freq = (double *)malloc(sizeof(double) * off->L * off->E);
+		if (freq)
+			q3_xstats_freq(off->xs, freq);
+	}
+	uint64_t *eb = (uint64_t *)malloc(sizeof(uint64_t) * off->L * off->E), cap = UINT64_MAX / 4;
+	int order = off->node >= 0 ? off->node : 0;
+
+	if (!eb) {
+		free(freq);
+		return q3_errf(e, -ENOMEM, "out of memory");
+	}
+	for (int i = 0; i < off->L * off->E; i++)
+		eb[i] = o->expert_bytes;
+	struct q3_place_in in;
+
+	memset(&in, 0, sizeof(in));
+	in.nlayers = off->L;
+	in.nexperts = off->E;
+	in.expert_bytes = eb;
+	in.freq = freq;
+	in.dense_bytes = 0;
+	in.vram_budget = room;
+	in.ram_all = true;
+	in.nnodes = 1;
+	in.node_order = &order;
+	in.node_capacity = &cap;
+	err = q3_place_plan(&in, &plan, e);
+	free(eb);
+	free(freq);
+	if (err)
+		return err;
+	err = layers_from_plan(off, &plan, e);
+	if (!err && !o->quiet)
+		q3_info("offload: %d of %d routed experts in VRAM (%.2f of %.2f GiB budget; expected hit rate "
+			"%.1f%%), the rest computed by the CPU",
+			plan.n_vram, off->L * off->E, gib(off->budget), gib(o->vram_budget ? o->vram_budget : off->budget),
+			100.0 * plan.hit);
+	q3_place_plan_free(&plan);
+	if (!err)
+		err = cpu_pool(off, o, e);
+	if (!err)
+		err = cpu_views(off, e);
+	if (!err)
+		err = cpu_moe(off, e);
+	if (!err)
+		err = handoff_alloc(off, e);
+	if (!err)
+		err = stage_alloc(off, e);
+	if (!err)
+		pin_checkpoint(off, o->quiet);
+	if (!err && !o->quiet)
+		q3_info("offload: %d CPU expert threads (%s) on node %d", off->nthreads, q3_xisa_name(off->isa),
+			off->node);
+	return err;
+}
+
+extern "C" int q3_off_open(struct q3_offload **out, const struct q3_model *m, const struct q3_off_opts *o,
+			   q3_err *e)
+{
+	struct q3_offload *off = (struct q3_offload *)calloc(1, sizeof(*off));
+	const char *to = getenv("QWEN3D_OFFLOAD_TIMEOUT");
+	int err;
+
+	*out = NULL;
+	if (!off)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	off->m = m;
+	off->L = m->cfg->num_layers;
+	off->E = m->cfg->num_experts;
+	off->k = m->cfg->top_k;
+	off->H = m->cfg->hidden_size;
+	off->I = m->cfg->moe_inter;
+	off->max_rows = Q3_MAX(1, o->max_rows);
+	off->timeout_s = to && atof(to) > 0 ? atof(to) : 10.0;
+	off->node = -1;
+	if ((err = open_inner(off, o, e))) {
+		q3_off_close(off);
+		return err;
+	}
+	*out = off;
+	return 0;
+}
+
+extern "C" void q3_off_close(struct q3_offload *off)
+{
+	if (!off)
+		return;
+	if (off->moe) {
+		q3_err e;
+
+		q3_cpu_moe_wait(off->moe, &e);
+	}
+	if (off->xs && off->stats_path[0] && q3_xstats_tokens(off->xs) > 0) {
+		q3_err e;
+
+		if (q3_xstats_save(off->xs, off->stats_path, &e))
+			q3_warn("offload: %s", e.msg);
+	}
+	q3_cpu_moe_free(off->moe);
+	q3_xpool_free(off->pool);
+	for (int i = 0; i < off->npinned; i++)
+		cudaHostUnregister(off->pinned[i]);
+	free(off->pinned);
+	q3_xstats_free(off->xs);
+	if (off->layers)
+		for (int l = 0; l < off->L; l++) {
+			free(off->layers[l].slot_expert);
+			free(off->layers[l].slot_of_h);
+			free(off->layers[l].table);
+			cudaFree(off->layers[l].slot_of_d);
+		}
+	free(off->layers);
+	free(off->views);
+	if (off->blobs)
+		munmap(off->blobs, off->blobs_bytes);
+	for (int b = 0; b < 2; b++) {
+		cudaFree(off->sb[b].mat_mem);
+		cudaFree(off->sb[b].raw);
+		if (off->sb[b].copied)
+			cudaEventDestroy(off->sb[b].copied);
+		if (off->sb[b].free_ev)
+			cudaEventDestroy(off->sb[b].free_ev);
+	}
+	if (off->copy_st)
+		cudaStreamDestroy(off->copy_st);
+	cudaFreeHost((void *)off->hw);
+	cudaFreeHost(off->idx_h);
+	cudaFreeHost(off->w_h);
+	cudaFreeHost(off->xb_h);
+	cudaFreeHost(off->out_h);
+	cudaFreeHost(off->pidx_h);
+	cudaFreeHost(off->maps_h);
+	cudaFree(off->maps_d);
+	cudaFree(off->upstage.dev);
+	cudaFreeHost(off->upstage.host);
+	free(off);
+}
+
+extern "C" bool q3_off_active(const struct q3_offload *off)
+{
+	return off && off->active;
+}
+
+extern "C" int q3_off_slots(const struct q3_offload *off, int layer)
+{
+	return off->layers[layer].nslots;
+}
+
+extern "C" int q3_off_slot_expert(const struct q3_offload *off, int layer, int slot)
+{
+	return off->layers[layer].slot_expert[slot];
+}
+
+extern "C" bool q3_off_layer_cpu(const struct q3_offload *off, int layer)
+{
+	return off && off->active && off->layers[layer].ncpu > 0;
+}
+
+/* ---- decode --------------------------------------------------------------------------------------- */
+
+extern "C" int q3_off_publish(struct q3_offload *off, int layer, const int *idx, const float *w, const uint16_t *xb,
+			      int R, q3g_stream stream, q3_err *e)
+{
+	cudaStream_t st = (cudaStream_t)stream;
+	size_t S = (size_t)off->k + 1;
+
+	if (!q3_off_layer_cpu(off, layer))
+		return 0;
+	if (R > off->max_rows)
+		return q3_errf(e, -EINVAL, "offload: %d rows in a decode handoff (at most %d)", R, off->max_rows);
+	CUDA_CHECK(e, cudaMemcpyAsync(off->idx_h, idx, (size_t)R * S * 4, cudaMemcpyDeviceToHost, st));
+	CUDA_CHECK(e, cudaMemcpyAsync(off->w_h, w, (size_t)R * S * 4, cudaMemcpyDeviceToHost, st));
+	CUDA_CHECK(e, cudaMemcpyAsync(off->xb_h, xb, (size_t)R * off->H * 2, cudaMemcpyDeviceToHost, st));
+	off_signal_kernel<<<1, 1, 0, st>>>(off->hw_d, (uint32_t)layer);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
+
+extern "C" int q3_off_remap(struct q3_offload *off, int layer, const int *idx, int *sidx, int R, q3g_stream stream,
+			    q3_err *e)
+{
+	int P = R * (off->k + 1);
+
+	off_remap_kernel<<<cdiv(P, 256), 256, 0, (cudaStream_t)stream>>>(sidx, idx, off->layers[layer].slot_of_d, P,
+									  false);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
+
+extern "C" int q3_off_join(struct q3_offload *off, int layer, float *h, int R, q3g_stream stream, q3_err *e)
+{
+	cudaStream_t st = (cudaStream_t)stream;
+	int n = R * off->H;
+
+	if (!q3_off_layer_cpu(off, layer))
+		return 0;
+	off_wait_kernel<<<1, 1, 0, st>>>(off->hw_d, (uint32_t)layer,
+					 (long long)(off->timeout_s * 2.0e9)); /* cycles at up to 2 GHz */
+	CUDA_CHECK_LAUNCH(e);
+	off_add_kernel<<<cdiv(n, 256), 256, 0, st>>>(h, off->out_d, n);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
+
+extern "C" void q3_off_begin(struct q3_offload *off, int R, int real)
+{
+	if (!q3_off_active(off))
+		return;
+	off->R = R;
+	off->rows_real = Q3_MIN(real, R);
+	off->armed = -1;
+	off->hw->seq0 = off->next_seq;
+	off->next_seq += (uint32_t)off->L + 1;
+	off->tokens += (uint64_t)off->rows_real;
+}
+
+extern "C" void q3_off_abort(struct q3_offload *off)
+{
+	q3_err e;
+
+	if (!q3_off_active(off))
+		return;
+	/* open every gate of the call, let an armed CPU job finish (it stores its own, smaller, done
+	 * value), then release every GPU wait of the call */
+	off->hw->gate = off->hw->seq0 + (uint32_t)off->L + 1;
+	if (off->armed >= 0)
+		q3_cpu_moe_wait(off->moe, &e);
+	off->armed = -1;
+	__atomic_store_n(&off->hw->done, off->hw->seq0 + (uint32_t)off->L + 1, __ATOMIC_RELEASE);
+}
+
+extern "C" int q3_off_cpu_layer(struct q3_offload *off, int layer, q3_err *e)
+{
+	int err;
+
+	if (!q3_off_layer_cpu(off, layer))
+		return 0;
+	if (off->armed >= 0 && (err = q3_cpu_moe_wait(off->moe, e)))
+		return err;
+	struct q3_cpu_moe_req r;
+	uint32_t v = off->hw->seq0 + (uint32_t)layer + 1;
+
+	memset(&r, 0, sizeof(r));
+	r.T = off->R;
+	r.xb = off->xb_h;
+	r.ldx = (size_t)off->H;
+	r.ids = off->idx_h;
+	r.w = off->w_h;
+	r.k = off->k;
+	r.ldk = off->k + 1;
+	r.experts = off->layers[layer].table;
+	r.out = off->out_h;
+	r.ldo = (size_t)off->H;
+	r.stats = off->xs;
+	r.layer = layer;
+	r.stats_rows = off->rows_real;
+	off->armed = layer;
+	off->pcie += (uint64_t)off->R * ((off->k + 1) * 8 + off->H * 2 + off->H * 4);
+	return q3_cpu_moe_post(off->moe, &r, &off->hw->gate, v, &off->hw->done, v, e);
+}
+
+extern "C" int q3_off_cpu_end(struct q3_offload *off, q3_err *e)
+{
+	int err = 0;
+
+	if (!q3_off_active(off))
+		return 0;
+	if (off->armed >= 0)
+		err = q3_cpu_moe_wait(off->moe, e);
+	off->armed = -1;
+	if (off->xs)
+		q3_xstats_tick(off->xs, (uint64_t)off->rows_real);
+	return err; /* on failure the backend calls q3_off_abort */
+}
+
+/* ---- prefill -------------------------------------------------------------------------------------- */
+
+/* Where an expert's raw tensors go in a staging slot: one copy of the stretch of host memory they
+ * span when it is compact (a checkpoint keeps an expert's tensors together) and keeps them 4-byte
+ * aligned, else one copy each, 256-aligned.  off[i][k]: the slot offset of linear i's tensor k
+ * (qweight, qzeros, scales). */
+struct raw_layout {
+	const char *span; /* NULL: per-tensor copies */
+	size_t span_len;
+	size_t off[3][3];
+};
+
+static void raw_layout(const struct q3_expert *ex, size_t slot_bytes, struct raw_layout *rl)
+{
+	const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
+	const char *lo = NULL, *hi = NULL;
+	bool aligned = true;
+	size_t at = 0;
+
+	for (int i = 0; i < 3; i++) {
+		const struct q3_tensor *t[4] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales, ls[i]->g_idx };
+
+		for (int k = 0; k < 4; k++) {
+			const char *p = t[k] ? (const char *)t[k]->data : NULL;
+
+			if (!p)
+				continue;
+			lo = !lo || p < lo ? p : lo;
+			hi = !hi || p + t[k]->nbytes > hi ? p + t[k]->nbytes : hi;
+		}
+	}
+	for (int i = 0; i < 3; i++) {
+		const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
+
+		for (int k = 0; k < 3; k++)
+			aligned &= ((const char *)t[k]->data - lo) % 4 == 0;
+	}
+	rl->span = lo && (size_t)(hi - lo) <= slot_bytes && aligned ? lo : NULL;
+	rl->span_len = rl->span ? (size_t)(hi - lo) : 0;
+	for (int i = 0; i < 3; i++) {
+		const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
+
+		for (int k = 0; k < 3; k++) {
+			rl->off[i][k] = rl->span ? (size_t)((const char *)t[k]->data - lo) : at;
+			at += Q3_ALIGN_UP(t[k]->nbytes, 256);
+		}
+	}
+}
+
+/* Raw copies of the tensors of n experts (ids xs) into a staging buffer's raw area, slot j for
+ * xs[j], on the copy stream; then the buffer's `copied` event. */
+static int stage_copies(struct q3_offload *off, struct stage_buf *sb, int layer, const int *xs, int n, q3_err *e)
+{
+	for (int j = 0; j < n && !off->perms; j++) {
+		const struct q3_expert *ex = &off->m->layers[layer].experts[xs[j]];
+		const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
+		char *raw = (char *)sb->raw + (size_t)j * sb->raw_bytes;
+		struct raw_layout rl;
+
+		raw_layout(ex, sb->raw_bytes, &rl);
+		if (rl.span) {
+			CUDA_CHECK(e, cudaMemcpyAsync(raw, rl.span, rl.span_len, cudaMemcpyHostToDevice, off->copy_st));
+			off->pcie += rl.span_len;
+			continue;
+		}
+		for (int i = 0; i < 3; i++) {
+			const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
+
+			for (int k = 0; k < 3; k++) {
+				CUDA_CHECK(e, cudaMemcpyAsync(raw + rl.off[i][k], t[k]->data, t[k]->nbytes,
+							      cudaMemcpyHostToDevice, off->copy_st));
+				off->pcie += t[k]->nbytes;
+			}
+		}
+	}
+	CUDA_CHECK(e, cudaEventRecord(sb->copied, off->copy_st));
+	return 0;
+}
+
+/* Repacks expert x (its raw bytes in slot j of the buffer) into slot j of the staging stacks. */
+static int stage_repack(struct q3_offload *off, struct stage_buf *sb, int layer, int x, int j, cudaStream_t st,
+			q3_err *e)
+{
+	const struct q3_expert *ex = &off->m->layers[layer].experts[x];
+	const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
+	const struct q3g_mat *mats[3] = { &sb->gate, &sb->up, &sb->down };
+	char *raw = (char *)sb->raw + (size_t)j * sb->raw_bytes;
+	struct raw_layout rl;
+	int err;
+
+	for (int i = 0; i < 3 && off->perms; i++) {
+		if ((err = q3g_mat_upload(mats[i], j, ls[i], NULL, &off->upstage, st, e)))
+			return err;
+		off->pcie += q3_linear_bytes(ls[i]);
+	}
+	if (off->perms)
+		return 0;
+	raw_layout(ex, sb->raw_bytes, &rl);
+	for (int i = 0; i < 3; i++)
+		if ((err = q3g_mat_repack_raw(mats[i], j, ls[i], raw + rl.off[i][0], raw + rl.off[i][1],
+					      raw + rl.off[i][2], st, e)))
+			return err;
+	return 0;
+}
+
+extern "C" int q3_off_prefill(struct q3_offload *off, int layer, float *h, const uint16_t *xb, const int *idx,
+			      const float *w, int *sidx, const struct q3g_mat *gate, const struct q3g_mat *up,
+			      const struct q3g_mat *down, const struct q3g_mat *sgate, const struct q3g_mat *sup,
+			      const struct q3g_mat *sdown, int R, const struct q3g_dims *d, void *ws, q3g_stream stream,
+			      q3_err *e)
+{
+	cudaStream_t st = (cudaStream_t)stream;
+	const struct off_layer *ol = &off->layers[layer];
+	int S = off->k + 1, P = R * S, need[4096], nneed = 0, err;
+	bool used[4096];
+
+	if (!q3_off_layer_cpu(off, layer))
+		return q3g_moe_prefill(h, xb, idx, w, gate, up, down, sgate, sup, sdown, R, d, ws, stream, e);
+	if (R > off->pf_rows || off->E > 4096)
+		return q3_errf(e, -EINVAL, "offload: %d rows in a prefill call (at most %d)", R, off->pf_rows);
+	/* the routing, on the host: which missing experts the rows use */
+	CUDA_CHECK(e, cudaMemcpyAsync(off->pidx_h, idx, (size_t)P * 4, cudaMemcpyDeviceToHost, st));
+	CUDA_CHECK(e, cudaStreamSynchronize(st));
+	memset(used, 0, sizeof(used));
+	for (int r = 0; r < R; r++) {
+		if (off->xs)
+			q3_xstats_add(off->xs, layer, off->pidx_h + (size_t)r * S, off->k);
+		for (int s = 0; s < off->k; s++) {
+			int x = off->pidx_h[(size_t)r * S + s];
+
+			if (x < 0 || x >= off->E)
+				continue;
+			if (ol->slot_of_h[x] >= 0)
+				off->pairs_gpu++;
+			else {
+				off->pairs_cpu++; /* streamed: counted as misses of the cache */
+				used[x] = true;
+			}
+		}
+	}
+	for (int x = 0; x < off->E; x++)
+		if (used[x])
+			need[nneed++] = x;
+	/* batches of OFF_STAGE missing experts in two buffers: the copies of batches 0 and 1 start
+	 * now, beside the resident pass; batch b + 2's once batch b's raw bytes are repacked */
+	int nb = (nneed + OFF_STAGE - 1) / OFF_STAGE;
+
+	for (int b = 0; b < nb && b < 2; b++)
+		if ((err = stage_copies(off, &off->sb[b], layer, need + b * OFF_STAGE,
+					Q3_MIN(OFF_STAGE, nneed - b * OFF_STAGE), e)))
+			return err;
+	/* pass 1: resident experts and the shared one */
+	off_remap_kernel<<<cdiv(P, 256), 256, 0, st>>>(sidx, idx, ol->slot_of_d, P, false);
+	CUDA_CHECK_LAUNCH(e);
+	if ((err = q3g_moe_prefill(h, xb, sidx, w, gate, up, down, sgate, sup, sdown, R, d, ws, stream, e)))
+		return err;
+	/* pass 2 and on: the streamed experts */
+	for (int b = 0; b < nb; b++) {
+		struct stage_buf *sb = &off->sb[b % 2];
+		int16_t *map_h = off->maps_h + (size_t)b * off->E, *map_d = off->maps_d + (size_t)b * off->E;
+		int n = Q3_MIN(OFF_STAGE, nneed - b * OFF_STAGE);
+
+		CUDA_CHECK(e, cudaStreamWaitEvent(st, sb->copied, 0));
+		for (int x = 0; x < off->E; x++)
+			map_h[x] = -1;
+		for (int j = 0; j < n; j++) {
+			map_h[need[b * OFF_STAGE + j]] = (int16_t)j;
+			if ((err = stage_repack(off, sb, layer, need[b * OFF_STAGE + j], j, st, e)))
+				return err;
+			off->uploads++;
+		}
+		CUDA_CHECK(e, cudaEventRecord(sb->free_ev, st)); /* the raw bytes are consumed */
+		if (b + 2 < nb) {
+			CUDA_CHECK(e, cudaStreamWaitEvent(off->copy_st, sb->free_ev, 0));
+			if ((err = stage_copies(off, sb, layer, need + (b + 2) * OFF_STAGE,
+						Q3_MIN(OFF_STAGE, nneed - (b + 2) * OFF_STAGE), e)))
+				return err;
+		}
+		CUDA_CHECK(e, cudaMemcpyAsync(map_d, map_h, (size_t)off->E * 2, cudaMemcpyHostToDevice, st));
+		off_remap_kernel<<<cdiv(P, 256), 256, 0, st>>>(sidx, idx, map_d, P, true);
+		CUDA_CHECK_LAUNCH(e);
+		if ((err = q3g_moe_prefill(h, xb, sidx, w, &sb->gate, &sb->up, &sb->down, sgate, sup, sdown, R, d, ws,
+					   stream, e)))
+			return err;
+	}
+	return 0;
+}
+
+/* ---- re-balancing ------------------------------------------------------------------------------ */
+
+extern "C" int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swaps, int max, uint64_t max_bytes)
+{
+	size_t n = (size_t)off->L * off->E;
+	uint8_t *res;
+	uint64_t *bytes;
+	int ns = 0;
+
+	if (!q3_off_active(off) || !off->xs)
+		return 0;
+	res = (uint8_t *)malloc(n);
+	bytes = (uint64_t *)malloc(n * sizeof(uint64_t));
+	if (res && bytes) {
+		struct q3_rebalance_opts ro;
+
+		for (size_t i = 0; i < n; i++) {
+			res[i] = off->layers[i / off->E].slot_of_h[i % off->E] >= 0;
+			bytes[i] = off->expert_bytes;
+		}
+		memset(&ro, 0, sizeof(ro));
+		ro.hysteresis = 0.25;
+		ro.z = 3;
+		const char *mt = getenv("QWEN3D_REBALANCE_MIN_TOKENS"); /* tests: act on little evidence */
+
+		ro.min_tokens = mt && atof(mt) >= 0 ? atof(mt) : 1000;
+		ro.max_bytes = max_bytes;
+		ro.same_layer = true;
+		ns = q3_xstats_rebalance(off->xs, res, bytes, &ro, swaps, max);
+	}
+	free(res);
+	free(bytes);
+	return ns;
+}
+
+extern "C" int q3_off_swap_slot(const struct q3_offload *off, int layer, int x_in, int x_out)
+{
+	const struct off_layer *ol = &off->layers[layer];
+	struct q3_xexpert v;
+
+	if (ol->slot_of_h[x_out] < 0 || ol->slot_of_h[x_in] >= 0)
+		return -1;
+	/* x_out will be the CPU's: it needs a view (a packed copy exists only for experts that were
+	 * never resident; the stored layout serves the others, unless act-order) */
+	if (!off->views[(size_t)layer * off->E + x_out].H &&
+	    q3_xexpert_gptq(&v, &off->m->layers[layer].experts[x_out], NULL))
+		return -1;
+	return ol->slot_of_h[x_out];
+}
+
+extern "C" int q3_off_swap_commit(struct q3_offload *off, int layer, int x_in, int x_out, q3_err *e)
+{
+	struct off_layer *ol = &off->layers[layer];
+	struct q3_xexpert *v = &off->views[(size_t)layer * off->E + x_out];
+	int slot = ol->slot_of_h[x_out], err;
+
+	if (slot < 0 || ol->slot_of_h[x_in] >= 0)
+		return q3_errf(e, -EINVAL, "offload: swap of layer %d: expert %d not resident or %d already", layer,
+			       x_out, x_in);
+	if (!v->H && (err = q3_xexpert_gptq(v, &off->m->layers[layer].experts[x_out], e)))
+		return err;
+	ol->slot_of_h[x_in] = (int16_t)slot;
+	ol->slot_of_h[x_out] = -1;
+	ol->slot_expert[slot] = x_in;
+	ol->table[x_in] = NULL;
+	ol->table[x_out] = v;
+	CUDA_CHECK(e, cudaMemcpy(ol->slot_of_d, ol->slot_of_h, sizeof(int16_t) * off->E, cudaMemcpyHostToDevice));
+	return 0;
+}
+
+extern "C" void q3_off_stats(const struct q3_offload *off, struct q3_off_stats *s)
+{
+	struct q3_cpu_moe_stats cs;
+
+	memset(s, 0, sizeof(*s));
+	if (!off)
+		return;
+	s->active = off->active;
+	s->experts_total = off->L * off->E;
+	s->budget_bytes = off->budget;
+	for (int l = 0; l < off->L && off->layers; l++)
+		s->experts_vram += off->E - off->layers[l].ncpu;
+	s->pcie_bytes = off->pcie;
+	s->uploads = off->uploads;
+	s->tokens = off->tokens;
+	s->pairs_gpu = off->pairs_gpu;
+	s->pairs_cpu = off->pairs_cpu;
+	s->cpu_threads = off->nthreads;
+	s->cpu_node = off->node;
+	snprintf(s->isa, sizeof(s->isa), "%s", off->active ? q3_xisa_name(off->isa) : "-");
+	if (off->moe) {
+		q3_cpu_moe_stats(off->moe, &cs);
+		s->pairs_cpu += cs.pairs;
+		s->pairs_gpu += cs.skipped;
+		s->cpu_bytes = cs.bytes;
+		s->cpu_busy_s = cs.busy_s;
+	}
+}

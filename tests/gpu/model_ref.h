@@ -1,0 +1,90 @@
+/* model_ref.h - what the whole-model GPU tests (test_model.c, test_offload.c) share: the
+ * fixtures' reference logits (reference.safetensors), pass/fail counting, and the logits
+ * comparison of docs/DESIGN.md "Numerics" (NaN/Inf first, relative L2, argmax agreement).
+ * Header-only: each test stays one program. */
+#pragma once
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "gpu_compare.h"
+#include "safetensors.h"
+#include "util.h"
+
+static int npass, nfail;
+
+struct ref {
+	char *buf;
+	size_t len;
+	struct q3_st_header h;
+};
+
+static const void *ref_tensor(const struct ref *r, const char *name, int64_t *d0, int64_t *d1)
+{
+	for (size_t i = 0; i < r->h.n; i++)
+		if (!strcmp(r->h.t[i].name, name)) {
+			*d0 = r->h.t[i].shape[0];
+			*d1 = r->h.t[i].ndim > 1 ? r->h.t[i].shape[1] : 1;
+			return r->buf + r->h.data_off + r->h.t[i].begin;
+		}
+	return NULL;
+}
+
+static int ref_load(const char *dir, struct ref *r)
+{
+	char path[1024];
+	q3_err e;
+
+	snprintf(path, sizeof(path), "%s/reference.safetensors", dir);
+	memset(r, 0, sizeof(*r));
+	if (q3_read_file(path, (size_t)1 << 32, &r->buf, &r->len, &e) ||
+	    q3_st_parse(r->buf, r->len, r->len, path, &r->h, &e)) {
+		printf("skip  %s: %s\n", dir, e.msg);
+		return -1;
+	}
+	return 0;
+}
+
+static void result(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void result(bool ok, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("%s ", ok ? "ok   " : "FAIL ");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	ok ? npass++ : nfail++;
+}
+
+static int argmax(const float *x, int n)
+{
+	int b = 0;
+
+	for (int i = 1; i < n; i++)
+		if (x[i] > x[b])
+			b = i;
+	return b;
+}
+
+/* rel L2 over rows x V and the fraction of rows whose argmax agrees; NaN/Inf first. */
+static void compare_logits(const char *what, const float *got, const float *ref, int rows, int V, double tol,
+			   double min_agree)
+{
+	struct gc_result c = gc_compare(got, ref, (size_t)rows * V);
+	int agree = 0;
+
+	if (c.bad) {
+		result(false, "%s: %zu non-finite logits, the first at row %zu column %zu", what, c.bad, c.first / V,
+		       c.first % V);
+		return;
+	}
+	for (int r = 0; r < rows; r++)
+		agree += argmax(got + (size_t)r * V, V) == argmax(ref + (size_t)r * V, V);
+	double frac = (double)agree / rows;
+
+	result(c.rel <= tol && frac >= min_agree, "%s: rel L2 %.2e (tol %.0e), argmax agrees at %d of %d (need %.0f%%)",
+	       what, c.rel, tol, agree, rows, min_agree * 100);
+}

@@ -1,0 +1,224 @@
+/* test_offload.c - routed experts beyond VRAM on the CUDA backend (kernels/cuda_offload.h): the
+ * whole model with part (or none) of the experts in VRAM against Hugging Face's logits and
+ * against the same model with every expert in VRAM, on every fixture.
+ *
+ *   test_offload [MODEL_DIR...]     (default: every folder of tests/fixtures/models)
+ *
+ * For each model and each share of experts kept in VRAM (QWEN3D_OFFLOAD_FRACTION 0.5 and 0: the
+ * CPU computes the missing experts in decode, prefill streams them):
+ *  - prefill logits of the reference prompt and teacher-forced decode logits: relative L2 <= 3e-2
+ *    and the same argmax at >= 95% of positions (as test_model: bf16 activations on the GPU,
+ *    int8 activations on the CPU's experts, int4 weights exact);
+ *  - against the all-in-VRAM engine: relative L2 <= 2e-2 (only the CPU experts' int8
+ *    activations differ);
+ *  - the graph path (batch decode) gives the eager path's logits (QWEN3D_NO_GRAPHS; 1e-5 as in
+ *    test_model; the CPU part is deterministic whatever the thread count);
+ *  - the engine's stats: offload on, the expected share of experts in VRAM, pairs served both
+ *    ways (none from VRAM at 0), PCIe bytes and CPU expert bytes counted;
+ *  - the statistics file is written at close and read back at the next open;
+ *  - re-balancing between the prompt and the decode steps (q3_engine_idle) keeps the logits.
+ * Exits 77 when no CUDA device is usable.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "engine.h"
+#include "gpu_compare.h"
+#include "model_ref.h"
+#include "safetensors.h"
+
+/* Prefill logits [T][V] and decode logits [G][V] of one engine; 0 or -1. */
+static int run(const char *dir, const int32_t *prompt, int T, const int32_t *gen, int G, int V, float *pre,
+	       float *dec, struct q3_engine_stats *st)
+{
+	struct q3_engine_opts eo = {.model_dir = dir, .backend = "cuda", .max_ctx = T + G + 8, .max_batch = 4,
+				    .quiet = true};
+	struct q3_engine *eng = NULL;
+	struct q3_session *s = NULL;
+	q3_err e;
+	int err = -1;
+
+	if (q3_engine_open(&eo, &eng, &e)) {
+		result(false, "%s: engine: %s", dir, e.msg);
+		return -1;
+	}
+	if (q3_session_new(eng, &s, &e) || q3_session_eval(s, prompt, T, pre, Q3_EVAL_ALL_LOGITS, &e)) {
+		result(false, "%s: prefill: %s", dir, e.msg);
+		goto out;
+	}
+	/* between the prompt and the decode steps, as a server between requests: re-balancing (on
+	 * whatever evidence the prompt gave: QWEN3D_REBALANCE_MIN_TOKENS) must keep the logits */
+	for (int i = 0; i < 3; i++)
+		if (q3_engine_idle(eng, &e)) {
+			result(false, "%s: idle (re-balance): %s", dir, e.msg);
+			goto out;
+		}
+	for (int i = 0; i < G; i++)
+		if (q3_engine_decode(eng, &s, gen + i, 1, dec + (size_t)i * V, &e)) {
+			result(false, "%s: decode: %s", dir, e.msg);
+			goto out;
+		}
+	q3_engine_stats(eng, st);
+	err = 0;
+out:
+	q3_session_free(s);
+	q3_engine_close(eng);
+	return err;
+}
+
+/* Three sessions decoded together, twice, the decode logits [3][V] of the second step. */
+static int batch3(const char *dir, const int32_t *prompt, int T, int V, float *out)
+{
+	struct q3_engine_opts eo = {.model_dir = dir, .backend = "cuda", .max_ctx = T + 8, .max_batch = 4, .quiet = true};
+	struct q3_engine *eng = NULL;
+	struct q3_session *s[3] = {NULL, NULL, NULL};
+	int32_t ids[3] = {1, 2, 3};
+	q3_err e;
+	int err = -1;
+
+	if (q3_engine_open(&eo, &eng, &e))
+		return -1;
+	for (int i = 0; i < 3; i++)
+		if (q3_session_new(eng, &s[i], &e) || q3_session_eval(s[i], prompt, T - i, NULL, 0, &e))
+			goto out;
+	if (q3_engine_decode(eng, s, ids, 3, NULL, &e) || q3_engine_decode(eng, s, ids, 3, out, &e))
+		goto out;
+	err = 0;
+out:
+	if (err)
+		result(false, "%s: batch decode: %s", dir, e.msg);
+	for (int i = 0; i < 3; i++)
+		q3_session_free(s[i]);
+	q3_engine_close(eng);
+	return err;
+}
+
+static void test_model(const char *dir)
+{
+	struct ref r;
+	char what[1200], stats[1100];
+	int64_t T, G, V, d1, tmp;
+	q3_err e;
+	struct q3_engine_stats st, st0;
+
+	if (ref_load(dir, &r))
+		return;
+	const int32_t *prompt = ref_tensor(&r, "prompt_ids", &T, &d1), *gen = ref_tensor(&r, "gen_ids", &G, &d1);
+	const float *rpre = ref_tensor(&r, "prefill_logits", &tmp, &V), *rdec = ref_tensor(&r, "decode_logits", &tmp, &d1);
+
+	if (!prompt || !rpre || !gen || !rdec) {
+		printf("skip  %s: incomplete reference\n", dir);
+		free(r.buf);
+		return;
+	}
+	float *pre0 = malloc(sizeof(float) * T * V), *dec0 = malloc(sizeof(float) * G * V);
+	float *pre = malloc(sizeof(float) * T * V), *dec = malloc(sizeof(float) * G * V);
+	float *b1 = malloc(sizeof(float) * 3 * V), *b2 = malloc(sizeof(float) * 3 * V);
+
+	/* every expert in VRAM: the baseline */
+	unsetenv("QWEN3D_OFFLOAD_FRACTION");
+	unsetenv("QWEN3D_EXPERT_STATS");
+	if (run(dir, prompt, (int)T, gen, (int)G, (int)V, pre0, dec0, &st0))
+		goto out;
+	result(!st0.offload, "%s: all experts fit: offload off", dir);
+	static const char *const fr[] = {"0.5", "0"};
+
+	setenv("QWEN3D_REBALANCE_MIN_TOKENS", "1", 1);
+
+	for (size_t f = 0; f < 2; f++) {
+		setenv("QWEN3D_OFFLOAD_FRACTION", fr[f], 1);
+		snprintf(stats, sizeof(stats), "/tmp/q3_offload_test_%d.stats", (int)getpid());
+		unlink(stats);
+		setenv("QWEN3D_EXPERT_STATS", stats, 1);
+		if (run(dir, prompt, (int)T, gen, (int)G, (int)V, pre, dec, &st))
+			continue;
+		snprintf(what, sizeof(what), "%s, %s of the experts in VRAM: prefill vs reference", dir, fr[f]);
+		compare_logits(what, pre, rpre, (int)T, (int)V, 3e-2, 0.95);
+		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs reference", dir, fr[f]);
+		compare_logits(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95);
+		snprintf(what, sizeof(what), "%s, %s in VRAM: prefill vs all in VRAM", dir, fr[f]);
+		compare_logits(what, pre, pre0, (int)T, (int)V, 2e-2, 0.95);
+		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs all in VRAM", dir, fr[f]);
+		compare_logits(what, dec, dec0, (int)G, (int)V, 2e-2, 0.95);
+		double share = (double)st.experts_vram / (st.experts_total ? st.experts_total : 1);
+
+		result(st.offload && fabs(share - atof(fr[f])) < 0.1,
+		       "%s, %s in VRAM: offload on, %d of %d experts in VRAM", dir, fr[f], st.experts_vram,
+		       st.experts_total);
+		result(st.pairs_cpu > 0 && (f == 1 ? st.pairs_vram == 0 : st.pairs_vram > 0) && st.pcie_bytes > 0 &&
+			       st.cpu_expert_bytes > 0 && st.cpu_threads > 0,
+		       "%s, %s in VRAM: pairs %llu VRAM / %llu CPU, %.1f MB over PCIe, %.1f MB read by %d CPU threads "
+		       "(%s) at %.2f GB/s",
+		       dir, fr[f], (unsigned long long)st.pairs_vram, (unsigned long long)st.pairs_cpu,
+		       st.pcie_bytes / 1e6, st.cpu_expert_bytes / 1e6, st.cpu_threads, st.cpu_isa,
+		       st.cpu_expert_busy_s > 0 ? st.cpu_expert_bytes / st.cpu_expert_busy_s / 1e9 : 0.0);
+		result(access(stats, R_OK) == 0, "%s, %s in VRAM: statistics saved at close", dir, fr[f]);
+		/* graphs vs eager: batch decode */
+		if (batch3(dir, prompt, (int)T, (int)V, b1) == 0) {
+			setenv("QWEN3D_NO_GRAPHS", "1", 1);
+			if (batch3(dir, prompt, (int)T, (int)V, b2) == 0) {
+				struct gc_result c = gc_compare(b2, b1, (size_t)3 * V);
+
+				result(!c.bad && c.rel <= 1e-5, "%s, %s in VRAM: eager vs graph batch decode: rel L2 %.2e (tol 1e-5)",
+				       dir, fr[f], c.rel);
+			}
+			unsetenv("QWEN3D_NO_GRAPHS");
+		}
+		unlink(stats);
+	}
+	/* a bad setting is refused at open with its name */
+	setenv("QWEN3D_OFFLOAD_FRACTION", "2", 1);
+	{
+		struct q3_engine_opts eo = {.model_dir = dir, .backend = "cuda", .max_ctx = 64, .quiet = true};
+		struct q3_engine *eng = NULL;
+		int rc = q3_engine_open(&eo, &eng, &e);
+
+		result(rc != 0 && strstr(e.msg, "QWEN3D_OFFLOAD_FRACTION"), "%s: bad offload fraction refused (%s)", dir,
+		       rc ? e.msg : "opened");
+		q3_engine_close(eng);
+	}
+	unsetenv("QWEN3D_OFFLOAD_FRACTION");
+	unsetenv("QWEN3D_EXPERT_STATS");
+out:
+	free(pre0);
+	free(dec0);
+	free(pre);
+	free(dec);
+	free(b1);
+	free(b2);
+	free(r.buf);
+}
+
+int main(int argc, char **argv)
+{
+	if (!q3_cuda_backend_ops()) {
+		printf("skip: no usable CUDA device\n");
+		return 77;
+	}
+	if (argc > 1) {
+		for (int i = 1; i < argc; i++)
+			test_model(argv[i]);
+	} else {
+		DIR *d = opendir("tests/fixtures/models");
+		struct dirent *de;
+		char path[1024];
+
+		while (d && (de = readdir(d))) {
+			if (de->d_name[0] == '.' || !strcmp(de->d_name, "README.md"))
+				continue;
+			snprintf(path, sizeof(path), "tests/fixtures/models/%s", de->d_name);
+			test_model(path);
+		}
+		if (d)
+			closedir(d);
+	}
+	printf("test_offload: %d passed, %d failed\n", npass, nfail);
+	return nfail ? 1 : 0;
+}
