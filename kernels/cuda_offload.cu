@@ -499,17 +499,19 @@ static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_er
 	off->expert_bytes = o->expert_bytes;
 	/* tests: keep this fraction of the experts in VRAM whatever the budget */
 	const char *fr = getenv("QWEN3D_OFFLOAD_FRACTION");
+	bool forced = false;
 
 	if (fr && *fr) {
 		double f = atof(fr);
 
 		if (!(f >= 0 && f <= 1))
 			return q3_errf(e, -EINVAL, "QWEN3D_OFFLOAD_FRACTION='%s': expected 0 .. 1", fr);
-		room = (uint64_t)(f * (double)total) + (f < 1 ? staging_bytes(off) : 0);
-		if (f < 1 && room >= total)
-			room = total - 1;
+		/* f of the experts' bytes, plus the staging taken out of the room below; offload stays
+		 * on for f < 1 even where the staging is larger than the experts (tiny models) */
+		forced = f < 1;
+		room = forced ? (uint64_t)(f * (double)total) + staging_bytes(off) : total;
 	}
-	if (room >= total) { /* everything fits: no offload */
+	if (!forced && room >= total) { /* everything fits: no offload */
 		off->budget = o->dense_bytes + total;
 		return layers_from_plan(off, NULL, e);
 	}
@@ -773,7 +775,7 @@ extern "C" int q3_off_cpu_layer(struct q3_offload *off, int layer, q3_err *e)
 
 	memset(&r, 0, sizeof(r));
 	r.T = off->R;
-	r.xb = off->xb_h;
+	r.xh = off->xb_h; /* fp16: the backend's normed activations */
 	r.ldx = (size_t)off->H;
 	r.ids = off->idx_h;
 	r.w = off->w_h;

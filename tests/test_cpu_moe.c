@@ -286,9 +286,9 @@ static void test_handoff(void **state)
 	free(out);
 }
 
-/* The GPU's layout: bf16 inputs, routing rows of k + 1 with the shared expert's -1 last; every
+/* The GPU's layout: fp16 inputs, routing rows of k + 1 with the shared expert's -1 last; every
  * routed pair counted in the statistics. */
-static void test_bf16_rows(void **state)
+static void test_fp16_rows(void **state)
 {
 	enum { T = 4, LDK = K + 1 };
 	struct fixture f;
@@ -308,11 +308,12 @@ static void test_bf16_rows(void **state)
 	mo.H = f.H;
 	float *x = malloc(sizeof(float) * T * f.H), *ref = malloc(sizeof(float) * T * f.H);
 	float *out = malloc(sizeof(float) * T * f.H);
-	uint16_t *xb = malloc(sizeof(uint16_t) * T * f.H);
+	uint16_t *xh = malloc(sizeof(uint16_t) * T * f.H);
 
+	/* fp16 rows, as the CUDA backend hands them over */
 	for (int i = 0; i < T * f.H; i++) {
-		xb[i] = q3_f32_to_bf16((float)(q3_xrandu(&rng) - 0.5));
-		x[i] = q3_bf16_to_f32(xb[i]);
+		xh[i] = q3_f32_to_f16((float)(q3_xrandu(&rng) - 0.5));
+		x[i] = q3_f16_to_f32(xh[i]);
 	}
 	routing(T, &rng, ids, w);
 	for (int t = 0; t < T; t++) {
@@ -327,7 +328,7 @@ static void test_bf16_rows(void **state)
 	assert_int_equal(q3_xstats_new(3, E, 0, 1, &xs, &e), 0);
 	assert_int_equal(q3_xpool_new(&po, &p, &e), 0);
 	assert_int_equal(q3_cpu_moe_new(p, &mo, &m, &e), 0);
-	struct q3_cpu_moe_req r = {.T = T, .xb = xb, .ldx = (size_t)f.H, .ids = ids2, .w = w2, .k = K,
+	struct q3_cpu_moe_req r = {.T = T, .xh = xh, .ldx = (size_t)f.H, .ids = ids2, .w = w2, .k = K,
 				   .ldk = LDK, .experts = f.table, .out = out, .ldo = (size_t)f.H,
 				   .stats = xs, .layer = 2};
 
@@ -356,7 +357,7 @@ static void test_bf16_rows(void **state)
 	free(x);
 	free(ref);
 	free(out);
-	free(xb);
+	free(xh);
 }
 
 int main(void)
@@ -365,7 +366,7 @@ int main(void)
 		cmocka_unit_test(test_sym_small),
 		cmocka_unit_test(test_actorder),
 		cmocka_unit_test(test_handoff),
-		cmocka_unit_test(test_bf16_rows),
+		cmocka_unit_test(test_fp16_rows),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -69,8 +69,9 @@ fi
 prog() { for p in "$BIN/$1" "$BIN/tests/$1" "$BIN/tests/gpu/$1"; do [ -x "$p" ] && { echo "$p"; return; }; done; echo "$BIN/$1"; }
 Q=$ROOT/$BIN/qwen3d
 [ -f "$BIN/COMMIT" ] && add "programs" "$BIN (commit $(cat "$BIN/COMMIT"))" || add "programs" "$BIN"
-if ldd "$Q" | grep -q "not found" && [ -d "$BIN/lib" ]; then
-	export LD_LIBRARY_PATH=$ROOT/$BIN/lib:${LD_LIBRARY_PATH:-}
+# the bundled libraries last: only what the machine lacks (libcmocka for the CPU tests) comes from them
+if [ -d "$BIN/lib" ]; then
+	export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$ROOT/$BIN/lib
 fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 \
 	$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null); do

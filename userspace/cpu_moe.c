@@ -98,7 +98,7 @@ static void plan(struct q3_cpu_moe *m)
 	m->call_skipped = 0;
 	m->ldk = r->ldk ? r->ldk : r->k;
 	if (r->T < 0 || r->T > m->o.max_tokens || r->k < 0 || r->k > m->o.top_k || m->ldk < r->k ||
-	    (!r->x && !r->xb)) {
+	    (!r->x && !r->xh)) {
 		fail(m, "cpu experts: %d tokens or routing width past the limits", r->T);
 		return;
 	}
@@ -201,12 +201,13 @@ static void task_act(struct q3_cpu_moe *m, int i, int worker)
 	const struct act_item *it = &m->items[i];
 	const float *x = m->r.x + (size_t)it->tok * m->r.ldx;
 
-	if (!m->r.x) { /* bf16 rows: to fp32 in this worker's scratch (free until phase 3) */
-		const uint16_t *xb = m->r.xb + (size_t)it->tok * m->r.ldx;
+	if (!m->r.x) { /* fp16 rows (the GPU's activations): to fp32 in this worker's scratch
+		       * (free until phase 3) */
+		const uint16_t *xh = m->r.xh + (size_t)it->tok * m->r.ldx;
 		float *f = m->ytmp[worker];
 
 		for (int k = 0; k < m->o.H; k++)
-			f[k] = q3_bf16_to_f32(xb[k]);
+			f[k] = q3_f16_to_f32(xh[k]);
 		x = f;
 	}
 	q3_xact_set_blocks(m->o.isa, it->act, it->row, x, it->perm, 0, m->o.H / Q3_XBLOCK);

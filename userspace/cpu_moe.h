@@ -43,7 +43,7 @@ struct q3_cpu_moe_opts {
 struct q3_cpu_moe_req {
 	int T;
 	const float *x;	     /* [T][ldx]: the normed hidden states (model order) */
-	const uint16_t *xb;  /* or the same in bf16 (used when x is NULL) */
+	const uint16_t *xh;  /* or the same in fp16, as the CUDA backend's activations (used when x is NULL) */
 	size_t ldx;
 	const int32_t *ids;  /* [T][ldk]: the first k of each row are routed experts */
 	const float *w;	     /* [T][ldk] */
