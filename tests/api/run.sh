@@ -227,16 +227,19 @@ EOF
 
 	# cancellation: a streaming client that hangs up stops its generation --------------------------
 	c0=$(metric qwen3d_generations_cancelled_total)
-	curl -sN "${AUTH[@]}" "$BASE/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Tell a long story"}],"max_tokens":3000,"stream":true}' >"$WORK/cancel.sse" &
+	curl -sN "${AUTH[@]}" "$BASE/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Tell a long story"}],"max_tokens":3000,"stream":true,"logit_bias":{"151643":-100,"151645":-100}}' >"$WORK/cancel.sse" &
 	cpid=$!
 	for _ in $(seq 100); do grep -q content "$WORK/cancel.sse" 2>/dev/null && break; sleep 0.1; done
 	kill $cpid; wait $cpid 2>/dev/null
 	c1=$c0; for _ in $(seq 50); do c1=$(metric qwen3d_generations_cancelled_total); [ "$c1" != "$c0" ] && break; sleep 0.1; done
 	check cancel/stream-hangup-cancels test "$c1" -gt "$c0"
 	# and a non-streaming one
-	curl -s "${AUTH[@]}" "$BASE/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Another long story"}],"max_tokens":3000}' >/dev/null &
+	# (the random demo model may sample an end token early: bias both away so the request
+	# is still running when the client hangs up; kill as soon as the server reports it running)
+	curl -s "${AUTH[@]}" "$BASE/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Another long story"}],"max_tokens":3000,"logit_bias":{"151643":-100,"151645":-100}}' >/dev/null &
 	cpid=$!
-	sleep 1; kill $cpid; wait $cpid 2>/dev/null
+	for _ in $(seq 100); do [ "$(metric qwen3d_requests_running)" = 1 ] && break; sleep 0.05; done
+	kill $cpid; wait $cpid 2>/dev/null
 	c2=$c1; for _ in $(seq 50); do c2=$(metric qwen3d_generations_cancelled_total); [ "$c2" != "$c1" ] && break; sleep 0.1; done
 	check cancel/whole-hangup-cancels test "$c2" -gt "$c1"
 	check cancel/nothing-left-running test "$(metric qwen3d_requests_running)" = 0
