@@ -481,6 +481,9 @@ static int up_all_experts(struct cuda_bk *bk, uint64_t dense, struct q3g_stage *
 			   (512ull << 20);
 	oo.max_rows = bk->dec_rows;
 	oo.gpu_busid = busid;
+	oo.threads = bk->o.expert_threads;
+	oo.cache = bk->o.expert_cache;
+	oo.stats_path = bk->o.expert_stats;
 	oo.quiet = bk->o.quiet;
 	if ((err = q3_off_open(&bk->off, bk->m, &oo, e)))
 		return err;
@@ -1142,7 +1145,7 @@ static int cuda_idle(void *p, q3_err *e)
 	int n, err = 0;
 
 	if (!q3_off_active(bk->off) || !(n = q3_off_rebalance_plan(bk->off, sw, 64, 64ull << 20)))
-		return 0;
+		return 0; /* nothing to move until more tokens were seen */
 	CUDA_CHECK(e, cudaMallocHost(&sg.host, sg.bytes));
 	if (cudaMalloc(&sg.dev, sg.bytes) != cudaSuccess) {
 		cudaFreeHost(sg.host);
@@ -1163,7 +1166,7 @@ static int cuda_idle(void *p, q3_err *e)
 	}
 	cudaFree(sg.dev);
 	cudaFreeHost(sg.host);
-	return err;
+	return err ? err : 1;
 }
 
 static const struct q3_backend_ops cuda_ops = {

@@ -23,6 +23,7 @@ extern "C" {
 #include "cpu_expert.h"
 #include "cpu_moe.h"
 #include "expert_stats.h"
+#include "knobs.h"
 #include "model.h"
 #include "checkpoint.h"
 #include "placement.h"
@@ -31,7 +32,10 @@ extern "C" {
 }
 
 #define OFF_STAGE 32		  /* experts per prefill staging buffer (two buffers) */
-#define OFF_HALF_LIFE 200000.0	  /* tokens: the expert statistics' memory */
+/* tokens: the expert statistics' memory, by cache policy.  lru follows what the last requests
+ * used; lfu the long-run frequency; static keeps the placement made at start (no re-balancing). */
+#define OFF_HALF_LIFE_LRU 20000.0
+#define OFF_HALF_LIFE_LFU 200000.0
 
 struct hand {
 	volatile uint32_t gate, done, seq0, err;
@@ -69,6 +73,7 @@ struct q3_offload {
 	enum q3_xisa isa;
 	int node, nthreads;
 	struct q3_xstats *xs;
+	int cache; /* enum q3_cache_policy */
 	char stats_path[1024];
 	/* handoff (mapped pinned) */
 	struct hand *hw, *hw_d;
@@ -522,7 +527,9 @@ static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_er
 	if (sp && *sp) {
 		snprintf(off->stats_path, sizeof(off->stats_path), "%s", sp);
 	}
-	if ((err = q3_xstats_new(off->L, off->E, OFF_HALF_LIFE, q3_xstats_fingerprint(m->ck), &off->xs, e)))
+	off->cache = o->cache;
+	if ((err = q3_xstats_new(off->L, off->E, o->cache == Q3_CACHE_LRU ? OFF_HALF_LIFE_LRU : OFF_HALF_LIFE_LFU,
+				 q3_xstats_fingerprint(m->ck), &off->xs, e)))
 		return err;
 	if (off->stats_path[0]) {
 		q3_err le;
@@ -1003,7 +1010,7 @@ extern "C" int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swa
 	uint64_t *bytes;
 	int ns = 0;
 
-	if (!q3_off_active(off) || !off->xs)
+	if (!q3_off_active(off) || !off->xs || off->cache == Q3_CACHE_STATIC)
 		return 0;
 	res = (uint8_t *)malloc(n);
 	bytes = (uint64_t *)malloc(n * sizeof(uint64_t));

@@ -67,6 +67,7 @@ struct q3_off_opts {
 	int threads;		 /* CPU expert threads; 0: the GPU node's cores but one */
 	const char *gpu_busid;	 /* PCI bus id of the GPU (NUMA locality) */
 	const char *stats_path;	 /* expert statistics file; NULL: QWEN3D_EXPERT_STATS, or none */
+	int cache;		 /* enum q3_cache_policy (knobs.h): lru, lfu, static */
 	bool quiet;
 };
 

@@ -1,7 +1,8 @@
 /* test_worker.c - the inference worker's scheduling against a fake engine (defined here, in place
  * of engine.c): decode steps batch every generating job, prompts are fed in chunks of at most
  * prefill_chunk tokens between decode steps, a restored saved state gives the same tokens as a
- * fresh run, cancel and the queue limit work, eos and max_tokens end jobs.
+ * fresh run, cancel and the queue limit work, eos and max_tokens end jobs, the engine's idle
+ * work (the expert cache's re-balancing) runs only between requests and its stats reach /metrics.
  *
  * The fake session's state is a hash of every token it consumed, and its logits are a function
  * of that hash: restoring the wrong state, or feeding a token twice, changes the output. */
@@ -12,6 +13,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -32,6 +34,9 @@ struct q3_engine {
 	pthread_mutex_t gate; /* held by a test to pause the engine */
 	int decode_calls, max_decode_n, max_eval_n;
 	int sessions;
+	int idle_left;	 /* idle rounds with work left ("I" in the log); reset by every forward */
+	int idle_calls;	 /* all q3_engine_idle calls */
+	uint64_t tokens; /* tokens computed (the fake's expert pairs) */
 	char log[4096]; /* "P<n>" per eval, "D<n>" per decode */
 };
 
@@ -94,6 +99,31 @@ int q3_session_copy(struct q3_session *dst, const struct q3_session *src, q3_err
 	return 0;
 }
 
+/* The fake's expert facts: every computed token is one pair served from VRAM. */
+void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s)
+{
+	memset(s, 0, sizeof(*s));
+	pthread_mutex_lock(&fake.gate);
+	s->experts_total = 48;
+	s->experts_vram = 48;
+	s->pairs_vram = fake.tokens;
+	pthread_mutex_unlock(&fake.gate);
+}
+
+/* Two rounds of work after any forward, then nothing. */
+int q3_engine_idle(struct q3_engine *eng, q3_err *e)
+{
+	pthread_mutex_lock(&fake.gate);
+	int r = fake.idle_left > 0;
+	fake.idle_calls++;
+	if (r) {
+		fake.idle_left--;
+		logf_("I", 1);
+	}
+	pthread_mutex_unlock(&fake.gate);
+	return r;
+}
+
 static int feed(struct q3_session *s, const int32_t *ids, int n, q3_err *e)
 {
 	if (s->pos + n > MAX_CTX)
@@ -104,6 +134,8 @@ static int feed(struct q3_session *s, const int32_t *ids, int n, q3_err *e)
 		s->h = mix(s->h ^ ((uint64_t)ids[i] << 20 | (uint64_t)(s->pos + i)));
 	}
 	s->pos += n;
+	fake.tokens += (uint64_t)n;
+	fake.idle_left = 2;
 	return 0;
 }
 
@@ -193,6 +225,49 @@ static int setup(void **st)
 }
 
 /* ---- tests -------------------------------------------------------------------------------- */
+
+/* Idle rounds happen after the work, never between the steps of a running request, and stop
+ * when the engine has nothing left; /metrics then shows the engine's stats. */
+static void test_idle_work_runs_between_requests_and_stats_reach_metrics(void **st)
+{
+	struct q3_worker *w = start(0, 16, 64);
+	struct q3_job *a = job(40, 3, 6);
+	char *text, line[128], *first_idle = NULL;
+	int calls;
+
+	assert_int_equal(q3_worker_submit(w, a), 0);
+	wait_done(a);
+	for (int i = 0; i < 500; i++) { /* until the worker went idle */
+		pthread_mutex_lock(&fake.gate);
+		bool idle = strstr(fake.log, "I1 I1 ") != NULL;
+		pthread_mutex_unlock(&fake.gate);
+		if (idle)
+			break;
+		usleep(10000);
+	}
+	pthread_mutex_lock(&fake.gate);
+	first_idle = strstr(fake.log, "I1");
+	assert_non_null(first_idle);
+	assert_non_null(strstr(fake.log, "D1 ")); /* the request ran before */
+	assert_string_equal(first_idle, "I1 I1 "); /* no step after the idle work began */
+	calls = fake.idle_calls;
+	pthread_mutex_unlock(&fake.gate);
+	usleep(100000);
+	pthread_mutex_lock(&fake.gate);
+	assert_int_equal(fake.idle_calls, calls); /* nothing left: the worker sleeps */
+	pthread_mutex_unlock(&fake.gate);
+
+	text = q3_metrics_render(&metrics);
+	assert_non_null(text);
+	snprintf(line, sizeof(line), "\nqwen3d_expert_pairs_total{where=\"vram\"} %llu\n",
+		 (unsigned long long)fake.tokens);
+	assert_non_null(strstr(text, line));
+	assert_non_null(strstr(text, "\nqwen3d_experts_vram 48\n"));
+	assert_non_null(strstr(text, "\nqwen3d_expert_hit_ratio 1.0000\n"));
+	free(text);
+	q3_job_put(a);
+	q3_worker_free(w);
+}
 
 static void test_decode_steps_batch_every_generating_job(void **st)
 {
@@ -344,6 +419,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup(test_decode_steps_batch_every_generating_job, setup),
+		cmocka_unit_test_setup(test_idle_work_runs_between_requests_and_stats_reach_metrics, setup),
 		cmocka_unit_test_setup(test_long_prompts_are_fed_in_chunks_between_decode_steps, setup),
 		cmocka_unit_test_setup(test_a_restored_state_gives_the_same_tokens_as_a_fresh_run, setup),
 		cmocka_unit_test_setup(test_cancel_ends_a_job_and_the_queue_limit_refuses, setup),

@@ -28,6 +28,9 @@ struct q3_backend_opts {
 	int max_batch;	      /* sequences per forward */
 	int max_tokens;	      /* tokens per forward, all sequences together (>= max_batch) */
 	uint64_t vram_budget; /* bytes; 0 = automatic */
+	int expert_threads;	   /* q3_engine_opts's */
+	int expert_cache;	   /* enum q3_cache_policy (knobs.h) */
+	const char *expert_stats;
 	bool quiet;
 };
 
@@ -64,7 +67,8 @@ struct q3_backend_ops {
 	int max_tokens;
 	/* Optional (may be NULL): q3_engine_stats's facts (s is zeroed before). */
 	void (*stats)(void *bk, struct q3_engine_stats *s);
-	/* Optional (may be NULL): q3_engine_idle (nothing in flight; a few milliseconds of work). */
+	/* Optional (may be NULL): q3_engine_idle (nothing in flight; a few milliseconds of work;
+	 * 1 did some, 0 nothing to do, -errno). */
 	int (*idle)(void *bk, q3_err *e);
 };
 

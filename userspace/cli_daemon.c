@@ -9,11 +9,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
+#include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -336,6 +339,110 @@ static void proc_memory(int pid, const char *const *keys, uint64_t *vals, int n)
 		fclose(f);
 }
 
+/* GET /metrics from the running daemon (a loopback address where it listens on every one):
+ * the body, malloc'ed, or NULL when it does not answer 200 within two seconds (*code: the HTTP
+ * status it gave, 0 if none). */
+static char *fetch_metrics(const char *host, const char *port, const char *key, int *code)
+{
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *ai = NULL;
+	struct timeval tv = { 2, 0 };
+	char req[512], *buf = NULL, *body = NULL;
+	size_t len = 0, cap = 0;
+	int fd = -1;
+
+	*code = 0;
+	if (!strcmp(host, "0.0.0.0") || !*host)
+		host = "127.0.0.1";
+	else if (!strcmp(host, "::"))
+		host = "::1";
+	if (getaddrinfo(host, port, &hints, &ai) || (fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		goto out;
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	int n = snprintf(req, sizeof(req), "GET /metrics HTTP/1.0\r\nHost: %s\r\n%s%s%sConnection: close\r\n\r\n",
+			 host, *key ? "Authorization: Bearer " : "", key, *key ? "\r\n" : "");
+	if (n >= (int)sizeof(req) || connect(fd, ai->ai_addr, ai->ai_addrlen) || send(fd, req, (size_t)n, MSG_NOSIGNAL) != n)
+		goto out;
+	for (;;) {
+		if (cap - len < 4096) {
+			if (cap >= (1u << 20))
+				goto out; /* not our daemon's metrics */
+			char *nb = realloc(buf, cap = cap ? cap * 2 : 16384);
+			if (!nb)
+				goto out;
+			buf = nb;
+		}
+		ssize_t r = recv(fd, buf + len, cap - len - 1, 0);
+		if (r < 0)
+			goto out;
+		if (r == 0)
+			break;
+		len += (size_t)r;
+	}
+	buf[len] = 0;
+	char *sep = strstr(buf, "\r\n\r\n");
+	if (sep && !strncmp(buf, "HTTP/1.", 7))
+		*code = atoi(buf + 8);
+	if (*code == 200)
+		body = strdup(sep + 4);
+out:
+	if (fd >= 0)
+		close(fd);
+	if (ai)
+		freeaddrinfo(ai);
+	free(buf);
+	return body;
+}
+
+/* The value of the sample line `name value` (name with its labels, if any); NAN if absent. */
+static double metric(const char *body, const char *name)
+{
+	size_t n = strlen(name);
+
+	for (const char *p = body; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL)
+		if (!strncmp(p, name, n) && p[n] == ' ')
+			return strtod(p + n + 1, NULL);
+	return NAN;
+}
+
+/* The live part of the report: generations, and where the routed experts are served from. */
+static void print_live(const char *body)
+{
+	char b[3][32];
+	double pairs_v = metric(body, "qwen3d_expert_pairs_total{where=\"vram\"}");
+	double pairs_c = metric(body, "qwen3d_expert_pairs_total{where=\"cpu\"}");
+	double tokens = metric(body, "qwen3d_offload_tokens_total");
+	double busy = metric(body, "qwen3d_cpu_expert_busy_seconds_total");
+	double total = metric(body, "qwen3d_experts");
+	const char *info = strstr(body, "\nqwen3d_cpu_expert_info{");
+
+	printf("live      %.0f running, %.0f queued, %.1f tokens/s now; %.0f generated, %.0f prompt tokens "
+	       "(%.0f restored from saved states)\n",
+	       metric(body, "qwen3d_requests_running"), metric(body, "qwen3d_requests_queued"),
+	       metric(body, "qwen3d_tokens_per_second"), metric(body, "qwen3d_completion_tokens_total"),
+	       metric(body, "qwen3d_prompt_tokens_total"), metric(body, "qwen3d_cached_prompt_tokens_total"));
+	if (isnan(total)) /* the worker has not published yet */
+		return;
+	if (total == 0) {
+		printf("experts   computed by the CPU backend (no VRAM cache)\n");
+		return;
+	}
+	q3_fmt_bytes((uint64_t)metric(body, "qwen3d_vram_budget_bytes"), b[0], sizeof(b[0]));
+	if (metric(body, "qwen3d_expert_offload") == 0) {
+		printf("experts   all %.0f routed experts in VRAM (weights %s)\n", total, b[0]);
+		return;
+	}
+	q3_fmt_bytes((uint64_t)(tokens > 0 ? metric(body, "qwen3d_pcie_bytes_total") / tokens : 0), b[1], sizeof(b[1]));
+	printf("experts   %.0f of %.0f in VRAM (budget %s), the rest in RAM; hit rate %.1f%% of %.0f pairs, "
+	       "PCIe %s per token\n",
+	       metric(body, "qwen3d_experts_vram"), total, b[0], pairs_v + pairs_c > 0 ? 100 * pairs_v / (pairs_v + pairs_c) : 100.0,
+	       pairs_v + pairs_c, b[1]);
+	q3_fmt_bytes((uint64_t)metric(body, "qwen3d_cpu_expert_bytes_total"), b[2], sizeof(b[2]));
+	printf("          CPU experts: %.1f GB/s while busy (%s read in %.1f s)%s%.*s\n",
+	       metric(body, "qwen3d_cpu_expert_gbytes_per_second"), b[2], busy, info ? ", " : "",
+	       info ? (int)strcspn(info + 24, "}") : 0, info ? info + 24 : "");
+}
+
 int cmd_status(int argc, char **argv)
 {
 	static const char *const keys[] = { "VmRSS", "VmHWM", "RssAnon", "RssFile", "HugetlbPages", "VmLck" };
@@ -378,6 +485,23 @@ int cmd_status(int argc, char **argv)
 	       (long long)json_integer_value(json_object_get(st, "max_ctx")),
 	       (long long)json_integer_value(json_object_get(st, "max_batch")));
 	printf("api       %s  (GET /metrics for live counters)\n", json_string_value(json_object_get(st, "url")));
+	{
+		json_t *set = json_object_get(st, "settings");
+		json_t *host = json_object_get(json_object_get(set, "host"), "value");
+		char port[16];
+		snprintf(port, sizeof(port), "%lld",
+			 (long long)json_integer_value(json_object_get(json_object_get(set, "port"), "value")));
+		int code;
+		char *body = fetch_metrics(json_is_string(host) ? json_string_value(host) : "127.0.0.1", port,
+					   q3_set_str(&s, Q3_SET_API_KEY), &code);
+		if (body)
+			print_live(body);
+		else if (code == 401)
+			printf("live      (GET /metrics needs the API key: pass --api-key or put it in the config)\n");
+		else
+			printf("live      (the daemon did not answer GET /metrics: %s)\n", code ? "HTTP error" : "no answer");
+		free(body);
+	}
 	proc_memory(pid, keys, mem, 6);
 	for (int i = 0; i < 6; i++)
 		q3_fmt_bytes(mem[i], b[i], sizeof(b[i]));

@@ -17,17 +17,22 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
+#include "chat.h"
 #include "cli.h"
 #include "engine.h"
+#include "tokenizer.h"
 #include "safetensors.h"
 
 struct run_opts {
 	const char *model, *prompt_ids, *feed_ids, *out, *backend, *prompt;
 	int threads, max_tokens;
+	uint64_t vram_budget;
 };
 
 enum { OPT_MODEL = 1, OPT_PROMPT_IDS, OPT_FEED_IDS, OPT_OUT, OPT_BACKEND, OPT_THREADS,
-       OPT_MAX_TOKENS, OPT_PROMPT, OPT_HELP };
+       OPT_MAX_TOKENS, OPT_PROMPT, OPT_VRAM_BUDGET, OPT_HELP };
 
 static const struct option long_opts[] = {
 	{ "model", required_argument, NULL, OPT_MODEL },
@@ -38,16 +43,21 @@ static const struct option long_opts[] = {
 	{ "threads", required_argument, NULL, OPT_THREADS },
 	{ "max-tokens", required_argument, NULL, OPT_MAX_TOKENS },
 	{ "prompt", required_argument, NULL, OPT_PROMPT },
+	{ "vram-budget", required_argument, NULL, OPT_VRAM_BUDGET },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ 0 },
 };
 
+#define VRAM_BUDGET_HELP                                                                             \
+	"--vram-budget: VRAM the weights may use, like 20GiB (cuda; the routed experts beyond it are\n" \
+	"               computed from RAM); default: what the card has free\n"
+
 static const char logits_usage[] =
 	"usage: qwen3d logits --model DIR --prompt-ids 1,2,3 [--feed-ids 4,5,6] --out F.safetensors\n"
-	"                     [--backend cpu|cuda|auto] [--threads N]\n";
+	"                     [--backend cpu|cuda|auto] [--threads N] [--vram-budget SIZE]\n" VRAM_BUDGET_HELP;
 static const char generate_usage[] =
-	"usage: qwen3d generate --model DIR --prompt-ids 1,2,3 [--max-tokens N]\n"
-	"                       [--backend cpu|cuda|auto] [--threads N]\n";
+	"usage: qwen3d generate --model DIR (--prompt-ids 1,2,3 | --prompt TEXT) [--max-tokens N]\n"
+	"                       [--backend cpu|cuda|auto] [--threads N] [--vram-budget SIZE]\n" VRAM_BUDGET_HELP;
 
 static int parse_int(const char *cmd, const char *opt, const char *s, int lo, int *out)
 {
@@ -81,6 +91,13 @@ static int parse_opts(int argc, char **argv, const char *usage, struct run_opts 
 		case OPT_THREADS:
 			if (parse_int(argv[0], "threads", optarg, 1, &o->threads))
 				return -1;
+			break;
+		case OPT_VRAM_BUDGET:
+			if (q3_parse_size(optarg, &o->vram_budget) || !o->vram_budget) {
+				fprintf(stderr, "qwen3d %s: --vram-budget: '%s' is not a size like 20GiB\n", argv[0],
+					optarg);
+				return -1;
+			}
 			break;
 		case OPT_MAX_TOKENS:
 			if (parse_int(argv[0], "max-tokens", optarg, 0, &o->max_tokens))
@@ -134,6 +151,7 @@ static int open_engine(const char *cmd, const struct run_opts *o, int ctx, struc
 		.threads = o->threads,
 		.max_ctx = ctx,
 		.max_batch = 1,
+		.vram_budget = o->vram_budget,
 		.quiet = true,
 	};
 	q3_err e = { { 0 } };
@@ -224,6 +242,31 @@ static bool is_eos(const struct q3_config *c, int id)
 	return false;
 }
 
+/* --prompt: the model folder's tokenizer, and TEXT as one user message in the chat template
+ * (with the assistant's turn opened).  The number of ids, or -1 after saying why. */
+static int prompt_text(const char *cmd, const char *dir, const char *text, struct q3_tok **tok, int32_t **ids)
+{
+	json_t *req = json_pack("{s:[{s:s,s:s}]}", "messages", "role", "user", "content", text);
+	char *rendered = NULL;
+	size_t len, n = 0;
+	q3_err e = { { 0 } };
+	int rc = -1;
+
+	if (!req) {
+		fprintf(stderr, "qwen3d %s: --prompt: not valid UTF-8\n", cmd);
+		return -1;
+	}
+	if (q3_tok_load(dir, tok, &e))
+		fprintf(stderr, "qwen3d %s: --prompt needs the model's tokenizer: %s\n", cmd, e.msg);
+	else if (q3_chat_render(req, &rendered, &len, &e) || q3_tok_encode(*tok, rendered, len, ids, &n, &e))
+		fprintf(stderr, "qwen3d %s: --prompt: %s\n", cmd, e.msg);
+	else
+		rc = (int)n;
+	json_decref(req);
+	free(rendered);
+	return rc;
+}
+
 int cmd_generate(int argc, char **argv)
 {
 	struct run_opts o = { .max_tokens = 32 };
@@ -231,22 +274,28 @@ int cmd_generate(int argc, char **argv)
 	struct q3_session *s = NULL;
 	int32_t *prompt = NULL;
 	float *logits = NULL;
+	struct q3_tok *tok = NULL;
+	struct q3_tok_stream ts = { 0 };
 	int T, V, status, rc = 1, made = 0;
 	double t0, t1, t2;
 	q3_err e = { { 0 } };
 
 	if (parse_opts(argc, argv, generate_usage, &o, &status))
 		return status;
-	if (o.prompt) {
-		fprintf(stderr, "qwen3d generate: --prompt needs the tokenizer, which is not built yet; use --prompt-ids\n");
-		return 1;
-	}
-	if (!o.model || !o.prompt_ids) {
-		fprintf(stderr, "qwen3d generate: --model and --prompt-ids are required (see --help)\n");
+	if (!o.model || !o.prompt_ids == !o.prompt) {
+		fprintf(stderr, "qwen3d generate: --model and one of --prompt-ids or --prompt are required (see --help)\n");
 		return 2;
 	}
-	if ((T = parse_ids(argv[0], "prompt-ids", o.prompt_ids, &prompt)) < 0)
+	if (o.prompt) { /* a user message through the chat template; the answer printed as text */
+		if ((T = prompt_text(argv[0], o.model, o.prompt, &tok, &prompt)) < 0)
+			goto out;
+		if (q3_tok_stream_init(&ts, tok, Q3_TOK_SKIP_SPECIAL, &e)) {
+			fprintf(stderr, "qwen3d generate: %s\n", e.msg);
+			goto out;
+		}
+	} else if ((T = parse_ids(argv[0], "prompt-ids", o.prompt_ids, &prompt)) < 0) {
 		return 1;
+	}
 	if (open_engine(argv[0], &o, T + Q3_MAX(o.max_tokens, 1), &eng, &s))
 		goto out;
 	V = q3_engine_config(eng)->vocab_size;
@@ -263,12 +312,28 @@ int cmd_generate(int argc, char **argv)
 	while (made < o.max_tokens) {
 		int32_t id = argmax(logits, V);
 
-		printf("%s%d", made ? " " : "", id);
+		if (tok) {
+			const char *text;
+			size_t len;
+
+			if (!q3_tok_stream_push(&ts, id, &text, &len, &e))
+				fwrite(text, 1, len, stdout);
+			fflush(stdout);
+		} else {
+			printf("%s%d", made ? " " : "", id);
+		}
 		made++;
 		if (is_eos(q3_engine_config(eng), id) || made == o.max_tokens)
 			break;
 		if (q3_engine_decode(eng, &s, &id, 1, logits, &e))
 			goto fail;
+	}
+	if (tok) {
+		const char *text;
+		size_t len;
+
+		q3_tok_stream_flush(&ts, &text, &len);
+		fwrite(text, 1, len, stdout);
 	}
 	printf("\n");
 	t2 = q3_now();
@@ -282,6 +347,9 @@ fail:
 out:
 	q3_session_free(s);
 	q3_engine_close(eng);
+	if (ts.tok)
+		q3_tok_stream_free(&ts);
+	q3_tok_free(tok);
 	free(prompt);
 	free(logits);
 	return rc;

@@ -220,7 +220,7 @@ int q3_daemon_run(struct q3_settings *s, const struct q3_set_flags *flags, int l
 	struct q3_sampling defaults;
 	int32_t eos[Q3_MAX_EOS + 2];
 	int neos, rc = 1;
-	char msg[600];
+	char msg[600], stats_path[4096];
 	pthread_t sigthr;
 	q3_err e;
 
@@ -239,6 +239,17 @@ int q3_daemon_run(struct q3_settings *s, const struct q3_set_flags *flags, int l
 	eo.max_ctx = (int)q3_set_num(s, Q3_SET_MAX_CTX);
 	eo.max_batch = (int)q3_set_num(s, Q3_SET_MAX_BATCH);
 	eo.vram_budget = (uint64_t)q3_set_num(s, Q3_SET_VRAM_BUDGET);
+	eo.read_chunk = (uint32_t)q3_set_num(s, Q3_SET_READ_CHUNK);
+	eo.queue_depth = (int)q3_set_num(s, Q3_SET_QUEUE_DEPTH);
+	eo.expert_threads = (int)q3_set_num(s, Q3_SET_EXPERT_THREADS);
+	eo.expert_cache = q3_set_str(s, Q3_SET_EXPERT_CACHE);
+	eo.expert_stats = q3_set_str(s, Q3_SET_EXPERT_STATS);
+	if (!*eo.expert_stats) {
+		snprintf(stats_path, sizeof(stats_path), "%s/expert-stats", q3_set_str(s, Q3_SET_RUN_DIR));
+		eo.expert_stats = stats_path;
+	} else if (!strcmp(eo.expert_stats, "none")) {
+		eo.expert_stats = NULL;
+	}
 	eo.quiet = true;
 	snprintf(d.model_id, sizeof(d.model_id), "%s", base_name(eo.model_dir));
 	q3_info("qwen3d %s: loading %s (backend %s)", QWEN3D_VERSION, eo.model_dir, eo.backend);

@@ -15,6 +15,7 @@
 
 #include "backend.h"
 #include "checkpoint.h"
+#include "knobs.h"
 #include "model.h"
 
 #define DEFAULT_MAX_CTX 4096
@@ -100,7 +101,8 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 		goto fail;
 	{
 		/* Every tensor's home is pinned RAM here; backends copy what they want on the device. */
-		struct q3_load_opts lo = { .node = -1, .progress = !o->quiet };
+		struct q3_load_opts lo = { .node = -1, .req_bytes = o->read_chunk, .qd = o->queue_depth,
+					   .progress = !o->quiet };
 
 		if ((err = q3_load(eng->ck, &lo, &eng->ld, &eng->load, e)))
 			goto fail;
@@ -116,8 +118,23 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 		.max_ctx = o->max_ctx ? o->max_ctx : DEFAULT_MAX_CTX,
 		.max_batch = o->max_batch ? o->max_batch : DEFAULT_MAX_BATCH,
 		.vram_budget = o->vram_budget,
+		.expert_threads = o->expert_threads,
+		.expert_cache = Q3_CACHE_LRU,
+		.expert_stats = o->expert_stats && *o->expert_stats ? o->expert_stats : NULL,
 		.quiet = o->quiet,
 	};
+	if (o->expert_cache && *o->expert_cache) {
+		int p = 0;
+
+		while (p < Q3_CACHE_NR_POLICIES && strcmp(o->expert_cache, q3_cache_policy_name(p)))
+			p++;
+		if (p == Q3_CACHE_NR_POLICIES) {
+			err = q3_errf(e, -EINVAL, "engine: expert_cache '%s': expected lru, lfu or static",
+				      o->expert_cache);
+			goto fail;
+		}
+		eng->bo.expert_cache = p;
+	}
 	if (eng->bo.max_ctx > c->max_position_embeddings) {
 		err = q3_errf(e, -EINVAL, "engine: max_ctx %d exceeds the model's max_position_embeddings %d",
 			      eng->bo.max_ctx, c->max_position_embeddings);

@@ -29,6 +29,12 @@ struct q3_engine_opts {
 	int max_ctx;	       /* positions per session (KV capacity); 0 = 4096 */
 	int max_batch;	       /* sessions decoded in one step; 0 = 16 */
 	uint64_t vram_budget;  /* bytes of VRAM the weights may use; 0 = automatic */
+	uint32_t read_chunk;   /* bytes per checkpoint read (a multiple of 4 KiB); 0 = 8 MiB */
+	int queue_depth;       /* checkpoint reads in flight; 0 = 32 */
+	/* routed experts beyond the VRAM budget (issue 8; the CUDA backend) */
+	int expert_threads;	  /* CPU threads computing the experts kept in RAM; 0 = automatic */
+	const char *expert_cache; /* "lru", "lfu" or "static" (NULL = lru): how the cache re-balances */
+	const char *expert_stats; /* file keeping the expert statistics across restarts; NULL = none */
 	bool quiet;	       /* no progress output on stderr */
 };
 
@@ -63,7 +69,8 @@ void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s);
 
 /* Between requests (the server's worker when its queue is empty): lets the backend re-balance
  * its caches, e.g. move the routed experts used most lately into VRAM, a bounded step (a few
- * milliseconds) at a time, so call it again while idle.  0 or -errno. */
+ * milliseconds) at a time.  1: it did something, call again while idle; 0: nothing left to do
+ * until more tokens were computed; -errno. */
 int q3_engine_idle(struct q3_engine *eng, q3_err *e);
 
 /* A new, empty timeline (position 0). */

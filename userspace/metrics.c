@@ -58,6 +58,65 @@ double q3_metrics_tok_per_s(struct q3_metrics *m)
 
 #define LOAD(x) ((unsigned long long)atomic_load_explicit(&(x), RLX))
 
+void q3_metrics_experts(struct q3_metrics *m, const struct q3_engine_stats *s)
+{
+	while (atomic_flag_test_and_set_explicit(&m->xlock, memory_order_acquire))
+		;
+	m->experts = *s;
+	m->have_experts = true;
+	atomic_flag_clear_explicit(&m->xlock, memory_order_release);
+}
+
+/* Where the routed experts are served from: the hot-expert cache's hit rate, PCIe traffic and
+ * the CPU experts' bandwidth (issue 8).  Nothing before the worker published. */
+static void render_experts(FILE *f, struct q3_metrics *m)
+{
+	struct q3_engine_stats s;
+	bool have;
+
+	while (atomic_flag_test_and_set_explicit(&m->xlock, memory_order_acquire))
+		;
+	s = m->experts;
+	have = m->have_experts;
+	atomic_flag_clear_explicit(&m->xlock, memory_order_release);
+	if (!have)
+		return;
+	uint64_t pairs = s.pairs_vram + s.pairs_cpu;
+	fprintf(f, "# HELP qwen3d_expert_offload Whether some routed experts live in host RAM.\n"
+		   "# TYPE qwen3d_expert_offload gauge\nqwen3d_expert_offload %d\n"
+		   "# HELP qwen3d_experts_vram Routed experts resident in VRAM.\n"
+		   "# TYPE qwen3d_experts_vram gauge\nqwen3d_experts_vram %d\n"
+		   "# HELP qwen3d_experts Routed experts of the model (layers x experts; 0: CPU backend).\n"
+		   "# TYPE qwen3d_experts gauge\nqwen3d_experts %d\n"
+		   "# HELP qwen3d_vram_budget_bytes VRAM the weights may use (dense and experts).\n"
+		   "# TYPE qwen3d_vram_budget_bytes gauge\nqwen3d_vram_budget_bytes %llu\n",
+		s.offload, s.experts_vram, s.experts_total, (unsigned long long)s.vram_budget);
+	fprintf(f, "# HELP qwen3d_expert_pairs_total Routed (token, expert) pairs by where they were served.\n"
+		   "# TYPE qwen3d_expert_pairs_total counter\n"
+		   "qwen3d_expert_pairs_total{where=\"vram\"} %llu\nqwen3d_expert_pairs_total{where=\"cpu\"} %llu\n"
+		   "# HELP qwen3d_expert_hit_ratio Share of routed pairs served from VRAM since start.\n"
+		   "# TYPE qwen3d_expert_hit_ratio gauge\nqwen3d_expert_hit_ratio %.4f\n",
+		(unsigned long long)s.pairs_vram, (unsigned long long)s.pairs_cpu,
+		pairs ? (double)s.pairs_vram / (double)pairs : 1.0);
+	fprintf(f, "# HELP qwen3d_pcie_bytes_total Offload traffic over PCIe: activations handed to the CPU "
+		   "experts and back, experts streamed in for prefill.\n"
+		   "# TYPE qwen3d_pcie_bytes_total counter\nqwen3d_pcie_bytes_total %llu\n"
+		   "# HELP qwen3d_offload_tokens_total Token rows that went through the offload path.\n"
+		   "# TYPE qwen3d_offload_tokens_total counter\nqwen3d_offload_tokens_total %llu\n"
+		   "# HELP qwen3d_cpu_expert_bytes_total Expert weight bytes the CPU expert threads read.\n"
+		   "# TYPE qwen3d_cpu_expert_bytes_total counter\nqwen3d_cpu_expert_bytes_total %llu\n"
+		   "# HELP qwen3d_cpu_expert_busy_seconds_total Busy time of the CPU expert threads.\n"
+		   "# TYPE qwen3d_cpu_expert_busy_seconds_total counter\nqwen3d_cpu_expert_busy_seconds_total %.6f\n"
+		   "# HELP qwen3d_cpu_expert_gbytes_per_second CPU expert bandwidth while busy (bytes / busy time).\n"
+		   "# TYPE qwen3d_cpu_expert_gbytes_per_second gauge\nqwen3d_cpu_expert_gbytes_per_second %.2f\n"
+		   "# HELP qwen3d_cpu_expert_info The CPU expert threads: instruction set, NUMA node, count.\n"
+		   "# TYPE qwen3d_cpu_expert_info gauge\n"
+		   "qwen3d_cpu_expert_info{isa=\"%s\",node=\"%d\",threads=\"%d\"} 1\n",
+		(unsigned long long)s.pcie_bytes, (unsigned long long)s.tokens, (unsigned long long)s.cpu_expert_bytes,
+		s.cpu_expert_busy_s, s.cpu_expert_busy_s > 0 ? s.cpu_expert_bytes / s.cpu_expert_busy_s / 1e9 : 0.0,
+		*s.cpu_isa ? s.cpu_isa : "-", s.cpu_node, s.cpu_threads);
+}
+
 char *q3_metrics_render(struct q3_metrics *m)
 {
 	char *buf = NULL;
@@ -121,6 +180,7 @@ char *q3_metrics_render(struct q3_metrics *m)
 		   "# TYPE qwen3d_http_connections gauge\nqwen3d_http_connections %d\n",
 		atomic_load(&m->running), atomic_load(&m->queued), atomic_load(&m->cache_entries),
 		atomic_load(&m->connections));
+	render_experts(f, m);
 	if (fclose(f)) {
 		free(buf);
 		return NULL;

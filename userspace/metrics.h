@@ -2,11 +2,15 @@
  *
  * Updated lock-free (relaxed atomics) by the HTTP threads and the inference worker; read by
  * q3_metrics_render.  Names follow Prometheus conventions: *_total counters, *_seconds units.
+ * A zero-initialized struct is ready to use.
  */
 #pragma once
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "engine.h"
 
 enum q3_endpoint {
 	Q3_EP_CHAT,
@@ -37,6 +41,11 @@ struct q3_metrics {
 	/* tokens generated per second: one bucket per second, the last Q3_METRICS_WINDOW seconds */
 	atomic_uint_fast64_t tok_bucket[Q3_METRICS_WINDOW];
 	atomic_int_fast64_t tok_bucket_sec[Q3_METRICS_WINDOW];
+	/* the engine's expert cache and CPU experts (q3_engine_stats), published by the worker;
+	 * xlock guards the copy (a spin: both sides only copy the struct) */
+	atomic_flag xlock;
+	bool have_experts;
+	struct q3_engine_stats experts;
 };
 
 void q3_metrics_request(struct q3_metrics *m, enum q3_endpoint ep, int status);
@@ -44,5 +53,7 @@ void q3_metrics_request(struct q3_metrics *m, enum q3_endpoint ep, int status);
 void q3_metrics_tokens(struct q3_metrics *m, int n);
 /* Tokens generated per second over the last full window. */
 double q3_metrics_tok_per_s(struct q3_metrics *m);
+/* The worker's latest q3_engine_stats (rendered as the qwen3d_expert_* families). */
+void q3_metrics_experts(struct q3_metrics *m, const struct q3_engine_stats *s);
 /* Prometheus text exposition (version 0.0.4), malloc'ed; NULL on ENOMEM. */
 char *q3_metrics_render(struct q3_metrics *m);

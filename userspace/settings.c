@@ -42,9 +42,12 @@ const struct q3_set_def q3_set_defs[Q3_SET_COUNT] = {
 	[Q3_SET_QUEUE_DEPTH] = { "queue_depth", Q3_SET_INT, "32", "queue_depth", 1, 4096, false, false,
 				 "checkpoint reads in flight" },
 	[Q3_SET_EXPERT_CACHE] = { "expert_cache", Q3_SET_STR, "lru", "expert_cache_policy", 0, 0, false,
-				  false, "VRAM expert cache policy: lru, lfu or static" },
+				  false, "VRAM expert cache: lru (follows recent use), lfu (long-run use) or static (fixed at start)" },
 	[Q3_SET_EXPERT_THREADS] = { "expert_threads", Q3_SET_INT, "0", "cpu_expert_threads", 0, 4096, false,
 				    false, "CPU threads for experts kept in RAM (0: automatic)" },
+	[Q3_SET_EXPERT_STATS] = { "expert_stats", Q3_SET_STR, "", NULL, 0, 0, false, false,
+				  "file keeping the expert use statistics across restarts (default "
+				  "RUN_DIR/expert-stats; none: not kept)" },
 	[Q3_SET_CACHE_SIZE] = { "cache_size", Q3_SET_SIZE, "1GiB", NULL, 0, INT64_MAX, false, false,
 				"memory for saved conversation states (0: no reuse across requests)" },
 	[Q3_SET_PREFILL_CHUNK] = { "prefill_chunk", Q3_SET_INT, "256", NULL, 1, 65536, true, false,

@@ -134,6 +134,7 @@ struct q3_worker {
 	int nactive;
 	uint64_t seq;
 	struct q3_snapcache cache;
+	double t_stats;		/* when the engine's stats were last published */
 	float *logits;		/* [max_batch][V] */
 	struct q3_session **ss; /* [max_batch] decode scratch */
 	int32_t *toks;
@@ -430,14 +431,49 @@ static void decode_step(struct q3_worker *w)
 	}
 }
 
+/* The engine's expert facts for /metrics and `qwen3d status`, at most a few times a second. */
+static void publish_stats(struct q3_worker *w, bool now)
+{
+	struct q3_engine_stats s;
+	double t = q3_now();
+
+	if (!w->o.metrics || (!now && t - w->t_stats < 0.25))
+		return;
+	w->t_stats = t;
+	q3_engine_stats(w->o.eng, &s);
+	q3_metrics_experts(w->o.metrics, &s);
+}
+
+/* Nothing queued or running: one bounded round of the engine's re-balancing (the expert cache
+ * follows what the last requests used).  False when there is nothing left to do. */
+static bool idle_round(struct q3_worker *w)
+{
+	q3_err e;
+	int r = q3_engine_idle(w->o.eng, &e);
+
+	if (r < 0)
+		q3_warn("worker: re-balancing the expert cache: %s", e.msg);
+	publish_stats(w, r <= 0);
+	return r > 0;
+}
+
 static void *worker_main(void *arg)
 {
 	struct q3_worker *w = arg;
+	bool idle_work = true; /* statistics moved since the last re-balancing round */
 
+	publish_stats(w, true);
 	for (;;) {
 		pthread_mutex_lock(&w->mu);
-		while (!w->quit && !w->nactive && !w->qhead)
+		while (!w->quit && !w->nactive && !w->qhead) {
+			if (idle_work) { /* between requests only: a new one waits at most one round */
+				pthread_mutex_unlock(&w->mu);
+				idle_work = idle_round(w);
+				pthread_mutex_lock(&w->mu);
+				continue;
+			}
 			pthread_cond_wait(&w->cv, &w->mu);
+		}
 		bool quit = w->quit;
 		for (int i = 0; i < w->max_batch && w->qhead && !quit; i++) {
 			if (w->slots[i].job)
@@ -462,6 +498,8 @@ static void *worker_main(void *arg)
 			break;
 		prefill_step(w);
 		decode_step(w);
+		publish_stats(w, false);
+		idle_work = true;
 	}
 	return NULL;
 }

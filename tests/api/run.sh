@@ -22,7 +22,7 @@ cleanup() {
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
 	rm -rf "$WORK"
 }
-trap cleanup EXIT
+trap cleanup EXIT; [ -n "$QWEN3D_API_KEEP" ] && trap - EXIT
 
 pass() { passes=$((passes + 1)); echo "PASS  $PASS_PREFIX$1"; }
 fail() { fails=$((fails + 1)); echo "FAIL  $PASS_PREFIX$1: $2"; }
@@ -269,6 +269,15 @@ EOF
 	check concurrency/decoded-in-batches test $((seqs)) -ge $((4 * steps))
 	echo "      mean decode batch: $(python3 -c "print(round($seqs / max($steps, 1), 1))") ($seqs sequences in $steps steps)" | tee -a "$WORK/numbers"
 	python3 -c "import sys; dt=float(sys.argv[1])-float(sys.argv[2]); print('      50 clients x 8 tokens: %.1f s, %.2f requests/s, %.1f tokens/s (%s tokens)' % (dt, 50/dt, int(sys.argv[3])/dt, sys.argv[3]))" "$t1" "$t0" "$tok" | tee -a "$WORK/numbers"
+
+	# live status: counters and where the experts are served from (the CPU backend has no cache) --
+	"$Q" status --run-dir "$RUN" --api-key "$KEY" >"$WORK/status2" 2>&1
+	check status/live-counters grep -qE '^live +0 running, 0 queued, .*; [1-9][0-9]* generated' "$WORK/status2"
+	check status/experts-line grep -qE '^experts +computed by the CPU backend' "$WORK/status2"
+	req /metrics >/dev/null
+	check metrics/expert-families grep -q '^qwen3d_experts 0$' "$WORK/out"
+	"$Q" status --run-dir "$RUN" >"$WORK/status3" 2>&1
+	check status/metrics-need-the-key grep -q '^live .*needs the API key' "$WORK/status3"
 
 	# state reuse across turns -------------------------------------------------------------------
 	turn1='{"messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Name a colour."}],"max_tokens":6,"seed":7}'

@@ -47,6 +47,19 @@ out=$("$QWEN3D" generate --model $FIX/tiny-sym --prompt-ids "$P" --max-tokens 16
 [ "$out" = "${G//,/ }" ] || fail "generate: got '$out', expected '${G//,/ }'"
 echo "generate reproduces gen_ids"
 
+# --prompt: the chat template and the tokenizer around the same greedy run as --prompt-ids
+"$QWEN3D" mkmodel --preset tiny --vocab 151936 --out "$tmp/tok" --quiet --no-direct >/dev/null || fail "mkmodel exited $?"
+cp tests/fixtures/tokenizer/tokenizer.json tests/fixtures/tokenizer/tokenizer_config.json "$tmp/tok/"
+text=$("$QWEN3D" generate --model "$tmp/tok" --prompt "Hello, world" --max-tokens 6 --threads 2 2>/dev/null) ||
+	fail "generate --prompt exited $?"
+ids=$(echo '{"messages": [{"role": "user", "content": "Hello, world"}]}' | "$QWEN3D" render |
+	"$QWEN3D" tokenize --model "$tmp/tok" | tr -s ' \n' ',' | sed 's/,$//')
+gen=$("$QWEN3D" generate --model "$tmp/tok" --prompt-ids "$ids" --max-tokens 6 --threads 2 2>/dev/null) ||
+	fail "generate --prompt-ids (rendered) exited $?"
+want=$(echo "$gen" | "$QWEN3D" detokenize --model "$tmp/tok")
+[ -n "$text" ] && [ "$text" = "$want" ] || fail "generate --prompt: '$text', the same ids detokenized: '$want'"
+echo "generate --prompt = render | tokenize | generate --prompt-ids | detokenize"
+
 # expect STATUS PATTERN ARGS...: exit status STATUS and exactly one stderr line matching PATTERN
 expect() {
 	local want=$1 pat=$2 rc
