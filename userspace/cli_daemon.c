@@ -502,6 +502,14 @@ int cmd_status(int argc, char **argv)
 			printf("live      (the daemon did not answer GET /metrics: %s)\n", code ? "HTTP error" : "no answer");
 		free(body);
 	}
+	json_t *wt = json_object_get(st, "weights");
+	if (wt) {
+		char wb[32];
+		printf("weights   %s read in %.1f s (%s)\n          host copy: %s\n",
+		       q3_fmt_bytes((uint64_t)json_integer_value(json_object_get(wt, "bytes")), wb, sizeof(wb)),
+		       json_real_value(json_object_get(wt, "seconds")), json_string_value(json_object_get(wt, "path")),
+		       json_string_value(json_object_get(wt, "memory")));
+	}
 	proc_memory(pid, keys, mem, 6);
 	for (int i = 0; i < 6; i++)
 		q3_fmt_bytes(mem[i], b[i], sizeof(b[i]));

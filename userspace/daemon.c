@@ -127,6 +127,11 @@ static void write_state(struct daemon *d)
 			      "cache_entries", d->cache_entries, "state_bytes", (json_int_t)d->state_bytes, "max_ctx",
 			      q3_engine_max_ctx(d->eng), "max_batch", q3_engine_max_batch(d->eng), "settings",
 			      st ? st : json_object());
+	struct q3_engine_load wl;
+	q3_engine_load_info(d->eng, &wl);
+	if (o)
+		json_object_set_new(o, "weights", json_pack("{s:I, s:f, s:s, s:s}", "bytes", (json_int_t)wl.bytes,
+							     "seconds", wl.seconds, "path", wl.path, "memory", wl.mem));
 	snprintf(path, sizeof(path), "%s/qwen3d.json", q3_set_str(d->s, Q3_SET_RUN_DIR));
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	if (!o || json_dump_file(o, tmp, JSON_INDENT(1) | JSON_PRESERVE_ORDER) || rename(tmp, path))

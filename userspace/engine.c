@@ -10,6 +10,7 @@
 #include "loader.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -178,6 +179,14 @@ void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s)
 	memset(s, 0, sizeof(*s));
 	if (eng->ops->stats)
 		eng->ops->stats(eng->bk, s);
+}
+
+void q3_engine_load_info(const struct q3_engine *eng, struct q3_engine_load *l)
+{
+	l->bytes = eng->load.bytes;
+	l->seconds = eng->load.t_total;
+	snprintf(l->path, sizeof(l->path), "%s", eng->load.path);
+	snprintf(l->mem, sizeof(l->mem), "%s", eng->load.mem);
 }
 
 int q3_engine_idle(struct q3_engine *eng, q3_err *e)

@@ -67,6 +67,15 @@ struct q3_engine_stats {
 /* Fills s.  Same thread as every other call on the engine. */
 void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s);
 
+/* How the weights were read (fixed once open: any thread may ask). */
+struct q3_engine_load {
+	uint64_t bytes;	 /* tensor bytes */
+	double seconds;	 /* the whole load */
+	char path[256];	 /* how they were read, one line (loader.h) */
+	char mem[320];	 /* the host memory holding them: provider, node, page size */
+};
+void q3_engine_load_info(const struct q3_engine *eng, struct q3_engine_load *l);
+
 /* Between requests (the server's worker when its queue is empty): lets the backend re-balance
  * its caches, e.g. move the routed experts used most lately into VRAM, a bounded step (a few
  * milliseconds) at a time.  1: it did something, call again while idle; 0: nothing left to do

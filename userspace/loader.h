@@ -107,7 +107,7 @@ struct q3_load_stats {
 	const char *prefault;	 /* what was done: "overlap", "first", "off", "pool" */
 	double t_total;		 /* q3_load call: weights ready */
 	char path[256];		 /* what was done, one line */
-	char mem[160];		 /* where the host arena came from */
+	char mem[320];		 /* where the host arena came from */
 };
 
 struct q3_load;

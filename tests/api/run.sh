@@ -22,7 +22,7 @@ cleanup() {
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
 	rm -rf "$WORK"
 }
-trap cleanup EXIT; [ -n "$QWEN3D_API_KEEP" ] && trap - EXIT
+trap cleanup EXIT; [ -n "${QWEN3D_API_KEEP:-}" ] && trap - EXIT
 
 pass() { passes=$((passes + 1)); echo "PASS  $PASS_PREFIX$1"; }
 fail() { fails=$((fails + 1)); echo "FAIL  $PASS_PREFIX$1: $2"; }
@@ -84,6 +84,8 @@ suite() {
 	check lifecycle/status-knob-source grep -qE "^  expert_cache +lfu +knob $WORK/knobs/expert_cache_policy" "$WORK/status"
 	check lifecycle/flag-beats-knob grep -qE "^  queue_depth +8 +--queue_depth" "$WORK/status"
 	check lifecycle/status-hides-key bash -c "! grep -q $KEY '$WORK/status'"
+	check lifecycle/status-shows-weights grep -qE '^weights +[0-9.]+ MiB read in [0-9.]+ s' "$WORK/status"
+	check lifecycle/status-shows-host-memory grep -qE '^ +host copy: ' "$WORK/status"
 	out=$("$Q" start --model "$WORK/model" --run-dir "$RUN" --port "$(free_port)" 2>&1)
 	check lifecycle/second-instance-refused bash -c "[[ '$out' == *'already running'* ]]"
 	out=$("$Q" start --model "$WORK/model" --run-dir "$WORK/run-busy" --port "$PORT" 2>&1)
