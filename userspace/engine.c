@@ -125,11 +125,9 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 		.quiet = o->quiet,
 	};
 	if (o->expert_cache && *o->expert_cache) {
-		int p = 0;
+		int p = q3_cache_policy_parse(o->expert_cache);
 
-		while (p < Q3_CACHE_NR_POLICIES && strcmp(o->expert_cache, q3_cache_policy_name(p)))
-			p++;
-		if (p == Q3_CACHE_NR_POLICIES) {
+		if (p < 0) {
 			err = q3_errf(e, -EINVAL, "engine: expert_cache '%s': expected lru, lfu or static",
 				      o->expert_cache);
 			goto fail;

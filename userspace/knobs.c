@@ -68,8 +68,7 @@ static bool parse_u32(const char *s, uint32_t min, uint32_t max, bool pow2, uint
 	return true;
 }
 
-/* The policy marked [like this] in "lru [lfu] static", or a bare name; -1 if neither. */
-static int parse_policy(const char *s)
+int q3_cache_policy_parse(const char *s)
 {
 	const char *open = strchr(s, '[');
 	size_t n = strlen(s);
@@ -134,7 +133,7 @@ int q3_knobs_read(const char *dir, struct q3_knobs *k, q3_err *e)
 	if (ret < 0)
 		return ret;
 	if (ret) {
-		p = parse_policy(buf);
+		p = q3_cache_policy_parse(buf);
 		if (p < 0)
 			return q3_errf(e, -EINVAL, "knobs: %s/expert_cache_policy: '%s' names no policy "
 				       "(lru, lfu, static)", dir, buf);

@@ -42,3 +42,6 @@ int q3_knobs_read(const char *dir, struct q3_knobs *k, q3_err *e);
 
 /* "lru", "lfu", "static"; "?" for anything else. */
 const char *q3_cache_policy_name(enum q3_cache_policy p);
+/* The policy marked [like this] in "lru [lfu] static" (what sysfs shows), or a bare name;
+ * -1 if neither. */
+int q3_cache_policy_parse(const char *s);
