@@ -64,12 +64,13 @@ MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
 
 .PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz \
-        fuzz-build fuzz-lib lib deps clean help format
+        fuzz-build fuzz-lib lib deps demo clean help format
 
 all: $(BUILD)/qwen3d
 
 help:
 	@echo "make            build build/qwen3d (CPU backend; CUDA backend too where nvcc exists)"
+	@echo "make demo       build, write a tiny random-weight model with the real tokenizer, serve it"
 	@echo "make test       every CPU test: unit, fixture parity, CLI, ASan, fuzz smoke, kmod VM, API"
 	@echo "make test-unit  the cmocka programs only"
 	@echo "make gpu        the CUDA library and GPU test programs (needs nvcc)"
@@ -158,6 +159,9 @@ test-asan:
 
 test-api: $(BUILD)/qwen3d
 	bash tests/api/run.sh $(BUILD)
+
+demo: $(BUILD)/qwen3d
+	bash tools/demo.sh $(BUILD)
 
 test-kmod:
 	bash tests/kmod/run.sh

@@ -370,6 +370,18 @@ FULL=1
 unset ASAN_OPTIONS
 suite
 
+# the README's main command: `make demo` writes the demo model and serves it in the foreground -----
+demo_port=$(free_port)
+(cd "$ROOT" && QWEN3D_DEMO_DIR=$WORK/demo PORT=$demo_port make -s demo BUILD="$BUILD" >"$WORK/demo.out" 2>&1) &
+PIDS+=($!)
+for _ in $(seq 120); do curl -s -o /dev/null "http://127.0.0.1:$demo_port/health" && break; sleep 0.5; done
+curl -s -o "$WORK/demo.json" "http://127.0.0.1:$demo_port/v1/chat/completions" \
+	-d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4}'
+check demo/serves-the-random-model test "$(jget "$WORK/demo.json" 'd["model"]')" = qwen3-next-tiny-random
+check demo/says-its-answers-are-noise grep -q "RANDOM weights" "$WORK/demo.out"
+"$Q" stop --run-dir "$WORK/demo/run" >/dev/null 2>&1
+check demo/stops bash -c "! curl -s -o /dev/null http://127.0.0.1:$demo_port/health"
+
 if [ -x "$ROOT/build-asan/qwen3d" ] && [ "${QWEN3D_API_QUICK:-0}" != 1 ] && [ "$BUILD" != build-asan ]; then
 	echo "== the same suite with the server under AddressSanitizer + LeakSanitizer"
 	Q=$ROOT/build-asan/qwen3d
