@@ -15,11 +15,11 @@ static const struct {
 	{ "status", cmd_status, "what the running daemon serves, with what memory and settings" },
 	{ "inspect", cmd_inspect, "validate a checkpoint and print its tensor table summary" },
 	{ "logits", cmd_logits, "run prompt/feed ids through the model and write logits (safetensors)" },
-	{ "generate", cmd_generate, "generate text from a prompt (greedy or sampled)" },
+	{ "generate", cmd_generate, "greedy generation from prompt ids or a chat message (--prompt)" },
 	{ "tokenize", cmd_tokenize, "text on stdin -> token ids on stdout" },
 	{ "detokenize", cmd_detokenize, "token ids on stdin -> text on stdout" },
 	{ "render", cmd_render, "chat request JSON on stdin -> prompt text (chat template)" },
-	{ "bench", cmd_bench, "benchmarks: load | decode | prefill" },
+	{ "bench", cmd_bench, "benchmarks: load | decode | prefill | suite | experts | offload" },
 	{ "mkmodel", cmd_mkmodel, "write a synthetic checkpoint in the exact hub layout" },
 };
 
