@@ -64,7 +64,7 @@ MAIN_LIBS := $(BUILD)/libqwen3d.a
 endif
 
 .PHONY: all cpu gpu kmod test test-unit test-cli test-asan test-kmod test-gpu test-api bench fuzz \
-        fuzz-build fuzz-lib lib deps demo clean help format
+        fuzz-build fuzz-lib lib deps demo install clean help format
 
 all: $(BUILD)/qwen3d
 
@@ -79,6 +79,7 @@ help:
 	@echo "make test-kmod  build the module for Debian's 6.1 and 6.12 kernels and test it under qemu"
 	@echo "make bench      benchmarks (see tools/bench.sh)"
 	@echo "make fuzz       run every fuzz target FUZZ_TIME seconds (default 60)"
+	@echo "make install    qwen3d to PREFIX/bin (/usr/local), the udev rule, knob defaults, systemd unit"
 	@echo "make deps       install the Debian packages the build and tests need (root)"
 	@echo "make clean      remove build/"
 
@@ -162,6 +163,18 @@ test-api: $(BUILD)/qwen3d
 
 demo: $(BUILD)/qwen3d
 	bash tools/demo.sh $(BUILD)
+
+# The paths udev/60-qwen3mm.rules and udev/qwen3d.service name; /etc/qwen3mm.conf is kept if it
+# exists.  The module itself: kmod/dkms.conf.
+PREFIX ?= /usr/local
+install: $(BUILD)/qwen3d
+	install -D -m 755 $(BUILD)/qwen3d $(DESTDIR)$(PREFIX)/bin/qwen3d
+	install -D -m 644 udev/60-qwen3mm.rules $(DESTDIR)/etc/udev/rules.d/60-qwen3mm.rules
+	install -D -m 755 udev/qwen3mm-knobs $(DESTDIR)/usr/local/lib/qwen3mm/qwen3mm-knobs
+	[ -e $(DESTDIR)/etc/qwen3mm.conf ] || install -D -m 644 udev/qwen3mm.conf $(DESTDIR)/etc/qwen3mm.conf
+	install -D -m 644 udev/qwen3d.service $(DESTDIR)/etc/systemd/system/qwen3d.service
+	install -D -m 644 README.md $(DESTDIR)/usr/share/doc/qwen3d/README.md
+	@echo "installed; as root: groupadd --system qwen3; udevadm control --reload; systemctl daemon-reload"
 
 test-kmod:
 	bash tests/kmod/run.sh
