@@ -1142,7 +1142,7 @@ static int cuda_idle(void *p, q3_err *e)
 	struct cuda_bk *bk = (struct cuda_bk *)p;
 	struct q3_swap sw[64];
 	struct q3g_stage sg = { NULL, NULL, 16u << 20 };
-	int n, err = 0;
+	int n, err = 0, done = 0;
 
 	if (!q3_off_active(bk->off) || !(n = q3_off_rebalance_plan(bk->off, sw, 64, 64ull << 20)))
 		return 0; /* nothing to move until more tokens were seen */
@@ -1161,12 +1161,13 @@ static int cuda_idle(void *p, q3_err *e)
 			continue;
 		if (!(err = q3g_mat_upload(&L->egate.m, slot, &ex->gate, NULL, &sg, bk->st, e)) &&
 		    !(err = q3g_mat_upload(&L->eup.m, slot, &ex->up, NULL, &sg, bk->st, e)) &&
-		    !(err = q3g_mat_upload(&L->edown.m, slot, &ex->down, NULL, &sg, bk->st, e)))
-			err = q3_off_swap_commit(bk->off, l, xi, xo, e);
+		    !(err = q3g_mat_upload(&L->edown.m, slot, &ex->down, NULL, &sg, bk->st, e)) &&
+		    !(err = q3_off_swap_commit(bk->off, l, xi, xo, e)))
+			done++;
 	}
 	cudaFree(sg.dev);
 	cudaFreeHost(sg.host);
-	return err ? err : 1;
+	return err ? err : done > 0; /* 0: nothing moved, the worker stops asking */
 }
 
 static const struct q3_backend_ops cuda_ops = {

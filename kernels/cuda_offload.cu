@@ -539,8 +539,20 @@ static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_er
 	}
 	if (q3_xstats_tokens(off->xs) > 0) {
 		freq = (double *)malloc(sizeof(double) * off->L * off->E);
-		if (freq)
+		if (freq) {
 			q3_xstats_freq(off->xs, freq);
+			/* a layer that had no CPU experts last time was never counted (its routing
+			 * stays on the GPU): give it the average use, not none, or the plan would
+			 * evict all of it first */
+			for (int l = 0; l < off->L; l++) {
+				double sum = 0;
+
+				for (int x = 0; x < off->E; x++)
+					sum += freq[(size_t)l * off->E + x];
+				for (int x = 0; x < off->E && sum == 0; x++)
+					freq[(size_t)l * off->E + x] = (double)off->k / off->E;
+			}
+		}
 	}
 	uint64_t *eb = (uint64_t *)malloc(sizeof(uint64_t) * off->L * off->E), cap = UINT64_MAX / 4;
 	int order = off->node >= 0 ? off->node : 0;
@@ -611,7 +623,7 @@ extern "C" int q3_off_open(struct q3_offload **out, const struct q3_model *m, co
 	off->H = m->cfg->hidden_size;
 	off->I = m->cfg->moe_inter;
 	off->max_rows = Q3_MAX(1, o->max_rows);
-	off->timeout_s = to && atof(to) > 0 ? atof(to) : 10.0;
+	off->timeout_s = to && atof(to) > 0 ? Q3_MIN(atof(to), 3600.0) : 10.0; /* cycles fit a long long */
 	off->node = -1;
 	if ((err = open_inner(off, o, e))) {
 		q3_off_close(off);
@@ -752,6 +764,11 @@ extern "C" void q3_off_begin(struct q3_offload *off, int R, int real)
 	off->hw->seq0 = off->next_seq;
 	off->next_seq += (uint32_t)off->L + 1;
 	off->tokens += (uint64_t)off->rows_real;
+	/* the CPU computes the real rows only (a graph's padding rows would cost it whole experts);
+	 * the GPU adds all R rows of out: the padding ones are zeros for the whole call */
+	if (off->rows_real < Q3_MIN(R, off->max_rows))
+		memset(off->out_h + (size_t)off->rows_real * off->H, 0,
+		       sizeof(float) * (size_t)(Q3_MIN(R, off->max_rows) - off->rows_real) * off->H);
 }
 
 extern "C" void q3_off_abort(struct q3_offload *off)
@@ -781,7 +798,7 @@ extern "C" int q3_off_cpu_layer(struct q3_offload *off, int layer, q3_err *e)
 	uint32_t v = off->hw->seq0 + (uint32_t)layer + 1;
 
 	memset(&r, 0, sizeof(r));
-	r.T = off->R;
+	r.T = off->rows_real;
 	r.xh = off->xb_h; /* fp16: the backend's normed activations */
 	r.ldx = (size_t)off->H;
 	r.ids = off->idx_h;
@@ -1003,6 +1020,15 @@ extern "C" int q3_off_prefill(struct q3_offload *off, int layer, float *h, const
 
 /* ---- re-balancing ------------------------------------------------------------------------------ */
 
+/* Whether expert x of layer l could become the CPU's: it needs a view (a packed copy exists only
+ * for experts that were never resident; the stored layout serves the others, unless act-order). */
+static bool evictable(const struct q3_offload *off, int l, int x)
+{
+	struct q3_xexpert v;
+
+	return off->views[(size_t)l * off->E + x].H || !q3_xexpert_gptq(&v, &off->m->layers[l].experts[x], NULL);
+}
+
 extern "C" int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swaps, int max, uint64_t max_bytes)
 {
 	size_t n = (size_t)off->L * off->E;
@@ -1018,8 +1044,15 @@ extern "C" int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swa
 		struct q3_rebalance_opts ro;
 
 		for (size_t i = 0; i < n; i++) {
-			res[i] = off->layers[i / off->E].slot_of_h[i % off->E] >= 0;
+			int l = (int)(i / off->E), x = (int)(i % off->E);
+
+			res[i] = off->layers[l].slot_of_h[x] >= 0;
 			bytes[i] = off->expert_bytes;
+			/* a resident expert the CPU could not compute (no packed copy and act-order: no
+			 * view) is never evicted: 0 bytes make no room, so it is never proposed, and a
+			 * round that would only propose it does not repeat forever */
+			if (res[i] && !evictable(off, l, x))
+				bytes[i] = 0;
 		}
 		memset(&ro, 0, sizeof(ro));
 		ro.hysteresis = 0.25;
@@ -1039,14 +1072,8 @@ extern "C" int q3_off_rebalance_plan(struct q3_offload *off, struct q3_swap *swa
 extern "C" int q3_off_swap_slot(const struct q3_offload *off, int layer, int x_in, int x_out)
 {
 	const struct off_layer *ol = &off->layers[layer];
-	struct q3_xexpert v;
 
-	if (ol->slot_of_h[x_out] < 0 || ol->slot_of_h[x_in] >= 0)
-		return -1;
-	/* x_out will be the CPU's: it needs a view (a packed copy exists only for experts that were
-	 * never resident; the stored layout serves the others, unless act-order) */
-	if (!off->views[(size_t)layer * off->E + x_out].H &&
-	    q3_xexpert_gptq(&v, &off->m->layers[layer].experts[x_out], NULL))
+	if (ol->slot_of_h[x_out] < 0 || ol->slot_of_h[x_in] >= 0 || !evictable(off, layer, x_out))
 		return -1;
 	return ol->slot_of_h[x_out];
 }

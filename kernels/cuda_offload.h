@@ -11,7 +11,7 @@
  *
  * Decode (a layer's rows <= max_rows), around the MoE of layer l, all on the compute stream and
  * capturable in a CUDA graph:
- *   q3_off_publish  copies the routing (ids, weights) and the normed bf16 activations to pinned
+ *   q3_off_publish  copies the routing (ids, weights) and the normed fp16 activations to pinned
  *                   host memory, then a one-thread kernel stores the layer's sequence number into
  *                   a host-mapped gate word: the CPU threads start;
  *   q3_off_remap    turns expert ids into stack slots (Q3G_SKIP for the CPU's experts), so the

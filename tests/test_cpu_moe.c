@@ -348,6 +348,33 @@ static void test_fp16_rows(void **state)
 
 	q3_cpu_moe_stats(m, &st);
 	assert_int_equal(st.pairs + st.skipped, T * K);
+	/* graph padding: only the first stats_rows rows are counted */
+	struct q3_xstats *xs2;
+
+	assert_int_equal(q3_xstats_new(3, E, 0, 1, &xs2, &e), 0);
+	r.stats = xs2;
+	r.stats_rows = 1;
+	assert_int_equal(q3_cpu_moe_run(m, &r, &e), 0);
+	q3_xstats_tick(xs2, 1);
+	q3_xstats_freq(xs2, freq);
+	for (int x2 = 0; x2 < E; x2++) {
+		int n = 0;
+
+		for (int i = 0; i < K; i++)
+			n += ids[i] == x2;
+		assert_true(fabs(freq[2 * E + x2] - n) < 1e-9);
+	}
+	q3_xstats_free(xs2);
+	r.stats = xs;
+	r.stats_rows = 0;
+	/* out is rewritten by every call: a call whose rows route only to experts the CPU does not
+	 * hold leaves zeros, not the previous call's sums */
+	for (int t = 0; t < T; t++)
+		for (int i = 0; i < K; i++)
+			ids2[t * LDK + i] = i % 2 ? 3 : 8;
+	assert_int_equal(q3_cpu_moe_run(m, &r, &e), 0);
+	for (int i = 0; i < T * f.H; i++)
+		assert_true(out[i] == 0.0f);
 	r.ldk = K - 1; /* rows shorter than k */
 	assert_int_equal(q3_cpu_moe_run(m, &r, &e), -EINVAL);
 	q3_cpu_moe_free(m);

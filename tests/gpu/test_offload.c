@@ -56,7 +56,7 @@ static int run(const char *dir, const int32_t *prompt, int T, const int32_t *gen
 	/* between the prompt and the decode steps, as a server between requests: re-balancing (on
 	 * whatever evidence the prompt gave: QWEN3D_REBALANCE_MIN_TOKENS) must keep the logits */
 	for (int i = 0; i < 3; i++)
-		if (q3_engine_idle(eng, &e)) {
+		if (q3_engine_idle(eng, &e) < 0) { /* 1: a round moved experts */
 			result(false, "%s: idle (re-balance): %s", dir, e.msg);
 			goto out;
 		}
