@@ -155,6 +155,24 @@ static int up_f32(float **dst, const struct q3_tensor *t, q3_err *e)
 }
 
 /* A stack of Linears (all one shape) in tile format. */
+/* A stack of p->nmat matrices laid out by plan p, filled from ls. */
+static int up_planned(struct lin *L, const struct q3g_mat_plan *p, const struct q3_linear *const *ls,
+		      const int *rowmap, struct q3g_stage *sg, cudaStream_t st, const char *what, q3_err *e)
+{
+	int err, n = p->nmat;
+
+	if ((err = dalloc(&L->mem, q3g_mat_bytes(p), what, e)))
+		return err;
+	q3g_mat_place(&L->m, p, L->mem);
+	for (int i = 0; i < n; i++)
+		if ((err = q3g_mat_upload(&L->m, i, ls[i], rowmap, sg, st, e))) {
+			char name[256];
+
+			return q3_err_prefix(e, err, "%s", q3_linear_name(ls[i], name, sizeof(name)));
+		}
+	return 0;
+}
+
 static int up_lin(struct lin *L, const struct q3_linear *const *ls, int n, const int *rowmap,
 		  struct q3g_stage *sg, cudaStream_t st, const char *what, q3_err *e)
 {
@@ -163,16 +181,7 @@ static int up_lin(struct lin *L, const struct q3_linear *const *ls, int n, const
 
 	if ((err = q3g_mat_plan(ls, n, &p, e)))
 		return err;
-	if ((err = dalloc(&L->mem, q3g_mat_bytes(&p), what, e)))
-		return err;
-	q3g_mat_place(&L->m, &p, L->mem);
-	for (int i = 0; i < n; i++)
-		if ((err = q3g_mat_upload(&L->m, i, ls[i], rowmap, sg, st, e))) {
-			char name[256];
-
-			return q3_err_prefix(e, err, "%s", q3_linear_name(ls[i], name, sizeof(name)));
-		}
-	return 0;
+	return up_planned(L, &p, ls, rowmap, sg, st, what, e);
 }
 
 static int up_one(struct lin *L, const struct q3_linear *l, const int *rowmap, struct q3g_stage *sg,
@@ -290,23 +299,36 @@ static void gdn_rowmaps(const struct q3_config *c, int *qkvz, int *ba)
 
 /* The routed experts of a layer the offload plan keeps in VRAM, slot by slot (all of them when
  * nothing is offloaded; a spare slot holds expert 0's weights and is never read). */
-static int up_experts(struct lin *L, const struct q3_layer *ML, const struct q3_offload *off, int which,
+/* Matrix `which` (0 gate, 1 up, 2 down) of expert x. */
+static const struct q3_linear *expert_lin(const struct q3_layer *ML, int x, int which)
+{
+	return which == 0 ? &ML->experts[x].gate : which == 1 ? &ML->experts[x].up : &ML->experts[x].down;
+}
+
+/* The stack of a layer's routed experts in VRAM (their slots).  Its format comes from every
+ * expert of the layer, not only the resident ones: re-balancing later uploads others into these
+ * slots, and one needing zero points or an act-order permutation must find room for them. */
+static int up_experts(struct lin *L, const struct q3_layer *ML, int E, const struct q3_offload *off, int which,
 		      struct q3g_stage *sg, cudaStream_t st, q3_err *e)
 {
 	int n = q3_off_slots(off, ML->idx);
-	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)n);
+	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)Q3_MAX(n, E));
+	struct q3g_mat_plan p;
 	char what[64];
 	int err;
 
 	if (!ls)
 		return q3_errf(e, -ENOMEM, "out of memory");
-	for (int s = 0; s < n; s++) {
-		int x = Q3_MAX(0, q3_off_slot_expert(off, ML->idx, s));
-
-		ls[s] = which == 0 ? &ML->experts[x].gate : which == 1 ? &ML->experts[x].up : &ML->experts[x].down;
+	for (int x = 0; x < E; x++)
+		ls[x] = expert_lin(ML, x, which);
+	if (!(err = q3g_mat_plan(ls, E, &p, e))) {
+		p.nmat = n;
+		for (int s = 0; s < n; s++)
+			ls[s] = expert_lin(ML, Q3_MAX(0, q3_off_slot_expert(off, ML->idx, s)), which);
+		snprintf(what, sizeof(what), "layer %d experts' %s", ML->idx,
+			 which == 0 ? "gate" : which == 1 ? "up" : "down");
+		err = up_planned(L, &p, ls, NULL, sg, st, what, e);
 	}
-	snprintf(what, sizeof(what), "layer %d experts' %s", ML->idx, which == 0 ? "gate" : which == 1 ? "up" : "down");
-	err = up_lin(L, ls, n, NULL, sg, st, what, e);
 	free(ls);
 	return err;
 }
@@ -491,9 +513,9 @@ static int up_all_experts(struct cuda_bk *bk, uint64_t dense, struct q3g_stage *
 		struct glayer *L = &bk->layers[i];
 		const struct q3_layer *ML = &bk->m->layers[i];
 
-		if ((err = up_experts(&L->egate, ML, bk->off, 0, sg, bk->st, e)) ||
-		    (err = up_experts(&L->eup, ML, bk->off, 1, sg, bk->st, e)) ||
-		    (err = up_experts(&L->edown, ML, bk->off, 2, sg, bk->st, e)))
+		if ((err = up_experts(&L->egate, ML, c->num_experts, bk->off, 0, sg, bk->st, e)) ||
+		    (err = up_experts(&L->eup, ML, c->num_experts, bk->off, 1, sg, bk->st, e)) ||
+		    (err = up_experts(&L->edown, ML, c->num_experts, bk->off, 2, sg, bk->st, e)))
 			return err;
 	}
 	DALLOC(bk->sidx, (size_t)bk->maxrows * (c->top_k + 1) * 4, "routing");
@@ -1136,6 +1158,18 @@ static void cuda_stats(void *p, struct q3_engine_stats *s)
 	snprintf(s->cpu_isa, sizeof(s->cpu_isa), "%s", os.isa);
 }
 
+/* Expert ex's gate, up and down into slot `slot` of layer L's stacks. */
+static int up_expert_slot(struct glayer *L, const struct q3_expert *ex, int slot, struct q3g_stage *sg,
+			  cudaStream_t st, q3_err *e)
+{
+	int err;
+
+	if ((err = q3g_mat_upload(&L->egate.m, slot, &ex->gate, NULL, sg, st, e)) ||
+	    (err = q3g_mat_upload(&L->eup.m, slot, &ex->up, NULL, sg, st, e)))
+		return err;
+	return q3g_mat_upload(&L->edown.m, slot, &ex->down, NULL, sg, st, e);
+}
+
 /* Between requests: one bounded re-balancing round of the VRAM expert cache (cuda_offload.h). */
 static int cuda_idle(void *p, q3_err *e)
 {
@@ -1154,16 +1188,19 @@ static int cuda_idle(void *p, q3_err *e)
 	for (int i = 0; i < n && !err; i++) {
 		int l = sw[i].layer_in, xi = sw[i].expert_in, xo = sw[i].expert_out;
 		int slot = q3_off_swap_slot(bk->off, l, xi, xo);
-		const struct q3_expert *ex = &bk->m->layers[l].experts[xi];
 		struct glayer *L = &bk->layers[l];
 
 		if (slot < 0)
 			continue;
-		if (!(err = q3g_mat_upload(&L->egate.m, slot, &ex->gate, NULL, &sg, bk->st, e)) &&
-		    !(err = q3g_mat_upload(&L->eup.m, slot, &ex->up, NULL, &sg, bk->st, e)) &&
-		    !(err = q3g_mat_upload(&L->edown.m, slot, &ex->down, NULL, &sg, bk->st, e)) &&
-		    !(err = q3_off_swap_commit(bk->off, l, xi, xo, e)))
+		if (!(err = up_expert_slot(L, &bk->m->layers[l].experts[xi], slot, &sg, bk->st, e)) &&
+		    !(err = q3_off_swap_commit(bk->off, l, xi, xo, e))) {
 			done++;
+		} else {
+			/* the slot still belongs to xo: put its weights back (best effort) */
+			q3_err re;
+
+			up_expert_slot(L, &bk->m->layers[l].experts[xo], slot, &sg, bk->st, &re);
+		}
 	}
 	cudaFree(sg.dev);
 	cudaFreeHost(sg.host);
