@@ -33,14 +33,7 @@ for suite in "$@"; do
 	case $suite in
 	unit) for t in "$BUILD"/tests/test_*; do
 		[ -x "$t" ] || continue
-		# LeakSanitizer's stop-the-world tracer segfaults ("Tracer caught signal 11") at the exit
-		# of test_loader's ring test (gcc 12 / libasan 8); ASan and UBSan still check it, leaks
-		# are left to valgrind there. Known issue, see the note in tests/test_loader.c.
-		if [ "$(basename "$t")" = test_loader ] && [ -n "${ASAN_OPTIONS:-}" ]; then
-			ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" run_one test_loader "$t"
-		else
-			run_one "$(basename "$t")" "$t"
-		fi
+		run_one "$(basename "$t")" "$t"
 	done ;;
 	cli) for t in tests/cli/*.sh; do [ -f "$t" ] && run_one "cli/$(basename "$t" .sh)" bash "$t"; done ;;
 	*) echo "tests/run.sh: unknown suite $suite" >&2; exit 2 ;;

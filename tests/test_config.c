@@ -95,6 +95,8 @@ static void test_config_errors_name_the_key(void **state)
 	expect_error(",\"mlp_only_layers\":[1]", "mlp_only_layers");
 	expect_error(",\"hidden_act\":\"gelu\"", "hidden_act");
 	expect_error(",\"rms_norm_eps\":\"x\"", "rms_norm_eps");
+	/* the binding would divide by it (every layer has its shared expert) */
+	expect_error(",\"shared_expert_intermediate_size\":0", "shared_expert_intermediate_size");
 	{
 		struct q3_config c;
 		q3_err e;

@@ -485,7 +485,7 @@ int q3_config_parse(const char *json, size_t len, const char *fname, struct q3_c
 	    (err = get_int(root, fname, "num_experts", 1, 65536, false, 0, &c->num_experts, e)) ||
 	    (err = get_int(root, fname, "num_experts_per_tok", 1, 65536, false, 0, &c->top_k, e)) ||
 	    (err = get_int(root, fname, "moe_intermediate_size", 1, 1 << 20, false, 0, &c->moe_inter, e)) ||
-	    (err = get_int(root, fname, "shared_expert_intermediate_size", 0, 1 << 20, true, 512, &c->shared_inter, e)) ||
+	    (err = get_int(root, fname, "shared_expert_intermediate_size", 1, 1 << 20, true, 512, &c->shared_inter, e)) ||
 	    (err = get_int(root, fname, "full_attention_interval", 1, 1024, true, 4, &c->full_attention_interval, e)) ||
 	    (err = get_int(root, fname, "max_position_embeddings", 1, 1 << 30, true, 262144, &c->max_position_embeddings, e)) ||
 	    (err = get_int(root, fname, "decoder_sparse_step", 1, 1024, true, 1, &tmp, e)))

@@ -304,11 +304,12 @@ static int open_files(struct run *R)
 	R->f = calloc((size_t)ck->nshards, sizeof(*R->f));
 	if (!R->f)
 		return fail(R, -ENOMEM, "out of memory");
+	for (int s = 0; s < ck->nshards; s++) /* close_files runs after a failure part-way through */
+		R->f[s].fd_direct = R->f[s].fd_buf = -1;
 	for (int s = 0; s < ck->nshards; s++) {
 		struct lfile *f = &R->f[s];
 		struct stat sb;
 
-		f->fd_direct = -1;
 		f->fd_buf = open(ck->shards[s].path, O_RDONLY | O_CLOEXEC);
 		if (f->fd_buf < 0)
 			return fail(R, -errno, "%s: %s", ck->shards[s].path, strerror(errno));
@@ -347,7 +348,7 @@ static void close_files(struct run *R)
 	for (int s = 0; R->f && s < R->ck->nshards; s++) {
 		if (R->f[s].fd_direct >= 0)
 			close(R->f[s].fd_direct);
-		if (R->f[s].fd_buf > 0)
+		if (R->f[s].fd_buf >= 0)
 			close(R->f[s].fd_buf);
 	}
 }
@@ -628,7 +629,10 @@ static int run_uring(struct run *R, struct io_uring *ring)
 	/* after an error, let the reads still in flight land before their memory goes away */
 	while (inflight > 0) {
 		struct io_uring_cqe *cqe;
-		if (io_uring_wait_cqe(ring, &cqe))
+		int w = io_uring_wait_cqe(ring, &cqe);
+		if (w == -EINTR)
+			continue; /* a signal: the reads are still in flight */
+		if (w)
 			break;
 		io_uring_cqe_seen(ring, cqe);
 		inflight--;
@@ -696,7 +700,9 @@ static void *reader_thread(void *arg)
 
 static int run_threads(struct run *R)
 {
-	int n = R->o.threads;
+	/* each thread owns the slots id, id + n, ...: no more threads than slots (the ring was sized
+	 * for io_uring when the thread engine is its fallback) */
+	int n = R->nslots ? Q3_MIN(R->o.threads, R->nslots) : R->o.threads;
 	pthread_t *th = calloc((size_t)n, sizeof(*th));
 	struct reader *w = calloc((size_t)n, sizeof(*w));
 	int started = 0;
@@ -1082,7 +1088,9 @@ out:
 					R.f[s].map = NULL;
 				}
 			}
-			R.arena.ptr = R.ring.ptr = NULL;
+			/* ld owns them now: host_free below must see nothing (it frees mb, not ptr) */
+			memset(&R.arena, 0, sizeof(R.arena));
+			memset(&R.ring, 0, sizeof(R.ring));
 			R.h2d = NULL;
 			*out = ld;
 		}

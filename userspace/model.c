@@ -9,6 +9,10 @@
 
 /* Binding keeps going after a problem so that it can say how many there are; the first one is
  * the message. */
+/* Past this many problems binding stops: a config.json that asks for 1024 layers of 65536
+ * experts over a small checkpoint would otherwise look up (and allocate for) every one. */
+#define MAX_PROBLEMS 1000
+
 struct binder {
 	struct q3_ckpt *ck;
 	struct q3_model *m;
@@ -305,7 +309,7 @@ static int bind_moe(struct binder *b, const char *p, struct q3_layer *L)
 	L->experts = calloc((size_t)c->num_experts, sizeof(*L->experts));
 	if (!L->experts)
 		return -ENOMEM;
-	for (int e = 0; e < c->num_experts; e++) {
+	for (int e = 0; e < c->num_experts && b->nerr <= MAX_PROBLEMS; e++) {
 		uint64_t n;
 
 		snprintf(mod, sizeof(mod), "%s.mlp.experts.%d", p, e);
@@ -384,7 +388,7 @@ int q3_model_bind(struct q3_ckpt *ck, struct q3_model **out, q3_err *e)
 	} else {
 		bind_linear(&b, "lm_head", c->hidden_size, c->vocab_size, &m->lm_head);
 	}
-	for (int i = 0; i < c->num_layers; i++) {
+	for (int i = 0; i < c->num_layers && b.nerr <= MAX_PROBLEMS; i++) {
 		struct q3_layer *L = &m->layers[i];
 		char p[64], name[128];
 
@@ -426,6 +430,9 @@ int q3_model_bind(struct q3_ckpt *ck, struct q3_model **out, q3_err *e)
 			unknown > 1 ? " (and more unknown tensors)" : "");
 	if (b.nerr) {
 		q3_model_free(m);
+		if (b.nerr > MAX_PROBLEMS)
+			return q3_errf(e, -EINVAL, "%s (and at least %d more problems)", b.first.msg,
+				       MAX_PROBLEMS);
 		if (b.nerr > 1)
 			return q3_errf(e, -EINVAL, "%s (and %d more problem%s)", b.first.msg, b.nerr - 1,
 				       b.nerr > 2 ? "s" : "");
