@@ -264,6 +264,31 @@ static void test_truncated_shard(void **state)
 	free(d);
 }
 
+/* A shard that changed after open: the map is refused, leaves nothing mapped, and works once the
+ * file is back as it was. */
+static void test_map_after_a_shard_changed(void **state)
+{
+	char *d = copy_fixture("tiny-sym"), p[512];
+	struct q3_ckpt *ck;
+	struct stat st;
+	q3_err e;
+
+	assert_int_equal(q3_ckpt_open(d, &ck, &e), 0);
+	snprintf(p, sizeof(p), "%s/model-00002-of-00002.safetensors", d);
+	assert_int_equal(stat(p, &st), 0);
+	assert_int_equal(truncate(p, st.st_size + 4096), 0);
+	assert_int_not_equal(q3_ckpt_map(ck, &e), 0);
+	assert_non_null(strstr(e.msg, "size changed"));
+	assert_null(ck->tensors[0].data);
+	assert_int_equal(truncate(p, st.st_size), 0);
+	assert_int_equal(q3_ckpt_map(ck, &e), 0); /* not "already mapped" with NULL data */
+	for (size_t i = 0; i < ck->ntensors; i++)
+		assert_non_null(ck->tensors[i].data);
+	q3_ckpt_close(ck);
+	tu_rm_rf(d);
+	free(d);
+}
+
 static void test_header_length_past_the_end(void **state)
 {
 	char *d = copy_fixture("tiny-sym"), p[512];
@@ -425,6 +450,7 @@ int main(void)
 		cmocka_unit_test(test_tiny_actorder_is_asym_with_permuted_gidx),
 		cmocka_unit_test(test_tiny_mixed_has_per_module_bits_and_groups),
 		cmocka_unit_test(test_truncated_shard),
+		cmocka_unit_test(test_map_after_a_shard_changed),
 		cmocka_unit_test(test_header_length_past_the_end),
 		cmocka_unit_test(test_overlapping_extents),
 		cmocka_unit_test(test_wrong_dtype),

@@ -90,6 +90,8 @@ static void test_config_errors_name_the_key(void **state)
 	expect_error(",\"layer_types\":[1,2,3,4,5,6,7,8]", "layer_types[0]");
 	expect_error(",\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}", "rope_scaling");
 	expect_error(",\"rope_parameters\":{\"rope_type\":\"linear\"}", "rope_type");
+	expect_error(",\"rope_parameters\":{\"full_attention\":{\"rope_theta\":1e7}}", "rope_parameters.full_attention");
+	expect_error(",\"rope_parameters\":{\"rope_theta\":1e7,\"factor\":4.0}", "rope_parameters.factor");
 	expect_error(",\"partial_rotary_factor\":0.3", "partial_rotary_factor");
 	expect_error(",\"attention_bias\":true", "attention_bias");
 	expect_error(",\"mlp_only_layers\":[1]", "mlp_only_layers");

@@ -454,30 +454,50 @@ fail:
 	return err;
 }
 
+/* Unmaps what q3_ckpt_map mapped so far: a failed map leaves nothing (a later call retries). */
+static void unmap_all(struct q3_ckpt *ck)
+{
+	for (int s = 0; ck->maps && s < ck->nshards; s++)
+		if (ck->maps[s])
+			munmap(ck->maps[s], ck->shards[s].size);
+	free(ck->maps);
+	ck->maps = NULL;
+}
+
 int q3_ckpt_map(struct q3_ckpt *ck, q3_err *e)
 {
+	int err = 0;
+
 	if (ck->maps)
 		return 0;
 	ck->maps = calloc((size_t)ck->nshards, sizeof(*ck->maps));
 	if (!ck->maps)
 		return q3_errf(e, -ENOMEM, "out of memory");
-	for (int s = 0; s < ck->nshards; s++) {
+	for (int s = 0; s < ck->nshards && !err; s++) {
 		struct stat st;
 		int fd = open(ck->shards[s].path, O_RDONLY | O_CLOEXEC);
 		void *m;
 
-		if (fd < 0)
-			return q3_errf(e, -errno, "%s: %s", ck->shards[s].path, strerror(errno));
+		if (fd < 0) {
+			err = q3_errf(e, -errno, "%s: %s", ck->shards[s].path, strerror(errno));
+			break;
+		}
 		/* The file may have changed since its header was read. */
 		if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != ck->shards[s].size) {
 			close(fd);
-			return q3_errf(e, -EIO, "%s: size changed since it was opened", ck->shards[s].path);
+			err = q3_errf(e, -EIO, "%s: size changed since it was opened", ck->shards[s].path);
+			break;
 		}
 		m = mmap(NULL, ck->shards[s].size, PROT_READ, MAP_PRIVATE, fd, 0);
 		close(fd);
 		if (m == MAP_FAILED)
-			return q3_errf(e, -errno, "%s: mmap: %s", ck->shards[s].path, strerror(errno));
-		ck->maps[s] = m;
+			err = q3_errf(e, -errno, "%s: mmap: %s", ck->shards[s].path, strerror(errno));
+		else
+			ck->maps[s] = m;
+	}
+	if (err) {
+		unmap_all(ck);
+		return err;
 	}
 	for (size_t i = 0; i < ck->ntensors; i++)
 		ck->tensors[i].data = (char *)ck->maps[ck->tensors[i].shard] + ck->tensors[i].off;

@@ -421,10 +421,19 @@ static int parse_rope(json_t *root, const char *fname, struct q3_config *c, q3_e
 		json_t *t;
 		if (!json_is_object(rp))
 			return q3_errf(e, -EINVAL, "%s: rope_parameters: expected an object", fname);
+		const char *key;
+		json_t *v;
+
 		t = json_object_get(rp, "rope_type");
 		if (t && (!json_is_string(t) || strcmp(json_string_value(t), "default")))
 			return q3_errf(e, -EINVAL, "%s: rope_parameters.rope_type: only \"default\" is supported",
 				       fname);
+		/* anything else (scaling factors, a per-layer-type form) would change the numerics:
+		 * refused rather than silently replaced by the defaults */
+		json_object_foreach(rp, key, v)
+			if (strcmp(key, "rope_type") && strcmp(key, "rope_theta") && strcmp(key, "partial_rotary_factor"))
+				return q3_errf(e, -EINVAL, "%s: rope_parameters.%s: not supported (only rope_type, "
+					       "rope_theta, partial_rotary_factor)", fname, key);
 		src = rp;
 	}
 	if ((err = get_num(src, fname, "rope_theta", 1.0, 1e12,

@@ -114,7 +114,7 @@ struct q3_load;
 
 /* Loads every tensor of ck into its home.  Returns 0, or -errno with one line naming the file and
  * offset (I/O), the tensor (placement), or the resource (memory, CUDA) at fault; on failure
- * nothing stays allocated and the tensors' pointers are cleared. */
+ * nothing stays allocated and the tensors' pointers are left as they were (set only on success). */
 int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *o, struct q3_load **out,
 	    struct q3_load_stats *st, q3_err *e);
 /* Frees the arenas (the tensors' data / dev pointers dangle afterwards: clear them first if the
