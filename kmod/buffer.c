@@ -16,6 +16,7 @@
 #include <linux/atomic.h>
 #include <linux/mm.h>
 #include <linux/overflow.h>
+#include <linux/sched/signal.h>
 #include <linux/slab.h>
 
 #include "qwen3mm.h"
@@ -133,6 +134,11 @@ static int q3mm_buf_insert(struct q3mm_buf *buf, struct vm_area_struct *vma,
 		if (ret)
 			break;
 		done += n;
+		/* a 1 TiB mapping is 2^28 PTEs: let a killed mapper go */
+		if (fatal_signal_pending(current)) {
+			ret = -EINTR;
+			break;
+		}
 		cond_resched();
 	}
 	kfree(pages);

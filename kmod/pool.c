@@ -108,6 +108,8 @@ static bool q3mm_reclaim_held(void)
 			list_move_tail(&page->lru, &n->free_list);
 			n->st.held--;
 			n->st.free++;
+			/* a process that pinned gigabytes can release them all at once */
+			cond_resched();
 		}
 	}
 	return left;

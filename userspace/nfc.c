@@ -121,6 +121,8 @@ static int nfc_segment(struct q3_nfc_buf *c, const uint8_t *s, size_t n, q3_err 
 
 static int nfc_copy(struct q3_nfc_buf *c, const uint8_t *s, size_t n, q3_err *e)
 {
+	if (!n) /* c->out may still be NULL: memcpy(NULL, s, 0) is undefined */
+		return 0;
 	if (q3_grow((void **)&c->out, &c->out_cap, c->out_len + n, 1))
 		return q3_errf(e, -ENOMEM, "out of memory");
 	memcpy(c->out + c->out_len, s, n);

@@ -111,7 +111,10 @@ static int set_piece(struct q3_tok *t, int32_t id, const char *s, size_t n, cons
 	return 0;
 }
 
-static int alloc_vmap(struct q3_tok *t, size_t n, q3_err *e)
+/* (Re)builds the string -> id map with room for n strings: the model's tokens, then the added
+ * ones, which override model tokens of the same string (HF's token_to_id).  Linear probing
+ * needs free slots: at most half of it is ever used. */
+static int build_vmap(struct q3_tok *t, size_t n, q3_err *e)
 {
 	size_t cap = 1024;
 	while (cap < 2 * n + 2)
@@ -121,6 +124,11 @@ static int alloc_vmap(struct q3_tok *t, size_t n, q3_err *e)
 	if (!t->vmap)
 		return q3_errf(e, -ENOMEM, "%s: out of memory", t->path);
 	t->vmask = cap - 1;
+	for (int32_t id = 0; id < t->n_vocab; id++)
+		if (t->ent[id].piece_len && !(t->flags[id] & TOK_ADDED))
+			vmap_put(t, id);
+	for (size_t i = 0; i < t->n_added; i++)
+		vmap_put(t, t->added[i].id);
 	return 0;
 }
 
@@ -149,12 +157,7 @@ static int load_vocab(struct q3_tok *t, json_t *vocab, const char *where, q3_err
 				     what, e)))
 			return err;
 	}
-	if ((err = alloc_vmap(t, (size_t)t->n_vocab + 4096, e)))
-		return err;
-	for (int32_t id = 0; id < t->n_vocab; id++)
-		if (t->ent[id].piece_len)
-			vmap_put(t, id);
-	return 0;
+	return build_vmap(t, (size_t)t->n_vocab + 4096, e);
 }
 
 static void byte_tables(struct q3_tok *t)
@@ -292,16 +295,14 @@ static int load_merges_txt(struct q3_tok *t, const char *text, size_t len, q3_er
 static int add_added(struct q3_tok *t, int32_t id, const char *s, size_t n, bool special, bool normalized,
 		     const char *where, q3_err *e)
 {
+	int32_t prev = vmap_get(t, s, n);
 	int err;
 
-	for (size_t i = 0; i < t->n_added; i++) {
-		struct added *a = &t->added[i];
-		if (a->len == n && !memcmp(t->arena + a->piece, s, n)) {
-			if (a->id != id)
-				return q3_errf(e, -EINVAL, "%s: %s: \"%.*s\" is added as both id %d and id %d", t->path,
-					       where, (int)Q3_MIN(n, 64), s, a->id, id);
-			return 0;
-		}
+	if (prev >= 0 && (t->flags[prev] & TOK_ADDED)) { /* added before (the map holds added tokens) */
+		if (prev != id)
+			return q3_errf(e, -EINVAL, "%s: %s: \"%.*s\" is added as both id %d and id %d", t->path,
+				       where, (int)Q3_MIN(n, 64), s, prev, id);
+		return 0;
 	}
 	if (t->n_added == t->cap_added) {
 		size_t cap = t->cap_added ? 2 * t->cap_added : 32;
@@ -315,6 +316,9 @@ static int add_added(struct q3_tok *t, int32_t id, const char *s, size_t n, bool
 		return err;
 	t->added[t->n_added++] = (struct added){ t->ent[id].piece, (uint32_t)n, id, special, normalized };
 	t->flags[id] = (uint8_t)(TOK_ADDED | (special ? TOK_SPECIAL : 0));
+	if (2 * ((size_t)t->n_vocab + t->n_added) + 2 > t->vmask + 1)
+		return build_vmap(t, 2 * ((size_t)t->n_vocab + t->n_added), e);
+	vmap_put(t, id);
 	return 0;
 }
 
@@ -634,6 +638,12 @@ static int load_vocab_merges(struct q3_tok *t, const char *dir, q3_err *e)
 	return compile_regex(t, QWEN2_PATTERN, strlen(QWEN2_PATTERN), false, e);
 }
 
+static int longer_first(const void *a, const void *b)
+{
+	uint32_t x = ((const struct added *)a)->len, y = ((const struct added *)b)->len;
+	return x > y ? -1 : x < y;
+}
+
 static int build_matcher(struct q3_tok *t, struct matcher *m, bool normalized, q3_err *e)
 {
 	size_t n = 0;
@@ -658,13 +668,8 @@ static int build_matcher(struct q3_tok *t, struct matcher *m, bool normalized, q
 	for (size_t i = 0; i < t->n_added; i++)
 		if (t->added[i].normalized == normalized)
 			m->tok[fill[(uint8_t)t->arena[t->added[i].piece]]++] = t->added[i];
-	for (int b = 0; b < 256; b++) /* insertion sort by length, descending */
-		for (uint32_t i = m->start[b] + 1; i < m->start[b + 1]; i++)
-			for (uint32_t j = i; j > m->start[b] && m->tok[j].len > m->tok[j - 1].len; j--) {
-				struct added tmp = m->tok[j];
-				m->tok[j] = m->tok[j - 1];
-				m->tok[j - 1] = tmp;
-			}
+	for (int b = 0; b < 256; b++) /* longest first: equal lengths never match at one place */
+		qsort(m->tok + m->start[b], m->start[b + 1] - m->start[b], sizeof(*m->tok), longer_first);
 	return 0;
 }
 
@@ -759,9 +764,6 @@ int q3_tok_load(const char *dir, struct q3_tok **out, q3_err *e)
 	}
 	if (err)
 		goto fail;
-	/* added tokens override model tokens of the same string (HF's token_to_id) */
-	for (size_t i = 0; i < t->n_added; i++)
-		vmap_put(t, t->added[i].id);
 	if ((err = build_bytes(t, e)) || (err = build_bmap(t, e)) || (err = build_matcher(t, &t->raw, false, e)) ||
 	    (err = build_matcher(t, &t->norm, true, e)))
 		goto fail;

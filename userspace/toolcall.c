@@ -16,6 +16,8 @@ static const char CLOSE[] = "</tool_call>";
 
 struct q3_tc {
 	struct q3_sb buf; /* text received and not yet reported */
+	size_t scanned;   /* buf[0..scanned) was searched already: in a call it holds no start of
+			   * "</tool_call>"; else it is whitespace waiting after a call */
 	bool in_call;     /* buf holds the body of an open <tool_call> */
 	bool finished;    /* the message ended; the next feed starts a new one */
 	int ncalls;
@@ -126,6 +128,7 @@ static void consume(struct q3_tc *p, size_t k)
 	memmove(p->buf.buf, p->buf.buf + k, p->buf.len - k);
 	p->buf.len -= k;
 	p->buf.buf[p->buf.len] = 0;
+	p->scanned = 0;
 }
 
 /* After q3_tc_finish, the count stays readable until the next message starts. */
@@ -148,16 +151,20 @@ int q3_tc_feed(struct q3_tc *p, const char *s, size_t n, q3_tc_cb cb, void *ctx,
 		const char *b = p->buf.buf;
 		size_t len = p->buf.len;
 		if (p->in_call) {
-			const char *end = find(b, len, CLOSE, CLOSE_LEN);
-			if (!end)
+			const char *end = find(b + p->scanned, len - p->scanned, CLOSE, CLOSE_LEN);
+			if (!end) {
+				/* only the last CLOSE_LEN - 1 bytes can still start the tag */
+				p->scanned = len >= CLOSE_LEN ? len - (CLOSE_LEN - 1) : 0;
 				return 0;
+			}
 			if ((rc = block(p, b, (size_t)(end - b), true, cb, ctx, e)))
 				return rc;
 			consume(p, (size_t)(end - b) + CLOSE_LEN);
 			p->in_call = false;
 			continue;
 		}
-		const char *start = find(b, len, OPEN, OPEN_LEN);
+		/* whitespace holds no '<': the tag can only start after what was scanned */
+		const char *start = find(b + p->scanned, len - p->scanned, OPEN, OPEN_LEN);
 		if (start) {
 			if ((rc = emit_text(p, b, (size_t)(start - b), false, cb, ctx)))
 				return rc;
@@ -167,8 +174,10 @@ int q3_tc_feed(struct q3_tc *p, const char *s, size_t n, q3_tc_cb cb, void *ctx,
 		}
 		size_t keep = open_prefix(b, len);
 		/* after a call, whitespace waits to see what follows it */
-		if (p->ncalls && all_space(b, len - keep))
+		if (p->ncalls && all_space(b + p->scanned, len - keep - p->scanned)) {
+			p->scanned = len - keep;
 			return 0;
+		}
 		if ((rc = emit_text(p, b, len - keep, false, cb, ctx)))
 			return rc;
 		consume(p, len - keep);
@@ -188,6 +197,7 @@ int q3_tc_finish(struct q3_tc *p, q3_tc_cb cb, void *ctx, q3_err *e)
 	p->buf.len = 0;
 	if (p->buf.buf)
 		p->buf.buf[0] = 0;
+	p->scanned = 0;
 	p->in_call = false;
 	p->finished = true;
 	return rc;
