@@ -669,6 +669,61 @@ static void expect_load_error(const char *json, const char *want)
 	assert_null(t);
 }
 
+/* Many added tokens over a small vocabulary (the byte-level alphabet only): loading used to spin
+ * forever once they outgrew the lookup table sized for the vocabulary.  Each still resolves, and
+ * encoding finds one in running text. */
+static void test_many_added_tokens(void **state)
+{
+	char dir[] = "/tmp/q3tokXXXXXX", *buf, name[32];
+	size_t len;
+	json_error_t je;
+	q3_err e;
+	struct q3_tok *t2;
+	const char *key;
+	json_t *v;
+	int32_t nv = 0;
+	enum { EXTRA = 20000 };
+
+	assert_non_null(mkdtemp(dir));
+	assert_int_equal(q3_read_file(TOK_FIXTURES "/tokenizer.json", 64u << 20, &buf, &len, &e), 0);
+	json_t *root = json_loadb(buf, len, 0, &je), *model, *vocab = json_object(), *added = json_array();
+	free(buf);
+	assert_non_null(root);
+	model = json_object_get(root, "model");
+	/* the byte-level alphabet: the 256 tokens of one code point */
+	json_object_foreach(json_object_get(model, "vocab"), key, v)
+		if (key[0] && q3_utf8_next((const uint8_t *)key, strlen(key), &(int32_t){ 0 }) == (int)strlen(key))
+			json_object_set_new(vocab, key, json_integer(nv++));
+	assert_int_equal(nv, 256);
+	json_object_set_new(model, "vocab", vocab);
+	json_object_set_new(model, "merges", json_array());
+	for (int i = 0; i < EXTRA; i++) {
+		snprintf(name, sizeof(name), "<extra_%d>", i);
+		json_array_append_new(added, json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", nv + i, "content",
+						       name, "single_word", 0, "lstrip", 0, "rstrip", 0, "normalized",
+						       0, "special", 1));
+	}
+	json_object_set_new(root, "added_tokens", added);
+	buf = json_dumps(root, JSON_COMPACT);
+	json_decref(root);
+	write_file(dir, "tokenizer.json", buf, strlen(buf));
+	free(buf);
+	if (q3_tok_load(dir, &t2, &e))
+		fail_msg("%s", e.msg);
+	assert_int_equal(q3_tok_vocab_size(t2), nv + EXTRA);
+	for (int i = 0; i < EXTRA; i += 997) {
+		snprintf(name, sizeof(name), "<extra_%d>", i);
+		assert_int_equal(q3_tok_id(t2, name), nv + i);
+	}
+	size_t n;
+	int32_t *ids = encode(t2, "ab<extra_19999>c", 16, &n);
+	assert_int_equal(n, 4); /* a, b, the added token, c: no merges */
+	assert_int_equal(ids[2], nv + 19999);
+	free(ids);
+	q3_tok_free(t2);
+	remove_dir(dir);
+}
+
 static void test_load_errors(void **state)
 {
 	struct q3_tok *t;
@@ -713,6 +768,7 @@ int main(void)
 		cmocka_unit_test(test_stream_special),
 		cmocka_unit_test(test_vocab_merges_path),
 		cmocka_unit_test(test_threads),
+		cmocka_unit_test(test_many_added_tokens),
 		cmocka_unit_test(test_load_errors),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
