@@ -133,6 +133,9 @@ static void test_malformed(void **state)
 	/* unterminated at the end: a call if it parses, else text */
 	expect("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"q\": \"x\"}}\n", "C0[f|{\"q\": \"x\"}]");
 	expect("ok <tool_call>\n{\"name\": \"f\", \"argu", "T[ok ]M[<tool_call>\n{\"name\": \"f\", \"argu]");
+	/* cut inside the closing tag: still the call */
+	expect("<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_", "C0[f|{}]");
+	expect("<tool_call>{\"name\": \"f\", \"arguments\": 1}<", "C0[f|1]");
 	/* a tag inside a call body makes it malformed, never a crash */
 	expect("<tool_call><tool_call>{}</tool_call></tool_call>",
 	       "M[<tool_call><tool_call>{}</tool_call>]T[</tool_call>]");

@@ -114,11 +114,11 @@ static int block(struct q3_tc *p, const char *body, size_t n, bool closed, q3_tc
 	return ok ? rc : emit_malformed(p, body, n, closed, cb, ctx, e);
 }
 
-/* Longest suffix of s[0..n) that is a proper prefix of "<tool_call>". */
-static size_t open_prefix(const char *s, size_t n)
+/* Longest suffix of s[0..n) that is a proper prefix of tag. */
+static size_t tag_prefix(const char *s, size_t n, const char *tag, size_t tag_len)
 {
-	for (size_t k = Q3_MIN(n, OPEN_LEN - 1); k > 0; k--)
-		if (!memcmp(s + n - k, OPEN, k))
+	for (size_t k = Q3_MIN(n, tag_len - 1); k > 0; k--)
+		if (!memcmp(s + n - k, tag, k))
 			return k;
 	return 0;
 }
@@ -172,7 +172,7 @@ int q3_tc_feed(struct q3_tc *p, const char *s, size_t n, q3_tc_cb cb, void *ctx,
 			p->in_call = true;
 			continue;
 		}
-		size_t keep = open_prefix(b, len);
+		size_t keep = tag_prefix(b, len, OPEN, OPEN_LEN);
 		/* after a call, whitespace waits to see what follows it */
 		if (p->ncalls && all_space(b + p->scanned, len - keep - p->scanned)) {
 			p->scanned = len - keep;
@@ -190,9 +190,15 @@ int q3_tc_finish(struct q3_tc *p, q3_tc_cb cb, void *ctx, q3_err *e)
 	int rc;
 
 	start_message(p);
-	if (p->in_call)
-		rc = block(p, p->buf.buf, p->buf.len, false, cb, ctx, e);
-	else
+	if (p->in_call) {
+		/* cut inside its closing tag (max_tokens, a stop string): the call without the cut tag */
+		size_t k = tag_prefix(p->buf.buf, p->buf.len, CLOSE, CLOSE_LEN);
+		bool ok = false;
+
+		rc = k ? emit_call(p, p->buf.buf, p->buf.len - k, &ok, cb, ctx, e) : 0;
+		if (!ok)
+			rc = block(p, p->buf.buf, p->buf.len, false, cb, ctx, e);
+	} else
 		rc = emit_text(p, p->buf.buf, p->buf.len, false, cb, ctx);
 	p->buf.len = 0;
 	if (p->buf.buf)
