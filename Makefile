@@ -25,13 +25,14 @@ CUDA_ARCH ?= -gencode arch=compute_86,code=sm_86 -gencode arch=compute_89,code=s
 WARN     := -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wshadow=local -Wno-format-truncation
 CPPFLAGS += -D_GNU_SOURCE -Iuserspace -Ikernels -Ikmod
 CFLAGS   ?= -O2 -g
-CFLAGS   += -std=gnu11 -pthread -fno-strict-aliasing -MMD -MP $(WARN)
+# override: `make CFLAGS=...` (test-asan does) must add to these flags, not drop them
+override CFLAGS += -std=gnu11 -pthread -fno-strict-aliasing -MMD -MP $(WARN)
 ifneq ($(SAN),)
-CFLAGS   += -fsanitize=$(SAN) -fno-omit-frame-pointer
-LDFLAGS  += -fsanitize=$(SAN)
+override CFLAGS += -fsanitize=$(SAN) -fno-omit-frame-pointer
+override LDFLAGS += -fsanitize=$(SAN)
 endif
 ifneq ($(WERROR),)
-CFLAGS   += -Werror
+override CFLAGS += -Werror
 endif
 
 # liburing, libutf8proc and libmicrohttpd are linked statically so that one binary built on

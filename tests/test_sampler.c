@@ -132,6 +132,10 @@ static void test_greedy_takes_the_argmax_lowest_id_on_ties_and_skips_nan(void **
 	assert_int_equal(sample_with(x, 6, &p, 0), -EDOM);
 	p.top_k = 0;
 	assert_int_equal(sample_with(x, 6, &p, 0), -EDOM);
+	/* min_p above 1 (outside its range) keeps nothing: no token, not one read before the array */
+	float y[6] = { 1, 3, 0, 3, -1, 2 };
+	p.min_p = 1.5f;
+	assert_int_equal(sample_with(y, 6, &p, 0), -EDOM);
 	q3_sampler_free(&S);
 }
 

@@ -399,6 +399,37 @@ static void test_eos_ends_a_job_and_counts_as_a_token(void **st)
 	q3_worker_free(w);
 }
 
+/* A token that completes a stop string and ends in an incomplete UTF-8 character: nothing of it
+ * reaches the text, not even the U+FFFD its held-back bytes would flush to. */
+static void test_nothing_follows_a_stop_string(void **st)
+{
+	struct q3_worker *w = start(0, 64, 8);
+	int32_t id;
+	struct q3_sampling p;
+	int32_t ids[3] = { 100, 200, 300 };
+	char *stop[1] = { "\xe3\x83\xbc" }; /* U+30FC */
+	size_t n;
+	const uint8_t *b;
+
+	/* the first id whose bytes are U+30FC then the first two bytes of another character */
+	for (id = 0; id < q3_tok_vocab_size(tok); id++)
+		if ((b = q3_tok_bytes(tok, id, &n)) && n == 5 && !memcmp(b, "\xe3\x83\xbc\xe3", 4))
+			break;
+	assert_true(id < q3_tok_vocab_size(tok));
+	struct q3_logit_bias bias = { id, 100.0f };
+	q3_sampling_default(&p);
+	p.temperature = 0;
+	p.bias = &bias;
+	p.nbias = 1;
+	struct q3_job *j = q3_job_new(ids, 3, &p, 5, (const char *const *)stop, 1);
+	assert_int_equal(q3_worker_submit(w, j), 0);
+	wait_done(j);
+	assert_int_equal(j->finish, Q3_FINISH_STOP);
+	assert_int_equal(j->len, 0);
+	q3_job_put(j);
+	q3_worker_free(w);
+}
+
 static void test_a_prompt_that_fills_the_context_is_an_error(void **st)
 {
 	struct q3_worker *w = start(0, 64, 8);
@@ -425,6 +456,7 @@ int main(void)
 		cmocka_unit_test_setup(test_cancel_ends_a_job_and_the_queue_limit_refuses, setup),
 		cmocka_unit_test_setup(test_eos_ends_a_job_and_counts_as_a_token, setup),
 		cmocka_unit_test_setup(test_a_prompt_that_fills_the_context_is_an_error, setup),
+		cmocka_unit_test_setup(test_nothing_follows_a_stop_string, setup),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
 	q3_tok_free(tok);

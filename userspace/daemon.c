@@ -55,6 +55,12 @@ static void generation_defaults(const char *dir, const struct q3_config *cfg, co
 			d->min_p = (float)json_number_value(v);
 		if (json_is_false(json_object_get(g, "do_sample")))
 			d->temperature = 0;
+		/* the ranges the API accepts (api_request.c): outside them the sampler misbehaves */
+		if (!(d->temperature >= 0 && d->temperature <= 2) || !(d->top_p > 0 && d->top_p <= 1) ||
+		    !(d->min_p >= 0 && d->min_p <= 1) || d->top_k < 0) {
+			q3_warn("%s: sampling defaults out of range: ignored", path);
+			q3_sampling_default(d);
+		}
 		v = json_object_get(g, "eos_token_id");
 		if (json_is_integer(v))
 			eos[(*neos)++] = (int32_t)json_integer_value(v);
@@ -63,8 +69,9 @@ static void generation_defaults(const char *dir, const struct q3_config *cfg, co
 				eos[(*neos)++] = (int32_t)json_integer_value(json_array_get(v, i));
 		json_decref(g);
 	}
-	for (int i = 0; *neos == 0 && i < cfg->n_eos; i++)
-		eos[(*neos)++] = cfg->eos_ids[i];
+	if (*neos == 0)
+		for (int i = 0; i < cfg->n_eos && *neos < Q3_MAX_EOS; i++)
+			eos[(*neos)++] = cfg->eos_ids[i];
 	const char *ends[] = { "<|im_end|>", "<|endoftext|>" };
 	for (int i = 0; i < 2; i++) {
 		int32_t id = q3_tok_id(tok, ends[i]);

@@ -216,6 +216,10 @@ int32_t q3_sampler_sample(struct q3_sampler *s, float *logits)
 		filtered |= m < n;
 		n = m;
 	}
+	if (n == 0) { /* only with min_p > 1, which the API refuses but a caller may pass */
+		s->step++;
+		return -EDOM;
+	}
 	if (filtered)
 		qsort(s->cand, n, sizeof(*s->cand), cmp_id);
 

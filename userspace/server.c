@@ -534,16 +534,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 	if (!r)
 		return;
-	if (r->job) {
-		atomic_store(&r->job->cancel, true); /* no-op if done; stops it if the client left */
-		q3_job_put(r->job);
-	}
 	if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && r->status == 200)
 		r->status = 499;
 	if (r->job) { /* one line per generation: the access log */
+		atomic_store(&r->job->cancel, true); /* no-op if done; stops it if the client left */
 		pthread_mutex_lock(&r->job->mu);
 		int cached = r->job->cached, ntok = r->job->ntokens;
 		pthread_mutex_unlock(&r->job->mu);
+		q3_job_put(r->job); /* last: this may free the job */
 		q3_info("%s %d %.3fs prompt %d (cached %d) completion %d%s", r->ep == Q3_EP_CHAT ? "chat" : "completion",
 			r->status, q3_now() - r->t0, r->nprompt, cached, ntok, r->api.stream ? " stream" : "");
 	}

@@ -334,6 +334,7 @@ static void take_token(struct q3_worker *w, struct slot *sl, int32_t id)
 	}
 	q3_sampler_accept(&sl->smp, id);
 	if (q3_tok_stream_push(&sl->ts, id, &text, &n, &e) == 0 && emit_text(sl, text, n, false)) {
+		q3_tok_stream_flush(&sl->ts, &text, &n); /* after the stop string: dropped, not emitted */
 		finish(w, sl, Q3_FINISH_STOP, NULL);
 		return;
 	}
