@@ -279,7 +279,7 @@ int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, const float *w,
 /* ---- sampling (sampler.h's rules on the device; gpu_sample.cu) ------------------------------- */
 
 struct q3g_sampling {
-	float temperature; /* <= 0: greedy */
+	float temperature; /* < 1e-5: greedy */
 	float top_p;	   /* 1 = off */
 	int top_k;	   /* 0 = off */
 	float min_p;	   /* 0 = off */

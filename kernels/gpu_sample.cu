@@ -1,7 +1,7 @@
 /* gpu_sample.cu - sampling on the device, one block per row of logits, with the rules of the C
  * reference sampler (userspace/sampler.h, server branch), penalties excepted (the caller applies
  * them to the logits first):
- *   greedy      temperature <= 0 or top_k == 1: the argmax, lowest id on ties, NaN never wins;
+ *   greedy      temperature < 1e-5 or top_k == 1: the argmax, lowest id on ties, NaN never wins;
  *   candidates  z = logit / temperature for every logit that is not -inf or NaN (+inf logits
  *               share all the mass: they become 0 and every other candidate -inf);
  *   top_k       the k best in the order (z desc, id asc);
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, co
 	const int row = blockIdx.x, tid = threadIdx.x;
 	const float *l = logits + (size_t)row * V;
 	const struct q3g_sampling p = params[row];
-	const bool greedy = p.temperature <= 0.0f || p.top_k == 1;
+	const bool greedy = p.temperature < 1e-5f || p.top_k == 1; /* Q3_SAMPLER_GREEDY_T */
 	const float temp = greedy ? 1.0f : p.temperature;
 
 	/* the maximum (and, for greedy, its lowest id) */

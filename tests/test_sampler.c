@@ -132,6 +132,14 @@ static void test_greedy_takes_the_argmax_lowest_id_on_ties_and_skips_nan(void **
 	assert_int_equal(sample_with(x, 6, &p, 0), -EDOM);
 	p.top_k = 0;
 	assert_int_equal(sample_with(x, 6, &p, 0), -EDOM);
+	/* a temperature so small that logit / T overflows is greedy, not a uniform draw over the
+	 * overflowed logits */
+	float w[6] = { 5, 4, 3, -INFINITY, 1, 2 };
+	p.top_k = 0;
+	p.temperature = 1e-38f;
+	for (int seed = 0; seed < 50; seed++)
+		assert_int_equal(sample_with(w, 6, &p, (uint64_t)seed), 0);
+	p.temperature = 0.7f;
 	/* min_p above 1 (outside its range) keeps nothing: no token, not one read before the array */
 	float y[6] = { 1, 3, 0, 3, -1, 2 };
 	p.min_p = 1.5f;

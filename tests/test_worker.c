@@ -379,6 +379,45 @@ static void test_cancel_ends_a_job_and_the_queue_limit_refuses(void **st)
 	q3_worker_free(w);
 }
 
+/* With every batch slot generating, a queued job whose client left ends at once and gives its
+ * queue place back (it used to wait for a free slot). */
+static void test_a_cancelled_queued_job_leaves_the_queue_at_once(void **st)
+{
+	struct q3_worker *w;
+	struct q3_job *run[MAX_BATCH], *q1 = job(5, 100, 4), *q2 = job(5, 101, 4);
+
+	pthread_mutex_lock(&fake.gate);
+	w = start(0, 64, MAX_BATCH + 2);
+	for (int i = 0; i < MAX_BATCH; i++) {
+		run[i] = job(5, (uint64_t)i, 100000); /* far more steps than this test waits */
+		assert_int_equal(q3_worker_submit(w, run[i]), 0);
+	}
+	assert_int_equal(q3_worker_submit(w, q1), 0);
+	assert_int_equal(q3_worker_submit(w, q2), 0);
+	assert_int_equal(q3_worker_load(w), MAX_BATCH + 2);
+	atomic_store(&q1->cancel, true);
+	pthread_mutex_unlock(&fake.gate);
+	wait_done(q1);
+	assert_int_equal(q1->finish, Q3_FINISH_CANCELLED);
+	assert_int_equal(q1->ntokens, 0);
+	for (int i = 0; i < MAX_BATCH; i++) { /* nobody left a slot */
+		pthread_mutex_lock(&run[i]->mu);
+		assert_false(run[i]->done);
+		pthread_mutex_unlock(&run[i]->mu);
+	}
+	pthread_mutex_lock(&q2->mu);
+	assert_false(q2->done); /* still queued, still waiting */
+	pthread_mutex_unlock(&q2->mu);
+	while (q3_worker_load(w) != MAX_BATCH + 1)
+		q3_job_wait(q1, q1->len, 0.01);
+	q3_worker_stop(w);
+	for (int i = 0; i < MAX_BATCH; i++)
+		q3_job_put(run[i]);
+	q3_job_put(q1);
+	q3_job_put(q2);
+	q3_worker_free(w);
+}
+
 static void test_eos_ends_a_job_and_counts_as_a_token(void **st)
 {
 	struct q3_worker *w = start(0, 64, 8);
@@ -454,6 +493,7 @@ int main(void)
 		cmocka_unit_test_setup(test_long_prompts_are_fed_in_chunks_between_decode_steps, setup),
 		cmocka_unit_test_setup(test_a_restored_state_gives_the_same_tokens_as_a_fresh_run, setup),
 		cmocka_unit_test_setup(test_cancel_ends_a_job_and_the_queue_limit_refuses, setup),
+		cmocka_unit_test_setup(test_a_cancelled_queued_job_leaves_the_queue_at_once, setup),
 		cmocka_unit_test_setup(test_eos_ends_a_job_and_counts_as_a_token, setup),
 		cmocka_unit_test_setup(test_a_prompt_that_fills_the_context_is_an_error, setup),
 		cmocka_unit_test_setup(test_nothing_follows_a_stop_string, setup),

@@ -171,7 +171,8 @@ int32_t q3_sampler_sample(struct q3_sampler *s, float *logits)
 		int32_t t = s->seen[i];
 		logits[t] -= p->presence_penalty + p->frequency_penalty * (float)s->count[t];
 	}
-	if (p->temperature <= 0.0f || p->top_k == 1) {
+	/* below 1e-5 the scaled logits overflow or the draw is greedy in all but name (vLLM: the same) */
+	if (p->temperature < Q3_SAMPLER_GREEDY_T || p->top_k == 1) {
 		int32_t id = argmax(logits, V);
 		s->step++;
 		return id;

@@ -5,7 +5,7 @@
  *   1. penalties  logit[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t],
  *                 count[t] = how often t occurs in the tokens generated so far by this request
  *                 (OpenAI's definition; the prompt does not count);
- *   2. greedy     temperature == 0 (or top_k == 1): the argmax, lowest id on ties; stop here;
+ *   2. greedy     temperature < 1e-5 (or top_k == 1): the argmax, lowest id on ties; stop here;
  *   3. temperature z[t] = logit[t] / temperature;
  *   4. top_k      keep the k largest z (ties: lower id first), 0 = off;
  *   5. top_p      softmax over the kept set; keep the smallest prefix, in the order (p desc, id
@@ -35,7 +35,7 @@ struct q3_logit_bias {
 };
 
 struct q3_sampling {
-	float temperature;	 /* >= 0; 0 = greedy */
+	float temperature;	 /* >= 0; below Q3_SAMPLER_GREEDY_T = greedy */
 	float top_p;		 /* (0, 1]; 1 = off */
 	int top_k;		 /* >= 0; 0 = off */
 	float min_p;		 /* [0, 1]; 0 = off */
@@ -46,6 +46,8 @@ struct q3_sampling {
 					     are ignored */
 	int nbias;
 };
+
+#define Q3_SAMPLER_GREEDY_T 1e-5f
 
 /* Defaults: greedy off (temperature 1), every filter off, no penalties, seed 0. */
 void q3_sampling_default(struct q3_sampling *p);

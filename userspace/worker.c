@@ -432,6 +432,51 @@ static void decode_step(struct q3_worker *w)
 	}
 }
 
+/* Ends the queue entries of list q (taken out of the queue) as cancelled: never admitted. */
+static void end_queued(struct q3_worker *w, struct qent *q)
+{
+	for (struct qent *next; q; q = next) {
+		next = q->next;
+		pthread_mutex_lock(&q->job->mu);
+		q->job->done = true;
+		q->job->finish = Q3_FINISH_CANCELLED;
+		q->job->t_done = q3_now();
+		pthread_cond_broadcast(&q->job->cv);
+		pthread_mutex_unlock(&q->job->mu);
+		if (w->o.metrics) {
+			atomic_fetch_sub(&w->o.metrics->queued, 1);
+			atomic_fetch_add_explicit(&w->o.metrics->cancelled, 1, RLX);
+		}
+		atomic_fetch_sub(&w->load, 1);
+		q3_job_put(q->job);
+		free(q);
+	}
+}
+
+/* A client that left while its job was still queued gives its place back now, not when a batch
+ * slot frees (abandoned jobs would otherwise fill max_queue behind long generations). */
+static void drop_cancelled_queued(struct q3_worker *w)
+{
+	struct qent *gone = NULL, **pp;
+
+	pthread_mutex_lock(&w->mu);
+	w->qtail = NULL;
+	for (pp = &w->qhead; *pp;) {
+		struct qent *q = *pp;
+
+		if (atomic_load_explicit(&q->job->cancel, RLX)) {
+			*pp = q->next;
+			q->next = gone;
+			gone = q;
+		} else {
+			w->qtail = q;
+			pp = &q->next;
+		}
+	}
+	pthread_mutex_unlock(&w->mu);
+	end_queued(w, gone);
+}
+
 /* The engine's expert facts for /metrics and `qwen3d status`, at most a few times a second. */
 static void publish_stats(struct q3_worker *w, bool now)
 {
@@ -476,6 +521,9 @@ static void *worker_main(void *arg)
 			pthread_cond_wait(&w->cv, &w->mu);
 		}
 		bool quit = w->quit;
+		pthread_mutex_unlock(&w->mu);
+		drop_cancelled_queued(w);
+		pthread_mutex_lock(&w->mu);
 		for (int i = 0; i < w->max_batch && w->qhead && !quit; i++) {
 			if (w->slots[i].job)
 				continue;
@@ -640,19 +688,7 @@ void q3_worker_stop(struct q3_worker *w)
 	struct qent *q = w->qhead;
 	w->qhead = w->qtail = NULL;
 	pthread_mutex_unlock(&w->mu);
-	for (struct qent *next; q; q = next) {
-		next = q->next;
-		pthread_mutex_lock(&q->job->mu);
-		q->job->done = true;
-		q->job->finish = Q3_FINISH_CANCELLED;
-		pthread_cond_broadcast(&q->job->cv);
-		pthread_mutex_unlock(&q->job->mu);
-		if (w->o.metrics)
-			atomic_fetch_sub(&w->o.metrics->queued, 1);
-		atomic_fetch_sub(&w->load, 1);
-		q3_job_put(q->job);
-		free(q);
-	}
+	end_queued(w, q);
 }
 
 void q3_worker_free(struct q3_worker *w)
