@@ -158,14 +158,16 @@ int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_
 	fake.decode_calls++;
 	fake.max_decode_n = Q3_MAX(fake.max_decode_n, n);
 	logf_("D", n);
-	pthread_mutex_unlock(&fake.gate);
-	for (int i = 0; i < n; i++) {
+	for (int i = 0; i < n; i++) { /* feed counts into fake: under the gate, as in eval */
 		int rc = feed(ss[i], ids + i, 1, e);
-		if (rc)
+		if (rc) {
+			pthread_mutex_unlock(&fake.gate);
 			return rc;
-		if (logits)
-			fake_logits(ss[i]->h, logits + (size_t)i * V);
+		}
 	}
+	pthread_mutex_unlock(&fake.gate);
+	for (int i = 0; i < n && logits; i++)
+		fake_logits(ss[i]->h, logits + (size_t)i * V);
 	return 0;
 }
 

@@ -267,8 +267,9 @@ EOF
 	tok=$(( $(metric qwen3d_completion_tokens_total) - tok0 ))
 	check concurrency/50-clients-all-answered test "$ok" = 50
 	steps=$(( $(metric qwen3d_decode_steps_total) - steps0 )) seqs=$(( $(metric qwen3d_decode_sequences_total) - seqs0 ))
-	# 50 clients, 16 batch slots: most decode steps must carry many sequences
-	check concurrency/decoded-in-batches test $((seqs)) -ge $((4 * steps))
+	# 50 clients, 16 batch slots: decode steps carry several sequences (a loose bound: clients
+	# connect one after another on a loaded machine; test_worker checks the batching exactly)
+	check concurrency/decoded-in-batches test $((seqs)) -ge $((2 * steps))
 	echo "      mean decode batch: $(python3 -c "print(round($seqs / max($steps, 1), 1))") ($seqs sequences in $steps steps)" | tee -a "$WORK/numbers"
 	python3 -c "import sys; dt=float(sys.argv[1])-float(sys.argv[2]); print('      50 clients x 8 tokens: %.1f s, %.2f requests/s, %.1f tokens/s (%s tokens)' % (dt, 50/dt, int(sys.argv[3])/dt, sys.argv[3]))" "$t1" "$t0" "$tok" | tee -a "$WORK/numbers"
 
@@ -294,14 +295,17 @@ EOF
 	echo "$tools" >"$WORK/tools.json"
 
 	# SIGHUP re-reads the config: max_body drops to 2 KiB ------------------------------------------
+	# (the reload is asynchronous: poll, up to 10 s, until the new limit answers)
 	echo '{"max_body": "2KiB"}' >"$WORK/config.json"
 	kill -HUP "$(cat "$RUN/qwen3d.pid")"
-	sleep 0.5
 	pad=$(python3 -c 'print("x" * 3000)')
-	expect_status reload/sighup-applies-max-body 413 "$(post /v1/chat/completions "{\"messages\":[{\"role\":\"user\",\"content\":\"$pad\"}]}")"
+	big="{\"messages\":[{\"role\":\"user\",\"content\":\"$pad\"}],\"max_tokens\":1}"
+	for _ in $(seq 100); do got=$(post /v1/chat/completions "$big"); [ "$got" = 413 ] && break; sleep 0.1; done
+	expect_status reload/sighup-applies-max-body 413 "$got"
 	echo '{"max_body": "256KiB"}' >"$WORK/config.json"
 	kill -HUP "$(cat "$RUN/qwen3d.pid")"
-	sleep 0.5
+	for _ in $(seq 100); do got=$(post /v1/chat/completions "$big"); [ "$got" = 200 ] && break; sleep 0.1; done
+	expect_status reload/sighup-restores-max-body 200 "$got"
 
 	# the official OpenAI Node client ---------------------------------------------------------------
 	if [ -n "${NODE_DIR:-}" ]; then
@@ -324,12 +328,14 @@ EOF
 	fi
 
 	# stop drains: a request in flight when stop is asked still completes ---------------------------
-	curl -s "${AUTH[@]}" "$BASE/v1/chat/completions" -o "$WORK/drain" -w '%{http_code}' -d '{"messages":[{"role":"user","content":"drain me"}],"max_tokens":40}' >"$WORK/drain.status" &
+	# (end tokens biased away so it runs its whole length; stop once the server reports it running)
+	curl -s "${AUTH[@]}" "$BASE/v1/chat/completions" -o "$WORK/drain" -w '%{http_code}' -d '{"messages":[{"role":"user","content":"drain me"}],"max_tokens":60,"logit_bias":{"151643":-100,"151645":-100}}' >"$WORK/drain.status" &
 	cpid=$!
-	sleep 0.5
+	for _ in $(seq 100); do [ "$(metric qwen3d_requests_running)" = 1 ] && break; sleep 0.05; done
 	"$Q" stop --run-dir "$RUN" >"$WORK/stop.out" 2>&1
 	wait $cpid
 	check lifecycle/stop-drains-in-flight test "$(cat "$WORK/drain.status")" = 200
+	check lifecycle/drained-request-ran-to-its-length test "$(jget "$WORK/drain" 'd["choices"][0]["finish_reason"], d["usage"]["completion_tokens"]')" = "('length', 60)"
 	check lifecycle/stop-reports grep -q 'stopped' "$WORK/stop.out"
 	check lifecycle/pid-file-removed test ! -e "$RUN/qwen3d.pid"
 	"$Q" status --run-dir "$RUN" >/dev/null 2>&1

@@ -48,8 +48,12 @@ for f in cold warm; do
 	! grep -q "verify.*differs" "$tmp/$f" || fail "$f: verify failed: $(grep verify "$tmp/$f")"
 	[ "$(grep -c 'every tensor matches the files' "$tmp/$f")" -ge 2 ] || fail "$f: verify lines missing"
 done
-grep -q "auto.*cold: .*O_DIRECT 3 files" "$tmp/cold" || grep -q "NOT cold" "$tmp/cold" ||
-	fail "cold auto load did not use O_DIRECT: $(grep 'loader (auto)' "$tmp/cold")"
+if grep -q "NOT cold" "$tmp/cold" && [ "$(id -u)" != 0 ]; then
+	echo "SKIP  cold auto load uses O_DIRECT: the page cache cannot be dropped without root"
+else
+	grep -q "auto.*cold: .*O_DIRECT 3 files" "$tmp/cold" ||
+		fail "cold auto load did not use O_DIRECT: $(grep 'loader (auto)' "$tmp/cold")"
+fi
 grep -q "loader (auto).*buffered 3 (3 cached)" "$tmp/warm" || fail "warm auto load did not read the cache"
 [ "$(head -1 "$tmp/b.csv")" = "method,cache,bytes,seconds,gbps,notes" ] || fail "no CSV header"
 [ "$(grep -c ',cold,' "$tmp/b.csv")" = 6 ] || fail "CSV: expected 6 cold rows: $(cat "$tmp/b.csv")"

@@ -73,7 +73,8 @@ static inline int rnd_int(int n)
 static inline void gt_seed(void)
 {
 	const char *s = getenv("GPU_TEST_SEED");
-	uint64_t seed = s ? strtoull(s, NULL, 0) : (uint64_t)time(NULL);
+	/* fixed by default: a run is repeatable; GPU_TEST_SEED explores other inputs */
+	uint64_t seed = s ? strtoull(s, NULL, 0) : 20261128u;
 
 	printf("seed %llu (GPU_TEST_SEED to repeat)\n", (unsigned long long)seed);
 	g_rng ^= seed * 0x9E3779B97F4A7C15ull + 1;

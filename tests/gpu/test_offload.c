@@ -220,5 +220,7 @@ int main(int argc, char **argv)
 			closedir(d);
 	}
 	printf("test_offload: %d passed, %d failed\n", npass, nfail);
-	return nfail ? 1 : 0;
+	if (!npass && !nfail)
+		printf("FAIL  nothing was tested (no model folder with a reference.safetensors)\n");
+	return nfail || !npass ? 1 : 0;
 }
