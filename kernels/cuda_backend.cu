@@ -537,8 +537,9 @@ static int cuda_open_inner(struct cuda_bk *bk, q3_err *e)
 		return q3_errf(e, -EIO, "cuda backend: cublasCreate failed");
 	/* a fixed cuBLAS workspace: no allocation inside a step */
 	DALLOC(bk->cb_ws, 32u << 20, "the cuBLAS workspace");
-	if (cublasSetWorkspace(bk->cb, bk->cb_ws, 32u << 20) != CUBLAS_STATUS_SUCCESS ||
-	    cublasSetStream(bk->cb, bk->st) != CUBLAS_STATUS_SUCCESS)
+	/* the stream first: cublasSetStream resets the workspace to cuBLAS's default pool */
+	if (cublasSetStream(bk->cb, bk->st) != CUBLAS_STATUS_SUCCESS ||
+	    cublasSetWorkspace(bk->cb, bk->cb_ws, 32u << 20) != CUBLAS_STATUS_SUCCESS)
 		return q3_errf(e, -EIO, "cuda backend: cuBLAS setup failed");
 	fill_dims(bk);
 	bk->kv_elems = (size_t)c->num_full_layers * 2 * bk->o.max_ctx * c->kv_dim;
@@ -1069,9 +1070,10 @@ static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int 
 	for (int s = 0; s < nseq; s++)
 		decode &= seqs[s].n == 1;
 	if (decode && !bk->no_graphs && !bk->trace) {
-		B = bucket(nseq);
-		if (B > bk->maxrows || B > Q3_MAX(bk->o.max_batch, BK_LOGIT_ROWS))
-			B = nseq;
+		/* clamp to the largest batch rather than falling back to nseq: every size between the
+		 * last bucket and max_batch would otherwise get its own graph (BK_MAX_GRAPHS) */
+		B = Q3_MIN(bucket(nseq), Q3_MIN(bk->maxrows, Q3_MAX(bk->o.max_batch, BK_LOGIT_ROWS)));
+		B = Q3_MAX(B, nseq);
 	}
 	bool graph = decode && !bk->no_graphs && !bk->trace && B >= nseq;
 	struct call k = fill_table(bk, seqs, nseq, graph ? B : nseq, graph, bk->tab_h, bk->tab_d);

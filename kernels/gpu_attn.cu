@@ -312,7 +312,7 @@ extern "C" int q3g_attn_prefill(void *cublas, uint16_t *att, const uint16_t *q, 
 	if (qb < 1)
 		return q3_errf(e, -ENOMEM, "attention prefill: scratch of %zu elements < one query row (%zu)",
 			       scratch_elems, per_row);
-	CUBLAS_CHECK(e, cublasSetStream(hb, cs));
+	CUBLAS_CHECK(e, (cublasStatus_t)q3g_cublas_stream(hb, cs));
 	for (int i0 = 0; i0 < n; i0 += qb) {
 		int nq = Q3_MIN(qb, n - i0);
 

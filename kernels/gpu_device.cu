@@ -79,6 +79,15 @@ out:
 	return gbs;
 }
 
+int q3g_cublas_stream(void *h, cudaStream_t st)
+{
+	cudaStream_t cur = NULL;
+
+	if (cublasGetStream((cublasHandle_t)h, &cur) == CUBLAS_STATUS_SUCCESS && cur == st)
+		return CUBLAS_STATUS_SUCCESS;
+	return (int)cublasSetStream((cublasHandle_t)h, st);
+}
+
 extern "C" int q3g_gemm(void *cublas, const struct q3g_job *job, int R, uint16_t *wtmp, q3g_stream st, q3_err *e)
 {
 	const struct q3g_mat *m = &job->w;
@@ -89,7 +98,7 @@ extern "C" int q3g_gemm(void *cublas, const struct q3g_job *job, int R, uint16_t
 
 	if ((err = q3g_mat_expand(m, 0, wtmp, st, e)))
 		return err;
-	if ((cs = cublasSetStream(h, (cudaStream_t)st)) != CUBLAS_STATUS_SUCCESS)
+	if ((cs = (cublasStatus_t)q3g_cublas_stream(h, (cudaStream_t)st)) != CUBLAS_STATUS_SUCCESS)
 		return q3_errf(e, -EIO, "gemm: cublasSetStream: status %d", (int)cs);
 	/* Y col-major [N][R] (ld ldy) = W (T of col-major [K][N]) · X (col-major [K][R], ld ldx) */
 	cs = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m->N, R, m->K, &one, wtmp, CUDA_R_16F, m->K, job->x,

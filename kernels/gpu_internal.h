@@ -36,6 +36,10 @@ static inline int q3g_allow_dyn_smem(F *func, const char *name, q3_err *e)
 	return 0;
 }
 
+/* Puts cuBLAS handle h on stream st unless it is there already (cublasSetStream also drops the
+ * workspace set with cublasSetWorkspace, so calling it every time makes cuBLAS allocate its own). */
+int q3g_cublas_stream(void *h, cudaStream_t st);
+
 int q3g_mmv_init(q3_err *e);
 int q3g_moe_init(q3_err *e);
 int q3g_mm_init(q3_err *e);

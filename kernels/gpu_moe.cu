@@ -271,7 +271,7 @@ extern "C" int q3g_router_logits(void *cublas, float *logits, float *sg, const f
 	}
 	if ((err = q3g_rmsnorm_f32(xf, h, normw, R, H, eps, stream, e)))
 		return err;
-	if (cublasSetStream((cublasHandle_t)cublas, st) != CUBLAS_STATUS_SUCCESS)
+	if (q3g_cublas_stream(cublas, st) != CUBLAS_STATUS_SUCCESS)
 		return q3_errf(e, -EIO, "router: cublasSetStream failed");
 	if ((err = gemm_f32((cublasHandle_t)cublas, router, xf, H, logits, router->N, R, wtmp, st, e)))
 		return err;
