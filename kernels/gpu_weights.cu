@@ -122,9 +122,11 @@ extern "C" int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct 
 		if (l->N != l0->N || l->K != l0->K)
 			return q3_errf(e, -EINVAL, "gpu weights: a stack mixes shapes [%d, %d] and [%d, %d]",
 				       l0->N, l0->K, l->N, l->K);
+		/* the tile formats: same quantization across the stack, whole groups (a partial last
+		 * group would get no scale), and a permutation that fits 16 bits */
 		if (l->fmt == Q3_W_DENSE || l->fmt != l0->fmt || l->bits != l0->bits ||
 		    l->group_size != l0->group_size || l->group_size % Q3G_KSTEP || l->K % Q3G_KSTEP ||
-		    (l->bits != 4 && l->bits != 8))
+		    l->K % l->group_size || l->K >= 0xffff || (l->bits != 4 && l->bits != 8))
 			dense16 = true;
 	}
 	if (!dense16) {
