@@ -641,7 +641,7 @@ static void cuda_state_free(void *p, void *st)
 	free(s);
 }
 
-static void cuda_state_copy(void *p, void *dst, const void *src, int pos)
+static int cuda_state_copy(void *p, void *dst, const void *src, int pos, q3_err *e)
 {
 	struct cuda_bk *bk = (struct cuda_bk *)p;
 	struct gstate *d = (struct gstate *)dst;
@@ -650,12 +650,14 @@ static void cuda_state_copy(void *p, void *dst, const void *src, int pos)
 
 	for (int f = 0; f < bk->c->num_full_layers; f++)
 		for (int w = 0; w < 2; w++)
-			cudaMemcpyAsync(d->kv + (2 * (size_t)f + w) * layer, s->kv + (2 * (size_t)f + w) * layer,
-					(size_t)pos * kvd * 2, cudaMemcpyDeviceToDevice, bk->st);
-	cudaMemcpyAsync(d->conv[0], s->conv[0], (2 * bk->conv_elems + bk->rec_elems) * 4, cudaMemcpyDeviceToDevice,
-			bk->st);
+			CUDA_CHECK(e, cudaMemcpyAsync(d->kv + (2 * (size_t)f + w) * layer,
+						      s->kv + (2 * (size_t)f + w) * layer, (size_t)pos * kvd * 2,
+						      cudaMemcpyDeviceToDevice, bk->st));
+	CUDA_CHECK(e, cudaMemcpyAsync(d->conv[0], s->conv[0], (2 * bk->conv_elems + bk->rec_elems) * 4,
+				      cudaMemcpyDeviceToDevice, bk->st));
 	d->parity = s->parity;
-	cudaStreamSynchronize(bk->st);
+	CUDA_CHECK(e, cudaStreamSynchronize(bk->st));
+	return 0;
 }
 
 static void cuda_set_trace(void *p, q3_trace_fn fn, void *ctx)

@@ -58,8 +58,8 @@ struct q3_backend_ops {
 	/* A session's buffers: KV cache for max_ctx positions, conv and recurrent states. */
 	int (*state_new)(void *bk, void **st, q3_err *e);
 	void (*state_free)(void *bk, void *st);
-	/* dst := src's first pos positions and its states. */
-	void (*state_copy)(void *bk, void *dst, const void *src, int pos);
+	/* dst := src's first pos positions and its states.  0 or -errno (dst's state then unknown). */
+	int (*state_copy)(void *bk, void *dst, const void *src, int pos, q3_err *e);
 	int (*forward)(void *bk, const struct q3_fwd_seq *seqs, int nseq, q3_err *e);
 	/* Optional (may be NULL): install or clear (fn NULL) the trace hook. */
 	void (*set_trace)(void *bk, q3_trace_fn fn, void *ctx);

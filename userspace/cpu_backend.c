@@ -365,7 +365,7 @@ static float *kv_rows(const struct cpu_bk *bk, const struct cpu_state *s, int fu
 	return s->kv + ((size_t)full * 2 + which) * (size_t)bk->o.max_ctx * bk->c->kv_dim;
 }
 
-static void cpu_state_copy(void *p, void *dst, const void *src, int pos)
+static int cpu_state_copy(void *p, void *dst, const void *src, int pos, q3_err *e)
 {
 	struct cpu_bk *bk = p;
 	struct cpu_state *d = dst;
@@ -377,6 +377,7 @@ static void cpu_state_copy(void *p, void *dst, const void *src, int pos)
 			       (size_t)pos * bk->c->kv_dim * sizeof(float));
 	memcpy(d->conv, s->conv, conv_floats(bk) * sizeof(float));
 	memcpy(d->rec, s->rec, rec_floats(bk) * sizeof(float));
+	return 0;
 }
 
 static void cpu_set_trace(void *p, q3_trace_fn fn, void *ctx)

@@ -259,8 +259,14 @@ int q3_session_copy(struct q3_session *dst, const struct q3_session *src, q3_err
 {
 	if (dst->eng != src->eng)
 		return q3_errf(e, -EINVAL, "session copy: the sessions belong to different engines");
-	if (dst != src)
-		dst->eng->ops->state_copy(dst->eng->bk, dst->st, src->st, src->pos);
+	if (dst != src) {
+		int err = dst->eng->ops->state_copy(dst->eng->bk, dst->st, src->st, src->pos, e);
+
+		if (err) {
+			dst->pos = 0; /* its state is unknown: start over */
+			return err;
+		}
+	}
 	dst->pos = src->pos;
 	return 0;
 }
