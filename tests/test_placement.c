@@ -238,6 +238,28 @@ static void test_refusals(void **state)
 }
 
 /* RAM homes on the fixture machines, nearest the GPU first. */
+/* Experts of different sizes: one that no longer fits the nearest node sends only itself
+ * farther; a smaller one after it still takes the room left near the GPU. */
+static void test_spill_only_when_full(void **state)
+{
+	static const uint64_t sizes[3] = {60, 50, 30}, cap[2] = {100, 1000};
+	static const double use[3] = {3, 2, 1}; /* placed in this order */
+	static const int order[2] = {5, 7};
+	struct q3_place_in in = {.nlayers = 1, .nexperts = 3, .expert_bytes = sizes, .freq = use,
+				 .dense_bytes = 1000, .vram_budget = 1000, .ram_all = true, .nnodes = 2,
+				 .node_order = order, .node_capacity = cap};
+	struct q3_place_plan p;
+	q3_err e = {0};
+
+	assert_int_equal(q3_place_plan(&in, &p, &e), 0);
+	assert_int_equal(p.n_vram, 0);
+	assert_int_equal(p.ram_node[0], 5);
+	assert_int_equal(p.ram_node[1], 7); /* 60 + 50 > 100 */
+	assert_int_equal(p.ram_node[2], 5); /* 60 + 30 <= 100: back to the nearest node */
+	assert_true(p.node_bytes[0] == 90 && p.node_bytes[1] == 50);
+	q3_place_plan_free(&p);
+}
+
 static void test_numa(void **state)
 {
 	static const struct {
@@ -355,6 +377,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_uniform_budgets), cmocka_unit_test(test_zipf),
 		cmocka_unit_test(test_mixed_sizes),	cmocka_unit_test(test_refusals),
+		cmocka_unit_test(test_spill_only_when_full),
 		cmocka_unit_test(test_numa),		cmocka_unit_test(test_homes),
 	};
 

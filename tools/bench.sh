@@ -28,6 +28,7 @@ bench_load() {
 		echo "bench load: $DIR is on tmpfs (no cold start there): set BENCH_DIR"; return 1
 	fi
 	need=$("$Q" mkmodel --preset 80b-a3b --layers "$LAYERS" --dry-run | awk '/^file_bytes/ {print $2}')
+	[ -n "$need" ] || { echo "bench.sh: mkmodel --dry-run failed" >&2; return 1; }
 	if [ ! -f "$model/model.safetensors.index.json" ]; then
 		local free=$(($(df --output=avail -B1 "$DIR" | tail -1)))
 		[ "$free" -gt $((need + (1 << 30))) ] ||

@@ -368,9 +368,14 @@ static void bench_peer(struct bench *B, int nfiles)
 		nfiles = B->ck->nshards;
 	prepare_cache(B, note, sizeof(note));
 	o = (size_t)snprintf(cmd, sizeof(cmd), "python3 %s", script);
-	for (int s = 0; s < nfiles && o < sizeof(cmd) - 512; s++)
+	for (int s = 0; s < nfiles; s++) {
+		if (strchr(B->ck->shards[s].path, '\'') || o + strlen(B->ck->shards[s].path) + 16 >= sizeof(cmd)) {
+			row(B, "safetensors peer", 0, -1, "skipped: the shard paths do not fit a shell command");
+			return;
+		}
 		o += (size_t)snprintf(cmd + o, sizeof(cmd) - o, " '%s'", B->ck->shards[s].path);
-	o += (size_t)snprintf(cmd + o, sizeof(cmd) - o, " 2>&1");
+	}
+	snprintf(cmd + o, sizeof(cmd) - o, " 2>&1");
 	p = popen(cmd, "r");
 	if (p) {
 		char buf[512];

@@ -62,6 +62,7 @@ say "peer       $(python3 -c 'import torch, safetensors; print("torch", torch.__
 MK=(${MKMODEL_ARGS:---preset 80b-a3b})
 NAME=qwen3d-$(echo "${MK[*]}" | tr -c 'a-z0-9\n' - | sed 's/--*/-/g; s/^-//')
 NEED=$("$Q" mkmodel "${MK[@]}" --dry-run | awk '/^file_bytes/ {print $2}')
+[ -n "$NEED" ] || { echo "gpu_load_bench.sh: mkmodel --dry-run failed" >&2; exit 1; }
 pick_dir() {
 	# outside the repository: a copy of the work tree (and a carried build/) is replaced on
 	# every call, a model under /var/tmp survives while the machine stays up

@@ -31,6 +31,8 @@ T0=$(date +%s)
 T_END=$((T0 + ${SECONDS_MAX:-470}))
 LOGS=$WORK/logs
 mkdir -p "$OUT" "$LOGS" "$WORK"
+# results of an earlier run on a warm machine must not pass for this run's
+rm -f "$OUT"/*.csv
 SUMMARY=()
 
 ADD_WIDTH=46

@@ -24,6 +24,8 @@ T0=$(date +%s)
 T_END=$((T0 + BUDGET))
 LOGS=$WORK/logs
 mkdir -p "$OUT" "$LOGS" "$WORK"
+# results of an earlier run on a warm machine must not pass for this run's
+rm -f "$OUT"/*.csv
 SUMMARY=()
 
 . tools/gpu_common.sh

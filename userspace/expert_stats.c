@@ -171,6 +171,7 @@ int q3_xstats_save(const struct q3_xstats *s, const char *path, q3_err *e)
 		err = q3_errf(e, -errno, "expert stats: %s: %s", tmp, strerror(errno));
 		goto out;
 	}
+	errno = 0; /* a short write sets none */
 	if (write(fd, b, len) != (ssize_t)len || fsync(fd)) {
 		err = q3_errf(e, errno ? -errno : -EIO, "expert stats: %s: %s", tmp,
 			      strerror(errno ? errno : EIO));
@@ -182,6 +183,17 @@ int q3_xstats_save(const struct q3_xstats *s, const char *path, q3_err *e)
 	if (rename(tmp, path)) {
 		err = q3_errf(e, -errno, "expert stats: %s: %s", path, strerror(errno));
 		unlink(tmp);
+	} else {
+		/* the rename itself durable: sync the folder */
+		char dir[4200];
+		const char *slash = strrchr(path, '/');
+		int dfd;
+
+		snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) + (slash == path) : 1, slash ? path : ".");
+		if ((dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+			fsync(dfd);
+			close(dfd);
+		}
 	}
 out:
 	free(b);

@@ -109,8 +109,11 @@ int q3_place_plan(const struct q3_place_in *in, struct q3_place_plan *out, q3_er
 
 			if (resident != (pass == 1) || (resident && !in->ram_all))
 				continue;
-			while (node < in->nnodes && out->node_bytes[node] + c[i].bytes > in->node_capacity[node])
-				node++;
+			/* the nearest node with room for this one (sizes differ: a full node may still
+			 * take a smaller expert later) */
+			for (node = 0; node < in->nnodes && out->node_bytes[node] + c[i].bytes > in->node_capacity[node];
+			     node++)
+				;
 			if (node == in->nnodes) {
 				need_ram = 0;
 				for (size_t j = 0; j < n; j++)

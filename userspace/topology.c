@@ -80,7 +80,8 @@ static int build(struct q3_topo *t, q3_err *e)
 	}
 	qsort(t->nodes, (size_t)n, sizeof(*t->nodes), cmp_node);
 	if (hwloc_distances_get_by_type(h, HWLOC_OBJ_NUMANODE, &nr, &d,
-					HWLOC_DISTANCES_KIND_MEANS_LATENCY, 0) == 0 && nr == 1) {
+					HWLOC_DISTANCES_KIND_MEANS_LATENCY, 0) == 0 && nr >= 1 && d) {
+		/* nr says how many matrices exist; d holds the first (released below either way) */
 		t->dist = calloc((size_t)n * (size_t)n, sizeof(int));
 		if (t->dist)
 			for (unsigned i = 0; i < d->nbobjs; i++)

@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -208,7 +209,7 @@ int q3_parse_size(const char *s, uint64_t *out)
 		return -EINVAL;
 	errno = 0;
 	v = strtod(s, &end);
-	if (errno || end == s || v < 0)
+	if (errno || end == s || !(v >= 0) || isinf(v)) /* NaN and inf too */
 		return -EINVAL;
 	while (*end == ' ')
 		end++;
