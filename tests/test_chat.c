@@ -119,7 +119,7 @@ static void check_json_py(json_t *rec, int line, void *ctx)
 
 static void test_json_py(void **state)
 {
-	assert_int_equal(for_each_jsonl("json_py.jsonl", check_json_py, NULL), 52);
+	assert_int_equal(for_each_jsonl("json_py.jsonl", check_json_py, NULL), 55);
 }
 
 /* What the template renders without add_generation_prompt: the OpenAI default, true. */

@@ -39,11 +39,62 @@ static int add_string(struct q3_sb *sb, const char *s, size_t n)
 	return err ?: q3_sb_add(sb, s + run, n - run) ?: q3_sb_addc(sb, '"');
 }
 
+/* Whether the p-digit mantissa m times 10^(x - p + 1) reads back as a. */
+static bool reads_back(unsigned long long m, int x, int p, double a)
+{
+	char t[48];
+
+	snprintf(t, sizeof(t), "%llue%d", m, x - p + 1);
+	return strtod(t, NULL) == a;
+}
+
+/* The shortest decimal digits of a > 0 that read back to a (as Python's repr, David Gay's
+ * algorithm): *digits without trailing zeros, a = 0.digits... scaled so that the first digit
+ * has decimal exponent *exp10.  At each length the correctly rounded digits are tried, then
+ * their neighbours: at a power of two the interval that reads back is lopsided, and the
+ * nearest p digits may miss it while the next ones up or down hit it. */
+static void shortest_digits(double a, char *digits, int *exp10)
+{
+	char buf[40];
+	unsigned long long m = 0, best = 0;
+	int x = 0, p, len;
+
+	for (p = 1; p <= 17; p++) {
+		snprintf(buf, sizeof(buf), "%.*e", p - 1, a); /* "d.ddde[+-]XX" */
+		m = 0;
+		for (const char *q = buf; *q && *q != 'e'; q++)
+			if (*q >= '0' && *q <= '9')
+				m = m * 10 + (unsigned long long)(*q - '0');
+		x = atoi(strchr(buf, 'e') + 1);
+		if (reads_back(m, x, p, a)) {
+			best = m;
+			break;
+		}
+		/* of the neighbours that read back, the one nearer a (both cannot: the interval is
+		 * narrower than two steps) */
+		if (m > 1 && reads_back(m - 1, x, p, a)) {
+			best = m - 1;
+			break;
+		}
+		if (reads_back(m + 1, x, p, a)) {
+			best = m + 1;
+			break;
+		}
+	}
+	/* m - 1 may have lost a digit (10..0 - 1), m + 1 gained one (99..9 + 1) */
+	len = snprintf(buf, sizeof(buf), "%llu", best);
+	*exp10 = x + (len - p);
+	while (len > 1 && buf[len - 1] == '0')
+		len--;
+	memcpy(digits, buf, (size_t)len);
+	digits[len] = 0;
+}
+
 /* Python's float repr: the shortest digits that read back to the same double, fixed
  * notation for decimal exponents -4 < e <= 16 (with ".0" when integral), else d.ddde+XX. */
 static int add_real(struct q3_sb *sb, double v)
 {
-	char buf[40], digits[24];
+	char digits[24];
 	int nd = 0, exp10 = 0;
 
 	if (isnan(v))
@@ -52,19 +103,8 @@ static int add_real(struct q3_sb *sb, double v)
 		return q3_sb_adds(sb, v < 0 ? "-Infinity" : "Infinity");
 	if (v == 0)
 		return q3_sb_adds(sb, signbit(v) ? "-0.0" : "0.0");
-	for (int p = 1; p <= 17; p++) {
-		snprintf(buf, sizeof(buf), "%.*e", p - 1, fabs(v));
-		if (strtod(buf, NULL) == fabs(v))
-			break;
-	}
-	/* buf is "d.ddde[+-]XX" */
-	for (const char *q = buf; *q && *q != 'e'; q++)
-		if (*q >= '0' && *q <= '9')
-			digits[nd++] = *q;
-	exp10 = atoi(strchr(buf, 'e') + 1);
-	while (nd > 1 && digits[nd - 1] == '0')
-		nd--;
-	digits[nd] = 0;
+	shortest_digits(fabs(v), digits, &exp10);
+	nd = (int)strlen(digits);
 
 	int decpt = exp10 + 1, err = 0; /* value = 0.digits * 10^decpt */
 	if (v < 0)
