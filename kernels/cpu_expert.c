@@ -573,7 +573,10 @@ static unsigned isa_mask(void)
 		return m;
 	}
 	xcr0 = xgetbv0();
-	__cpuid_count(7, 0, a, b, c, d);
+	if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) { /* no leaf 7: nothing past AVX */
+		cached = (int)m;
+		return m;
+	}
 	if ((xcr0 & 6) == 6 && (b & bit_AVX2))
 		m |= 1u << Q3_XISA_AVX2;
 	/* AVX-512: F, DQ, BW, VL and VNNI; the OS saves opmask and ZMM state */

@@ -5,6 +5,7 @@
 #include "testutil.h"
 
 #include <errno.h>
+#include <jansson.h>
 
 #include "backend.h"
 #include "engine.h"
@@ -317,6 +318,35 @@ static void test_open_errors(void **state)
 	q3_engine_close(eng);
 }
 
+/* No max_ctx asked: 4096, or the model's own limit when that is smaller (the default never
+ * refuses a valid model); asked past the limit: refused. */
+static void test_default_context(void **state)
+{
+	char *d = tu_mkdtemp(), path[512];
+	struct q3_engine *eng = NULL;
+	q3_err e = { { 0 } };
+
+	assert_non_null(d);
+	assert_int_equal(tu_copy_dir(FIXTURES "/tiny-sym", d), 0);
+	snprintf(path, sizeof(path), "%s/config.json", d);
+	json_t *cfg = json_load_file(path, 0, NULL);
+	assert_non_null(cfg);
+	json_object_set_new(cfg, "max_position_embeddings", json_integer(2048));
+	assert_int_equal(json_dump_file(cfg, path, 0), 0);
+	json_decref(cfg);
+
+	struct q3_engine_opts o = { .model_dir = d, .backend = "cpu", .threads = 1, .quiet = true };
+	if (q3_engine_open(&o, &eng, &e))
+		fail_msg("%s", e.msg);
+	assert_int_equal(q3_engine_max_ctx(eng), 2048);
+	q3_engine_close(eng);
+	o.max_ctx = 4096;
+	assert_int_equal(q3_engine_open(&o, &eng, &e), -EINVAL);
+	assert_non_null(strstr(e.msg, "max_position_embeddings 2048"));
+	tu_rm_rf(d);
+	free(d);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -327,6 +357,7 @@ int main(void)
 		cmocka_unit_test(test_threads),
 		cmocka_unit_test(test_request_errors),
 		cmocka_unit_test(test_open_errors),
+		cmocka_unit_test(test_default_context),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

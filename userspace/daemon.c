@@ -248,7 +248,8 @@ int q3_daemon_run(struct q3_settings *s, const struct q3_set_flags *flags, int l
 	eo.model_dir = q3_set_str(s, Q3_SET_MODEL);
 	eo.backend = q3_set_str(s, Q3_SET_BACKEND);
 	eo.threads = (int)q3_set_num(s, Q3_SET_THREADS);
-	eo.max_ctx = (int)q3_set_num(s, Q3_SET_MAX_CTX);
+	/* the default is 4096 or the model's own limit, whichever is less (the engine decides) */
+	eo.max_ctx = s->v[Q3_SET_MAX_CTX].src == Q3_SRC_DEFAULT ? 0 : (int)q3_set_num(s, Q3_SET_MAX_CTX);
 	eo.max_batch = (int)q3_set_num(s, Q3_SET_MAX_BATCH);
 	eo.vram_budget = (uint64_t)q3_set_num(s, Q3_SET_VRAM_BUDGET);
 	eo.read_chunk = (uint32_t)q3_set_num(s, Q3_SET_READ_CHUNK);

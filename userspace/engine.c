@@ -116,7 +116,7 @@ int q3_engine_open(const struct q3_engine_opts *o, struct q3_engine **out, q3_er
 	c = &eng->ck->cfg;
 	eng->bo = (struct q3_backend_opts){
 		.threads = o->threads ? o->threads : q3_ncpu(),
-		.max_ctx = o->max_ctx ? o->max_ctx : DEFAULT_MAX_CTX,
+		.max_ctx = o->max_ctx ? o->max_ctx : Q3_MIN(DEFAULT_MAX_CTX, c->max_position_embeddings),
 		.max_batch = o->max_batch ? o->max_batch : DEFAULT_MAX_BATCH,
 		.vram_budget = o->vram_budget,
 		.expert_threads = o->expert_threads,

@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <sched.h>
 #include <math.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -250,6 +251,13 @@ const char *q3_fmt_bytes(uint64_t n, char *buf, size_t len)
 
 int q3_ncpu(void)
 {
-	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	/* the CPUs this process may run on (taskset, cgroup cpusets), not all online ones: more
+	 * threads than that only wait for each other */
+	cpu_set_t set;
+	long n;
+
+	if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+		return CPU_COUNT(&set);
+	n = sysconf(_SC_NPROCESSORS_ONLN);
 	return n > 0 ? (int)n : 1;
 }
