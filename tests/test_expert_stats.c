@@ -15,6 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
 #include "expert_stats.h"
 #include "placement.h"
 #include "testutil.h"
@@ -487,6 +491,50 @@ static void test_same_layer(void **state)
 	q3_xstats_free(s);
 }
 
+/* Two checkpoints of the same shapes whose routers differ get different fingerprints (a stats
+ * file of one is not taken for the other); the same files, the same fingerprint. */
+static void test_fingerprint_sees_the_routers(void **state)
+{
+	char *d = tu_mkdtemp();
+	struct q3_ckpt *ck;
+	uint64_t fp1, fp2, fp3;
+	q3_err e;
+
+	assert_non_null(d);
+	assert_int_equal(tu_copy_dir(FIXTURES "/tiny-sym", d), 0);
+	assert_int_equal(q3_ckpt_open(d, &ck, &e), 0);
+	assert_int_equal(q3_ckpt_map(ck, &e), 0);
+	fp1 = q3_xstats_fingerprint(ck);
+	const struct q3_tensor *router = NULL;
+	for (size_t i = 0; i < ck->ntensors && !router; i++)
+		if (strstr(ck->tensors[i].name, ".mlp.gate.weight"))
+			router = &ck->tensors[i];
+	assert_non_null(router);
+	char path[1024];
+	snprintf(path, sizeof(path), "%s", ck->shards[router->shard].path);
+	uint64_t off = router->off;
+	uint8_t byte = ((const uint8_t *)router->data)[0] ^ 0x40;
+	q3_ckpt_close(ck);
+
+	assert_int_equal(q3_ckpt_open(d, &ck, &e), 0);
+	assert_int_equal(q3_ckpt_map(ck, &e), 0);
+	fp2 = q3_xstats_fingerprint(ck);
+	q3_ckpt_close(ck);
+	assert_true(fp1 == fp2);
+
+	int fd = open(path, O_WRONLY);
+	assert_true(fd >= 0);
+	assert_int_equal(pwrite(fd, &byte, 1, (off_t)off), 1);
+	close(fd);
+	assert_int_equal(q3_ckpt_open(d, &ck, &e), 0);
+	assert_int_equal(q3_ckpt_map(ck, &e), 0);
+	fp3 = q3_xstats_fingerprint(ck);
+	q3_ckpt_close(ck);
+	assert_true(fp3 != fp1);
+	tu_rm_rf(d);
+	free(d);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -496,6 +544,7 @@ int main(void)
 		cmocka_unit_test(test_shift_and_rebalance),
 		cmocka_unit_test(test_no_thrash),
 		cmocka_unit_test(test_same_layer),
+		cmocka_unit_test(test_fingerprint_sees_the_routers),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -131,8 +131,15 @@ uint64_t q3_xstats_fingerprint(const struct q3_ckpt *ck)
 
 	h = fnv(h, &ck->total_bytes, sizeof(ck->total_bytes));
 	for (size_t i = 0; i < ck->ntensors; i++) {
-		h = fnv(h, ck->tensors[i].name, strlen(ck->tensors[i].name));
-		h = fnv(h, &ck->tensors[i].nbytes, sizeof(ck->tensors[i].nbytes));
+		const struct q3_tensor *t = &ck->tensors[i];
+		size_t n = strlen(t->name), tail = strlen(".mlp.gate.weight");
+
+		h = fnv(h, t->name, n);
+		h = fnv(h, &t->nbytes, sizeof(t->nbytes));
+		/* the routers decide routing: checkpoints of the same shapes (another fine-tune, another
+		 * mkmodel seed) differ there; their first 4 KiB, where loaded */
+		if (t->data && n > tail && !strcmp(t->name + n - tail, ".mlp.gate.weight"))
+			h = fnv(h, t->data, t->nbytes < 4096 ? (size_t)t->nbytes : 4096);
 	}
 	return h;
 }
