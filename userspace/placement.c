@@ -215,11 +215,16 @@ void q3_place_capacity_from_topo(const struct q3_topo *t, const int *node_order,
 
 int q3_place_cpus(const struct q3_topo *t, int node, int reserve, int *cpus, int max)
 {
-	int n, all[4096];
+	int n, all[4096], order[Q3_PLACE_MAX_NODES], nn;
 
 	n = q3_topo_node_cores(t, node, all, 4096);
+	/* a memory-only node (or one whose cores this process may not use): the nearest node that
+	 * has cores, not the whole machine */
+	nn = n > 0 || node < 0 ? 0 : q3_topo_node_order(t, node, order, Q3_PLACE_MAX_NODES);
+	for (int k = 0; k < nn && n <= 0; k++)
+		n = q3_topo_node_cores(t, order[k], all, 4096);
 	if (n <= 0)
-		n = q3_topo_node_cores(t, -1, all, 4096); /* a memory-only node: every core */
+		n = q3_topo_node_cores(t, -1, all, 4096);
 	if (n <= 0)
 		return 0;
 	reserve = Q3_MAX(0, Q3_MIN(reserve, n - 1));
