@@ -56,8 +56,8 @@ fetch_kernel() {
 		hdr=$(depends "$meta" | grep -m1 '^linux-headers-' || true)
 		ABI=${hdr#linux-headers-}
 		dir=$WORK/$ABI
-		KROOT=$dir/root
-		[ -n "$hdr" ] && { [ -f "$dir/.unpacked" ] || download_kernel "$hdr" "$dir"; } && break
+		KROOT=$dir/hdr
+		[ -n "$hdr" ] && { [ -f "$dir/.unpacked-hdr" ] || download_kernel "$hdr" "$dir"; } && break
 		# stale or missing package lists: refresh once (root only)
 		[ $try = 1 ] && [ "$(id -u)" = 0 ] || die "cannot get the packages of $meta (apt-get update?)"
 		say "refreshing the package lists"
@@ -76,21 +76,21 @@ download_kernel() {
 		case $p in linux-headers-*-common | linux-kbuild-*) pkgs+=("$p") ;; esac
 	done
 	say "$ABI: downloading ${pkgs[*]}"
-	rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/root" "$dir/image"
+	rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/hdr" "$dir/image"
 	(cd "$dir/debs" && apt-get download -q "${pkgs[@]}" >download.log 2>&1) || {
 		cat "$dir/debs/download.log"
 		return 1
 	}
 	for p in "$dir"/debs/linux-headers-*.deb "$dir"/debs/linux-kbuild-*.deb; do
-		dpkg-deb -x "$p" "$dir/root"
+		dpkg-deb -x "$p" "$dir/hdr"
 	done
 	dpkg-deb -x "$dir"/debs/linux-image-*.deb "$dir/image"
 	# the headers' Makefile includes the -common tree by absolute path
-	sed -i "s#include /usr/src/#include $dir/root/usr/src/#" \
-		"$dir/root/usr/src/linux-headers-$ABI/Makefile"
+	sed -i "s#include /usr/src/#include $dir/hdr/usr/src/#" \
+		"$dir/hdr/usr/src/linux-headers-$ABI/Makefile"
 	depmod -b "$dir/image" "$ABI"
 	rm -rf "$dir/debs"
-	touch "$dir/.unpacked"
+	touch "$dir/.unpacked-hdr"
 }
 
 # modules_for ABI: the .ko files (dependencies first) for virtio disks and ext4
