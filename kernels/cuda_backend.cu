@@ -93,6 +93,7 @@ struct cuda_bk {
 	float *att_s;
 	size_t att_elems;
 	int *idx;
+	unsigned *rdone;	/* the fused router's finished-block counter (q3g_router) */
 	void *moe_ws;
 	float *logits_h; /* pinned [max(max_batch, 16)][V] */
 	int nsplit_max;
@@ -231,7 +232,7 @@ static void cuda_close(void *p)
 	void *bufs[] = { bk->embed, bk->final_norm, bk->tab_d, bk->h, bk->qkvz, bk->ba, bk->u, bk->og,
 			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->gu, bk->part, bk->att_o,
 			 bk->logits, bk->xb, bk->core, bk->qb, bk->att, bk->wtmp, bk->att_p, bk->att_s,
-			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx };
+			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx, bk->rdone };
 	for (size_t j = 0; j < Q3_ARRAY_SIZE(bufs); j++)
 		cudaFree(bufs[j]);
 	cudaFreeHost(bk->tab_h);
@@ -428,6 +429,8 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 	DALLOC(bk->sg, R * 4, "router logits");
 	DALLOC(bk->idx, P * 4, "routing");
 	DALLOC(bk->wts, P * 4, "routing");
+	DALLOC(bk->rdone, 4, "routing");
+	CUDA_CHECK(e, cudaMemset(bk->rdone, 0, 4));
 	DALLOC(bk->gu, (size_t)bk->dec_rows * (d->topk + 1) * 2 * Imax * 4, "expert activations");
 	DALLOC(bk->moe_ws, q3g_moe_prefill_scratch(bk->maxrows, d), "the prefill MoE");
 	DALLOC(bk->logits, lrows * d->V * 4, "logits");
@@ -827,12 +830,12 @@ static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const s
 	/* routing decisions from fp32 inputs (dense router and gate, the usual case), else the
 	 * Linears' fp16 path */
 	if (L->router.m.fmt == Q3G_F16 && L->shared_gate.m.fmt == Q3G_F16 && !getenv("QWEN3D_ROUTER_F16"))
-		err = q3g_router_logits(bk->cb, bk->logits_r, bk->sg, bk->h, L->post_norm, d->eps, &L->router.m,
-					&L->shared_gate.m, k->R, H, bk->xf, bk->wtmp32, bk->st, e);
-	else
-		err = linears(bk, j, 2, k->R, e);
-	if (err ||
-	    (err = q3g_router_topk(bk->idx, bk->wts, bk->logits_r, bk->sg, k->R, d->E, d->topk, d->norm_topk, bk->st, e)))
+		err = q3g_router(bk->cb, bk->logits_r, bk->sg, bk->idx, bk->wts, bk->rdone, d->E, d->topk, d->norm_topk,
+				 bk->h, L->post_norm, d->eps, &L->router.m, &L->shared_gate.m, k->R, H, bk->xf,
+				 bk->wtmp32, bk->st, e);
+	else if (!(err = linears(bk, j, 2, k->R, e)))
+		err = q3g_router_topk(bk->idx, bk->wts, bk->logits_r, bk->sg, k->R, d->E, d->topk, d->norm_topk, bk->st, e);
+	if (err)
 		return err;
 	if (k->R <= bk->dec_rows) {
 		if (off && ((err = q3_off_publish(bk->off, li, bk->idx, bk->wts, bk->xb, k->R, bk->st, e)) ||

@@ -247,6 +247,13 @@ int q3g_router_logits(void *cublas, float *logits, float *sg, const float *h, co
 int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, int R, int E, int k,
 		    bool norm, q3g_stream st, struct q3_err *e);
 
+/* q3g_router_logits then q3g_router_topk, in one launch where the SIMT kernel serves (the last
+ * of its blocks picks the experts).  done: one device counter, zero, owned by this call site's
+ * stream (the kernel leaves it at zero); NULL: two launches. */
+int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k, bool norm,
+	       const float *h, const float *normw, float eps, const struct q3g_mat *router, const struct q3g_mat *sgate,
+	       int R, int H, float *xf, float *wtmp, q3g_stream st, struct q3_err *e);
+
 /* A routed pair whose expert is not computed by this call (offload: the CPU computes it, or
  * another pass has it): moe_up / moe_down / moe_prefill leave it out.  Experts are indices into
  * the stacks (a stack of resident experts when some live in host RAM: see cuda_offload.h). */

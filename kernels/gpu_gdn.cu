@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 {
 	constexpr int CPW = Q3G_DELTA_CPW;
 	__shared__ float red[32];
+	__shared__ float cqkv[FUSE ? 2 * Q3G_MAX_DK + 32 * CPW : 1]; /* decode: q | k | v after the conv */
 	pdl_trigger();
 	pdl_wait();
 	/* block (sequence, value head, column slice): decode takes the whole head (its gated norm
@@ -154,30 +155,33 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 		float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
 
 		if (FUSE) {
+			/* the conv of the head's q, k and v channels, once per channel (not once per
+			 * warp: the warps of a key head all need its q and k), through shared memory */
 			const float *xr = A.qkvz + (size_t)row * A.ldq;
 			const float *rd = sq.conv_rd + (size_t)A.lin * (A.W - 1) * A.conv_dim;
 			float *wr = sq.conv_wr + (size_t)A.lin * (A.W - 1) * A.conv_dim;
-			const int qc = kh * A.Dk + i0, kc = A.key_dim + kh * A.Dk + i0, vc = 2 * A.key_dim + j * A.Dv + c0;
+			const int nch = 2 * A.Dk + A.Dv;
 
+			for (int c = threadIdx.x; c < nch; c += blockDim.x) {
+				int ch = c < A.Dk ? kh * A.Dk + c : c < 2 * A.Dk ? A.key_dim + kh * A.Dk + c - A.Dk
+					 : 2 * A.key_dim + j * A.Dv + c - 2 * A.Dk;
+
+				cqkv[c] = conv_ch(A, xr, rd, sq.pos, ch);
+				/* the new state: q and k channels by the first value head of the key head */
+				if (c >= 2 * A.Dk || j % (A.Nv / A.Nk) == 0)
+					conv_shift(A, xr, rd, wr, sq.pos, ch);
+			}
+			b = A.ba[(size_t)row * 2 * A.Nv + j];
+			a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
+			__syncthreads();
 #pragma unroll
 			for (int i = 0; i < KPL; i++) {
-				q[i] = conv_ch(A, xr, rd, sq.pos, qc + i);
-				k[i] = conv_ch(A, xr, rd, sq.pos, kc + i);
+				q[i] = cqkv[i0 + i];
+				k[i] = cqkv[A.Dk + i0 + i];
 			}
 #pragma unroll
 			for (int c = 0; c < CPW; c++)
-				v[c] = conv_ch(A, xr, rd, sq.pos, vc + c);
-			/* the new state: q and k channels by the first value head of the key head (warp 0),
-			 * v channels by the lanes that own them */
-			if (warp == 0 && j % (A.Nv / A.Nk) == 0)
-				for (int i = 0; i < KPL; i++) {
-					conv_shift(A, xr, rd, wr, sq.pos, qc + i);
-					conv_shift(A, xr, rd, wr, sq.pos, kc + i);
-				}
-			if (lane < CPW)
-				conv_shift(A, xr, rd, wr, sq.pos, vc + lane);
-			b = A.ba[(size_t)row * 2 * A.Nv + j];
-			a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
+				v[c] = cqkv[2 * A.Dk + c0 + c];
 		} else {
 #pragma unroll
 			for (int i = 0; i < KPL; i++) {

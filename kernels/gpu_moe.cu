@@ -18,17 +18,13 @@
 
 /* ---- router ----------------------------------------------------------------------------------- */
 
-__global__ void router_topk_kernel(int *idx, float *w, const float *logits, const float *sg, int R, int E,
-				   int k, bool norm)
+/* Row r's top k by one warp (every lane calls it): the logits are read through L2 (__ldcg), so
+ * that the router kernel's last block sees the other blocks' writes. */
+static __device__ void topk_row(int *idx, float *w, const float *logits, const float *sg, int r, int E, int k,
+				bool norm)
 {
 	constexpr int PER = Q3G_ROUTER_MAX_E / 32;
-	int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-
-	pdl_trigger();
-	pdl_wait();
-
-	if (r >= R)
-		return;
+	const int lane = threadIdx.x & 31;
 	const float *l = logits + (size_t)r * E;
 	float v[PER], mx = -INFINITY, sum = 0.0f, wsum = 0.0f;
 	float myw = 0.0f;
@@ -38,7 +34,7 @@ __global__ void router_topk_kernel(int *idx, float *w, const float *logits, cons
 	for (int i = 0; i < PER; i++) {
 		int e = lane + 32 * i;
 
-		v[i] = e < E ? l[e] : -INFINITY;
+		v[i] = e < E ? __ldcg(l + e) : -INFINITY;
 		if (isnan(v[i]))
 			v[i] = -INFINITY; /* a NaN logit must still leave k valid expert ids */
 		mx = fmaxf(mx, v[i]);
@@ -88,16 +84,36 @@ __global__ void router_topk_kernel(int *idx, float *w, const float *logits, cons
 	}
 	if (lane == 0) {
 		idx[(size_t)r * (k + 1) + k] = -1;
-		w[(size_t)r * (k + 1) + k] = sg ? dev_sigmoid(sg[r]) : 0.0f;
+		w[(size_t)r * (k + 1) + k] = sg ? dev_sigmoid(__ldcg(sg + r)) : 0.0f;
 	}
+}
+
+__global__ void router_topk_kernel(int *idx, float *w, const float *logits, const float *sg, int R, int E,
+				   int k, bool norm)
+{
+	int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+
+	pdl_trigger();
+	pdl_wait();
+	if (r < R)
+		topk_row(idx, w, logits, sg, r, E, k, norm);
+}
+
+static int check_topk(int E, int k, q3_err *e)
+{
+	if (E > Q3G_ROUTER_MAX_E || k > Q3G_ROUTER_MAX_K || k > E || k < 1)
+		return q3_errf(e, -EINVAL, "router: %d experts top %d (the kernel takes up to %d, top %d)", E, k,
+			       Q3G_ROUTER_MAX_E, Q3G_ROUTER_MAX_K);
+	return 0;
 }
 
 extern "C" int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, int R, int E,
 			       int k, bool norm, q3g_stream st, q3_err *e)
 {
-	if (E > Q3G_ROUTER_MAX_E || k > Q3G_ROUTER_MAX_K || k > E || k < 1)
-		return q3_errf(e, -EINVAL, "router: %d experts top %d (the kernel takes up to %d, top %d)", E, k,
-			       Q3G_ROUTER_MAX_E, Q3G_ROUTER_MAX_K);
+	int err;
+
+	if ((err = check_topk(E, k, e)))
+		return err;
 	CUDA_CHECK(e, q3g_launch(router_topk_kernel, cdiv(R, 4), 128, 0, (cudaStream_t)st, idx, w, logits, sg, R, E, k, norm));
 	return 0;
 }
@@ -112,6 +128,13 @@ struct router_launch {
 	const float *h, *normw;
 	float eps;
 	int R, H;
+	/* the top k fused (q3g_router): the last block to finish runs it; done counts finished
+	 * blocks and is left at 0 for the next launch */
+	unsigned *done;
+	int *idx;
+	float *w;
+	int E, k;
+	bool norm;
 };
 
 /* Block = one row tile of one matrix; its 8 warps split the chunks; lane (g, t) sums rows g and
@@ -121,13 +144,20 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 {
 	extern __shared__ float xsf[]; /* [R][H] normalized x, fp32; then [8][32][2 R] partials */
 	__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];
+	__shared__ bool last;
 	pdl_trigger();
-	pdl_wait();
 	const int j = (int)blockIdx.x >= L.tiles0, tile = j ? blockIdx.x - L.tiles0 : blockIdx.x;
 	const struct q3g_mat &m = L.mat[j];
 	const int R = L.R, H = L.H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	const int nw = blockDim.x >> 5;
+	const int per = cdiv(m.nchunks, nw), c0 = warp * per, c1 = min(m.nchunks, c0 + per);
 	float acc[Q3G_MMV_MAX_TOK][2];
+
+	/* the weights do not depend on the previous kernel: towards L2 while it ends */
+	if (lane == 0 && c0 < c1)
+		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0) * Q3G_CHUNK_BYTES_F16,
+			    (uint32_t)((c1 - c0) * Q3G_CHUNK_BYTES_F16));
+	pdl_wait();
 
 	/* the norm of each row, then x = h · rs · (1 + w) in fp32 */
 	for (int r = 0; r < R; r++) {
@@ -157,7 +187,6 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 #pragma unroll
 	for (int r = 0; r < Q3G_MMV_MAX_TOK; r++)
 		acc[r][0] = acc[r][1] = 0.0f;
-	const int per = cdiv(m.nchunks, nw), c0 = warp * per, c1 = min(m.nchunks, c0 + per);
 	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
 
 	for (int c = c0; c < c1; c++) {
@@ -214,6 +243,21 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 		if (row < m.N)
 			L.y[j][(size_t)r * L.ldy[j] + row] = v;
 	}
+	if (!L.done)
+		return;
+	/* every block's logits are written: the last block to get here picks the experts */
+	__threadfence();
+	__syncthreads();
+	if (threadIdx.x == 0)
+		last = atomicAdd(L.done, 1u) == gridDim.x - 1;
+	__syncthreads();
+	if (!last)
+		return;
+	__threadfence();
+	for (int r = warp; r < R; r += nw)
+		topk_row(L.idx, L.w, L.y[0], L.y[1], r, L.E, L.k, L.norm);
+	if (threadIdx.x == 0)
+		*L.done = 0;
 }
 
 /* fp32 y[R][N] = x[R][K]·Wᵀ with cuBLAS (no TF32: CUBLAS_COMPUTE_32F), W expanded into wtmp. */
@@ -240,42 +284,72 @@ static size_t router_smem(int R, int H)
 	return x > part ? x : part;
 }
 
-extern "C" int q3g_router_logits(void *cublas, float *logits, float *sg, const float *h, const float *normw, float eps,
-				 const struct q3g_mat *router, const struct q3g_mat *sgate, int R, int H, float *xf,
-				 float *wtmp, q3g_stream stream, q3_err *e)
+static int router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k, bool norm,
+		  const float *h, const float *normw, float eps, const struct q3g_mat *rm, const struct q3g_mat *sgate,
+		  int R, int H, float *xf, float *wtmp, cudaStream_t st, q3_err *e)
 {
-	cudaStream_t st = (cudaStream_t)stream;
 	int err;
 
-	if (router->fmt != Q3G_F16 || sgate->fmt != Q3G_F16 || router->K != H || sgate->K != H)
+	if (rm->fmt != Q3G_F16 || sgate->fmt != Q3G_F16 || rm->K != H || sgate->K != H)
 		return q3_errf(e, -EINVAL, "router: expects dense (fp16) router and shared gate over %d inputs", H);
 	if (R <= Q3G_MMV_MAX_TOK && router_smem(R, H) <= q3g_dev.smem_dyn) {
 		router_launch L;
 
 		memset(&L, 0, sizeof(L));
-		L.mat[0] = *router;
+		L.mat[0] = *rm;
 		L.mat[1] = *sgate;
 		L.y[0] = logits;
 		L.y[1] = sg;
-		L.ldy[0] = router->N;
+		L.ldy[0] = rm->N;
 		L.ldy[1] = sgate->N;
-		L.tiles0 = router->ntiles;
+		L.tiles0 = rm->ntiles;
 		L.h = h;
 		L.normw = normw;
 		L.eps = eps;
 		L.R = R;
 		L.H = H;
-		CUDA_CHECK(e, q3g_launch(router_f32_kernel, router->ntiles + sgate->ntiles, Q3G_MMV_THREADS,
+		if (done && rm->N == E && sgate->N == 1) {
+			L.done = done;
+			L.idx = idx;
+			L.w = w;
+			L.E = E;
+			L.k = k;
+			L.norm = norm;
+		}
+		CUDA_CHECK(e, q3g_launch(router_f32_kernel, rm->ntiles + sgate->ntiles, Q3G_MMV_THREADS,
 					 router_smem(R, H), st, L));
-		return 0;
+		if (L.done)
+			return 0;
+	} else {
+		if ((err = q3g_rmsnorm_f32(xf, h, normw, R, H, eps, st, e)))
+			return err;
+		if (q3g_cublas_stream(cublas, st) != CUBLAS_STATUS_SUCCESS)
+			return q3_errf(e, -EIO, "router: cublasSetStream failed");
+		if ((err = gemm_f32((cublasHandle_t)cublas, rm, xf, H, logits, rm->N, R, wtmp, st, e)) ||
+		    (err = gemm_f32((cublasHandle_t)cublas, sgate, xf, H, sg, sgate->N, R, wtmp, st, e)))
+			return err;
 	}
-	if ((err = q3g_rmsnorm_f32(xf, h, normw, R, H, eps, stream, e)))
+	return idx ? q3g_router_topk(idx, w, logits, sg, R, E, k, norm, st, e) : 0;
+}
+
+extern "C" int q3g_router_logits(void *cublas, float *logits, float *sg, const float *h, const float *normw, float eps,
+				 const struct q3g_mat *rm, const struct q3g_mat *sgate, int R, int H, float *xf,
+				 float *wtmp, q3g_stream st, q3_err *e)
+{
+	return router(cublas, logits, sg, NULL, NULL, NULL, 0, 0, false, h, normw, eps, rm, sgate, R, H, xf, wtmp,
+		      (cudaStream_t)st, e);
+}
+
+extern "C" int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k,
+			  bool norm, const float *h, const float *normw, float eps, const struct q3g_mat *rm,
+			  const struct q3g_mat *sgate, int R, int H, float *xf, float *wtmp, q3g_stream st, q3_err *e)
+{
+	int err;
+
+	if ((err = check_topk(E, k, e)))
 		return err;
-	if (q3g_cublas_stream(cublas, st) != CUBLAS_STATUS_SUCCESS)
-		return q3_errf(e, -EIO, "router: cublasSetStream failed");
-	if ((err = gemm_f32((cublasHandle_t)cublas, router, xf, H, logits, router->N, R, wtmp, st, e)))
-		return err;
-	return gemm_f32((cublasHandle_t)cublas, sgate, xf, H, sg, sgate->N, R, wtmp, st, e);
+	return router(cublas, logits, sg, idx, w, done, E, k, norm, h, normw, eps, rm, sgate, R, H, xf, wtmp,
+		      (cudaStream_t)st, e);
 }
 
 /* ---- decode experts ------------------------------------------------------------------------- */
@@ -319,7 +393,13 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid
 	if (b * L.rt >= m.ntiles)
 		return; /* a narrower matrix: whole block idle, before any barrier */
 	const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
+	const int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 
+	/* this warp's weights start towards L2 while the block stages the activations */
+	if (lane == 0 && tile < m.ntiles && c0 < c1)
+		prefetch_l2((const uint8_t *)m.data + (size_t)mi * m.data_stride +
+				    ((size_t)tile * m.nchunks + c0) * fmt_traits<FMT>::CB,
+			    (uint32_t)((c1 - c0) * fmt_traits<FMT>::CB));
 	if (L.xh) {
 		__shared__ float rs[1], nred[32];
 
@@ -329,8 +409,6 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid
 	}
 	__syncthreads();
 	if (tile < m.ntiles) {
-		int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
-
 		run_chunks<FMT, 1>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
 				   c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
 	}
@@ -445,33 +523,44 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 	const int tile = blockIdx.y * L.rt + warp / WPT, kr = warp % WPT;
 	const int *ix = L.idx + (size_t)r * S;
 	uint16_t *xs = (uint16_t *)smem;
-	int ksoff = 0, total = 0;
+	const struct q3g_mat &mr = L.mat[0], &ms = L.mat[1];
+	const int hr = mr.nchunks * Q3G_KCHUNK / 2, hs = ms.nchunks * Q3G_KCHUNK / 2; /* input pairs per slot */
+	const int ksoff = (L.k * mr.nchunks + ms.nchunks) * (Q3G_KCHUNK / Q3G_KSTEP), total = L.k * mr.nchunks + ms.nchunks;
+	__shared__ int sx[Q3G_ROUTER_MAX_K + 1];
 
-	/* stage silu(gate) ⊙ up of every slot, one after the other (k-step offsets add up) */
-	for (int s = 0; s < S; s++) {
-		/* slots keep their places (down_items indexes items by slot); a slot whose expert the
-		 * CPU computes (Q3G_SKIP, offload) is staged as zeros and its items are skipped */
-		int ex = ix[s], mi = ex < 0 ? 0 : ex;
-		const bool skip = ex == Q3G_SKIP;
+	/* the slots' experts once; their weights of this block's tile start towards L2 while the
+	 * activations are staged (a slot is one contiguous run of the tile's chunks) */
+	if ((int)threadIdx.x < S) {
+		int s = threadIdx.x, ex = ix[s];
 		const struct q3g_mat &m = L.mat[s == L.k];
-		const uint16_t *perm = m.perm && !skip ? m.perm + (size_t)mi * m.perm_stride : NULL;
+		const int cb = m.fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : m.fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
+
+		sx[s] = ex;
+		for (int t = blockIdx.y * L.rt; ex != Q3G_SKIP && t < min(m.ntiles, (int)(blockIdx.y + 1) * L.rt); t++)
+			prefetch_l2((const uint8_t *)m.data + (size_t)(ex < 0 ? 0 : ex) * m.data_stride +
+					    (size_t)t * m.nchunks * cb, (uint32_t)(m.nchunks * cb));
+	}
+	__syncthreads();
+	/* stage silu(gate) ⊙ up of every slot at once (slot s < k at k-step s·Kp/16, the shared one
+	 * after them).  Slots keep their places (down_items indexes items by slot); a slot whose
+	 * expert the CPU computes (Q3G_SKIP, offload) is staged as zeros and its items are skipped. */
+#pragma unroll 4
+	for (int i = threadIdx.x; i < L.k * hr + hs; i += blockDim.x) {
+		const bool sh = i >= L.k * hr;
+		const int s = sh ? L.k : i / hr, kin = 2 * (sh ? i - L.k * hr : i % hr), ex = sx[s];
+		const bool skip = ex == Q3G_SKIP;
+		const struct q3g_mat &m = sh ? ms : mr;
+		const uint16_t *perm = m.perm && !skip ? m.perm + (size_t)(ex < 0 ? 0 : ex) * m.perm_stride : NULL;
 		const float *g = L.gu + ((size_t)r * S + s) * L.ldgu, *u = g + L.ldgu / 2;
-		int Kp = m.nchunks * Q3G_KCHUNK;
-		uint16_t *xo = xs + (size_t)ksoff * Q3G_KSTEP;
+		uint16_t *xo = xs + (size_t)s * mr.nchunks * Q3G_KCHUNK;
+		float v[2];
 
-		for (int i = threadIdx.x; i < Kp / 2; i += blockDim.x) {
-			int kin = 2 * i;
-			float v[2];
+		for (int q = 0; q < 2; q++) {
+			int kk = perm ? perm[kin + q] : kin + q;
 
-			for (int q = 0; q < 2; q++) {
-				int kk = perm ? perm[kin + q] : kin + q;
-
-				v[q] = !skip && kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
-			}
-			*(uint32_t *)(xo + xs_slot(kin, 0, 1)) = pack_h2(v[0], v[1]);
+			v[q] = !skip && kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
 		}
-		ksoff += Kp / Q3G_KSTEP;
-		total += m.nchunks;
+		*(uint32_t *)(xo + xs_slot(kin, 0, 1)) = pack_h2(v[0], v[1]);
 	}
 	float *red = (float *)(xs + (size_t)ksoff * Q3G_KSTEP);
 	__syncthreads();
@@ -481,7 +570,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 		/* this warp's share of the (slot, chunk) items of its tile */
 		int per = cdiv(total, WPT), i0 = kr * per, i1 = min(total, i0 + per);
 
-		down_items<FR, FS>(L, ix, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
+		down_items<FR, FS>(L, sx, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
 	}
 	reduce_tile_warps<1>(red, acc, WPT);
 	if (kr != 0 || tile >= L.mat[0].ntiles || (lane & 3))
@@ -581,6 +670,8 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	size_t kp = (size_t)k * down->nchunks * Q3G_KCHUNK + (size_t)sdown->nchunks * Q3G_KCHUNK;
 	size_t smem = ((kp * 2 + 15) & ~(size_t)15) + Q3G_MMV_THREADS * 16;
 
+	if (k < 1 || k > Q3G_ROUTER_MAX_K)
+		return q3_errf(e, -EINVAL, "moe down: %d experts per token (up to %d)", k, Q3G_ROUTER_MAX_K);
 	if (down->N != H || sdown->N != H || down->ntiles != sdown->ntiles)
 		return q3_errf(e, -EINVAL, "moe down: output rows %d / %d, hidden %d", down->N, sdown->N, H);
 	if (smem > q3g_dev.smem_dyn)

@@ -118,7 +118,7 @@ static void bench_linear(const char *name, int N, int K, enum lin_kind kind, int
 	char what[128];
 
 	snprintf(what, sizeof(what), "%s [%d x %d] %s R=%d", name, N, K, fmt_name(d.p.fmt), R);
-	report(what, time_graph(ex, st), (double)mat_bytes(&d) / copies);
+	report(what, time_graph(ex, st), (double)mat_bytes(&d)); /* bytes of one call's matrix */
 	cudaGraphExecDestroy(ex);
 	cudaGraphDestroy(g);
 	cudaFree(x);
@@ -210,6 +210,27 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 
 extern bool q3g_pdl; /* kernels/gpu_device.cu */
 
+/* ms of five replays of ex after a warm-up one */
+static float replay5(cudaGraphExec_t ex, cudaStream_t st)
+{
+	float ms = 0;
+	cudaEvent_t a, b;
+
+	GT_CHECK(cudaEventCreate(&a));
+	GT_CHECK(cudaEventCreate(&b));
+	GT_CHECK(cudaGraphLaunch(ex, st));
+	GT_CHECK(cudaStreamSynchronize(st));
+	GT_CHECK(cudaEventRecord(a, st));
+	for (int i = 0; i < 5; i++)
+		GT_CHECK(cudaGraphLaunch(ex, st));
+	GT_CHECK(cudaEventRecord(b, st));
+	GT_CHECK(cudaEventSynchronize(b));
+	GT_CHECK(cudaEventElapsedTime(&ms, a, b));
+	cudaEventDestroy(a);
+	cudaEventDestroy(b);
+	return ms;
+}
+
 /* One Gated DeltaNet decode layer as the backend runs it at batch R (all launches of the layer:
  * qkvz+ba with the norm folded in, conv+delta+gated norm, out_proj + residual, router + shared
  * gate, top-k, experts up, experts down + residual), NL layers with their own dense weights
@@ -264,7 +285,10 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	float *gu = dev_alloc<float>((size_t)R * S * ldgu);
 	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim);
 	int *idx = dev_alloc<int>((size_t)R * S);
+	unsigned *done = dev_alloc<unsigned>(1);
 	cudaGraph_t g;
+
+	GT_CHECK(cudaMemset(done, 0, 4));
 	cudaGraphExec_t ex;
 	double bytes = 0;
 
@@ -287,10 +311,9 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			memset(j, 0, sizeof(j));
 			j[0].w = out[l].m, j[0].x = core, j[0].y = h, j[0].ldx = d.value_dim, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
 			GT_OK(q3g_mmv(j, 1, R, st, &e_));
-			/* the router in fp32 (R <= 16: the SIMT kernel, no cuBLAS) */
-			GT_OK(q3g_router_logits(NULL, lg, sg, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R, H, NULL, NULL, st,
-						&e_));
-			GT_OK(q3g_router_topk(idx, wts, lg, sg, R, E, k, true, st, &e_));
+			/* the router in fp32 with the top k fused (R <= 16: the SIMT kernel, no cuBLAS) */
+			GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
+					 H, NULL, NULL, st, &e_));
 			GT_OK(q3g_moe_up_norm(gu, h, w0, 1e-6f, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
 			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
 		}
@@ -302,31 +325,58 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			bytes = (double)mat_bytes(&qkvz[0]) + mat_bytes(&ba[0]) + mat_bytes(&out[0]) + mat_bytes(&router[0]) +
 				mat_bytes(&sgate[0]) + (distinct + 1) * 3 * (double)mat_bytes(&shg) + 2.0 * R * rec_n * 4;
 		}
-		float ms = 0;
-		cudaEvent_t a, b;
-
-		GT_CHECK(cudaEventCreate(&a));
-		GT_CHECK(cudaEventCreate(&b));
-		GT_CHECK(cudaGraphLaunch(ex, st));
-		GT_CHECK(cudaStreamSynchronize(st));
-		GT_CHECK(cudaEventRecord(a, st));
-		for (int i = 0; i < 5; i++)
-			GT_CHECK(cudaGraphLaunch(ex, st));
-		GT_CHECK(cudaEventRecord(b, st));
-		GT_CHECK(cudaEventSynchronize(b));
-		GT_CHECK(cudaEventElapsedTime(&ms, a, b));
+		float ms = replay5(ex, st);
 		char what[128];
 
-		snprintf(what, sizeof(what), "GDN decode layer (7 launches), R=%d, PDL %s", R, pdl ? "on" : "off");
+		snprintf(what, sizeof(what), "GDN decode layer (6 launches), R=%d, PDL %s", R, pdl ? "on" : "off");
 		/* report per layer: (ms / 5 replays / NL layers) in the REPS convention of report() */
 		report(what, ms / 5 / NL * 1.0f, bytes);
 		printf("  48 such layers: %.0f tok/s at batch %d (before the attention layers' extra work and lm_head)\n",
 		       R / (48.0 * ms / 5 / NL * 1e-3), R);
-		cudaEventDestroy(a);
-		cudaEventDestroy(b);
 		cudaGraphExecDestroy(ex);
 		cudaGraphDestroy(g);
 		q3g_pdl = saved;
+	}
+	/* each launch of the layer alone, NL in a row with the layers' own weights (PDL as the
+	 * engine runs it): where the layer's time goes */
+	for (int op = 0; op < 6; op++) {
+		static const char *names[] = { "qkvz+ba (norm fused)", "conv+delta+gated norm", "out_proj + residual",
+					       "router + top-k (fused)", "experts up (norm fused)", "experts down + residual" };
+		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+		for (int l = 0; l < NL; l++) {
+			struct q3g_job j[2];
+
+			memset(j, 0, sizeof(j));
+			if (op == 0) {
+				j[0].w = qkvz[l].m, j[0].y = pq, j[0].ldx = H, j[0].ldy = qd, j[0].xh = h, j[0].normw = w0,
+				j[0].eps = 1e-6f;
+				j[1] = j[0], j[1].w = ba[l].m, j[1].y = pba, j[1].ldy = 2 * d.Nv;
+				GT_OK(q3g_mmv(j, 2, R, st, &e_));
+			} else if (op == 1) {
+				GT_OK(q3g_delta_decode(pq, qd, dcw, pba, dA, ddt, NULL, core, pq + d.conv_dim, qd, dnw, true, rows,
+						       R, 0, &d, st, &e_));
+			} else if (op == 2) {
+				j[0].w = out[l].m, j[0].x = core, j[0].y = h, j[0].ldx = d.value_dim, j[0].ldy = H,
+				j[0].epi = Q3G_EPI_ADD;
+				GT_OK(q3g_mmv(j, 1, R, st, &e_));
+			} else if (op == 3) {
+				GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m,
+						 &sgate[l].m, R, H, NULL, NULL, st, &e_));
+			} else if (op == 4) {
+				GT_OK(q3g_moe_up_norm(gu, h, w0, 1e-6f, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
+			} else {
+				GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
+			}
+		}
+		GT_CHECK(cudaStreamEndCapture(st, &g));
+		GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
+		float ms = replay5(ex, st);
+
+		printf("  %-28s R=%-2d %8.2f us per layer\n", names[op], R, ms * 1e3 / 5 / NL);
+		if (g_csv)
+			fprintf(g_csv, "gdn op %s R=%d,%.3f,,\n", names[op], R, ms * 1e3 / 5 / NL);
+		cudaGraphExecDestroy(ex);
+		cudaGraphDestroy(g);
 	}
 }
 

@@ -874,7 +874,43 @@ static void router_logits_case(int R, int E, int H)
 	gt_compare(n2, dev_download(dl, ref.size()).data(), ref.data(), ref.size(), 1e-5);
 	snprintf(n2, sizeof(n2), "%s: shared gate", name);
 	gt_compare(n2, dev_download(ds, R).data(), rsg.data(), R, 1e-5);
-	void *fr[] = { dh, dw, dl, ds, xf, wt };
+	/* the fused router (q3g_router): the experts the reference top-k picks from these logits,
+	 * twice in a row (the kernel must leave its block counter at zero for the next launch) */
+	const int k = E >= 10 ? 10 : E / 2;
+	std::vector<float> gl = dev_download(dl, ref.size()), gs = dev_download(ds, R);
+	int *di = dev_alloc<int>((size_t)R * (k + 1));
+	float *dwt = dev_alloc<float>((size_t)R * (k + 1));
+	unsigned *done = dev_alloc<unsigned>(1);
+
+	GT_CHECK(cudaMemset(done, 0, 4));
+	for (int rep = 0; rep < 2; rep++) {
+		GT_CHECK(cudaMemset(di, 0xff, (size_t)R * (k + 1) * 4));
+		GT_OK(q3g_router(g_cublas, dl, ds, di, dwt, done, E, k, true, dh, dw, 1e-6f, &dr.m, &dg.m, R, H, xf, wt, 0,
+				 &e_));
+		std::vector<int> gi = dev_download(di, (size_t)R * (k + 1));
+		std::vector<float> gw = dev_download(dwt, (size_t)R * (k + 1)), rw_all((size_t)R * (k + 1));
+		std::vector<int> ridx(k);
+		std::vector<float> rw(k);
+		bool same = true;
+
+		for (int r = 0; r < R; r++) {
+			q3_ref_router_topk(&gl[(size_t)r * E], E, k, true, ridx.data(), rw.data());
+			for (int j = 0; j < k; j++) {
+				same &= gi[(size_t)r * (k + 1) + j] == ridx[j];
+				rw_all[(size_t)r * (k + 1) + j] = rw[j];
+			}
+			same &= gi[(size_t)r * (k + 1) + k] == -1;
+			rw_all[(size_t)r * (k + 1) + k] = q3_sigmoid(gs[r]);
+		}
+		snprintf(n2, sizeof(n2), "%s: fused top-%d, launch %d: the reference's experts", name, k, rep + 1);
+		gt_expect(same, n2);
+		snprintf(n2, sizeof(n2), "%s: fused top-%d, launch %d: weights", name, k, rep + 1);
+		gt_compare(n2, gw.data(), rw_all.data(), gw.size(), 1e-5);
+	}
+	std::vector<unsigned> left = dev_download(done, 1);
+	snprintf(n2, sizeof(n2), "%s: fused: block counter back at zero", name);
+	gt_expect(left[0] == 0, n2);
+	void *fr[] = { dh, dw, dl, ds, xf, wt, di, dwt, done };
 	for (void *p : fr)
 		cudaFree(p);
 	dmat_free(&dr);
