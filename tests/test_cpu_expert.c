@@ -196,8 +196,11 @@ static void check_ffn(const struct q3_expert *ex, const struct q3_xexpert *x, in
 			continue;
 		for (int kind = 0; kind < 2; kind++) {
 			void *scr = xmalloc(q3_xexpert_ffn_scratch(x, T, (enum q3_xact_kind)kind));
-			/* int8: two activations quantized to 8 bits per block of 32 */
-			double tol = kind == Q3_XACT_INT8 ? 2e-2 : 2e-5;
+			/* int8: two activations quantized to 8 bits per block of 32, each ~0.6-1% off
+			 * (silu(g)·u is heavy-tailed), through a small expert (256 / 128 inputs per sum,
+			 * little averaging): 2.6e-2 was seen on one input, so 3e-2; a wrong scale or
+			 * block is off by far more */
+			double tol = kind == Q3_XACT_INT8 ? 3e-2 : 2e-5;
 
 			q3_xexpert_ffn((enum q3_xisa)isa, (enum q3_xact_kind)kind, x, xin, (size_t)H, T,
 				       y, (size_t)H, scr);
@@ -252,6 +255,9 @@ static void check_expert(const struct q3_expert *ex, int wstep, const int *Ts, i
 					check_matrix(isa, kind, &ex->up, &xg.up, NULL, Ts[i], &rng, what);
 			}
 	}
+	/* the FFN's inputs from their own stream: the same on every machine, however many ISAs
+	 * the matrix checks above drew inputs for */
+	rng = seed ^ 0x9e3779b97f4a7c15ull;
 	check_ffn(ex, &xp, 1, &rng, what);
 	check_ffn(ex, &xp, 3, &rng, what);
 	if (gptq_ok)

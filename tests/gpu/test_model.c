@@ -119,7 +119,10 @@ static void test_model(const char *dir)
 		CHECK_Q3(q3_engine_decode(eng, &s, gen + i, 1, dec + (size_t)i * V, &e_), "decode");
 	if (G) {
 		snprintf(what, sizeof(what), "%s: decode logits [%lld x %lld]", dir, (long long)G, (long long)V);
-		compare_logits(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95);
+		/* with experts forced to the CPU (QWEN3D_OFFLOAD_FRACTION, gpu_offload_session.sh) their
+		 * int8 activations may flip near-tied rows: see test_offload.c */
+		compare_logits_ties(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95,
+				    getenv("QWEN3D_OFFLOAD_FRACTION") ? 3e-2 : 0.0);
 	}
 
 	/* chunked prefill: the prompt in two calls; the last position's logits as in one call.

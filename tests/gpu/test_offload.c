@@ -140,13 +140,18 @@ static void test_model(const char *dir)
 		if (run(dir, prompt, (int)T, gen, (int)G, (int)V, pre, dec, &st))
 			continue;
 		snprintf(what, sizeof(what), "%s, %s of the experts in VRAM: prefill vs reference", dir, fr[f]);
-		compare_logits(what, pre, rpre, (int)T, (int)V, 3e-2, 0.95);
+		/* the CPU's experts take int8 activations (q8_0's blocks of 32): about 1e-2 relative
+		 * error through these small models, 10x the GPU's fp16 path.  So the same 3e-2 as the
+		 * model test, against the reference and against all-in-VRAM alike, and argmax counted
+		 * where the reference's top two are at least that far apart (the fixtures have rows
+		 * whose top two differ by 0.5% of the logits' RMS) */
+		compare_logits_ties(what, pre, rpre, (int)T, (int)V, 3e-2, 0.95, 3e-2);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs reference", dir, fr[f]);
-		compare_logits(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95);
+		compare_logits_ties(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95, 3e-2);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: prefill vs all in VRAM", dir, fr[f]);
-		compare_logits(what, pre, pre0, (int)T, (int)V, 2e-2, 0.95);
+		compare_logits_ties(what, pre, pre0, (int)T, (int)V, 3e-2, 0.95, 3e-2);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs all in VRAM", dir, fr[f]);
-		compare_logits(what, dec, dec0, (int)G, (int)V, 2e-2, 0.95);
+		compare_logits_ties(what, dec, dec0, (int)G, (int)V, 3e-2, 0.95, 3e-2);
 		double share = (double)st.experts_vram / (st.experts_total ? st.experts_total : 1);
 
 		result(st.offload && fabs(share - atof(fr[f])) < 0.1,
@@ -160,7 +165,9 @@ static void test_model(const char *dir)
 		       st.pcie_bytes / 1e6, st.cpu_expert_bytes / 1e6, st.cpu_threads, st.cpu_isa,
 		       st.cpu_expert_busy_s > 0 ? st.cpu_expert_bytes / st.cpu_expert_busy_s / 1e9 : 0.0);
 		result(access(stats, R_OK) == 0, "%s, %s in VRAM: statistics saved at close", dir, fr[f]);
-		/* graphs vs eager: batch decode */
+		/* graphs vs eager: batch decode, both from the same expert placement (no statistics:
+		 * the first run's saved ones would re-plan the second's VRAM set) */
+		unsetenv("QWEN3D_EXPERT_STATS");
 		if (batch3(dir, prompt, (int)T, (int)V, b1) == 0) {
 			setenv("QWEN3D_NO_GRAPHS", "1", 1);
 			if (batch3(dir, prompt, (int)T, (int)V, b2) == 0) {
