@@ -43,6 +43,11 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_const
 	/* the weights do not depend on the previous kernel: start them towards L2 while it ends */
 	if (lane == 0 && tile < m.ntiles && c0 < c1)
 		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0) * cb, (uint32_t)((c1 - c0) * cb));
+	if (m.fmt != Q3G_F16 && lane == 1 && kr == 0 && tile < m.ntiles) { /* the scales, read group by group */
+		prefetch_l2(m.scales + (size_t)tile * m.ngroups * Q3G_TILE_N, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
+		if (m.zeros)
+			prefetch_l2(m.zeros + (size_t)tile * m.ngroups * Q3G_TILE_N, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
+	}
 	pdl_wait();
 	if (jb.xh) {
 		__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];

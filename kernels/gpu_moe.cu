@@ -153,10 +153,21 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 	const int per = cdiv(m.nchunks, nw), c0 = warp * per, c1 = min(m.nchunks, c0 + per);
 	float acc[Q3G_MMV_MAX_TOK][2];
 
-	/* the weights do not depend on the previous kernel: towards L2 while it ends */
-	if (lane == 0 && c0 < c1)
-		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0) * Q3G_CHUNK_BYTES_F16,
-			    (uint32_t)((c1 - c0) * Q3G_CHUNK_BYTES_F16));
+	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
+	/* the weights do not depend on the previous kernel: the warp's first RPRE chunks into
+	 * registers while it ends, the rest towards L2 */
+	constexpr int RPRE = 4;
+	uint4 pre[RPRE][4];
+
+#pragma unroll
+	for (int u = 0; u < RPRE; u++)
+#pragma unroll
+		for (int s = 0; s < 4; s++)
+			if (c0 + u < c1)
+				pre[u][s] = ldg_stream(base + (size_t)(c0 + u) * Q3G_CHUNK_BYTES_F16 + s * 512);
+	if (lane == 0 && c0 + RPRE < c1)
+		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0 + RPRE) * Q3G_CHUNK_BYTES_F16,
+			    (uint32_t)((c1 - c0 - RPRE) * Q3G_CHUNK_BYTES_F16));
 	pdl_wait();
 
 	/* the norm of each row, then x = h · rs · (1 + w) in fp32 */
@@ -187,14 +198,21 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 #pragma unroll
 	for (int r = 0; r < Q3G_MMV_MAX_TOK; r++)
 		acc[r][0] = acc[r][1] = 0.0f;
-	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
-
 	for (int c = c0; c < c1; c++) {
 		uint4 w[4];
 
+		if (c - c0 < RPRE) {
 #pragma unroll
-		for (int s = 0; s < 4; s++)
-			w[s] = ldg_stream(base + (size_t)c * Q3G_CHUNK_BYTES_F16 + s * 512);
+			for (int u = 0; u < RPRE; u++)
+				if (c - c0 == u)
+#pragma unroll
+					for (int s = 0; s < 4; s++)
+						w[s] = pre[u][s];
+		} else {
+#pragma unroll
+			for (int s = 0; s < 4; s++)
+				w[s] = ldg_stream(base + (size_t)c * Q3G_CHUNK_BYTES_F16 + s * 512);
+		}
 #pragma unroll
 		for (int s = 0; s < 4; s++) {
 			const uint32_t regs[4] = { w[s].x, w[s].y, w[s].z, w[s].w };
@@ -400,6 +418,14 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid
 		prefetch_l2((const uint8_t *)m.data + (size_t)mi * m.data_stride +
 				    ((size_t)tile * m.nchunks + c0) * fmt_traits<FMT>::CB,
 			    (uint32_t)((c1 - c0) * fmt_traits<FMT>::CB));
+	/* and the tile's scales (zero points), which run_chunks reads group by group */
+	if (FMT != Q3G_F16 && lane == 1 && kr == 0 && tile < m.ntiles) {
+		size_t off = (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N;
+
+		prefetch_l2(m.scales + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
+		if (m.zeros)
+			prefetch_l2(m.zeros + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
+	}
 	if (L.xh) {
 		__shared__ float rs[1], nred[32];
 
@@ -439,15 +465,20 @@ struct moe_down_launch {
  * slot's routing weight) into acc. */
 template <int FMT>
 static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int mi, int tile, int c, const uint4 *w,
-						 const uint2 *xs, int kbase, float wt, float acc[1][4])
+						 const uint2 *xs, int kbase, float wt, float acc[1][4], float s0,
+						 float s1)
 {
 	const int lane = threadIdx.x & 31;
 	const size_t szb = (size_t)mi * m.sz_stride;
-	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } }, s0 = 1.0f, s1 = 1.0f;
+	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
 
-	if (FMT != Q3G_F16)
-		group_consts<FMT>(m, szb, tile, (c * 4) / m.gsteps, lane, s0, s1, zc);
+	/* the first group's scales came with the weights (s0, s1); zero points (asym) here */
+	if (FMT != Q3G_F16 && m.zeros) {
+		size_t i = szb + ((size_t)tile * m.ngroups + (c * 4) / m.gsteps) * Q3G_TILE_N + (lane >> 2);
+
+		zc = make_zconst<FMT>(m.zeros[i], m.zeros[i + 8]);
+	}
 #pragma unroll
 	for (int st = 0; st < 4; st++) {
 		uint32_t a[4], b[2];
@@ -472,16 +503,22 @@ template <int FR, int FS>
 static __device__ __forceinline__ void down_items(const moe_down_launch &L, const int *ix, const float *wr, int tile,
 						  int i0, int i1, int ncr, const uint2 *xs, float acc[1][4])
 {
-	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS, UB = 16 / LM;
+	/* UB items in flight: 12 at int4 (with their scales, within the 128 registers of two blocks
+	 * per SM; 11 are a whole row's share of a warp at the real shapes), 16 / loads per item otherwise */
+	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS, UB = LM == 1 ? 12 : 16 / LM;
 	const int lane = threadIdx.x & 31, k = L.k;
 
 	for (int b0 = i0; b0 < i1; b0 += UB) {
 		uint4 w[UB][LM];
+		float s0[UB], s1[UB];
 
+		/* the weights of UB items and their first groups' scales, all in flight at once (a
+		 * scale loaded when its item starts would cost a round trip per item) */
 #pragma unroll
 		for (int u = 0; u < UB; u++) {
 			int i = b0 + u;
 
+			s0[u] = s1[u] = 1.0f;
 			if (i < i1 && ix[i >= k * ncr ? k : i / ncr] != Q3G_SKIP) {
 				bool sh = i >= k * ncr;
 				int c = sh ? i - k * ncr : i % ncr, mi = sh ? 0 : ix[i / ncr];
@@ -493,6 +530,13 @@ static __device__ __forceinline__ void down_items(const moe_down_launch &L, cons
 				for (int q = 0; q < LM; q++)
 					if (q < (sh ? LS : LR))
 						w[u][q] = ldg_stream(p + q * 512);
+				if ((sh ? FS : FR) != Q3G_F16) {
+					size_t si = (size_t)mi * m.sz_stride +
+						    ((size_t)tile * m.ngroups + (c * 4) / m.gsteps) * Q3G_TILE_N + (lane >> 2);
+
+					s0[u] = m.scales[si];
+					s1[u] = m.scales[si + 8];
+				}
 			}
 		}
 #pragma unroll
@@ -504,9 +548,10 @@ static __device__ __forceinline__ void down_items(const moe_down_launch &L, cons
 			if (ix[i >= k * ncr ? k : i / ncr] == Q3G_SKIP)
 				continue; /* the CPU's expert (offload) */
 			if (i >= k * ncr)
-				down_item<FS>(L.mat[1], 0, tile, i - k * ncr, w[u], xs, 4 * i, wr[k], acc);
+				down_item<FS>(L.mat[1], 0, tile, i - k * ncr, w[u], xs, 4 * i, wr[k], acc, s0[u], s1[u]);
 			else
-				down_item<FR>(L.mat[0], ix[i / ncr], tile, i % ncr, w[u], xs, 4 * i, wr[i / ncr], acc);
+				down_item<FR>(L.mat[0], ix[i / ncr], tile, i % ncr, w[u], xs, 4 * i, wr[i / ncr], acc, s0[u],
+					      s1[u]);
 		}
 	}
 }

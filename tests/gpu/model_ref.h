@@ -108,7 +108,7 @@ static void compare_logits_ties(const char *what, const float *got, const float 
 	       what, c.rel, tol, agree, counted, min_agree * 100, ties);
 }
 
-static void compare_logits(const char *what, const float *got, const float *ref, int rows, int V, double tol,
+static inline void compare_logits(const char *what, const float *got, const float *ref, int rows, int V, double tol,
 			   double min_agree)
 {
 	compare_logits_ties(what, got, ref, rows, V, tol, min_agree, 0.0);
