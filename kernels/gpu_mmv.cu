@@ -19,8 +19,11 @@ struct mmv_launch {
 	struct q3g_job job[Q3G_MMV_MAX_JOBS];
 };
 
-template <int NT>
-__global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_constant__ mmv_launch L)
+/* NTH threads a block: Q3G_MMV_THREADS, or MMV_WIDE when there are few row tiles (a 2048-row
+ * out_proj is 128 tiles: 8 warps a tile left the device latency-bound at 11% occupancy). */
+#define MMV_WIDE 512
+template <int NT, int NTH>
+__global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_launch L)
 {
 	extern __shared__ uint4 smem[];
 	int j = 0;
@@ -29,7 +32,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) mmv_kernel(const __grid_const
 		j++;
 	const struct q3g_job &jb = L.job[j];
 	const struct q3g_mat &m = jb.w;
-	const int R = L.R, RT = L.rt[j], WPT = (Q3G_MMV_THREADS / 32) / RT;
+	const int R = L.R, RT = L.rt[j], WPT = (NTH / 32) / RT;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = ((int)blockIdx.x - L.cta0[j]) * RT + warp / WPT, kr = warp % WPT;
 	const int Kp = m.nchunks * Q3G_KCHUNK;
@@ -100,31 +103,34 @@ static int pick_rt(int ntiles, int R)
 	return rt;
 }
 
-static size_t mmv_smem(int R, int Kp, int rt, int nt)
+static size_t mmv_smem(int R, int Kp, int rt, int nt, int nth)
 {
 	size_t x = ((size_t)R * Kp * 2 + 15) & ~(size_t)15;
 
-	return x + (rt < 8 ? (size_t)Q3G_MMV_THREADS * nt * 4 * 4 : 0);
+	return x + (rt < nth / 32 ? (size_t)nth * nt * 4 * 4 : 0);
 }
 
 extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream st, q3_err *e)
 {
 	mmv_launch L;
 	size_t smem = 0;
-	int nt = R > 8 ? 2 : 1;
+	int nt = R > 8 ? 2 : 1, tiles = 0, nth;
 
 	if (R < 1 || R > Q3G_MMV_MAX_TOK || njobs < 1 || njobs > Q3G_MMV_MAX_JOBS)
 		return q3_errf(e, -EINVAL, "mmv: %d rows, %d jobs", R, njobs);
 	memset(&L, 0, sizeof(L));
 	L.njobs = njobs;
 	L.R = R;
+	for (int j = 0; j < njobs; j++)
+		tiles += jobs[j].w.ntiles;
+	nth = nt == 1 && tiles <= 2 * q3g_dev.sms ? MMV_WIDE : Q3G_MMV_THREADS;
 	for (int j = 0; j < njobs; j++) {
 		const struct q3g_mat *m = &jobs[j].w;
 
 		L.job[j] = jobs[j];
-		L.rt[j] = pick_rt(m->ntiles, R);
+		L.rt[j] = nth == MMV_WIDE ? 1 : pick_rt(m->ntiles, R);
 		L.cta0[j + 1] = L.cta0[j] + cdiv(m->ntiles, L.rt[j]);
-		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], nt));
+		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], nt, nth));
 	}
 	if (smem > q3g_dev.smem_dyn) {
 		/* too many rows for the staging area of this device: two launches of half the rows */
@@ -145,8 +151,9 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 		}
 		return q3g_mmv(half, njobs, R - r1, st, e);
 	}
-	CUDA_CHECK(e, q3g_launch(nt == 1 ? mmv_kernel<1> : mmv_kernel<2>, L.cta0[njobs], Q3G_MMV_THREADS, smem,
-				 (cudaStream_t)st, L));
+	CUDA_CHECK(e, q3g_launch(nth == MMV_WIDE ? mmv_kernel<1, MMV_WIDE> : nt == 1 ? mmv_kernel<1, Q3G_MMV_THREADS>
+							       : mmv_kernel<2, Q3G_MMV_THREADS>,
+				 L.cta0[njobs], nth, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -154,8 +161,9 @@ int q3g_mmv_init(q3_err *e)
 {
 	int err;
 
-	if ((err = q3g_allow_dyn_smem(mmv_kernel<1>, "mmv_kernel<1>", e)) ||
-	    (err = q3g_allow_dyn_smem(mmv_kernel<2>, "mmv_kernel<2>", e)))
+	if ((err = q3g_allow_dyn_smem(mmv_kernel<1, Q3G_MMV_THREADS>, "mmv_kernel<1>", e)) ||
+	    (err = q3g_allow_dyn_smem(mmv_kernel<2, Q3G_MMV_THREADS>, "mmv_kernel<2>", e)) ||
+	    (err = q3g_allow_dyn_smem(mmv_kernel<1, MMV_WIDE>, "mmv_kernel<1, 512>", e)))
 		return err;
 	return 0;
 }

@@ -137,12 +137,15 @@ struct router_launch {
 	bool norm;
 };
 
-/* Block = one row tile of one matrix; its 8 warps split the chunks; lane (g, t) sums rows g and
- * g + 8 over its inputs of each k-step (the same 16-byte loads as the matvec), for every row of
- * x; the four lanes of a row group and then the warps add up. */
-__global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __grid_constant__ router_launch L)
+/* Block = one row tile of one matrix; its NTH / 32 warps split the chunks; lane (g, t) sums rows
+ * g and g + 8 over its inputs of each k-step (the same 16-byte loads as the matvec), for every
+ * row of x (MAXR at most); the four lanes of a row group and then the warps add up.  One token
+ * (decode) takes 16 warps of two chunks each: the kernel is latency-bound, and 33 blocks of 8
+ * warps left each warp four chunks in a row. */
+template <int NTH, int MAXR>
+__global__ void __launch_bounds__(NTH) router_f32_kernel(const __grid_constant__ router_launch L)
 {
-	extern __shared__ float xsf[]; /* [R][H] normalized x, fp32; then [8][32][2 R] partials */
+	extern __shared__ float xsf[]; /* [R][H] normalized x, fp32; then [warps][32][2 MAXR] partials */
 	__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];
 	__shared__ bool last;
 	pdl_trigger();
@@ -151,12 +154,12 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 	const int R = L.R, H = L.H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	const int nw = blockDim.x >> 5;
 	const int per = cdiv(m.nchunks, nw), c0 = warp * per, c1 = min(m.nchunks, c0 + per);
-	float acc[Q3G_MMV_MAX_TOK][2];
+	float acc[MAXR][2];
 
 	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
 	/* the weights do not depend on the previous kernel: the warp's first RPRE chunks into
 	 * registers while it ends, the rest towards L2 */
-	constexpr int RPRE = 4;
+	constexpr int RPRE = NTH >= 512 ? 2 : 4;
 	uint4 pre[RPRE][4];
 
 #pragma unroll
@@ -196,7 +199,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 	}
 	__syncthreads();
 #pragma unroll
-	for (int r = 0; r < Q3G_MMV_MAX_TOK; r++)
+	for (int r = 0; r < MAXR; r++)
 		acc[r][0] = acc[r][1] = 0.0f;
 	for (int c = c0; c < c1; c++) {
 		uint4 w[4];
@@ -224,7 +227,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 				if (k >= m.K)
 					continue;
 #pragma unroll
-				for (int r = 0; r < Q3G_MMV_MAX_TOK; r++) {
+				for (int r = 0; r < MAXR; r++) {
 					if (r >= R)
 						break;
 					float x0 = xsf[r * H + k], x1 = k + 1 < m.K ? xsf[r * H + k + 1] : 0.0f;
@@ -236,7 +239,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 	}
 	/* the four lanes of a row group, then the warps */
 #pragma unroll
-	for (int r = 0; r < Q3G_MMV_MAX_TOK; r++)
+	for (int r = 0; r < MAXR; r++)
 #pragma unroll
 		for (int q = 0; q < 2; q++) {
 			acc[r][q] += __shfl_xor_sync(0xffffffffu, acc[r][q], 1);
@@ -247,9 +250,9 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 
 	if (t == 0)
 #pragma unroll
-		for (int r = 0; r < Q3G_MMV_MAX_TOK; r++) {
-			part[(warp * 32 + g) * 2 * Q3G_MMV_MAX_TOK + 2 * r] = acc[r][0];
-			part[(warp * 32 + g) * 2 * Q3G_MMV_MAX_TOK + 2 * r + 1] = acc[r][1];
+		for (int r = 0; r < MAXR; r++) {
+			part[(warp * 32 + g) * 2 * MAXR + 2 * r] = acc[r][0];
+			part[(warp * 32 + g) * 2 * MAXR + 2 * r + 1] = acc[r][1];
 		}
 	__syncthreads();
 	for (int i = threadIdx.x; i < 16 * R; i += blockDim.x) {
@@ -257,7 +260,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS) router_f32_kernel(const __gri
 		float v = 0.0f;
 
 		for (int ww = 0; ww < nw; ww++)
-			v += part[(ww * 32 + (rr & 7)) * 2 * Q3G_MMV_MAX_TOK + 2 * r + (rr >> 3)];
+			v += part[(ww * 32 + (rr & 7)) * 2 * MAXR + 2 * r + (rr >> 3)];
 		if (row < m.N)
 			L.y[j][(size_t)r * L.ldy[j] + row] = v;
 	}
@@ -295,9 +298,11 @@ static int gemm_f32(cublasHandle_t hb, const struct q3g_mat *m, const float *x, 
 	return 0;
 }
 
+#define ROUTER_WIDE 512 /* threads of the one-token router */
+
 static size_t router_smem(int R, int H)
 {
-	size_t x = (size_t)R * H * 4, part = (size_t)Q3G_MMV_THREADS * 2 * Q3G_MMV_MAX_TOK * 4;
+	size_t x = (size_t)R * H * 4, part = R == 1 ? (size_t)ROUTER_WIDE * 2 * 4 : (size_t)Q3G_MMV_THREADS * 2 * Q3G_MMV_MAX_TOK * 4;
 
 	return x > part ? x : part;
 }
@@ -334,8 +339,12 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 			L.k = k;
 			L.norm = norm;
 		}
-		CUDA_CHECK(e, q3g_launch(router_f32_kernel, rm->ntiles + sgate->ntiles, Q3G_MMV_THREADS,
-					 router_smem(R, H), st, L));
+		if (R == 1)
+			CUDA_CHECK(e, q3g_launch(router_f32_kernel<ROUTER_WIDE, 1>, rm->ntiles + sgate->ntiles, ROUTER_WIDE,
+						 router_smem(R, H), st, L));
+		else
+			CUDA_CHECK(e, q3g_launch(router_f32_kernel<Q3G_MMV_THREADS, Q3G_MMV_MAX_TOK>, rm->ntiles + sgate->ntiles,
+						 Q3G_MMV_THREADS, router_smem(R, H), st, L));
 		if (L.done)
 			return 0;
 	} else {
@@ -388,7 +397,7 @@ struct moe_up_launch {
  * the routed and the shared experts share it, else the routed pairs and the shared ones in two
  * launches, so that each instance keeps one format's registers. */
 template <int FMT>
-__global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_up_kernel(const __grid_constant__ moe_up_launch L)
+__global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	extern __shared__ uint4 smem[];
 	pdl_trigger();
@@ -499,13 +508,16 @@ static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int mi
  * them; the staged activations follow the same order, so item i starts at k-step 4i.  The
  * weights of up to UB items are loaded before the first is used (one round trip for a whole
  * row's experts at int4, instead of one per slot). */
-template <int FR, int FS>
+template <int FR, int FS, int NTH>
 static __device__ __forceinline__ void down_items(const moe_down_launch &L, const int *ix, const float *wr, int tile,
 						  int i0, int i1, int ncr, const uint2 *xs, float acc[1][4])
 {
-	/* UB items in flight: 12 at int4 (with their scales, within the 128 registers of two blocks
-	 * per SM; 11 are a whole row's share of a warp at the real shapes), 16 / loads per item otherwise */
-	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS, UB = LM == 1 ? 12 : 16 / LM;
+	/* UB items in flight.  8 warps a tile: 12 at int4 (with their scales, within the 128
+	 * registers of two blocks per SM; 11 are a whole row's share of a warp at the real shapes),
+	 * 16 / loads per item otherwise.  32 warps a tile (64 registers): 4 at int4 (3 is a warp's
+	 * share there), 4 / loads per item otherwise. */
+	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS;
+	constexpr int UB = NTH >= 1024 ? (4 / LM > 0 ? 4 / LM : 1) : LM == 1 ? 12 : 16 / LM;
 	const int lane = threadIdx.x & 31, k = L.k;
 
 	for (int b0 = i0; b0 < i1; b0 += UB) {
@@ -556,15 +568,17 @@ static __device__ __forceinline__ void down_items(const moe_down_launch &L, cons
 	}
 }
 
-/* FR: the routed experts' format, FS: the shared expert's. */
-template <int FR, int FS>
-__global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __grid_constant__ moe_down_launch L)
+/* FR: the routed experts' format, FS: the shared expert's; NTH threads a block: 256, or 1024 for
+ * a row or two (128 blocks of 8 warps left the device latency-bound: a warp issued every 12
+ * cycles, 12% occupancy). */
+template <int FR, int FS, int NTH>
+__global__ void __launch_bounds__(NTH, NTH >= 1024 ? 1 : 2) moe_down_kernel(const __grid_constant__ moe_down_launch L)
 {
 	extern __shared__ uint4 smem[];
 	pdl_trigger();
 	pdl_wait();
 	const int r = blockIdx.x, S = L.k + 1;
-	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int WPT = (NTH / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = blockIdx.y * L.rt + warp / WPT, kr = warp % WPT;
 	const int *ix = L.idx + (size_t)r * S;
 	uint16_t *xs = (uint16_t *)smem;
@@ -615,7 +629,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 		/* this warp's share of the (slot, chunk) items of its tile */
 		int per = cdiv(total, WPT), i0 = kr * per, i1 = min(total, i0 + per);
 
-		down_items<FR, FS>(L, sx, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
+		down_items<FR, FS, NTH>(L, sx, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
 	}
 	reduce_tile_warps<1>(red, acc, WPT);
 	if (kr != 0 || tile >= L.mat[0].ntiles || (lane & 3))
@@ -631,15 +645,25 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) moe_down_kernel(const __gr
 
 typedef void (*moe_down_fn)(const moe_down_launch);
 
-static moe_down_fn down_kernel_for(int fr, int fs)
+#define DOWN_WIDE 1024 /* threads of a down block for one or two rows */
+
+template <int NTH> static moe_down_fn down_kernel_nth(int fr, int fs)
 {
 	static const moe_down_fn t[3][3] = {
-		{ moe_down_kernel<Q3G_Q4, Q3G_Q4>, moe_down_kernel<Q3G_Q4, Q3G_Q8>, moe_down_kernel<Q3G_Q4, Q3G_F16> },
-		{ moe_down_kernel<Q3G_Q8, Q3G_Q4>, moe_down_kernel<Q3G_Q8, Q3G_Q8>, moe_down_kernel<Q3G_Q8, Q3G_F16> },
-		{ moe_down_kernel<Q3G_F16, Q3G_Q4>, moe_down_kernel<Q3G_F16, Q3G_Q8>, moe_down_kernel<Q3G_F16, Q3G_F16> },
+		{ moe_down_kernel<Q3G_Q4, Q3G_Q4, NTH>, moe_down_kernel<Q3G_Q4, Q3G_Q8, NTH>,
+		  moe_down_kernel<Q3G_Q4, Q3G_F16, NTH> },
+		{ moe_down_kernel<Q3G_Q8, Q3G_Q4, NTH>, moe_down_kernel<Q3G_Q8, Q3G_Q8, NTH>,
+		  moe_down_kernel<Q3G_Q8, Q3G_F16, NTH> },
+		{ moe_down_kernel<Q3G_F16, Q3G_Q4, NTH>, moe_down_kernel<Q3G_F16, Q3G_Q8, NTH>,
+		  moe_down_kernel<Q3G_F16, Q3G_F16, NTH> },
 	};
 
 	return t[fr][fs];
+}
+
+static moe_down_fn down_kernel_for(int fr, int fs, int nth)
+{
+	return nth == DOWN_WIDE ? down_kernel_nth<DOWN_WIDE>(fr, fs) : down_kernel_nth<Q3G_MMV_THREADS>(fr, fs);
 }
 
 static size_t up_smem(const struct q3g_mat *m, int rt)
@@ -713,7 +737,8 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 {
 	moe_down_launch L;
 	size_t kp = (size_t)k * down->nchunks * Q3G_KCHUNK + (size_t)sdown->nchunks * Q3G_KCHUNK;
-	size_t smem = ((kp * 2 + 15) & ~(size_t)15) + Q3G_MMV_THREADS * 16;
+	const int nth = R <= 2 ? DOWN_WIDE : Q3G_MMV_THREADS;
+	size_t smem = ((kp * 2 + 15) & ~(size_t)15) + (size_t)nth * 16;
 
 	if (k < 1 || k > Q3G_ROUTER_MAX_K)
 		return q3_errf(e, -EINVAL, "moe down: %d experts per token (up to %d)", k, Q3G_ROUTER_MAX_K);
@@ -733,8 +758,8 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	L.H = H;
 	L.ldgu = ldgu;
 	L.rt = 1;
-	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt);
-	CUDA_CHECK(e, q3g_launch(fn, dim3(R, down->ntiles), Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
+	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt, nth);
+	CUDA_CHECK(e, q3g_launch(fn, dim3(R, down->ntiles), nth, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -742,14 +767,16 @@ int q3g_moe_init(q3_err *e)
 {
 	int err;
 
-	if ((err = q3g_allow_dyn_smem(router_f32_kernel, "router_f32_kernel", e)) ||
+	if ((err = q3g_allow_dyn_smem(router_f32_kernel<ROUTER_WIDE, 1>, "router_f32_kernel<512, 1>", e)) ||
+	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_THREADS, Q3G_MMV_MAX_TOK>, "router_f32_kernel", e)) ||
 	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q4>, "moe_up_kernel<Q4>", e)) ||
 	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q8>, "moe_up_kernel<Q8>", e)) ||
 	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_F16>, "moe_up_kernel<F16>", e)))
 		return err;
 	for (int fr = 0; fr < 3; fr++)
 		for (int fs = 0; fs < 3; fs++)
-			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs), "moe_down_kernel", e)))
+			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs, Q3G_MMV_THREADS), "moe_down_kernel", e)) ||
+			    (err = q3g_allow_dyn_smem(down_kernel_for(fr, fs, DOWN_WIDE), "moe_down_kernel<1024>", e)))
 				return err;
 	return 0;
 }

@@ -5,6 +5,7 @@
  * REPS launches replayed, timed with events, the median of several replays.
  *
  *   bench_kernels [--csv F]      one line per case: us per call, GB/s, % of the copy bandwidth
+ *   bench_kernels --gdn          only the GDN decode layer at batch 1 (under a profiler)
  */
 #include <time.h>
 
@@ -384,9 +385,14 @@ int main(int argc, char **argv)
 {
 	cudaStream_t st;
 
-	for (int i = 1; i + 1 < argc; i++)
-		if (!strcmp(argv[i], "--csv"))
-			g_csv = fopen(argv[i + 1], "w");
+	bool gdn_only = false; /* --gdn: only the GDN layer at batch 1 (for a profiler) */
+
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--csv") && i + 1 < argc)
+			g_csv = fopen(argv[++i], "w");
+		else if (!strcmp(argv[i], "--gdn"))
+			gdn_only = true;
+	}
 	gt_need_device();
 	gt_seed();
 	GT_OK(q3g_init(&e_));
@@ -401,6 +407,10 @@ int main(int argc, char **argv)
 	printf("device-to-device copy: %.0f GB/s (bytes read + written)\n", g_peak);
 	if (g_csv)
 		fprintf(g_csv, "case,us,gb_s,pct_copy\ncopy,,%.1f,100\n", g_peak);
+	if (gdn_only) {
+		bench_gdn_layers(8, 1, st);
+		return 0;
+	}
 	/* the dense Linears of a decode step, batch 1 and 16 */
 	bench_linear("qkvz", 12288, 2048, LIN_GPTQ, 1, st);
 	bench_linear("q_proj", 8192, 2048, LIN_GPTQ, 1, st);
