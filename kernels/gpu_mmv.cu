@@ -91,14 +91,19 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		}
 }
 
-/* Row tiles per block: one for a few rows (staging is cheap); more when many rows would make
- * every block re-read a large staged input, as long as the grid still fills the device. */
+/* Row tiles per block: more when many rows would make every block re-read a large staged input,
+ * as long as the grid still fills the device; and, where up to four make the grid one wave of
+ * three blocks an SM, that many (a 12288-row qkvz in 16-row blocks was two waves, each paying the
+ * staging and the weights' first round trip).  A huge matrix (lm_head) streams as it did. */
 static int pick_rt(int ntiles, int R)
 {
 	int rt = 1;
 
 	if (R > 4)
 		while (rt < 8 && ntiles / (rt * 2) >= 2 * q3g_dev.sms)
+			rt *= 2;
+	if (cdiv(ntiles, rt) > 3 * q3g_dev.sms && cdiv(ntiles, 4) <= 3 * q3g_dev.sms)
+		while (cdiv(ntiles, rt) > 3 * q3g_dev.sms)
 			rt *= 2;
 	return rt;
 }

@@ -677,7 +677,7 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 {
 	moe_up_launch L;
 	int tiles = Q3_MAX(gate->ntiles, sgate->ntiles);
-	size_t smem = Q3_MAX(up_smem(gate, 1), up_smem(sgate, 1));
+	size_t smem;
 
 	if (up->ntiles != gate->ntiles || sup->ntiles != sgate->ntiles || 2 * Q3_MAX(gate->N, sgate->N) > ldgu)
 		return q3_errf(e, -EINVAL, "moe up: gate and up shapes differ, or gu rows too short");
@@ -695,8 +695,10 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 	L.k = k;
 	L.H = H;
 	L.ldgu = ldgu;
-	L.rt = 1;
-	L.nb = tiles;
+	/* two row tiles a block (one staging for both) while the grid still has a block per SM */
+	L.rt = (size_t)R * (k + 1) * cdiv(tiles, 2) * 2 >= (size_t)q3g_dev.sms ? 2 : 1;
+	L.nb = cdiv(tiles, L.rt);
+	smem = Q3_MAX(up_smem(gate, L.rt), up_smem(sgate, L.rt));
 	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
 			       q3g_dev.smem_dyn);
