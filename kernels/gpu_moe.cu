@@ -137,13 +137,15 @@ struct router_launch {
 	bool norm;
 };
 
-/* Block = one row tile of one matrix; its NTH / 32 warps split the chunks; lane (g, t) sums rows
- * g and g + 8 over its inputs of each k-step (the same 16-byte loads as the matvec), for every
- * row of x (MAXR at most); the four lanes of a row group and then the warps add up.  One token
- * (decode) takes 16 warps of two chunks each: the kernel is latency-bound, and 33 blocks of 8
- * warps left each warp four chunks in a row. */
-template <int NTH, int MAXR>
-__global__ void __launch_bounds__(NTH) router_f32_kernel(const __grid_constant__ router_launch L)
+/* Block = one row tile of one matrix; its 16 warps split the chunks (two each at the real
+ * shapes: the kernel is latency-bound, and 8 warps of four chunks in a row took 50% longer);
+ * lane (g, t) sums rows g and g + 8 over its inputs of each k-step (the same 16-byte loads as the
+ * matvec), for every row of x (MAXR at most: one token keeps one row of accumulators); the four
+ * lanes of a row group and then the warps add up.  The same shape for every R: a row's logits
+ * must not depend on its batch. */
+#define ROUTER_THREADS 512
+template <int MAXR>
+__global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid_constant__ router_launch L)
 {
 	extern __shared__ float xsf[]; /* [R][H] normalized x, fp32; then [warps][32][2 MAXR] partials */
 	__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(NTH) router_f32_kernel(const __grid_constant__
 	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
 	/* the weights do not depend on the previous kernel: the warp's first RPRE chunks into
 	 * registers while it ends, the rest towards L2 */
-	constexpr int RPRE = NTH >= 512 ? 2 : 4;
+	constexpr int RPRE = 2;
 	uint4 pre[RPRE][4];
 
 #pragma unroll
@@ -298,11 +300,9 @@ static int gemm_f32(cublasHandle_t hb, const struct q3g_mat *m, const float *x, 
 	return 0;
 }
 
-#define ROUTER_WIDE 512 /* threads of the one-token router */
-
 static size_t router_smem(int R, int H)
 {
-	size_t x = (size_t)R * H * 4, part = R == 1 ? (size_t)ROUTER_WIDE * 2 * 4 : (size_t)Q3G_MMV_THREADS * 2 * Q3G_MMV_MAX_TOK * 4;
+	size_t x = (size_t)R * H * 4, part = (size_t)ROUTER_THREADS * 2 * (R == 1 ? 1 : Q3G_MMV_MAX_TOK) * 4;
 
 	return x > part ? x : part;
 }
@@ -340,11 +340,11 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 			L.norm = norm;
 		}
 		if (R == 1)
-			CUDA_CHECK(e, q3g_launch(router_f32_kernel<ROUTER_WIDE, 1>, rm->ntiles + sgate->ntiles, ROUTER_WIDE,
+			CUDA_CHECK(e, q3g_launch(router_f32_kernel<1>, rm->ntiles + sgate->ntiles, ROUTER_THREADS,
 						 router_smem(R, H), st, L));
 		else
-			CUDA_CHECK(e, q3g_launch(router_f32_kernel<Q3G_MMV_THREADS, Q3G_MMV_MAX_TOK>, rm->ntiles + sgate->ntiles,
-						 Q3G_MMV_THREADS, router_smem(R, H), st, L));
+			CUDA_CHECK(e, q3g_launch(router_f32_kernel<Q3G_MMV_MAX_TOK>, rm->ntiles + sgate->ntiles,
+						 ROUTER_THREADS, router_smem(R, H), st, L));
 		if (L.done)
 			return 0;
 	} else {
@@ -508,16 +508,14 @@ static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int mi
  * them; the staged activations follow the same order, so item i starts at k-step 4i.  The
  * weights of up to UB items are loaded before the first is used (one round trip for a whole
  * row's experts at int4, instead of one per slot). */
-template <int FR, int FS, int NTH>
+template <int FR, int FS>
 static __device__ __forceinline__ void down_items(const moe_down_launch &L, const int *ix, const float *wr, int tile,
 						  int i0, int i1, int ncr, const uint2 *xs, float acc[1][4])
 {
-	/* UB items in flight.  8 warps a tile: 12 at int4 (with their scales, within the 128
-	 * registers of two blocks per SM; 11 are a whole row's share of a warp at the real shapes),
-	 * 16 / loads per item otherwise.  32 warps a tile (64 registers): 4 at int4 (3 is a warp's
-	 * share there), 4 / loads per item otherwise. */
+	/* UB items in flight with their scales, within 64 registers (32 warps a block): 4 at int4
+	 * (3 are a warp's share of a row at the real shapes), 4 / loads per item otherwise */
 	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS;
-	constexpr int UB = NTH >= 1024 ? (4 / LM > 0 ? 4 / LM : 1) : LM == 1 ? 12 : 16 / LM;
+	constexpr int UB = 4 / LM > 0 ? 4 / LM : 1;
 	const int lane = threadIdx.x & 31, k = L.k;
 
 	for (int b0 = i0; b0 < i1; b0 += UB) {
@@ -568,17 +566,18 @@ static __device__ __forceinline__ void down_items(const moe_down_launch &L, cons
 	}
 }
 
-/* FR: the routed experts' format, FS: the shared expert's; NTH threads a block: 256, or 1024 for
- * a row or two (128 blocks of 8 warps left the device latency-bound: a warp issued every 12
- * cycles, 12% occupancy). */
-template <int FR, int FS, int NTH>
-__global__ void __launch_bounds__(NTH, NTH >= 1024 ? 1 : 2) moe_down_kernel(const __grid_constant__ moe_down_launch L)
+/* FR: the routed experts' format, FS: the shared expert's.  32 warps a block, for every R (a
+ * row's sums must not depend on its batch): with 8, the 128 blocks of one row left the device
+ * latency-bound (a warp issued every 12 cycles, 12% occupancy). */
+#define DOWN_THREADS 1024
+template <int FR, int FS>
+__global__ void __launch_bounds__(DOWN_THREADS) moe_down_kernel(const __grid_constant__ moe_down_launch L)
 {
 	extern __shared__ uint4 smem[];
 	pdl_trigger();
 	pdl_wait();
 	const int r = blockIdx.x, S = L.k + 1;
-	const int WPT = (NTH / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int WPT = (DOWN_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = blockIdx.y * L.rt + warp / WPT, kr = warp % WPT;
 	const int *ix = L.idx + (size_t)r * S;
 	uint16_t *xs = (uint16_t *)smem;
@@ -629,7 +628,7 @@ __global__ void __launch_bounds__(NTH, NTH >= 1024 ? 1 : 2) moe_down_kernel(cons
 		/* this warp's share of the (slot, chunk) items of its tile */
 		int per = cdiv(total, WPT), i0 = kr * per, i1 = min(total, i0 + per);
 
-		down_items<FR, FS, NTH>(L, sx, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
+		down_items<FR, FS>(L, sx, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
 	}
 	reduce_tile_warps<1>(red, acc, WPT);
 	if (kr != 0 || tile >= L.mat[0].ntiles || (lane & 3))
@@ -645,25 +644,15 @@ __global__ void __launch_bounds__(NTH, NTH >= 1024 ? 1 : 2) moe_down_kernel(cons
 
 typedef void (*moe_down_fn)(const moe_down_launch);
 
-#define DOWN_WIDE 1024 /* threads of a down block for one or two rows */
-
-template <int NTH> static moe_down_fn down_kernel_nth(int fr, int fs)
+static moe_down_fn down_kernel_for(int fr, int fs)
 {
 	static const moe_down_fn t[3][3] = {
-		{ moe_down_kernel<Q3G_Q4, Q3G_Q4, NTH>, moe_down_kernel<Q3G_Q4, Q3G_Q8, NTH>,
-		  moe_down_kernel<Q3G_Q4, Q3G_F16, NTH> },
-		{ moe_down_kernel<Q3G_Q8, Q3G_Q4, NTH>, moe_down_kernel<Q3G_Q8, Q3G_Q8, NTH>,
-		  moe_down_kernel<Q3G_Q8, Q3G_F16, NTH> },
-		{ moe_down_kernel<Q3G_F16, Q3G_Q4, NTH>, moe_down_kernel<Q3G_F16, Q3G_Q8, NTH>,
-		  moe_down_kernel<Q3G_F16, Q3G_F16, NTH> },
+		{ moe_down_kernel<Q3G_Q4, Q3G_Q4>, moe_down_kernel<Q3G_Q4, Q3G_Q8>, moe_down_kernel<Q3G_Q4, Q3G_F16> },
+		{ moe_down_kernel<Q3G_Q8, Q3G_Q4>, moe_down_kernel<Q3G_Q8, Q3G_Q8>, moe_down_kernel<Q3G_Q8, Q3G_F16> },
+		{ moe_down_kernel<Q3G_F16, Q3G_Q4>, moe_down_kernel<Q3G_F16, Q3G_Q8>, moe_down_kernel<Q3G_F16, Q3G_F16> },
 	};
 
 	return t[fr][fs];
-}
-
-static moe_down_fn down_kernel_for(int fr, int fs, int nth)
-{
-	return nth == DOWN_WIDE ? down_kernel_nth<DOWN_WIDE>(fr, fs) : down_kernel_nth<Q3G_MMV_THREADS>(fr, fs);
 }
 
 static size_t up_smem(const struct q3g_mat *m, int rt)
@@ -695,8 +684,9 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 	L.k = k;
 	L.H = H;
 	L.ldgu = ldgu;
-	/* two row tiles a block (one staging for both) while the grid still has a block per SM */
-	L.rt = (size_t)R * (k + 1) * cdiv(tiles, 2) * 2 >= (size_t)q3g_dev.sms ? 2 : 1;
+	/* two row tiles a block (one staging for both); never chosen by R, so that a row's sums do
+	 * not depend on its batch */
+	L.rt = tiles > 1 ? 2 : 1;
 	L.nb = cdiv(tiles, L.rt);
 	smem = Q3_MAX(up_smem(gate, L.rt), up_smem(sgate, L.rt));
 	if (smem > q3g_dev.smem_dyn)
@@ -739,8 +729,7 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 {
 	moe_down_launch L;
 	size_t kp = (size_t)k * down->nchunks * Q3G_KCHUNK + (size_t)sdown->nchunks * Q3G_KCHUNK;
-	const int nth = R <= 2 ? DOWN_WIDE : Q3G_MMV_THREADS;
-	size_t smem = ((kp * 2 + 15) & ~(size_t)15) + (size_t)nth * 16;
+	size_t smem = ((kp * 2 + 15) & ~(size_t)15) + (size_t)DOWN_THREADS * 16;
 
 	if (k < 1 || k > Q3G_ROUTER_MAX_K)
 		return q3_errf(e, -EINVAL, "moe down: %d experts per token (up to %d)", k, Q3G_ROUTER_MAX_K);
@@ -760,8 +749,8 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	L.H = H;
 	L.ldgu = ldgu;
 	L.rt = 1;
-	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt, nth);
-	CUDA_CHECK(e, q3g_launch(fn, dim3(R, down->ntiles), nth, smem, (cudaStream_t)st, L));
+	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt);
+	CUDA_CHECK(e, q3g_launch(fn, dim3(R, down->ntiles), DOWN_THREADS, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -769,16 +758,15 @@ int q3g_moe_init(q3_err *e)
 {
 	int err;
 
-	if ((err = q3g_allow_dyn_smem(router_f32_kernel<ROUTER_WIDE, 1>, "router_f32_kernel<512, 1>", e)) ||
-	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_THREADS, Q3G_MMV_MAX_TOK>, "router_f32_kernel", e)) ||
+	if ((err = q3g_allow_dyn_smem(router_f32_kernel<1>, "router_f32_kernel<1>", e)) ||
+	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK>, "router_f32_kernel<16>", e)) ||
 	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q4>, "moe_up_kernel<Q4>", e)) ||
 	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q8>, "moe_up_kernel<Q8>", e)) ||
 	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_F16>, "moe_up_kernel<F16>", e)))
 		return err;
 	for (int fr = 0; fr < 3; fr++)
 		for (int fs = 0; fs < 3; fs++)
-			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs, Q3G_MMV_THREADS), "moe_down_kernel", e)) ||
-			    (err = q3g_allow_dyn_smem(down_kernel_for(fr, fs, DOWN_WIDE), "moe_down_kernel<1024>", e)))
+			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs), "moe_down_kernel", e)))
 				return err;
 	return 0;
 }

@@ -140,18 +140,19 @@ static void test_model(const char *dir)
 		if (run(dir, prompt, (int)T, gen, (int)G, (int)V, pre, dec, &st))
 			continue;
 		snprintf(what, sizeof(what), "%s, %s of the experts in VRAM: prefill vs reference", dir, fr[f]);
-		/* the CPU's experts take int8 activations (q8_0's blocks of 32): about 1e-2 relative
+		/* the CPU's experts take int8 activations (q8_0's blocks of 32): about 1.5e-2 relative
 		 * error through these small models, 10x the GPU's fp16 path.  So the same 3e-2 as the
-		 * model test, against the reference and against all-in-VRAM alike, and argmax counted
-		 * where the reference's top two are at least that far apart (the fixtures have rows
-		 * whose top two differ by 0.5% of the logits' RMS) */
-		compare_logits_ties(what, pre, rpre, (int)T, (int)V, 3e-2, 0.95, 3e-2);
+		 * model test, against the reference and against all-in-VRAM alike.  An error of 3e-2
+		 * of the RMS per logit moves the difference of two logits by ~4e-2 of it, so argmax is
+		 * counted where the reference's top two are at least 6e-2 of the RMS apart (the
+		 * fixtures have rows whose top two differ by 0.5%) */
+		compare_logits_ties(what, pre, rpre, (int)T, (int)V, 3e-2, 0.95, OFFLOAD_TIE);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs reference", dir, fr[f]);
-		compare_logits_ties(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95, 3e-2);
+		compare_logits_ties(what, dec, rdec, (int)G, (int)V, 3e-2, 0.95, OFFLOAD_TIE);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: prefill vs all in VRAM", dir, fr[f]);
-		compare_logits_ties(what, pre, pre0, (int)T, (int)V, 3e-2, 0.95, 3e-2);
+		compare_logits_ties(what, pre, pre0, (int)T, (int)V, 3e-2, 0.95, OFFLOAD_TIE);
 		snprintf(what, sizeof(what), "%s, %s in VRAM: decode vs all in VRAM", dir, fr[f]);
-		compare_logits_ties(what, dec, dec0, (int)G, (int)V, 3e-2, 0.95, 3e-2);
+		compare_logits_ties(what, dec, dec0, (int)G, (int)V, 3e-2, 0.95, OFFLOAD_TIE);
 		double share = (double)st.experts_vram / (st.experts_total ? st.experts_total : 1);
 
 		result(st.offload && fabs(share - atof(fr[f])) < 0.1,
