@@ -9,7 +9,11 @@
  * sequence's tokens of the call, one after the other); the state is stored transposed
  * ([Dv][Dk]) so that a warp reads its columns' keys with coalesced loads.
  */
+#include <cooperative_groups.h>
+
 #include "gpu_internal.h"
+
+namespace cg = cooperative_groups;
 
 /* ---- conv1d ----------------------------------------------------------------------------------- */
 
@@ -107,13 +111,16 @@ static __device__ __forceinline__ void conv_shift(const delta_args &A, const flo
 
 /* FUSE: every sequence feeds one token (decode): the conv is computed here from the projections
  * (and the conv state advanced), and the output is gated-normed into core.  Otherwise the inputs
- * are the conv outputs u and the raw output goes to o. */
-template <int KPL, bool FUSE>
+ * are the conv outputs u and the raw output goes to o.  CL > 1 (decode on sm_90): a head's columns
+ * are split over a cluster of CL blocks, which add up the gated norm's sum of squares through
+ * distributed shared memory (32 blocks, one per head, left 100 of 132 SMs idle). */
+template <int KPL, bool FUSE, int CL>
 __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_constant__ delta_args A)
 {
 	constexpr int CPW = Q3G_DELTA_CPW;
 	__shared__ float red[32];
 	__shared__ float cqkv[FUSE ? 2 * Q3G_MAX_DK + 32 * CPW : 1]; /* decode: q | k | v after the conv */
+	__shared__ float cl_ss;					       /* this block's sum of squares (CL > 1) */
 	pdl_trigger();
 	pdl_wait();
 	/* block (sequence, value head, column slice): decode takes the whole head (its gated norm
@@ -160,15 +167,16 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 			const float *xr = A.qkvz + (size_t)row * A.ldq;
 			const float *rd = sq.conv_rd + (size_t)A.lin * (A.W - 1) * A.conv_dim;
 			float *wr = sq.conv_wr + (size_t)A.lin * (A.W - 1) * A.conv_dim;
-			const int nch = 2 * A.Dk + A.Dv;
+			/* q and k whole, v of this block's columns [vbase, vbase + vs) */
+			const int vs = A.Dv / CL, vbase = blockIdx.z * vs, nch = 2 * A.Dk + vs;
 
 			for (int c = threadIdx.x; c < nch; c += blockDim.x) {
 				int ch = c < A.Dk ? kh * A.Dk + c : c < 2 * A.Dk ? A.key_dim + kh * A.Dk + c - A.Dk
-					 : 2 * A.key_dim + j * A.Dv + c - 2 * A.Dk;
+					 : 2 * A.key_dim + j * A.Dv + vbase + c - 2 * A.Dk;
 
-				cqkv[c] = conv_ch(A, xr, rd, sq.pos, ch);
-				/* the new state: q and k channels by the first value head of the key head */
-				if (c >= 2 * A.Dk || j % (A.Nv / A.Nk) == 0)
+				cqkv[c < 2 * A.Dk ? c : c + vbase] = conv_ch(A, xr, rd, sq.pos, ch);
+				/* the new state: q and k channels by the first block of the key head */
+				if (c >= 2 * A.Dk || (j % (A.Nv / A.Nk) == 0 && blockIdx.z == 0))
 					conv_shift(A, xr, rd, wr, sq.pos, ch);
 			}
 			b = A.ba[(size_t)row * 2 * A.Nv + j];
@@ -270,6 +278,20 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 			__syncthreads();
 			ss = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
 			ss = warp_sum(ss);
+			if (CL > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+				/* the head's total: every block's part, in rank order (deterministic) */
+				cg::cluster_group cl = cg::this_cluster();
+
+				if (threadIdx.x == 0)
+					cl_ss = ss;
+				cl.sync();
+				ss = 0.0f;
+				for (int b = 0; b < CL; b++)
+					ss += *cl.map_shared_rank(&cl_ss, b);
+				cl.sync(); /* no block leaves (or overwrites cl_ss) while another reads it */
+#endif
+			}
 			const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
 			const float *zr = A.z + (size_t)row * A.ldz + (size_t)j * A.Dv + c0;
 			uint16_t *out = A.core + (size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0;
@@ -286,18 +308,45 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 			Sg[(size_t)(c0 + c) * A.Dk + i0 + i] = S[c][i];
 }
 
+template <bool FUSE, int CL> static void (*delta_for(int Dk))(const delta_args)
+{
+	return Dk == 32 ? delta_kernel<1, FUSE, CL> : Dk == 64 ? delta_kernel<2, FUSE, CL>
+	       : Dk == 128 ? delta_kernel<4, FUSE, CL> : delta_kernel<8, FUSE, CL>;
+}
+
+/* Decode heads split over a cluster of this many blocks (sm_90, whole warps each). */
+#define DELTA_CLUSTER 4
+
 template <bool FUSE> static int launch_delta(const delta_args &A, int nseq, cudaStream_t st, q3_err *e)
 {
 	int warps = A.Dv / Q3G_DELTA_CPW, slices = FUSE || warps <= 16 ? 1 : warps / 16;
-	dim3 grid(nseq, A.Nv, slices), block(32 * warps / slices);
 
 	if (!FUSE && warps > 16 && warps % 16)
 		return q3_errf(e, -EINVAL, "delta rule: value head %d not supported in prefill", A.Dv);
+	if (FUSE && q3g_dev.cc >= 90 && warps % DELTA_CLUSTER == 0 && !getenv("QWEN3D_NO_CLUSTERS")) {
+		cudaLaunchConfig_t cfg = {};
+		cudaLaunchAttribute attr[2];
 
-	void (*k)(const delta_args) = A.Dk == 32 ? delta_kernel<1, FUSE> : A.Dk == 64 ? delta_kernel<2, FUSE>
-				      : A.Dk == 128 ? delta_kernel<4, FUSE> : delta_kernel<8, FUSE>;
+		cfg.gridDim = dim3(nseq, A.Nv, DELTA_CLUSTER);
+		cfg.blockDim = dim3(32 * warps / DELTA_CLUSTER);
+		cfg.stream = st;
+		attr[0].id = cudaLaunchAttributeClusterDimension;
+		attr[0].val.clusterDim.x = 1;
+		attr[0].val.clusterDim.y = 1;
+		attr[0].val.clusterDim.z = DELTA_CLUSTER;
+		cfg.attrs = attr;
+		cfg.numAttrs = 1;
+		if (q3g_pdl) {
+			attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+			attr[1].val.programmaticStreamSerializationAllowed = 1;
+			cfg.numAttrs = 2;
+		}
+		CUDA_CHECK(e, cudaLaunchKernelEx(&cfg, delta_for<FUSE, DELTA_CLUSTER>(A.Dk), A));
+		return 0;
+	}
+	dim3 grid(nseq, A.Nv, slices), block(32 * warps / slices);
 
-	CUDA_CHECK(e, q3g_launch(k, grid, block, 0, st, A));
+	CUDA_CHECK(e, q3g_launch(delta_for<FUSE, 1>(A.Dk), grid, block, 0, st, A));
 	return 0;
 }
 
