@@ -439,37 +439,101 @@ static int stage_alloc(struct q3_offload *off, q3_err *e)
 	return 0;
 }
 
-/* The experts' host bytes are the checkpoint's mappings (or the loader's arena): registering them
+/* The experts' host bytes are the checkpoint's mappings or the loader's arena: registering them
  * with CUDA makes the prefill copies DMA straight from them at full PCIe speed (read-only; the
- * pages are faulted in and stay).  Best effort: without it the copies are staged by the driver. */
+ * pages are faulted in and stay).  Without it the driver stages every copy through a bounce
+ * buffer: 3.9 GB/s measured on the H200 machine, against ~50 GB/s pinned.  The ranges: each
+ * mapping, or (loader) each shard's span of tensor bytes, page-aligned, merged where they touch.
+ * Best effort: a range that will not register is staged, with a warning. */
+struct pin_range {
+	uintptr_t a, b;
+};
+
+static int cmp_range(const void *x, const void *y)
+{
+	const struct pin_range *p = (const struct pin_range *)x, *q = (const struct pin_range *)y;
+
+	return p->a < q->a ? -1 : p->a > q->a;
+}
+
+static int pin_ranges(const struct q3_ckpt *ck, struct pin_range *r)
+{
+	const uintptr_t pg = 4096;
+	int n = 0;
+
+	for (int s = 0; s < ck->nshards; s++) {
+		uintptr_t lo = UINTPTR_MAX, hi = 0;
+
+		if (ck->maps) {
+			if (ck->maps[s]) {
+				lo = (uintptr_t)ck->maps[s];
+				hi = lo + ck->shards[s].size;
+			}
+		} else {
+			for (size_t i = 0; i < ck->ntensors; i++) {
+				const struct q3_tensor *t = &ck->tensors[i];
+
+				if (t->shard == s && t->data && t->nbytes) {
+					lo = Q3_MIN(lo, (uintptr_t)t->data);
+					hi = Q3_MAX(hi, (uintptr_t)t->data + t->nbytes);
+				}
+			}
+		}
+		if (lo < hi)
+			r[n++] = (struct pin_range){ lo & ~(pg - 1), (hi + pg - 1) & ~(pg - 1) };
+	}
+	qsort(r, (size_t)n, sizeof(*r), cmp_range);
+	int m = 0;
+
+	for (int i = 0; i < n; i++) {
+		if (m && r[i].a <= r[m - 1].b)
+			r[m - 1].b = Q3_MAX(r[m - 1].b, r[i].b);
+		else
+			r[m++] = r[i];
+	}
+	return m;
+}
+
 static void pin_checkpoint(struct q3_offload *off, bool quiet)
 {
 	const struct q3_ckpt *ck = off->m->ck;
 	const char *env = getenv("QWEN3D_OFFLOAD_PIN");
 	double t0 = q3_now();
 	uint64_t bytes = 0;
+	struct pin_range *r;
+	int n;
 
-	if ((env && !strcmp(env, "0")) || !ck->maps)
+	if ((env && !strcmp(env, "0")) || !ck->nshards)
 		return;
+	r = (struct pin_range *)calloc((size_t)ck->nshards, sizeof(*r));
 	off->pinned = (void **)calloc((size_t)ck->nshards, sizeof(void *));
-	for (int s = 0; off->pinned && s < ck->nshards; s++) {
-		if (!ck->maps[s])
-			continue;
-		cudaError_t ce = cudaHostRegister(ck->maps[s], ck->shards[s].size,
+	if (!r || !off->pinned) {
+		free(r);
+		return;
+	}
+	n = pin_ranges(ck, r);
+	for (int i = 0; i < n; i++) {
+		cudaError_t ce = cudaHostRegister((void *)r[i].a, r[i].b - r[i].a,
 						  cudaHostRegisterReadOnly | cudaHostRegisterPortable);
 
+		if (ce == cudaErrorHostMemoryAlreadyRegistered) { /* pinned by its owner already */
+			cudaGetLastError();
+			bytes += r[i].b - r[i].a;
+			continue;
+		}
 		if (ce != cudaSuccess) {
 			cudaGetLastError();
 			if (!quiet)
-				q3_warn("offload: %s: cudaHostRegister: %s (prefill copies will be staged)",
-					ck->shards[s].name, cudaGetErrorString(ce));
+				q3_warn("offload: cudaHostRegister of %.2f GiB of weights: %s (prefill copies will be "
+					"staged)", gib(r[i].b - r[i].a), cudaGetErrorString(ce));
 			continue;
 		}
-		off->pinned[off->npinned++] = ck->maps[s];
-		bytes += ck->shards[s].size;
+		off->pinned[off->npinned++] = (void *)r[i].a;
+		bytes += r[i].b - r[i].a;
 	}
+	free(r);
 	if (!quiet && bytes)
-		q3_info("offload: %.1f GiB of checkpoint pinned for DMA in %.1f s", gib(bytes), q3_now() - t0);
+		q3_info("offload: %.1f GiB of weights pinned for DMA in %.1f s", gib(bytes), q3_now() - t0);
 }
 
 static uint64_t staging_bytes(const struct q3_offload *off)
