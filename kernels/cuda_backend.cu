@@ -430,7 +430,7 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 	DALLOC(bk->idx, P * 4, "routing");
 	DALLOC(bk->wts, P * 4, "routing");
 	DALLOC(bk->rdone, 4, "routing");
-	CUDA_CHECK(e, cudaMemset(bk->rdone, 0, 4));
+	CUDA_CHECK(e, cudaMemsetAsync(bk->rdone, 0, 4, bk->st));
 	DALLOC(bk->gu, (size_t)bk->dec_rows * (d->topk + 1) * 2 * Imax * 4, "expert activations");
 	DALLOC(bk->moe_ws, q3g_moe_prefill_scratch(bk->maxrows, d), "the prefill MoE");
 	DALLOC(bk->logits, lrows * d->V * 4, "logits");

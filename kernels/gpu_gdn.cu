@@ -290,6 +290,8 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 				for (int b = 0; b < CL; b++)
 					ss += *cl.map_shared_rank(&cl_ss, b);
 				cl.sync(); /* no block leaves (or overwrites cl_ss) while another reads it */
+#else
+				__trap(); /* the host launches clusters on sm_90 only: device code without them */
 #endif
 			}
 			const float rs = rsqrtf(ss / (float)A.Dv + A.eps);

@@ -128,7 +128,8 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 	L.R = R;
 	for (int j = 0; j < njobs; j++)
 		tiles += jobs[j].w.ntiles;
-	nth = nt == 1 && tiles <= 2 * q3g_dev.sms ? MMV_WIDE : Q3G_MMV_THREADS;
+	/* from the matrices alone, never from R: a row's sums must not depend on its batch */
+	nth = tiles <= 2 * q3g_dev.sms ? MMV_WIDE : Q3G_MMV_THREADS;
 	for (int j = 0; j < njobs; j++) {
 		const struct q3g_mat *m = &jobs[j].w;
 
@@ -156,9 +157,10 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 		}
 		return q3g_mmv(half, njobs, R - r1, st, e);
 	}
-	CUDA_CHECK(e, q3g_launch(nth == MMV_WIDE ? mmv_kernel<1, MMV_WIDE> : nt == 1 ? mmv_kernel<1, Q3G_MMV_THREADS>
-							       : mmv_kernel<2, Q3G_MMV_THREADS>,
-				 L.cta0[njobs], nth, smem, (cudaStream_t)st, L));
+	void (*k)(const mmv_launch) = nth == MMV_WIDE ? (nt == 1 ? mmv_kernel<1, MMV_WIDE> : mmv_kernel<2, MMV_WIDE>)
+						       : (nt == 1 ? mmv_kernel<1, Q3G_MMV_THREADS> : mmv_kernel<2, Q3G_MMV_THREADS>);
+
+	CUDA_CHECK(e, q3g_launch(k, L.cta0[njobs], nth, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -168,7 +170,8 @@ int q3g_mmv_init(q3_err *e)
 
 	if ((err = q3g_allow_dyn_smem(mmv_kernel<1, Q3G_MMV_THREADS>, "mmv_kernel<1>", e)) ||
 	    (err = q3g_allow_dyn_smem(mmv_kernel<2, Q3G_MMV_THREADS>, "mmv_kernel<2>", e)) ||
-	    (err = q3g_allow_dyn_smem(mmv_kernel<1, MMV_WIDE>, "mmv_kernel<1, 512>", e)))
+	    (err = q3g_allow_dyn_smem(mmv_kernel<1, MMV_WIDE>, "mmv_kernel<1, 512>", e)) ||
+	    (err = q3g_allow_dyn_smem(mmv_kernel<2, MMV_WIDE>, "mmv_kernel<2, 512>", e)))
 		return err;
 	return 0;
 }

@@ -115,6 +115,53 @@ static void lin_case(const char *label, int N, int K, enum lin_kind kind, int bi
 	dmat_free(&d);
 }
 
+/* Batch invariance: row 0's outputs with R rows (row 0 the same input, the others random) are
+ * bit for bit those with R = 1, for every R the decode paths take: the block shapes, and so the
+ * order of every sum, depend on the matrix alone (the engine promises a sequence the same logits
+ * whatever it is batched with). */
+static void mmv_invariance_case(const char *label, int N, int K)
+{
+	char name[256];
+	struct tlin t;
+	struct dmat d;
+	const struct q3_linear *lp = &t.l;
+	static const int Rs[] = { 1, 3, 8, 9, 16 };
+	std::vector<float> first;
+	bool same = true;
+
+	snprintf(name, sizeof(name), "linear %s N=%d K=%d: row 0 the same at R = 1, 3, 8, 9, 16", label, N, K);
+	if (!want(name))
+		return;
+	make_linear(&t, N, K, LIN_GPTQ, 4, 128, false, false, 1);
+	dmat_upload(&d, &lp, 1);
+	std::vector<uint16_t> x0;
+	std::vector<float> x0f;
+
+	rnd_f16(x0, x0f, (size_t)K, 1.0f); /* row 0, every time */
+	for (int R : Rs) {
+		std::vector<uint16_t> xb(x0), rest;
+		std::vector<float> rf;
+
+		rnd_f16(rest, rf, (size_t)(R - 1) * K, 1.0f);
+		xb.insert(xb.end(), rest.begin(), rest.end());
+		uint16_t *x = dev_upload(xb.data(), xb.size());
+		float *y = dev_alloc<float>((size_t)R * N);
+		struct q3g_job j = { d.m, x, y, K, N, Q3G_EPI_STORE };
+
+		GT_OK(q3g_mmv(&j, 1, R, 0, &e_));
+		std::vector<float> got = dev_download(y, (size_t)N);
+
+		if (first.empty())
+			first = got;
+		else
+			same &= memcmp(first.data(), got.data(), (size_t)N * 4) == 0;
+		cudaFree(x);
+		cudaFree(y);
+	}
+	gt_expect(same, name);
+	dmat_free(&d);
+}
+
 /* The expansion back to fp16 row-major (cuBLAS's input) against the reference dequantization:
  * equal up to fp16 rounding (2^-11 per element); 2e-3. */
 static void expand_case(const char *label, int N, int K, enum lin_kind kind, int bits, int G, bool asym, bool act)
@@ -256,6 +303,8 @@ static void linear_tests(void)
 	lin_case("q4 out_proj", 2048, 4096, LIN_GPTQ, 4, 128, false, false, 1, 16);
 	lin_case("q4 expert down", 2048, 512, LIN_GPTQ, 4, 128, true, true, 1, 3);
 	lin_case("bf16 router", 512, 2048, LIN_BF16, 0, 0, false, false, 1, 16);
+	mmv_invariance_case("q4 out_proj (few tiles: wide blocks)", 2048, 4096);
+	mmv_invariance_case("q4 qkvz (two tiles a block)", 12288, 2048);
 	/* many rows: cuBLAS on the expanded matrix */
 	lin_case("gemm q4 asym act-order", 96, 256, LIN_GPTQ, 4, 128, true, true, 1, 40);
 	lin_case("gemm q4 out_proj", 2048, 4096, LIN_GPTQ, 4, 128, false, false, 1, 100, true);
@@ -922,6 +971,48 @@ static void router_logits_case(int R, int E, int H)
 	dmat_free(&dg);
 }
 
+/* The router's row 0 bit for bit the same at R = 1, 5, 16 (the SIMT kernel's one-row and
+ * many-row variants sum each row in the same order): see mmv_invariance_case. */
+static void router_invariance_case(int E, int H)
+{
+	const char *name = "router logits fp32: row 0 the same at R = 1, 5, 16";
+	struct tlin tr, tg;
+	struct dmat dr, dg;
+	const struct q3_linear *lr = &tr.l, *lg = &tg.l;
+	std::vector<float> h0 = rnd_vec(H, 2.0f), w = rnd_vec(H, 0.2f), first;
+	bool same = true;
+
+	if (!want(name))
+		return;
+	make_linear(&tr, E, H, LIN_BF16);
+	make_linear(&tg, 1, H, LIN_BF16);
+	dmat_upload(&dr, &lr, 1);
+	dmat_upload(&dg, &lg, 1);
+	float *dw = dev_upload(w.data(), H);
+	for (int R : { 1, 5, 16 }) {
+		std::vector<float> h(h0), rest = rnd_vec((size_t)(R - 1) * H, 2.0f);
+
+		h.insert(h.end(), rest.begin(), rest.end());
+		float *dh = dev_upload(h.data(), h.size()), *dl = dev_alloc<float>((size_t)R * E), *ds = dev_alloc<float>(R);
+
+		GT_OK(q3g_router_logits(g_cublas, dl, ds, dh, dw, 1e-6f, &dr.m, &dg.m, R, H, NULL, NULL, 0, &e_));
+		std::vector<float> got = dev_download(dl, (size_t)E), gs = dev_download(ds, 1);
+
+		got.push_back(gs[0]);
+		if (first.empty())
+			first = got;
+		else
+			same &= memcmp(first.data(), got.data(), got.size() * 4) == 0;
+		cudaFree(dh);
+		cudaFree(dl);
+		cudaFree(ds);
+	}
+	gt_expect(same, name);
+	cudaFree(dw);
+	dmat_free(&dr);
+	dmat_free(&dg);
+}
+
 static void router_case(int R, int E, int k, bool norm)
 {
 	char name[128];
@@ -1086,6 +1177,7 @@ static void moe_tests(void)
 	router_logits_case(16, 512, 2048);
 	router_logits_case(3, 16, 256);
 	router_logits_case(40, 512, 2048);
+	router_invariance_case(512, 2048);
 	router_case(7, 512, 10, true);
 	router_case(3, 16, 4, false);
 	router_case(33, 1000, 32, true);
