@@ -234,8 +234,9 @@ static float replay5(cudaGraphExec_t ex, cudaStream_t st)
 
 /* One Gated DeltaNet decode layer as the backend runs it at batch R (all launches of the layer:
  * qkvz+ba with the norm folded in, conv+delta+gated norm, out_proj + residual, router + shared
- * gate, top-k, experts up, experts down + residual), NL layers with their own dense weights
- * chained in one graph: the time per layer includes the gaps between kernels. */
+ * gate with the top-k, experts up, experts down + residual), NL layers with their own dense
+ * weights chained in one graph: the time per layer includes the gaps between kernels.  Then each
+ * launch alone, NL in a row, to show where the layer's time goes. */
 static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 {
 	struct q3g_dims d;
