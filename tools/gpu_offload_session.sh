@@ -89,7 +89,7 @@ if [ "$STEPS" = all ]; then
 		step "$t" "$(cap 120 200)" "$(prog $t)"
 		rc=$?
 		grep -E '^#|FAILED|ERROR' "$LOGS/$t.log" | head -12
-		add "$t" "$([ $rc = 0 ] && echo PASS || echo "FAIL (exit $rc)")$([ $t = test_cpu_expert ] && echo "; $(grep -E '^# (avx512|amx|best)' "$LOGS/$t.log" | tr '\n' ' ')")"
+		add "$t" "$([ $rc = 0 ] && echo PASS || echo "FAIL ($(rcword $rc))")$([ $t = test_cpu_expert ] && echo "; $(grep -E '^# (avx512|amx|best)' "$LOGS/$t.log" | tr '\n' ' ')")"
 	done
 	step bench_experts "$(cap 90 200)" "$Q" bench experts --seconds 2 --pool 256 --mem-mb 2048 \
 		--rows 1x10:int8:packed,1x10:int8:gptq,1x10:fp32:packed,4x10:int8:packed,16x10:int8:packed \
@@ -139,11 +139,11 @@ if [ "$STEPS" = all ]; then
 	step test_offload "$(cap 150 150)" "$(prog test_offload)"
 	rc=$?
 	grep -E '^(FAIL|ok|skip|test_offload)' "$LOGS/test_offload.log" | head -60
-	add "test_offload (fixtures, 50% / 0% in VRAM)" "$(tail -1 "$LOGS/test_offload.log") exit $rc"
+	add "test_offload (fixtures, 50% / 0% in VRAM)" "$(tail -1 "$LOGS/test_offload.log") $(rcword $rc)"
 	QWEN3D_OFFLOAD_FRACTION=0.5 step test_model_offload "$(cap 120 120)" "$(prog test_model)"
 	rc=$?
 	grep -E '^(FAIL|==)' "$LOGS/test_model_offload.log" | head -20
-	add "test_model with 50% of experts in VRAM" "$(grep -m1 '^== test_model' "$LOGS/test_model_offload.log" | sed 's/== test_model: //') exit $rc"
+	add "test_model with 50% of experts in VRAM" "$(grep -m1 '^== test_model' "$LOGS/test_model_offload.log" | sed 's/== test_model: //') $(rcword $rc)"
 fi
 
 # ---- 4. the 80B model ----------------------------------------------------------------------------------
@@ -163,8 +163,13 @@ if [ -n "$PID_BIG" ]; then
 			# record routing statistics (prefill of 4096 tokens), saved at close
 			step bench_stats "$(cap 120 150)" "$Q" bench offload --model "$BIG" --backend cuda \
 				--vram-budget "${BUDGET_GIB}GiB" --prefill 4096 --tokens 0 --csv "$OUT/offload_stats.csv"
+			rc=$?
 			tail -n 4 "$LOGS/bench_stats.log"
-			add "stats run (uniform plan)" "$(bench_row "$OUT/offload_stats.csv" prefill4096)"
+			if [ $rc = 0 ]; then
+				add "stats run (uniform plan)" "$(bench_row "$OUT/offload_stats.csv" prefill4096)"
+			else
+				add "stats run (uniform plan)" "$(rcword $rc): the run below has no statistics (a uniform plan)"
+			fi
 		fi
 		step bench_offload "$(cap 200 60)" "$Q" bench offload --model "$BIG" --backend cuda \
 			--vram-budget "${BUDGET_GIB}GiB" --prefill 4096 --tokens 64 --ctx 256 --batch 1 --csv "$OUT/offload.csv"
@@ -173,7 +178,7 @@ if [ -n "$PID_BIG" ]; then
 		add "budget ${BUDGET_GIB} GiB: experts in VRAM" "$(sed -n 's/^# backend.*offload \(.*\); [0-9]* CPU.*/\1/p' "$LOGS/bench_offload.log")"
 		add "decode b1, ${BUDGET_GIB} GiB (>= $([ "$ZIPF" = 0 ] && echo 90 || echo 120) tok/s)" "$(bench_row "$OUT/offload.csv" decode-b1)"
 		add "prefill 4096, ${BUDGET_GIB} GiB (>= 4000 tok/s)" "$(bench_row "$OUT/offload.csv" prefill4096)"
-		[ $rc = 0 ] || add "bench offload" "exit $rc (see bench_offload.log)"
+		[ $rc = 0 ] || add "bench offload" "$(rcword $rc) (see bench_offload.log)"
 		unset QWEN3D_EXPERT_STATS
 		if [ "$(left)" -gt 100 ]; then
 			step bench_vram "$(cap 150 10)" "$Q" bench offload --model "$BIG" --backend cuda --prefill 4096 \

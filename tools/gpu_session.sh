@@ -131,7 +131,7 @@ if [ $rc = 0 ]; then
 		add "  (GDN layer proxy)" "$(echo "$l" | sed 's/^ *//')"
 	done < <(grep -E '48 such layers' "$LOGS/bench_kernels.log")
 else
-	add "bench_kernels" "FAILED (exit $rc)"
+	add "bench_kernels" "FAILED ($(rcword $rc))"
 fi
 
 # ---- 3. ops against the CPU reference -------------------------------------------------------------
@@ -146,7 +146,7 @@ for grp in "linear" "expand" "rmsnorm,embed" "conv1d,delta" "attn" "router,moe" 
 	f=$(grep -m1 '^== test_ops' "$LOGS/$name.log" | sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed/\2/')
 	OPS_PASS=$((OPS_PASS + ${p:-0}))
 	OPS_FAIL=$((OPS_FAIL + ${f:-0}))
-	[ $rc = 0 ] || [ $rc = 77 ] || OPS_BAD="$OPS_BAD $grp(exit $rc)"
+	[ $rc = 0 ] || [ $rc = 77 ] || OPS_BAD="$OPS_BAD $grp($(rcword $rc))"
 done
 add "test_ops (every op vs cpu_ref)" "$OPS_PASS passed, $OPS_FAIL failed${OPS_BAD:+; failing groups:$OPS_BAD}"
 if [ -n "$OPS_BAD" ] && command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 300 ]; then
@@ -159,7 +159,7 @@ fi
 step test_model "$(cap 150 180)" "$(prog test_model)"
 rc=$?
 grep -E '^(FAIL|ok|skip|info|==)' "$LOGS/test_model.log" | head -40
-add "test_model (fixtures vs HF logits)" "$(grep -m1 '^== test_model' "$LOGS/test_model.log" | sed 's/== test_model: //') exit $rc"
+add "test_model (fixtures vs HF logits)" "$(grep -m1 '^== test_model' "$LOGS/test_model.log" | sed 's/== test_model: //') $(rcword $rc)"
 note "waiting for make_reference (real per-head sizes)"
 wait $PID_REAL
 rc_real=$?
@@ -168,7 +168,7 @@ if [ $rc_real = 0 ] && [ -f "$REAL/reference.safetensors" ]; then
 	step test_model_real "$(cap 150 150)" "$(prog test_model)" "$REAL"
 	rc=$?
 	grep -E '^(FAIL|ok|skip|info|==)' "$LOGS/test_model_real.log" | head -20
-	add "test_model (real dims, HF logits)" "$(grep -m1 '^== test_model' "$LOGS/test_model_real.log" | sed 's/== test_model: //') exit $rc"
+	add "test_model (real dims, HF logits)" "$(grep -m1 '^== test_model' "$LOGS/test_model_real.log" | sed 's/== test_model: //') $(rcword $rc)"
 else
 	tail -n 5 "$LOGS/make_reference.log"
 	add "test_model (real dims)" "NOT RUN: make_reference.py exit $rc_real (see make_reference.log)"
@@ -196,7 +196,7 @@ if [ -n "$PID_BIG" ]; then
 		add "decode b16 ctx1K tok/s (target >= 8x b1)" "${b16:-FAILED} ($(awk -v a="${b16:-0}" -v b="${b1:-0}" 'BEGIN { if (b > 0) printf "%.1fx b1", a / b }'))"
 		add "prefill 512 tok/s" "${p512:-FAILED}"
 		add "prefill 4096 tok/s (target >= 10000)" "${p4k:-FAILED}"
-		[ $rc = 0 ] || add "bench suite" "exit $rc (see bench_suite.log)"
+		[ $rc = 0 ] || add "bench suite" "$(rcword $rc) (see bench_suite.log)"
 	else
 		add "80b-a3b benchmarks" "NOT RUN: mkmodel exit $rc_big or inspect failed (see mkmodel.log)"
 	fi
