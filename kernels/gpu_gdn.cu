@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 	pdl_trigger();
 	pdl_wait();
 	/* block (sequence, value head, column slice): decode takes the whole head (its gated norm
-	 * spans it), prefill slices of 16 warps (more blocks, more registers per thread) */
+	 * spans it) or, with CL > 1, a slice of a cluster that shares the norm's sum; prefill slices
+	 * of 16 warps (more blocks, more registers per thread) */
 	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk);
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, i0 = lane * KPL;
 	const int c0 = blockIdx.z * (blockDim.x / 32) * CPW + warp * CPW;
