@@ -96,6 +96,39 @@ static __device__ __forceinline__ float warp_max(float v)
 	return v;
 }
 
+/* rs[r] = rsqrt(mean(h[r]²) + eps) for rows r < R, one warp a row: a row's sum is formed in the
+ * same order whatever R and the block size (a row's results must not depend on its batch; and
+ * q3g_add_rmsnorm uses it too, so that a norm folded into staging and one written out first give
+ * the same fp16 inputs), and a warp's loads (16 bytes a lane where rows are aligned) are in
+ * flight together instead of one round trip per row.  No barrier inside. */
+static __device__ __forceinline__ void row_rsqrt(float *rs, const float *h, int ldh, int R, int K, float eps)
+{
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+	const bool vec = (K & 3) == 0 && (ldh & 3) == 0 && ((uintptr_t)h & 15) == 0;
+
+	for (int r = warp; r < R; r += nw) {
+		const float *hr = h + (size_t)r * ldh;
+		float ss = 0.0f;
+
+		/* explicit fmaf: the same rounding wherever this is inlined (q3g_add_rmsnorm too) */
+		if (vec) {
+#pragma unroll 8
+			for (int i = lane; i < (K >> 2); i += 32) {
+				float4 v = ((const float4 *)hr)[i];
+
+				ss = fmaf(v.w, v.w, fmaf(v.z, v.z, fmaf(v.y, v.y, fmaf(v.x, v.x, ss))));
+			}
+		} else {
+#pragma unroll 8
+			for (int i = lane; i < K; i += 32)
+				ss = fmaf(hr[i], hr[i], ss);
+		}
+		ss = warp_sum(ss);
+		if (lane == 0)
+			rs[r] = rsqrtf(ss / (float)K + eps);
+	}
+}
+
 /* Sum over a block whose size is a multiple of 32 (<= 1024); red: 32 floats of shared memory.
  * Every thread gets the total.  Contains __syncthreads: call from every thread. */
 static __device__ __forceinline__ float block_sum(float v, float *red)

@@ -38,6 +38,10 @@ extern "C" {
 #define BK_ATT_DECODE_MAX 16	   /* sequences up to this many new tokens attend with the decode kernel */
 #define BK_MAX_GRAPHS 64
 #define BK_MMV_ROWS 64		   /* Linears on up to this many rows use the matvec */
+/* Calls of up to this many rows fold the RMSNorms into the consumers' staging; more rows write the
+ * normalized rows once (each block of a consumer would otherwise normalize every row again).
+ * Either way a row gets the same fp16 inputs (row_rsqrt): its results do not depend on its batch. */
+#define BK_FUSED_NORM_ROWS 4
 
 struct lin {
 	struct q3g_mat m;
@@ -824,16 +828,17 @@ static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const s
 				job_in(bk, k, &L->shared_gate, L->post_norm, bk->sg, 1) };
 	/* with experts on the CPU the threads read the normed activations xb, which run_layers then
 	 * writes even when the norm is otherwise fused */
-	bool off = q3_off_layer_cpu(bk->off, li), fuse = k->fuse_norm && !off;
+	bool off = q3_off_layer_cpu(bk->off, li), fuse = k->fuse_norm && !off, xb_ready = !fuse;
 	const int *ix = off ? bk->sidx : bk->idx;
 
-	/* routing decisions from fp32 inputs (dense router and gate, the usual case), else the
-	 * Linears' fp16 path */
-	if (L->router.m.fmt == Q3G_F16 && L->shared_gate.m.fmt == Q3G_F16 && !getenv("QWEN3D_ROUTER_F16"))
+	/* routing decisions from fp32 inputs (dense router and gate, the usual case; the router
+	 * then writes the experts' normalized input xb as well), else the Linears' fp16 path */
+	if (L->router.m.fmt == Q3G_F16 && L->shared_gate.m.fmt == Q3G_F16 && !getenv("QWEN3D_ROUTER_F16")) {
 		err = q3g_router(bk->cb, bk->logits_r, bk->sg, bk->idx, bk->wts, bk->rdone, d->E, d->topk, d->norm_topk,
 				 bk->h, L->post_norm, d->eps, &L->router.m, &L->shared_gate.m, k->R, H, bk->xf,
-				 bk->wtmp32, bk->st, e);
-	else if (!(err = linears(bk, j, 2, k->R, e)))
+				 bk->wtmp32, fuse ? bk->xb : NULL, bk->st, e);
+		xb_ready = true;
+	} else if (!(err = linears(bk, j, 2, k->R, e)))
 		err = q3g_router_topk(bk->idx, bk->wts, bk->logits_r, bk->sg, k->R, d->E, d->topk, d->norm_topk, bk->st, e);
 	if (err)
 		return err;
@@ -841,9 +846,9 @@ static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const s
 		if (off && ((err = q3_off_publish(bk->off, li, bk->idx, bk->wts, bk->xb, k->R, bk->st, e)) ||
 			    (err = q3_off_remap(bk->off, li, bk->idx, bk->sidx, k->R, bk->st, e))))
 			return err;
-		err = fuse ? q3g_moe_up_norm(bk->gu, bk->h, L->post_norm, d->eps, ix, &L->egate.m, &L->eup.m, &L->sgate.m,
-					     &L->sup.m, k->R, d->topk, H, ldgu, bk->st, e)
-			   : q3g_moe_up(bk->gu, bk->xb, ix, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m, k->R, d->topk,
+		err = !xb_ready ? q3g_moe_up_norm(bk->gu, bk->h, L->post_norm, d->eps, ix, &L->egate.m, &L->eup.m,
+						  &L->sgate.m, &L->sup.m, k->R, d->topk, H, ldgu, bk->st, e)
+				: q3g_moe_up(bk->gu, bk->xb, ix, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m, k->R, d->topk,
 					H, ldgu, bk->st, e);
 		if (err ||
 		    (err = q3g_moe_down(bk->h, bk->gu, ix, bk->wts, &L->edown.m, &L->sdown.m, k->R, d->topk, H, ldgu,
@@ -1084,7 +1089,7 @@ static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int 
 	struct call k = fill_table(bk, seqs, nseq, graph ? B : nseq, graph, bk->tab_h, bk->tab_d);
 
 	k.decode = decode;
-	k.fuse_norm = k.R <= Q3_MIN(BK_MMV_ROWS, bk->dec_rows) && !getenv("QWEN3D_NO_FUSED_NORM");
+	k.fuse_norm = k.R <= Q3_MIN(BK_FUSED_NORM_ROWS, bk->dec_rows) && !getenv("QWEN3D_NO_FUSED_NORM");
 	k.nsplit = nsplit_for(k.R, bk->d.Hkv);
 	if (k.R > bk->maxrows)
 		return q3_errf(e, -EINVAL, "cuda backend: %d rows in one call (at most %d)", k.R, bk->maxrows);

@@ -249,10 +249,11 @@ int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, in
 
 /* q3g_router_logits then q3g_router_topk, in one launch where the SIMT kernel serves (the last
  * of its blocks picks the experts).  done: one device counter, zero, owned by this call site's
- * stream (the kernel leaves it at zero); NULL: two launches. */
+ * stream (the kernel leaves it at zero); NULL: two launches.  xo (optional, [R][H]): the
+ * normalized rows in fp16 as well, what q3g_add_rmsnorm would write (the experts' input). */
 int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k, bool norm,
 	       const float *h, const float *normw, float eps, const struct q3g_mat *router, const struct q3g_mat *sgate,
-	       int R, int H, float *xf, float *wtmp, q3g_stream st, struct q3_err *e);
+	       int R, int H, float *xf, float *wtmp, uint16_t *xo, q3g_stream st, struct q3_err *e);
 
 /* A routed pair whose expert is not computed by this call (offload: the CPU computes it, or
  * another pass has it): moe_up / moe_down / moe_prefill leave it out.  Experts are indices into

@@ -53,11 +53,11 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	}
 	pdl_wait();
 	if (jb.xh) {
-		__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];
+		__shared__ float rs[Q3G_MMV_MAX_TOK];
 
-		stage_x_norm(xs, rs, nred, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
+		stage_x_norm<2>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
 	} else {
-		stage_x_f16(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+		stage_x_f16<NT == 2 ? 8 : 4>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
 	}
 	__syncthreads();
 #pragma unroll

@@ -1,15 +1,19 @@
 /* gpu_moe.cu - the sparse MoE block of decode: router top-k, then the routed and shared experts
  * of every (row, slot) pair without a host round trip (the expert ids stay on the device).
  *
+ *   q3g_router       the router and shared gate in fp32 from the residual stream (norm fused),
+ *                    the top k by the last block to finish; optionally the normalized rows in
+ *                    fp16 for the experts.
  *   q3g_router_topk  one warp per row: softmax over E logits (fp32), k rounds of warp argmax
  *                    (ties: the lower index), renormalization; slot k = the shared expert.
- *   q3g_moe_up       block (pair, row tiles of gate or up): the pair's expert's gate and up
- *                    projections of the row, fp32 [P][2][Imax].
- *   q3g_moe_down     block (row, output row tiles): loops over the row's k + 1 slots, stages
- *                    silu(gate) ⊙ up of each (fp16, through the down matrix's act-order
- *                    permutation), runs the down projections scaled by the routing weights (the
- *                    shared expert's is sigmoid of its gate) and adds the sum to the residual
- *                    stream.  One block owns each output element: deterministic, no atomics.
+ *   q3g_moe_up       block (pairs of one row, row tiles of gate or up): each pair's expert's gate
+ *                    and up projections of the row, fp32 [P][2][Imax]; the row staged once.
+ *   q3g_moe_down     block (output row tile, up to 16 rows): each warp takes the same (slot,
+ *                    chunk) items of every row, reads silu(gate) ⊙ up for them straight from
+ *                    [P][2][Imax] (through the down matrix's act-order permutation) into its
+ *                    B fragments, runs the down projections scaled by the routing weights (the
+ *                    shared expert's is sigmoid of its gate), and the block adds the warps' sums
+ *                    to the residual stream in a fixed order: deterministic, no atomics.
  */
 #include <cublas_v2.h>
 
@@ -128,6 +132,7 @@ struct router_launch {
 	const float *h, *normw;
 	float eps;
 	int R, H;
+	uint16_t *xo; /* optional: the normalized rows in fp16 [R][H] */
 	/* the top k fused (q3g_router): the last block to finish runs it; done counts finished
 	 * blocks and is left at 0 for the next launch */
 	unsigned *done;
@@ -148,7 +153,7 @@ template <int MAXR>
 __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid_constant__ router_launch L)
 {
 	extern __shared__ float xsf[]; /* [R][H] normalized x, fp32; then [warps][32][2 MAXR] partials */
-	__shared__ float rs[Q3G_MMV_MAX_TOK], nred[Q3G_MMV_MAX_TOK * 32];
+	__shared__ float rs[Q3G_MMV_MAX_TOK];
 	__shared__ bool last;
 	pdl_trigger();
 	const int j = (int)blockIdx.x >= L.tiles0, tile = j ? blockIdx.x - L.tiles0 : blockIdx.x;
@@ -175,31 +180,50 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 			    (uint32_t)((c1 - c0 - RPRE) * Q3G_CHUNK_BYTES_F16));
 	pdl_wait();
 
-	/* the norm of each row, then x = h · rs · (1 + w) in fp32 */
-	for (int r = 0; r < R; r++) {
-		float ss = 0.0f;
+	/* the norm of each row, then x = h · rs · (1 + w) in fp32, four values a load */
+	row_rsqrt(rs, L.h, H, R, H, L.eps);
+	__syncthreads();
+	if ((H & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0) {
+		const int H4 = H >> 2, n = R * H4;
+		const float4 *h4 = (const float4 *)L.h, *w4 = (const float4 *)L.normw;
 
-		for (int k = threadIdx.x; k < H; k += blockDim.x)
-			ss += L.h[(size_t)r * H + k] * L.h[(size_t)r * H + k];
-		ss = warp_sum(ss);
-		if (lane == 0)
-			nred[r * 32 + warp] = ss;
+		for (int i0 = threadIdx.x; i0 < n; i0 += 4 * ROUTER_THREADS) {
+			float4 hv[4], wv[4];
+
+#pragma unroll
+			for (int b = 0; b < 4; b++)
+				if (i0 + b * ROUTER_THREADS < n) {
+					hv[b] = h4[i0 + b * ROUTER_THREADS];
+					wv[b] = w4[(i0 + b * ROUTER_THREADS) % H4];
+				}
+#pragma unroll
+			for (int b = 0; b < 4; b++) {
+				const int i = i0 + b * ROUTER_THREADS;
+				const float s = i < n ? rs[i / H4] : 0.0f;
+
+				if (i < n)
+					((float4 *)xsf)[i] = make_float4(hv[b].x * s * (1.0f + wv[b].x), hv[b].y * s * (1.0f + wv[b].y),
+									 hv[b].z * s * (1.0f + wv[b].z), hv[b].w * s * (1.0f + wv[b].w));
+			}
+		}
+	} else {
+		for (int i = threadIdx.x; i < R * H; i += blockDim.x) {
+			int r = i / H, k = i % H;
+
+			xsf[i] = L.h[(size_t)r * H + k] * rs[r] * (1.0f + L.normw[k]);
+		}
 	}
 	__syncthreads();
-	if ((int)threadIdx.x < R) {
-		float ss = 0.0f;
+	/* this block's share of the columns as fp16 for the experts (moe_up stages them as they are) */
+	if (L.xo) {
+		const int cw = cdiv(H, (int)gridDim.x), c0 = blockIdx.x * cw, c1 = min(H, c0 + cw);
 
-		for (int i = 0; i < nw; i++)
-			ss += nred[threadIdx.x * 32 + i];
-		rs[threadIdx.x] = rsqrtf(ss / (float)H + L.eps);
-	}
-	__syncthreads();
-	for (int i = threadIdx.x; i < R * H; i += blockDim.x) {
-		int r = i / H, k = i % H;
+		for (int i = threadIdx.x; i < R * (c1 - c0); i += blockDim.x) {
+			int r = i / (c1 - c0), c = c0 + i % (c1 - c0);
 
-		xsf[i] = L.h[(size_t)r * H + k] * rs[r] * (1.0f + L.normw[k]);
+			L.xo[(size_t)r * H + c] = f2h_bits(xsf[r * H + c]);
+		}
 	}
-	__syncthreads();
 #pragma unroll
 	for (int r = 0; r < MAXR; r++)
 		acc[r][0] = acc[r][1] = 0.0f;
@@ -232,8 +256,17 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 				for (int r = 0; r < MAXR; r++) {
 					if (r >= R)
 						break;
-					float x0 = xsf[r * H + k], x1 = k + 1 < m.K ? xsf[r * H + k + 1] : 0.0f;
+					float x0, x1;
 
+					if (k + 1 < m.K && !(H & 1)) { /* k even: an aligned pair, one load */
+						float2 x = *(const float2 *)(xsf + r * H + k);
+
+						x0 = x.x;
+						x1 = x.y;
+					} else {
+						x0 = xsf[r * H + k];
+						x1 = k + 1 < m.K ? xsf[r * H + k + 1] : 0.0f;
+					}
 					acc[r][q & 1] += wf.x * x0 + wf.y * x1;
 				}
 			}
@@ -309,7 +342,7 @@ static size_t router_smem(int R, int H)
 
 static int router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k, bool norm,
 		  const float *h, const float *normw, float eps, const struct q3g_mat *rm, const struct q3g_mat *sgate,
-		  int R, int H, float *xf, float *wtmp, cudaStream_t st, q3_err *e)
+		  int R, int H, float *xf, float *wtmp, uint16_t *xo, cudaStream_t st, q3_err *e)
 {
 	int err;
 
@@ -331,6 +364,7 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 		L.eps = eps;
 		L.R = R;
 		L.H = H;
+		L.xo = xo;
 		if (done && rm->N == E && sgate->N == 1) {
 			L.done = done;
 			L.idx = idx;
@@ -348,7 +382,9 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 		if (L.done)
 			return 0;
 	} else {
-		if ((err = q3g_rmsnorm_f32(xf, h, normw, R, H, eps, st, e)))
+		if ((err = q3g_rmsnorm_f32(xf, h, normw, R, H, eps, st, e)) ||
+		    /* no residual to add (a = NULL): h is only read */
+		    (xo && (err = q3g_add_rmsnorm((float *)h, NULL, xo, normw, NULL, R, H, eps, st, e))))
 			return err;
 		if (q3g_cublas_stream(cublas, st) != CUBLAS_STATUS_SUCCESS)
 			return q3_errf(e, -EIO, "router: cublasSetStream failed");
@@ -363,19 +399,20 @@ extern "C" int q3g_router_logits(void *cublas, float *logits, float *sg, const f
 				 const struct q3g_mat *rm, const struct q3g_mat *sgate, int R, int H, float *xf,
 				 float *wtmp, q3g_stream st, q3_err *e)
 {
-	return router(cublas, logits, sg, NULL, NULL, NULL, 0, 0, false, h, normw, eps, rm, sgate, R, H, xf, wtmp,
+	return router(cublas, logits, sg, NULL, NULL, NULL, 0, 0, false, h, normw, eps, rm, sgate, R, H, xf, wtmp, NULL,
 		      (cudaStream_t)st, e);
 }
 
 extern "C" int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k,
 			  bool norm, const float *h, const float *normw, float eps, const struct q3g_mat *rm,
-			  const struct q3g_mat *sgate, int R, int H, float *xf, float *wtmp, q3g_stream st, q3_err *e)
+			  const struct q3g_mat *sgate, int R, int H, float *xf, float *wtmp, uint16_t *xo, q3g_stream st,
+			  q3_err *e)
 {
 	int err;
 
 	if ((err = check_topk(E, k, e)))
 		return err;
-	return router(cublas, logits, sg, idx, w, done, E, k, norm, h, normw, eps, rm, sgate, R, H, xf, wtmp,
+	return router(cublas, logits, sg, idx, w, done, E, k, norm, h, normw, eps, rm, sgate, R, H, xf, wtmp, xo,
 		      (cudaStream_t)st, e);
 }
 
@@ -391,73 +428,100 @@ struct moe_up_launch {
 	int k, H, ldgu, nb; /* nb: blocks per matrix (row tiles / RT) */
 	int rt;
 	int pass;	    /* 0: the k routed pairs of each row, 1: the shared one, 2: all k + 1 */
+	int pb;		    /* pairs of one row a block runs, one after another (one staging) */
+	int cpw[2];	    /* chunks a warp takes of a routed / the shared expert's matrix */
 };
 
-/* Block (pair, row tiles of gate or up).  An instance handles one weight format: all pairs when
- * the routed and the shared experts share it, else the routed pairs and the shared ones in two
- * launches, so that each instance keeps one format's registers. */
+/* Block (PB pairs of one row, row tiles of gate or up).  The row is staged once for its pairs
+ * (once per pair where the experts have act-order permutations of their own); each pair's tiles
+ * are computed exactly as with PB = 1, so PB may follow the batch size.  An instance handles
+ * one weight format: all pairs when the routed and the shared experts share it, else the routed
+ * pairs and the shared ones in two launches, so that each instance keeps one format's registers. */
 template <int FMT>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	extern __shared__ uint4 smem[];
+	__shared__ float rs[1];
 	pdl_trigger();
 	pdl_wait(); /* the expert ids come from the router: nothing to prefetch before them */
-	const int per_row = L.pass == 0 ? L.k : L.pass == 1 ? 1 : L.k + 1, r = blockIdx.x / per_row;
-	const int p = r * (L.k + 1) + (L.pass == 1 ? L.k : blockIdx.x % per_row);
-	const bool shared = p % (L.k + 1) == L.k;
+	const int per_row = L.pass == 0 ? L.k : L.pass == 1 ? 1 : L.k + 1, ngrp = cdiv(per_row, L.pb);
+	const int r = blockIdx.x / ngrp, s0 = (blockIdx.x % ngrp) * L.pb, s1 = min(per_row, s0 + L.pb);
 	const int which = blockIdx.y / L.nb, b = blockIdx.y % L.nb;
-	const int ex = L.idx[p];
-	if (ex == Q3G_SKIP)
-		return; /* computed elsewhere (the CPU's experts, offload): before any barrier */
-	const int mi = shared ? 0 : ex;
-	const struct q3g_mat &m = L.mat[2 * shared + which];
 	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	const int tile = b * L.rt + warp / WPT, kr = warp % WPT, Kp = m.nchunks * Q3G_KCHUNK;
+	const int tile = b * L.rt + warp / WPT, kr = warp % WPT;
 	uint16_t *xs = (uint16_t *)smem;
-	float *red = (float *)(xs + Kp);
-	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+	const uint16_t *sperm = NULL; /* what xs holds: the row through sperm, skp positions (0: nothing) */
+	int skp = 0;
+	__shared__ int sid[Q3G_ROUTER_MAX_K + 1]; /* the pairs' experts, read once */
 
-	if (b * L.rt >= m.ntiles)
-		return; /* a narrower matrix: whole block idle, before any barrier */
-	const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
-	const int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
-
-	/* this warp's weights start towards L2 while the block stages the activations */
-	if (lane == 0 && tile < m.ntiles && c0 < c1)
-		prefetch_l2((const uint8_t *)m.data + (size_t)mi * m.data_stride +
-				    ((size_t)tile * m.nchunks + c0) * fmt_traits<FMT>::CB,
-			    (uint32_t)((c1 - c0) * fmt_traits<FMT>::CB));
-	/* and the tile's scales (zero points), which run_chunks reads group by group */
-	if (FMT != Q3G_F16 && lane == 1 && kr == 0 && tile < m.ntiles) {
-		size_t off = (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N;
-
-		prefetch_l2(m.scales + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
-		if (m.zeros)
-			prefetch_l2(m.zeros + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
-	}
-	if (L.xh) {
-		__shared__ float rs[1], nred[32];
-
-		stage_x_norm(xs, rs, nred, L.xh + (size_t)r * L.H, L.H, 1, m.K, Kp, perm, L.normw, L.eps);
-	} else {
-		stage_x_f16(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, perm);
-	}
+	if ((int)threadIdx.x < s1 - s0)
+		sid[threadIdx.x] = L.idx[r * (L.k + 1) + (L.pass == 1 ? L.k : s0 + threadIdx.x)];
 	__syncthreads();
-	if (tile < m.ntiles) {
-		run_chunks<FMT, 1>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
-				   c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
-	}
-	reduce_tile_warps<1>(red, acc, WPT);
-	/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
-	if (kr != 0 || tile >= m.ntiles || (lane & 3))
-		return;
-	int row = tile * Q3G_TILE_N + (lane >> 2);
-	float *o = L.gu + (size_t)p * L.ldgu + (size_t)which * (L.ldgu / 2);
+	/* every pair's weights of this block's tiles start towards L2 at once */
+	for (int s = s0; s < s1; s++) {
+		const int slot = L.pass == 1 ? L.k : s, ex = sid[s - s0];
+		const bool shared = slot == L.k;
+		const struct q3g_mat &m = L.mat[2 * shared + which];
+		const int mi = shared ? 0 : ex, per = L.cpw[shared], c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 
-	if (row < m.N)
-		o[row] = acc[0][0];
-	if (row + 8 < m.N)
-		o[row + 8] = acc[0][2];
+		if (ex == Q3G_SKIP || tile >= m.ntiles)
+			continue;
+		if (lane == 0 && c0 < c1)
+			prefetch_l2((const uint8_t *)m.data + (size_t)mi * m.data_stride +
+					    ((size_t)tile * m.nchunks + c0) * fmt_traits<FMT>::CB,
+				    (uint32_t)((c1 - c0) * fmt_traits<FMT>::CB));
+		/* and the tile's scales (zero points), which run_chunks reads group by group */
+		if (FMT != Q3G_F16 && lane == 1 && kr == 0) {
+			size_t off = (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N;
+
+			prefetch_l2(m.scales + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
+			if (m.zeros)
+				prefetch_l2(m.zeros + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
+		}
+	}
+	for (int s = s0; s < s1; s++) {
+		/* everything that decides a skip is the same in every thread: the barriers below stay
+		 * block-uniform */
+		const int slot = L.pass == 1 ? L.k : s, p = r * (L.k + 1) + slot, ex = sid[s - s0];
+		const bool shared = slot == L.k;
+		const int mi = shared ? 0 : ex;
+		const struct q3g_mat &m = L.mat[2 * shared + which];
+		const int Kp = m.nchunks * Q3G_KCHUNK;
+		float *red = (float *)(xs + Kp);
+		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+
+		if (ex == Q3G_SKIP || b * L.rt >= m.ntiles)
+			continue; /* the CPU's expert (offload), or a narrower matrix */
+		const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
+		const int per = L.cpw[shared], c0 = kr * per, c1 = min(m.nchunks, c0 + per);
+
+		if (Kp != skp || perm != sperm) {
+			__syncthreads(); /* the previous pair is done with xs */
+			if (L.xh)
+				stage_x_norm<1>(xs, rs, L.xh + (size_t)r * L.H, L.H, 1, m.K, Kp, perm, L.normw, L.eps);
+			else
+				stage_x_f16<1>(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, perm);
+			sperm = perm;
+			skp = Kp;
+			__syncthreads();
+		}
+		if (tile < m.ntiles) {
+			run_chunks<FMT, 1>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride,
+					   tile, c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
+		}
+		reduce_tile_warps<1>(red, acc, WPT);
+		/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
+		if (kr == 0 && tile < m.ntiles && !(lane & 3)) {
+			int row = tile * Q3G_TILE_N + (lane >> 2);
+			float *o = L.gu + (size_t)p * L.ldgu + (size_t)which * (L.ldgu / 2);
+
+			if (row < m.N)
+				o[row] = acc[0][0];
+			if (row + 8 < m.N)
+				o[row + 8] = acc[0][2];
+		}
+		__syncthreads(); /* red is reused by the next pair */
+	}
 }
 
 struct moe_down_launch {
@@ -466,15 +530,94 @@ struct moe_down_launch {
 	const int *idx;
 	const float *w;
 	float *h;
-	int k, H, ldgu, rt;
+	int k, H, ldgu, R;
+	int rows;   /* rows of the batch a block takes */
+	int per;    /* (slot, chunk) items of a row each warp takes */
+	int gcs[2]; /* chunk_group_shift of each matrix */
 };
 
-/* One (slot, chunk) item: four k-steps of the slot's matrix against its staged activations at
- * k-step kbase, the partial sums of each scale group scaled by the group's scale times wt (the
- * slot's routing weight) into acc. */
+/* 16 warps a block with 128 registers each, for every R (a row's sums must not depend on its
+ * batch): a warp keeps six items' loads in flight (a row's share at the real shapes), where 32
+ * warps of 64 registers kept three and spilled.  A block owns one output row tile for DOWN_ROWS
+ * rows of the batch; each warp runs the same share of every row's (slot, chunk) items, row after
+ * row. */
+#define DOWN_THREADS 512
+#define DOWN_WARPS (DOWN_THREADS / 32)
+#define DOWN_ROWS Q3G_MMV_MAX_TOK
+
+/* silu with the fast division (two instructions, not an IEEE division's ten: this runs for every
+ * activation of every item); 0 where exp(-x) overflows, as the limit is. */
+static __device__ __forceinline__ float silu_fast(float x)
+{
+	return __fdividef(x, 1.0f + __expf(-x));
+}
+
+/* Lane l's two activations of a slot's chunk: silu(gate) ⊙ up at inputs kin, kin + 1 of the
+ * chunk (kin = 64c + 2l), read through the act-order permutation, as one fp16x2 word (zeros past
+ * K).  The mma's B fragment of k-step st is then lanes 8st + t and 8st + 4 + t of the warp. */
+struct act_in {
+	float2 g, u;
+};
+
+static __device__ __forceinline__ act_in load_act(const float *gate, int ldgu, const uint16_t *perm, int K, int kin)
+{
+	const float *up = gate + ldgu / 2;
+	act_in a;
+
+	if (!perm && kin + 1 < K) {
+		a.g = *(const float2 *)(gate + kin);
+		a.u = *(const float2 *)(up + kin);
+	} else {
+		int ka = perm ? perm[kin] : kin, kb = perm ? perm[kin + 1] : kin + 1;
+
+		a.g.x = ka < K ? gate[ka] : 0.0f;
+		a.u.x = ka < K ? up[ka] : 0.0f;
+		a.g.y = kb < K ? gate[kb] : 0.0f;
+		a.u.y = kb < K ? up[kb] : 0.0f;
+	}
+	return a;
+}
+
+/* The scale group of chunk c: by a shift where groups are whole chunks of a power-of-two count
+ * (gcs = log2(chunks a group), every GPTQ group of 64 inputs or more), else by a division. */
+static __device__ __forceinline__ int chunk_group(const struct q3g_mat &m, int gcs, int c)
+{
+	return gcs >= 0 ? c >> gcs : (c * 4) / m.gsteps;
+}
+
+/* gcs of chunk_group for m (host), -1 where a group is not a power-of-two run of whole chunks. */
+static int chunk_group_shift(const struct q3g_mat *m)
+{
+	int cpg = m->gsteps / 4, sh = 0;
+
+	if (m->fmt == Q3G_F16 || m->gsteps % 4 || (cpg & (cpg - 1)))
+		return -1;
+	while ((1 << sh) < cpg)
+		sh++;
+	return sh;
+}
+
+/* k-step st of an item: the B fragment (token column 0) from lanes 8st + t and 8st + 4 + t. */
 template <int FMT>
-static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int mi, int tile, int c, const uint4 *w,
-						 const uint2 *xs, int kbase, float wt, float acc[1][4], float s0,
+static __device__ __forceinline__ void down_step(const uint4 *w, int st, const zconst &zc, uint32_t P, float accg[1][4])
+{
+	const int lane = threadIdx.x & 31, t = lane & 3;
+	uint32_t a[4], b[2];
+
+	a_frag<FMT>(w, st, zc, a);
+	b[0] = __shfl_sync(0xffffffffu, P, 8 * st + t);
+	b[1] = __shfl_sync(0xffffffffu, P, 8 * st + 4 + t);
+	if (lane >= 4)
+		b[0] = b[1] = 0; /* token columns 1-7: no row */
+	mma_f16(accg[0], a, b);
+}
+
+/* One (slot, chunk) item: the chunk's four k-steps of the slot's matrix against the lane pairs P
+ * (load_act), the partial sums of each scale group scaled by the group's scale times wt (the
+ * slot's routing weight) into acc; token column 0 only (lanes 0-3 carry the B fragment). */
+template <int FMT>
+static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int gcs, const float *zr, int mi, int tile,
+						 int c, const uint4 *w, uint32_t P, float wt, float acc[1][4], float s0,
 						 float s1)
 {
 	const int lane = threadIdx.x & 31;
@@ -482,164 +625,161 @@ static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int mi
 	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
 
-	/* the first group's scales came with the weights (s0, s1); zero points (asym) here */
-	if (FMT != Q3G_F16 && m.zeros) {
-		size_t i = szb + ((size_t)tile * m.ngroups + (c * 4) / m.gsteps) * Q3G_TILE_N + (lane >> 2);
+	/* the first group's scales came with the weights (s0, s1); zero points (asym, zr: the
+	 * lane's rows of the tile) here */
+	if (FMT != Q3G_F16 && zr) {
+		const int grp = chunk_group(m, gcs, c);
 
-		zc = make_zconst<FMT>(m.zeros[i], m.zeros[i + 8]);
+		zc = make_zconst<FMT>(zr[grp * Q3G_TILE_N], zr[grp * Q3G_TILE_N + 8]);
 	}
+	if (FMT != Q3G_F16 && gcs < 0) { /* groups that end inside a chunk */
 #pragma unroll
-	for (int st = 0; st < 4; st++) {
-		uint32_t a[4], b[2];
-
-		if (FMT != Q3G_F16 && st > 0 && (c * 4 + st) % m.gsteps == 0) {
-			flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
-			group_consts<FMT>(m, szb, tile, (c * 4 + st) / m.gsteps, lane, s0, s1, zc);
+		for (int st = 0; st < 4; st++) {
+			if (st > 0 && (c * 4 + st) % m.gsteps == 0) {
+				flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
+				group_consts<FMT>(m, szb, tile, (c * 4 + st) / m.gsteps, lane, s0, s1, zc);
+			}
+			down_step<FMT>(w, st, zc, P, accg);
 		}
-		a_frag<FMT>(w, st, zc, a);
-		b_frag(xs, kbase + st, 0, 1, lane, b);
-		mma_f16(accg[0], a, b);
+	} else { /* one group for the whole chunk: no test per k-step */
+#pragma unroll
+		for (int st = 0; st < 4; st++)
+			down_step<FMT>(w, st, zc, P, accg);
 	}
 	flush_group<1>(acc, accg, s0 * wt, s1 * wt, false);
 }
 
-/* A warp's items [i0, i1) of the flattened (slot, chunk) list of one row tile: slot s < k owns
- * items [s·ncr, (s+1)·ncr) of the routed stack (expert ix[s]), slot k the shared expert's after
- * them; the staged activations follow the same order, so item i starts at k-step 4i.  The
- * weights of up to UB items are loaded before the first is used (one round trip for a whole
- * row's experts at int4, instead of one per slot). */
-template <int FR, int FS>
-static __device__ __forceinline__ void down_items(const moe_down_launch &L, const int *ix, const float *wr, int tile,
-						  int i0, int i1, int ncr, const uint2 *xs, float acc[1][4])
+/* This warp's sums of rows g and g + 8 of the tile (token column 0: lanes t = 0) for row rr. */
+static __device__ __forceinline__ void down_flush(float *red, int rr, const float acc[1][4])
 {
-	/* UB items in flight with their scales, within 64 registers (32 warps a block): 4 at int4
-	 * (3 are a warp's share of a row at the real shapes), 4 / loads per item otherwise */
-	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS;
-	constexpr int UB = 4 / LM > 0 ? 4 / LM : 1;
-	const int lane = threadIdx.x & 31, k = L.k;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-	for (int b0 = i0; b0 < i1; b0 += UB) {
+	if (!(lane & 3)) {
+		red[(rr * DOWN_WARPS + warp) * 16 + (lane >> 2)] = acc[0][0];
+		red[(rr * DOWN_WARPS + warp) * 16 + (lane >> 2) + 8] = acc[0][2];
+	}
+}
+
+/* FR: the routed experts' format, FS: the shared expert's.  Slot s < k of a row owns items
+ * [s·ncr, (s+1)·ncr) (chunks of the routed stack's expert), slot k the shared expert's after them;
+ * a slot the CPU computes (Q3G_SKIP, offload) is left out.  Each warp takes the same items of
+ * every row (L.per of them), row after row, flattened into batches of UB items that may span rows
+ * (a batch of one row's items alone ran 20% slower at R = 16). */
+template <int FR, int FS>
+__global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_kernel(const __grid_constant__ moe_down_launch L)
+{
+	/* UB items in flight with their scales and activations, within 128 registers: 6 at int4,
+	 * 8 / loads per item otherwise */
+	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS;
+	constexpr int UB = LM == 1 ? 6 : 8 / LM;
+	extern __shared__ float red[]; /* [rows][DOWN_WARPS][16] each warp's sums; then ids, weights */
+	pdl_trigger();
+	pdl_wait();
+	const int tile = blockIdx.x, r0 = blockIdx.y * L.rows, nr = min(L.rows, L.R - r0), S = L.k + 1, k = L.k;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const struct q3g_mat &mr = L.mat[0], &ms = L.mat[1];
+	const int ncr = mr.nchunks, total = k * ncr + ms.nchunks;
+	const int i0 = min(total, warp * L.per), cnt = min(total, i0 + L.per) - i0, n = nr * cnt;
+	int *sx = (int *)(red + L.rows * DOWN_WARPS * 16);
+	float *sw = (float *)(sx + L.rows * S);
+
+	for (int i = threadIdx.x; i < nr * S; i += blockDim.x) {
+		sx[i] = L.idx[(size_t)r0 * S + i];
+		sw[i] = L.w[(size_t)r0 * S + i];
+	}
+	__syncthreads();
+	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+	int cur = 0;
+	/* the next item to load, counted forward (a division per item costs more than its mma):
+	 * row nrw, slot ns, chunk nc, the warp's nj-th item of the row; the warp's first item is
+	 * slot sf, chunk cf */
+	const int sf = i0 >= k * ncr ? k : i0 / ncr, cf = i0 >= k * ncr ? i0 - k * ncr : i0 % ncr;
+	int nrw = 0, ns = sf, nc = cf, nj = 0;
+
+	for (int q0 = 0; q0 < n; q0 += UB) {
 		uint4 w[UB][LM];
 		float s0[UB], s1[UB];
+		act_in x[UB];
+		int dsc[UB]; /* chunk | slot << 12 | row << 20; row nr: past the end */
 
-		/* the weights of UB items and their first groups' scales, all in flight at once (a
-		 * scale loaded when its item starts would cost a round trip per item) */
 #pragma unroll
 		for (int u = 0; u < UB; u++) {
-			int i = b0 + u;
+			dsc[u] = nc | ns << 12 | nrw << 20;
+			if (++nj == cnt) {
+				nj = 0, nrw++, ns = sf, nc = cf;
+			} else if (++nc == ncr && ns < k) {
+				ns++, nc = 0;
+			}
+		}
+		/* the weights of UB items, their first groups' scales and their activations, all in
+		 * flight at once (a scale loaded when its item starts would cost a round trip per item) */
+#pragma unroll
+		for (int u = 0; u < UB; u++) {
+			const int rr = dsc[u] >> 20, s = (dsc[u] >> 12) & 255, c = dsc[u] & 4095;
+			const bool sh = s == k;
 
 			s0[u] = s1[u] = 1.0f;
-			if (i < i1 && ix[i >= k * ncr ? k : i / ncr] != Q3G_SKIP) {
-				bool sh = i >= k * ncr;
-				int c = sh ? i - k * ncr : i % ncr, mi = sh ? 0 : ix[i / ncr];
+			if (rr < nr && sx[rr * S + s] != Q3G_SKIP) {
+				const int mi = sh ? 0 : sx[rr * S + s];
 				const struct q3g_mat &m = L.mat[sh];
 				const uint8_t *p = (const uint8_t *)m.data + (size_t)mi * m.data_stride +
 						   ((size_t)tile * m.nchunks + c) * (sh ? fmt_traits<FS>::CB : fmt_traits<FR>::CB) +
 						   lane * 16;
 #pragma unroll
-				for (int q = 0; q < LM; q++)
-					if (q < (sh ? LS : LR))
-						w[u][q] = ldg_stream(p + q * 512);
+				for (int qq = 0; qq < LM; qq++)
+					if (qq < (sh ? LS : LR))
+						w[u][qq] = ldg_stream(p + qq * 512);
 				if ((sh ? FS : FR) != Q3G_F16) {
 					size_t si = (size_t)mi * m.sz_stride +
-						    ((size_t)tile * m.ngroups + (c * 4) / m.gsteps) * Q3G_TILE_N + (lane >> 2);
+						    ((size_t)tile * m.ngroups + chunk_group(m, L.gcs[sh], c)) * Q3G_TILE_N +
+						    (lane >> 2);
 
 					s0[u] = m.scales[si];
 					s1[u] = m.scales[si + 8];
 				}
+				x[u] = load_act(L.gu + ((size_t)(r0 + rr) * S + s) * L.ldgu, L.ldgu,
+						m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, c * Q3G_KCHUNK + 2 * lane);
 			}
 		}
 #pragma unroll
 		for (int u = 0; u < UB; u++) {
-			int i = b0 + u;
+			const int rr = dsc[u] >> 20, s = (dsc[u] >> 12) & 255, c = dsc[u] & 4095;
 
-			if (i >= i1)
+			if (rr >= nr)
 				break;
-			if (ix[i >= k * ncr ? k : i / ncr] == Q3G_SKIP)
+			if (rr != cur) { /* the warp's share of row cur is done */
+				down_flush(red, cur, acc);
+				acc[0][0] = acc[0][1] = acc[0][2] = acc[0][3] = 0.0f;
+				cur = rr;
+			}
+			if (sx[rr * S + s] == Q3G_SKIP)
 				continue; /* the CPU's expert (offload) */
-			if (i >= k * ncr)
-				down_item<FS>(L.mat[1], 0, tile, i - k * ncr, w[u], xs, 4 * i, wr[k], acc, s0[u], s1[u]);
+			const uint32_t P = pack_h2(silu_fast(x[u].g.x) * x[u].u.x, silu_fast(x[u].g.y) * x[u].u.y);
+			const int mi = s == k ? 0 : sx[rr * S + s];
+			const struct q3g_mat &m = L.mat[s == k];
+			const float *zr = m.zeros ? m.zeros + (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N +
+							    (lane >> 2)
+						  : NULL;
+
+			if (s == k)
+				down_item<FS>(ms, L.gcs[1], zr, 0, tile, c, w[u], P, sw[rr * S + k], acc, s0[u], s1[u]);
 			else
-				down_item<FR>(L.mat[0], ix[i / ncr], tile, i % ncr, w[u], xs, 4 * i, wr[i / ncr], acc, s0[u],
-					      s1[u]);
+				down_item<FR>(mr, L.gcs[0], zr, mi, tile, c, w[u], P, sw[rr * S + s], acc, s0[u], s1[u]);
 		}
 	}
-}
-
-/* FR: the routed experts' format, FS: the shared expert's.  32 warps a block, for every R (a
- * row's sums must not depend on its batch): with 8, the 128 blocks of one row left the device
- * latency-bound (a warp issued every 12 cycles, 12% occupancy). */
-#define DOWN_THREADS 1024
-template <int FR, int FS>
-__global__ void __launch_bounds__(DOWN_THREADS) moe_down_kernel(const __grid_constant__ moe_down_launch L)
-{
-	extern __shared__ uint4 smem[];
-	pdl_trigger();
-	pdl_wait();
-	const int r = blockIdx.x, S = L.k + 1;
-	const int WPT = (DOWN_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	const int tile = blockIdx.y * L.rt + warp / WPT, kr = warp % WPT;
-	const int *ix = L.idx + (size_t)r * S;
-	uint16_t *xs = (uint16_t *)smem;
-	const struct q3g_mat &mr = L.mat[0], &ms = L.mat[1];
-	const int hr = mr.nchunks * Q3G_KCHUNK / 2, hs = ms.nchunks * Q3G_KCHUNK / 2; /* input pairs per slot */
-	const int ksoff = (L.k * mr.nchunks + ms.nchunks) * (Q3G_KCHUNK / Q3G_KSTEP), total = L.k * mr.nchunks + ms.nchunks;
-	__shared__ int sx[Q3G_ROUTER_MAX_K + 1];
-
-	/* the slots' experts once; their weights of this block's tile start towards L2 while the
-	 * activations are staged (a slot is one contiguous run of the tile's chunks) */
-	if ((int)threadIdx.x < S) {
-		int s = threadIdx.x, ex = ix[s];
-		const struct q3g_mat &m = L.mat[s == L.k];
-		const int cb = m.fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : m.fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
-
-		sx[s] = ex;
-		for (int t = blockIdx.y * L.rt; ex != Q3G_SKIP && t < min(m.ntiles, (int)(blockIdx.y + 1) * L.rt); t++)
-			prefetch_l2((const uint8_t *)m.data + (size_t)(ex < 0 ? 0 : ex) * m.data_stride +
-					    (size_t)t * m.nchunks * cb, (uint32_t)(m.nchunks * cb));
-	}
+	if (cnt > 0)
+		down_flush(red, cur, acc);
 	__syncthreads();
-	/* stage silu(gate) ⊙ up of every slot at once (slot s < k at k-step s·Kp/16, the shared one
-	 * after them).  Slots keep their places (down_items indexes items by slot); a slot whose
-	 * expert the CPU computes (Q3G_SKIP, offload) is staged as zeros and its items are skipped. */
-#pragma unroll 4
-	for (int i = threadIdx.x; i < L.k * hr + hs; i += blockDim.x) {
-		const bool sh = i >= L.k * hr;
-		const int s = sh ? L.k : i / hr, kin = 2 * (sh ? i - L.k * hr : i % hr), ex = sx[s];
-		const bool skip = ex == Q3G_SKIP;
-		const struct q3g_mat &m = sh ? ms : mr;
-		const uint16_t *perm = m.perm && !skip ? m.perm + (size_t)(ex < 0 ? 0 : ex) * m.perm_stride : NULL;
-		const float *g = L.gu + ((size_t)r * S + s) * L.ldgu, *u = g + L.ldgu / 2;
-		uint16_t *xo = xs + (size_t)s * mr.nchunks * Q3G_KCHUNK;
-		float v[2];
+	/* each output element by one thread, the warps' sums in a fixed order: deterministic */
+	for (int i = threadIdx.x; i < nr * 16; i += blockDim.x) {
+		const int rr = i >> 4, row = tile * Q3G_TILE_N + (i & 15);
+		float v = 0.0f;
 
-		for (int q = 0; q < 2; q++) {
-			int kk = perm ? perm[kin + q] : kin + q;
-
-			v[q] = !skip && kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
-		}
-		*(uint32_t *)(xo + xs_slot(kin, 0, 1)) = pack_h2(v[0], v[1]);
+		for (int ww = 0; ww < DOWN_WARPS && ww * L.per < total; ww++)
+			v += red[(rr * DOWN_WARPS + ww) * 16 + (i & 15)];
+		if (row < L.H)
+			L.h[(size_t)(r0 + rr) * L.H + row] += v;
 	}
-	float *red = (float *)(xs + (size_t)ksoff * Q3G_KSTEP);
-	__syncthreads();
-
-	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
-	if (tile < L.mat[0].ntiles) {
-		/* this warp's share of the (slot, chunk) items of its tile */
-		int per = cdiv(total, WPT), i0 = kr * per, i1 = min(total, i0 + per);
-
-		down_items<FR, FS>(L, sx, L.w + (size_t)r * S, tile, i0, i1, L.mat[0].nchunks, (const uint2 *)xs, acc);
-	}
-	reduce_tile_warps<1>(red, acc, WPT);
-	if (kr != 0 || tile >= L.mat[0].ntiles || (lane & 3))
-		return;
-	int row = tile * Q3G_TILE_N + (lane >> 2);
-	float *h = L.h + (size_t)r * L.H;
-
-	if (row < L.H)
-		h[row] += acc[0][0];
-	if (row + 8 < L.H)
-		h[row + 8] += acc[0][2];
 }
 
 typedef void (*moe_down_fn)(const moe_down_launch);
@@ -688,6 +828,8 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 	 * not depend on its batch */
 	L.rt = tiles > 1 ? 2 : 1;
 	L.nb = cdiv(tiles, L.rt);
+	L.cpw[0] = cdiv(gate->nchunks, Q3G_MMV_THREADS / 32 / L.rt);
+	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / L.rt);
 	smem = Q3_MAX(up_smem(gate, L.rt), up_smem(sgate, L.rt));
 	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
@@ -698,7 +840,14 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 	bool same = gate->fmt == sgate->fmt;
 
 	for (int pass = same ? 2 : 0; pass < (same ? 3 : 2); pass++) {
-		dim3 grid(pass == 0 ? R * k : pass == 1 ? R : R * (k + 1), 2 * L.nb);
+		const int per_row = pass == 0 ? k : pass == 1 ? 1 : k + 1;
+		/* pairs a block: about four waves of blocks (three resident an SM), so that a large batch
+		 * stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
+		 * with a pair a block); one where the grid is small anyway */
+		const long blocks = (long)R * per_row * 2 * L.nb, target = 4L * 3 * q3g_dev.sms;
+
+		L.pb = (int)Q3_MIN((long)per_row, Q3_MAX(1L, blocks / target));
+		dim3 grid(R * cdiv(per_row, L.pb), 2 * L.nb);
 		int f = pass == 1 ? sgate->fmt : gate->fmt;
 
 		L.pass = pass;
@@ -723,21 +872,28 @@ extern "C" int q3g_moe_up_norm(float *gu, const float *h, const float *normw, fl
 	return moe_up(gu, NULL, h, normw, eps, idx, gate, up, sgate, sup, R, k, H, ldgu, st, e);
 }
 
+static size_t down_smem(int rows, int k)
+{
+	return (size_t)rows * DOWN_WARPS * 16 * 4 + (size_t)rows * (k + 1) * 8;
+}
+
 extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w,
 			    const struct q3g_mat *down, const struct q3g_mat *sdown, int R, int k, int H, int ldgu,
 			    q3g_stream st, q3_err *e)
 {
 	moe_down_launch L;
-	size_t kp = (size_t)k * down->nchunks * Q3G_KCHUNK + (size_t)sdown->nchunks * Q3G_KCHUNK;
-	size_t smem = ((kp * 2 + 15) & ~(size_t)15) + (size_t)DOWN_THREADS * 16;
 
 	if (k < 1 || k > Q3G_ROUTER_MAX_K)
 		return q3_errf(e, -EINVAL, "moe down: %d experts per token (up to %d)", k, Q3G_ROUTER_MAX_K);
 	if (down->N != H || sdown->N != H || down->ntiles != sdown->ntiles)
 		return q3_errf(e, -EINVAL, "moe down: output rows %d / %d, hidden %d", down->N, sdown->N, H);
-	if (smem > q3g_dev.smem_dyn)
-		return q3_errf(e, -EINVAL, "moe down: %zu bytes of shared memory exceed the device's %zu", smem,
-			       q3g_dev.smem_dyn);
+	if (Q3_MAX(down->nchunks, sdown->nchunks) > 4095)
+		return q3_errf(e, -EINVAL, "moe down: %d inputs (the kernel takes up to %d)", Q3_MAX(down->K, sdown->K),
+			       4095 * Q3G_KCHUNK);
+	if (2 * Q3_MAX(down->K, sdown->K) > ldgu || (ldgu & 1))
+		return q3_errf(e, -EINVAL, "moe down: activations of %d / %d inputs in rows of %d", down->K, sdown->K, ldgu);
+	if (R < 1)
+		return 0;
 	memset(&L, 0, sizeof(L));
 	L.mat[0] = *down;
 	L.mat[1] = *sdown;
@@ -748,9 +904,14 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	L.k = k;
 	L.H = H;
 	L.ldgu = ldgu;
-	L.rt = 1;
+	L.R = R;
+	L.gcs[0] = chunk_group_shift(down);
+	L.gcs[1] = chunk_group_shift(sdown);
+	L.per = cdiv(k * down->nchunks + sdown->nchunks, DOWN_WARPS);
 	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt);
-	CUDA_CHECK(e, q3g_launch(fn, dim3(R, down->ntiles), DOWN_THREADS, smem, (cudaStream_t)st, L));
+	L.rows = DOWN_ROWS; /* 8, 4, 2, 1 rows a block (more blocks): 97, 100, 105, 115 us at R = 16 */
+	CUDA_CHECK(e, q3g_launch(fn, dim3(down->ntiles, cdiv(R, L.rows)), DOWN_THREADS, down_smem(L.rows, k),
+				 (cudaStream_t)st, L));
 	return 0;
 }
 

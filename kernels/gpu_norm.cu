@@ -23,31 +23,27 @@ extern "C" int q3g_embed(float *h, const uint16_t *embed, struct q3g_rows rows, 
 	return 0;
 }
 
-/* One block per row; h stays fp32 (the residual stream). */
+/* One block per row; h stays fp32 (the residual stream).  The row's scale comes from row_rsqrt,
+ * as where the matvec and the experts normalize while staging (stage_x_norm): a row gets the same
+ * fp16 inputs either way, so the engine may fold the norm in for small batches only. */
 __global__ void add_rmsnorm_kernel(float *h, const float *a, uint16_t *y, const float *w, const int *rows_idx,
 				   int n, float eps)
 {
-	__shared__ float red[32];
+	__shared__ float rs;
 	pdl_trigger();
 	pdl_wait();
 	int r = rows_idx ? rows_idx[blockIdx.x] : blockIdx.x;
 	float *hr = h + (size_t)r * n;
 	const float *ar = a ? a + (size_t)r * n : NULL;
 	uint16_t *yr = y + (size_t)blockIdx.x * n;
-	float ss = 0.0f;
 
-	for (int i = threadIdx.x; i < n; i += blockDim.x) {
-		float v = hr[i];
-
-		if (ar) {
-			v += ar[i];
-			hr[i] = v;
-		}
-		ss += v * v;
+	if (ar) {
+		for (int i = threadIdx.x; i < n; i += blockDim.x)
+			hr[i] += ar[i];
+		__syncthreads();
 	}
-	ss = block_sum(ss, red);
-	float rs = rsqrtf(ss / (float)n + eps);
-
+	row_rsqrt(&rs, hr, n, 1, n, eps);
+	__syncthreads();
 	for (int i = threadIdx.x; i < n; i += blockDim.x)
 		yr[i] = f2h_bits(hr[i] * rs * (1.0f + w[i]));
 }

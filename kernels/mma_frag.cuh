@@ -126,71 +126,123 @@ static __device__ __forceinline__ void b_frag(const uint2 *xs, int ks, int nt, i
 	}
 }
 
+/* The eight fp16 values of positions k0 .. k0+7 (k0 % 8 == 0) of row r, as four fp16x2 words
+ * (lo = the lower position), each to its B-fragment word: pair t goes to word t of the k-step. */
+static __device__ __forceinline__ void xs_store8(uint16_t *xs, int k0, int r, int R, const uint32_t p[4])
+{
+	uint32_t *x32 = (uint32_t *)xs;
+	const int ks = k0 >> 4, reg = (k0 >> 3) & 1;
+
+#pragma unroll
+	for (int t = 0; t < 4; t++)
+		x32[xs_index(ks, r, R, t) * 2 + reg] = p[t];
+}
+
+/* Staging loads B (template argument) 8-position units per thread before storing any: a
+ * block's staging is a few round trips to L2, not one per element.  1 where a block stages one
+ * row (a unit a thread at the real shapes) and registers are scarce (moe_up). */
+
 /* Stages x rows [0, R) (fp16, row stride ldx, K inputs) gathered through perm (NULL: identity)
- * into xs for positions [0, Kp); all threads of the block take part (no barrier inside). */
+ * into xs for positions [0, Kp); all threads of the block take part (no barrier inside).  Without
+ * a permutation a unit is one 16-byte load. */
+template <int B>
 static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t *x, int ldx, int R, int K,
 						    int Kp, const uint16_t *perm)
 {
-	int half = Kp >> 1;
+	const int U = Kp >> 3, n = R * U;
+	const bool vec = !perm && (ldx & 7) == 0 && ((uintptr_t)x & 15) == 0;
 
-	for (int i = threadIdx.x; i < R * half; i += blockDim.x) {
-		int r = i / half, kin = 2 * (i % half);
-		const uint16_t *xr = x + (size_t)r * ldx;
-		uint16_t v0 = 0, v1 = 0;
+	for (int i0 = threadIdx.x; i0 < n; i0 += B * blockDim.x) {
+		uint32_t p[B][4];
 
-		if (perm) {
-			int k0 = perm[kin], k1 = perm[kin + 1];
+#pragma unroll
+		for (int b = 0; b < B; b++) {
+			const int i = i0 + b * blockDim.x, r = i / U, k0 = (i % U) * 8;
+			const uint16_t *xr = x + (size_t)r * ldx;
 
-			v0 = k0 < K ? xr[k0] : 0;
-			v1 = k1 < K ? xr[k1] : 0;
-		} else {
-			v0 = kin < K ? xr[kin] : 0;
-			v1 = kin + 1 < K ? xr[kin + 1] : 0;
+			if (i >= n)
+				break;
+			if (vec && k0 + 8 <= K) {
+				uint4 v = *(const uint4 *)(xr + k0);
+
+				p[b][0] = v.x;
+				p[b][1] = v.y;
+				p[b][2] = v.z;
+				p[b][3] = v.w;
+			} else {
+#pragma unroll
+				for (int q = 0; q < 4; q++) {
+					int ka = perm ? perm[k0 + 2 * q] : k0 + 2 * q, kb = perm ? perm[k0 + 2 * q + 1] : k0 + 2 * q + 1;
+					uint32_t lo = ka < K ? xr[ka] : 0, hi = kb < K ? xr[kb] : 0;
+
+					p[b][q] = lo | hi << 16;
+				}
+			}
 		}
-		*(uint32_t *)(xs + xs_slot(kin, r, R)) = (uint32_t)v0 | ((uint32_t)v1 << 16);
+#pragma unroll
+		for (int b = 0; b < B; b++) {
+			const int i = i0 + b * blockDim.x;
+
+			if (i >= n)
+				break;
+			xs_store8(xs, (i % U) * 8, i / U, R, p[b]);
+		}
 	}
 }
 
-/* The zero-centred RMSNorm folded into staging: rs[r] = rsqrt(mean(h[r]²) + eps) for rows
- * r < R (R <= Q3G_MMV_MAX_TOK; the whole block sums each row, red: Q3G_MMV_MAX_TOK x 32 floats of
- * shared memory), then the same staging as stage_x_f16 of the values fp16(h · rs · (1 + w)) -
- * exactly what q3g_add_rmsnorm writes.  Contains barriers: call from every thread. */
-static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, float *red, const float *h, int ldh,
-						    int R, int K, int Kp, const uint16_t *perm, const float *w,
-						    float eps)
+/* The zero-centred RMSNorm folded into staging: rs[r] by row_rsqrt (rs: R floats of shared
+ * memory), then the same staging as stage_x_f16 of the values fp16(h · rs · (1 + w)), the
+ * expression q3g_add_rmsnorm uses.  Contains a barrier: call from every thread. */
+template <int B>
+static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, const float *h, int ldh, int R, int K,
+						    int Kp, const uint16_t *perm, const float *w, float eps)
 {
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5, half = Kp >> 1;
+	const int U = Kp >> 3, n = R * U;
+	const bool vec = !perm && (ldh & 3) == 0 && ((uintptr_t)h & 15) == 0 && ((uintptr_t)w & 15) == 0;
 
-	for (int r = 0; r < R; r++) {
-		const float *hr = h + (size_t)r * ldh;
-		float ss = 0.0f;
-
-		for (int k = threadIdx.x; k < K; k += blockDim.x)
-			ss += hr[k] * hr[k];
-		ss = warp_sum(ss);
-		if (lane == 0)
-			red[r * 32 + warp] = ss;
-	}
+	row_rsqrt(rs, h, ldh, R, K, eps);
 	__syncthreads();
-	if (threadIdx.x < R) {
-		float ss = 0.0f;
+	for (int i0 = threadIdx.x; i0 < n; i0 += B * blockDim.x) {
+		float v[B][8], f[B][8];
 
-		for (int i = 0; i < nw; i++)
-			ss += red[threadIdx.x * 32 + i];
-		rs[threadIdx.x] = rsqrtf(ss / (float)K + eps);
-	}
-	__syncthreads();
-	for (int i = threadIdx.x; i < R * half; i += blockDim.x) {
-		int r = i / half, kin = 2 * (i % half);
-		const float *hr = h + (size_t)r * ldh;
-		float v[2];
+#pragma unroll
+		for (int b = 0; b < B; b++) {
+			const int i = i0 + b * blockDim.x, r = i / U, k0 = (i % U) * 8;
+			const float *hr = h + (size_t)r * ldh;
 
-		for (int q = 0; q < 2; q++) {
-			int k = perm ? perm[kin + q] : kin + q;
+			if (i >= n)
+				break;
+			if (vec && k0 + 8 <= K) {
+				float4 a = *(const float4 *)(hr + k0), c = *(const float4 *)(hr + k0 + 4);
+				float4 wa = *(const float4 *)(w + k0), wc = *(const float4 *)(w + k0 + 4);
 
-			v[q] = k < K ? hr[k] * rs[r] * (1.0f + w[k]) : 0.0f;
+				v[b][0] = a.x, v[b][1] = a.y, v[b][2] = a.z, v[b][3] = a.w;
+				v[b][4] = c.x, v[b][5] = c.y, v[b][6] = c.z, v[b][7] = c.w;
+				f[b][0] = wa.x, f[b][1] = wa.y, f[b][2] = wa.z, f[b][3] = wa.w;
+				f[b][4] = wc.x, f[b][5] = wc.y, f[b][6] = wc.z, f[b][7] = wc.w;
+			} else {
+#pragma unroll
+				for (int q = 0; q < 8; q++) {
+					int kk = perm ? perm[k0 + q] : k0 + q;
+
+					v[b][q] = kk < K ? hr[kk] : 0.0f;
+					f[b][q] = kk < K ? w[kk] : 0.0f;
+				}
+			}
 		}
-		*(uint32_t *)(xs + xs_slot(kin, r, R)) = pack_h2(v[0], v[1]);
+#pragma unroll
+		for (int b = 0; b < B; b++) {
+			const int i = i0 + b * blockDim.x, r = i / U;
+			uint32_t p[4];
+
+			if (i >= n)
+				break;
+#pragma unroll
+			for (int q = 0; q < 4; q++)
+				p[q] = pack_h2(v[b][2 * q] * rs[r] * (1.0f + f[b][2 * q]),
+					       v[b][2 * q + 1] * rs[r] * (1.0f + f[b][2 * q + 1]));
+			xs_store8(xs, (i % U) * 8, r, R, p);
+		}
 	}
 }
 
@@ -227,7 +279,7 @@ static __device__ __forceinline__ void flush_group(float acc[NT][4], float accg[
 template <int NT>
 static __device__ __forceinline__ void reduce_tile_warps(float *red, float acc[NT][4], int WPT)
 {
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kr = warp % WPT;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kr = warp & (WPT - 1); /* WPT: a power of two */
 
 	if (WPT == 1)
 		return;
@@ -272,8 +324,13 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 	if (c0 >= c1)
 		return;
 	if (FMT != Q3G_F16) {
-		grp = (c0 * 4) / m.gsteps;
-		gleft = m.gsteps - (c0 * 4) % m.gsteps;
+		if (!(m.gsteps & (m.gsteps - 1))) { /* GPTQ's groups: a shift, not a division */
+			grp = (c0 * 4) >> (__ffs(m.gsteps) - 1);
+			gleft = m.gsteps - ((c0 * 4) & (m.gsteps - 1));
+		} else {
+			grp = (c0 * 4) / m.gsteps;
+			gleft = m.gsteps - (c0 * 4) % m.gsteps;
+		}
 		group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
 	}
 #pragma unroll

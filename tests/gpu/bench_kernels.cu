@@ -5,7 +5,7 @@
  * REPS launches replayed, timed with events, the median of several replays.
  *
  *   bench_kernels [--csv F]      one line per case: us per call, GB/s, % of the copy bandwidth
- *   bench_kernels --gdn          only the GDN decode layer at batch 1 (under a profiler)
+ *   bench_kernels --gdn [R]      only the GDN decode layer at batch R, default 1 (under a profiler)
  */
 #include <time.h>
 
@@ -234,7 +234,7 @@ static float replay5(cudaGraphExec_t ex, cudaStream_t st)
 
 /* One Gated DeltaNet decode layer as the backend runs it at batch R (all launches of the layer:
  * qkvz+ba with the norm folded in, conv+delta+gated norm, out_proj + residual, router + shared
- * gate with the top-k, experts up, experts down + residual), NL layers with their own dense
+ * gate with the top-k (and the experts' normalized input), experts up, experts down + residual), NL layers with their own dense
  * weights chained in one graph: the time per layer includes the gaps between kernels.  Then each
  * launch alone, NL in a row, to show where the layer's time goes. */
 static void bench_gdn_layers(int NL, int R, cudaStream_t st)
@@ -285,7 +285,7 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	float *pq = dev_alloc<float>((size_t)R * qd), *pba = dev_alloc<float>((size_t)R * 2 * d.Nv);
 	float *lg = dev_alloc<float>((size_t)R * E), *sg = dev_alloc<float>(R), *wts = dev_alloc<float>((size_t)R * S);
 	float *gu = dev_alloc<float>((size_t)R * S * ldgu);
-	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim);
+	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim), *xb = dev_alloc<uint16_t>((size_t)R * H);
 	int *idx = dev_alloc<int>((size_t)R * S);
 	unsigned *done = dev_alloc<unsigned>(1);
 	cudaGraph_t g;
@@ -315,8 +315,8 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			GT_OK(q3g_mmv(j, 1, R, st, &e_));
 			/* the router in fp32 with the top k fused (R <= 16: the SIMT kernel, no cuBLAS) */
 			GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
-					 H, NULL, NULL, st, &e_));
-			GT_OK(q3g_moe_up_norm(gu, h, w0, 1e-6f, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
+					 H, NULL, NULL, xb, st, &e_));
+			GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
 			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
 		}
 		GT_CHECK(cudaStreamEndCapture(st, &g));
@@ -343,7 +343,7 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	 * engine runs it): where the layer's time goes */
 	for (int op = 0; op < 6; op++) {
 		static const char *names[] = { "qkvz+ba (norm fused)", "conv+delta+gated norm", "out_proj + residual",
-					       "router + top-k (fused)", "experts up (norm fused)", "experts down + residual" };
+					       "router + top-k + norm", "experts up", "experts down + residual" };
 		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
 		for (int l = 0; l < NL; l++) {
 			struct q3g_job j[2];
@@ -363,9 +363,9 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 				GT_OK(q3g_mmv(j, 1, R, st, &e_));
 			} else if (op == 3) {
 				GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m,
-						 &sgate[l].m, R, H, NULL, NULL, st, &e_));
+						 &sgate[l].m, R, H, NULL, NULL, xb, st, &e_));
 			} else if (op == 4) {
-				GT_OK(q3g_moe_up_norm(gu, h, w0, 1e-6f, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
+				GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
 			} else {
 				GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
 			}
@@ -386,13 +386,17 @@ int main(int argc, char **argv)
 {
 	cudaStream_t st;
 
-	bool gdn_only = false; /* --gdn: only the GDN layer at batch 1 (for a profiler) */
+	int gdn_only = 0; /* --gdn [R]: only the GDN layer at batch R (default 1; for a profiler) */
 
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--csv") && i + 1 < argc)
 			g_csv = fopen(argv[++i], "w");
 		else if (!strcmp(argv[i], "--gdn"))
-			gdn_only = true;
+			gdn_only = i + 1 < argc && atoi(argv[i + 1]) > 0 ? atoi(argv[++i]) : 1;
+	}
+	if (gdn_only > Q3G_MMV_MAX_TOK) {
+		fprintf(stderr, "bench_kernels: --gdn %d: decode batches go up to %d rows\n", gdn_only, Q3G_MMV_MAX_TOK);
+		return 2;
 	}
 	gt_need_device();
 	gt_seed();
@@ -409,7 +413,7 @@ int main(int argc, char **argv)
 	if (g_csv)
 		fprintf(g_csv, "case,us,gb_s,pct_copy\ncopy,,%.1f,100\n", g_peak);
 	if (gdn_only) {
-		bench_gdn_layers(8, 1, st);
+		bench_gdn_layers(8, gdn_only, st);
 		return 0;
 	}
 	/* the dense Linears of a decode step, batch 1 and 16 */

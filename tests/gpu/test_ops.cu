@@ -162,6 +162,60 @@ static void mmv_invariance_case(const char *label, int N, int K)
 	dmat_free(&d);
 }
 
+/* The two ways a row reaches a Linear normalized - folded into the matvec's staging (small
+ * batches) and written out first by q3g_add_rmsnorm (larger ones), and the router's fp16 copy -
+ * give the same fp16 inputs, so row 0's outputs are bit for bit the same at R = 1 (fused) and
+ * R = 16 (written out).  act: the Linear's inputs through an act-order permutation. */
+static void norm_paths_case(int N, int K, bool act)
+{
+	char name[200];
+
+	snprintf(name, sizeof(name), "linear norm paths N=%d K=%d%s: row 0 the same fused at R = 1 and written out at R = 16", N,
+		 K, act ? " act-order" : "");
+	if (!want(name))
+		return;
+	struct tlin t, tr, tg;
+	struct dmat d, dr, dg;
+	const struct q3_linear *lp = &t.l, *lr = &tr.l, *lg = &tg.l;
+	const int R = 16, E = 64;
+
+	make_linear(&t, N, K, LIN_GPTQ, 4, 128, act, act, 1);
+	make_linear(&tr, E, K, LIN_BF16);
+	make_linear(&tg, 1, K, LIN_BF16);
+	dmat_upload(&d, &lp, 1);
+	dmat_upload(&dr, &lr, 1);
+	dmat_upload(&dg, &lg, 1);
+	std::vector<float> h = rnd_vec((size_t)R * K, 2.0f), w = rnd_vec(K, 0.2f);
+	float *dh = dev_upload(h.data(), h.size()), *dw = dev_upload(w.data(), K);
+	float *y1 = dev_alloc<float>(N), *y16 = dev_alloc<float>((size_t)R * N);
+	float *lgt = dev_alloc<float>(E), *sg = dev_alloc<float>(1), *wts = dev_alloc<float>(11);
+	uint16_t *xb = dev_alloc<uint16_t>((size_t)R * K), *xo = dev_alloc<uint16_t>(K);
+	int *idx = dev_alloc<int>(11);
+	unsigned *done = dev_alloc<unsigned>(1);
+	struct q3g_job j1 = { d.m, NULL, y1, K, N, Q3G_EPI_STORE }, j16 = { d.m, xb, y16, K, N, Q3G_EPI_STORE };
+
+	j1.xh = dh, j1.normw = dw, j1.eps = 1e-6f;
+	GT_CHECK(cudaMemset(done, 0, 4));
+	GT_OK(q3g_mmv(&j1, 1, 1, 0, &e_));
+	GT_OK(q3g_add_rmsnorm(dh, NULL, xb, dw, NULL, R, K, 1e-6f, 0, &e_));
+	GT_OK(q3g_mmv(&j16, 1, R, 0, &e_));
+	GT_OK(q3g_router(g_cublas, lgt, sg, idx, wts, done, E, 10, true, dh, dw, 1e-6f, &dr.m, &dg.m, 1, K, NULL, NULL, xo,
+			 0, &e_));
+	std::vector<float> a = dev_download(y1, N), b = dev_download(y16, N);
+	std::vector<uint16_t> xa = dev_download(xb, K), xr = dev_download(xo, K);
+	char n2[260];
+
+	snprintf(n2, sizeof(n2), "%s: the router's fp16 copy equals q3g_add_rmsnorm's", name);
+	gt_expect(memcmp(xa.data(), xr.data(), (size_t)K * 2) == 0, n2);
+	gt_expect(memcmp(a.data(), b.data(), (size_t)N * 4) == 0, name);
+	void *fr[] = { dh, dw, y1, y16, lgt, sg, wts, xb, xo, idx, done };
+	for (void *p : fr)
+		cudaFree(p);
+	dmat_free(&d);
+	dmat_free(&dr);
+	dmat_free(&dg);
+}
+
 /* The expansion back to fp16 row-major (cuBLAS's input) against the reference dequantization:
  * equal up to fp16 rounding (2^-11 per element); 2e-3. */
 static void expand_case(const char *label, int N, int K, enum lin_kind kind, int bits, int G, bool asym, bool act)
@@ -305,6 +359,8 @@ static void linear_tests(void)
 	lin_case("bf16 router", 512, 2048, LIN_BF16, 0, 0, false, false, 1, 16);
 	mmv_invariance_case("q4 out_proj (few tiles: wide blocks)", 2048, 4096);
 	mmv_invariance_case("q4 qkvz (two tiles a block)", 12288, 2048);
+	norm_paths_case(12288, 2048, false);
+	norm_paths_case(512, 2048, true);
 	/* many rows: cuBLAS on the expanded matrix */
 	lin_case("gemm q4 asym act-order", 96, 256, LIN_GPTQ, 4, 128, true, true, 1, 40);
 	lin_case("gemm q4 out_proj", 2048, 4096, LIN_GPTQ, 4, 128, false, false, 1, 100, true);
@@ -936,11 +992,22 @@ static void router_logits_case(int R, int E, int H)
 	float *dwt = dev_alloc<float>((size_t)R * (k + 1));
 	unsigned *done = dev_alloc<unsigned>(1);
 
+	uint16_t *xo = dev_alloc<uint16_t>((size_t)R * H);
+
 	GT_CHECK(cudaMemset(done, 0, 4));
 	for (int rep = 0; rep < 2; rep++) {
 		GT_CHECK(cudaMemset(di, 0xff, (size_t)R * (k + 1) * 4));
-		GT_OK(q3g_router(g_cublas, dl, ds, di, dwt, done, E, k, true, dh, dw, 1e-6f, &dr.m, &dg.m, R, H, xf, wt, 0,
+		GT_CHECK(cudaMemset(xo, 0xff, (size_t)R * H * 2));
+		GT_OK(q3g_router(g_cublas, dl, ds, di, dwt, done, E, k, true, dh, dw, 1e-6f, &dr.m, &dg.m, R, H, xf, wt, xo, 0,
 				 &e_));
+		/* the experts' input: the normalized rows in fp16 (one rounding of the fp32 value: 1e-3) */
+		std::vector<uint16_t> gx = dev_download(xo, (size_t)R * H);
+		std::vector<float> gxf((size_t)R * H);
+
+		for (size_t i = 0; i < gx.size(); i++)
+			gxf[i] = q3_f16_to_f32(gx[i]);
+		snprintf(n2, sizeof(n2), "%s: normalized rows in fp16, launch %d", name, rep + 1);
+		gt_compare(n2, gxf.data(), xn.data(), xn.size(), 1e-3);
 		std::vector<int> gi = dev_download(di, (size_t)R * (k + 1));
 		std::vector<float> gw = dev_download(dwt, (size_t)R * (k + 1)), rw_all((size_t)R * (k + 1));
 		std::vector<int> ridx(k);
@@ -964,7 +1031,7 @@ static void router_logits_case(int R, int E, int H)
 	std::vector<unsigned> left = dev_download(done, 1);
 	snprintf(n2, sizeof(n2), "%s: fused: block counter back at zero", name);
 	gt_expect(left[0] == 0, n2);
-	void *fr[] = { dh, dw, dl, ds, xf, wt, di, dwt, done };
+	void *fr[] = { dh, dw, dl, ds, xf, wt, di, dwt, done, xo };
 	for (void *p : fr)
 		cudaFree(p);
 	dmat_free(&dr);
@@ -1098,6 +1165,36 @@ static void make_moe(struct tmoe *m, const struct q3g_dims *d, int bits, int G, 
 	m->L.shared_gate = m->lins[3 * E + 4].l;
 }
 
+/* A tmoe's experts on the device: the routed stacks and the shared expert. */
+struct dmoe {
+	struct dmat g, u, d, sg, su, sd;
+};
+
+static void dmoe_upload(struct dmoe *dm, struct tmoe *m, int E)
+{
+	std::vector<const struct q3_linear *> g(E), u(E), dn(E);
+	const struct q3_linear *one;
+
+	for (int x = 0; x < E; x++) {
+		g[x] = &m->experts[x].gate;
+		u[x] = &m->experts[x].up;
+		dn[x] = &m->experts[x].down;
+	}
+	dmat_upload(&dm->g, g.data(), E);
+	dmat_upload(&dm->u, u.data(), E);
+	dmat_upload(&dm->d, dn.data(), E);
+	one = &m->L.shared.gate, dmat_upload(&dm->sg, &one, 1);
+	one = &m->L.shared.up, dmat_upload(&dm->su, &one, 1);
+	one = &m->L.shared.down, dmat_upload(&dm->sd, &one, 1);
+}
+
+static void dmoe_free(struct dmoe *dm)
+{
+	struct dmat *all[] = { &dm->g, &dm->u, &dm->d, &dm->sg, &dm->su, &dm->sd };
+	for (struct dmat *p : all)
+		dmat_free(p);
+}
+
 static void moe_case(const char *label, const struct q3g_dims *d, int bits, int G, bool asym, bool act, int R)
 {
 	char name[192];
@@ -1110,21 +1207,11 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 	const int E = d->E, H = d->H, k = d->topk, Imax = std::max(d->I, d->Is), ldgu = 2 * Imax;
 
 	make_moe(&m, d, bits, G, asym, act);
-	std::vector<const struct q3_linear *> g(E), u(E), dn(E);
-	for (int x = 0; x < E; x++) {
-		g[x] = &m.experts[x].gate;
-		u[x] = &m.experts[x].up;
-		dn[x] = &m.experts[x].down;
-	}
-	struct dmat dg, du, dd, sg, su, sd, rt, sgt;
+	struct dmoe dm;
+	struct dmat rt, sgt;
 	const struct q3_linear *one;
 
-	dmat_upload(&dg, g.data(), E);
-	dmat_upload(&du, u.data(), E);
-	dmat_upload(&dd, dn.data(), E);
-	one = &m.L.shared.gate, dmat_upload(&sg, &one, 1);
-	one = &m.L.shared.up, dmat_upload(&su, &one, 1);
-	one = &m.L.shared.down, dmat_upload(&sd, &one, 1);
+	dmoe_upload(&dm, &m, E);
 	one = &m.L.router, dmat_upload(&rt, &one, 1);
 	one = &m.L.shared_gate, dmat_upload(&sgt, &one, 1);
 
@@ -1149,24 +1236,81 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 	}
 	GT_OK(q3g_router_topk(di, dw, dlog, dsg, R, E, k, d->norm_topk, 0, &e_));
 	if (R <= 16) {
-		GT_OK(q3g_moe_up(dgu, dx, di, &dg.m, &du.m, &sg.m, &su.m, R, k, H, ldgu, 0, &e_));
-		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dd.m, &sd.m, R, k, H, ldgu, 0, &e_));
+		GT_OK(q3g_moe_up(dgu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
+		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
 	} else {
 		void *ws = dev_alloc<char>(q3g_moe_prefill_scratch(R, d));
 
-		GT_OK(q3g_moe_prefill(dh, dx, di, dw, &dg.m, &du.m, &dd.m, &sg.m, &su.m, &sd.m, R, d, ws, 0, &e_));
+		GT_OK(q3g_moe_prefill(dh, dx, di, dw, &dm.g.m, &dm.u.m, &dm.d.m, &dm.sg.m, &dm.su.m, &dm.sd.m, R, d, ws, 0,
+				      &e_));
 		GT_CHECK(cudaDeviceSynchronize());
 		cudaFree(ws);
 	}
 	/* the expert activations silu(gate)·up are rounded to fp16 before the down projection (the
 	 * reference keeps fp32): about 2^-11 relative per input of down, ~3e-4 on the output; 2e-3 */
 	gt_compare(name, dev_download(dh, ref.size()).data(), ref.data(), ref.size(), 2e-3);
-	struct dmat *all[] = { &dg, &du, &dd, &sg, &su, &sd, &rt, &sgt };
-	for (struct dmat *p : all)
-		dmat_free(p);
+	dmoe_free(&dm);
+	dmat_free(&rt);
+	dmat_free(&sgt);
 	void *fr[] = { dx, dh, dlog, dsg, dw, dgu, di };
 	for (void *p : fr)
 		cudaFree(p);
+}
+
+/* The decode experts' output for row 0 bit for bit the same at R = 1, 7 and 16 (rows of a larger
+ * batch share blocks, and moe_up then runs several pairs a block): routing given, the same for
+ * row 0 every time. */
+static void moe_invariance_case(const struct q3g_dims *d, bool act)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "moe decode%s H=%d I=%d: row 0 the same at R = 1, 7, 16", act ? " act-order" : "",
+		 d->H, d->I);
+	if (!want(name))
+		return;
+	struct tmoe m;
+	struct dmoe dm;
+	const int E = d->E, H = d->H, k = d->topk, ldgu = 2 * std::max(d->I, d->Is);
+
+	make_moe(&m, d, 4, 128, act, act);
+	dmoe_upload(&dm, &m, E);
+	std::vector<uint16_t> x0;
+	std::vector<float> x0f, first;
+	bool same = true;
+
+	rnd_f16(x0, x0f, (size_t)H, 1.0f);
+	for (int R : { 1, 7, 16 }) {
+		std::vector<uint16_t> xb(x0), rest;
+		std::vector<float> rf, w((size_t)R * (k + 1));
+		std::vector<int> idx((size_t)R * (k + 1));
+
+		rnd_f16(rest, rf, (size_t)(R - 1) * H, 1.0f);
+		xb.insert(xb.end(), rest.begin(), rest.end());
+		for (int r = 0; r < R; r++)
+			for (int j = 0; j <= k; j++) { /* row 0: experts 3j mod E, weights 1/(j+1), every time */
+				idx[(size_t)r * (k + 1) + j] = j == k ? -1 : r == 0 ? (3 * j) % E : rnd_int(E);
+				w[(size_t)r * (k + 1) + j] = r == 0 ? 1.0f / (j + 1) : rnd_uniform();
+			}
+		uint16_t *dx = dev_upload(xb.data(), xb.size());
+		int *di = dev_upload(idx.data(), idx.size());
+		float *dw = dev_upload(w.data(), w.size()), *dgu = dev_alloc<float>((size_t)R * (k + 1) * ldgu);
+		float *dh = dev_alloc<float>((size_t)R * H);
+
+		GT_CHECK(cudaMemset(dh, 0, (size_t)R * H * 4));
+		GT_OK(q3g_moe_up(dgu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
+		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
+		std::vector<float> got = dev_download(dh, (size_t)H);
+
+		if (first.empty())
+			first = got;
+		else
+			same &= memcmp(first.data(), got.data(), (size_t)H * 4) == 0;
+		void *fr[] = { dx, di, dw, dgu, dh };
+		for (void *p : fr)
+			cudaFree(p);
+	}
+	gt_expect(same, name);
+	dmoe_free(&dm);
 }
 
 static void moe_tests(void)
@@ -1187,7 +1331,11 @@ static void moe_tests(void)
 	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 150);
 	dr.E = 32; /* the real expert shapes; fewer of them keeps the CPU reference quick */
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 2);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 16);
+	moe_case("real shapes q4 asym act-order g128", &dr, 4, 128, true, true, 16);
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 20);
+	moe_invariance_case(&dr, false);
+	moe_invariance_case(&dr, true);
 }
 
 /* ---- sampling ------------------------------------------------------------------------------ */
