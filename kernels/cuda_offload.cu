@@ -1188,5 +1188,8 @@ extern "C" void q3_off_stats(const struct q3_offload *off, struct q3_off_stats *
 		s->pairs_gpu += cs.skipped;
 		s->cpu_bytes = cs.bytes;
 		s->cpu_busy_s = cs.busy_s;
+		s->cpu_phase_s[0] = cs.act_s;
+		s->cpu_phase_s[1] = cs.gateup_s;
+		s->cpu_phase_s[2] = cs.down_s;
 	}
 }

@@ -80,6 +80,7 @@ struct q3_off_stats {
 	uint64_t uploads;	 /* experts copied to the device in prefill */
 	uint64_t cpu_bytes;	 /* expert weight bytes the CPU threads read */
 	double cpu_busy_s;	 /* their busy time (cpu_bytes / cpu_busy_s: CPU expert GB/s) */
+	double cpu_phase_s[3];	 /* cpu_busy_s by phase: activations, gate / up, down */
 	uint64_t tokens;	 /* rows served through the offload path */
 	int cpu_threads;
 	int cpu_node;		 /* NUMA node of the CPU threads and of the RAM experts (-1 unknown) */

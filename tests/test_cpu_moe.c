@@ -248,6 +248,9 @@ static void test_handoff(void **state)
 	q3_cpu_moe_stats(m, &st);
 	assert_int_equal(st.calls, 1);
 	assert_true(st.bytes > 0 && st.experts > 0 && st.pairs >= st.experts);
+	/* the phases split the busy time (each of them ran: activations, gate / up and down tasks) */
+	assert_true(st.act_s > 0 && st.gateup_s > 0 && st.down_s > 0);
+	assert_true(fabs(st.act_s + st.gateup_s + st.down_s - st.busy_s) <= 1e-9 + 1e-6 * st.busy_s);
 
 	/* a gate that never opens */
 	assert_int_equal(q3_cpu_moe_post(m, &r, &g.gate, 1000, &g.done, 44, &e), 0);

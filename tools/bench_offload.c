@@ -47,10 +47,14 @@ static void report(FILE *csv, const char *what, const struct q3_engine_stats *a,
 	double cpugbs = busy > 0 ? (double)(b->cpu_expert_bytes - a->cpu_expert_bytes) / busy / 1e9 : 0;
 	double pcie = tokens ? (double)(b->pcie_bytes - a->pcie_bytes) / tokens : 0;
 
+	double ph[3];
+
+	for (int i = 0; i < 3; i++) /* ms a layer */
+		ph[i] = steps ? (b->cpu_expert_phase_s[i] - a->cpu_expert_phase_s[i]) / steps / L * 1e3 : 0.0;
 	printf("%-10s %8.1f tok/s %8.2f ms/step %7.3f ms/layer  hit %5.1f%%  PCIe %8.0f KB/tok  CPU %6.2f GB/s, "
-	       "%6.3f ms/layer busy\n",
+	       "%6.3f ms/layer busy (activations %.3f, gate/up %.3f, down %.3f)\n",
 	       what, tokens / secs, secs / steps * 1e3, secs / steps / L * 1e3, 100 * hit, pcie / 1e3, cpugbs,
-	       steps ? busy / steps / L * 1e3 : 0.0);
+	       steps ? busy / steps / L * 1e3 : 0.0, ph[0], ph[1], ph[2]);
 	if (csv)
 		fprintf(csv, "offload,%s,%d,%.3f,%.4f,%.4f,%.5f,%.1f,%.3f,%.5f\n", what, tokens, tokens / secs,
 			secs / steps * 1e3, secs / steps / L * 1e3, hit, pcie, cpugbs,

@@ -52,8 +52,8 @@ struct q3_cpu_moe {
 	float *G, *U;		 /* [max_pairs][I] */
 	float **ytmp;		 /* per worker [Q3_XT_MAX][H] */
 	void *mem;
-	double t0, t1;
-	atomic_int dn_left;
+	double t0, t1, t_act, t_gu; /* job start and end; ends of the activation and gate / up phases */
+	atomic_int act_left, gu_left, dn_left;
 	struct q3_cpu_moe_stats st;
 	uint64_t call_bytes;
 	int call_pairs, call_skipped, ldk;
@@ -193,6 +193,8 @@ static void plan(struct q3_cpu_moe *m)
 	m->gu_first[m->nslots] = m->tasks_gu;
 	m->tpt_dn = Q3_MAX(1, tiles_h / (2 * nw));
 	m->tasks_dn = r->T ? (tiles_h + m->tpt_dn - 1) / m->tpt_dn : 0;
+	atomic_store(&m->act_left, m->nact);
+	atomic_store(&m->gu_left, m->tasks_gu);
 	atomic_store(&m->dn_left, m->tasks_dn);
 }
 
@@ -211,6 +213,8 @@ static void task_act(struct q3_cpu_moe *m, int i, int worker)
 		x = f;
 	}
 	q3_xact_set_blocks(m->o.isa, it->act, it->row, x, it->perm, 0, m->o.H / Q3_XBLOCK);
+	if (atomic_fetch_sub(&m->act_left, 1) == 1)
+		m->t_act = q3_now();
 }
 
 /* Phase 2 task i: one token chunk of one expert, a range of intermediate tiles. */
@@ -248,6 +252,8 @@ static void task_gateup(struct q3_cpu_moe *m, int i)
 		q3_xact_set_blocks(m->o.isa, &m->xh, sl->off + j0 + t, g, NULL,
 				   tile0 * Q3_XTILE / Q3_XBLOCK, tile1 * Q3_XTILE / Q3_XBLOCK);
 	}
+	if (atomic_fetch_sub(&m->gu_left, 1) == 1)
+		m->t_gu = q3_now();
 }
 
 /* Phase 3 task i: output tiles [tile0, tile1) of every token, experts in ascending order. */
@@ -300,7 +306,7 @@ static void job_task(void *ctx, int ph, int i, int worker)
 
 	switch (ph) {
 	case PH_PLAN:
-		m->t0 = m->t1 = q3_now();
+		m->t0 = m->t1 = m->t_act = m->t_gu = q3_now(); /* phases without tasks take no time */
 		plan(m);
 		break;
 	case PH_ACT:
@@ -450,6 +456,12 @@ int q3_cpu_moe_wait(struct q3_cpu_moe *m, q3_err *e)
 	m->st.experts += (uint64_t)m->nslots;
 	m->st.bytes += m->call_bytes;
 	m->st.busy_s += m->t1 - m->t0;
+	/* a phase without tasks leaves its end at the job's start: clamp to the previous end */
+	m->t_act = fmax(m->t_act, m->t0);
+	m->t_gu = fmax(m->t_gu, m->t_act);
+	m->st.act_s += m->t_act - m->t0;
+	m->st.gateup_s += m->t_gu - m->t_act;
+	m->st.down_s += fmax(m->t1, m->t_gu) - m->t_gu;
 	return 0;
 }
 

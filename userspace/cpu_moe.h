@@ -64,6 +64,8 @@ struct q3_cpu_moe_stats {
 	uint64_t skipped; /* pairs routed to experts not in the table (computed elsewhere) */
 	uint64_t experts, bytes;
 	double busy_s; /* from post (or the gate opening) to done */
+	/* busy_s by phase: planning and the activations, experts gate / up, experts down */
+	double act_s, gateup_s, down_s;
 };
 
 int q3_cpu_moe_new(struct q3_xpool *pool, const struct q3_cpu_moe_opts *o, struct q3_cpu_moe **out,

@@ -60,6 +60,7 @@ struct q3_engine_stats {
 	uint64_t tokens;	  /* rows that went through the offload path */
 	uint64_t cpu_expert_bytes; /* expert weights the CPU expert threads read */
 	double cpu_expert_busy_s;  /* their busy time: bytes / busy = CPU expert GB/s */
+	double cpu_expert_phase_s[3]; /* the busy time by phase: activations, gate / up, down */
 	int cpu_threads, cpu_node;
 	char cpu_isa[16];
 };
