@@ -564,7 +564,7 @@ static __device__ __forceinline__ act_in load_act(const float *gate, int ldgu, c
 	const float *up = gate + ldgu / 2;
 	act_in a;
 
-	if (!perm && kin + 1 < K) {
+	if (!perm && kin + 1 < K && !(ldgu & 2)) { /* up = gate + ldgu / 2: 8-byte aligned only if ldgu % 4 == 0 */
 		a.g = *(const float2 *)(gate + kin);
 		a.u = *(const float2 *)(up + kin);
 	} else {
