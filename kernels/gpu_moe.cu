@@ -810,6 +810,8 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 
 	if (up->ntiles != gate->ntiles || sup->ntiles != sgate->ntiles || 2 * Q3_MAX(gate->N, sgate->N) > ldgu)
 		return q3_errf(e, -EINVAL, "moe up: gate and up shapes differ, or gu rows too short");
+	if (gate->K != H || up->K != H || sgate->K != H || sup->K != H)
+		return q3_errf(e, -EINVAL, "moe up: experts take %d / %d inputs, the rows have %d", gate->K, sgate->K, H);
 	memset(&L, 0, sizeof(L));
 	L.mat[0] = *gate;
 	L.mat[1] = *up;
