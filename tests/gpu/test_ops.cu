@@ -1195,12 +1195,16 @@ static void dmoe_free(struct dmoe *dm)
 		dmat_free(p);
 }
 
-static void moe_case(const char *label, const struct q3g_dims *d, int bits, int G, bool asym, bool act, int R)
+/* decode: the decode kernels (q3g_moe_up / q3g_moe_down), which the engine uses up to its decode
+ * batch (max_batch, may pass 16 rows: moe_down then runs several row groups); else the prefill
+ * GEMM. */
+static void moe_case(const char *label, const struct q3g_dims *d, int bits, int G, bool asym, bool act, int R,
+		     bool decode)
 {
 	char name[192];
 
 	snprintf(name, sizeof(name), "moe %s E=%d k=%d H=%d I=%d R=%d (%s)", label, d->E, d->topk, d->H, d->I, R,
-		 R <= 16 ? "decode kernels" : "grouped prefill GEMM");
+		 decode ? "decode kernels" : "grouped prefill GEMM");
 	if (!want(name))
 		return;
 	struct tmoe m;
@@ -1235,7 +1239,7 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 		GT_OK(q3g_mmv(j, 2, nr, 0, &e_));
 	}
 	GT_OK(q3g_router_topk(di, dw, dlog, dsg, R, E, k, d->norm_topk, 0, &e_));
-	if (R <= 16) {
+	if (decode) {
 		GT_OK(q3g_moe_up(dgu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
 		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
 	} else {
@@ -1313,6 +1317,61 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act)
 	dmoe_free(&dm);
 }
 
+/* Pairs marked Q3G_SKIP (the CPU computes them under offload) leave the decode experts' output
+ * exactly as the same routing with those pairs' weights at zero: bit for bit (a skipped item adds
+ * nothing, a zero-weight item adds 0). */
+static void moe_skip_case(const struct q3g_dims *d, int R)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "moe decode H=%d I=%d R=%d: Q3G_SKIP pairs the same as zero weights", d->H, d->I,
+		 R);
+	if (!want(name))
+		return;
+	struct tmoe m;
+	struct dmoe dm;
+	const int E = d->E, H = d->H, k = d->topk, S = k + 1, ldgu = 2 * std::max(d->I, d->Is);
+
+	make_moe(&m, d, 4, 128, false, false);
+	dmoe_upload(&dm, &m, E);
+	std::vector<uint16_t> xb;
+	std::vector<float> xf, w((size_t)R * S), wz;
+	std::vector<int> idx((size_t)R * S), skip;
+
+	rnd_f16(xb, xf, (size_t)R * H, 1.0f);
+	for (int r = 0; r < R; r++)
+		for (int j = 0; j < S; j++) {
+			idx[(size_t)r * S + j] = j == k ? -1 : (5 * r + 3 * j) % E;
+			w[(size_t)r * S + j] = 0.1f + 0.05f * j;
+		}
+	skip = idx;
+	wz = w;
+	for (int r = 0; r < R; r++)
+		for (int j = r % 3; j < k; j += 3) { /* every third routed slot, a different third a row */
+			skip[(size_t)r * S + j] = Q3G_SKIP;
+			wz[(size_t)r * S + j] = 0.0f;
+		}
+	uint16_t *dx = dev_upload(xb.data(), xb.size());
+	int *di = dev_upload(skip.data(), skip.size()), *dz = dev_upload(idx.data(), idx.size());
+	float *dw = dev_upload(w.data(), w.size()), *dwz = dev_upload(wz.data(), wz.size());
+	float *gu = dev_alloc<float>((size_t)R * S * ldgu), *h1 = dev_alloc<float>((size_t)R * H);
+	float *h2 = dev_alloc<float>((size_t)R * H);
+
+	GT_CHECK(cudaMemset(h1, 0, (size_t)R * H * 4));
+	GT_CHECK(cudaMemset(h2, 0, (size_t)R * H * 4));
+	GT_OK(q3g_moe_up(gu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
+	GT_OK(q3g_moe_down(h1, gu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
+	GT_OK(q3g_moe_up(gu, dx, dz, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
+	GT_OK(q3g_moe_down(h2, gu, dz, dwz, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
+	std::vector<float> a = dev_download(h1, (size_t)R * H), b = dev_download(h2, (size_t)R * H);
+
+	gt_expect(memcmp(a.data(), b.data(), (size_t)R * H * 4) == 0, name);
+	void *fr[] = { dx, di, dz, dw, dwz, gu, h1, h2 };
+	for (void *p : fr)
+		cudaFree(p);
+	dmoe_free(&dm);
+}
+
 static void moe_tests(void)
 {
 	struct q3g_dims ds = dims_small(), dr = dims_real();
@@ -1325,17 +1384,19 @@ static void moe_tests(void)
 	router_case(7, 512, 10, true);
 	router_case(3, 16, 4, false);
 	router_case(33, 1000, 32, true);
-	moe_case("q4 sym g128", &ds, 4, 128, false, false, 3);
-	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 5);
-	moe_case("q4 sym g128", &ds, 4, 128, false, false, 40);
-	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 150);
+	moe_case("q4 sym g128", &ds, 4, 128, false, false, 3, true);
+	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 5, true);
+	moe_case("q4 sym g128", &ds, 4, 128, false, false, 40, false);
+	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 150, false);
+	moe_case("q4 asym act-order g32, two row groups", &ds, 4, 32, true, true, 24, true);
 	dr.E = 32; /* the real expert shapes; fewer of them keeps the CPU reference quick */
-	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 2);
-	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 16);
-	moe_case("real shapes q4 asym act-order g128", &dr, 4, 128, true, true, 16);
-	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 20);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 2, true);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 16, true);
+	moe_case("real shapes q4 asym act-order g128", &dr, 4, 128, true, true, 16, true);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 20, false);
 	moe_invariance_case(&dr, false);
 	moe_invariance_case(&dr, true);
+	moe_skip_case(&dr, 5);
 }
 
 /* ---- sampling ------------------------------------------------------------------------------ */
