@@ -531,7 +531,6 @@ struct moe_down_launch {
 	const float *w;
 	float *h;
 	int k, H, ldgu, R;
-	int rows;   /* rows of the batch a block takes */
 	int per;    /* (slot, chunk) items of a row each warp takes */
 	int gcs[2]; /* chunk_group_shift of each matrix */
 };
@@ -672,16 +671,16 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_kernel(const __grid_
 	 * 8 / loads per item otherwise */
 	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS;
 	constexpr int UB = LM == 1 ? 6 : 8 / LM;
-	extern __shared__ float red[]; /* [rows][DOWN_WARPS][16] each warp's sums; then ids, weights */
+	extern __shared__ float red[]; /* [DOWN_ROWS][DOWN_WARPS][16] each warp's sums; then ids, weights */
 	pdl_trigger();
 	pdl_wait();
-	const int tile = blockIdx.x, r0 = blockIdx.y * L.rows, nr = min(L.rows, L.R - r0), S = L.k + 1, k = L.k;
+	const int tile = blockIdx.x, r0 = blockIdx.y * DOWN_ROWS, nr = min(DOWN_ROWS, L.R - r0), S = L.k + 1, k = L.k;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const struct q3g_mat &mr = L.mat[0], &ms = L.mat[1];
 	const int ncr = mr.nchunks, total = k * ncr + ms.nchunks;
 	const int i0 = min(total, warp * L.per), cnt = min(total, i0 + L.per) - i0, n = nr * cnt;
-	int *sx = (int *)(red + L.rows * DOWN_WARPS * 16);
-	float *sw = (float *)(sx + L.rows * S);
+	int *sx = (int *)(red + DOWN_ROWS * DOWN_WARPS * 16);
+	float *sw = (float *)(sx + DOWN_ROWS * S);
 
 	for (int i = threadIdx.x; i < nr * S; i += blockDim.x) {
 		sx[i] = L.idx[(size_t)r0 * S + i];
@@ -874,9 +873,9 @@ extern "C" int q3g_moe_up_norm(float *gu, const float *h, const float *normw, fl
 	return moe_up(gu, NULL, h, normw, eps, idx, gate, up, sgate, sup, R, k, H, ldgu, st, e);
 }
 
-static size_t down_smem(int rows, int k)
+static size_t down_smem(int k)
 {
-	return (size_t)rows * DOWN_WARPS * 16 * 4 + (size_t)rows * (k + 1) * 8;
+	return (size_t)DOWN_ROWS * DOWN_WARPS * 16 * 4 + (size_t)DOWN_ROWS * (k + 1) * 8;
 }
 
 extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w,
@@ -911,8 +910,8 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	L.gcs[1] = chunk_group_shift(sdown);
 	L.per = cdiv(k * down->nchunks + sdown->nchunks, DOWN_WARPS);
 	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt);
-	L.rows = DOWN_ROWS; /* 8, 4, 2, 1 rows a block (more blocks): 97, 100, 105, 115 us at R = 16 */
-	CUDA_CHECK(e, q3g_launch(fn, dim3(down->ntiles, cdiv(R, L.rows)), DOWN_THREADS, down_smem(L.rows, k),
+	/* DOWN_ROWS 16: with 8, 4, 2, 1 rows a block (more blocks) 97, 100, 105, 115 us at R = 16 */
+	CUDA_CHECK(e, q3g_launch(fn, dim3(down->ntiles, cdiv(R, DOWN_ROWS)), DOWN_THREADS, down_smem(k),
 				 (cudaStream_t)st, L));
 	return 0;
 }
