@@ -1167,6 +1167,9 @@ static void cuda_stats(void *p, struct q3_engine_stats *s)
 	s->cpu_expert_busy_s = os.cpu_busy_s;
 	for (int i = 0; i < 3; i++)
 		s->cpu_expert_phase_s[i] = os.cpu_phase_s[i];
+	s->prefill_layers = os.prefill_layers;
+	for (int i = 0; i < 5; i++)
+		s->prefill_phase_s[i] = os.prefill_phase_s[i];
 	s->cpu_threads = os.cpu_threads;
 	s->cpu_node = os.cpu_node;
 	snprintf(s->cpu_isa, sizeof(s->cpu_isa), "%s", os.isa);

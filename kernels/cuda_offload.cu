@@ -31,7 +31,12 @@ extern "C" {
 #include "xpool.h"
 }
 
-#define OFF_STAGE 32		  /* experts per prefill staging buffer (two buffers) */
+#define OFF_STAGE Q3G_RAW_BATCH /* experts per prefill staging batch */
+#define OFF_RAW_DEFAULT 4	/* raw staging buffers (QWEN3D_OFFLOAD_STAGE_RAW: 2 .. OFF_MAX_RAW) */
+#define OFF_MAX_RAW 16
+/* rows x top-k at or above this many times the experts: every expert is used (all but e^-8 of
+ * them), so a prefill call streams all missing experts without waiting for the routing */
+#define OFF_ALL_USED 8
 /* tokens: the expert statistics' memory, by cache policy.  lru follows what the last requests
  * used; lfu the long-run frequency; static keeps the placement made at start (no re-balancing). */
 #define OFF_HALF_LIFE_LRU 20000.0
@@ -50,12 +55,30 @@ struct off_layer {
 	int ncpu;
 };
 
-struct stage_buf {
+/* Where a prefill layer's time goes, from events on the two streams: the resident pass (with the
+ * routing round trip), waiting for copies, repacking, the streamed passes, and the copy engine's
+ * busy time.  Two sets of events: a call reads the previous call's (complete by its routing sync). */
+enum { PF_RESIDENT, PF_WAIT, PF_REPACK, PF_STREAMED, PF_COPY, PF_N };
+struct off_prof {
+	int nev;		/* events a set: 2 + 5 per batch */
+	cudaEvent_t *ev[2];
+	int pending[2];		/* batches recorded in set s, -1: nothing to read */
+	int cur;
+	double s[PF_N];
+	uint64_t calls;
+};
+
+/* Prefill streaming: the copy stream lands a batch's raw GPTQ bytes in one of a ring of raw
+ * buffers (several: copies run ahead of the compute, across layers); the compute stream repacks
+ * them into one of two sets of stacks and runs the pass over them. */
+struct stage_raw {
+	void *raw;		/* raw GPTQ bytes of OFF_STAGE experts, raw_bytes each */
+	cudaEvent_t copied, free_ev;
+};
+
+struct stage_pack {
 	struct q3g_mat gate, up, down;
 	void *mat_mem;		/* the three stacks */
-	void *raw;		/* raw GPTQ bytes of OFF_STAGE experts */
-	size_t raw_bytes;
-	cudaEvent_t copied, free_ev;
 };
 
 struct q3_offload {
@@ -84,12 +107,21 @@ struct q3_offload {
 	int R, rows_real, armed;
 	double timeout_s;
 	/* prefill */
-	struct stage_buf sb[2];
+	struct stage_raw raw[OFF_MAX_RAW];
+	struct stage_pack pack[2];
+	int nraw;		/* raw buffers in the ring */
+	unsigned raw_next;	/* the ring's next buffer (it runs on across calls) */
+	size_t raw_bytes;	/* a slot of a raw buffer */
+	cudaEvent_t idx_ev;	/* the routing's copy to the host has landed */
+	unsigned calls;		/* prefill calls that streamed (parity: which half of maps_h) */
 	cudaStream_t copy_st;
 	struct q3g_stage upstage; /* act-order experts: q3g_mat_upload's staging */
 	int32_t *pidx_h;	/* pinned [pf_rows][k + 1] routing of a prefill call */
 	int pf_rows;
-	int16_t *maps_h, *maps_d; /* [E / OFF_STAGE + 2][E] expert -> staging slot per batch */
+	int16_t *maps_h, *maps_d; /* [2][E / OFF_STAGE + 2][E] (device: one half) expert -> staging
+				   * slot per batch; two halves: a call may fill one while the previous
+				   * call's copies from the other are still queued */
+	struct off_prof *prof;	  /* a pointer: q3_off_stats reads it through a const offload */
 	/* the checkpoint's mappings registered with CUDA (pinned: full-speed prefill copies) */
 	void **pinned;
 	int npinned;
@@ -207,17 +239,63 @@ struct pack_job {
 	size_t *at;	  /* [n] blob offsets */
 	std::atomic<int> err;
 	char msg[600];
+	bool collapse;
+	std::atomic<int> collapse_fail;
 };
 
+/* Bytes of the mapping that holds p backed by transparent huge pages (/proc/self/smaps; the
+ * kernel may have merged neighbours into it); -1 where that cannot be read. */
+static long long thp_bytes(const void *p)
+{
+	FILE *f = fopen("/proc/self/smaps", "r");
+	char line[512];
+	bool in = false;
+	long long kb = -1;
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long a, b;
+
+		if (sscanf(line, "%lx-%lx ", &a, &b) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+			if (in)
+				break;
+			in = (const char *)a <= (const char *)p && (const char *)p < (const char *)b;
+		} else if (in && sscanf(line, "AnonHugePages: %lld kB", &kb) == 1) {
+			break;
+		}
+	}
+	fclose(f);
+	return kb < 0 ? -1 : kb << 10;
+}
+
+#define OFF_COLLAPSE_CHUNK (64ull << 20)
+
+/* Phase 0: pack expert i.  Phase 1: chunk i of the blobs into 2 MiB pages (MADV_COLLAPSE,
+ * Linux 6.1+), where the faults of phase 0 got base pages: a fragmented host (page cache, an
+ * earlier arena) leaves THP short, and the CPU experts then miss the TLB on every 4 KiB page of
+ * the weights they stream (in a VM, nested page walks). */
 static int pack_ntasks(void *ctx, int ph)
 {
-	return ((struct pack_job *)ctx)->n;
+	struct pack_job *j = (struct pack_job *)ctx;
+
+	if (ph == 0)
+		return j->n;
+	return j->collapse ? (int)((j->off->blobs_bytes + OFF_COLLAPSE_CHUNK - 1) / OFF_COLLAPSE_CHUNK) : 0;
 }
 
 static void pack_task(void *ctx, int ph, int i, int w)
 {
 	struct pack_job *j = (struct pack_job *)ctx;
 	struct q3_offload *off = j->off;
+
+	if (ph == 1) {
+		size_t o = (size_t)i * OFF_COLLAPSE_CHUNK;
+
+		if (madvise((char *)off->blobs + o, Q3_MIN(OFF_COLLAPSE_CHUNK, off->blobs_bytes - o), 25 /* MADV_COLLAPSE */))
+			j->collapse_fail.fetch_add(1);
+		return;
+	}
 	int l = j->le[i] / off->E, x = j->le[i] % off->E;
 	const struct q3_expert *ex = &off->m->layers[l].experts[x];
 	size_t sz = Q3_ALIGN_UP(q3_xexpert_packed_size(ex), 64);
@@ -312,8 +390,12 @@ static int cpu_views(struct q3_offload *off, q3_err *e)
 		double t0 = q3_now();
 		struct q3_xjob xj;
 
+		const char *co = getenv("QWEN3D_OFFLOAD_COLLAPSE"); /* 0: leave the pages as faulted (A/B) */
+
+		job.collapse = !(co && !strcmp(co, "0"));
+		job.collapse_fail = 0;
 		memset(&xj, 0, sizeof(xj));
-		xj.nphases = 1;
+		xj.nphases = 2;
 		xj.ntasks = pack_ntasks;
 		xj.task = pack_task;
 		xj.ctx = &job;
@@ -322,7 +404,13 @@ static int cpu_views(struct q3_offload *off, q3_err *e)
 			err = q3_errf(e, -EINVAL, "%s", job.msg);
 			goto out;
 		}
-		q3_debug("offload: %d experts packed (%.1f GiB) in %.1f s", job.n, gib(need), q3_now() - t0);
+		long long huge = thp_bytes(off->blobs);
+		char hp[64] = "huge pages unknown";
+
+		if (huge >= 0)
+			snprintf(hp, sizeof(hp), "%.0f%% in 2 MiB pages", 100.0 * (double)huge / (double)need);
+		q3_info("offload: %d experts packed for the CPU (%.1f GiB, %s%s) in %.1f s", job.n, gib(need), hp,
+			job.collapse_fail.load() ? "; MADV_COLLAPSE refused" : "", q3_now() - t0);
 	}
 	err = 0;
 out:
@@ -380,7 +468,14 @@ static int handoff_alloc(struct q3_offload *off, q3_err *e)
 	return 0;
 }
 
-/* Two staging stacks of OFF_STAGE experts (tile format) and their raw GPTQ buffers. */
+/* VRAM of the prefill staging: two sets of stacks and the raw ring */
+static uint64_t staging_bytes(const struct q3_offload *off)
+{
+	return (uint64_t)OFF_STAGE * (2 * off->expert_bytes + off->nraw * (off->expert_bytes + 3 * 3 * 256));
+}
+
+/* The raw ring (nraw buffers of OFF_STAGE experts' GPTQ bytes), two staging stacks of OFF_STAGE
+ * experts (tile format), the maps and the profile's events. */
 static int stage_alloc(struct q3_offload *off, q3_err *e)
 {
 	const struct q3_layer *L0 = &off->m->layers[0];
@@ -391,10 +486,21 @@ static int stage_alloc(struct q3_offload *off, q3_err *e)
 
 	for (int i = 0; i < 3; i++)
 		raw += Q3_ALIGN_UP(q3_linear_bytes(ls[i]), 256) + 3 * 256;
+	off->raw_bytes = raw;
 	CUDA_CHECK(e, cudaStreamCreateWithFlags(&off->copy_st, cudaStreamNonBlocking));
+	CUDA_CHECK(e, cudaEventCreateWithFlags(&off->idx_ev, cudaEventDisableTiming));
+	for (int b = 0; b < off->nraw; b++) {
+		struct stage_raw *sr = &off->raw[b];
+
+		if (cudaMalloc(&sr->raw, raw * OFF_STAGE) != cudaSuccess)
+			return q3_errf(e, -ENOMEM, "offload: no device memory for the prefill staging (%.2f GiB)",
+				       gib(staging_bytes(off)));
+		CUDA_CHECK(e, cudaEventCreateWithFlags(&sr->copied, cudaEventDisableTiming));
+		CUDA_CHECK(e, cudaEventCreateWithFlags(&sr->free_ev, cudaEventDisableTiming));
+	}
 	for (int b = 0; b < 2; b++) {
-		struct stage_buf *sb = &off->sb[b];
-		struct q3g_mat *mats[3] = { &sb->gate, &sb->up, &sb->down };
+		struct stage_pack *sp = &off->pack[b];
+		struct q3g_mat *mats[3] = { &sp->gate, &sp->up, &sp->down };
 		struct q3g_mat_plan plans[3];
 		size_t bytes = 0;
 		char *mem;
@@ -410,18 +516,14 @@ static int stage_alloc(struct q3_offload *off, q3_err *e)
 			plans[i].zeros = plans[i].fmt != Q3G_F16;
 			bytes += Q3_ALIGN_UP(q3g_mat_bytes(&plans[i]), 256);
 		}
-		if (cudaMalloc(&sb->mat_mem, bytes) != cudaSuccess ||
-		    cudaMalloc(&sb->raw, raw * OFF_STAGE) != cudaSuccess)
+		if (cudaMalloc(&sp->mat_mem, bytes) != cudaSuccess)
 			return q3_errf(e, -ENOMEM, "offload: no device memory for the prefill staging (%.2f GiB)",
-				       gib(2 * (bytes + raw * OFF_STAGE)));
-		sb->raw_bytes = raw;
-		mem = (char *)sb->mat_mem;
+				       gib(staging_bytes(off)));
+		mem = (char *)sp->mat_mem;
 		for (int i = 0; i < 3; i++) {
 			q3g_mat_place(mats[i], &plans[i], mem);
 			mem += Q3_ALIGN_UP(q3g_mat_bytes(&plans[i]), 256);
 		}
-		CUDA_CHECK(e, cudaEventCreateWithFlags(&sb->copied, cudaEventDisableTiming));
-		CUDA_CHECK(e, cudaEventCreateWithFlags(&sb->free_ev, cudaEventDisableTiming));
 	}
 	if (off->perms) { /* act-order experts go through the synchronous upload (it sorts g_idx) */
 		off->upstage.bytes = 16u << 20;
@@ -433,10 +535,59 @@ static int stage_alloc(struct q3_offload *off, q3_err *e)
 	CUDA_CHECK(e, cudaHostAlloc((void **)&off->pidx_h, (size_t)off->pf_rows * (off->k + 1) * 4, cudaHostAllocDefault));
 	size_t nb = (size_t)off->E / OFF_STAGE + 2;
 
-	CUDA_CHECK(e, cudaHostAlloc((void **)&off->maps_h, nb * off->E * 2, cudaHostAllocDefault));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->maps_h, 2 * nb * off->E * 2, cudaHostAllocDefault));
 	if (cudaMalloc((void **)&off->maps_d, nb * off->E * 2) != cudaSuccess)
 		return q3_errf(e, -ENOMEM, "offload: no device memory for the staging maps");
+	if (!(off->prof = (struct off_prof *)calloc(1, sizeof(*off->prof))))
+		return q3_errf(e, -ENOMEM, "offload: no memory");
+	off->prof->nev = 2 + 5 * (int)nb;
+	for (int s = 0; s < 2; s++) {
+		off->prof->pending[s] = -1;
+		if (!(off->prof->ev[s] = (cudaEvent_t *)calloc(off->prof->nev, sizeof(cudaEvent_t))))
+			return q3_errf(e, -ENOMEM, "offload: no memory");
+		for (int i = 0; i < off->prof->nev; i++)
+			CUDA_CHECK(e, cudaEventCreate(&off->prof->ev[s][i]));
+	}
 	return 0;
+}
+
+/* ---- the prefill profile ---------------------------------------------------------------------- */
+
+/* Event i of the current set: 0 start, 1 after the resident pass; batch b: 2 + 5b + {0 copy
+ * waited, 1 repacked, 2 passed, 3 copies start, 4 copies end}. */
+static cudaEvent_t pev(const struct q3_offload *off, int i)
+{
+	return off->prof->ev[off->prof->cur][i];
+}
+
+static float pel(cudaEvent_t a, cudaEvent_t b)
+{
+	float ms = 0;
+
+	return cudaEventElapsedTime(&ms, a, b) == cudaSuccess ? ms : 0.0f;
+}
+
+/* Adds set s's times to the totals; its events have completed (or are waited for here). */
+static void prof_read(struct off_prof *pf, int s)
+{
+	cudaEvent_t *ev = pf->ev[s];
+	int nb = pf->pending[s];
+
+	if (nb < 0)
+		return;
+	cudaEventSynchronize(ev[nb ? 2 + 5 * (nb - 1) + 2 : 1]);
+	pf->s[PF_RESIDENT] += pel(ev[0], ev[1]) * 1e-3;
+	for (int b = 0; b < nb; b++) {
+		cudaEvent_t *x = ev + 2 + 5 * b;
+
+		pf->s[PF_WAIT] += pel(b ? x[-5 + 2] : ev[1], x[0]) * 1e-3;
+		pf->s[PF_REPACK] += pel(x[0], x[1]) * 1e-3;
+		pf->s[PF_STREAMED] += pel(x[1], x[2]) * 1e-3;
+		pf->s[PF_COPY] += pel(x[3], x[4]) * 1e-3;
+	}
+	pf->pending[s] = -1;
+	pf->calls++;
+	cudaGetLastError(); /* an event never recorded is not an error of the next call */
 }
 
 /* The experts' host bytes are the checkpoint's mappings or the loader's arena: registering them
@@ -534,11 +685,6 @@ static void pin_checkpoint(struct q3_offload *off, bool quiet)
 	free(r);
 	if (!quiet && bytes)
 		q3_info("offload: %.1f GiB of weights pinned for DMA in %.1f s", gib(bytes), q3_now() - t0);
-}
-
-static uint64_t staging_bytes(const struct q3_offload *off)
-{
-	return 2ull * OFF_STAGE * (off->expert_bytes + off->expert_bytes + 3 * 3 * 256);
 }
 
 static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_err *e)
@@ -689,6 +835,14 @@ extern "C" int q3_off_open(struct q3_offload **out, const struct q3_model *m, co
 	off->max_rows = Q3_MAX(1, o->max_rows);
 	off->timeout_s = to && atof(to) > 0 ? Q3_MIN(atof(to), 3600.0) : 10.0; /* cycles fit a long long */
 	off->node = -1;
+	const char *nr = getenv("QWEN3D_OFFLOAD_STAGE_RAW");
+
+	off->nraw = nr && *nr ? atoi(nr) : OFF_RAW_DEFAULT;
+	if (off->nraw < 2 || off->nraw > OFF_MAX_RAW) {
+		free(off);
+		return q3_errf(e, -EINVAL, "QWEN3D_OFFLOAD_STAGE_RAW='%s': expected 2 .. %d raw staging buffers", nr,
+			       OFF_MAX_RAW);
+	}
 	if ((err = open_inner(off, o, e))) {
 		q3_off_close(off);
 		return err;
@@ -729,14 +883,24 @@ extern "C" void q3_off_close(struct q3_offload *off)
 	free(off->views);
 	if (off->blobs)
 		munmap(off->blobs, off->blobs_bytes);
-	for (int b = 0; b < 2; b++) {
-		cudaFree(off->sb[b].mat_mem);
-		cudaFree(off->sb[b].raw);
-		if (off->sb[b].copied)
-			cudaEventDestroy(off->sb[b].copied);
-		if (off->sb[b].free_ev)
-			cudaEventDestroy(off->sb[b].free_ev);
+	for (int s = 0; off->prof && s < 2; s++) {
+		for (int i = 0; off->prof->ev[s] && i < off->prof->nev; i++)
+			if (off->prof->ev[s][i])
+				cudaEventDestroy(off->prof->ev[s][i]);
+		free(off->prof->ev[s]);
 	}
+	free(off->prof);
+	for (int b = 0; b < 2; b++)
+		cudaFree(off->pack[b].mat_mem);
+	for (int b = 0; b < OFF_MAX_RAW; b++) {
+		cudaFree(off->raw[b].raw);
+		if (off->raw[b].copied)
+			cudaEventDestroy(off->raw[b].copied);
+		if (off->raw[b].free_ev)
+			cudaEventDestroy(off->raw[b].free_ev);
+	}
+	if (off->idx_ev)
+		cudaEventDestroy(off->idx_ev);
 	if (off->copy_st)
 		cudaStreamDestroy(off->copy_st);
 	cudaFreeHost((void *)off->hw);
@@ -945,15 +1109,17 @@ static void raw_layout(const struct q3_expert *ex, size_t slot_bytes, struct raw
 
 /* Raw copies of the tensors of n experts (ids xs) into a staging buffer's raw area, slot j for
  * xs[j], on the copy stream; then the buffer's `copied` event. */
-static int stage_copies(struct q3_offload *off, struct stage_buf *sb, int layer, const int *xs, int n, q3_err *e)
+static int stage_copies(struct q3_offload *off, struct stage_raw *sb, int layer, const int *xs, int n, int b,
+			q3_err *e)
 {
+	CUDA_CHECK(e, cudaEventRecord(pev(off, 2 + 5 * b + 3), off->copy_st));
 	for (int j = 0; j < n && !off->perms; j++) {
 		const struct q3_expert *ex = &off->m->layers[layer].experts[xs[j]];
 		const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
-		char *raw = (char *)sb->raw + (size_t)j * sb->raw_bytes;
+		char *raw = (char *)sb->raw + (size_t)j * off->raw_bytes;
 		struct raw_layout rl;
 
-		raw_layout(ex, sb->raw_bytes, &rl);
+		raw_layout(ex, off->raw_bytes, &rl);
 		if (rl.span) {
 			CUDA_CHECK(e, cudaMemcpyAsync(raw, rl.span, rl.span_len, cudaMemcpyHostToDevice, off->copy_st));
 			off->pcie += rl.span_len;
@@ -969,34 +1135,95 @@ static int stage_copies(struct q3_offload *off, struct stage_buf *sb, int layer,
 			}
 		}
 	}
+	CUDA_CHECK(e, cudaEventRecord(pev(off, 2 + 5 * b + 4), off->copy_st));
 	CUDA_CHECK(e, cudaEventRecord(sb->copied, off->copy_st));
 	return 0;
 }
 
-/* Repacks expert x (its raw bytes in slot j of the buffer) into slot j of the staging stacks. */
-static int stage_repack(struct q3_offload *off, struct stage_buf *sb, int layer, int x, int j, cudaStream_t st,
-			q3_err *e)
+static const struct q3_linear *linear_of(const struct q3_expert *ex, int i)
 {
-	const struct q3_expert *ex = &off->m->layers[layer].experts[x];
-	const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
-	const struct q3g_mat *mats[3] = { &sb->gate, &sb->up, &sb->down };
-	char *raw = (char *)sb->raw + (size_t)j * sb->raw_bytes;
-	struct raw_layout rl;
+	return i == 0 ? &ex->gate : i == 1 ? &ex->up : &ex->down;
+}
+
+/* Whether two GPTQ linears repack alike (one q3g_mat_repack_raw call takes both). */
+static bool repack_alike(const struct q3_linear *a, const struct q3_linear *b)
+{
+	return a->N == b->N && a->K == b->K && a->bits == b->bits && a->group_size == b->group_size &&
+	       a->zero_offset == b->zero_offset && a->scales->dtype == b->scales->dtype;
+}
+
+/* Repacks experts xs[0 .. n) (their raw bytes in slots 0 .. n of the buffer) into the same slots of
+ * the staging stacks: a launch a matrix kind for the batch, not one per expert and tensor. */
+static int stage_repack(struct q3_offload *off, const struct stage_raw *sb, const struct stage_pack *sp, int layer,
+			const int *xs, int n, cudaStream_t st, q3_err *e)
+{
+	const struct q3_expert *exs = off->m->layers[layer].experts;
+	const struct q3g_mat *mats[3] = { &sp->gate, &sp->up, &sp->down };
+	uint64_t offs[3][OFF_STAGE][3];
 	int err;
 
-	for (int i = 0; i < 3 && off->perms; i++) {
-		if ((err = q3g_mat_upload(mats[i], j, ls[i], NULL, &off->upstage, st, e)))
-			return err;
-		off->pcie += q3_linear_bytes(ls[i]);
-	}
-	if (off->perms)
+	if (off->perms) { /* act-order: the synchronous upload sorts g_idx */
+		for (int j = 0; j < n; j++)
+			for (int i = 0; i < 3; i++) {
+				if ((err = q3g_mat_upload(mats[i], j, linear_of(&exs[xs[j]], i), NULL, &off->upstage, st,
+							  e)))
+					return err;
+				off->pcie += q3_linear_bytes(linear_of(&exs[xs[j]], i));
+			}
 		return 0;
-	raw_layout(ex, sb->raw_bytes, &rl);
+	}
+	for (int j = 0; j < n; j++) {
+		struct raw_layout rl;
+
+		raw_layout(&exs[xs[j]], off->raw_bytes, &rl);
+		for (int i = 0; i < 3; i++)
+			for (int k = 0; k < 3; k++)
+				offs[i][j][k] = (uint64_t)j * off->raw_bytes + rl.off[i][k];
+	}
 	for (int i = 0; i < 3; i++)
-		if ((err = q3g_mat_repack_raw(mats[i], j, ls[i], raw + rl.off[i][0], raw + rl.off[i][1],
-					      raw + rl.off[i][2], st, e)))
-			return err;
+		for (int j0 = 0, j = 1; j <= n; j++)
+			if (j == n || !repack_alike(linear_of(&exs[xs[j0]], i), linear_of(&exs[xs[j]], i))) {
+				if ((err = q3g_mat_repack_raw(mats[i], j0, j - j0, linear_of(&exs[xs[j0]], i), sb->raw,
+							      offs[i] + j0, st, e)))
+					return err;
+				j0 = j;
+			}
 	return 0;
+}
+
+/* The routing of a prefill call (in pidx_h): the statistics, the pair counters, and (used != NULL)
+ * which missing experts the rows use. */
+static void route_count(struct q3_offload *off, int layer, int R, bool *used)
+{
+	const struct off_layer *ol = &off->layers[layer];
+	int S = off->k + 1;
+
+	for (int r = 0; r < R; r++) {
+		if (off->xs)
+			q3_xstats_add(off->xs, layer, off->pidx_h + (size_t)r * S, off->k);
+		for (int s = 0; s < off->k; s++) {
+			int x = off->pidx_h[(size_t)r * S + s];
+
+			if (x < 0 || x >= off->E)
+				continue;
+			if (ol->slot_of_h[x] >= 0) {
+				off->pairs_gpu++;
+			} else {
+				off->pairs_cpu++; /* streamed: counted as misses of the cache */
+				if (used)
+					used[x] = true;
+			}
+		}
+	}
+}
+
+/* Copies of batch b (experts need[b * OFF_STAGE ..]) into raw buffer `rb` once the compute stream
+ * has repacked what that buffer held before. */
+static int stage_batch(struct q3_offload *off, int layer, const int *need, int nneed, int b, int rb, q3_err *e)
+{
+	CUDA_CHECK(e, cudaStreamWaitEvent(off->copy_st, off->raw[rb].free_ev, 0));
+	return stage_copies(off, &off->raw[rb], layer, need + b * OFF_STAGE, Q3_MIN(OFF_STAGE, nneed - b * OFF_STAGE),
+			    b, e);
 }
 
 extern "C" int q3_off_prefill(struct q3_offload *off, int layer, float *h, const uint16_t *xb, const int *idx,
@@ -1009,76 +1236,83 @@ extern "C" int q3_off_prefill(struct q3_offload *off, int layer, float *h, const
 	const struct off_layer *ol = &off->layers[layer];
 	int S = off->k + 1, P = R * S, need[4096], nneed = 0, err;
 	bool used[4096];
+	/* enough rows that all experts are used: stream every missing one, and let the host run on
+	 * (the copies of the next layer queue up behind these) instead of waiting for the routing */
+	bool all = (long)R * off->k >= (long)OFF_ALL_USED * off->E;
 
 	if (!q3_off_layer_cpu(off, layer))
 		return q3g_moe_prefill(h, xb, idx, w, gate, up, down, sgate, sup, sdown, R, d, ws, stream, e);
 	if (R > off->pf_rows || off->E > 4096)
 		return q3_errf(e, -EINVAL, "offload: %d rows in a prefill call (at most %d)", R, off->pf_rows);
-	/* the routing, on the host: which missing experts the rows use */
+	off->prof->cur ^= 1;
+	prof_read(off->prof, off->prof->cur);
+	CUDA_CHECK(e, cudaEventRecord(pev(off, 0), st));
 	CUDA_CHECK(e, cudaMemcpyAsync(off->pidx_h, idx, (size_t)P * 4, cudaMemcpyDeviceToHost, st));
-	CUDA_CHECK(e, cudaStreamSynchronize(st));
-	memset(used, 0, sizeof(used));
-	for (int r = 0; r < R; r++) {
-		if (off->xs)
-			q3_xstats_add(off->xs, layer, off->pidx_h + (size_t)r * S, off->k);
-		for (int s = 0; s < off->k; s++) {
-			int x = off->pidx_h[(size_t)r * S + s];
-
-			if (x < 0 || x >= off->E)
-				continue;
-			if (ol->slot_of_h[x] >= 0)
-				off->pairs_gpu++;
-			else {
-				off->pairs_cpu++; /* streamed: counted as misses of the cache */
-				used[x] = true;
-			}
-		}
+	CUDA_CHECK(e, cudaEventRecord(off->idx_ev, st));
+	if (all) {
+		for (int x = 0; x < off->E; x++)
+			if (ol->slot_of_h[x] < 0)
+				need[nneed++] = x;
+	} else { /* the routing, on the host: which missing experts the rows use */
+		CUDA_CHECK(e, cudaEventSynchronize(off->idx_ev));
+		memset(used, 0, sizeof(used));
+		route_count(off, layer, R, used);
+		for (int x = 0; x < off->E; x++)
+			if (used[x])
+				need[nneed++] = x;
 	}
-	for (int x = 0; x < off->E; x++)
-		if (used[x])
-			need[nneed++] = x;
-	/* batches of OFF_STAGE missing experts in two buffers: the copies of batches 0 and 1 start
-	 * now, beside the resident pass; batch b + 2's once batch b's raw bytes are repacked */
+	/* batches of OFF_STAGE missing experts through the ring of raw buffers: the copies of the
+	 * first nraw batches are queued now (each once its buffer's last batch is repacked), batch
+	 * b + nraw's once batch b's raw bytes are repacked */
 	int nb = (nneed + OFF_STAGE - 1) / OFF_STAGE;
+	unsigned r0 = off->raw_next;
+	int16_t *maps_h = off->maps_h + (size_t)(off->calls++ & 1) * (off->E / OFF_STAGE + 2) * off->E;
 
-	for (int b = 0; b < nb && b < 2; b++)
-		if ((err = stage_copies(off, &off->sb[b], layer, need + b * OFF_STAGE,
-					Q3_MIN(OFF_STAGE, nneed - b * OFF_STAGE), e)))
+	off->raw_next += nb;
+	for (int b = 0; b < nb && b < off->nraw; b++)
+		if ((err = stage_batch(off, layer, need, nneed, b, (r0 + b) % off->nraw, e)))
 			return err;
 	/* pass 1: resident experts and the shared one */
 	off_remap_kernel<<<cdiv(P, 256), 256, 0, st>>>(sidx, idx, ol->slot_of_d, P, false);
 	CUDA_CHECK_LAUNCH(e);
 	if ((err = q3g_moe_prefill(h, xb, sidx, w, gate, up, down, sgate, sup, sdown, R, d, ws, stream, e)))
 		return err;
+	CUDA_CHECK(e, cudaEventRecord(pev(off, 1), st));
 	/* pass 2 and on: the streamed experts */
 	for (int b = 0; b < nb; b++) {
-		struct stage_buf *sb = &off->sb[b % 2];
-		int16_t *map_h = off->maps_h + (size_t)b * off->E, *map_d = off->maps_d + (size_t)b * off->E;
+		struct stage_raw *sr = &off->raw[(r0 + b) % off->nraw];
+		struct stage_pack *sp = &off->pack[b % 2];
+		int16_t *map_h = maps_h + (size_t)b * off->E, *map_d = off->maps_d + (size_t)b * off->E;
 		int n = Q3_MIN(OFF_STAGE, nneed - b * OFF_STAGE);
 
-		CUDA_CHECK(e, cudaStreamWaitEvent(st, sb->copied, 0));
+		CUDA_CHECK(e, cudaStreamWaitEvent(st, sr->copied, 0));
+		CUDA_CHECK(e, cudaEventRecord(pev(off, 2 + 5 * b), st));
 		for (int x = 0; x < off->E; x++)
 			map_h[x] = -1;
-		for (int j = 0; j < n; j++) {
+		for (int j = 0; j < n; j++)
 			map_h[need[b * OFF_STAGE + j]] = (int16_t)j;
-			if ((err = stage_repack(off, sb, layer, need[b * OFF_STAGE + j], j, st, e)))
-				return err;
-			off->uploads++;
-		}
-		CUDA_CHECK(e, cudaEventRecord(sb->free_ev, st)); /* the raw bytes are consumed */
-		if (b + 2 < nb) {
-			CUDA_CHECK(e, cudaStreamWaitEvent(off->copy_st, sb->free_ev, 0));
-			if ((err = stage_copies(off, sb, layer, need + (b + 2) * OFF_STAGE,
-						Q3_MIN(OFF_STAGE, nneed - (b + 2) * OFF_STAGE), e)))
-				return err;
-		}
+		if ((err = stage_repack(off, sr, sp, layer, need + b * OFF_STAGE, n, st, e)))
+			return err;
+		off->uploads += n;
+		CUDA_CHECK(e, cudaEventRecord(pev(off, 2 + 5 * b + 1), st));
+		CUDA_CHECK(e, cudaEventRecord(sr->free_ev, st)); /* the raw bytes are consumed */
+		if (b + off->nraw < nb &&
+		    (err = stage_batch(off, layer, need, nneed, b + off->nraw, (r0 + b) % off->nraw, e)))
+			return err;
 		CUDA_CHECK(e, cudaMemcpyAsync(map_d, map_h, (size_t)off->E * 2, cudaMemcpyHostToDevice, st));
 		off_remap_kernel<<<cdiv(P, 256), 256, 0, st>>>(sidx, idx, map_d, P, true);
 		CUDA_CHECK_LAUNCH(e);
-		if ((err = q3g_moe_prefill(h, xb, sidx, w, &sb->gate, &sb->up, &sb->down, sgate, sup, sdown, R, d, ws,
+		if ((err = q3g_moe_prefill(h, xb, sidx, w, &sp->gate, &sp->up, &sp->down, sgate, sup, sdown, R, d, ws,
 					   stream, e)))
 			return err;
+		CUDA_CHECK(e, cudaEventRecord(pev(off, 2 + 5 * b + 2), st));
 	}
+	if (all) { /* the statistics; this also keeps the host at most a layer ahead (maps_h halves) */
+		CUDA_CHECK(e, cudaEventSynchronize(off->idx_ev));
+		route_count(off, layer, R, NULL);
+	}
+	prof_read(off->prof, off->prof->cur ^ 1);
+	off->prof->pending[off->prof->cur] = nb;
 	return 0;
 }
 
@@ -1191,5 +1425,12 @@ extern "C" void q3_off_stats(const struct q3_offload *off, struct q3_off_stats *
 		s->cpu_phase_s[0] = cs.act_s;
 		s->cpu_phase_s[1] = cs.gateup_s;
 		s->cpu_phase_s[2] = cs.down_s;
+	}
+	if (off->prof) {
+		prof_read(off->prof, 0);
+		prof_read(off->prof, 1);
+		for (int i = 0; i < PF_N; i++)
+			s->prefill_phase_s[i] = off->prof->s[i];
+		s->prefill_layers = off->prof->calls;
 	}
 }

@@ -95,11 +95,14 @@ struct q3g_stage {
 int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, const int *rowmap,
 		   struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
 
-/* Repacks matrix idx of stack m from the raw GPTQ tensors of l already copied to the device
- * (qweight, qzeros, scales: the stored bytes), asynchronously on st; the raw copies must stay
- * until st has run it.  GPTQ tile formats without act-order only (streaming experts in prefill). */
-int q3g_mat_repack_raw(const struct q3g_mat *m, int idx, const struct q3_linear *l, const void *qw,
-		       const void *qz, const void *sc, q3g_stream st, struct q3_err *e);
+/* Repacks matrices idx0 .. idx0 + n - 1 of stack m (n <= Q3G_RAW_BATCH) in one launch from raw
+ * GPTQ tensors already copied to the device: matrix idx0 + j's qweight, qzeros and scales (the
+ * stored bytes, 4-byte aligned) at base + off[j][0..2], each shaped like l's (same N, K, bits,
+ * group size, zero offset and scale type).  Asynchronous on st; the raw bytes must stay until st
+ * has run it.  GPTQ tile formats without act-order only (streaming experts in prefill). */
+#define Q3G_RAW_BATCH 32
+int q3g_mat_repack_raw(const struct q3g_mat *m, int idx0, int n, const struct q3_linear *l, const void *base,
+		       const uint64_t (*off)[3], q3g_stream st, struct q3_err *e);
 
 /* W of matrix idx as fp16 row-major [N][K] in the original input order (for cuBLAS and tests). */
 int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, struct q3_err *e);

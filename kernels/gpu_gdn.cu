@@ -121,6 +121,7 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 	__shared__ float red[32];
 	__shared__ float cqkv[FUSE ? 2 * Q3G_MAX_DK + 32 * CPW : 1]; /* decode: q | k | v after the conv */
 	__shared__ float cl_ss;					       /* this block's sum of squares (CL > 1) */
+	(void)cl_ss; /* unused where CL == 1 */
 	pdl_trigger();
 	pdl_wait();
 	/* block (sequence, value head, column slice): decode takes the whole head (its gated norm

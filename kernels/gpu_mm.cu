@@ -172,34 +172,61 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 		const int kw = min(MM_KT, m.nchunks * Q3G_KCHUNK - k0);
 
 		__syncthreads(); /* the previous window is consumed (and prow is visible) */
-		for (int i = threadIdx.x; i < Q3G_MM_TOK * (kw / 2); i += blockDim.x) {
-			int r = i / (kw / 2), kin = 2 * (i % (kw / 2)), p = prow[r];
-			uint32_t packed = 0;
+		/* a unit: 16 inputs (one mma k-step) of one token row, stored as its four B-fragment
+		 * uint2s (32 contiguous bytes); consecutive threads take consecutive rows */
+		for (int u = threadIdx.x; u < Q3G_MM_TOK * (kw / 16); u += blockDim.x) {
+			const int r = u % Q3G_MM_TOK, ks = u / Q3G_MM_TOK, kb = k0 + 16 * ks, p = prow[r];
+			uint32_t pr[8] = { 0, 0, 0, 0, 0, 0, 0, 0 }; /* pr[i]: inputs 2i, 2i + 1 */
 
-			if (p >= 0) {
-				if (L.down) {
-					const float *g = L.gu + (size_t)p * L.ldgu, *u = g + L.ldgu / 2;
-					float v[2];
+			if (p >= 0 && L.down) {
+				const float *g = L.gu + (size_t)p * L.ldgu, *up = g + L.ldgu / 2;
+
+				if (!perm && kb + 16 <= m.K && L.ldgu % 8 == 0) {
 #pragma unroll
-					for (int q = 0; q < 2; q++) {
-						int kk = perm ? perm[k0 + kin + q] : k0 + kin + q;
+					for (int q = 0; q < 4; q++) {
+						float4 a = *(const float4 *)(g + kb + 4 * q), b = *(const float4 *)(up + kb + 4 * q);
 
-						v[q] = kk < m.K ? dev_silu(g[kk]) * u[kk] : 0.0f;
+						pr[2 * q] = pack_h2(dev_silu(a.x) * b.x, dev_silu(a.y) * b.y);
+						pr[2 * q + 1] = pack_h2(dev_silu(a.z) * b.z, dev_silu(a.w) * b.w);
 					}
-					packed = pack_h2(v[0], v[1]);
 				} else {
-					const uint16_t *xr = L.x + (size_t)(p / L.S) * L.H;
-					uint16_t h[2];
+					for (int i = 0; i < 8; i++) {
+						float v[2];
 #pragma unroll
-					for (int q = 0; q < 2; q++) {
-						int kk = perm ? perm[k0 + kin + q] : k0 + kin + q;
+						for (int q = 0; q < 2; q++) {
+							int kk = perm ? perm[kb + 2 * i + q] : kb + 2 * i + q;
 
-						h[q] = kk < m.K ? xr[kk] : 0;
+							v[q] = kk < m.K ? dev_silu(g[kk]) * up[kk] : 0.0f;
+						}
+						pr[i] = pack_h2(v[0], v[1]);
 					}
-					packed = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+				}
+			} else if (p >= 0) {
+				const uint16_t *xr = L.x + (size_t)(p / L.S) * L.H;
+
+				if (!perm && kb + 16 <= m.K && L.H % 8 == 0) {
+					uint4 a = *(const uint4 *)(xr + kb), b = *(const uint4 *)(xr + kb + 8);
+
+					pr[0] = a.x, pr[1] = a.y, pr[2] = a.z, pr[3] = a.w;
+					pr[4] = b.x, pr[5] = b.y, pr[6] = b.z, pr[7] = b.w;
+				} else {
+					for (int i = 0; i < 8; i++) {
+						uint16_t h[2];
+#pragma unroll
+						for (int q = 0; q < 2; q++) {
+							int kk = perm ? perm[kb + 2 * i + q] : kb + 2 * i + q;
+
+							h[q] = kk < m.K ? xr[kk] : 0;
+						}
+						pr[i] = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+					}
 				}
 			}
-			*(uint32_t *)(xs + xs_slot(kin, r, Q3G_MM_TOK)) = packed;
+			/* lane t's uint2: inputs {2t, 2t + 1} and {8 + 2t, 9 + 2t} */
+			uint4 *dst = (uint4 *)(xs + xs_index(ks, r, Q3G_MM_TOK, 0) * 4);
+
+			dst[0] = make_uint4(pr[0], pr[4], pr[1], pr[5]);
+			dst[1] = make_uint4(pr[2], pr[6], pr[3], pr[7]);
 		}
 		__syncthreads();
 		if (tile < m.ntiles) {

@@ -252,15 +252,49 @@ static __device__ __forceinline__ float half_bits(uint16_t h, int is_bf16)
 	return __half2float(__ushort_as_half(h));
 }
 
-/* One thread per (tile, chunk, lane): its 16 (Q4) or 32 (Q8) bytes of codes. */
-__global__ void repack_gptq_kernel(gptq_src s, uint8_t *dst, int ntiles, int nchunks)
+/* repack_gptq_at for 4-bit codes in whole tiles and chunks, no permutation or row map: lane (g, t)
+ * holds rows g and g + 8 of the tile, at k = 16 st + 8 h + 2 t + E; those are nibbles 2t and
+ * 2t + 1 of word 2 st + h of the chunk's 8 words of each row.  16 loads, no divisions. */
+static __device__ __forceinline__ uint4 repack_q4_lane(const gptq_src &s, int tile, int ch, int l)
 {
-	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	const int g = l >> 2, t = l & 3, r0 = tile * Q3G_TILE_N + g;
+	const uint32_t *q = s.qweight + (size_t)ch * (Q3G_KCHUNK / 8) * s.N + r0;
+	uint32_t w[4];
+
+#pragma unroll
+	for (int st = 0; st < 4; st++) {
+		uint32_t acc = 0;
+
+#pragma unroll
+		for (int h = 0; h < 2; h++) {
+			uint32_t a = q[(size_t)(2 * st + h) * s.N], b = q[(size_t)(2 * st + h) * s.N + 8];
+
+#pragma unroll
+			for (int E = 0; E < 2; E++) {
+				uint32_t qa = (a >> (8 * t + 4 * E)) & 15, qb = (b >> (8 * t + 4 * E)) & 15;
+
+				acc |= qa << (4 * (2 * h + 4 * E)) | qb << (4 * (2 * h + 1 + 4 * E));
+			}
+		}
+		w[st] = acc;
+	}
+	return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* One thread per (tile, chunk, lane): its 16 (Q4) or 32 (Q8) bytes of codes. */
+static __device__ void repack_gptq_at(const gptq_src &s, uint8_t *dst, int ntiles, int nchunks, size_t id)
+{
 	int l = (int)(id & 31);
 	size_t tc = id >> 5;
 
 	if (tc >= (size_t)ntiles * nchunks)
 		return;
+	if (s.bits == 4 && !s.perm && !s.rowmap && s.N % Q3G_TILE_N == 0 && s.K % Q3G_KCHUNK == 0) {
+		int tci = (int)tc, tile = tci / nchunks, ch = tci - tile * nchunks;
+
+		((uint4 *)(dst + tc * Q3G_CHUNK_BYTES_Q4))[l] = repack_q4_lane(s, tile, ch, l);
+		return;
+	}
 	int tile = (int)(tc / nchunks), ch = (int)(tc % nchunks);
 	uint32_t w[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
 
@@ -294,11 +328,14 @@ __global__ void repack_gptq_kernel(gptq_src s, uint8_t *dst, int ntiles, int nch
 	}
 }
 
-/* One thread per (tile, group, row): scale and zero point, fp32; 0 / symmetric for padding. */
-__global__ void repack_scales_kernel(gptq_src s, float *sc, float *zr, int ntiles, int ngroups)
+__global__ void repack_gptq_kernel(gptq_src s, uint8_t *dst, int ntiles, int nchunks)
 {
-	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	repack_gptq_at(s, dst, ntiles, nchunks, (size_t)blockIdx.x * blockDim.x + threadIdx.x);
+}
 
+/* One thread per (tile, group, row): scale and zero point, fp32; 0 / symmetric for padding. */
+static __device__ void repack_scales_at(const gptq_src &s, float *sc, float *zr, int ntiles, int ngroups, size_t id)
+{
 	if (id >= (size_t)ntiles * ngroups * Q3G_TILE_N)
 		return;
 	int rr = (int)(id % Q3G_TILE_N), g = (int)(id / Q3G_TILE_N % ngroups);
@@ -312,6 +349,35 @@ __global__ void repack_scales_kernel(gptq_src s, float *sc, float *zr, int ntile
 	sc[id] = scale;
 	if (zr)
 		zr[id] = zero;
+}
+
+__global__ void repack_scales_kernel(gptq_src s, float *sc, float *zr, int ntiles, int ngroups)
+{
+	repack_scales_at(s, sc, zr, ntiles, ngroups, (size_t)blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+/* Raw GPTQ tensors of up to Q3G_RAW_BATCH matrices on the device: matrix j's qweight, qzeros and
+ * scales at base + off[j][0..2] (by value: a kernel parameter, no table to upload). */
+struct raw_batch {
+	const char *base;
+	uint64_t off[Q3G_RAW_BATCH][3];
+};
+
+/* blockIdx.y: the matrix of the batch; codes (part 0) or scales (part 1) by blockIdx.z */
+__global__ void repack_raw_kernel(gptq_src s, raw_batch rb, uint8_t *dst, size_t dst_stride, float *sc, float *zr,
+				  size_t sz_stride, int ntiles, int nchunks, int ngroups)
+{
+	int j = blockIdx.y;
+	size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	s.qweight = (const uint32_t *)(rb.base + rb.off[j][0]);
+	s.qzeros = (const uint32_t *)(rb.base + rb.off[j][1]);
+	s.scales = (const uint16_t *)(rb.base + rb.off[j][2]);
+	if (blockIdx.z == 0)
+		repack_gptq_at(s, dst + (size_t)j * dst_stride, ntiles, nchunks, id);
+	else
+		repack_scales_at(s, sc + (size_t)j * sz_stride, zr ? zr + (size_t)j * sz_stride : NULL, ntiles, ngroups,
+				 id);
 }
 
 /* Dense source: rows [0, N) of [N][K] in F32 / F16 / BF16 (dtype 0 / 1 / 2), or a GPTQ Linear
@@ -523,26 +589,27 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 	return 0;
 }
 
-extern "C" int q3g_mat_repack_raw(const struct q3g_mat *m, int idx, const struct q3_linear *l, const void *qw,
-				  const void *qz, const void *sc, q3g_stream stream, q3_err *e)
+extern "C" int q3g_mat_repack_raw(const struct q3g_mat *m, int idx0, int n, const struct q3_linear *l,
+				  const void *base, const uint64_t (*off)[3], q3g_stream stream, q3_err *e)
 {
-	cudaStream_t st = (cudaStream_t)stream;
 	gptq_src s;
+	raw_batch rb;
 
 	if (l->fmt != Q3_W_GPTQ || m->fmt == Q3G_F16 || m->perm)
 		return q3_errf(e, -EINVAL, "gpu weights: raw repack takes GPTQ tile formats without act-order");
+	if (n < 1 || n > Q3G_RAW_BATCH)
+		return q3_errf(e, -EINVAL, "gpu weights: raw repack of %d matrices (1 to %d)", n, Q3G_RAW_BATCH);
 	gptq_src_init(&s, l);
-	s.qweight = (const uint32_t *)qw;
-	s.qzeros = (const uint32_t *)qz;
-	s.scales = (const uint16_t *)sc;
-	uint8_t *dst = (uint8_t *)m->data + (size_t)idx * m->data_stride;
-	float *scd = (float *)m->scales + (size_t)idx * m->sz_stride;
-	float *zr = m->zeros ? (float *)m->zeros + (size_t)idx * m->sz_stride : NULL;
-	size_t threads = (size_t)m->ntiles * m->nchunks * 32, nsc = (size_t)m->ntiles * m->ngroups * 16;
+	rb.base = (const char *)base;
+	memcpy(rb.off, off, sizeof(rb.off[0]) * n);
+	size_t codes = (size_t)m->ntiles * m->nchunks * 32, nsc = (size_t)m->ntiles * m->ngroups * 16;
+	dim3 grid((unsigned)cdiv((int)Q3_MAX(codes, nsc), 256), n, 2);
 
-	repack_gptq_kernel<<<(unsigned)cdiv((int)threads, 256), 256, 0, st>>>(s, dst, m->ntiles, m->nchunks);
-	CUDA_CHECK_LAUNCH(e);
-	repack_scales_kernel<<<(unsigned)cdiv((int)nsc, 256), 256, 0, st>>>(s, scd, zr, m->ntiles, m->ngroups);
+	repack_raw_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>(
+		s, rb, (uint8_t *)m->data + (size_t)idx0 * m->data_stride, m->data_stride,
+		(float *)m->scales + (size_t)idx0 * m->sz_stride,
+		m->zeros ? (float *)m->zeros + (size_t)idx0 * m->sz_stride : NULL, m->sz_stride, m->ntiles, m->nchunks,
+		m->ngroups);
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }

@@ -76,9 +76,11 @@ static void test_fixtures_load_identical_in_every_mode(void **state)
 	for (size_t f = 0; f < Q3_ARRAY_SIZE(fixtures); f++)
 		for (size_t m = 0; m < Q3_ARRAY_SIZE(modes); m++)
 			for (size_t g = 0; g < Q3_ARRAY_SIZE(engines); g++) {
-				/* small requests and a shallow queue: many requests per file, refills */
+				/* small requests and a shallow queue: many requests per file, refills;
+				 * one to three lanes */
 				struct q3_load_opts o = { .node = -1, .io = modes[m], .engine = engines[g],
-							  .req_bytes = 64 << 10, .qd = 3, .threads = 3 };
+							  .req_bytes = 64 << 10, .qd = 3, .threads = 3,
+							  .lanes = 1 + (int)(f + m + g) % 3 };
 				struct q3_load_stats st;
 
 				load_ok(fixtures[f], &o, &st);
@@ -164,6 +166,56 @@ static void test_plan_merges_extents_and_aligns(void **state)
 	q3_load_plan_free(&p);
 	assert_int_not_equal(q3_load_plan_build(ck, NULL, 1000, &p, &e), 0); /* not a multiple of 4 KiB */
 	free(home);
+	q3_ckpt_close(ck);
+}
+
+/* Lanes: a permutation of the plan's requests made of `lanes` runs in file order, taken round
+ * robin (each of the first `lanes` requests starts a run). */
+static void test_plan_lanes_interleave_in_order(void **state)
+{
+	struct q3_ckpt *ck;
+	struct q3_load_plan p, q;
+	q3_err e;
+
+	(void)state;
+	assert_int_equal(q3_ckpt_open(fixtures[0], &ck, &e), 0);
+	assert_int_equal(q3_load_plan_build(ck, NULL, 4096, &p, &e), 0);
+	assert_true(p.n_req >= 16);
+	for (int lanes = 1; lanes <= 5; lanes++) {
+		size_t *idx = calloc(p.n_req, sizeof(*idx)), *next = calloc(lanes, sizeof(*next));
+		bool *seen = calloc(p.n_req, 1);
+		int runs = 0;
+
+		assert_int_equal(q3_load_plan_build(ck, NULL, 4096, &q, &e), 0);
+		assert_int_equal(q3_load_plan_interleave(&q, lanes, &e), 0);
+		for (size_t k = 0; k < q.n_req; k++) {
+			size_t i = 0;
+			int j;
+
+			while (i < p.n_req && (p.req[i].ext != q.req[k].ext || p.req[i].off != q.req[k].off))
+				i++;
+			assert_true(i < p.n_req);
+			assert_false(seen[i]);
+			assert_int_equal(p.req[i].len, q.req[k].len);
+			seen[i] = true;
+			idx[k] = i;
+			for (j = 0; j < runs && next[j] != i; j++)
+				;
+			if (j == runs) { /* a new run: only in the first round */
+				assert_true(runs < lanes);
+				assert_int_equal(k, (size_t)runs);
+				runs++;
+			}
+			next[j] = i + 1;
+		}
+		assert_int_equal(runs, lanes);
+		assert_int_equal(idx[0], 0);
+		q3_load_plan_free(&q);
+		free(idx), free(next), free(seen);
+	}
+	assert_int_equal(q3_load_plan_interleave(&p, 0, &e), -EINVAL);
+	assert_int_equal(q3_load_plan_interleave(&p, Q3_LOAD_MAX_LANES + 1, &e), -EINVAL);
+	q3_load_plan_free(&p);
 	q3_ckpt_close(ck);
 }
 
@@ -656,6 +708,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_fixtures_load_identical_in_every_mode),
 		cmocka_unit_test(test_plan_merges_extents_and_aligns),
+		cmocka_unit_test(test_plan_lanes_interleave_in_order),
 		cmocka_unit_test(test_place_puts_dense_first_then_whole_experts),
 		cmocka_unit_test(test_short_reads_are_requeued),
 		cmocka_unit_test(test_eagain_is_retried),

@@ -521,6 +521,7 @@ static void usage(FILE *f)
 		"  --engine E           uring or threads (default: uring, threads where io_uring is missing)\n"
 		"  --qd N               loader requests in flight (default 32)\n"
 		"  --req-size SIZE      loader request size (default 8M)\n"
+		"  --lanes N            sequential streams the loader's requests interleave (default 1)\n"
 		"  --threads N          loader threads: pread engine, io-wq workers (default: online CPUs)\n"
 		"  --streams N          CUDA streams for VRAM copies (default 4)\n"
 		"  --peer-files N       the safetensors peer loads only the first N shards (default: all)\n"
@@ -560,7 +561,7 @@ int cmd_bench_load(int argc, char **argv)
 		{ "verify", optional_argument, 0, 'V' },   { "repeat", required_argument, 0, 'n' },
 		{ "quiet", no_argument, 0, 'q' },	   { "help", no_argument, 0, 'h' },
 		{ "pool", no_argument, 0, 'P' },	   { "prefault", required_argument, 0, 'F' },
-		{ "register-arena", no_argument, 0, 'A' },
+		{ "register-arena", no_argument, 0, 'A' }, { "lanes", required_argument, 0, 'L' },
 		{ 0 }
 	};
 	struct bench B = { 0 };
@@ -589,6 +590,7 @@ int cmd_bench_load(int argc, char **argv)
 			else if (!strcmp(optarg, "threads")) o.engine = Q3_ENGINE_THREADS;
 			else goto bad;
 			break;
+		case 'L': o.lanes = (int)strtol(optarg, &end, 10); if (*end || o.lanes < 1 || o.lanes > Q3_LOAD_MAX_LANES) goto bad; break;
 		case 'Q': o.qd = (int)strtol(optarg, &end, 10); if (*end || o.qd < 1 || o.qd > 4096) goto bad; break;
 		case 'R': if (q3_parse_size(optarg, &v) || !v || v > (1u << 30)) goto bad; o.req_bytes = (uint32_t)v; break;
 		case 't': o.threads = (int)strtol(optarg, &end, 10); if (*end || o.threads < 1 || o.threads > 1024) goto bad; break;

@@ -24,7 +24,7 @@
 struct bo {
 	const char *model, *backend, *csv;
 	uint64_t budget;
-	int batch, ctx, tokens, prefill;
+	int batch, ctx, tokens, prefill, threads; /* threads: CPU expert threads, 0: the default */
 };
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
@@ -55,6 +55,18 @@ static void report(FILE *csv, const char *what, const struct q3_engine_stats *a,
 	       "%6.3f ms/layer busy (activations %.3f, gate/up %.3f, down %.3f)\n",
 	       what, tokens / secs, secs / steps * 1e3, secs / steps / L * 1e3, 100 * hit, pcie / 1e3, cpugbs,
 	       steps ? busy / steps / L * 1e3 : 0.0, ph[0], ph[1], ph[2]);
+	uint64_t nl = b->prefill_layers - a->prefill_layers;
+
+	if (nl) { /* where a streamed prefill layer's GPU time goes */
+		double ms[5];
+
+		for (int i = 0; i < 5; i++)
+			ms[i] = (b->prefill_phase_s[i] - a->prefill_phase_s[i]) / nl * 1e3;
+		printf("%-10s %d streamed layer calls, ms each: resident pass %.3f, waiting for copies %.3f, "
+		       "repacking %.3f, streamed passes %.3f; copy engine busy %.3f (%.1f GB/s)\n",
+		       "", (int)nl, ms[0], ms[1], ms[2], ms[3], ms[4],
+		       ms[4] > 0 ? pcie * tokens / nl / ms[4] / 1e6 : 0.0);
+	}
 	if (csv)
 		fprintf(csv, "offload,%s,%d,%.3f,%.4f,%.4f,%.5f,%.1f,%.3f,%.5f\n", what, tokens, tokens / secs,
 			secs / steps * 1e3, secs / steps / L * 1e3, hit, pcie, cpugbs,
@@ -65,7 +77,7 @@ static int run(const struct bo *o)
 {
 	struct q3_engine_opts eo = {.model_dir = o->model, .backend = o->backend,
 				    .max_ctx = Q3_MAX(o->ctx + o->tokens + 8, o->prefill + 1),
-				    .max_batch = o->batch, .vram_budget = o->budget};
+				    .max_batch = o->batch, .vram_budget = o->budget, .expert_threads = o->threads};
 	struct q3_engine *eng;
 	struct q3_session **ss = NULL;
 	struct q3_engine_stats s0, s1;
@@ -166,11 +178,12 @@ int cmd_bench_offload(int argc, char **argv)
 		{"model", 1, 0, 'm'},  {"backend", 1, 0, 'b'}, {"vram-budget", 1, 0, 'v'},
 		{"batch", 1, 0, 'B'},  {"ctx", 1, 0, 'c'},     {"tokens", 1, 0, 't'},
 		{"prefill", 1, 0, 'p'}, {"csv", 1, 0, 'o'},    {"help", 0, 0, 'h'},
+		{"expert-threads", 1, 0, 'x'},
 		{0, 0, 0, 0},
 	};
 	static const char usage[] =
 		"usage: qwen3d bench offload --model DIR [--vram-budget SIZE] [--backend cuda|cpu|auto]\n"
-		"         [--batch B] [--ctx N] [--tokens N] [--prefill N] [--csv FILE]\n";
+		"         [--batch B] [--ctx N] [--tokens N] [--prefill N] [--expert-threads N] [--csv FILE]\n";
 	struct bo o = {.backend = "auto", .batch = 1, .ctx = 256, .tokens = 64, .prefill = 4096};
 	int c;
 
@@ -196,6 +209,13 @@ int cmd_bench_offload(int argc, char **argv)
 				fprintf(stderr, "qwen3d bench offload: --vram-budget: '%s' is not a size\n", optarg);
 				return 2;
 			}
+			break;
+		case 'x':
+			if (!num || v < 1) {
+				fprintf(stderr, "qwen3d bench offload: --expert-threads: '%s' is not a count\n", optarg);
+				return 2;
+			}
+			o.threads = (int)v;
 			break;
 		case 'B':
 		case 'c':

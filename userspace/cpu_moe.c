@@ -24,12 +24,17 @@ struct slot {
 	struct q3_xact ah; /* down input: rows off .. off + n - 1 of the h activation */
 };
 
-/* Phase 1 work item: quantize x[tok] through perm into storage row `row` of act. */
+/* Phase 1 work item: quantize blocks [b0, b1) of x[tok] through perm into storage row `row` of act. */
 struct act_item {
 	struct q3_xact *act;
 	int row, tok;
 	const uint16_t *perm;
+	int b0, b1;
 };
+
+/* the shared activation rows (no permutation) are cut into this many block ranges: at decode it
+ * is the only item, and one worker converting it while the others wait costs a tenth of the job */
+#define ACT_PARTS 8
 
 struct q3_cpu_moe {
 	struct q3_cpu_moe_opts o;
@@ -39,13 +44,13 @@ struct q3_cpu_moe {
 	struct q3_cpu_moe_req r;
 	int err;
 	char errmsg[160];
-	int nslots, nact, tasks_gu, tasks_dn, tpt_gu, tpt_dn, chunks_total;
+	int nslots, nact, tasks_gu, tasks_dn, units_gu, chunks_total;
 	struct slot *slots;	 /* [max_pairs] */
 	int *slot_of;		 /* [num_experts]: slot + 1, 0 = none */
 	int16_t *tok_store;	 /* [max_pairs] */
 	float *wt_store;	 /* [max_pairs] */
 	struct act_item *items;	 /* [max_pairs * 2 + max_tokens] */
-	int *gu_first;		 /* [max_pairs + 1]: first phase-2 task of each slot */
+	int *chunk_slot, *chunk_j0; /* [max_pairs]: token chunk c is rows chunk_j0[c] .. of slot chunk_slot[c] */
 	struct q3_xact xs;	 /* shared input: one row per token */
 	struct q3_xact xp;	 /* per-pair inputs (perms): gate rows, then up rows */
 	struct q3_xact xh;	 /* down inputs, one row per pair */
@@ -164,35 +169,40 @@ static void plan(struct q3_cpu_moe *m)
 		}
 		act_view(&s->ag, &m->xp, s->off, s->n, H);
 		for (int j = 0; j < s->n; j++)
-			m->items[m->nact++] = (struct act_item){&s->ag, j, s->tok[j], pg};
+			m->items[m->nact++] = (struct act_item){&s->ag, j, s->tok[j], pg, 0, H / Q3_XBLOCK};
 		if (same_perm(pg, pu, H)) {
 			s->au = s->ag;
 			continue;
 		}
 		act_view(&s->au, &m->xp, m->max_pairs + s->off, s->n, H);
 		for (int j = 0; j < s->n; j++)
-			m->items[m->nact++] = (struct act_item){&s->au, j, s->tok[j], pu};
+			m->items[m->nact++] = (struct act_item){&s->au, j, s->tok[j], pu, 0, H / Q3_XBLOCK};
 	}
-	if (shared_used)
+	if (shared_used) {
+		int nb = H / Q3_XBLOCK, parts = Q3_MIN(ACT_PARTS, nb);
+
 		for (int t = 0; t < r->T; t++)
-			m->items[m->nact++] = (struct act_item){&m->xs, t, t, NULL};
-	/* gate/up: enough tasks to keep every worker busy, at least one tile each */
+			for (int q = 0; q < parts; q++)
+				m->items[m->nact++] = (struct act_item){&m->xs, t, t, NULL, q * nb / parts,
+									(q + 1) * nb / parts};
+	}
+	/* gate/up: units of (token chunk, tile of Q3_XTILE intermediate columns), cut into contiguous
+	 * runs.  One run a worker where every unit costs the same (each chunk has as many tokens: a
+	 * decode step), so that no worker takes a second round while the others wait; four a worker
+	 * otherwise, for the dynamic scheduling to even out.  down: runs of output tiles. */
 	int tiles_i = I / Q3_XTILE, tiles_h = H / Q3_XTILE, chunks = 0;
+	bool even = true;
 
 	for (int i = 0; i < m->nslots; i++)
-		chunks += (m->slots[i].n + Q3_XT_MAX - 1) / Q3_XT_MAX;
+		for (int j0 = 0; j0 < m->slots[i].n; j0 += Q3_XT_MAX) {
+			m->chunk_slot[chunks] = i;
+			m->chunk_j0[chunks++] = j0;
+			even &= Q3_MIN(Q3_XT_MAX, m->slots[i].n - j0) == Q3_MIN(Q3_XT_MAX, m->slots[0].n);
+		}
 	m->chunks_total = chunks;
-	m->tpt_gu = chunks ? Q3_MAX(1, chunks * tiles_i / (2 * nw)) : 1;
-	m->tpt_gu = Q3_MIN(m->tpt_gu, tiles_i);
-	for (int i = 0; i < m->nslots; i++) {
-		int nchunk = (m->slots[i].n + Q3_XT_MAX - 1) / Q3_XT_MAX;
-
-		m->gu_first[i] = m->tasks_gu;
-		m->tasks_gu += nchunk * ((tiles_i + m->tpt_gu - 1) / m->tpt_gu);
-	}
-	m->gu_first[m->nslots] = m->tasks_gu;
-	m->tpt_dn = Q3_MAX(1, tiles_h / (2 * nw));
-	m->tasks_dn = r->T ? (tiles_h + m->tpt_dn - 1) / m->tpt_dn : 0;
+	m->units_gu = chunks * tiles_i;
+	m->tasks_gu = Q3_MIN(m->units_gu, nw * (even ? 1 : 4));
+	m->tasks_dn = r->T ? Q3_MIN(tiles_h, nw) : 0;
 	atomic_store(&m->act_left, m->nact);
 	atomic_store(&m->gu_left, m->tasks_gu);
 	atomic_store(&m->dn_left, m->tasks_dn);
@@ -204,30 +214,27 @@ static void task_act(struct q3_cpu_moe *m, int i, int worker)
 	const float *x = m->r.x + (size_t)it->tok * m->r.ldx;
 
 	if (!m->r.x) { /* fp16 rows (the GPU's activations): to fp32 in this worker's scratch
-		       * (free until phase 3) */
+		       * (free until phase 3); the item's blocks, or all of them through a permutation */
 		const uint16_t *xh = m->r.xh + (size_t)it->tok * m->r.ldx;
 		float *f = m->ytmp[worker];
+		int k0 = it->perm ? 0 : it->b0 * Q3_XBLOCK, k1 = it->perm ? m->o.H : it->b1 * Q3_XBLOCK;
 
-		for (int k = 0; k < m->o.H; k++)
+		for (int k = k0; k < k1; k++)
 			f[k] = q3_f16_to_f32(xh[k]);
 		x = f;
 	}
-	q3_xact_set_blocks(m->o.isa, it->act, it->row, x, it->perm, 0, m->o.H / Q3_XBLOCK);
+	q3_xact_set_blocks(m->o.isa, it->act, it->row, x, it->perm, it->b0, it->b1);
 	if (atomic_fetch_sub(&m->act_left, 1) == 1)
 		m->t_act = q3_now();
 }
 
-/* Phase 2 task i: one token chunk of one expert, a range of intermediate tiles. */
-static void task_gateup(struct q3_cpu_moe *m, int i)
+/* Rows j0 .. j0 + Q3_XT_MAX - 1 of slot s, intermediate tiles [tile0, tile1): gate, up, silu(gate)·up
+ * quantized into the down activations. */
+static void gateup_run(struct q3_cpu_moe *m, int s, int j0, int tile0, int tile1)
 {
-	int s = 0, I = m->o.I, tiles_i = I / Q3_XTILE, per_chunk = (tiles_i + m->tpt_gu - 1) / m->tpt_gu;
-
-	while (m->gu_first[s + 1] <= i)
-		s++;
+	int I = m->o.I;
 	struct slot *sl = &m->slots[s];
-	int local = i - m->gu_first[s], chunk = local / per_chunk;
-	int tile0 = (local % per_chunk) * m->tpt_gu, tile1 = Q3_MIN(tile0 + m->tpt_gu, tiles_i);
-	int j0 = chunk * Q3_XT_MAX, nt = Q3_MIN(Q3_XT_MAX, sl->n - j0);
+	int nt = Q3_MIN(Q3_XT_MAX, sl->n - j0);
 	struct q3_xact ag = sl->ag, au = sl->au;
 	float *G = m->G + (size_t)(sl->off + j0) * (size_t)I, *U = m->U + (size_t)(sl->off + j0) * (size_t)I;
 
@@ -252,6 +259,20 @@ static void task_gateup(struct q3_cpu_moe *m, int i)
 		q3_xact_set_blocks(m->o.isa, &m->xh, sl->off + j0 + t, g, NULL,
 				   tile0 * Q3_XTILE / Q3_XBLOCK, tile1 * Q3_XTILE / Q3_XBLOCK);
 	}
+}
+
+/* Phase 2 task i: a contiguous run of (token chunk, intermediate tile) units. */
+static void task_gateup(struct q3_cpu_moe *m, int i)
+{
+	int tiles_i = m->o.I / Q3_XTILE;
+	int u0 = (int)((long)i * m->units_gu / m->tasks_gu), u1 = (int)((long)(i + 1) * m->units_gu / m->tasks_gu);
+
+	while (u0 < u1) {
+		int c = u0 / tiles_i, tile0 = u0 % tiles_i, tile1 = Q3_MIN(tiles_i, tile0 + (u1 - u0));
+
+		gateup_run(m, m->chunk_slot[c], m->chunk_j0[c], tile0, tile1);
+		u0 += tile1 - tile0;
+	}
 	if (atomic_fetch_sub(&m->gu_left, 1) == 1)
 		m->t_gu = q3_now();
 }
@@ -261,7 +282,7 @@ static void task_down(struct q3_cpu_moe *m, int i, int worker)
 {
 	const struct q3_cpu_moe_req *r = &m->r;
 	int H = m->o.H, tiles_h = H / Q3_XTILE;
-	int tile0 = i * m->tpt_dn, tile1 = Q3_MIN(tile0 + m->tpt_dn, tiles_h);
+	int tile0 = i * tiles_h / m->tasks_dn, tile1 = (i + 1) * tiles_h / m->tasks_dn;
 	int c0 = tile0 * Q3_XTILE, c1 = tile1 * Q3_XTILE;
 	float *y = m->ytmp[worker];
 
@@ -360,11 +381,12 @@ int q3_cpu_moe_new(struct q3_xpool *pool, const struct q3_cpu_moe_opts *o, struc
 	m->slot_of = calloc((size_t)o->num_experts, sizeof(int));
 	m->tok_store = calloc((size_t)P, sizeof(int16_t));
 	m->wt_store = calloc((size_t)P, sizeof(float));
-	m->items = calloc((size_t)(3 * P + T), sizeof(*m->items));
-	m->gu_first = calloc((size_t)P + 2, sizeof(int));
+	m->items = calloc((size_t)(3 * P + ACT_PARTS * T), sizeof(*m->items));
+	m->chunk_slot = calloc((size_t)P + 1, sizeof(int));
+	m->chunk_j0 = calloc((size_t)P + 1, sizeof(int));
 	m->ytmp = calloc((size_t)nw, sizeof(float *));
 	if (!m->mem || !m->slots || !m->slot_of || !m->tok_store || !m->wt_store || !m->items ||
-	    !m->gu_first || !m->ytmp) {
+	    !m->chunk_slot || !m->chunk_j0 || !m->ytmp) {
 		q3_cpu_moe_free(m);
 		return q3_errf(e, -ENOMEM, "cpu experts: out of memory for %d tokens", T);
 	}
@@ -398,7 +420,8 @@ void q3_cpu_moe_free(struct q3_cpu_moe *m)
 	free(m->tok_store);
 	free(m->wt_store);
 	free(m->items);
-	free(m->gu_first);
+	free(m->chunk_slot);
+	free(m->chunk_j0);
 	free(m->ytmp);
 	free(m);
 }

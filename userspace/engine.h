@@ -61,6 +61,9 @@ struct q3_engine_stats {
 	uint64_t cpu_expert_bytes; /* expert weights the CPU expert threads read */
 	double cpu_expert_busy_s;  /* their busy time: bytes / busy = CPU expert GB/s */
 	double cpu_expert_phase_s[3]; /* the busy time by phase: activations, gate / up, down */
+	uint64_t prefill_layers;      /* prefill layer calls that streamed experts in, and their GPU */
+	double prefill_phase_s[5];    /* time: resident pass, waiting for copies, repacking, streamed
+				       * passes; then the copy engine's busy time */
 	int cpu_threads, cpu_node;
 	char cpu_isa[16];
 };

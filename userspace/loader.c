@@ -24,6 +24,7 @@
 
 #define DEFAULT_REQ (8u << 20)
 #define DEFAULT_QD 32
+#define DEFAULT_LANES 1
 #define HUGE_2M (2ull << 20)
 #define GIB (1ull << 30)
 #define POPULATE_CHUNK (64ull << 20)
@@ -785,6 +786,8 @@ static void defaults(struct q3_load_opts *o)
 	o->req_bytes = Q3_ALIGN_UP(o->req_bytes, Q3_LOAD_ALIGN);
 	if (o->qd <= 0)
 		o->qd = DEFAULT_QD;
+	if (o->lanes <= 0)
+		o->lanes = DEFAULT_LANES;
 	if (o->threads <= 0 && o->engine == Q3_ENGINE_THREADS)
 		o->threads = q3_ncpu();
 	if (o->streams <= 0)
@@ -880,8 +883,10 @@ static void describe(struct run *R, const char *engine)
 			 R->ck->nshards, R->plan.vram_bytes ? "; VRAM via " : "", R->plan.vram_bytes ? engine : "");
 		return;
 	}
-	snprintf(st->path, sizeof(st->path), "%s, %d x %s: O_DIRECT %d files, buffered %d (%d cached); fixed buffers %s",
-		 engine, !strncmp(engine, "io_uring", 8) ? R->o.qd : R->o.threads, rq, st->files_direct,
+	snprintf(st->path, sizeof(st->path),
+		 "%s, %d x %s in %d lane%s: O_DIRECT %d files, buffered %d (%d cached); fixed buffers %s", engine,
+		 !strncmp(engine, "io_uring", 8) ? R->o.qd : R->o.threads, rq, R->o.lanes, R->o.lanes > 1 ? "s" : "",
+		 st->files_direct,
 		 st->files_buffered, st->files_cached, R->fixed_note[0] ? R->fixed_note : "not used");
 }
 
@@ -948,6 +953,8 @@ int q3_load(struct q3_ckpt *ck, const struct q3_load_opts *opts, struct q3_load 
 	R.st = st;
 	defaults(&R.o);
 	err = q3_load_plan_build(ck, R.o.home, R.o.req_bytes, &R.plan, e);
+	if (!err && (err = q3_load_plan_interleave(&R.plan, R.o.lanes, e)))
+		q3_load_plan_free(&R.plan);
 	if (err)
 		return err;
 	st->nextents = R.plan.n_ext;

@@ -64,6 +64,7 @@ struct q3_load_opts {
 	enum q3_io_engine engine;
 	uint32_t req_bytes;	 /* bytes per read request, a multiple of 4 KiB; 0: 8 MiB */
 	int qd;			 /* requests in flight; 0: 32 */
+	int lanes;		 /* sequential streams the requests are interleaved from; 0: 1 */
 	int threads;		 /* pread threads (thread engine), io-wq workers, populate threads;
 				  * 0: online CPUs */
 	int ring_slots;		 /* VRAM staging ring: slots of req_bytes; 0: qd + 8 */
@@ -158,7 +159,7 @@ struct q3_load_plan {
 	size_t n_ext, n_req;
 	struct q3_extent *ext;
 	size_t *order;	     /* tensor indices sorted by (shard, offset) */
-	struct q3_lreq *req; /* shard by shard, in file order */
+	struct q3_lreq *req; /* shard by shard, in file order; or lanes of that interleaved */
 	uint64_t ram_bytes, vram_bytes; /* arena sizes */
 	uint64_t read_bytes;
 };
@@ -167,3 +168,8 @@ struct q3_load_plan {
 int q3_load_plan_build(const struct q3_ckpt *ck, const uint8_t *home, uint32_t req_bytes,
 		       struct q3_load_plan *p, q3_err *e);
 void q3_load_plan_free(struct q3_load_plan *p);
+/* Cuts the requests into `lanes` runs of about equal bytes, each in file order, and takes them
+ * round robin: several sequential streams at once, as parallel `dd`s read, which some disks
+ * (virtual ones backed by a host's files) serve faster than one deep stream.  0 or -EINVAL. */
+#define Q3_LOAD_MAX_LANES 64
+int q3_load_plan_interleave(struct q3_load_plan *p, int lanes, q3_err *e);

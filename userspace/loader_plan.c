@@ -169,3 +169,39 @@ nomem:
 	q3_load_plan_free(p);
 	return q3_errf(e, -ENOMEM, "out of memory planning the load");
 }
+
+int q3_load_plan_interleave(struct q3_load_plan *p, int lanes, q3_err *e)
+{
+	size_t cur[Q3_LOAD_MAX_LANES + 1], k = 0;
+	struct q3_lreq *nr;
+	uint64_t total = 0, acc = 0;
+	int n = 0;
+
+	if (lanes < 1 || lanes > Q3_LOAD_MAX_LANES)
+		return q3_errf(e, -EINVAL, "read lanes %d out of range (1 to %d)", lanes, Q3_LOAD_MAX_LANES);
+	if (lanes == 1 || p->n_req < 2)
+		return 0;
+	for (size_t i = 0; i < p->n_req; i++)
+		total += p->req[i].len;
+	/* lane j starts at the first request at or past j / lanes of the bytes */
+	cur[n++] = 0;
+	for (size_t i = 0; i < p->n_req && n < lanes; i++) {
+		if (i > cur[n - 1] && acc >= total / lanes * n)
+			cur[n++] = i;
+		acc += p->req[i].len;
+	}
+	cur[n] = p->n_req;
+	if (!(nr = malloc(p->n_req * sizeof(*nr))))
+		return q3_errf(e, -ENOMEM, "out of memory planning the load");
+	size_t end[Q3_LOAD_MAX_LANES];
+
+	for (int j = 0; j < n; j++)
+		end[j] = cur[j + 1];
+	while (k < p->n_req)
+		for (int j = 0; j < n; j++)
+			if (cur[j] < end[j])
+				nr[k++] = p->req[cur[j]++];
+	free(p->req);
+	p->req = nr;
+	return 0;
+}
