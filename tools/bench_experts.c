@@ -282,7 +282,9 @@ static void run_row(struct bench *B, const struct row *rw)
 	printf("%-22s %6d %4d %8.1f %8.1f %8.2f %8.1f%%\n",
 	       rw->T == 1 ? "decode" : "batch", rw->T, rw->k, dt / calls * 1e6,
 	       (double)st.experts / calls, gbs, 100.0 * gbs / B->bw_best);
-	printf("%-22s %s %s\n", "", rw->act == Q3_XACT_INT8 ? "int8" : "fp32", rw->gptq ? "gptq" : "packed");
+	printf("%-22s %s %s; us a call: plan + activations %.1f, gate/up %.1f, down %.1f\n", "",
+	       rw->act == Q3_XACT_INT8 ? "int8" : "fp32", rw->gptq ? "gptq" : "packed", st.act_s / calls * 1e6,
+	       st.gateup_s / calls * 1e6, st.down_s / calls * 1e6);
 	if (B->csv)
 		fprintf(B->csv, "experts,%d,%d,%s,%s,%s,%d,%.3f,%.3f,%.4f\n", rw->T, rw->k,
 			rw->act == Q3_XACT_INT8 ? "int8" : "fp32", rw->gptq ? "gptq" : "packed",

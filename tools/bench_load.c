@@ -456,11 +456,13 @@ static void bench_loader(struct bench *B, struct q3_load_opts o, const char *io_
 	q3_err e;
 	int err;
 
+	const char *pool = B->pool.ptr && o.io != Q3_IO_MMAP ? ", pool" : "";
+
 	if (o.home)
-		snprintf(method, sizeof(method), "qwen3d loader (%s, VRAM %s)", io_name,
+		snprintf(method, sizeof(method), "qwen3d loader (%s%s, VRAM %s)", io_name, pool,
 			 q3_fmt_bytes(B->vram_budget, ram, sizeof(ram)));
 	else
-		snprintf(method, sizeof(method), "qwen3d loader (%s)", io_name);
+		snprintf(method, sizeof(method), "qwen3d loader (%s%s)", io_name, pool);
 	prepare_cache(B, cache, sizeof(cache));
 	o.progress = !B->quiet;
 	if (B->pool.ptr && o.io != Q3_IO_MMAP) {

@@ -7,7 +7,8 @@
 #      onto a local disk with room (not tmpfs), unless a complete one is already there
 #   3. cold (page cache dropped before each row): raw O_DIRECT x4 (= four dd iflag=direct
 #      bs=16M, on huge-page buffers) and x32 (a deep queue), the loader (auto = O_DIRECT, and
-#      buffered), buffered read() x4
+#      buffered), the loader into a populated pool with io_uring fixed buffers (what the qwen3mm
+#      module's pool gives it), buffered read() x4
 #   4. warm (the cold buffered pass leaves the files cached): baselines, the loader into fresh
 #      memory, into the page cache (mmap), into a pre-faulted pool; with --vram-budget; the whole
 #      model in VRAM; the safetensors peer on the first PEER_FILES shards
@@ -97,6 +98,8 @@ COLD=70 # seconds one cold pass over 45 GB may take at ~1 GB/s (with margin)
 say "== cold"
 run "cold: raw O_DIRECT x4 and x32, the loader (auto = O_DIRECT when cold; buffered)" $((4 * COLD)) \
 	"${B[@]}" --cold --only direct,directq,loader --loader-io auto,buffered
+run "cold: the loader into a populated pool with fixed buffers (the qwen3mm module's path)" $((COLD + 15)) \
+	"${B[@]}" --cold --only loader --pool --register-arena
 run "cold: buffered read() x4 (leaves the files cached for the warm rows)" $COLD \
 	"${B[@]}" --cold --only buffered
 
@@ -130,6 +133,10 @@ first = [x for x in rows if x["cache"] == "cold" and x["seconds"] and x["method"
 if raw and first:
     t, r = float(first[0]["seconds"]), float(raw["seconds"])
     print(f'cold start, the first load of a fresh process: {t:.1f} s, {t / r:.2f}x the best raw read')
+pool = best("cold", lambda x: x["method"].startswith("qwen3d") and ", pool" in x["method"])
+if raw and pool:
+    t, r = float(pool["seconds"]), float(raw["seconds"])
+    print(f'cold, into a populated pool with fixed buffers (the module\'s path): {t:.1f} s, {t / r:.2f}x the best raw read')
 ld = best("cold", lambda x: x["method"].startswith("qwen3d") and "VRAM" not in x["method"])
 if raw and ld:
     t, r = float(ld["seconds"]), float(raw["seconds"])

@@ -178,6 +178,7 @@ if [ -n "$PID_BIG" ]; then
 		add "budget ${BUDGET_GIB} GiB: experts in VRAM" "$(sed -n 's/^# backend.*offload \(.*\); [0-9]* CPU.*/\1/p' "$LOGS/bench_offload.log")"
 		add "decode b1, ${BUDGET_GIB} GiB (>= $([ "$ZIPF" = 0 ] && echo 90 || echo 120) tok/s)" "$(bench_row "$OUT/offload.csv" decode-b1)"
 		add "prefill 4096, ${BUDGET_GIB} GiB (>= 4000 tok/s)" "$(bench_row "$OUT/offload.csv" prefill4096)"
+		add "  a streamed layer's GPU time, ms" "$(sed -n 's/.*streamed layer calls, ms each: //p' "$LOGS/bench_offload.log" | head -1)"
 		[ $rc = 0 ] || add "bench offload" "$(rcword $rc) (see bench_offload.log)"
 		unset QWEN3D_EXPERT_STATS
 		if [ "$(left)" -gt 100 ]; then

@@ -55,6 +55,13 @@ else
 		fail "cold auto load did not use O_DIRECT: $(grep 'loader (auto)' "$tmp/cold")"
 fi
 grep -q "loader (auto).*buffered 3 (3 cached)" "$tmp/warm" || fail "warm auto load did not read the cache"
+# into a caller's pool, three lanes of requests, verified
+"$Q" bench load --model "$tmp/m" --only loader --loader-io auto,direct --pool --lanes 3 --qd 4 --req-size 64K \
+	--verify=full --quiet >"$tmp/pool" || fail "bench load --pool exited $?: $(cat "$tmp/pool")"
+[ "$(grep -c '^qwen3d loader (\(auto\|direct\), pool) .* in 3 lanes' "$tmp/pool")" = 2 ] ||
+	fail "--pool --lanes 3: expected two pool rows in 3 lanes: $(cat "$tmp/pool")"
+[ "$(grep -c 'every tensor matches the files' "$tmp/pool")" = 2 ] || fail "--pool: verify lines missing: $(cat "$tmp/pool")"
+"$Q" bench load --model "$tmp/m" --only loader --lanes 0 >/dev/null 2>&1 && fail "--lanes 0 accepted"
 [ "$(head -1 "$tmp/b.csv")" = "method,cache,bytes,seconds,gbps,notes" ] || fail "no CSV header"
 [ "$(grep -c ',cold,' "$tmp/b.csv")" = 6 ] || fail "CSV: expected 6 cold rows: $(cat "$tmp/b.csv")"
 

@@ -241,6 +241,76 @@ static void expand_case(const char *label, int N, int K, enum lin_kind kind, int
 	dmat_free(&d);
 }
 
+/* Stacks filled by q3g_mat_repack_raw (raw GPTQ bytes already on the device, as the offload's
+ * prefill streams them: n matrices in two calls, each tensor at its own offset) are byte for byte
+ * the stacks q3g_mat_upload makes from the host. */
+static void repack_raw_case(int N, int K, int bits, int G, bool asym, int n)
+{
+	char name[256];
+	std::vector<struct tlin> t(n);
+	std::vector<const struct q3_linear *> ls(n);
+	struct dmat a, b;
+
+	snprintf(name, sizeof(name), "linear repack raw q%d %s N=%d K=%d x%d", bits, asym ? "asym" : "sym", N, K, n);
+	if (!want(name))
+		return;
+	for (int j = 0; j < n; j++) {
+		make_linear(&t[j], N, K, LIN_GPTQ, bits, G, asym, false, 1);
+		ls[j] = &t[j].l;
+	}
+	GT_OK(q3g_mat_plan(ls.data(), n, &a.p, &e_));
+	b.p = a.p;
+	size_t bytes = q3g_mat_bytes(&a.p);
+
+	GT_CHECK(cudaMalloc(&a.mem, bytes));
+	GT_CHECK(cudaMalloc(&b.mem, bytes));
+	GT_CHECK(cudaMemset(a.mem, 0x5a, bytes)); /* bytes no path writes compare equal */
+	GT_CHECK(cudaMemset(b.mem, 0x5a, bytes));
+	q3g_mat_place(&a.m, &a.p, a.mem);
+	q3g_mat_place(&b.m, &b.p, b.mem);
+	for (int j = 0; j < n; j++)
+		GT_OK(q3g_mat_upload(&a.m, j, ls[j], NULL, gt_stage(), 0, &e_));
+	/* the raw bytes: matrix j's tensors in the order scales, qweight, qzeros, 4-byte aligned with
+	 * a gap that differs per matrix */
+	std::vector<uint64_t> off((size_t)n * 3);
+	uint64_t at = 0;
+
+	for (int j = 0; j < n; j++) {
+		const struct q3_tensor *ts[3] = { ls[j]->qweight, ls[j]->qzeros, ls[j]->scales };
+
+		for (int k : { 2, 0, 1 }) {
+			at += 4 * (uint64_t)(j + k);
+			off[(size_t)j * 3 + k] = at;
+			at += Q3_ALIGN_UP(ts[k]->nbytes, 4);
+		}
+	}
+	char *raw = dev_alloc<char>(at);
+
+	for (int j = 0; j < n; j++) {
+		const struct q3_tensor *ts[3] = { ls[j]->qweight, ls[j]->qzeros, ls[j]->scales };
+
+		for (int k = 0; k < 3; k++)
+			GT_CHECK(cudaMemcpy(raw + off[(size_t)j * 3 + k], ts[k]->data, ts[k]->nbytes, cudaMemcpyHostToDevice));
+	}
+	int cut = n / 2;
+
+	GT_OK(q3g_mat_repack_raw(&b.m, 0, cut, ls[0], raw, (const uint64_t(*)[3])off.data(), 0, &e_));
+	GT_OK(q3g_mat_repack_raw(&b.m, cut, n - cut, ls[cut], raw, (const uint64_t(*)[3])(off.data() + 3 * cut), 0,
+				 &e_));
+	GT_CHECK(cudaDeviceSynchronize());
+	std::vector<uint8_t> ha = dev_download((const uint8_t *)a.mem, bytes), hb = dev_download((const uint8_t *)b.mem, bytes);
+	size_t diff = 0;
+
+	for (size_t i = 0; i < bytes; i++)
+		diff += ha[i] != hb[i];
+	snprintf(name + strlen(name), sizeof(name) - strlen(name), ": %zu of %zu bytes differ from the upload", diff,
+		 bytes);
+	gt_expect(diff == 0, name);
+	cudaFree(raw);
+	dmat_free(&a);
+	dmat_free(&b);
+}
+
 /* Three Linears of different formats in one matvec launch. */
 static void multi_job_case(int R)
 {
@@ -366,6 +436,9 @@ static void linear_tests(void)
 	lin_case("gemm q4 out_proj", 2048, 4096, LIN_GPTQ, 4, 128, false, false, 1, 100, true);
 	lin_case("gemm bf16", 64, 2048, LIN_BF16, 0, 0, false, false, 1, 33);
 	lin_case("gemm q8", 256, 512, LIN_GPTQ, 8, 128, false, false, 1, 70);
+	repack_raw_case(512, 2048, 4, 128, true, 5);
+	repack_raw_case(2048, 512, 4, 128, false, 3);
+	repack_raw_case(64, 256, 8, 128, false, 3);
 	expand_case("q4 asym act-order", 48, 256, LIN_GPTQ, 4, 64, true, true);
 	expand_case("q8 sym", 32, 128, LIN_GPTQ, 8, 128, false, false);
 	expand_case("bf16", 24, 80, LIN_BF16, 0, 0, false, false);
