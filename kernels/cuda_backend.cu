@@ -1168,6 +1168,7 @@ static void cuda_stats(void *p, struct q3_engine_stats *s)
 	for (int i = 0; i < 3; i++)
 		s->cpu_expert_phase_s[i] = os.cpu_phase_s[i];
 	s->prefill_layers = os.prefill_layers;
+	s->prefill_copy_alone_gbps = os.copy_alone_gbps;
 	for (int i = 0; i < 5; i++)
 		s->prefill_phase_s[i] = os.prefill_phase_s[i];
 	s->cpu_threads = os.cpu_threads;

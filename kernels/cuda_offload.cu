@@ -127,6 +127,7 @@ struct q3_offload {
 	int npinned;
 	/* counters */
 	uint64_t pairs_gpu, pairs_cpu, pcie, uploads, tokens;
+	double copy_alone_gbps; /* copy_probe's */
 };
 
 /* ---- kernels ------------------------------------------------------------------------------------ */
@@ -687,6 +688,8 @@ static void pin_checkpoint(struct q3_offload *off, bool quiet)
 		q3_info("offload: %.1f GiB of weights pinned for DMA in %.1f s", gib(bytes), q3_now() - t0);
 }
 
+static void copy_probe(struct q3_offload *off, bool quiet);
+
 static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_err *e)
 {
 	const struct q3_model *m = off->m;
@@ -810,6 +813,8 @@ static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_er
 		err = stage_alloc(off, e);
 	if (!err)
 		pin_checkpoint(off, o->quiet);
+	if (!err)
+		copy_probe(off, o->quiet);
 	if (!err && !o->quiet)
 		q3_info("offload: %d CPU expert threads (%s) on node %d", off->nthreads, q3_xisa_name(off->isa),
 			off->node);
@@ -1107,37 +1112,94 @@ static void raw_layout(const struct q3_expert *ex, size_t slot_bytes, struct raw
 	}
 }
 
+/* Expert ex's raw tensors into dst (a raw slot), on the copy stream; adds the bytes to *bytes. */
+static int copy_raw(struct q3_offload *off, const struct q3_expert *ex, char *dst, uint64_t *bytes, q3_err *e)
+{
+	const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
+	struct raw_layout rl;
+
+	raw_layout(ex, off->raw_bytes, &rl);
+	if (rl.span) {
+		CUDA_CHECK(e, cudaMemcpyAsync(dst, rl.span, rl.span_len, cudaMemcpyHostToDevice, off->copy_st));
+		*bytes += rl.span_len;
+		return 0;
+	}
+	for (int i = 0; i < 3; i++) {
+		const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
+
+		for (int k = 0; k < 3; k++) {
+			CUDA_CHECK(e, cudaMemcpyAsync(dst + rl.off[i][k], t[k]->data, t[k]->nbytes, cudaMemcpyHostToDevice,
+						      off->copy_st));
+			*bytes += t[k]->nbytes;
+		}
+	}
+	return 0;
+}
+
 /* Raw copies of the tensors of n experts (ids xs) into a staging buffer's raw area, slot j for
  * xs[j], on the copy stream; then the buffer's `copied` event. */
 static int stage_copies(struct q3_offload *off, struct stage_raw *sb, int layer, const int *xs, int n, int b,
 			q3_err *e)
 {
+	int err;
+
 	CUDA_CHECK(e, cudaEventRecord(pev(off, 2 + 5 * b + 3), off->copy_st));
-	for (int j = 0; j < n && !off->perms; j++) {
-		const struct q3_expert *ex = &off->m->layers[layer].experts[xs[j]];
-		const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
-		char *raw = (char *)sb->raw + (size_t)j * off->raw_bytes;
-		struct raw_layout rl;
-
-		raw_layout(ex, off->raw_bytes, &rl);
-		if (rl.span) {
-			CUDA_CHECK(e, cudaMemcpyAsync(raw, rl.span, rl.span_len, cudaMemcpyHostToDevice, off->copy_st));
-			off->pcie += rl.span_len;
-			continue;
-		}
-		for (int i = 0; i < 3; i++) {
-			const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
-
-			for (int k = 0; k < 3; k++) {
-				CUDA_CHECK(e, cudaMemcpyAsync(raw + rl.off[i][k], t[k]->data, t[k]->nbytes,
-							      cudaMemcpyHostToDevice, off->copy_st));
-				off->pcie += t[k]->nbytes;
-			}
-		}
-	}
+	for (int j = 0; j < n && !off->perms; j++)
+		if ((err = copy_raw(off, &off->m->layers[layer].experts[xs[j]], (char *)sb->raw + (size_t)j * off->raw_bytes,
+				    &off->pcie, e)))
+			return err;
 	CUDA_CHECK(e, cudaEventRecord(pev(off, 2 + 5 * b + 4), off->copy_st));
 	CUDA_CHECK(e, cudaEventRecord(sb->copied, off->copy_st));
 	return 0;
+}
+
+/* The prefill's copies with nothing beside them: the missing experts of the layer with the most,
+ * as many as the raw ring holds, twice (the second pass timed).  The rate bench offload puts
+ * beside the copy engine's during prefill; 0 where it cannot be measured (act-order experts go
+ * through another path; a CUDA error only skips it). */
+static void copy_probe(struct q3_offload *off, bool quiet)
+{
+	int layer = -1, most = 0;
+	cudaEvent_t ev[2] = { NULL, NULL };
+	uint64_t bytes = 0;
+	float ms = 0;
+	q3_err e;
+
+	for (int l = 0; l < off->L; l++)
+		if (off->layers[l].ncpu > most)
+			most = off->layers[l].ncpu, layer = l;
+	if (layer < 0 || off->perms || cudaEventCreate(&ev[0]) != cudaSuccess ||
+	    cudaEventCreate(&ev[1]) != cudaSuccess)
+		goto out;
+	for (int pass = 0; pass < 2; pass++) {
+		int n = 0;
+
+		bytes = 0;
+		if (pass && cudaEventRecord(ev[0], off->copy_st) != cudaSuccess)
+			goto out;
+		for (int x = 0; x < off->E && n < off->nraw * OFF_STAGE; x++) {
+			if (off->layers[layer].slot_of_h[x] >= 0)
+				continue;
+			char *dst = (char *)off->raw[n / OFF_STAGE].raw + (size_t)(n % OFF_STAGE) * off->raw_bytes;
+
+			if (copy_raw(off, &off->m->layers[layer].experts[x], dst, &bytes, &e))
+				goto out;
+			n++;
+		}
+	}
+	if (cudaEventRecord(ev[1], off->copy_st) != cudaSuccess || cudaEventSynchronize(ev[1]) != cudaSuccess ||
+	    cudaEventElapsedTime(&ms, ev[0], ev[1]) != cudaSuccess || ms <= 0)
+		goto out;
+	off->copy_alone_gbps = (double)bytes / ms / 1e6;
+	if (!quiet)
+		q3_info("offload: prefill copies with nothing beside them: %.0f MB of layer %d's experts at %.1f GB/s",
+			(double)bytes / 1e6, layer, off->copy_alone_gbps);
+out:
+	for (int i = 0; i < 2; i++)
+		if (ev[i])
+			cudaEventDestroy(ev[i]);
+	cudaStreamSynchronize(off->copy_st);
+	cudaGetLastError(); /* a failed probe is no error of the engine */
 }
 
 static const struct q3_linear *linear_of(const struct q3_expert *ex, int i)
@@ -1433,4 +1495,5 @@ extern "C" void q3_off_stats(const struct q3_offload *off, struct q3_off_stats *
 			s->prefill_phase_s[i] = off->prof->s[i];
 		s->prefill_layers = off->prof->calls;
 	}
+	s->copy_alone_gbps = off->copy_alone_gbps;
 }

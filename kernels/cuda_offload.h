@@ -93,6 +93,7 @@ struct q3_off_stats {
 	 * engine's busy time (beside the others) */
 	uint64_t prefill_layers;
 	double prefill_phase_s[5];
+	double copy_alone_gbps;	 /* the same copies with nothing beside them, measured at open (0: not) */
 	uint64_t tokens;	 /* rows served through the offload path */
 	int cpu_threads;
 	int cpu_node;		 /* NUMA node of the CPU threads and of the RAM experts (-1 unknown) */

@@ -37,9 +37,11 @@ static void task(void *c_, int ph, int i, int w)
 {
 	struct ctx *c = c_;
 
-	/* every task of the previous phase has finished before any of this one starts */
-	if (ph > 0 && atomic_load(&c->done_in[ph - 1]) != c->ntask[ph - 1])
-		atomic_fetch_add(&c->order_bad, 1);
+	/* every task of the earlier phases has finished before any of this one starts (also across
+	 * an empty phase, whose barrier the pool leaves out) */
+	for (int q = 0; q < ph; q++)
+		if (atomic_load(&c->done_in[q]) != c->ntask[q])
+			atomic_fetch_add(&c->order_bad, 1);
 	atomic_fetch_add(&c->hits[ph][i], 1);
 	atomic_fetch_add(&c->workers_seen[w], 1);
 	if (i % 7 == 0)

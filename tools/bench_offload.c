@@ -63,9 +63,9 @@ static void report(FILE *csv, const char *what, const struct q3_engine_stats *a,
 		for (int i = 0; i < 5; i++)
 			ms[i] = (b->prefill_phase_s[i] - a->prefill_phase_s[i]) / nl * 1e3;
 		printf("%-10s %d streamed layer calls, ms each: resident pass %.3f, waiting for copies %.3f, "
-		       "repacking %.3f, streamed passes %.3f; copy engine busy %.3f (%.1f GB/s)\n",
+		       "repacking %.3f, streamed passes %.3f; copy engine busy %.3f (%.1f GB/s; alone %.1f GB/s)\n",
 		       "", (int)nl, ms[0], ms[1], ms[2], ms[3], ms[4],
-		       ms[4] > 0 ? pcie * tokens / nl / ms[4] / 1e6 : 0.0);
+		       ms[4] > 0 ? pcie * tokens / nl / ms[4] / 1e6 : 0.0, b->prefill_copy_alone_gbps);
 	}
 	if (csv)
 		fprintf(csv, "offload,%s,%d,%.3f,%.4f,%.4f,%.5f,%.1f,%.3f,%.5f\n", what, tokens, tokens / secs,

@@ -58,7 +58,7 @@ struct q3_cpu_moe {
 	float **ytmp;		 /* per worker [Q3_XT_MAX][H] */
 	void *mem;
 	double t0, t1, t_act, t_gu; /* job start and end; ends of the activation and gate / up phases */
-	atomic_int act_left, gu_left, dn_left;
+	atomic_int act_left, gu_left, dn_left, plan_left;
 	struct q3_cpu_moe_stats st;
 	uint64_t call_bytes;
 	int call_pairs, call_skipped, ldk;
@@ -89,6 +89,19 @@ static void act_view(struct q3_xact *v, const struct q3_xact *base, int row0, in
 	if (v->xs)
 		v->xs += (size_t)row0 * (size_t)K;
 	v->bsum += (size_t)row0 * (size_t)(K / Q3_XBLOCK);
+}
+
+/* Without act-order permutations every expert reads the shared rows (one a token): phase 0
+ * quantizes them in ACT_PARTS block ranges a row beside the plan, and the activation phase is
+ * empty (the pool leaves out its barrier).  Needs only the request, so every worker agrees. */
+static bool act_early(const struct q3_cpu_moe *m)
+{
+	return !m->o.perms && m->r.T > 0 && m->r.T <= m->o.max_tokens && (m->r.x || m->r.xh);
+}
+
+static int act_parts(const struct q3_cpu_moe *m)
+{
+	return Q3_MIN(ACT_PARTS, m->o.H / Q3_XBLOCK);
 }
 
 /* Phase 0: pairs grouped by expert, activation items, task counts. */
@@ -178,8 +191,8 @@ static void plan(struct q3_cpu_moe *m)
 		for (int j = 0; j < s->n; j++)
 			m->items[m->nact++] = (struct act_item){&s->au, j, s->tok[j], pu, 0, H / Q3_XBLOCK};
 	}
-	if (shared_used) {
-		int nb = H / Q3_XBLOCK, parts = Q3_MIN(ACT_PARTS, nb);
+	if (shared_used && !act_early(m)) {
+		int nb = H / Q3_XBLOCK, parts = act_parts(m);
 
 		for (int t = 0; t < r->T; t++)
 			for (int q = 0; q < parts; q++)
@@ -208,9 +221,8 @@ static void plan(struct q3_cpu_moe *m)
 	atomic_store(&m->dn_left, m->tasks_dn);
 }
 
-static void task_act(struct q3_cpu_moe *m, int i, int worker)
+static void act_run(struct q3_cpu_moe *m, const struct act_item *it, int worker)
 {
-	const struct act_item *it = &m->items[i];
 	const float *x = m->r.x + (size_t)it->tok * m->r.ldx;
 
 	if (!m->r.x) { /* fp16 rows (the GPU's activations): to fp32 in this worker's scratch
@@ -224,8 +236,22 @@ static void task_act(struct q3_cpu_moe *m, int i, int worker)
 		x = f;
 	}
 	q3_xact_set_blocks(m->o.isa, it->act, it->row, x, it->perm, it->b0, it->b1);
+}
+
+static void task_act(struct q3_cpu_moe *m, int i, int worker)
+{
+	act_run(m, &m->items[i], worker);
 	if (atomic_fetch_sub(&m->act_left, 1) == 1)
 		m->t_act = q3_now();
+}
+
+/* Phase 0 task i > 0: block range (i - 1) % parts of shared row (i - 1) / parts. */
+static void task_act_early(struct q3_cpu_moe *m, int i, int worker)
+{
+	int parts = act_parts(m), nb = m->o.H / Q3_XBLOCK, t = (i - 1) / parts, q = (i - 1) % parts;
+	struct act_item it = { &m->xs, t, t, NULL, q * nb / parts, (q + 1) * nb / parts };
+
+	act_run(m, &it, worker);
 }
 
 /* Rows j0 .. j0 + Q3_XT_MAX - 1 of slot s, intermediate tiles [tile0, tile1): gate, up, silu(gate)·up
@@ -315,7 +341,7 @@ static int job_ntasks(void *ctx, int ph)
 	struct q3_cpu_moe *m = ctx;
 
 	if (ph == PH_PLAN)
-		return 1;
+		return 1 + (act_early(m) ? m->r.T * act_parts(m) : 0);
 	if (m->err)
 		return 0;
 	return ph == PH_ACT ? m->nact : ph == PH_GATEUP ? m->tasks_gu : m->tasks_dn;
@@ -327,8 +353,15 @@ static void job_task(void *ctx, int ph, int i, int worker)
 
 	switch (ph) {
 	case PH_PLAN:
-		m->t0 = m->t1 = m->t_act = m->t_gu = q3_now(); /* phases without tasks take no time */
-		plan(m);
+		if (i == 0) {
+			m->t0 = m->t1 = m->t_act = m->t_gu = q3_now(); /* phases without tasks take no time */
+			plan(m);
+		} else {
+			task_act_early(m, i, worker);
+		}
+		/* the last task of phase 0 ends the activations when phase 1 has none (else phase 1's) */
+		if (atomic_fetch_sub(&m->plan_left, 1) == 1)
+			m->t_act = q3_now();
 		break;
 	case PH_ACT:
 		task_act(m, i, worker);
@@ -453,6 +486,7 @@ int q3_cpu_moe_post(struct q3_cpu_moe *m, const struct q3_cpu_moe_req *r,
 					       "the executor was made without perms",
 					       id);
 	m->r = *r;
+	atomic_store(&m->plan_left, job_ntasks(m, PH_PLAN));
 	m->err = 0;
 	err = q3_xpool_post(m->pool, &job);
 	if (err)

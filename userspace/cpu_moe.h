@@ -6,12 +6,15 @@
  * VRAM), and writes out[t] = Σ_i w[t][i] · expert_{ids[t][i]}(x[t]) over the experts it
  * computes (zeros for a token with none).  Phases, with a barrier between each:
  *   0. plan (one task): the (token, expert) pairs, grouped by expert in ascending id order;
- *   1. activations: each token's input quantized once (per expert where g_idx permutes it);
- *   2. gate and up: tasks of (expert, tiles of intermediate columns); each writes its
- *      silu(gate) ⊙ up columns and quantizes them for down;
- *   3. down: tasks of output columns; each loops over the experts in order and adds w · y,
- *      so every output is summed in one fixed order (no atomics, same bits whatever the
- *      thread count).
+ *      without act-order permutations, beside it, each token's input quantized once (in block
+ *      ranges, one task each), which leaves phase 1 empty and the pool skips its barrier;
+ *   1. activations: per expert where g_idx permutes the input;
+ *   2. gate and up: runs of (token chunk, tile of intermediate columns), one run a worker
+ *      where every chunk costs the same (decode); each writes its silu(gate) ⊙ up columns and
+ *      quantizes them for down;
+ *   3. down: runs of output columns, one a worker; each loops over the experts in order and
+ *      adds w · y, so every output is summed in one fixed order (no atomics, same bits
+ *      whatever the thread count).
  * All scratch is allocated at creation for the limits given; a call allocates nothing.
  *
  * For the GPU handoff, q3_cpu_moe_post arms a call before its inputs exist: the request's

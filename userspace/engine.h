@@ -64,6 +64,7 @@ struct q3_engine_stats {
 	uint64_t prefill_layers;      /* prefill layer calls that streamed experts in, and their GPU */
 	double prefill_phase_s[5];    /* time: resident pass, waiting for copies, repacking, streamed
 				       * passes; then the copy engine's busy time */
+	double prefill_copy_alone_gbps; /* those copies' rate with nothing beside them (0: unknown) */
 	int cpu_threads, cpu_node;
 	char cpu_isa[16];
 };

@@ -139,6 +139,8 @@ static void run_job(struct q3_xpool *p, int w, unsigned gen)
 				j->task(j->ctx, ph, i, w);
 			if (ph + 1 == j->nphases)
 				break; /* the last barrier is `left` */
+			if (n == 0)
+				continue; /* an empty phase: the barrier before it holds (every worker saw 0) */
 			unsigned spins = 0;
 
 			atomic_fetch_add(&p->arrived[ph], 1);

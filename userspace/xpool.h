@@ -3,7 +3,8 @@
  *
  * A job is a few phases; in each, the workers take task indices from a shared counter, and the
  * next phase starts when every worker has finished the previous one (a spinning barrier: the
- * workers own their cores while serving, and a phase lasts tens of microseconds).  Between jobs a
+ * workers own their cores while serving, and a phase lasts tens of microseconds; a phase with no
+ * tasks has no barrier after it).  Between jobs a
  * worker spins for a while (spin_us), then sleeps on a condition variable, so an idle server
  * costs nothing.
  *
