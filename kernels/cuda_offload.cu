@@ -56,8 +56,9 @@ struct off_layer {
 };
 
 /* Where a prefill layer's time goes, from events on the two streams: the resident pass (with the
- * routing round trip), waiting for copies, repacking, the streamed passes, and the copy engine's
- * busy time.  Two sets of events: a call reads the previous call's (complete by its routing sync). */
+ * routing's copy to the host), waiting for copies, repacking, the streamed passes, and the copy
+ * engine's busy time.  Two sets of events: a call reads the previous call's, complete once this
+ * call's routing has reached the host (everything before it on both streams has run). */
 enum { PF_RESIDENT, PF_WAIT, PF_REPACK, PF_STREAMED, PF_COPY, PF_N };
 struct off_prof {
 	int nev;		/* events a set: 2 + 5 per batch */
@@ -240,8 +241,6 @@ struct pack_job {
 	size_t *at;	  /* [n] blob offsets */
 	std::atomic<int> err;
 	char msg[600];
-	bool collapse;
-	std::atomic<int> collapse_fail;
 };
 
 /* Bytes of the mapping that holds p backed by transparent huge pages (/proc/self/smaps; the
@@ -270,33 +269,15 @@ static long long thp_bytes(const void *p)
 	return kb < 0 ? -1 : kb << 10;
 }
 
-#define OFF_COLLAPSE_CHUNK (64ull << 20)
-
-/* Phase 0: pack expert i.  Phase 1: chunk i of the blobs into 2 MiB pages (MADV_COLLAPSE,
- * Linux 6.1+), where the faults of phase 0 got base pages: a fragmented host (page cache, an
- * earlier arena) leaves THP short, and the CPU experts then miss the TLB on every 4 KiB page of
- * the weights they stream (in a VM, nested page walks). */
 static int pack_ntasks(void *ctx, int ph)
 {
-	struct pack_job *j = (struct pack_job *)ctx;
-
-	if (ph == 0)
-		return j->n;
-	return j->collapse ? (int)((j->off->blobs_bytes + OFF_COLLAPSE_CHUNK - 1) / OFF_COLLAPSE_CHUNK) : 0;
+	return ((struct pack_job *)ctx)->n;
 }
 
 static void pack_task(void *ctx, int ph, int i, int w)
 {
 	struct pack_job *j = (struct pack_job *)ctx;
 	struct q3_offload *off = j->off;
-
-	if (ph == 1) {
-		size_t o = (size_t)i * OFF_COLLAPSE_CHUNK;
-
-		if (madvise((char *)off->blobs + o, Q3_MIN(OFF_COLLAPSE_CHUNK, off->blobs_bytes - o), 25 /* MADV_COLLAPSE */))
-			j->collapse_fail.fetch_add(1);
-		return;
-	}
 	int l = j->le[i] / off->E, x = j->le[i] % off->E;
 	const struct q3_expert *ex = &off->m->layers[l].experts[x];
 	size_t sz = Q3_ALIGN_UP(q3_xexpert_packed_size(ex), 64);
@@ -391,12 +372,8 @@ static int cpu_views(struct q3_offload *off, q3_err *e)
 		double t0 = q3_now();
 		struct q3_xjob xj;
 
-		const char *co = getenv("QWEN3D_OFFLOAD_COLLAPSE"); /* 0: leave the pages as faulted (A/B) */
-
-		job.collapse = !(co && !strcmp(co, "0"));
-		job.collapse_fail = 0;
 		memset(&xj, 0, sizeof(xj));
-		xj.nphases = 2;
+		xj.nphases = 1;
 		xj.ntasks = pack_ntasks;
 		xj.task = pack_task;
 		xj.ctx = &job;
@@ -405,13 +382,14 @@ static int cpu_views(struct q3_offload *off, q3_err *e)
 			err = q3_errf(e, -EINVAL, "%s", job.msg);
 			goto out;
 		}
+		/* the CPU experts stream these: in 4 KiB pages every page of weights would miss the TLB */
 		long long huge = thp_bytes(off->blobs);
 		char hp[64] = "huge pages unknown";
 
 		if (huge >= 0)
 			snprintf(hp, sizeof(hp), "%.0f%% in 2 MiB pages", 100.0 * (double)huge / (double)need);
-		q3_info("offload: %d experts packed for the CPU (%.1f GiB, %s%s) in %.1f s", job.n, gib(need), hp,
-			job.collapse_fail.load() ? "; MADV_COLLAPSE refused" : "", q3_now() - t0);
+		q3_info("offload: %d experts packed for the CPU (%.1f GiB, %s) in %.1f s", job.n, gib(need), hp,
+			q3_now() - t0);
 	}
 	err = 0;
 out:

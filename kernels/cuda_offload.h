@@ -39,7 +39,7 @@
  * QWEN3D_REBALANCE_MIN_TOKENS (default 1000) is the evidence re-balancing waits for;
  * QWEN3D_OFFLOAD_STAGE_RAW (2 .. 16, default 4) sizes the prefill's raw staging ring (each buffer
  * 32 experts of VRAM taken from the expert cache; 2 -> 4 measured 3,539 -> 4,039 tok/s, 8 no
- * better); QWEN3D_OFFLOAD_COLLAPSE=0 leaves the CPU experts' pages as the faults gave them.
+ * better).
  *
  * Between requests the backend may re-balance (q3_off_rebalance_plan, then per swap: upload into
  * q3_off_swap_slot, q3_off_swap_commit): experts the decayed statistics show used clearly more
