@@ -32,8 +32,9 @@ struct act_item {
 	int b0, b1;
 };
 
-/* the shared activation rows (no permutation) are cut into this many block ranges: at decode it
- * is the only item, and one worker converting it while the others wait costs a tenth of the job */
+/* the shared activation rows (no permutation) are cut into this many block ranges, so that at
+ * decode, where one row is all there is, the workers share it instead of one converting it while
+ * the others wait */
 #define ACT_PARTS 8
 
 struct q3_cpu_moe {
@@ -44,7 +45,7 @@ struct q3_cpu_moe {
 	struct q3_cpu_moe_req r;
 	int err;
 	char errmsg[160];
-	int nslots, nact, tasks_gu, tasks_dn, units_gu, chunks_total;
+	int nslots, nact, tasks_gu, tasks_dn, units_gu;
 	struct slot *slots;	 /* [max_pairs] */
 	int *slot_of;		 /* [num_experts]: slot + 1, 0 = none */
 	int16_t *tok_store;	 /* [max_pairs] */
@@ -212,7 +213,6 @@ static void plan(struct q3_cpu_moe *m)
 			m->chunk_j0[chunks++] = j0;
 			even &= Q3_MIN(Q3_XT_MAX, m->slots[i].n - j0) == Q3_MIN(Q3_XT_MAX, m->slots[0].n);
 		}
-	m->chunks_total = chunks;
 	m->units_gu = chunks * tiles_i;
 	m->tasks_gu = Q3_MIN(m->units_gu, nw * (even ? 1 : 4));
 	m->tasks_dn = r->T ? Q3_MIN(tiles_h, nw) : 0;
