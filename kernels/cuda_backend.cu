@@ -843,8 +843,7 @@ static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const s
 	if (err)
 		return err;
 	if (k->R <= bk->dec_rows) {
-		if (off && ((err = q3_off_publish(bk->off, li, bk->idx, bk->wts, bk->xb, k->R, bk->st, e)) ||
-			    (err = q3_off_remap(bk->off, li, bk->idx, bk->sidx, k->R, bk->st, e))))
+		if (off && (err = q3_off_publish(bk->off, li, bk->idx, bk->wts, bk->xb, bk->sidx, k->R, bk->st, e)))
 			return err;
 		err = !xb_ready ? q3g_moe_up_norm(bk->gu, bk->h, L->post_norm, d->eps, ix, &L->egate.m, &L->eup.m,
 						  &L->sgate.m, &L->sup.m, k->R, d->topk, H, ldgu, bk->st, e)
@@ -1161,6 +1160,9 @@ static void cuda_stats(void *p, struct q3_engine_stats *s)
 	s->vram_budget = os.budget_bytes;
 	s->pairs_vram = os.pairs_gpu;
 	s->pairs_cpu = os.pairs_cpu;
+	s->pairs_pcie = os.pairs_pcie;
+	s->pcie_experts = os.pcie_experts;
+	s->pcie_experts_now = os.pcie_experts_now;
 	s->pcie_bytes = os.pcie_bytes;
 	s->tokens = os.tokens;
 	s->cpu_expert_bytes = os.cpu_bytes;

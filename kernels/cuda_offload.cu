@@ -28,6 +28,7 @@ extern "C" {
 #include "checkpoint.h"
 #include "placement.h"
 #include "topology.h"
+#include "tune.h"
 #include "xpool.h"
 }
 
@@ -37,6 +38,18 @@ extern "C" {
 /* rows x top-k at or above this many times the experts: every expert is used (all but e^-8 of
  * them), so a prefill call streams all missing experts without waiting for the routing */
 #define OFF_ALL_USED 8
+/* missing experts of a decode token the GPU reads from host memory over PCIe while the CPU
+ * computes the rest (QWEN3D_OFFLOAD_PCIE_EXPERTS, 0 .. Q3G_HX_MAX; 0: the CPU computes all) */
+#define OFF_HX_DEFAULT 2
+/* without the setting, the decode calls themselves pick 0 .. OFF_HX_DEFAULT (tune.h): trials of
+ * OFF_TUNE_PER single-row calls a setting, again every OFF_TUNE_RECHECK calls */
+#define OFF_TUNE_PER 8
+#define OFF_TUNE_RECHECK 4096
+/* ... and only when the CPU keeps at least this many: under a PCIe read of ~55 us (one expert,
+ * measured on the H200 machine) the CPU's ~25 us an expert (after ~10 us of start) beats the link
+ * for one or two experts.  With Zipf-1.0 routing (1.4 missing experts a token) taking one of
+ * them anyway cost 10%: 157-159 tok/s against 176. */
+#define OFF_HX_KEEP 2
 /* tokens: the expert statistics' memory, by cache policy.  lru follows what the last requests
  * used; lfu the long-run frequency; static keeps the placement made at start (no re-balancing). */
 #define OFF_HALF_LIFE_LRU 20000.0
@@ -44,6 +57,7 @@ extern "C" {
 
 struct hand {
 	volatile uint32_t gate, done, seq0, err;
+	volatile uint32_t hx_g; /* the GPU's picks a token in this call (publish copies it to the device) */
 };
 
 struct off_layer {
@@ -101,9 +115,9 @@ struct q3_offload {
 	char stats_path[1024];
 	/* handoff (mapped pinned) */
 	struct hand *hw, *hw_d;
-	int32_t *idx_h;
-	float *w_h, *out_h, *out_d;
-	uint16_t *xb_h;
+	int32_t *idx_h, *idx_hd;	/* host, and the device's view (mapped) */
+	float *w_h, *w_hd, *out_h, *out_d;
+	uint16_t *xb_h, *xb_hd;
 	uint32_t next_seq;
 	int R, rows_real, armed;
 	double timeout_s;
@@ -126,6 +140,24 @@ struct q3_offload {
 	/* the checkpoint's mappings registered with CUDA (pinned: full-speed prefill copies) */
 	void **pinned;
 	int npinned;
+	struct pin_range *pr;	/* the ranges, sorted, with the device's view of each */
+	int npr;
+	/* decode: of a row's missing experts the GPU reads up to hx_max over PCIe (gpu_moe_host.cu);
+	 * hx_cur in this call, picked by the tuner unless the setting fixed it */
+	int hx_max, hx_cur;
+	bool hx_auto, hx_timed;
+	struct q3_tune tune;
+	double call_t0;
+	int *hx_g_d;		/* device copy of hw->hx_g, for the kernels */
+	struct q3g_hexpert *hx_tab_d; /* [L][E] */
+	struct q3g_hfmt hx_fmt;
+	float *hx_ws, *hx_out;	/* scratch, and the share's output [H] (single rows) */
+	cudaStream_t hx_st;	/* the side stream they run on, forked and joined by events */
+	cudaEvent_t hx_fork, hx_done;
+	uint64_t hx_bytes;	/* raw bytes of an expert */
+	const int *dec_idx;	/* the backend's routing and activations (device), from publish */
+	const float *dec_w;
+	const uint16_t *dec_xb;
 	/* counters */
 	uint64_t pairs_gpu, pairs_cpu, pcie, uploads, tokens;
 	double copy_alone_gbps; /* copy_probe's */
@@ -133,52 +165,73 @@ struct q3_offload {
 
 /* ---- kernels ------------------------------------------------------------------------------------ */
 
-__global__ void off_signal_kernel(struct hand *hw, uint32_t layer)
-{
-	__threadfence_system(); /* the copies before this kernel are complete; be explicit */
-	hw->gate = hw->seq0 + layer + 1;
-	__threadfence_system();
-}
-
-__global__ void off_wait_kernel(struct hand *hw, uint32_t layer, long long timeout_cycles)
-{
-	uint32_t want = hw->seq0 + layer + 1;
-	long long t0 = clock64();
-
-	while ((int32_t)(hw->done - want) < 0) {
-		if (clock64() - t0 > timeout_cycles) {
-			hw->err = want;
-			__threadfence_system();
-			__trap();
-		}
-		__nanosleep(200);
-	}
-	__threadfence_system();
-}
-
-/* h[i] += out[i] (out: the CPU's partial, host memory read over PCIe) */
-__global__ void off_add_kernel(float *h, const float *out, int n)
-{
-	int i = blockIdx.x * blockDim.x + threadIdx.x;
-
-	if (i < n)
-		h[i] += out[i];
-}
-
-/* expert ids -> stack slots; experts not there -> Q3G_SKIP; the shared expert (-1) kept, or
+/* expert id -> stack slot; experts not there -> Q3G_SKIP; the shared expert (-1) kept, or
  * skipped when skip_shared */
+static __device__ __forceinline__ int remap_one(int ex, const int16_t *slot_of, bool skip_shared)
+{
+	if (ex < 0)
+		return skip_shared ? Q3G_SKIP : ex;
+	return slot_of[ex] >= 0 ? slot_of[ex] : Q3G_SKIP;
+}
+
 __global__ void off_remap_kernel(int *sidx, const int *idx, const int16_t *slot_of, int P, bool skip_shared)
 {
 	int p = blockIdx.x * blockDim.x + threadIdx.x;
 
-	if (p >= P)
-		return;
-	int ex = idx[p];
+	if (p < P)
+		sidx[p] = remap_one(idx[p], slot_of, skip_shared);
+}
 
-	if (ex < 0)
-		sidx[p] = skip_shared ? Q3G_SKIP : ex;
-	else
-		sidx[p] = slot_of[ex] >= 0 ? slot_of[ex] : Q3G_SKIP;
+/* A decode layer's handoff, one block: the routing (P entries) and the fp16 activations (nx
+ * 32-bit words) into mapped host memory, the slots of the routing for the GPU's experts, then,
+ * once every thread's stores are out (fence, barrier), the gate for the CPU threads.  One launch
+ * where three copies, a signal and the remap were five graph nodes in a row. */
+__global__ void off_publish_kernel(struct hand *hw, uint32_t layer, int32_t *idx_h, float *w_h, uint32_t *xb_h,
+				   const int *idx, const float *w, const uint32_t *xb, int P, int nx, int *sidx,
+				   const int16_t *slot_of, int *hx_g)
+{
+	if (hx_g && threadIdx.x == 0)
+		*hx_g = (int)hw->hx_g;
+	for (int p = threadIdx.x; p < P; p += blockDim.x) {
+		int ex = idx[p];
+
+		idx_h[p] = ex;
+		w_h[p] = w[p];
+		sidx[p] = remap_one(ex, slot_of, false);
+	}
+	for (int i = threadIdx.x; i < nx; i += blockDim.x)
+		xb_h[i] = xb[i];
+	__threadfence_system();
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		hw->gate = hw->seq0 + layer + 1;
+		__threadfence_system();
+	}
+}
+
+/* h[i] += out[i] (+ hx[i]) once the CPU threads' done word says their part is in out (host memory,
+ * read over PCIe); hx: the GPU's share read over PCIe (NULL: none).  Thread 0 of each block polls
+ * (timeout: trap, the context is lost). */
+__global__ void off_join_kernel(float *h, const float *out, const float *hx, int n, struct hand *hw, uint32_t layer,
+				long long timeout_cycles)
+{
+	if (threadIdx.x == 0) {
+		uint32_t want = hw->seq0 + layer + 1;
+		long long t0 = clock64();
+
+		while ((int32_t)(hw->done - want) < 0) {
+			if (clock64() - t0 > timeout_cycles) {
+				hw->err = want;
+				__threadfence_system();
+				__trap();
+			}
+			__nanosleep(100);
+		}
+		__threadfence_system();
+	}
+	__syncthreads();
+	for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+		h[i] += hx ? out[i] + hx[i] : out[i];
 }
 
 /* ---- open / close ------------------------------------------------------------------------------- */
@@ -437,9 +490,12 @@ static int handoff_alloc(struct q3_offload *off, q3_err *e)
 	CUDA_CHECK(e, cudaHostAlloc((void **)&off->hw, sizeof(struct hand), cudaHostAllocMapped));
 	memset((void *)off->hw, 0, sizeof(struct hand));
 	CUDA_CHECK(e, cudaHostGetDevicePointer((void **)&off->hw_d, (void *)off->hw, 0));
-	CUDA_CHECK(e, cudaHostAlloc((void **)&off->idx_h, R * S * 4, cudaHostAllocDefault));
-	CUDA_CHECK(e, cudaHostAlloc((void **)&off->w_h, R * S * 4, cudaHostAllocDefault));
-	CUDA_CHECK(e, cudaHostAlloc((void **)&off->xb_h, R * off->H * 2, cudaHostAllocDefault));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->idx_h, R * S * 4, cudaHostAllocMapped));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->w_h, R * S * 4, cudaHostAllocMapped));
+	CUDA_CHECK(e, cudaHostAlloc((void **)&off->xb_h, R * off->H * 2, cudaHostAllocMapped));
+	CUDA_CHECK(e, cudaHostGetDevicePointer((void **)&off->idx_hd, off->idx_h, 0));
+	CUDA_CHECK(e, cudaHostGetDevicePointer((void **)&off->w_hd, off->w_h, 0));
+	CUDA_CHECK(e, cudaHostGetDevicePointer((void **)&off->xb_hd, off->xb_h, 0));
 	CUDA_CHECK(e, cudaHostAlloc((void **)&off->out_h, R * off->H * 4, cudaHostAllocMapped));
 	CUDA_CHECK(e, cudaHostGetDevicePointer((void **)&off->out_d, off->out_h, 0));
 	off->next_seq = 1;
@@ -577,6 +633,7 @@ static void prof_read(struct off_prof *pf, int s)
  * Best effort: a range that will not register is staged, with a warning. */
 struct pin_range {
 	uintptr_t a, b;
+	uintptr_t d; /* where the device sees a (registered mapped), 0: nowhere */
 };
 
 static int cmp_range(const void *x, const void *y)
@@ -637,29 +694,36 @@ static void pin_checkpoint(struct q3_offload *off, bool quiet)
 		return;
 	r = (struct pin_range *)calloc((size_t)ck->nshards, sizeof(*r));
 	off->pinned = (void **)calloc((size_t)ck->nshards, sizeof(void *));
-	if (!r || !off->pinned) {
+	off->pr = (struct pin_range *)calloc((size_t)ck->nshards, sizeof(*r));
+	if (!r || !off->pinned || !off->pr) {
 		free(r);
 		return;
 	}
 	n = pin_ranges(ck, r);
 	for (int i = 0; i < n; i++) {
 		cudaError_t ce = cudaHostRegister((void *)r[i].a, r[i].b - r[i].a,
-						  cudaHostRegisterReadOnly | cudaHostRegisterPortable);
+						  cudaHostRegisterReadOnly | cudaHostRegisterPortable |
+							  cudaHostRegisterMapped);
+		void *d = NULL;
 
 		if (ce == cudaErrorHostMemoryAlreadyRegistered) { /* pinned by its owner already */
 			cudaGetLastError();
-			bytes += r[i].b - r[i].a;
-			continue;
-		}
-		if (ce != cudaSuccess) {
+		} else if (ce != cudaSuccess) {
 			cudaGetLastError();
 			if (!quiet)
 				q3_warn("offload: cudaHostRegister of %.2f GiB of weights: %s (prefill copies will be "
 					"staged)", gib(r[i].b - r[i].a), cudaGetErrorString(ce));
 			continue;
+		} else {
+			off->pinned[off->npinned++] = (void *)r[i].a;
 		}
-		off->pinned[off->npinned++] = (void *)r[i].a;
 		bytes += r[i].b - r[i].a;
+		if (cudaHostGetDevicePointer(&d, (void *)r[i].a, 0) != cudaSuccess) {
+			cudaGetLastError();
+			d = NULL;
+		}
+		r[i].d = (uintptr_t)d;
+		off->pr[off->npr++] = r[i];
 	}
 	free(r);
 	if (!quiet && bytes)
@@ -667,6 +731,7 @@ static void pin_checkpoint(struct q3_offload *off, bool quiet)
 }
 
 static void copy_probe(struct q3_offload *off, bool quiet);
+static int hx_open(struct q3_offload *off, bool quiet, q3_err *e);
 
 static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_err *e)
 {
@@ -793,6 +858,8 @@ static int open_inner(struct q3_offload *off, const struct q3_off_opts *o, q3_er
 		pin_checkpoint(off, o->quiet);
 	if (!err)
 		copy_probe(off, o->quiet);
+	if (!err)
+		err = hx_open(off, o->quiet, e);
 	if (!err && !o->quiet)
 		q3_info("offload: %d CPU expert threads (%s) on node %d", off->nthreads, q3_xisa_name(off->isa),
 			off->node);
@@ -854,6 +921,17 @@ extern "C" void q3_off_close(struct q3_offload *off)
 	for (int i = 0; i < off->npinned; i++)
 		cudaHostUnregister(off->pinned[i]);
 	free(off->pinned);
+	free(off->pr);
+	cudaFree(off->hx_tab_d);
+	cudaFree(off->hx_ws);
+	cudaFree(off->hx_out);
+	cudaFree(off->hx_g_d);
+	if (off->hx_fork)
+		cudaEventDestroy(off->hx_fork);
+	if (off->hx_done)
+		cudaEventDestroy(off->hx_done);
+	if (off->hx_st)
+		cudaStreamDestroy(off->hx_st);
 	q3_xstats_free(off->xs);
 	if (off->layers)
 		for (int l = 0; l < off->L; l++) {
@@ -921,8 +999,128 @@ extern "C" bool q3_off_layer_cpu(const struct q3_offload *off, int layer)
 
 /* ---- decode --------------------------------------------------------------------------------------- */
 
+/* The GPU's picks a row in a decode call of R rows: single-row calls only (the rows of a batch
+ * would each read their picks, the same experts over again, where the CPU reads each once). */
+static int hx_picks(const struct q3_offload *off, int R)
+{
+	return R == 1 ? off->hx_max : 0;
+}
+
+/* Where the device sees host address p (inside a registered, mapped range), 0: nowhere. */
+static uintptr_t dev_view(const struct q3_offload *off, const void *p)
+{
+	uintptr_t a = (uintptr_t)p;
+	int lo = 0, hi = off->npr - 1;
+
+	while (lo <= hi) {
+		int mid = (lo + hi) / 2;
+		const struct pin_range *r = &off->pr[mid];
+
+		if (a < r->a)
+			hi = mid - 1;
+		else if (a >= r->b)
+			lo = mid + 1;
+		else
+			return r->d ? r->d + (a - r->a) : 0;
+	}
+	return 0;
+}
+
+/* The device's table of every expert's raw tensors in host memory, for q3g_moe_host: made when
+ * the experts are stored alike (bits, group, zero offset, scale type), without act-order, and
+ * inside the pinned ranges; else the GPU reads none (the CPU computes every missing expert). */
+static int hx_open(struct q3_offload *off, bool quiet, q3_err *e)
+{
+	const char *env = getenv("QWEN3D_OFFLOAD_PCIE_EXPERTS");
+	int G = env && *env ? atoi(env) : OFF_HX_DEFAULT;
+	const struct q3_expert *x0 = &off->m->layers[0].experts[0];
+	const struct q3_linear *f0[2] = { &x0->gate, &x0->down };
+	struct q3g_hfmt *f = &off->hx_fmt;
+	struct q3g_hexpert *tab = NULL;
+	const char *why = NULL;
+
+	if (env && *env && (G < 0 || G > Q3G_HX_MAX))
+		return q3_errf(e, -EINVAL, "QWEN3D_OFFLOAD_PCIE_EXPERTS='%s': expected 0 .. %d experts a token", env,
+			       Q3G_HX_MAX);
+	G = Q3_MIN(G, off->k);
+	if (!G || !off->active)
+		return 0;
+	for (int i = 0; i < 2; i++) {
+		f->bits[i] = f0[i]->bits;
+		f->group[i] = f0[i]->group_size;
+		f->zero_off[i] = f0[i]->zero_offset;
+		f->bf16[i] = f0[i]->scales && f0[i]->scales->dtype == Q3_DT_BF16;
+	}
+	if (off->perms)
+		why = "act-order experts";
+	else if (!off->npr)
+		why = "the weights are not pinned";
+	else if (off->H % 4 || off->I % 4)
+		why = "hidden or expert size not a multiple of 4";
+	else if (!(tab = (struct q3g_hexpert *)calloc((size_t)off->L * off->E, sizeof(*tab))))
+		return q3_errf(e, -ENOMEM, "out of memory");
+	for (int l = 0; l < off->L && !why; l++)
+		for (int x = 0; x < off->E && !why; x++) {
+			const struct q3_expert *ex = &off->m->layers[l].experts[x];
+			const struct q3_linear *ls[3] = { &ex->gate, &ex->up, &ex->down };
+
+			for (int i = 0; i < 3 && !why; i++) {
+				const struct q3_linear *q = ls[i], *r = f0[i == 2];
+				struct q3g_hlin *h = &tab[(size_t)l * off->E + x].lin[i];
+
+				if (q->fmt != Q3_W_GPTQ || q->bits != r->bits || q->group_size != r->group_size ||
+				    q->zero_offset != r->zero_offset || q->desc_act || !q->scales ||
+				    q->scales->dtype != r->scales->dtype) {
+					why = "experts stored unlike each other";
+					break;
+				}
+				h->qweight = (const uint32_t *)dev_view(off, q->qweight->data);
+				h->qzeros = (const uint32_t *)dev_view(off, q->qzeros->data);
+				h->scales = (const uint16_t *)dev_view(off, q->scales->data);
+				if (!h->qweight || !h->qzeros || !h->scales || (uintptr_t)h->qzeros % 4 ||
+				    (uintptr_t)h->qweight % 4 || (uintptr_t)h->scales % 2)
+					why = "weights outside the memory the GPU can map";
+			}
+			if (l == 0 && x == 0)
+				for (int i = 0; i < 3; i++)
+					off->hx_bytes += ls[i]->qweight->nbytes + ls[i]->qzeros->nbytes + ls[i]->scales->nbytes;
+		}
+	if (why) {
+		free(tab);
+		off->hx_bytes = 0;
+		if (!quiet)
+			q3_info("offload: the GPU reads no experts over PCIe in decode (%s)", why);
+		return 0;
+	}
+	size_t tb = sizeof(*tab) * (size_t)off->L * off->E;
+	cudaError_t ce = cudaMalloc((void **)&off->hx_tab_d, tb);
+
+	if (ce == cudaSuccess)
+		ce = cudaMalloc((void **)&off->hx_ws, sizeof(float) * q3g_moe_host_scratch(1, G, off->H, off->I));
+	if (ce == cudaSuccess)
+		ce = cudaMalloc((void **)&off->hx_out, sizeof(float) * off->H);
+	if (ce == cudaSuccess)
+		ce = cudaMalloc((void **)&off->hx_g_d, sizeof(int));
+	if (ce == cudaSuccess)
+		ce = cudaMemcpy(off->hx_tab_d, tab, tb, cudaMemcpyHostToDevice);
+	free(tab);
+	CUDA_CHECK(e, ce);
+	CUDA_CHECK(e, cudaStreamCreateWithFlags(&off->hx_st, cudaStreamNonBlocking));
+	CUDA_CHECK(e, cudaEventCreateWithFlags(&off->hx_fork, cudaEventDisableTiming));
+	CUDA_CHECK(e, cudaEventCreateWithFlags(&off->hx_done, cudaEventDisableTiming));
+	off->hx_max = G;
+	off->hx_auto = !(env && *env);
+	off->hx_cur = off->hx_auto ? 0 : G;
+	q3_tune_init(&off->tune, G + 1, OFF_TUNE_PER, OFF_TUNE_RECHECK);
+	if (!quiet)
+		q3_info("offload: in decode the GPU reads %s%d of a token's missing experts over PCIe (the last, "
+			"where the CPU keeps %d), the CPU computes the rest", off->hx_auto ? "0 to " : "", G,
+			OFF_HX_KEEP);
+	return 0;
+}
+
 extern "C" int q3_off_publish(struct q3_offload *off, int layer, const int *idx, const float *w, const uint16_t *xb,
-			      int R, q3g_stream stream, q3_err *e)
+			      int *sidx, int R, q3g_stream stream, q3_err *e)
 {
 	cudaStream_t st = (cudaStream_t)stream;
 	size_t S = (size_t)off->k + 1;
@@ -931,22 +1129,26 @@ extern "C" int q3_off_publish(struct q3_offload *off, int layer, const int *idx,
 		return 0;
 	if (R > off->max_rows)
 		return q3_errf(e, -EINVAL, "offload: %d rows in a decode handoff (at most %d)", R, off->max_rows);
-	CUDA_CHECK(e, cudaMemcpyAsync(off->idx_h, idx, (size_t)R * S * 4, cudaMemcpyDeviceToHost, st));
-	CUDA_CHECK(e, cudaMemcpyAsync(off->w_h, w, (size_t)R * S * 4, cudaMemcpyDeviceToHost, st));
-	CUDA_CHECK(e, cudaMemcpyAsync(off->xb_h, xb, (size_t)R * off->H * 2, cudaMemcpyDeviceToHost, st));
-	off_signal_kernel<<<1, 1, 0, st>>>(off->hw_d, (uint32_t)layer);
+	off->dec_idx = idx;
+	off->dec_w = w;
+	off->dec_xb = xb;
+	off_publish_kernel<<<1, 512, 0, st>>>(off->hw_d, (uint32_t)layer, off->idx_hd, off->w_hd, (uint32_t *)off->xb_hd,
+					      idx, w, (const uint32_t *)xb, R * (int)S, R * off->H / 2, sidx,
+					      off->layers[layer].slot_of_d, hx_picks(off, R) ? off->hx_g_d : NULL);
 	CUDA_CHECK_LAUNCH(e);
-	return 0;
-}
+	/* the GPU's share of the missing experts: on the side stream, beside the resident experts
+	 * (it reads host memory and writes only its own buffers; q3_off_join adds its output) */
+	if (hx_picks(off, R)) {
+		CUDA_CHECK(e, cudaEventRecord(off->hx_fork, st));
+		CUDA_CHECK(e, cudaStreamWaitEvent(off->hx_st, off->hx_fork, 0));
+		int err = q3g_moe_host(off->hx_out, off->hx_ws, xb, idx, w, (int)S, off->k, off->layers[layer].slot_of_d,
+				       off->hx_tab_d + (size_t)layer * off->E, &off->hx_fmt, hx_picks(off, R), OFF_HX_KEEP,
+				       off->hx_g_d, R, off->H, off->I, (q3g_stream)off->hx_st, e);
 
-extern "C" int q3_off_remap(struct q3_offload *off, int layer, const int *idx, int *sidx, int R, q3g_stream stream,
-			    q3_err *e)
-{
-	int P = R * (off->k + 1);
-
-	off_remap_kernel<<<cdiv(P, 256), 256, 0, (cudaStream_t)stream>>>(sidx, idx, off->layers[layer].slot_of_d, P,
-									  false);
-	CUDA_CHECK_LAUNCH(e);
+		if (err)
+			return err;
+		CUDA_CHECK(e, cudaEventRecord(off->hx_done, off->hx_st));
+	}
 	return 0;
 }
 
@@ -954,13 +1156,15 @@ extern "C" int q3_off_join(struct q3_offload *off, int layer, float *h, int R, q
 {
 	cudaStream_t st = (cudaStream_t)stream;
 	int n = R * off->H;
+	bool hx = hx_picks(off, R) > 0;
 
 	if (!q3_off_layer_cpu(off, layer))
 		return 0;
-	off_wait_kernel<<<1, 1, 0, st>>>(off->hw_d, (uint32_t)layer,
-					 (long long)(off->timeout_s * 2.0e9)); /* cycles at up to 2 GHz */
-	CUDA_CHECK_LAUNCH(e);
-	off_add_kernel<<<cdiv(n, 256), 256, 0, st>>>(h, off->out_d, n);
+	if (hx)
+		CUDA_CHECK(e, cudaStreamWaitEvent(st, off->hx_done, 0));
+	off_join_kernel<<<Q3_MIN(cdiv(n, 1024), 8), 1024, 0, st>>>(h, off->out_d, hx ? off->hx_out : NULL, n, off->hw_d,
+								     (uint32_t)layer,
+								     (long long)(off->timeout_s * 2.0e9)); /* cycles at up to 2 GHz */
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }
@@ -975,6 +1179,14 @@ extern "C" void q3_off_begin(struct q3_offload *off, int R, int real)
 	off->hw->seq0 = off->next_seq;
 	off->next_seq += (uint32_t)off->L + 1;
 	off->tokens += (uint64_t)off->rows_real;
+	/* single rows: the GPU's share of the missing experts in this call, and, while the tuner
+	 * tries the settings, the call's time (to q3_off_cpu_end) */
+	off->hx_timed = hx_picks(off, R) > 0 && off->hx_auto;
+	if (hx_picks(off, R)) {
+		off->hx_cur = off->hx_auto ? q3_tune_next(&off->tune) : off->hx_max;
+		off->hw->hx_g = (uint32_t)off->hx_cur;
+		off->call_t0 = q3_now();
+	}
 	/* the CPU computes the real rows only (a graph's padding rows would cost it whole experts);
 	 * the GPU adds all R rows of out: the padding ones are zeros for the whole call */
 	if (off->rows_real < Q3_MIN(R, off->max_rows))
@@ -1017,6 +1229,8 @@ extern "C" int q3_off_cpu_layer(struct q3_offload *off, int layer, q3_err *e)
 	r.k = off->k;
 	r.ldk = off->k + 1;
 	r.experts = off->layers[layer].table;
+	r.elsewhere = hx_picks(off, off->R) ? off->hx_cur : 0;
+	r.keep = OFF_HX_KEEP;
 	r.out = off->out_h;
 	r.ldo = (size_t)off->H;
 	r.stats = off->xs;
@@ -1036,6 +1250,9 @@ extern "C" int q3_off_cpu_end(struct q3_offload *off, q3_err *e)
 	if (off->armed >= 0)
 		err = q3_cpu_moe_wait(off->moe, e);
 	off->armed = -1;
+	if (off->hx_timed && !err)
+		q3_tune_done(&off->tune, q3_now() - off->call_t0);
+	off->hx_timed = false;
 	if (off->xs)
 		q3_xstats_tick(off->xs, (uint64_t)off->rows_real);
 	return err; /* on failure the backend calls q3_off_abort */
@@ -1455,11 +1672,15 @@ extern "C" void q3_off_stats(const struct q3_offload *off, struct q3_off_stats *
 	s->pairs_cpu = off->pairs_cpu;
 	s->cpu_threads = off->nthreads;
 	s->cpu_node = off->node;
+	s->pcie_experts = off->hx_max;
+	s->pcie_experts_now = off->hx_cur;
 	snprintf(s->isa, sizeof(s->isa), "%s", off->active ? q3_xisa_name(off->isa) : "-");
 	if (off->moe) {
 		q3_cpu_moe_stats(off->moe, &cs);
 		s->pairs_cpu += cs.pairs;
 		s->pairs_gpu += cs.skipped;
+		s->pairs_pcie = cs.elsewhere;
+		s->pcie_bytes += cs.elsewhere * off->hx_bytes;
 		s->cpu_bytes = cs.bytes;
 		s->cpu_busy_s = cs.busy_s;
 		s->cpu_phase_s[0] = cs.act_s;

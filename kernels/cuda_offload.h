@@ -11,13 +11,18 @@
  *
  * Decode (a layer's rows <= max_rows), around the MoE of layer l, all on the compute stream and
  * capturable in a CUDA graph:
- *   q3_off_publish  copies the routing (ids, weights) and the normed fp16 activations to pinned
- *                   host memory, then a one-thread kernel stores the layer's sequence number into
- *                   a host-mapped gate word: the CPU threads start;
- *   q3_off_remap    turns expert ids into stack slots (Q3G_SKIP for the CPU's experts), so the
- *                   GPU's moe_up / moe_down compute the resident experts and the shared one;
- *   q3_off_join     a one-thread kernel waits for the host-mapped done word (timeout: trap), then
- *                   the CPU's partial output (pinned, read over PCIe) is added to the residual.
+ *   q3_off_publish  one kernel writes the routing (ids, weights) and the normed fp16 activations
+ *                   into mapped pinned host memory, turns the ids into stack slots (Q3G_SKIP for
+ *                   the CPU's experts, so the GPU's moe_up / moe_down compute the resident experts
+ *                   and the shared one), then stores the layer's sequence number into a
+ *                   host-mapped gate word: the CPU threads start.  Single-row calls then fork a
+ *                   side stream on which the GPU computes up to two of the row's missing experts
+ *                   itself (the last in routing order, when the CPU keeps two), reading their raw
+ *                   GPTQ bytes from the pinned checkpoint over PCIe (gpu_moe_host.cu); the CPU
+ *                   skips them.  How many (0, 1, 2) the calls themselves measure (tune.h);
+ *   q3_off_join     joins the side stream; one kernel waits for the host-mapped done word
+ *                   (timeout: trap), then adds the CPU's partial output (pinned, read over PCIe)
+ *                   and the side stream's to the residual.
  * One synchronization per layer; the GPU computes its experts while the CPU computes the rest.
  * The host side of a call: q3_off_begin, then, after each layer's GPU work is enqueued (or after
  * the whole graph is launched), q3_off_cpu_layer(l) arms the CPU job of layer l (waiting for
@@ -39,7 +44,8 @@
  * QWEN3D_REBALANCE_MIN_TOKENS (default 1000) is the evidence re-balancing waits for;
  * QWEN3D_OFFLOAD_STAGE_RAW (2 .. 16, default 4) sizes the prefill's raw staging ring (each buffer
  * 32 experts of VRAM taken from the expert cache; 2 -> 4 measured 3,539 -> 4,039 tok/s, 8 no
- * better).
+ * better); QWEN3D_OFFLOAD_PCIE_EXPERTS (0 .. 8; unset: 0 to 2, tuned) fixes how many of a decode
+ * token's missing experts the GPU reads over PCIe (0: the CPU computes them all).
  *
  * Between requests the backend may re-balance (q3_off_rebalance_plan, then per swap: upload into
  * q3_off_swap_slot, q3_off_swap_commit): experts the decayed statistics show used clearly more
@@ -83,6 +89,9 @@ struct q3_off_stats {
 	int experts_vram, experts_total;
 	uint64_t budget_bytes;	 /* the weights' VRAM budget in force */
 	uint64_t pairs_gpu, pairs_cpu; /* routed (token, expert) pairs served by each */
+	uint64_t pairs_pcie;	 /* decode pairs the GPU computed reading host memory over PCIe */
+	int pcie_experts;	 /* that share: at most this many missing experts a token (0: off) */
+	int pcie_experts_now;	 /* ... and in the last single-row call (the tuner's pick) */
 	uint64_t pcie_bytes;	 /* handoff copies and prefill expert uploads */
 	uint64_t uploads;	 /* experts copied to the device in prefill */
 	uint64_t cpu_bytes;	 /* expert weight bytes the CPU threads read */
@@ -117,10 +126,9 @@ int q3_off_slot_expert(const struct q3_offload *off, int layer, int slot);
 bool q3_off_layer_cpu(const struct q3_offload *off, int layer);
 
 /* ---- decode, on the compute stream (capturable) ------------------------------------------------- */
+/* sidx [R][k + 1]: idx's stack slots (device), for q3g_moe_up / q3g_moe_down */
 int q3_off_publish(struct q3_offload *off, int layer, const int *idx, const float *w,
-		   const uint16_t *xb, int R, q3g_stream st, struct q3_err *e);
-int q3_off_remap(struct q3_offload *off, int layer, const int *idx, int *sidx, int R, q3g_stream st,
-		 struct q3_err *e);
+		   const uint16_t *xb, int *sidx, int R, q3g_stream st, struct q3_err *e);
 int q3_off_join(struct q3_offload *off, int layer, float *h, int R, q3g_stream st, struct q3_err *e);
 
 /* ---- decode, host side ------------------------------------------------------------------------ */

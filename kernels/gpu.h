@@ -279,6 +279,34 @@ int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w, cons
 		 const struct q3g_mat *sdown, int R, int k, int H, int ldgu, q3g_stream st,
 		 struct q3_err *e);
 
+/* Routed experts read straight from host memory (mapped pinned pages, over PCIe) in their raw
+ * GPTQ layout, for decode with experts beyond VRAM (gpu_moe_host.cu).  Row r's picks: of the m
+ * routed entries idx[r][0..k) whose expert has no VRAM slot (slot_of[x] < 0), the last
+ * min(G, m - keep) in routing order (the first ones, at least keep, are left to the CPU);
+ * out[r] = Σ w · down(silu(gate(x)) ⊙ up(x)) over them (stored, zeros for a row without),
+ * x the fp16 activations xb[r].  tab [E] (device memory): each expert's tensors as the device
+ * sees them; ws: scratch of q3g_moe_host_scratch floats; g_now (device, NULL: G): the picks a
+ * row in force for this launch, at most G (a captured graph keeps its G, the caller moves g_now). */
+#define Q3G_HX_MAX 8 /* picks a row */
+struct q3g_hlin {
+	const uint32_t *qweight; /* [K·bits/32][N] codes packed along K */
+	const uint32_t *qzeros;	 /* [K/group][N·bits/32] */
+	const uint16_t *scales;	 /* [K/group][N] fp16 or bf16 */
+};
+struct q3g_hexpert {
+	struct q3g_hlin lin[3]; /* gate, up, down */
+};
+/* The storage every expert of a table shares (gate and up alike): bits 4 or 8, group a multiple
+ * of 32 / bits; H and I multiples of 4, every tensor 4-byte aligned. */
+struct q3g_hfmt {
+	int bits[2], group[2], zero_off[2]; /* [0] gate and up, [1] down */
+	bool bf16[2];
+};
+size_t q3g_moe_host_scratch(int R, int G, int H, int I);
+int q3g_moe_host(float *out, float *ws, const uint16_t *xb, const int *idx, const float *w, int ldk, int k,
+		 const int16_t *slot_of, const struct q3g_hexpert *tab, const struct q3g_hfmt *f, int G, int keep,
+		 const int *g_now, int R, int H, int I, q3g_stream st, struct q3_err *e);
+
 /* Prefill MoE (any R): pairs grouped by expert, grouped tensor-core GEMMs.  ws: scratch of
  * q3g_moe_prefill_scratch bytes. */
 size_t q3g_moe_prefill_scratch(int R, const struct q3g_dims *d);

@@ -390,6 +390,83 @@ static void test_fp16_rows(void **state)
 	free(xh);
 }
 
+/* req.elsewhere / keep: of a token's m routed experts in the table, the last min(n, m - keep) are
+ * left to the GPU (it reads them over PCIe); the output is the reference over the rest, the
+ * counts add up. */
+static void test_elsewhere(void **state)
+{
+	enum { T = 6 };
+	struct fixture f;
+	struct q3_xpool_opts po = {.nthreads = 3};
+	struct q3_cpu_moe_opts mo = {.I = 128, .num_experts = E, .top_k = K, .max_tokens = T,
+				     .isa = q3_xisa_best()};
+	struct q3_xpool *p;
+	struct q3_cpu_moe *m;
+	q3_err e = {0};
+	uint64_t rng = 77;
+	int32_t ids[T * K], kept[T * K];
+	float w[T * K];
+
+	(void)state;
+	make_fixture(&f, false, 256, 128);
+	mo.H = f.H;
+	float *x = malloc(sizeof(float) * T * f.H), *ref = malloc(sizeof(float) * T * f.H);
+	float *out = malloc(sizeof(float) * T * f.H);
+
+	for (int i = 0; i < T * f.H; i++)
+		x[i] = (float)(q3_xrandu(&rng) - 0.5);
+	routing(T, &rng, ids, w);
+	assert_int_equal(q3_xpool_new(&po, &p, &e), 0);
+	assert_int_equal(q3_cpu_moe_new(p, &mo, &m, &e), 0);
+	uint64_t left_total = 0;
+
+	for (int call = 0; call < 2 * (K + 1); call++) {
+		int n = call % (K + 1), keep = call / (K + 1) ? 2 : 0;
+		struct q3_cpu_moe_req r = {.T = T, .x = x, .ldx = (size_t)f.H, .ids = ids, .w = w, .k = K,
+					   .experts = f.table, .out = out, .ldo = (size_t)f.H, .elsewhere = n,
+					   .keep = keep};
+		struct q3_cpu_moe_stats st;
+		int left = 0;
+
+		/* the reference without the left ones: they become a VRAM expert (3), which it skips */
+		for (int t = 0; t < T; t++) {
+			int miss = 0;
+
+			for (int i = 0; i < K; i++)
+				miss += f.table[ids[t * K + i]] != NULL;
+			int g = Q3_MIN(n, Q3_MAX(0, miss - keep));
+
+			for (int i = 0, c = 0; i < K; i++) {
+				int id = ids[t * K + i];
+
+				kept[t * K + i] = id;
+				if (f.table[id] && c++ >= miss - g) {
+					kept[t * K + i] = 3;
+					left++;
+				}
+			}
+		}
+		reference(&f, mo.isa, Q3_XACT_INT8, T, x, kept, w, ref);
+		assert_int_equal(q3_cpu_moe_run(m, &r, &e), 0);
+		for (int i = 0; i < T * f.H; i++)
+			if (!(fabs(out[i] - ref[i]) <= 1e-6 * (1 + fabs(ref[i]))))
+				fail_msg("elsewhere %d keep %d: out[%d] %g, reference %g", n, keep, i, out[i], ref[i]);
+		left_total += (uint64_t)left;
+		q3_cpu_moe_stats(m, &st);
+		assert_int_equal(st.elsewhere, left_total);
+		assert_int_equal(st.pairs + st.skipped + st.elsewhere, (uint64_t)(call + 1) * T * K);
+		if (n == K && keep == 0) /* nothing left for the CPU */
+			for (int i = 0; i < T * f.H; i++)
+				assert_true(out[i] == 0.0f);
+	}
+	q3_cpu_moe_free(m);
+	q3_xpool_free(p);
+	free_fixture(&f);
+	free(x);
+	free(ref);
+	free(out);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -397,6 +474,7 @@ int main(void)
 		cmocka_unit_test(test_actorder),
 		cmocka_unit_test(test_handoff),
 		cmocka_unit_test(test_fp16_rows),
+		cmocka_unit_test(test_elsewhere),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -41,7 +41,8 @@ static int32_t rid(int V)
 static void report(FILE *csv, const char *what, const struct q3_engine_stats *a,
 		   const struct q3_engine_stats *b, int tokens, double secs, int steps, int L)
 {
-	double pairs = (double)(b->pairs_vram - a->pairs_vram) + (double)(b->pairs_cpu - a->pairs_cpu);
+	double pcie_pairs = (double)(b->pairs_pcie - a->pairs_pcie);
+	double pairs = (double)(b->pairs_vram - a->pairs_vram) + (double)(b->pairs_cpu - a->pairs_cpu) + pcie_pairs;
 	double hit = pairs > 0 ? (double)(b->pairs_vram - a->pairs_vram) / pairs : 1.0;
 	double busy = b->cpu_expert_busy_s - a->cpu_expert_busy_s;
 	double cpugbs = busy > 0 ? (double)(b->cpu_expert_bytes - a->cpu_expert_bytes) / busy / 1e9 : 0;
@@ -57,6 +58,11 @@ static void report(FILE *csv, const char *what, const struct q3_engine_stats *a,
 	       steps ? busy / steps / L * 1e3 : 0.0, ph[0], ph[1], ph[2]);
 	uint64_t nl = b->prefill_layers - a->prefill_layers;
 
+	if (pcie_pairs > 0) /* the GPU's share of the missing experts, read from host memory */
+		printf("%-10s the GPU read %.1f%% of the routed experts over PCIe (%.2f a token a layer; up to %d, "
+		       "%d at the end), the CPU computed %.1f%%\n",
+		       "", 100 * pcie_pairs / pairs, pcie_pairs / tokens / L, b->pcie_experts, b->pcie_experts_now,
+		       100 * (double)(b->pairs_cpu - a->pairs_cpu) / pairs);
 	if (nl) { /* where a streamed prefill layer's GPU time goes */
 		double ms[5];
 

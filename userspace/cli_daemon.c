@@ -411,6 +411,7 @@ static void print_live(const char *body)
 	char b[3][32];
 	double pairs_v = metric(body, "qwen3d_expert_pairs_total{where=\"vram\"}");
 	double pairs_c = metric(body, "qwen3d_expert_pairs_total{where=\"cpu\"}");
+	double pairs_p = metric(body, "qwen3d_expert_pairs_total{where=\"pcie\"}");
 	double tokens = metric(body, "qwen3d_offload_tokens_total");
 	double busy = metric(body, "qwen3d_cpu_expert_busy_seconds_total");
 	double total = metric(body, "qwen3d_experts");
@@ -433,10 +434,14 @@ static void print_live(const char *body)
 		return;
 	}
 	q3_fmt_bytes((uint64_t)(tokens > 0 ? metric(body, "qwen3d_pcie_bytes_total") / tokens : 0), b[1], sizeof(b[1]));
-	printf("experts   %.0f of %.0f in VRAM (budget %s), the rest in RAM; hit rate %.1f%% of %.0f pairs, "
-	       "PCIe %s per token\n",
-	       metric(body, "qwen3d_experts_vram"), total, b[0], pairs_v + pairs_c > 0 ? 100 * pairs_v / (pairs_v + pairs_c) : 100.0,
-	       pairs_v + pairs_c, b[1]);
+	if (isnan(pairs_p)) /* a daemon from before the GPU read experts over PCIe */
+		pairs_p = 0;
+	double pairs = pairs_v + pairs_c + pairs_p;
+
+	printf("experts   %.0f of %.0f in VRAM (budget %s), the rest in RAM; hit rate %.1f%% of %.0f pairs "
+	       "(%.1f%% read by the GPU over PCIe), PCIe %s per token\n",
+	       metric(body, "qwen3d_experts_vram"), total, b[0], pairs > 0 ? 100 * pairs_v / pairs : 100.0, pairs,
+	       pairs > 0 ? 100 * pairs_p / pairs : 0.0, b[1]);
 	q3_fmt_bytes((uint64_t)metric(body, "qwen3d_cpu_expert_bytes_total"), b[2], sizeof(b[2]));
 	printf("          CPU experts: %.1f GB/s while busy (%s read in %.1f s)%s%.*s\n",
 	       metric(body, "qwen3d_cpu_expert_gbytes_per_second"), b[2], busy, info ? ", " : "",

@@ -62,7 +62,7 @@ struct q3_cpu_moe {
 	atomic_int act_left, gu_left, dn_left, plan_left;
 	struct q3_cpu_moe_stats st;
 	uint64_t call_bytes;
-	int call_pairs, call_skipped, ldk;
+	int call_pairs, call_skipped, call_elsewhere, ldk;
 	bool posted;
 };
 
@@ -105,6 +105,31 @@ static int act_parts(const struct q3_cpu_moe *m)
 	return Q3_MIN(ACT_PARTS, m->o.H / Q3_XBLOCK);
 }
 
+/* How many of a token's routed experts in the table, the first ones in routing order, are the
+ * CPU's: all but the last min(elsewhere, m - keep) (cpu_moe.h). */
+static int cpu_share(const struct q3_cpu_moe *m, const int32_t *ids)
+{
+	const struct q3_cpu_moe_req *r = &m->r;
+	int n = 0;
+
+	for (int i = 0; i < r->k; i++)
+		n += ids[i] >= 0 && ids[i] < m->o.num_experts && r->experts[ids[i]];
+	return n - Q3_MIN(r->elsewhere, Q3_MAX(0, n - r->keep));
+}
+
+/* Whether the CPU computes the routed entry (expert id) of a token: the expert is in the table
+ * and within the token's share (*left, from cpu_share, counts it down). */
+static bool cpu_computes(const struct q3_cpu_moe_req *r, int id, int *left)
+{
+	if (!r->experts[id])
+		return false;
+	if (*left > 0) {
+		(*left)--;
+		return true;
+	}
+	return false;
+}
+
 /* Phase 0: pairs grouped by expert, activation items, task counts. */
 static void plan(struct q3_cpu_moe *m)
 {
@@ -114,7 +139,7 @@ static void plan(struct q3_cpu_moe *m)
 
 	m->nslots = m->nact = m->tasks_gu = m->tasks_dn = 0;
 	m->call_bytes = 0;
-	m->call_skipped = 0;
+	m->call_skipped = m->call_elsewhere = 0;
 	m->ldk = r->ldk ? r->ldk : r->k;
 	if (r->T < 0 || r->T > m->o.max_tokens || r->k < 0 || r->k > m->o.top_k || m->ldk < r->k ||
 	    (!r->x && !r->xh)) {
@@ -124,15 +149,17 @@ static void plan(struct q3_cpu_moe *m)
 	/* count tokens per expert, in ascending expert order */
 	memset(m->slot_of, 0, sizeof(int) * (size_t)m->o.num_experts);
 	for (int t = 0; t < r->T; t++)
-		for (int i = 0; i < r->k; i++) {
+		for (int i = 0, left = cpu_share(m, r->ids + (size_t)t * m->ldk); i < r->k; i++) {
 			int id = r->ids[(size_t)t * m->ldk + i];
 
 			if (id < 0 || id >= m->o.num_experts) {
 				fail(m, "cpu experts: routed expert id %d out of range", id);
 				return;
 			}
-			if (r->experts[id])
+			if (cpu_computes(r, id, &left))
 				m->slot_of[id]++;
+			else if (r->experts[id])
+				m->call_elsewhere++;
 			else
 				m->call_skipped++;
 		}
@@ -156,10 +183,10 @@ static void plan(struct q3_cpu_moe *m)
 		m->call_bytes += q3_xexpert_bytes(s->x);
 	}
 	for (int t = 0; t < r->T; t++)
-		for (int i = 0; i < r->k; i++) {
+		for (int i = 0, left = cpu_share(m, r->ids + (size_t)t * m->ldk); i < r->k; i++) {
 			int id = r->ids[(size_t)t * m->ldk + i];
 
-			if (r->experts[id]) {
+			if (cpu_computes(r, id, &left)) {
 				struct slot *s = &m->slots[m->slot_of[id] - 1];
 
 				s->tok[s->n] = (int16_t)t;
@@ -510,6 +537,7 @@ int q3_cpu_moe_wait(struct q3_cpu_moe *m, q3_err *e)
 	m->st.calls++;
 	m->st.pairs += (uint64_t)m->call_pairs;
 	m->st.skipped += (uint64_t)m->call_skipped;
+	m->st.elsewhere += (uint64_t)m->call_elsewhere;
 	m->st.experts += (uint64_t)m->nslots;
 	m->st.bytes += m->call_bytes;
 	m->st.busy_s += m->t1 - m->t0;

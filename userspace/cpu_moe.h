@@ -53,6 +53,9 @@ struct q3_cpu_moe_req {
 	int k;		     /* <= top_k */
 	int ldk;	     /* row stride of ids and w; 0: k */
 	const struct q3_xexpert *const *experts; /* [num_experts]; NULL: skip */
+	int elsewhere, keep; /* per token with m routed experts in the table, the last
+			      * min(elsewhere, m - keep) of them in routing order are computed
+			      * elsewhere (the GPU reads them over PCIe): skip them too */
 	float *out;	     /* [T][ldo] */
 	size_t ldo;
 	struct q3_xstats *stats; /* optional: every routed pair is counted here, layer `layer`, */
@@ -64,7 +67,8 @@ struct q3_cpu_moe_req {
 struct q3_cpu_moe_stats {
 	uint64_t calls;
 	uint64_t pairs;	  /* (token, expert) pairs computed here */
-	uint64_t skipped; /* pairs routed to experts not in the table (computed elsewhere) */
+	uint64_t skipped; /* pairs routed to experts not in the table (resident in VRAM) */
+	uint64_t elsewhere; /* pairs of the table's experts left to others (req.elsewhere) */
 	uint64_t experts, bytes;
 	double busy_s; /* from post (or the gate opening) to done */
 	/* busy_s by phase: planning and the activations, experts gate / up, experts down */

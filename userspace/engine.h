@@ -56,6 +56,9 @@ struct q3_engine_stats {
 	uint64_t vram_budget;	  /* bytes of VRAM for weights in force */
 	uint64_t pairs_vram;	  /* routed (token, expert) pairs served from VRAM */
 	uint64_t pairs_cpu;	  /* ... computed by the CPU (decode) or streamed in (prefill) */
+	uint64_t pairs_pcie;	  /* ... computed by the GPU reading host memory over PCIe (decode) */
+	int pcie_experts;	  /* missing experts of a decode token the GPU reads so, at most (0: none) */
+	int pcie_experts_now;	  /* ... in the last single-row call (tuned between 0 and that) */
 	uint64_t pcie_bytes;	  /* offload traffic: handoffs and streamed experts */
 	uint64_t tokens;	  /* rows that went through the offload path */
 	uint64_t cpu_expert_bytes; /* expert weights the CPU expert threads read */

@@ -81,7 +81,7 @@ static void render_experts(FILE *f, struct q3_metrics *m)
 	atomic_flag_clear_explicit(&m->xlock, memory_order_release);
 	if (!have)
 		return;
-	uint64_t pairs = s.pairs_vram + s.pairs_cpu;
+	uint64_t pairs = s.pairs_vram + s.pairs_cpu + s.pairs_pcie;
 	fprintf(f, "# HELP qwen3d_expert_offload Whether some routed experts live in host RAM.\n"
 		   "# TYPE qwen3d_expert_offload gauge\nqwen3d_expert_offload %d\n"
 		   "# HELP qwen3d_experts_vram Routed experts resident in VRAM.\n"
@@ -94,9 +94,10 @@ static void render_experts(FILE *f, struct q3_metrics *m)
 	fprintf(f, "# HELP qwen3d_expert_pairs_total Routed (token, expert) pairs by where they were served.\n"
 		   "# TYPE qwen3d_expert_pairs_total counter\n"
 		   "qwen3d_expert_pairs_total{where=\"vram\"} %llu\nqwen3d_expert_pairs_total{where=\"cpu\"} %llu\n"
+		   "qwen3d_expert_pairs_total{where=\"pcie\"} %llu\n"
 		   "# HELP qwen3d_expert_hit_ratio Share of routed pairs served from VRAM since start.\n"
 		   "# TYPE qwen3d_expert_hit_ratio gauge\nqwen3d_expert_hit_ratio %.4f\n",
-		(unsigned long long)s.pairs_vram, (unsigned long long)s.pairs_cpu,
+		(unsigned long long)s.pairs_vram, (unsigned long long)s.pairs_cpu, (unsigned long long)s.pairs_pcie,
 		pairs ? (double)s.pairs_vram / (double)pairs : 1.0);
 	fprintf(f, "# HELP qwen3d_pcie_bytes_total Offload traffic over PCIe: activations handed to the CPU "
 		   "experts and back, experts streamed in for prefill.\n"

@@ -6,7 +6,9 @@
  *
  *   bench_kernels [--csv F]      one line per case: us per call, GB/s, % of the copy bandwidth
  *   bench_kernels --gdn [R]      only the GDN decode layer at batch R, default 1 (under a profiler)
+ *   bench_kernels --host         only the experts read from host memory over PCIe (q3g_moe_host)
  */
+#include <sys/mman.h>
 #include <time.h>
 
 #include <algorithm>
@@ -17,7 +19,7 @@
 #define ROUNDS 7
 
 static FILE *g_csv;
-static double g_peak;
+static double g_peak, g_h2d;
 
 static float time_graph(cudaGraphExec_t ex, cudaStream_t st)
 {
@@ -209,6 +211,131 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 		dmat_free(p);
 }
 
+/* q3g_moe_host: G picks a token read from host memory over PCIe (decode with experts beyond
+ * VRAM), against the host-to-device copy rate.  128 experts of the real shapes (q4 g128), their
+ * qweights 8 bytes off 16-byte alignment as safetensors may leave them, in mapped pinned memory:
+ * cudaHostAlloc'ed, or (huge) malloc'ed in 2 MiB pages and registered, as the engine pins the
+ * checkpoint.  Each launch of the graph picks other experts, so L2 holds none of them. */
+static void bench_moe_host(int G, bool huge, cudaStream_t st)
+{
+	const int E = 128, H = 2048, I = 512, k = 10, S = k + 1;
+	struct tlin lg, ld;
+
+	make_linear(&lg, I, H, LIN_GPTQ, 4, 128, false, false);
+	make_linear(&ld, H, I, LIN_GPTQ, 4, 128, false, false);
+	const struct tlin *ls[3] = { &lg, &lg, &ld };
+	size_t per = 0;
+
+	for (int i = 0; i < 3; i++)
+		per += Q3_ALIGN_UP(ls[i]->q.size() + 16, 256) + Q3_ALIGN_UP(ls[i]->z.size(), 256) +
+		       Q3_ALIGN_UP(ls[i]->s.size(), 256);
+	size_t total = per * E;
+	char *host = NULL, *dev = NULL;
+
+	if (huge) {
+		host = (char *)aligned_alloc(2u << 20, Q3_ALIGN_UP(total, 2u << 20));
+		madvise(host, Q3_ALIGN_UP(total, 2u << 20), MADV_HUGEPAGE);
+		memset(host, 0, total);
+		GT_CHECK(cudaHostRegister(host, Q3_ALIGN_UP(total, 2u << 20), cudaHostRegisterMapped));
+	} else {
+		GT_CHECK(cudaHostAlloc((void **)&host, total, cudaHostAllocMapped));
+	}
+	GT_CHECK(cudaHostGetDevicePointer((void **)&dev, host, 0));
+	std::vector<struct q3g_hexpert> tab(E);
+	double bytes = 0;
+
+	for (int x = 0; x < E; x++) {
+		size_t at = per * x;
+
+		for (int i = 0; i < 3; i++) {
+			const std::vector<uint8_t> *t[3] = { &ls[i]->q, &ls[i]->z, &ls[i]->s };
+			const void *p[3];
+
+			for (int j = 0; j < 3; j++) {
+				size_t o = at + (j == 0 ? 8 : 0);
+
+				memcpy(host + o, t[j]->data(), t[j]->size());
+				p[j] = dev + o;
+				at += Q3_ALIGN_UP(t[j]->size() + (j == 0 ? 16 : 0), 256);
+				bytes += x == 0 ? (double)t[j]->size() : 0.0;
+			}
+			tab[x].lin[i] = (struct q3g_hlin){ (const uint32_t *)p[0], (const uint32_t *)p[1], (const uint16_t *)p[2] };
+		}
+	}
+	struct q3g_hfmt f = { { 4, 4 }, { 128, 128 }, { 1, 1 }, { false, false } };
+	std::vector<int16_t> slot(E, -1);
+	std::vector<int> idx((size_t)REPS * S);
+	std::vector<float> w(S, 0.1f);
+	std::vector<uint16_t> xb;
+	std::vector<float> xf;
+
+	for (int i = 0; i < REPS; i++) /* launch i: experts i·k .. i·k + k - 1 (mod E) */
+		for (int j = 0; j <= k; j++)
+			idx[(size_t)i * S + j] = j == k ? -1 : (i * k + j) % E;
+	rnd_f16(xb, xf, (size_t)H, 1.0f);
+	uint16_t *dx = dev_upload(xb.data(), xb.size());
+	int *di = dev_upload(idx.data(), idx.size());
+	int16_t *ds = dev_upload(slot.data(), slot.size());
+	float *dw = dev_upload(w.data(), w.size()), *dh = dev_alloc<float>(H);
+	float *ws = dev_alloc<float>(q3g_moe_host_scratch(1, G, H, I));
+	struct q3g_hexpert *dtab = dev_upload(tab.data(), tab.size());
+	cudaGraph_t g;
+	cudaGraphExec_t ex;
+
+	GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+	for (int i = 0; i < REPS; i++)
+		GT_OK(q3g_moe_host(dh, ws, dx, di + (size_t)i * S, dw, S, k, ds, dtab, &f, G, 0, NULL, 1, H, I, st, &e_));
+	GT_CHECK(cudaStreamEndCapture(st, &g));
+	GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
+	float ms = time_graph(ex, st);
+	double gbs = G * bytes / (ms * 1e-3) / 1e9;
+
+	printf("moe host experts G=%d (%s)%*s %9.2f us  %7.1f GB/s  %5.1f%% of the host-to-device copy\n", G,
+	       huge ? "registered 2 MiB pages" : "cudaHostAlloc", huge ? 4 : 13, "", ms * 1e3, gbs, 100 * gbs / g_h2d);
+	if (g_csv)
+		fprintf(g_csv, "moe host G=%d %s,%.3f,%.1f,%.1f\n", G, huge ? "registered" : "hostalloc", ms * 1e3, gbs,
+			100 * gbs / g_h2d);
+	cudaGraphExecDestroy(ex);
+	cudaGraphDestroy(g);
+	void *fr[] = { dx, di, ds, dw, dh, ws, dtab };
+	for (void *p : fr)
+		cudaFree(p);
+	if (huge) {
+		cudaHostUnregister(host);
+		free(host);
+	} else {
+		cudaFreeHost(host);
+	}
+}
+
+/* The host-to-device copy rate from pinned memory (256 MiB, the median of five). */
+static double h2d_bandwidth(cudaStream_t st)
+{
+	size_t n = 256u << 20;
+	void *h, *d;
+	cudaEvent_t a, b;
+	float ms[5];
+
+	GT_CHECK(cudaHostAlloc(&h, n, cudaHostAllocDefault));
+	GT_CHECK(cudaMalloc(&d, n));
+	GT_CHECK(cudaEventCreate(&a));
+	GT_CHECK(cudaEventCreate(&b));
+	GT_CHECK(cudaMemcpyAsync(d, h, n, cudaMemcpyHostToDevice, st));
+	for (int i = 0; i < 5; i++) {
+		GT_CHECK(cudaEventRecord(a, st));
+		GT_CHECK(cudaMemcpyAsync(d, h, n, cudaMemcpyHostToDevice, st));
+		GT_CHECK(cudaEventRecord(b, st));
+		GT_CHECK(cudaEventSynchronize(b));
+		GT_CHECK(cudaEventElapsedTime(&ms[i], a, b));
+	}
+	std::sort(ms, ms + 5);
+	cudaEventDestroy(a);
+	cudaEventDestroy(b);
+	cudaFreeHost(h);
+	cudaFree(d);
+	return (double)n / (ms[2] * 1e-3) / 1e9;
+}
+
 extern bool q3g_pdl; /* kernels/gpu_device.cu */
 
 /* ms of five replays of ex after a warm-up one */
@@ -387,10 +514,13 @@ int main(int argc, char **argv)
 	cudaStream_t st;
 
 	int gdn_only = 0; /* --gdn [R]: only the GDN layer at batch R (default 1; for a profiler) */
+	int host_only = 0; /* --host: only the experts read from host memory */
 
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--csv") && i + 1 < argc)
 			g_csv = fopen(argv[++i], "w");
+		else if (!strcmp(argv[i], "--host"))
+			host_only = 1;
 		else if (!strcmp(argv[i], "--gdn"))
 			gdn_only = i + 1 < argc && atoi(argv[i + 1]) > 0 ? atoi(argv[++i]) : 1;
 	}
@@ -416,6 +546,13 @@ int main(int argc, char **argv)
 		bench_gdn_layers(8, gdn_only, st);
 		return 0;
 	}
+	g_h2d = h2d_bandwidth(st);
+	printf("host-to-device copy (pinned): %.1f GB/s\n", g_h2d);
+	for (int G : { 1, 2, 3, 4, 6 })
+		for (int huge = 0; huge < 2; huge++)
+			bench_moe_host(G, huge, st);
+	if (host_only)
+		return 0;
 	/* the dense Linears of a decode step, batch 1 and 16 */
 	bench_linear("qkvz", 12288, 2048, LIN_GPTQ, 1, st);
 	bench_linear("q_proj", 8192, 2048, LIN_GPTQ, 1, st);

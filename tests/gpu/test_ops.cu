@@ -1445,6 +1445,143 @@ static void moe_skip_case(const struct q3g_dims *d, int R)
 	dmoe_free(&dm);
 }
 
+/* q3g_moe_host: a row's first G routed experts without a VRAM slot, read from mapped pinned host
+ * memory in the raw GPTQ layout, their weighted sum stored into out; against the reference experts (q3_ref_linear,
+ * fp32) over the same picks.  `shift`: expert x's qweights start 4 · (x % 4) bytes past a 16-byte
+ * boundary (safetensors packs tensors unpadded; the kernels then shift their column tiles);
+ * bits_dn != bits: down stored with other bits than gate and up. */
+static void moe_host_case(const struct q3g_dims *d, int bits, int bits_dn, int Gs, bool asym, int R, int G, int keep,
+			  bool shift)
+{
+	char name[192];
+
+	snprintf(name, sizeof(name), "moe host experts q%d/q%d g%d%s H=%d I=%d R=%d G=%d keep %d%s", bits, bits_dn, Gs,
+		 asym ? " asym" : "", d->H, d->I, R, G, keep, shift ? " (qweights 0-12 bytes off alignment)" : "");
+	if (!want(name))
+		return;
+	struct tmoe m;
+	const int E = d->E, H = d->H, I = d->I, k = d->topk, S = k + 1;
+
+	make_moe(&m, d, bits, Gs, asym, false);
+	if (bits_dn != bits)
+		for (int x = 0; x < E; x++) {
+			make_linear(&m.lins[3 * x + 2], H, I, LIN_GPTQ, bits_dn, Gs, asym, false);
+			m.experts[x].down = m.lins[3 * x + 2].l;
+		}
+	/* every expert's tensors copied into one mapped pinned buffer, as the checkpoint's pages are */
+	size_t per = 0;
+	for (int i = 0; i < 3; i++) {
+		const struct q3_linear *l = i == 0 ? &m.experts[0].gate : i == 1 ? &m.experts[0].up : &m.experts[0].down;
+
+		per += Q3_ALIGN_UP(l->qweight->nbytes + 16, 256) + Q3_ALIGN_UP(l->qzeros->nbytes, 256) +
+		       Q3_ALIGN_UP(l->scales->nbytes, 256);
+	}
+	char *host = NULL, *dev = NULL;
+
+	GT_CHECK(cudaHostAlloc((void **)&host, per * E, cudaHostAllocMapped));
+	GT_CHECK(cudaHostGetDevicePointer((void **)&dev, host, 0));
+	std::vector<struct q3g_hexpert> tab(E);
+	for (int x = 0; x < E; x++) {
+		size_t at = per * x;
+		const struct q3_linear *ls[3] = { &m.experts[x].gate, &m.experts[x].up, &m.experts[x].down };
+
+		for (int i = 0; i < 3; i++) {
+			const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
+			const void *p[3];
+
+			for (int j = 0; j < 3; j++) {
+				size_t o = at + (j == 0 && shift ? 4 * (x % 4) : 0);
+
+				memcpy(host + o, t[j]->data, t[j]->nbytes);
+				p[j] = dev + o;
+				at += Q3_ALIGN_UP(t[j]->nbytes + (j == 0 ? 16 : 0), 256);
+			}
+			tab[x].lin[i] = (struct q3g_hlin){ (const uint32_t *)p[0], (const uint32_t *)p[1], (const uint16_t *)p[2] };
+		}
+	}
+	struct q3g_hfmt f;
+	const struct q3_linear *f0[2] = { &m.experts[0].gate, &m.experts[0].down };
+
+	memset(&f, 0, sizeof(f));
+	for (int i = 0; i < 2; i++) {
+		f.bits[i] = f0[i]->bits;
+		f.group[i] = f0[i]->group_size;
+		f.zero_off[i] = f0[i]->zero_offset;
+		f.bf16[i] = false;
+	}
+	/* about 60% of the experts without a slot, as with a 20 GiB budget; k distinct experts a row,
+	 * the shared expert's -1 last */
+	std::vector<int16_t> slot(E);
+	std::vector<int> idx((size_t)R * S);
+	std::vector<float> w((size_t)R * S);
+	for (int x = 0; x < E; x++)
+		slot[x] = rnd_uniform() < 0.2f ? -1 : (int16_t)x;
+	for (int r = 0; r < R; r++) {
+		std::vector<int> perm(E);
+		for (int x = 0; x < E; x++)
+			perm[x] = x;
+		for (int j = 0; j < k; j++) {
+			std::swap(perm[j], perm[j + rnd_int(E - j)]);
+			idx[(size_t)r * S + j] = perm[j];
+			w[(size_t)r * S + j] = 0.05f + 0.1f * fabsf(rnd_uniform());
+		}
+		idx[(size_t)r * S + k] = -1;
+		w[(size_t)r * S + k] = 0.5f;
+	}
+	if (R > 1) /* the last row: every expert resident, no picks (out: zeros) */
+		for (int j = 0; j < k; j++)
+			slot[idx[(size_t)(R - 1) * S + j]] = 0;
+	std::vector<uint16_t> xb;
+	std::vector<float> xf, ref((size_t)R * H, 0.0f);
+	std::vector<float> g(I), u(I), y(H);
+	int picked = 0;
+
+	rnd_f16(xb, xf, (size_t)R * H, 1.0f);
+	for (int r = 0; r < R; r++) {
+		int miss = 0; /* the picks: the last min(G, miss - keep) of the row's missing experts */
+
+		for (int j = 0; j < k; j++)
+			miss += slot[idx[(size_t)r * S + j]] < 0;
+		int npick = std::min(G, std::max(0, miss - keep));
+
+		for (int j = 0, rank = 0; j < k; j++) {
+			int x = idx[(size_t)r * S + j];
+
+			if (slot[x] >= 0 || rank++ < miss - npick)
+				continue;
+			picked++;
+			q3_ref_linear(&m.experts[x].gate, &xf[(size_t)r * H], 1, g.data());
+			q3_ref_linear(&m.experts[x].up, &xf[(size_t)r * H], 1, u.data());
+			q3_ref_swiglu(g.data(), g.data(), u.data(), I);
+			q3_ref_linear(&m.experts[x].down, g.data(), 1, y.data());
+			for (int c = 0; c < H; c++)
+				ref[(size_t)r * H + c] += w[(size_t)r * S + j] * y[c];
+		}
+	}
+	uint16_t *dx = dev_upload(xb.data(), xb.size());
+	int *di = dev_upload(idx.data(), idx.size());
+	int16_t *ds = dev_upload(slot.data(), slot.size());
+	/* out starts as garbage: every element is stored, rows without picks as zeros */
+	std::vector<float> junk((size_t)R * H, 12345.0f);
+	float *dw = dev_upload(w.data(), w.size()), *dh = dev_upload(junk.data(), junk.size());
+	float *ws = dev_alloc<float>(q3g_moe_host_scratch(R, G, H, I));
+	struct q3g_hexpert *dtab = dev_upload(tab.data(), tab.size());
+
+	GT_OK(q3g_moe_host(dh, ws, dx, di, dw, S, k, ds, dtab, &f, G, keep, NULL, R, H, I, 0, &e_));
+	std::vector<float> got = dev_download(dh, (size_t)R * H);
+	/* fp32 throughout, as the reference, in another summation order */
+	snprintf(name + strlen(name), sizeof(name) - strlen(name), ", %d experts", picked);
+	gt_compare(name, got.data(), ref.data(), ref.size(), 1e-5);
+	/* and the same bits on a second run (no atomics) */
+	GT_CHECK(cudaMemcpy(dh, junk.data(), junk.size() * 4, cudaMemcpyHostToDevice));
+	GT_OK(q3g_moe_host(dh, ws, dx, di, dw, S, k, ds, dtab, &f, G, keep, NULL, R, H, I, 0, &e_));
+	gt_expect(dev_download(dh, (size_t)R * H) == got, "moe host experts: the same bits on a second run");
+	void *fr[] = { dx, di, ds, dw, dh, ws, dtab };
+	for (void *p : fr)
+		cudaFree(p);
+	cudaFreeHost(host);
+}
+
 static void moe_tests(void)
 {
 	struct q3g_dims ds = dims_small(), dr = dims_real();
@@ -1470,6 +1607,14 @@ static void moe_tests(void)
 	moe_invariance_case(&dr, false);
 	moe_invariance_case(&dr, true);
 	moe_skip_case(&dr, 5);
+	moe_host_case(&ds, 4, 4, 128, false, 1, 2, 0, false);
+	moe_host_case(&ds, 4, 4, 32, true, 3, 3, 1, true);
+	moe_host_case(&ds, 8, 4, 64, true, 2, 2, 0, false);
+	moe_host_case(&ds, 4, 8, 128, false, 2, 4, 0, true);
+	moe_host_case(&dr, 4, 4, 128, false, 1, 2, 0, false);
+	moe_host_case(&dr, 4, 4, 128, true, 1, 8, 0, false);
+	moe_host_case(&dr, 4, 4, 128, false, 4, 1, 2, false);
+	moe_host_case(&dr, 8, 8, 128, false, 1, 1, 2, true);
 }
 
 /* ---- sampling ------------------------------------------------------------------------------ */
