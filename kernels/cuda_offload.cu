@@ -1,10 +1,11 @@
 /* cuda_offload.cu - routed experts beyond VRAM for the CUDA backend: the plan, the CPU side, the
  * decode handoff kernels and the prefill streaming (see cuda_offload.h).
  *
- * Handoff memory is pinned and mapped into the device's address space: four words (gate, done,
- * the call's base sequence number, an error word) and the routing / activation / output rows of
- * one layer.  Layer l of a call has the sequence number seq0 + l + 1; the GPU stores it into
- * `gate` after its copies, the CPU threads store it into `done` after their output, and both
+ * Handoff memory is pinned and mapped into the device's address space: five words (gate, done,
+ * the call's base sequence number, an error word, the GPU's PCIe share in this call) and the
+ * routing / activation / output rows of one layer.  Layer l of a call has the sequence number
+ * seq0 + l + 1; the GPU stores it into `gate` after writing the rows, the CPU threads store it
+ * into `done` after their output, and both
  * sides compare as wrapping 32-bit numbers.  The GPU's wait gives up after QWEN3D_OFFLOAD_TIMEOUT
  * seconds (default 10) and traps: the context is lost, the process must restart, as for any
  * device fault.
@@ -1069,8 +1070,8 @@ static int hx_open(struct q3_offload *off, bool quiet, q3_err *e)
 				struct q3g_hlin *h = &tab[(size_t)l * off->E + x].lin[i];
 
 				if (q->fmt != Q3_W_GPTQ || q->bits != r->bits || q->group_size != r->group_size ||
-				    q->zero_offset != r->zero_offset || q->desc_act || !q->scales ||
-				    q->scales->dtype != r->scales->dtype) {
+				    q->zero_offset != r->zero_offset || q->desc_act || !q->scales || !q->qzeros ||
+				    !r->scales || q->scales->dtype != r->scales->dtype) {
 					why = "experts stored unlike each other";
 					break;
 				}
