@@ -146,7 +146,7 @@ struct q3_offload {
 	/* decode: of a row's missing experts the GPU reads up to hx_max over PCIe (gpu_moe_host.cu);
 	 * hx_cur in this call, picked by the tuner unless the setting fixed it */
 	int hx_max, hx_cur;
-	bool hx_auto, hx_timed;
+	bool hx_auto;
 	struct q3_tune tune;
 	double call_t0;
 	int *hx_g_d;		/* device copy of hw->hx_g, for the kernels */
@@ -1082,13 +1082,9 @@ static int hx_open(struct q3_offload *off, bool quiet, q3_err *e)
 				    (uintptr_t)h->qweight % 4 || (uintptr_t)h->scales % 2)
 					why = "weights outside the memory the GPU can map";
 			}
-			if (l == 0 && x == 0)
-				for (int i = 0; i < 3; i++)
-					off->hx_bytes += ls[i]->qweight->nbytes + ls[i]->qzeros->nbytes + ls[i]->scales->nbytes;
 		}
 	if (why) {
 		free(tab);
-		off->hx_bytes = 0;
 		if (!quiet)
 			q3_info("offload: the GPU reads no experts over PCIe in decode (%s)", why);
 		return 0;
@@ -1109,6 +1105,11 @@ static int hx_open(struct q3_offload *off, bool quiet, q3_err *e)
 	CUDA_CHECK(e, cudaStreamCreateWithFlags(&off->hx_st, cudaStreamNonBlocking));
 	CUDA_CHECK(e, cudaEventCreateWithFlags(&off->hx_fork, cudaEventDisableTiming));
 	CUDA_CHECK(e, cudaEventCreateWithFlags(&off->hx_done, cudaEventDisableTiming));
+	for (int i = 0; i < 3; i++) { /* all experts alike: expert 0's raw bytes are any one's */
+		const struct q3_linear *l = i == 0 ? &x0->gate : i == 1 ? &x0->up : &x0->down;
+
+		off->hx_bytes += l->qweight->nbytes + l->qzeros->nbytes + l->scales->nbytes;
+	}
 	off->hx_max = G;
 	off->hx_auto = !(env && *env);
 	off->hx_cur = off->hx_auto ? 0 : G;
@@ -1180,9 +1181,8 @@ extern "C" void q3_off_begin(struct q3_offload *off, int R, int real)
 	off->hw->seq0 = off->next_seq;
 	off->next_seq += (uint32_t)off->L + 1;
 	off->tokens += (uint64_t)off->rows_real;
-	/* single rows: the GPU's share of the missing experts in this call, and, while the tuner
-	 * tries the settings, the call's time (to q3_off_cpu_end) */
-	off->hx_timed = hx_picks(off, R) > 0 && off->hx_auto;
+	/* single rows: the GPU's share of the missing experts in this call, and the call's start (the
+	 * tuner times it to q3_off_cpu_end) */
 	if (hx_picks(off, R)) {
 		off->hx_cur = off->hx_auto ? q3_tune_next(&off->tune) : off->hx_max;
 		off->hw->hx_g = (uint32_t)off->hx_cur;
@@ -1251,9 +1251,8 @@ extern "C" int q3_off_cpu_end(struct q3_offload *off, q3_err *e)
 	if (off->armed >= 0)
 		err = q3_cpu_moe_wait(off->moe, e);
 	off->armed = -1;
-	if (off->hx_timed && !err)
+	if (hx_picks(off, off->R) && off->hx_auto && !err)
 		q3_tune_done(&off->tune, q3_now() - off->call_t0);
-	off->hx_timed = false;
 	if (off->xs)
 		q3_xstats_tick(off->xs, (uint64_t)off->rows_real);
 	return err; /* on failure the backend calls q3_off_abort */

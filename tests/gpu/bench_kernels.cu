@@ -212,8 +212,8 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 }
 
 /* q3g_moe_host: G picks a token read from host memory over PCIe (decode with experts beyond
- * VRAM), against the host-to-device copy rate.  128 experts of the real shapes (q4 g128), their
- * qweights 8 bytes off 16-byte alignment as safetensors may leave them, in mapped pinned memory:
+ * VRAM), against the host-to-device copy rate.  128 experts of the real shapes (q4 g128), every
+ * other one's qweights 8 bytes off 16-byte alignment as safetensors may leave them, in mapped pinned memory:
  * cudaHostAlloc'ed, or (huge) malloc'ed in 2 MiB pages and registered, as the engine pins the
  * checkpoint.  Each launch of the graph picks other experts, so L2 holds none of them. */
 static void bench_moe_host(int G, bool huge, cudaStream_t st)
@@ -223,45 +223,11 @@ static void bench_moe_host(int G, bool huge, cudaStream_t st)
 
 	make_linear(&lg, I, H, LIN_GPTQ, 4, 128, false, false);
 	make_linear(&ld, H, I, LIN_GPTQ, 4, 128, false, false);
-	const struct tlin *ls[3] = { &lg, &lg, &ld };
-	size_t per = 0;
+	std::vector<struct q3_expert> experts(E, (struct q3_expert){ lg.l, lg.l, ld.l }); /* bytes alike, places apart */
+	struct hx_host hb;
 
-	for (int i = 0; i < 3; i++)
-		per += Q3_ALIGN_UP(ls[i]->q.size() + 16, 256) + Q3_ALIGN_UP(ls[i]->z.size(), 256) +
-		       Q3_ALIGN_UP(ls[i]->s.size(), 256);
-	size_t total = per * E;
-	char *host = NULL, *dev = NULL;
-
-	if (huge) {
-		host = (char *)aligned_alloc(2u << 20, Q3_ALIGN_UP(total, 2u << 20));
-		madvise(host, Q3_ALIGN_UP(total, 2u << 20), MADV_HUGEPAGE);
-		memset(host, 0, total);
-		GT_CHECK(cudaHostRegister(host, Q3_ALIGN_UP(total, 2u << 20), cudaHostRegisterMapped));
-	} else {
-		GT_CHECK(cudaHostAlloc((void **)&host, total, cudaHostAllocMapped));
-	}
-	GT_CHECK(cudaHostGetDevicePointer((void **)&dev, host, 0));
-	std::vector<struct q3g_hexpert> tab(E);
-	double bytes = 0;
-
-	for (int x = 0; x < E; x++) {
-		size_t at = per * x;
-
-		for (int i = 0; i < 3; i++) {
-			const std::vector<uint8_t> *t[3] = { &ls[i]->q, &ls[i]->z, &ls[i]->s };
-			const void *p[3];
-
-			for (int j = 0; j < 3; j++) {
-				size_t o = at + (j == 0 ? 8 : 0);
-
-				memcpy(host + o, t[j]->data(), t[j]->size());
-				p[j] = dev + o;
-				at += Q3_ALIGN_UP(t[j]->size() + (j == 0 ? 16 : 0), 256);
-				bytes += x == 0 ? (double)t[j]->size() : 0.0;
-			}
-			tab[x].lin[i] = (struct q3g_hlin){ (const uint32_t *)p[0], (const uint32_t *)p[1], (const uint16_t *)p[2] };
-		}
-	}
+	hx_host_make(&hb, experts.data(), E, 8, huge);
+	double bytes = hb.expert_bytes;
 	struct q3g_hfmt f = { { 4, 4 }, { 128, 128 }, { 1, 1 }, { false, false } };
 	std::vector<int16_t> slot(E, -1);
 	std::vector<int> idx((size_t)REPS * S);
@@ -278,7 +244,7 @@ static void bench_moe_host(int G, bool huge, cudaStream_t st)
 	int16_t *ds = dev_upload(slot.data(), slot.size());
 	float *dw = dev_upload(w.data(), w.size()), *dh = dev_alloc<float>(H);
 	float *ws = dev_alloc<float>(q3g_moe_host_scratch(1, G, H, I));
-	struct q3g_hexpert *dtab = dev_upload(tab.data(), tab.size());
+	struct q3g_hexpert *dtab = dev_upload(hb.tab.data(), hb.tab.size());
 	cudaGraph_t g;
 	cudaGraphExec_t ex;
 
@@ -300,12 +266,7 @@ static void bench_moe_host(int G, bool huge, cudaStream_t st)
 	void *fr[] = { dx, di, ds, dw, dh, ws, dtab };
 	for (void *p : fr)
 		cudaFree(p);
-	if (huge) {
-		cudaHostUnregister(host);
-		free(host);
-	} else {
-		cudaFreeHost(host);
-	}
+	hx_host_free(&hb);
 }
 
 /* The host-to-device copy rate from pinned memory (256 MiB, the median of five). */

@@ -4,6 +4,7 @@
  * justifies).  Header-only: each test is one program. */
 #pragma once
 #include <cuda_runtime.h>
+#include <sys/mman.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -373,4 +374,78 @@ static inline void dmat_free(struct dmat *d)
 static inline const char *fmt_name(int f)
 {
 	return f == Q3G_Q4 ? "q4" : f == Q3G_Q8 ? "q8" : "f16";
+}
+
+/* Experts' raw GPTQ tensors (gate, up, down) copied into one mapped pinned buffer, as the offload
+ * finds a registered checkpoint, and the table of their device addresses for q3g_moe_host.
+ * Expert x's qweights start (shift_step * x) % 16 bytes past a 16-byte boundary (safetensors packs
+ * tensors unpadded); huge: malloc'ed in 2 MiB pages and registered, else cudaHostAlloc'ed. */
+struct hx_host {
+	char *host;
+	size_t bytes;
+	bool huge;
+	std::vector<struct q3g_hexpert> tab;
+	double expert_bytes; /* expert 0's raw bytes */
+};
+
+static inline const struct q3_linear *hx_lin(const struct q3_expert *ex, int i)
+{
+	return i == 0 ? &ex->gate : i == 1 ? &ex->up : &ex->down;
+}
+
+static inline void hx_host_make(struct hx_host *b, const struct q3_expert *ex, int E, int shift_step, bool huge)
+{
+	size_t per = 0;
+	char *dev = NULL;
+
+	for (int i = 0; i < 3; i++) { /* room for the shift after each qweight */
+		const struct q3_linear *l = hx_lin(&ex[0], i);
+
+		per += Q3_ALIGN_UP(l->qweight->nbytes + 16, 256) + Q3_ALIGN_UP(l->qzeros->nbytes, 256) +
+		       Q3_ALIGN_UP(l->scales->nbytes, 256);
+	}
+	b->huge = huge;
+	b->bytes = Q3_ALIGN_UP(per * E, 2u << 20);
+	b->expert_bytes = 0;
+	if (huge) {
+		b->host = (char *)aligned_alloc(2u << 20, b->bytes);
+		madvise(b->host, b->bytes, MADV_HUGEPAGE);
+		memset(b->host, 0, b->bytes);
+		GT_CHECK(cudaHostRegister(b->host, b->bytes, cudaHostRegisterMapped));
+	} else {
+		GT_CHECK(cudaHostAlloc((void **)&b->host, b->bytes, cudaHostAllocMapped));
+	}
+	GT_CHECK(cudaHostGetDevicePointer((void **)&dev, b->host, 0));
+	b->tab.resize(E);
+	for (int x = 0; x < E; x++) {
+		size_t at = per * x;
+
+		for (int i = 0; i < 3; i++) {
+			const struct q3_linear *l = hx_lin(&ex[x], i);
+			const struct q3_tensor *t[3] = { l->qweight, l->qzeros, l->scales };
+			const void *p[3];
+
+			for (int j = 0; j < 3; j++) {
+				size_t o = at + (j == 0 ? (size_t)(shift_step * x) % 16 : 0);
+
+				memcpy(b->host + o, t[j]->data, t[j]->nbytes);
+				p[j] = dev + o;
+				at += Q3_ALIGN_UP(t[j]->nbytes + (j == 0 ? 16 : 0), 256);
+				b->expert_bytes += x == 0 ? (double)t[j]->nbytes : 0.0;
+			}
+			b->tab[x].lin[i] = (struct q3g_hlin){ (const uint32_t *)p[0], (const uint32_t *)p[1],
+							      (const uint16_t *)p[2] };
+		}
+	}
+}
+
+static inline void hx_host_free(struct hx_host *b)
+{
+	if (b->huge) {
+		cudaHostUnregister(b->host);
+		free(b->host);
+	} else {
+		cudaFreeHost(b->host);
+	}
+	b->host = NULL;
 }

@@ -1468,37 +1468,9 @@ static void moe_host_case(const struct q3g_dims *d, int bits, int bits_dn, int G
 			make_linear(&m.lins[3 * x + 2], H, I, LIN_GPTQ, bits_dn, Gs, asym, false);
 			m.experts[x].down = m.lins[3 * x + 2].l;
 		}
-	/* every expert's tensors copied into one mapped pinned buffer, as the checkpoint's pages are */
-	size_t per = 0;
-	for (int i = 0; i < 3; i++) {
-		const struct q3_linear *l = i == 0 ? &m.experts[0].gate : i == 1 ? &m.experts[0].up : &m.experts[0].down;
+	struct hx_host hb;
 
-		per += Q3_ALIGN_UP(l->qweight->nbytes + 16, 256) + Q3_ALIGN_UP(l->qzeros->nbytes, 256) +
-		       Q3_ALIGN_UP(l->scales->nbytes, 256);
-	}
-	char *host = NULL, *dev = NULL;
-
-	GT_CHECK(cudaHostAlloc((void **)&host, per * E, cudaHostAllocMapped));
-	GT_CHECK(cudaHostGetDevicePointer((void **)&dev, host, 0));
-	std::vector<struct q3g_hexpert> tab(E);
-	for (int x = 0; x < E; x++) {
-		size_t at = per * x;
-		const struct q3_linear *ls[3] = { &m.experts[x].gate, &m.experts[x].up, &m.experts[x].down };
-
-		for (int i = 0; i < 3; i++) {
-			const struct q3_tensor *t[3] = { ls[i]->qweight, ls[i]->qzeros, ls[i]->scales };
-			const void *p[3];
-
-			for (int j = 0; j < 3; j++) {
-				size_t o = at + (j == 0 && shift ? 4 * (x % 4) : 0);
-
-				memcpy(host + o, t[j]->data, t[j]->nbytes);
-				p[j] = dev + o;
-				at += Q3_ALIGN_UP(t[j]->nbytes + (j == 0 ? 16 : 0), 256);
-			}
-			tab[x].lin[i] = (struct q3g_hlin){ (const uint32_t *)p[0], (const uint32_t *)p[1], (const uint16_t *)p[2] };
-		}
-	}
+	hx_host_make(&hb, m.experts.data(), E, shift ? 4 : 0, false);
 	struct q3g_hfmt f;
 	const struct q3_linear *f0[2] = { &m.experts[0].gate, &m.experts[0].down };
 
@@ -1565,7 +1537,7 @@ static void moe_host_case(const struct q3g_dims *d, int bits, int bits_dn, int G
 	std::vector<float> junk((size_t)R * H, 12345.0f);
 	float *dw = dev_upload(w.data(), w.size()), *dh = dev_upload(junk.data(), junk.size());
 	float *ws = dev_alloc<float>(q3g_moe_host_scratch(R, G, H, I));
-	struct q3g_hexpert *dtab = dev_upload(tab.data(), tab.size());
+	struct q3g_hexpert *dtab = dev_upload(hb.tab.data(), hb.tab.size());
 
 	GT_OK(q3g_moe_host(dh, ws, dx, di, dw, S, k, ds, dtab, &f, G, keep, NULL, R, H, I, 0, &e_));
 	std::vector<float> got = dev_download(dh, (size_t)R * H);
@@ -1579,7 +1551,7 @@ static void moe_host_case(const struct q3g_dims *d, int bits, int bits_dn, int G
 	void *fr[] = { dx, di, ds, dw, dh, ws, dtab };
 	for (void *p : fr)
 		cudaFree(p);
-	cudaFreeHost(host);
+	hx_host_free(&hb);
 }
 
 static void moe_tests(void)
