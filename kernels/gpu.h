@@ -325,9 +325,23 @@ struct q3g_sampling {
 	uint64_t seed, step; /* the draw is uniform number `step` of `seed` (splitmix64) */
 };
 
+/* The logit adjustments of a row (sampler.h's q3_logit_adj / q3_sample_row): logits[id] += v for
+ * the nbias entries, then for the npen after them; ids distinct within each part. */
+struct q3g_adj {
+	int32_t id;
+	float v;
+};
+struct q3g_adjust_row {
+	const struct q3g_adj *adj; /* [nbias + npen], device-readable (mapped host memory will do) */
+	int nbias, npen;
+};
+int q3g_logits_adjust(float *logits, int V, const struct q3g_adjust_row *rows, int R, q3g_stream st,
+		      struct q3_err *e);
+
 /* One id per row of logits [R][V] (penalties already applied), params [R] on the device;
- * out [R], -1 for a row without any finite or +inf logit. */
-int q3g_sample(int32_t *out, const float *logits, const struct q3g_sampling *params, int R, int V,
+ * out [R], -1 for a row without any finite or +inf logit.  ws: q3g_sample_scratch(R) bytes. */
+size_t q3g_sample_scratch(int R);
+int q3g_sample(int32_t *out, const float *logits, const struct q3g_sampling *params, int R, int V, void *ws,
 	       q3g_stream st, struct q3_err *e);
 
 /* ---- device facts ---------------------------------------------------------------------------- */

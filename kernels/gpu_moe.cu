@@ -427,25 +427,19 @@ struct moe_up_launch {
 	float *gu;
 	int k, H, ldgu, nb; /* nb: blocks per matrix (row tiles / RT) */
 	int rt;
-	int pass;	    /* 0: the k routed pairs of each row, 1: the shared one, 2: all k + 1 */
 	int pb;		    /* pairs of one row a block runs, one after another (one staging) */
 	int cpw[2];	    /* chunks a warp takes of a routed / the shared expert's matrix */
 };
 
-/* Block (PB pairs of one row, row tiles of gate or up).  The row is staged once for its pairs
- * (once per pair where the experts have act-order permutations of their own); each pair's tiles
- * are computed exactly as with PB = 1, so PB may follow the batch size.  An instance handles
- * one weight format: all pairs when the routed and the shared experts share it, else the routed
- * pairs and the shared ones in two launches, so that each instance keeps one format's registers. */
+/* Block (PB pairs of one row, row tiles of gate or up): pairs [s0, s1) of row r, all routed or
+ * the shared one alone, in weight format FMT.  The row is staged once for its pairs (once per pair
+ * where the experts have act-order permutations of their own); each pair's tiles are computed
+ * exactly as with PB = 1, so PB may follow the batch size. */
 template <int FMT>
-__global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid_constant__ moe_up_launch L)
+static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, int s0, int s1)
 {
 	extern __shared__ uint4 smem[];
 	__shared__ float rs[1];
-	pdl_trigger();
-	pdl_wait(); /* the expert ids come from the router: nothing to prefetch before them */
-	const int per_row = L.pass == 0 ? L.k : L.pass == 1 ? 1 : L.k + 1, ngrp = cdiv(per_row, L.pb);
-	const int r = blockIdx.x / ngrp, s0 = (blockIdx.x % ngrp) * L.pb, s1 = min(per_row, s0 + L.pb);
 	const int which = blockIdx.y / L.nb, b = blockIdx.y % L.nb;
 	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int tile = b * L.rt + warp / WPT, kr = warp % WPT;
@@ -455,12 +449,12 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid
 	__shared__ int sid[Q3G_ROUTER_MAX_K + 1]; /* the pairs' experts, read once */
 
 	if ((int)threadIdx.x < s1 - s0)
-		sid[threadIdx.x] = L.idx[r * (L.k + 1) + (L.pass == 1 ? L.k : s0 + threadIdx.x)];
+		sid[threadIdx.x] = L.idx[r * (L.k + 1) + s0 + threadIdx.x];
 	__syncthreads();
 	/* every pair's weights of this block's tiles start towards L2 at once */
 	for (int s = s0; s < s1; s++) {
-		const int slot = L.pass == 1 ? L.k : s, ex = sid[s - s0];
-		const bool shared = slot == L.k;
+		const int ex = sid[s - s0];
+		const bool shared = s == L.k;
 		const struct q3g_mat &m = L.mat[2 * shared + which];
 		const int mi = shared ? 0 : ex, per = L.cpw[shared], c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 
@@ -482,8 +476,8 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid
 	for (int s = s0; s < s1; s++) {
 		/* everything that decides a skip is the same in every thread: the barriers below stay
 		 * block-uniform */
-		const int slot = L.pass == 1 ? L.k : s, p = r * (L.k + 1) + slot, ex = sid[s - s0];
-		const bool shared = slot == L.k;
+		const int p = r * (L.k + 1) + s, ex = sid[s - s0];
+		const bool shared = s == L.k;
 		const int mi = shared ? 0 : ex;
 		const struct q3g_mat &m = L.mat[2 * shared + which];
 		const int Kp = m.nchunks * Q3G_KCHUNK;
@@ -521,6 +515,30 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid
 				o[row + 8] = acc[0][2];
 		}
 		__syncthreads(); /* red is reused by the next pair */
+	}
+}
+
+/* FR is the routed experts' weight format, FS the shared expert's: one launch for all k + 1 pairs
+ * of a row even where they differ (a bf16 shared expert beside int4 routed ones took a second
+ * launch, 7 us of a layer's ~80 at batch 1); a block runs one format, so that each keeps one
+ * format's registers (mixing them in a block's pair loop spilled at three blocks an SM): the
+ * row's groups of PB routed pairs, then its shared pair; with one format, groups of all k + 1. */
+template <int FR, int FS>
+__global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid_constant__ moe_up_launch L)
+{
+	pdl_trigger();
+	pdl_wait(); /* the expert ids come from the router: nothing to prefetch before them */
+	if (FR == FS) { /* groups of PB of all k + 1 pairs */
+		const int ngrp = cdiv(L.k + 1, L.pb), r = blockIdx.x / ngrp, s0 = (blockIdx.x % ngrp) * L.pb;
+
+		up_pairs<FR>(L, r, s0, min(L.k + 1, s0 + L.pb));
+	} else {
+		const int ngrp = cdiv(L.k, L.pb) + 1, r = blockIdx.x / ngrp, g = blockIdx.x % ngrp;
+
+		if (g == ngrp - 1)
+			up_pairs<FS>(L, r, L.k, L.k + 1);
+		else
+			up_pairs<FR>(L, r, g * L.pb, min(L.k, (g + 1) * L.pb));
 	}
 }
 
@@ -794,6 +812,16 @@ static moe_down_fn down_kernel_for(int fr, int fs)
 	return t[fr][fs];
 }
 
+typedef void (*moe_up_fn)(const moe_up_launch);
+
+/* The instance for routed format fr and shared format fs. */
+static moe_up_fn up_kernel_for(int fr, int fs)
+{
+#define UPK(a) (fs == Q3G_Q4 ? moe_up_kernel<a, Q3G_Q4> : fs == Q3G_Q8 ? moe_up_kernel<a, Q3G_Q8> : moe_up_kernel<a, Q3G_F16>)
+	return fr == Q3G_Q4 ? UPK(Q3G_Q4) : fr == Q3G_Q8 ? UPK(Q3G_Q8) : UPK(Q3G_F16);
+#undef UPK
+}
+
 static size_t up_smem(const struct q3g_mat *m, int rt)
 {
 	return (((size_t)m->nchunks * Q3G_KCHUNK * 2 + 15) & ~(size_t)15) + (rt < 8 ? Q3G_MMV_THREADS * 16 : 0);
@@ -837,25 +865,16 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 			       q3g_dev.smem_dyn);
 	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
 		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
-	/* one launch when the routed and shared experts share a format, else one per format */
-	bool same = gate->fmt == sgate->fmt;
+	/* routed pairs a block: about four waves of blocks (three resident an SM), so that a large
+	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
+	 * with a pair a block); one where the grid is small anyway */
+	const long blocks = (long)R * (k + 1) * 2 * L.nb, target = 4L * 3 * q3g_dev.sms;
+	const bool same = gate->fmt == sgate->fmt;
 
-	for (int pass = same ? 2 : 0; pass < (same ? 3 : 2); pass++) {
-		const int per_row = pass == 0 ? k : pass == 1 ? 1 : k + 1;
-		/* pairs a block: about four waves of blocks (three resident an SM), so that a large batch
-		 * stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
-		 * with a pair a block); one where the grid is small anyway */
-		const long blocks = (long)R * per_row * 2 * L.nb, target = 4L * 3 * q3g_dev.sms;
+	L.pb = (int)Q3_MIN((long)(same ? k + 1 : k), Q3_MAX(1L, blocks / target));
+	dim3 grid(R * (same ? cdiv(k + 1, L.pb) : cdiv(k, L.pb) + 1), 2 * L.nb);
 
-		L.pb = (int)Q3_MIN((long)per_row, Q3_MAX(1L, blocks / target));
-		dim3 grid(R * cdiv(per_row, L.pb), 2 * L.nb);
-		int f = pass == 1 ? sgate->fmt : gate->fmt;
-
-		L.pass = pass;
-		CUDA_CHECK(e, q3g_launch(f == Q3G_Q4 ? moe_up_kernel<Q3G_Q4> : f == Q3G_Q8 ? moe_up_kernel<Q3G_Q8>
-										 : moe_up_kernel<Q3G_F16>,
-					 grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
-	}
+	CUDA_CHECK(e, q3g_launch(up_kernel_for(gate->fmt, sgate->fmt), grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -921,14 +940,12 @@ int q3g_moe_init(q3_err *e)
 	int err;
 
 	if ((err = q3g_allow_dyn_smem(router_f32_kernel<1>, "router_f32_kernel<1>", e)) ||
-	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK>, "router_f32_kernel<16>", e)) ||
-	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q4>, "moe_up_kernel<Q4>", e)) ||
-	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_Q8>, "moe_up_kernel<Q8>", e)) ||
-	    (err = q3g_allow_dyn_smem(moe_up_kernel<Q3G_F16>, "moe_up_kernel<F16>", e)))
+	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK>, "router_f32_kernel<16>", e)))
 		return err;
 	for (int fr = 0; fr < 3; fr++)
 		for (int fs = 0; fs < 3; fs++)
-			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs), "moe_down_kernel", e)))
+			if ((err = q3g_allow_dyn_smem(up_kernel_for(fr, fs), "moe_up_kernel", e)) ||
+			    (err = q3g_allow_dyn_smem(down_kernel_for(fr, fs), "moe_down_kernel", e)))
 				return err;
 	return 0;
 }

@@ -176,21 +176,44 @@ static __device__ __forceinline__ float kept_weight(const float *l, int id, floa
 	return min_p > 0.0f && !(w >= min_p) ? -1.0f : w;
 }
 
-__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, const float *logits,
-								const struct q3g_sampling *params, int V)
+/* A row's maximum over SAMPLE_PARTS blocks (one block reading 600 KB of logits alone took 64 us
+ * of a 4 ms decode step): each block's best candidate (lowest id on ties) and its count of
+ * candidates, which sample_kernel merges in place of a pass over the row. */
+#define SAMPLE_PARTS 64
+#define SAMPLE_PART_THREADS 256
+struct sample_part {
+	float best;
+	int id, ncand;
+};
+
+/* sampler.h's greedy rule (Q3_SAMPLER_GREEDY_T): then the raw logits, no temperature. */
+static __device__ __forceinline__ bool is_greedy(const struct q3g_sampling &p)
 {
-	__shared__ sample_smem sm;
-	const int row = blockIdx.x, tid = threadIdx.x;
+	return p.temperature < 1e-5f || p.top_k == 1;
+}
+
+static __device__ __forceinline__ void take_better(float &best, int &bid, float ob, int oi)
+{
+	if (ob > best || (ob == best && oi >= 0 && (bid < 0 || oi < bid))) {
+		best = ob;
+		bid = oi;
+	}
+}
+
+__global__ void __launch_bounds__(SAMPLE_PART_THREADS) sample_max_kernel(struct sample_part *part, const float *logits,
+									  const struct q3g_sampling *params, int V)
+{
+	__shared__ struct sample_part red[SAMPLE_PART_THREADS / 32];
+	const int row = blockIdx.y, tid = threadIdx.x, span = (V + SAMPLE_PARTS - 1) / SAMPLE_PARTS;
+	const int id1 = min(V, ((int)blockIdx.x + 1) * span);
 	const float *l = logits + (size_t)row * V;
 	const struct q3g_sampling p = params[row];
-	const bool greedy = p.temperature < 1e-5f || p.top_k == 1; /* Q3_SAMPLER_GREEDY_T */
+	const bool greedy = is_greedy(p);
 	const float temp = greedy ? 1.0f : p.temperature;
-
-	/* the maximum (and, for greedy, its lowest id) */
 	float best = -INFINITY;
 	int bid = -1, ncand = 0;
 
-	for (int id = tid; id < V; id += blockDim.x) {
+	for (int id = blockIdx.x * span + tid; id < id1; id += blockDim.x) {
 		float z = greedy ? l[id] : cand_z(l[id], temp, false);
 
 		if (z > best) { /* NaN never wins; ascending ids keep the lowest on ties */
@@ -201,14 +224,46 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, co
 	}
 #pragma unroll
 	for (int o = 16; o > 0; o >>= 1) {
-		float ob = __shfl_xor_sync(0xffffffffu, best, o);
-		int oi = __shfl_xor_sync(0xffffffffu, bid, o);
-
-		if (ob > best || (ob == best && oi >= 0 && (bid < 0 || oi < bid))) {
-			best = ob;
-			bid = oi;
-		}
+		take_better(best, bid, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bid, o));
+		ncand += __shfl_xor_sync(0xffffffffu, ncand, o);
 	}
+	if ((tid & 31) == 0)
+		red[tid >> 5] = (struct sample_part){ best, bid, ncand };
+	__syncthreads();
+	if (tid == 0) {
+		for (int w = 1; w < SAMPLE_PART_THREADS / 32; w++) {
+			take_better(best, bid, red[w].best, red[w].id);
+			ncand += red[w].ncand;
+		}
+		part[(size_t)row * SAMPLE_PARTS + blockIdx.x] = (struct sample_part){ best, bid, ncand };
+	}
+}
+
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, const float *logits,
+								const struct q3g_sampling *params,
+								const struct sample_part *parts, int V)
+{
+	__shared__ sample_smem sm;
+	const int row = blockIdx.x, tid = threadIdx.x;
+	const float *l = logits + (size_t)row * V;
+	const struct q3g_sampling p = params[row];
+	const bool greedy = is_greedy(p);
+	const float temp = greedy ? 1.0f : p.temperature;
+
+	/* the maximum (and, for greedy, its lowest id) from sample_max_kernel's parts */
+	float best = -INFINITY;
+	int bid = -1, ncand = 0;
+
+	if (tid < SAMPLE_PARTS) {
+		const struct sample_part sp = parts[(size_t)row * SAMPLE_PARTS + tid];
+
+		best = sp.best;
+		bid = sp.id;
+		ncand = sp.ncand;
+	}
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		take_better(best, bid, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bid, o));
 	if ((tid & 31) == 0) {
 		sm.fred[tid >> 5] = best;
 		sm.ired[tid >> 5] = bid;
@@ -216,10 +271,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, co
 	__syncthreads();
 	if (tid == 0) {
 		for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-			if (sm.fred[w] > best || (sm.fred[w] == best && sm.ired[w] >= 0 && (bid < 0 || sm.ired[w] < bid))) {
-				best = sm.fred[w];
-				bid = sm.ired[w];
-			}
+			take_better(best, bid, sm.fred[w], sm.ired[w]);
 		sm.fred[0] = best;
 		sm.out = bid;
 	}
@@ -306,12 +358,46 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, co
 		out[row] = sm.out;
 }
 
+extern "C" size_t q3g_sample_scratch(int R)
+{
+	return (size_t)Q3_MAX(R, 1) * SAMPLE_PARTS * sizeof(struct sample_part);
+}
+
 extern "C" int q3g_sample(int32_t *out, const float *logits, const struct q3g_sampling *params, int R, int V,
-			  q3g_stream st, q3_err *e)
+			  void *ws, q3g_stream st, q3_err *e)
 {
 	if (R < 1)
 		return 0;
-	sample_kernel<<<R, SAMPLE_THREADS, 0, (cudaStream_t)st>>>(out, logits, params, V);
+	sample_max_kernel<<<dim3(SAMPLE_PARTS, R), SAMPLE_PART_THREADS, 0, (cudaStream_t)st>>>(
+		(struct sample_part *)ws, logits, params, V);
+	CUDA_CHECK_LAUNCH(e);
+	sample_kernel<<<R, SAMPLE_THREADS, 0, (cudaStream_t)st>>>(out, logits, params, (const struct sample_part *)ws, V);
 	CUDA_CHECK_LAUNCH(e);
 	return 0;
 }
+
+/* A block a row: the bias entries in parallel, then (after the barrier, which orders the block's
+ * global writes) the penalties; within a part ids are distinct, so no two threads add to one
+ * logit, and a logit in both parts gets its bias first, as the host sampler does. */
+__global__ void logits_adjust_kernel(float *logits, int V, const struct q3g_adjust_row *rows)
+{
+	const struct q3g_adjust_row a = rows[blockIdx.x];
+	float *l = logits + (size_t)blockIdx.x * V;
+
+	for (int i = threadIdx.x; i < a.nbias; i += blockDim.x)
+		l[a.adj[i].id] += a.adj[i].v;
+	__syncthreads();
+	for (int i = a.nbias + threadIdx.x; i < a.nbias + a.npen; i += blockDim.x)
+		l[a.adj[i].id] += a.adj[i].v;
+}
+
+extern "C" int q3g_logits_adjust(float *logits, int V, const struct q3g_adjust_row *rows, int R, q3g_stream st,
+				 q3_err *e)
+{
+	if (R < 1)
+		return 0;
+	logits_adjust_kernel<<<R, 256, 0, (cudaStream_t)st>>>(logits, V, rows);
+	CUDA_CHECK_LAUNCH(e);
+	return 0;
+}
+

@@ -9,6 +9,7 @@
 
 #include "backend.h"
 #include "engine.h"
+#include "sampler.h"
 
 static struct q3_engine *open_fixture(const char *name, int threads, int max_ctx, int max_batch)
 {
@@ -220,6 +221,73 @@ static void test_batch_decode(void **state)
 	fixture_ref_free(&r);
 }
 
+/* q3_engine_decode_sample draws what q3_sampler_sample draws from q3_engine_decode's logits, for
+ * every session of a batch and every step (sampling, penalties and a bias in play), and the
+ * samplers advance alike.  The CPU backend draws on the host; test_model repeats this on CUDA,
+ * where the draws happen on the device. */
+static void test_decode_sample(void **state)
+{
+	enum { NS = 3, STEPS = 6 };
+	struct fixture_ref r;
+	struct q3_engine *eng;
+	struct q3_session *a[NS], *b[NS];
+	struct q3_sampler sa[NS], sb[NS], *pa[NS];
+	struct q3_logit_bias bias[] = { { 3, 1.5f }, { 7, -2.0f } };
+	q3_err e = { { 0 } };
+	float *lb;
+
+	assert_int_equal(fixture_ref_load(FIXTURES "/tiny-mixed", &r), 0);
+	eng = open_fixture("tiny-mixed", 2, 32, NS);
+	lb = malloc(sizeof(float) * NS * r.V);
+	for (int i = 0; i < NS; i++) {
+		struct q3_sampling p;
+
+		q3_sampling_default(&p);
+		p.temperature = i == 0 ? 0.0f : 0.7f + 0.3f * i;
+		p.top_p = 0.9f;
+		p.presence_penalty = 0.5f;
+		p.frequency_penalty = 0.25f;
+		p.seed = 11 + i;
+		p.bias = bias;
+		p.nbias = 2;
+		a[i] = new_session(eng);
+		b[i] = new_session(eng);
+		eval_ok(a[i], r.prompt + i, 4 + i, NULL, 0);
+		eval_ok(b[i], r.prompt + i, 4 + i, NULL, 0);
+		assert_int_equal(q3_sampler_init(&sa[i], r.V, &e), 0);
+		assert_int_equal(q3_sampler_init(&sb[i], r.V, &e), 0);
+		q3_sampler_reset(&sa[i], &p);
+		q3_sampler_reset(&sb[i], &p);
+		pa[i] = &sa[i];
+	}
+	int32_t ids[NS] = { 1, 2, 3 }, got[NS];
+
+	for (int step = 0; step < STEPS; step++) {
+		if (q3_engine_decode_sample(eng, a, ids, NS, pa, got, &e))
+			fail_msg("decode_sample step %d: %s", step, e.msg);
+		decode_ok(eng, b, ids, NS, lb);
+		for (int i = 0; i < NS; i++) {
+			int32_t want = q3_sampler_sample(&sb[i], lb + (size_t)i * r.V);
+
+			if (got[i] != want)
+				fail_msg("step %d, session %d: drew %d, the host sampler %d", step, i, got[i], want);
+			assert_true(sa[i].step == sb[i].step);
+			q3_sampler_accept(&sa[i], got[i]);
+			q3_sampler_accept(&sb[i], want);
+			ids[i] = got[i];
+		}
+	}
+	for (int i = 0; i < NS; i++) {
+		q3_session_free(a[i]);
+		q3_session_free(b[i]);
+		q3_sampler_free(&sa[i]);
+		q3_sampler_free(&sb[i]);
+	}
+	free(lb);
+	q3_engine_close(eng);
+	fixture_ref_free(&r);
+}
+
 /* One thread and two give the same bits. */
 static void test_threads(void **state)
 {
@@ -354,6 +422,7 @@ int main(void)
 		cmocka_unit_test(test_long_prompt),
 		cmocka_unit_test(test_session_copy_reset),
 		cmocka_unit_test(test_batch_decode),
+		cmocka_unit_test(test_decode_sample),
 		cmocka_unit_test(test_threads),
 		cmocka_unit_test(test_request_errors),
 		cmocka_unit_test(test_open_errors),

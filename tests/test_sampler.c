@@ -325,6 +325,110 @@ static void test_same_seed_same_tokens_other_seed_other_tokens(void **st)
 	q3_sampler_free(&S);
 }
 
+/* q3_sampler_plan: the plan's adjustments applied in order, then a plain draw with its parameters
+ * at its step, picks what q3_sampler_sample picks on the original logits, over many random
+ * settings (bias ids repeated across the parts and outside the vocabulary, penalties, filters),
+ * and both samplers advance alike. */
+static void test_plan_applied_elsewhere_draws_what_the_sampler_draws(void **st)
+{
+	enum { V = 3000, CAP = 4096 };
+	static float x[V], y[V];
+	static struct q3_logit_adj adj[CAP];
+	struct q3_logit_bias b[6];
+	struct q3_sampler A, B, C;
+	q3_err e;
+
+	assert_int_equal(q3_sampler_init(&A, V, &e), 0);
+	assert_int_equal(q3_sampler_init(&B, V, &e), 0);
+	assert_int_equal(q3_sampler_init(&C, V, &e), 0);
+	for (unsigned it = 0; it < 300; it++) {
+		struct q3_sampling p, plain;
+		struct q3_sample_row r;
+
+		q3_sampling_default(&p);
+		p.temperature = it % 5 == 0 ? 0.0f : 0.3f + (float)(it % 7) * 0.2f;
+		p.top_k = it % 3 == 0 ? 0 : (int)(it % 50) + 1;
+		p.top_p = it % 4 == 0 ? 1.0f : 0.5f + (float)(it % 5) * 0.1f;
+		p.min_p = it % 6 == 0 ? 0.05f : 0.0f;
+		p.presence_penalty = it % 2 ? 0.0f : 0.7f;
+		p.frequency_penalty = it % 3 ? 0.3f : 0.0f;
+		p.seed = it * 7919u;
+		for (int i = 0; i < 6; i++) /* ids 0-39: some are also generated (penalised) ones */
+			b[i] = (struct q3_logit_bias){ i == 5 ? V + 3 : (int32_t)((it * 13 + i * 7) % 40), 2.0f - i };
+		p.bias = b;
+		p.nbias = 6;
+		q3_sampler_reset(&A, &p);
+		q3_sampler_reset(&B, &p);
+		for (int i = 0; i < (int)(it % 30); i++) {
+			int32_t t = (int32_t)((it + i * i) % 60);
+
+			q3_sampler_accept(&A, t);
+			q3_sampler_accept(&B, t);
+		}
+		A.step = B.step = it % 11;
+		fill(x, V, it, 6.0f);
+		memcpy(y, x, sizeof(x));
+		assert_int_equal(q3_sampler_plan(&B, &r, adj, CAP), 0);
+		assert_int_equal(r.nbias, 5); /* the id outside the vocabulary is dropped */
+		assert_int_equal(r.npen, p.presence_penalty != 0 || p.frequency_penalty != 0 ? B.nseen : 0);
+		for (int i = 0; i < r.nbias + r.npen; i++)
+			y[r.adj[i].id] += r.adj[i].v;
+		q3_sampling_default(&plain);
+		plain.temperature = r.temperature;
+		plain.top_k = r.top_k;
+		plain.top_p = r.top_p;
+		plain.min_p = r.min_p;
+		plain.seed = r.seed;
+		q3_sampler_reset(&C, &plain);
+		C.step = r.step;
+		assert_int_equal(q3_sampler_sample(&C, y), q3_sampler_sample(&A, x));
+		assert_true(A.step == B.step);
+	}
+	q3_sampler_free(&A);
+	q3_sampler_free(&B);
+	q3_sampler_free(&C);
+}
+
+/* A plan that cannot be made (two bias entries on one id: their order matters; too many
+ * entries) leaves the sampler as it was: same step, same counts. */
+static void test_plan_refuses_repeated_bias_ids_and_overflow_without_side_effects(void **st)
+{
+	struct q3_logit_bias b[3] = { { 4, 1.0f }, { 2, 1.0f }, { 4, -1.0f } };
+	struct q3_logit_adj adj[8];
+	struct q3_sample_row r;
+	struct q3_sampling p;
+
+	init(10);
+	q3_sampling_default(&p);
+	p.presence_penalty = 1.0f;
+	p.bias = b;
+	p.nbias = 3;
+	q3_sampler_reset(&S, &p);
+	q3_sampler_accept(&S, 4);
+	q3_sampler_accept(&S, 5);
+	assert_int_equal(q3_sampler_plan(&S, &r, adj, 8), -EEXIST);
+	assert_int_equal(S.step, 0);
+	assert_int_equal(S.count[4], 1);
+	assert_int_equal(S.count[2], 0);
+	p.nbias = 2; /* ids 4 and 2, plus penalties on 4 and 5: four entries */
+	q3_sampler_reset(&S, &p);
+	q3_sampler_accept(&S, 4);
+	q3_sampler_accept(&S, 5);
+	assert_int_equal(q3_sampler_plan(&S, &r, adj, 3), -ENOSPC);
+	assert_int_equal(q3_sampler_plan(&S, &r, adj, 1), -ENOSPC);
+	assert_int_equal(S.step, 0);
+	assert_int_equal(S.count[4], 1);
+	assert_int_equal(S.count[5], 1);
+	assert_int_equal(q3_sampler_plan(&S, &r, adj, 4), 0);
+	assert_int_equal(S.step, 1);
+	assert_int_equal(r.step, 0);
+	assert_int_equal(r.nbias, 2);
+	assert_int_equal(r.npen, 2);
+	assert_int_equal(r.adj[2].id, 4);
+	assert_float_equal(r.adj[2].v, -1.0f, 0);
+	q3_sampler_free(&S);
+}
+
 static void test_init_rejects_an_empty_vocabulary(void **st)
 {
 	q3_err e;
@@ -345,6 +449,8 @@ int main(void)
 		cmocka_unit_test(test_penalties_count_only_accepted_tokens),
 		cmocka_unit_test(test_logit_bias_is_added_before_everything),
 		cmocka_unit_test(test_same_seed_same_tokens_other_seed_other_tokens),
+		cmocka_unit_test(test_plan_applied_elsewhere_draws_what_the_sampler_draws),
+		cmocka_unit_test(test_plan_refuses_repeated_bias_ids_and_overflow_without_side_effects),
 		cmocka_unit_test(test_init_rejects_an_empty_vocabulary),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -171,6 +171,22 @@ int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_
 	return 0;
 }
 
+/* As the engine on a backend that does not sample: the logits, then the host sampler. */
+int q3_engine_decode_sample(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
+			    struct q3_sampler **smp, int32_t *out, q3_err *e)
+{
+	float *lg = malloc(sizeof(float) * (size_t)n * V);
+	int rc;
+
+	if (!lg)
+		return q3_errf(e, -ENOMEM, "fake: out of memory");
+	if (!(rc = q3_engine_decode(eng, ss, ids, n, lg, e)))
+		for (int i = 0; i < n; i++)
+			out[i] = q3_sampler_sample(smp[i], lg + (size_t)i * V);
+	free(lg);
+	return rc;
+}
+
 /* ---- helpers ------------------------------------------------------------------------------ */
 
 static struct q3_tok *tok;

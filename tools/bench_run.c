@@ -3,10 +3,13 @@
  * backend, the device's measured copy bandwidth beside them.
  *
  *   qwen3d bench decode  --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]
- *                        [--warmup N] [--csv F]
+ *                        [--warmup N] [--logits] [--csv F]
  *       B sessions, each at position ctx (one prompt of ctx random ids, copied to the others),
- *       then `tokens` decode steps of all B together; prints tok/s (B · tokens / time), ms per
- *       step, and the bytes one step reads over its time (GB/s).
+ *       then `tokens` decode steps of all B together, each session fed the token drawn for it
+ *       (greedy, q3_engine_decode_sample: on the device where the backend samples, as the
+ *       server does); --logits: every step's logits to the host instead, random ids fed.
+ *       Prints tok/s (B · tokens / time), ms per step, and the bytes one step reads over its time
+ *       (GB/s).
  *   qwen3d bench prefill --model DIR [--backend ...] [--tokens N] [--reps N] [--csv F]
  *       a fresh session fed a prompt of `tokens` random ids, `reps` times; prints tok/s (best
  *       and median).
@@ -30,6 +33,7 @@
 #include "backend.h"
 #include "engine.h"
 #include "model.h"
+#include "sampler.h"
 
 /* The CUDA backend's copy-bandwidth probe (kernels/cuda_backend.cu), where it is linked in. */
 double q3_cuda_copy_gbs(void) __attribute__((weak));
@@ -37,6 +41,7 @@ double q3_cuda_copy_gbs(void) __attribute__((weak));
 struct bench_opts {
 	const char *model, *backend, *csv;
 	int batch, ctx, tokens, warmup, reps;
+	int logits; /* --logits: decode steps return logits, nothing is drawn */
 };
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
@@ -56,7 +61,8 @@ static int parse(int argc, char **argv, struct bench_opts *o, const char *usage)
 		{ "batch", required_argument, NULL, 'B' },   { "ctx", required_argument, NULL, 'c' },
 		{ "tokens", required_argument, NULL, 't' },  { "warmup", required_argument, NULL, 'w' },
 		{ "reps", required_argument, NULL, 'r' },    { "csv", required_argument, NULL, 'o' },
-		{ "help", no_argument, NULL, 'h' },	     { 0 },
+		{ "logits", no_argument, NULL, 'L' },	     { "help", no_argument, NULL, 'h' },
+		{ 0 },
 	};
 	int c;
 
@@ -71,6 +77,7 @@ static int parse(int argc, char **argv, struct bench_opts *o, const char *usage)
 		case 'm': o->model = optarg; break;
 		case 'b': o->backend = optarg; break;
 		case 'o': o->csv = optarg; break;
+		case 'L': o->logits = 1; break;
 		case 'B': case 'c': case 't': case 'w': case 'r':
 			if (!num) {
 				fprintf(stderr, "qwen3d bench %s: --%s: '%s' is not a count\n", argv[0],
@@ -150,24 +157,32 @@ static void csv_row(const char *path, const char *header, const char *row)
 }
 
 /* B sessions at position ctx, then `tokens` timed decode steps of all of them together. */
-static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int warmup, const char *csv)
+static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int warmup, bool want_logits,
+		      const char *csv)
 {
 	const struct q3_config *c = q3_engine_config(eng);
 	int V = c->vocab_size, rc = 1;
 	struct q3_session **ss = calloc(B, sizeof(*ss));
-	int32_t *ids = malloc(sizeof(int32_t) * (size_t)Q3_MAX(ctx, B));
-	float *logits = malloc(sizeof(float) * (size_t)B * V);
+	int32_t *ids = malloc(sizeof(int32_t) * (size_t)Q3_MAX(ctx, B)), *drawn = calloc(B, sizeof(int32_t));
+	float *logits = want_logits ? malloc(sizeof(float) * (size_t)B * V) : NULL;
+	struct q3_sampler *smp = calloc(B, sizeof(*smp)), **sp = calloc(B, sizeof(*sp));
+	struct q3_sampling greedy;
 	q3_err e;
 
-	if (!ss || !ids || !logits) {
+	if (!ss || !ids || !drawn || (want_logits && !logits) || !smp || !sp) {
 		fprintf(stderr, "qwen3d bench: out of memory\n");
 		goto out;
 	}
-	for (int i = 0; i < B; i++)
-		if (q3_session_new(eng, &ss[i], &e)) {
+	q3_sampling_default(&greedy);
+	greedy.temperature = 0.0f;
+	for (int i = 0; i < B; i++) {
+		if (q3_session_new(eng, &ss[i], &e) || q3_sampler_init(&smp[i], V, &e)) {
 			fprintf(stderr, "qwen3d bench: session %d: %s\n", i, e.msg);
 			goto out;
 		}
+		q3_sampler_reset(&smp[i], &greedy);
+		sp[i] = &smp[i];
+	}
 	if (ctx > 0) {
 		for (int i = 0; i < ctx; i++)
 			ids[i] = rand_id(V);
@@ -186,9 +201,10 @@ static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int war
 	for (int step = 0; step < warmup + tokens; step++) {
 		if (step == warmup)
 			t0 = q3_now();
-		for (int i = 0; i < B; i++)
-			ids[i] = rand_id(V);
-		if (q3_engine_decode(eng, ss, ids, B, logits, &e)) {
+		for (int i = 0; i < B; i++) /* each session's last draw; random ids at first or with --logits */
+			ids[i] = step > 0 && !want_logits && drawn[i] >= 0 ? drawn[i] : rand_id(V);
+		if (want_logits ? q3_engine_decode(eng, ss, ids, B, logits, &e)
+				: q3_engine_decode_sample(eng, ss, ids, B, sp, drawn, &e)) {
 			fprintf(stderr, "qwen3d bench: decode step %d: %s\n", step, e.msg);
 			goto out;
 		}
@@ -198,7 +214,8 @@ static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int war
 	double gbs = bytes / per / 1e9, peak = peak_gbs(eng);
 	char row[512];
 
-	printf("decode  backend %s  batch %d  ctx %d  steps %d\n", q3_engine_backend(eng), B, ctx, tokens);
+	printf("decode  backend %s  batch %d  ctx %d  steps %d  (%s)\n", q3_engine_backend(eng), B, ctx, tokens,
+	       want_logits ? "logits to the host" : "greedy draws by the engine");
 	printf("  %.1f tok/s  (%.2f ms per step, %.1f tok/s per sequence)\n", B * tokens / dt, per * 1e3, tokens / dt);
 	printf("  %.3f GB read per step -> %.0f GB/s", bytes / 1e9, gbs);
 	if (peak > 0)
@@ -213,6 +230,11 @@ out:
 	if (ss)
 		for (int i = 0; i < B; i++)
 			q3_session_free(ss[i]);
+	for (int i = 0; smp && i < B; i++)
+		q3_sampler_free(&smp[i]);
+	free(smp);
+	free(sp);
+	free(drawn);
 	free(ss);
 	free(ids);
 	free(logits);
@@ -275,7 +297,9 @@ out:
 
 static const char decode_usage[] =
 	"usage: qwen3d bench decode --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
-	"                           [--warmup N] [--csv F]\n";
+	"                           [--warmup N] [--logits] [--csv F]\n"
+	"  each step draws every session's next token (greedy, on the device where the backend samples);\n"
+	"  --logits: each step returns the logits to the host instead\n";
 
 int q3_bench_decode(int argc, char **argv)
 {
@@ -287,7 +311,7 @@ int q3_bench_decode(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, o.ctx + o.warmup + o.tokens + 8, o.batch, &eng))
 		return 1;
-	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.csv);
+	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.logits, o.csv);
 	q3_engine_close(eng);
 	return r;
 }
@@ -312,7 +336,7 @@ int q3_bench_prefill(int argc, char **argv)
 
 static const char suite_usage[] =
 	"usage: qwen3d bench suite --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
-	"                          [--reps N] [--csv F]\n"
+	"                          [--reps N] [--logits] [--csv F]\n"
 	"  one engine: decode at batch 1 and at --batch (default 16) at --ctx (default 1024), --tokens steps\n"
 	"  (default 64), then prefill of 512 and 4096 tokens, --reps times (default 2)\n";
 
@@ -326,9 +350,9 @@ int q3_bench_suite(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, Q3_MAX(o.ctx + o.warmup + o.tokens + 8, 4096 + 8), o.batch, &eng))
 		return 1;
-	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.csv) != 0;
+	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.logits, o.csv) != 0;
 	if (o.batch > 1)
-		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.csv) != 0;
+		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.logits, o.csv) != 0;
 	fails += run_prefill(eng, 512, Q3_MAX(o.reps, 1), o.csv) != 0;
 	fails += run_prefill(eng, 4096, Q3_MAX(o.reps, 1), o.csv) != 0;
 	q3_engine_close(eng);

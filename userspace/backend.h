@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "sampler.h"
 
 struct q3_engine_stats;
 #include "util.h"
@@ -34,6 +35,9 @@ struct q3_backend_opts {
 	bool quiet;
 };
 
+/* Logit adjustments (q3_sample_row's, all rows together) one decode step may send. */
+#define Q3_SAMPLE_ADJ_MAX (1 << 16)
+
 /* One sequence of a forward call. */
 struct q3_fwd_seq {
 	void *state;	    /* from state_new */
@@ -42,6 +46,11 @@ struct q3_fwd_seq {
 	const int32_t *ids; /* [n] */
 	float *logits;	    /* [n][V] when all_logits, else [V] for the last token; NULL: none */
 	bool all_logits;
+	/* With ops->samples, for a decode step (n == 1, logits NULL): draw the next token on the
+	 * backend (sampler.h's rules, the adjustments applied to its logits) into *token, -1 where
+	 * no logit is a candidate.  NULL otherwise. */
+	const struct q3_sample_row *sample;
+	int32_t *token;
 };
 
 /* Debug hook: called after the embedding (layer -1) and after each decoder layer i (layer i)
@@ -70,6 +79,9 @@ struct q3_backend_ops {
 	/* Optional (may be NULL): q3_engine_idle (nothing in flight; a few milliseconds of work;
 	 * 1 did some, 0 nothing to do, -errno). */
 	int (*idle)(void *bk, q3_err *e);
+	/* Whether forward() takes q3_fwd_seq.sample (a decode step's draw on the backend, so that
+	 * only token ids come back). */
+	bool samples;
 };
 
 extern const struct q3_backend_ops q3_backend_cpu;

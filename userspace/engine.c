@@ -33,7 +33,13 @@ struct q3_engine {
 	void *bk;
 	struct q3_backend_opts bo;
 	struct q3_fwd_seq *seqs; /* [max_batch], for q3_engine_decode */
+	/* q3_engine_decode_sample: the draws' plans (backends that sample) or the logits (others),
+	 * allocated on first use */
+	struct q3_sample_row *srows; /* [max_batch] */
+	struct q3_logit_adj *adj;    /* [Q3_SAMPLE_ADJ_MAX] */
+	float *logits;		     /* [max_batch][V] */
 };
+
 
 struct q3_session {
 	struct q3_engine *eng;
@@ -74,6 +80,9 @@ void q3_engine_close(struct q3_engine *eng)
 	if (eng->bk)
 		eng->ops->close(eng->bk);
 	free(eng->seqs);
+	free(eng->srows);
+	free(eng->adj);
+	free(eng->logits);
 	q3_model_free(eng->m);
 	q3_load_free(eng->ld);
 	q3_ckpt_close(eng->ck);
@@ -318,8 +327,9 @@ int q3_session_eval(struct q3_session *s, const int32_t *ids, int n, float *logi
 	return 0;
 }
 
-int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
-		     float *logits, q3_err *e)
+/* Checks a decode step's arguments and fills eng->seqs (logits NULL: none). */
+static int decode_prep(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n, float *logits,
+		       q3_err *e)
 {
 	size_t V = (size_t)eng->ck->cfg.vocab_size;
 	int err;
@@ -345,6 +355,14 @@ int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_
 			.logits = logits ? logits + (size_t)i * V : NULL,
 		};
 	}
+	return 0;
+}
+
+/* Runs the step eng->seqs[0 .. n) and advances the sessions (resets them on failure). */
+static int decode_run(struct q3_engine *eng, struct q3_session **ss, int n, q3_err *e)
+{
+	int err;
+
 	if ((err = eng->ops->forward(eng->bk, eng->seqs, n, e))) {
 		for (int i = 0; i < n; i++)
 			ss[i]->pos = 0;
@@ -352,5 +370,69 @@ int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_
 	}
 	for (int i = 0; i < n; i++)
 		ss[i]->pos++;
+	return 0;
+}
+
+int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
+		     float *logits, q3_err *e)
+{
+	int err = decode_prep(eng, ss, ids, n, logits, e);
+
+	return err ? err : decode_run(eng, ss, n, e);
+}
+
+/* Plans every row's draw for the backend; false (no step taken) where one does not fit. */
+static bool plan_draws(struct q3_engine *eng, struct q3_sampler **smp, int32_t *out, int n)
+{
+	int used = 0, i;
+
+	for (i = 0; i < n; i++) {
+		if (q3_sampler_plan(smp[i], &eng->srows[i], eng->adj + used, Q3_SAMPLE_ADJ_MAX - used))
+			break;
+		used += eng->srows[i].nbias + eng->srows[i].npen;
+		eng->seqs[i].sample = &eng->srows[i];
+		eng->seqs[i].token = &out[i];
+	}
+	if (i == n)
+		return true;
+	while (i-- > 0) { /* the host draws instead, with the same step numbers */
+		smp[i]->step--;
+		eng->seqs[i].sample = NULL;
+		eng->seqs[i].token = NULL;
+	}
+	return false;
+}
+
+int q3_engine_decode_sample(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
+			    struct q3_sampler **smp, int32_t *out, q3_err *e)
+{
+	size_t V = (size_t)eng->ck->cfg.vocab_size;
+	const char *hs = getenv("QWEN3D_HOST_SAMPLING");
+	bool dev = eng->ops->samples && !(hs && *hs && strcmp(hs, "0"));
+	int err;
+
+	if ((err = decode_prep(eng, ss, ids, n, NULL, e)))
+		return err;
+	if (dev && !eng->srows) {
+		eng->srows = calloc((size_t)eng->bo.max_batch, sizeof(*eng->srows));
+		eng->adj = malloc(Q3_SAMPLE_ADJ_MAX * sizeof(*eng->adj));
+		if (!eng->srows || !eng->adj)
+			return q3_errf(e, -ENOMEM, "decode: out of memory for the draws' plans");
+	}
+	if (dev && plan_draws(eng, smp, out, n)) {
+		if ((err = decode_run(eng, ss, n, e)))
+			return err;
+		for (int i = 0; i < n; i++)
+			out[i] = out[i] < 0 ? -EDOM : out[i];
+		return 0;
+	}
+	if (!eng->logits && !(eng->logits = malloc((size_t)eng->bo.max_batch * V * sizeof(float))))
+		return q3_errf(e, -ENOMEM, "decode: out of memory for %d rows of logits", eng->bo.max_batch);
+	for (int i = 0; i < n; i++)
+		eng->seqs[i].logits = eng->logits + (size_t)i * V;
+	if ((err = decode_run(eng, ss, n, e)))
+		return err;
+	for (int i = 0; i < n; i++)
+		out[i] = q3_sampler_sample(smp[i], eng->logits + (size_t)i * V);
 	return 0;
 }

@@ -119,3 +119,11 @@ int q3_session_eval(struct q3_session *s, const int32_t *ids, int n, float *logi
  * decoding alone.  Errors as q3_session_eval (checked before anything runs). */
 int q3_engine_decode(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
 		     float *logits, q3_err *e);
+/* One decode step for n sessions that also draws each one's next token: out[i] = what
+ * q3_sampler_sample(smp[i], logits of ss[i]) would return (the id, or -EDOM), smp[i]'s step
+ * advanced the same way.  Where the backend samples on the device (CUDA) only the ids come back;
+ * otherwise (or for a step whose adjustments do not fit, see q3_sampler_plan) the logits come to
+ * the host and are sampled there.  QWEN3D_HOST_SAMPLING=1 forces the host. */
+struct q3_sampler;
+int q3_engine_decode_sample(struct q3_engine *eng, struct q3_session **ss, const int32_t *ids, int n,
+			    struct q3_sampler **smp, int32_t *out, q3_err *e);

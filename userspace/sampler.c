@@ -54,6 +54,50 @@ void q3_sampler_accept(struct q3_sampler *s, int32_t id)
 		s->seen[s->nseen++] = id;
 }
 
+int q3_sampler_plan(struct q3_sampler *s, struct q3_sample_row *r, struct q3_logit_adj *adj, int cap)
+{
+	const struct q3_sampling *p = &s->p;
+	int n = 0;
+
+	for (int i = 0; i < p->nbias; i++) {
+		int32_t id = p->bias[i].id;
+
+		if (id < 0 || id >= s->vocab)
+			continue; /* ignored, as q3_sampler_sample does */
+		/* count[] is 0 or a penalty count: mark bias ids with a negative count, then undo */
+		if (n == cap || s->count[id] < 0) {
+			for (int j = 0; j < n; j++)
+				s->count[adj[j].id] = -s->count[adj[j].id] - 1;
+			return n == cap ? -ENOSPC : -EEXIST;
+		}
+		s->count[id] = -s->count[id] - 1;
+		adj[n++] = (struct q3_logit_adj){ id, p->bias[i].bias };
+	}
+	for (int j = 0; j < n; j++)
+		s->count[adj[j].id] = -s->count[adj[j].id] - 1;
+	r->nbias = n;
+	/* no penalties: adding -0 changes no logit, so there is nothing to send */
+	bool pen = p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+
+	if (pen && n + s->nseen > cap)
+		return -ENOSPC;
+	for (int i = 0; pen && i < s->nseen; i++) {
+		int32_t t = s->seen[i];
+
+		/* logits[t] -= pen is logits[t] += -pen exactly */
+		adj[n++] = (struct q3_logit_adj){ t, -(p->presence_penalty + p->frequency_penalty * (float)s->count[t]) };
+	}
+	r->npen = n - r->nbias;
+	r->adj = adj;
+	r->temperature = p->temperature;
+	r->top_p = p->top_p;
+	r->top_k = p->top_k;
+	r->min_p = p->min_p;
+	r->seed = p->seed;
+	r->step = s->step++;
+	return 0;
+}
+
 double q3_sampler_uniform(uint64_t seed, uint64_t step)
 {
 	uint64_t z = seed + (step + 1) * 0x9E3779B97F4A7C15ull; /* splitmix64 */

@@ -76,5 +76,28 @@ int32_t q3_sampler_sample(struct q3_sampler *s, float *logits);
 /* Records id as generated (for the penalties).  Ids outside the vocabulary are ignored. */
 void q3_sampler_accept(struct q3_sampler *s, int32_t id);
 
+/* A draw made elsewhere (a backend that samples on the device, backend.h): the logit
+ * adjustments of steps 0-1 as additions, logits[adj[i].id] += adj[i].v in order (the bias entries
+ * first, then the penalties, each part's ids distinct so that a part may run in parallel), and the
+ * parameters of steps 2-7 for draw number `step`. */
+struct q3_logit_adj {
+	int32_t id;
+	float v;
+};
+
+struct q3_sample_row {
+	float temperature, top_p, min_p;
+	int top_k;
+	uint64_t seed, step;
+	const struct q3_logit_adj *adj; /* [nbias + npen] */
+	int nbias, npen;
+};
+
+/* Plans the next draw of s for a backend: fills r and adj[0 .. cap) and advances s's step as
+ * q3_sampler_sample would; the draw is then exactly q3_sampler_sample's on the same logits.
+ * -ENOSPC when more than cap adjustments are needed, -EEXIST when two bias entries name the same
+ * id (their order matters); s is unchanged then and the caller samples on the host. */
+int q3_sampler_plan(struct q3_sampler *s, struct q3_sample_row *r, struct q3_logit_adj *adj, int cap);
+
 /* The uniform draw number `step` for `seed`, in [0, 1) (exposed for the CUDA mirror's tests). */
 double q3_sampler_uniform(uint64_t seed, uint64_t step);

@@ -135,9 +135,10 @@ struct q3_worker {
 	uint64_t seq;
 	struct q3_snapcache cache;
 	double t_stats;		/* when the engine's stats were last published */
-	float *logits;		/* [max_batch][V] */
+	float *logits;		/* [V]: a prompt's last logits */
 	struct q3_session **ss; /* [max_batch] decode scratch */
-	int32_t *toks;
+	int32_t *toks, *drawn;
+	struct q3_sampler **smp;
 	struct slot **dec;
 };
 
@@ -411,12 +412,14 @@ static void decode_step(struct q3_worker *w)
 		if (sl->job && sl->decoding) {
 			w->ss[n] = sl->s;
 			w->toks[n] = sl->next;
+			w->smp[n] = &sl->smp;
 			w->dec[n++] = sl;
 		}
 	}
 	if (!n)
 		return;
-	if ((rc = q3_engine_decode(w->o.eng, w->ss, w->toks, n, w->logits, &e))) {
+	/* the draws on the device where the backend can: only the ids come back */
+	if ((rc = q3_engine_decode_sample(w->o.eng, w->ss, w->toks, n, w->smp, w->drawn, &e))) {
 		for (int i = 0; i < n; i++)
 			finish(w, w->dec[i], Q3_FINISH_ERROR, e.msg);
 		return;
@@ -428,7 +431,7 @@ static void decode_step(struct q3_worker *w)
 	for (int i = 0; i < n; i++) {
 		struct slot *sl = w->dec[i];
 		sl->ids[sl->nids++] = sl->next;
-		take_token(w, sl, q3_sampler_sample(&sl->smp, w->logits + (size_t)i * w->V));
+		take_token(w, sl, w->drawn[i]);
 	}
 }
 
@@ -617,6 +620,8 @@ static void worker_free_mem(struct q3_worker *w)
 	free(w->logits);
 	free(w->ss);
 	free(w->toks);
+	free(w->drawn);
+	free(w->smp);
 	free(w->dec);
 	pthread_mutex_destroy(&w->mu);
 	pthread_cond_destroy(&w->cv);
@@ -641,11 +646,13 @@ int q3_worker_start(const struct q3_worker_opts *o, struct q3_worker **out, q3_e
 	if ((rc = q3_snapcache_init(&w->cache, o->cache_entries, e)))
 		goto fail;
 	w->slots = calloc(w->max_batch, sizeof(*w->slots));
-	w->logits = malloc((size_t)w->max_batch * w->V * sizeof(float));
+	w->logits = malloc((size_t)w->V * sizeof(float));
 	w->ss = calloc(w->max_batch, sizeof(*w->ss));
 	w->toks = calloc(w->max_batch, sizeof(*w->toks));
+	w->drawn = calloc(w->max_batch, sizeof(*w->drawn));
+	w->smp = calloc(w->max_batch, sizeof(*w->smp));
 	w->dec = calloc(w->max_batch, sizeof(*w->dec));
-	if (!w->slots || !w->logits || !w->ss || !w->toks || !w->dec) {
+	if (!w->slots || !w->logits || !w->ss || !w->toks || !w->drawn || !w->smp || !w->dec) {
 		rc = q3_errf(e, -ENOMEM, "worker: out of memory for %d slots", w->max_batch);
 		goto fail;
 	}

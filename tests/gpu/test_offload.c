@@ -16,7 +16,9 @@
  *  - the engine's stats: offload on, the expected share of experts in VRAM, pairs served both
  *    ways (none from VRAM at 0), PCIe bytes and CPU expert bytes counted;
  *  - the statistics file is written at close and read back at the next open;
- *  - re-balancing between the prompt and the decode steps (q3_engine_idle) keeps the logits.
+ *  - re-balancing between the prompt and the decode steps (q3_engine_idle) keeps the logits;
+ *  - tokens drawn on the device (q3_engine_decode_sample) are the host sampler's, with graphs,
+ *    eager, and with no expert in VRAM.
  * Exits 77 when no CUDA device is usable.
  */
 #include <dirent.h>
@@ -33,6 +35,7 @@
 #include "gpu_compare.h"
 #include "model_ref.h"
 #include "safetensors.h"
+#include "sampler.h"
 
 /* Prefill logits [T][V] and decode logits [G][V] of one engine; 0 or -1. */
 static int run(const char *dir, const int32_t *prompt, int T, const int32_t *gen, int G, int V, float *pre,
@@ -100,6 +103,84 @@ out:
 	return err;
 }
 
+/* Decode steps of three sessions whose tokens are drawn on the device (q3_engine_decode_sample:
+ * only the ids come back) against twin sessions drawn on the host from the logits
+ * (QWEN3D_HOST_SAMPLING), sampling, penalties and a bias in play, each fed its draws: every id
+ * the same (the same logits, the same rules). */
+static void draws(const char *dir, const int32_t *prompt, int T, int V, const char *how)
+{
+	enum { NS = 3, STEPS = 8 };
+	struct q3_engine_opts eo = {.model_dir = dir, .backend = "cuda", .max_ctx = T + STEPS + 8, .max_batch = 4,
+				    .quiet = true};
+	struct q3_engine *eng = NULL;
+	struct q3_session *a[NS] = {NULL}, *b[NS] = {NULL};
+	struct q3_sampler sa[NS], sb[NS], *pa[NS], *pb[NS];
+	struct q3_logit_bias bias[] = {{5, 2.0f}, {9, -1.0f}};
+	int32_t ia[NS] = {1, 2, 3}, ib[NS] = {1, 2, 3};
+	int same = 0, n = 0;
+	q3_err e;
+
+	memset(sa, 0, sizeof(sa));
+	memset(sb, 0, sizeof(sb));
+	if (q3_engine_open(&eo, &eng, &e)) {
+		result(false, "%s (%s): engine: %s", dir, how, e.msg);
+		return;
+	}
+	for (int i = 0; i < NS; i++) {
+		struct q3_sampling p;
+
+		q3_sampling_default(&p);
+		p.temperature = i == 0 ? 0.0f : 0.8f + 0.4f * i;
+		p.top_p = i == 2 ? 0.9f : 1.0f;
+		p.top_k = i == 1 ? 20 : 0;
+		p.presence_penalty = 0.6f;
+		p.frequency_penalty = 0.2f;
+		p.seed = 100 + i;
+		p.bias = bias;
+		p.nbias = 2;
+		if (q3_session_new(eng, &a[i], &e) || q3_session_new(eng, &b[i], &e) ||
+		    q3_session_eval(a[i], prompt, T - i, NULL, 0, &e) || q3_session_eval(b[i], prompt, T - i, NULL, 0, &e) ||
+		    q3_sampler_init(&sa[i], V, &e) || q3_sampler_init(&sb[i], V, &e)) {
+			result(false, "%s (%s): setup: %s", dir, how, e.msg);
+			goto out;
+		}
+		q3_sampler_reset(&sa[i], &p);
+		q3_sampler_reset(&sb[i], &p);
+		pa[i] = &sa[i];
+		pb[i] = &sb[i];
+	}
+	for (int step = 0; step < STEPS; step++) {
+		int32_t ga[NS], gb[NS];
+		int rc;
+
+		rc = q3_engine_decode_sample(eng, a, ia, NS, pa, ga, &e);
+		setenv("QWEN3D_HOST_SAMPLING", "1", 1);
+		if (!rc)
+			rc = q3_engine_decode_sample(eng, b, ib, NS, pb, gb, &e);
+		unsetenv("QWEN3D_HOST_SAMPLING");
+		if (rc) {
+			result(false, "%s (%s): decode step %d: %s", dir, how, step, e.msg);
+			goto out;
+		}
+		for (int i = 0; i < NS; i++, n++) {
+			same += ga[i] == gb[i];
+			q3_sampler_accept(&sa[i], ga[i]);
+			q3_sampler_accept(&sb[i], gb[i]);
+			ia[i] = ga[i] >= 0 ? ga[i] : 0;
+			ib[i] = gb[i] >= 0 ? gb[i] : 0;
+		}
+	}
+	result(same == n, "%s (%s): %d of %d tokens drawn on the device as on the host", dir, how, same, n);
+out:
+	for (int i = 0; i < NS; i++) {
+		q3_session_free(a[i]);
+		q3_session_free(b[i]);
+		q3_sampler_free(&sa[i]);
+		q3_sampler_free(&sb[i]);
+	}
+	q3_engine_close(eng);
+}
+
 static void test_model(const char *dir)
 {
 	struct ref r;
@@ -128,6 +209,10 @@ static void test_model(const char *dir)
 	if (run(dir, prompt, (int)T, gen, (int)G, (int)V, pre0, dec0, &st0))
 		goto out;
 	result(!st0.offload, "%s: all experts fit: offload off", dir);
+	draws(dir, prompt, (int)T, (int)V, "graphs");
+	setenv("QWEN3D_NO_GRAPHS", "1", 1);
+	draws(dir, prompt, (int)T, (int)V, "eager");
+	unsetenv("QWEN3D_NO_GRAPHS");
 	static const char *const fr[] = {"0.5", "0"};
 
 	setenv("QWEN3D_REBALANCE_MIN_TOKENS", "1", 1);
@@ -188,6 +273,8 @@ static void test_model(const char *dir)
 			}
 			unsetenv("QWEN3D_NO_GRAPHS");
 		}
+		if (f == 1)
+			draws(dir, prompt, (int)T, (int)V, "no expert in VRAM");
 		unlink(stats);
 	}
 	/* a bad setting is refused at open with its name */

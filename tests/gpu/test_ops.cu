@@ -15,6 +15,10 @@
 
 #include "gpu_test.h"
 
+extern "C" {
+#include "sampler.h"
+}
+
 static const char *g_filter;
 static cublasHandle_t g_cublas;
 static uint16_t *g_wtmp; /* expanded weights for q3g_gemm */
@@ -1707,10 +1711,13 @@ static void sample_case(const char *label, int V, int R, struct q3g_sampling bas
 	struct q3g_sampling *dp = dev_upload(ps.data(), R);
 	int32_t *dout = dev_alloc<int32_t>(R);
 
-	GT_OK(q3g_sample(dout, dl, dp, R, V, 0, &e_));
+	char *ws = dev_alloc<char>(q3g_sample_scratch(R));
+
+	GT_OK(q3g_sample(dout, dl, dp, R, V, ws, 0, &e_));
 	std::vector<int32_t> got = dev_download(dout, R);
 	int same = 0;
 
+	cudaFree(ws);
 	for (int r = 0; r < R; r++)
 		same += got[r] == ref[r];
 	char n2[200];
@@ -1721,6 +1728,88 @@ static void sample_case(const char *label, int V, int R, struct q3g_sampling bas
 	gt_expect(same == R, n2);
 	cudaFree(dl);
 	cudaFree(dp);
+	cudaFree(dout);
+}
+
+/* The decode path's draw (cuda_backend.cu): q3g_logits_adjust with a sampler's plan
+ * (q3_sampler_plan: bias entries, then penalties), then q3g_sample with its parameters, against
+ * the host sampler (sampler.c) on the same logits: the adjusted logits bit for bit, every id. */
+static void sample_plan_case(const char *label, int V, int R, float temperature, int top_k, float top_p)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "sample %s with bias and penalties (q3_sampler_plan) V=%d R=%d", label, V, R);
+	if (!want(name))
+		return;
+	std::vector<float> lg = rnd_vec((size_t)R * V, 2.0f), host = lg;
+	std::vector<struct q3_logit_adj> adj((size_t)R * 64);
+	std::vector<struct q3g_adjust_row> rows(R);
+	std::vector<struct q3g_sampling> ps(R);
+	std::vector<int> ref(R);
+	struct q3_logit_bias bias[6];
+	q3_err e;
+
+	struct q3g_adj *dadj = dev_alloc<struct q3g_adj>(adj.size());
+	for (int r = 0; r < R; r++) {
+		struct q3_sampler hs, ds;
+		struct q3_sampling p;
+		struct q3_sample_row row;
+
+		q3_sampling_default(&p);
+		p.temperature = temperature;
+		p.top_k = top_k;
+		p.top_p = top_p;
+		p.presence_penalty = r % 2 ? 0.4f : 0.0f;
+		p.frequency_penalty = 0.3f;
+		p.seed = rnd_u64();
+		for (int i = 0; i < 6; i++) /* ids under 200, where the generated ones are: some in both */
+			bias[i] = (struct q3_logit_bias){ i == 5 ? -4 : 40 * i + rnd_int(40), 3.0f * rnd_uniform() };
+		p.bias = bias;
+		p.nbias = 6;
+		GT_OK(q3_sampler_init(&hs, V, &e));
+		GT_OK(q3_sampler_init(&ds, V, &e));
+		q3_sampler_reset(&hs, &p);
+		q3_sampler_reset(&ds, &p);
+		for (int i = 0; i < 30; i++) {
+			int32_t t = rnd_int(200);
+
+			q3_sampler_accept(&hs, t);
+			q3_sampler_accept(&ds, t);
+		}
+		hs.step = ds.step = (uint64_t)rnd_int(1000);
+		GT_OK(q3_sampler_plan(&ds, &row, &adj[(size_t)r * 64], 64));
+		ps[r] = (struct q3g_sampling){ row.temperature, row.top_p, row.top_k, row.min_p, row.seed, row.step };
+		rows[r] = (struct q3g_adjust_row){ dadj + (size_t)r * 64, row.nbias, row.npen };
+		ref[r] = q3_sampler_sample(&hs, &host[(size_t)r * V]);
+		q3_sampler_free(&hs);
+		q3_sampler_free(&ds);
+	}
+	GT_CHECK(cudaMemcpy(dadj, adj.data(), adj.size() * sizeof(adj[0]), cudaMemcpyHostToDevice));
+	float *dl = dev_upload(lg.data(), lg.size());
+	struct q3g_sampling *dp = dev_upload(ps.data(), R);
+	struct q3g_adjust_row *drows = dev_upload(rows.data(), R);
+	int32_t *dout = dev_alloc<int32_t>(R);
+
+	char *ws = dev_alloc<char>(q3g_sample_scratch(R));
+
+	GT_OK(q3g_logits_adjust(dl, V, drows, R, 0, &e_));
+	GT_OK(q3g_sample(dout, dl, dp, R, V, ws, 0, &e_));
+	cudaFree(ws);
+	std::vector<int32_t> got = dev_download(dout, R);
+	std::vector<float> adjusted = dev_download(dl, lg.size());
+	int same = 0;
+	char n2[240];
+
+	snprintf(n2, sizeof(n2), "%s: the adjusted logits as the host sampler's, bit for bit", name);
+	gt_expect(!memcmp(adjusted.data(), host.data(), host.size() * 4), n2);
+	for (int r = 0; r < R; r++)
+		same += got[r] == ref[r];
+	snprintf(n2, sizeof(n2), "%s: %d of %d ids as q3_sampler_sample", name, same, R);
+	gt_expect(same == R, n2);
+	cudaFree(dl);
+	cudaFree(dp);
+	cudaFree(drows);
+	cudaFree(dadj);
 	cudaFree(dout);
 }
 
@@ -1748,6 +1837,9 @@ static void sample_tests(void)
 	p.top_k = 7;
 	p.top_p = 0.7f;
 	sample_case("top_k 7 top_p 0.7 min_p (specials)", 1000, 6, p, true);
+	sample_plan_case("greedy", 151936, 4, 0.0f, 0, 1.0f);
+	sample_plan_case("temperature 0.9 top_p 0.9", 151936, 8, 0.9f, 0, 0.9f);
+	sample_plan_case("temperature 1.2 top_k 50", 1000, 8, 1.2f, 50, 1.0f);
 }
 
 int main(int argc, char **argv)
