@@ -385,10 +385,12 @@ __global__ void logits_adjust_kernel(float *logits, int V, const struct q3g_adju
 	float *l = logits + (size_t)blockIdx.x * V;
 
 	for (int i = threadIdx.x; i < a.nbias; i += blockDim.x)
-		l[a.adj[i].id] += a.adj[i].v;
+		if ((unsigned)a.adj[i].id < (unsigned)V) /* the planner drops others; never write outside the row */
+			l[a.adj[i].id] += a.adj[i].v;
 	__syncthreads();
 	for (int i = a.nbias + threadIdx.x; i < a.nbias + a.npen; i += blockDim.x)
-		l[a.adj[i].id] += a.adj[i].v;
+		if ((unsigned)a.adj[i].id < (unsigned)V)
+			l[a.adj[i].id] += a.adj[i].v;
 }
 
 extern "C" int q3g_logits_adjust(float *logits, int V, const struct q3g_adjust_row *rows, int R, q3g_stream st,

@@ -3,11 +3,12 @@
  * backend, the device's measured copy bandwidth beside them.
  *
  *   qwen3d bench decode  --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]
- *                        [--warmup N] [--logits] [--csv F]
+ *                        [--warmup N] [--temperature T] [--top-p P] [--logits] [--csv F]
  *       B sessions, each at position ctx (one prompt of ctx random ids, copied to the others),
  *       then `tokens` decode steps of all B together, each session fed the token drawn for it
- *       (greedy, q3_engine_decode_sample: on the device where the backend samples, as the
- *       server does); --logits: every step's logits to the host instead, random ids fed.
+ *       (q3_engine_decode_sample: on the device where the backend samples, as the server does;
+ *       greedy unless --temperature / --top-p); --logits: every step's logits to the host
+ *       instead, random ids fed.
  *       Prints tok/s (B · tokens / time), ms per step, and the bytes one step reads over its time
  *       (GB/s).
  *   qwen3d bench prefill --model DIR [--backend ...] [--tokens N] [--reps N] [--csv F]
@@ -42,6 +43,7 @@ struct bench_opts {
 	const char *model, *backend, *csv;
 	int batch, ctx, tokens, warmup, reps;
 	int logits; /* --logits: decode steps return logits, nothing is drawn */
+	float temperature, top_p; /* the draws' (decode) */
 };
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
@@ -62,6 +64,7 @@ static int parse(int argc, char **argv, struct bench_opts *o, const char *usage)
 		{ "tokens", required_argument, NULL, 't' },  { "warmup", required_argument, NULL, 'w' },
 		{ "reps", required_argument, NULL, 'r' },    { "csv", required_argument, NULL, 'o' },
 		{ "logits", no_argument, NULL, 'L' },	     { "help", no_argument, NULL, 'h' },
+		{ "temperature", required_argument, NULL, 'T' }, { "top-p", required_argument, NULL, 'P' },
 		{ 0 },
 	};
 	int c;
@@ -78,6 +81,18 @@ static int parse(int argc, char **argv, struct bench_opts *o, const char *usage)
 		case 'b': o->backend = optarg; break;
 		case 'o': o->csv = optarg; break;
 		case 'L': o->logits = 1; break;
+		case 'T': case 'P': {
+			float f = optarg ? strtof(optarg, &end) : -1.0f;
+
+			if (!optarg || !*optarg || *end || !(f >= 0.0f) || (c == 'P' && !(f > 0.0f && f <= 1.0f)) || f > 100.0f) {
+				fprintf(stderr, "qwen3d bench %s: --%s: '%s' is not %s\n", argv[0],
+					c == 'T' ? "temperature" : "top-p", optarg ? optarg : "",
+					c == 'T' ? "a temperature in [0, 100]" : "a probability in (0, 1]");
+				return 2;
+			}
+			*(c == 'T' ? &o->temperature : &o->top_p) = f;
+			break;
+		}
 		case 'B': case 'c': case 't': case 'w': case 'r':
 			if (!num) {
 				fprintf(stderr, "qwen3d bench %s: --%s: '%s' is not a count\n", argv[0],
@@ -158,7 +173,7 @@ static void csv_row(const char *path, const char *header, const char *row)
 
 /* B sessions at position ctx, then `tokens` timed decode steps of all of them together. */
 static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int warmup, bool want_logits,
-		      const char *csv)
+		      float temperature, float top_p, const char *csv)
 {
 	const struct q3_config *c = q3_engine_config(eng);
 	int V = c->vocab_size, rc = 1;
@@ -166,21 +181,23 @@ static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int war
 	int32_t *ids = malloc(sizeof(int32_t) * (size_t)Q3_MAX(ctx, B)), *drawn = calloc(B, sizeof(int32_t));
 	float *logits = want_logits ? malloc(sizeof(float) * (size_t)B * V) : NULL;
 	struct q3_sampler *smp = calloc(B, sizeof(*smp)), **sp = calloc(B, sizeof(*sp));
-	struct q3_sampling greedy;
+	struct q3_sampling draw;
 	q3_err e;
 
 	if (!ss || !ids || !drawn || (want_logits && !logits) || !smp || !sp) {
 		fprintf(stderr, "qwen3d bench: out of memory\n");
 		goto out;
 	}
-	q3_sampling_default(&greedy);
-	greedy.temperature = 0.0f;
+	q3_sampling_default(&draw);
+	draw.temperature = temperature;
+	draw.top_p = top_p;
 	for (int i = 0; i < B; i++) {
 		if (q3_session_new(eng, &ss[i], &e) || q3_sampler_init(&smp[i], V, &e)) {
 			fprintf(stderr, "qwen3d bench: session %d: %s\n", i, e.msg);
 			goto out;
 		}
-		q3_sampler_reset(&smp[i], &greedy);
+		draw.seed = (uint64_t)i + 1;
+		q3_sampler_reset(&smp[i], &draw);
 		sp[i] = &smp[i];
 	}
 	if (ctx > 0) {
@@ -214,8 +231,15 @@ static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int war
 	double gbs = bytes / per / 1e9, peak = peak_gbs(eng);
 	char row[512];
 
-	printf("decode  backend %s  batch %d  ctx %d  steps %d  (%s)\n", q3_engine_backend(eng), B, ctx, tokens,
-	       want_logits ? "logits to the host" : "greedy draws by the engine");
+	char how[96];
+
+	if (want_logits)
+		snprintf(how, sizeof(how), "logits to the host");
+	else if (temperature < Q3_SAMPLER_GREEDY_T)
+		snprintf(how, sizeof(how), "greedy draws by the engine");
+	else
+		snprintf(how, sizeof(how), "draws by the engine, temperature %g, top_p %g", temperature, top_p);
+	printf("decode  backend %s  batch %d  ctx %d  steps %d  (%s)\n", q3_engine_backend(eng), B, ctx, tokens, how);
 	printf("  %.1f tok/s  (%.2f ms per step, %.1f tok/s per sequence)\n", B * tokens / dt, per * 1e3, tokens / dt);
 	printf("  %.3f GB read per step -> %.0f GB/s", bytes / 1e9, gbs);
 	if (peak > 0)
@@ -297,13 +321,13 @@ out:
 
 static const char decode_usage[] =
 	"usage: qwen3d bench decode --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
-	"                           [--warmup N] [--logits] [--csv F]\n"
-	"  each step draws every session's next token (greedy, on the device where the backend samples);\n"
-	"  --logits: each step returns the logits to the host instead\n";
+	"                           [--warmup N] [--temperature T] [--top-p P] [--logits] [--csv F]\n"
+	"  each step draws every session's next token (greedy unless --temperature / --top-p; on the\n"
+	"  device where the backend samples); --logits: each step returns the logits to the host instead\n";
 
 int q3_bench_decode(int argc, char **argv)
 {
-	struct bench_opts o = { .batch = 1, .ctx = 1024, .tokens = 64, .warmup = 4 };
+	struct bench_opts o = { .batch = 1, .ctx = 1024, .tokens = 64, .warmup = 4, .top_p = 1.0f };
 	struct q3_engine *eng = NULL;
 	int r;
 
@@ -311,7 +335,7 @@ int q3_bench_decode(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, o.ctx + o.warmup + o.tokens + 8, o.batch, &eng))
 		return 1;
-	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.logits, o.csv);
+	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.logits, o.temperature, o.top_p, o.csv);
 	q3_engine_close(eng);
 	return r;
 }
@@ -336,13 +360,13 @@ int q3_bench_prefill(int argc, char **argv)
 
 static const char suite_usage[] =
 	"usage: qwen3d bench suite --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
-	"                          [--reps N] [--logits] [--csv F]\n"
+	"                          [--reps N] [--temperature T] [--top-p P] [--logits] [--csv F]\n"
 	"  one engine: decode at batch 1 and at --batch (default 16) at --ctx (default 1024), --tokens steps\n"
 	"  (default 64), then prefill of 512 and 4096 tokens, --reps times (default 2)\n";
 
 int q3_bench_suite(int argc, char **argv)
 {
-	struct bench_opts o = { .batch = 16, .ctx = 1024, .tokens = 64, .warmup = 4, .reps = 2 };
+	struct bench_opts o = { .batch = 16, .ctx = 1024, .tokens = 64, .warmup = 4, .reps = 2, .top_p = 1.0f };
 	struct q3_engine *eng = NULL;
 	int r, fails = 0;
 
@@ -350,9 +374,10 @@ int q3_bench_suite(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, Q3_MAX(o.ctx + o.warmup + o.tokens + 8, 4096 + 8), o.batch, &eng))
 		return 1;
-	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.logits, o.csv) != 0;
+	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.logits, o.temperature, o.top_p, o.csv) != 0;
 	if (o.batch > 1)
-		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.logits, o.csv) != 0;
+		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.logits, o.temperature,
+				    o.top_p, o.csv) != 0;
 	fails += run_prefill(eng, 512, Q3_MAX(o.reps, 1), o.csv) != 0;
 	fails += run_prefill(eng, 4096, Q3_MAX(o.reps, 1), o.csv) != 0;
 	q3_engine_close(eng);
