@@ -40,7 +40,6 @@ struct q3_engine {
 	float *logits;		     /* [max_batch][V] */
 };
 
-
 struct q3_session {
 	struct q3_engine *eng;
 	void *st;
@@ -416,8 +415,13 @@ int q3_engine_decode_sample(struct q3_engine *eng, struct q3_session **ss, const
 	if (dev && !eng->srows) {
 		eng->srows = calloc((size_t)eng->bo.max_batch, sizeof(*eng->srows));
 		eng->adj = malloc(Q3_SAMPLE_ADJ_MAX * sizeof(*eng->adj));
-		if (!eng->srows || !eng->adj)
+		if (!eng->srows || !eng->adj) {
+			free(eng->srows);
+			free(eng->adj);
+			eng->srows = NULL;
+			eng->adj = NULL;
 			return q3_errf(e, -ENOMEM, "decode: out of memory for the draws' plans");
+		}
 	}
 	if (dev && plan_draws(eng, smp, out, n)) {
 		if ((err = decode_run(eng, ss, n, e)))
