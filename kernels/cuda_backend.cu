@@ -954,11 +954,12 @@ static int head_rows(struct cuda_bk *bk, const int *lrows_d, int l0, int n, bool
 		if ((err = q3g_mmv(&j, 1, nr, bk->st, e)))
 			return err;
 	}
-	if (samp) /* only the ids come back: 4 bytes a row instead of 4 V */
-		return (err = q3g_logits_adjust(bk->logits, d->V, samp_dev(bk, bk->samp_rows), n, bk->st, e))
-			       ? err
-			       : q3g_sample(samp_dev(bk, bk->samp_tok), bk->logits, samp_dev(bk, bk->samp_par), n, d->V,
-					    bk->samp_ws, bk->st, e);
+	if (samp) { /* only the ids come back: 4 bytes a row instead of 4 V */
+		if ((err = q3g_logits_adjust(bk->logits, d->V, samp_dev(bk, bk->samp_rows), n, bk->st, e)))
+			return err;
+		return q3g_sample(samp_dev(bk, bk->samp_tok), bk->logits, samp_dev(bk, bk->samp_par), n, d->V,
+				  bk->samp_ws, bk->st, e);
+	}
 	CUDA_CHECK(e, cudaMemcpyAsync(bk->logits_h, bk->logits, (size_t)n * d->V * 4, cudaMemcpyDeviceToHost, bk->st));
 	return 0;
 }

@@ -277,6 +277,10 @@ static void test_decode_sample(void **state)
 			ids[i] = got[i];
 		}
 	}
+	struct q3_engine_stats st;
+
+	q3_engine_stats(eng, &st); /* the CPU backend does not sample: every draw on the host */
+	assert_true(st.draws_host == NS * STEPS && st.draws_backend == 0);
 	for (int i = 0; i < NS; i++) {
 		q3_session_free(a[i]);
 		q3_session_free(b[i]);

@@ -38,6 +38,7 @@ struct q3_engine {
 	struct q3_sample_row *srows; /* [max_batch] */
 	struct q3_logit_adj *adj;    /* [Q3_SAMPLE_ADJ_MAX] */
 	float *logits;		     /* [max_batch][V] */
+	uint64_t draws_backend, draws_host;
 };
 
 struct q3_session {
@@ -185,6 +186,8 @@ void q3_engine_stats(const struct q3_engine *eng, struct q3_engine_stats *s)
 	memset(s, 0, sizeof(*s));
 	if (eng->ops->stats)
 		eng->ops->stats(eng->bk, s);
+	s->draws_backend = eng->draws_backend;
+	s->draws_host = eng->draws_host;
 }
 
 void q3_engine_load_info(const struct q3_engine *eng, struct q3_engine_load *l)
@@ -428,6 +431,7 @@ int q3_engine_decode_sample(struct q3_engine *eng, struct q3_session **ss, const
 			return err;
 		for (int i = 0; i < n; i++)
 			out[i] = out[i] < 0 ? -EDOM : out[i];
+		eng->draws_backend += (uint64_t)n;
 		return 0;
 	}
 	if (!eng->logits && !(eng->logits = malloc((size_t)eng->bo.max_batch * V * sizeof(float))))
@@ -438,5 +442,6 @@ int q3_engine_decode_sample(struct q3_engine *eng, struct q3_session **ss, const
 		return err;
 	for (int i = 0; i < n; i++)
 		out[i] = q3_sampler_sample(smp[i], eng->logits + (size_t)i * V);
+	eng->draws_host += (uint64_t)n;
 	return 0;
 }

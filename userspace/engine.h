@@ -61,6 +61,8 @@ struct q3_engine_stats {
 	int pcie_experts_now;	  /* ... in the last single-row call (tuned between 0 and that) */
 	uint64_t pcie_bytes;	  /* offload traffic: handoffs and streamed experts */
 	uint64_t tokens;	  /* rows that went through the offload path */
+	uint64_t draws_backend;	  /* tokens q3_engine_decode_sample drew on the backend (device) */
+	uint64_t draws_host;	  /* ... and on the host, from the logits */
 	uint64_t cpu_expert_bytes; /* expert weights the CPU expert threads read */
 	double cpu_expert_busy_s;  /* their busy time: bytes / busy = CPU expert GB/s */
 	double cpu_expert_phase_s[3]; /* the busy time by phase: activations, gate / up, down */

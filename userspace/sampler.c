@@ -57,24 +57,26 @@ void q3_sampler_accept(struct q3_sampler *s, int32_t id)
 int q3_sampler_plan(struct q3_sampler *s, struct q3_sample_row *r, struct q3_logit_adj *adj, int cap)
 {
 	const struct q3_sampling *p = &s->p;
-	int n = 0;
+	int n = 0, err = 0;
 
+	/* count[] is 0 or a penalty count: a bias id is marked by a negative count while the entries
+	 * are gathered (a second entry for it is then seen), and restored after */
 	for (int i = 0; i < p->nbias; i++) {
 		int32_t id = p->bias[i].id;
 
 		if (id < 0 || id >= s->vocab)
 			continue; /* ignored, as q3_sampler_sample does */
-		/* count[] is 0 or a penalty count: mark bias ids with a negative count, then undo */
 		if (n == cap || s->count[id] < 0) {
-			for (int j = 0; j < n; j++)
-				s->count[adj[j].id] = -s->count[adj[j].id] - 1;
-			return n == cap ? -ENOSPC : -EEXIST;
+			err = n == cap ? -ENOSPC : -EEXIST;
+			break;
 		}
 		s->count[id] = -s->count[id] - 1;
 		adj[n++] = (struct q3_logit_adj){ id, p->bias[i].bias };
 	}
 	for (int j = 0; j < n; j++)
 		s->count[adj[j].id] = -s->count[adj[j].id] - 1;
+	if (err)
+		return err;
 	r->nbias = n;
 	/* no penalties: adding -0 changes no logit, so there is nothing to send */
 	bool pen = p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;

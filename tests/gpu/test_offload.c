@@ -170,7 +170,12 @@ static void draws(const char *dir, const int32_t *prompt, int T, int V, const ch
 			ib[i] = gb[i] >= 0 ? gb[i] : 0;
 		}
 	}
-	result(same == n, "%s (%s): %d of %d tokens drawn on the device as on the host", dir, how, same, n);
+	struct q3_engine_stats st;
+
+	q3_engine_stats(eng, &st); /* half the draws on each side, or the comparison says nothing */
+	result(same == n && st.draws_backend == (uint64_t)n && st.draws_host == (uint64_t)n,
+	       "%s (%s): %d of %d tokens drawn on the device as on the host (%llu on the device, %llu on the host)",
+	       dir, how, same, n, (unsigned long long)st.draws_backend, (unsigned long long)st.draws_host);
 out:
 	for (int i = 0; i < NS; i++) {
 		q3_session_free(a[i]);
