@@ -234,6 +234,31 @@ static __device__ __forceinline__ void prefetch_l2(const void *p, uint32_t n)
 #endif
 }
 
+/* Asynchronous copies from global to shared memory (sm_80+), completed by groups: 16 bytes
+ * (both addresses 16-byte aligned, L1 bypassed) or 4. */
+static __device__ __forceinline__ void cp_async16(void *smem, const void *g)
+{
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+		     "l"(g) : "memory");
+}
+
+static __device__ __forceinline__ void cp_async4(void *smem, const void *g)
+{
+	asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+		     "l"(g) : "memory");
+}
+
+static __device__ __forceinline__ void cp_async_commit(void)
+{
+	asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+/* Waits until at most N of this thread's committed groups are still in flight. */
+template <int N> static __device__ __forceinline__ void cp_async_wait(void)
+{
+	asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 /* Whether q3g_launch asks for programmatic dependent launch (set by q3g_init). */
 extern bool q3g_pdl;
 

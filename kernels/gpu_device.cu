@@ -41,7 +41,7 @@ extern "C" int q3g_init(q3_err *e)
 			       dev, prop.name, prop.major, prop.minor);
 	/* programmatic dependent launch: sm_90 and newer, unless QWEN3D_NO_PDL is set */
 	q3g_pdl = q3g_dev.cc >= 90 && !getenv("QWEN3D_NO_PDL");
-	if ((err = q3g_mmv_init(e)) || (err = q3g_moe_init(e)) || (err = q3g_mm_init(e)))
+	if ((err = q3g_mmv_init(e)) || (err = q3g_moe_init(e)) || (err = q3g_mm_init(e)) || (err = q3g_delta_init(e)))
 		return err;
 	return 0;
 }

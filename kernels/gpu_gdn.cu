@@ -1,13 +1,14 @@
 /* gpu_gdn.cu - Gated DeltaNet on the GPU: the causal depthwise conv1d + SiLU with its state, and
  * the gated delta rule (l2norm of q and k, the gates, the recurrence, optionally the gated norm).
  *
- * The recurrence runs token after token, in fp32, with the state in registers: a block per
- * (sequence, value head), a warp per Q3G_DELTA_CPW value columns, each lane holding Dk / 32 keys of
- * those columns.  Per token the two products Sᵀk and Sᵀq come from the state before the update
+ * The recurrence runs token after token, in fp32, with the state in registers: a warp per
+ * Q3G_DELTA_CPW value columns of a value head, each lane holding Dk / 32 keys of those columns.
+ * Per token the two products Sᵀk and Sᵀq come from the state before the update
  * (o = α·S_oldᵀq + δ·(k·q), with δ = β(v − α·S_oldᵀk), then S = α·S + k δᵀ), so one round of warp
- * reductions per token serves both.  The same kernel does decode (one token) and prefill (the
- * sequence's tokens of the call, one after the other); the state is stored transposed
- * ([Dv][Dk]) so that a warp reads its columns' keys with coalesced loads.
+ * reductions per token serves both.  Decode (one token a sequence) runs the conv step, the
+ * recurrence and the gated norm in one kernel; prefill (a sequence's tokens of the call, one after
+ * the other) stages its inputs by chunks of tokens (see "delta rule, prefill").  The state is
+ * stored transposed ([Dv][Dk]) so that a warp reads its columns' keys with coalesced loads.
  */
 #include <cooperative_groups.h>
 
@@ -109,24 +110,32 @@ static __device__ __forceinline__ void conv_shift(const delta_args &A, const flo
 	wr[(size_t)(S - 1) * A.conv_dim + ch] = xr[ch];
 }
 
-/* FUSE: every sequence feeds one token (decode): the conv is computed here from the projections
- * (and the conv state advanced), and the output is gated-normed into core.  Otherwise the inputs
- * are the conv outputs u and the raw output goes to o.  CL > 1 (decode on sm_90): a head's columns
- * are split over a cluster of CL blocks, which add up the gated norm's sum of squares through
- * distributed shared memory (32 blocks, one per head, left 100 of 132 SMs idle). */
-template <int KPL, bool FUSE, int CL>
-__global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_constant__ delta_args A)
+/* The gates of value head j for one token: alpha = exp(g), g = -exp(A_log)·softplus(a + dt_bias)
+ * (negA = -exp(A_log)), and beta = sigmoid(b). */
+static __device__ __forceinline__ void delta_gates(float *alpha, float *beta, float b, float a, float negA, float dtb)
+{
+	const float x = a + dtb, sp = x > 20.0f ? x : log1pf(expf(x));
+
+	*beta = 1.0f / (1.0f + expf(-b));
+	*alpha = expf(negA * sp);
+}
+
+/* Decode: every sequence feeds one token; the conv is computed here from the projections (and the
+ * conv state advanced), and the output is gated-normed into core.  CL > 1 (sm_90): a head's
+ * columns are split over a cluster of CL blocks, which add up the gated norm's sum of squares
+ * through distributed shared memory (32 blocks, one per head, left 100 of 132 SMs idle). */
+template <int KPL, int CL>
+__global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constant__ delta_args A)
 {
 	constexpr int CPW = Q3G_DELTA_CPW;
 	__shared__ float red[32];
-	__shared__ float cqkv[FUSE ? 2 * Q3G_MAX_DK + 32 * CPW : 1]; /* decode: q | k | v after the conv */
-	__shared__ float cl_ss;					       /* this block's sum of squares (CL > 1) */
+	__shared__ float cqkv[2 * Q3G_MAX_DK + 32 * CPW]; /* q | k | v after the conv */
+	__shared__ float cl_ss;				  /* this block's sum of squares (CL > 1) */
 	(void)cl_ss; /* unused where CL == 1 */
 	pdl_trigger();
 	pdl_wait();
-	/* block (sequence, value head, column slice): decode takes the whole head (its gated norm
-	 * spans it) or, with CL > 1, a slice of a cluster that shares the norm's sum; prefill slices
-	 * of 16 warps (more blocks, more registers per thread) */
+	/* block (sequence, value head, column slice): the whole head (its gated norm spans it) or,
+	 * with CL > 1, a slice of a cluster that shares the norm's sum */
 	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk);
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, i0 = lane * KPL;
 	const int c0 = blockIdx.z * (blockDim.x / 32) * CPW + warp * CPW;
@@ -142,81 +151,39 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 		for (int i = 0; i < KPL; i++)
 			S[c][i] = sq.pos > 0 ? Sg[(size_t)(c0 + c) * A.Dk + i0 + i] : 0.0f;
 
-	/* prefill: the next token's inputs are loaded while this one computes (software pipeline) */
-	float nq[KPL], nk[KPL], nv[CPW], nb = 0.0f, na = 0.0f;
-
-	if (!FUSE && sq.n > 0) {
-		const float *ur = A.u + (size_t)sq.row0 * A.conv_dim;
-#pragma unroll
-		for (int i = 0; i < KPL; i++) {
-			nq[i] = ur[kh * A.Dk + i0 + i];
-			nk[i] = ur[A.key_dim + kh * A.Dk + i0 + i];
-		}
-#pragma unroll
-		for (int c = 0; c < CPW; c++)
-			nv[c] = ur[2 * A.key_dim + j * A.Dv + c0 + c];
-		nb = A.ba[(size_t)sq.row0 * 2 * A.Nv + j];
-		na = A.ba[(size_t)sq.row0 * 2 * A.Nv + A.Nv + j];
-	}
 	for (int t = 0; t < sq.n; t++) {
 		const int row = sq.row0 + t;
 		float q[KPL], k[KPL], v[CPW], b, a;
 		float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
 
-		if (FUSE) {
-			/* the conv of the head's q, k and v channels, once per channel (not once per
-			 * warp: the warps of a key head all need its q and k), through shared memory */
-			const float *xr = A.qkvz + (size_t)row * A.ldq;
-			const float *rd = sq.conv_rd + (size_t)A.lin * (A.W - 1) * A.conv_dim;
-			float *wr = sq.conv_wr + (size_t)A.lin * (A.W - 1) * A.conv_dim;
-			/* q and k whole, v of this block's columns [vbase, vbase + vs) */
-			const int vs = A.Dv / CL, vbase = blockIdx.z * vs, nch = 2 * A.Dk + vs;
+		/* the conv of the head's q, k and v channels, once per channel (not once per warp: the
+		 * warps of a key head all need its q and k), through shared memory */
+		const float *xr = A.qkvz + (size_t)row * A.ldq;
+		const float *rd = sq.conv_rd + (size_t)A.lin * (A.W - 1) * A.conv_dim;
+		float *wr = sq.conv_wr + (size_t)A.lin * (A.W - 1) * A.conv_dim;
+		/* q and k whole, v of this block's columns [vbase, vbase + vs) */
+		const int vs = A.Dv / CL, vbase = blockIdx.z * vs, nch = 2 * A.Dk + vs;
 
-			for (int c = threadIdx.x; c < nch; c += blockDim.x) {
-				int ch = c < A.Dk ? kh * A.Dk + c : c < 2 * A.Dk ? A.key_dim + kh * A.Dk + c - A.Dk
-					 : 2 * A.key_dim + j * A.Dv + vbase + c - 2 * A.Dk;
+		for (int c = threadIdx.x; c < nch; c += blockDim.x) {
+			int ch = c < A.Dk ? kh * A.Dk + c : c < 2 * A.Dk ? A.key_dim + kh * A.Dk + c - A.Dk
+				 : 2 * A.key_dim + j * A.Dv + vbase + c - 2 * A.Dk;
 
-				cqkv[c < 2 * A.Dk ? c : c + vbase] = conv_ch(A, xr, rd, sq.pos, ch);
-				/* the new state: q and k channels by the first block of the key head */
-				if (c >= 2 * A.Dk || (j % (A.Nv / A.Nk) == 0 && blockIdx.z == 0))
-					conv_shift(A, xr, rd, wr, sq.pos, ch);
-			}
-			b = A.ba[(size_t)row * 2 * A.Nv + j];
-			a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
-			__syncthreads();
-#pragma unroll
-			for (int i = 0; i < KPL; i++) {
-				q[i] = cqkv[i0 + i];
-				k[i] = cqkv[A.Dk + i0 + i];
-			}
-#pragma unroll
-			for (int c = 0; c < CPW; c++)
-				v[c] = cqkv[2 * A.Dk + c0 + c];
-		} else {
-#pragma unroll
-			for (int i = 0; i < KPL; i++) {
-				q[i] = nq[i];
-				k[i] = nk[i];
-			}
-#pragma unroll
-			for (int c = 0; c < CPW; c++)
-				v[c] = nv[c];
-			b = nb;
-			a = na;
-			if (t + 1 < sq.n) {
-				const float *ur = A.u + (size_t)(row + 1) * A.conv_dim;
-#pragma unroll
-				for (int i = 0; i < KPL; i++) {
-					nq[i] = ur[kh * A.Dk + i0 + i];
-					nk[i] = ur[A.key_dim + kh * A.Dk + i0 + i];
-				}
-#pragma unroll
-				for (int c = 0; c < CPW; c++)
-					nv[c] = ur[2 * A.key_dim + j * A.Dv + c0 + c];
-				nb = A.ba[(size_t)(row + 1) * 2 * A.Nv + j];
-				na = A.ba[(size_t)(row + 1) * 2 * A.Nv + A.Nv + j];
-			}
+			cqkv[c < 2 * A.Dk ? c : c + vbase] = conv_ch(A, xr, rd, sq.pos, ch);
+			/* the new state: q and k channels by the first block of the key head */
+			if (c >= 2 * A.Dk || (j % (A.Nv / A.Nk) == 0 && blockIdx.z == 0))
+				conv_shift(A, xr, rd, wr, sq.pos, ch);
 		}
+		b = A.ba[(size_t)row * 2 * A.Nv + j];
+		a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
+		__syncthreads();
+#pragma unroll
+		for (int i = 0; i < KPL; i++) {
+			q[i] = cqkv[i0 + i];
+			k[i] = cqkv[A.Dk + i0 + i];
+		}
+#pragma unroll
+		for (int c = 0; c < CPW; c++)
+			v[c] = cqkv[2 * A.Dk + c0 + c];
 #pragma unroll
 		for (int i = 0; i < KPL; i++) {
 			sqq += q[i] * q[i];
@@ -247,11 +214,10 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 			}
 		}
 		const float rq = rsqrtf(sqq + 1e-6f) * qscale, rk = rsqrtf(skk + 1e-6f);
-		const float beta = 1.0f / (1.0f + expf(-b));
-		const float x = a + dtb, sp = x > 20.0f ? x : log1pf(expf(x));
-		const float alpha = expf(negA * sp), qk = sqk * rq * rk;
-		float o[CPW];
+		const float qk = sqk * rq * rk;
+		float alpha, beta, o[CPW];
 
+		delta_gates(&alpha, &beta, b, a, negA, dtb);
 #pragma unroll
 		for (int c = 0; c < CPW; c++) {
 			/* products with the normalized q and k: scale the raw ones */
@@ -263,47 +229,39 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 			for (int i = 0; i < KPL; i++)
 				S[c][i] = alpha * S[c][i] + (k[i] * rk) * delta;
 		}
-		if (!FUSE) {
-			float *orow = A.o + (size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0;
+		float ss = 0.0f;
 #pragma unroll
-			for (int c = 0; c < CPW; c++)
-				if (lane == c)
-					orow[c] = o[c];
-		} else {
-			float ss = 0.0f;
-#pragma unroll
-			for (int c = 0; c < CPW; c++)
-				ss += o[c] * o[c];
-			__syncthreads();
-			if (lane == 0)
-				red[warp] = ss;
-			__syncthreads();
-			ss = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
-			ss = warp_sum(ss);
-			if (CL > 1) {
+		for (int c = 0; c < CPW; c++)
+			ss += o[c] * o[c];
+		__syncthreads();
+		if (lane == 0)
+			red[warp] = ss;
+		__syncthreads();
+		ss = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
+		ss = warp_sum(ss);
+		if (CL > 1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-				/* the head's total: every block's part, in rank order (deterministic) */
-				cg::cluster_group cl = cg::this_cluster();
+			/* the head's total: every block's part, in rank order (deterministic) */
+			cg::cluster_group cl = cg::this_cluster();
 
-				if (threadIdx.x == 0)
-					cl_ss = ss;
-				cl.sync();
-				ss = 0.0f;
-				for (int b = 0; b < CL; b++)
-					ss += *cl.map_shared_rank(&cl_ss, b);
-				cl.sync(); /* no block leaves (or overwrites cl_ss) while another reads it */
+			if (threadIdx.x == 0)
+				cl_ss = ss;
+			cl.sync();
+			ss = 0.0f;
+			for (int b = 0; b < CL; b++)
+				ss += *cl.map_shared_rank(&cl_ss, b);
+			cl.sync(); /* no block leaves (or overwrites cl_ss) while another reads it */
 #else
-				__trap(); /* the host launches clusters on sm_90 only: device code without them */
+			__trap(); /* the host launches clusters on sm_90 only: device code without them */
 #endif
-			}
-			const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
-			const float *zr = A.z + (size_t)row * A.ldz + (size_t)j * A.Dv + c0;
-			uint16_t *out = A.core + (size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0;
-#pragma unroll
-			for (int c = 0; c < CPW; c++)
-				if (lane == c)
-					out[c] = f2h_bits(A.normw[c0 + c] * (o[c] * rs) * dev_silu(zr[c]));
 		}
+		const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
+		const float *zr = A.z + (size_t)row * A.ldz + (size_t)j * A.Dv + c0;
+		uint16_t *out = A.core + (size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0;
+#pragma unroll
+		for (int c = 0; c < CPW; c++)
+			if (lane == c)
+				out[c] = f2h_bits(A.normw[c0 + c] * (o[c] * rs) * dev_silu(zr[c]));
 	}
 #pragma unroll
 	for (int c = 0; c < CPW; c++)
@@ -312,22 +270,208 @@ __global__ void __launch_bounds__(FUSE ? 1024 : 512) delta_kernel(const __grid_c
 			Sg[(size_t)(c0 + c) * A.Dk + i0 + i] = S[c][i];
 }
 
-template <bool FUSE, int CL> static void (*delta_for(int Dk))(const delta_args)
+/* ---- delta rule, prefill ----------------------------------------------------------------------
+ * The recurrence is sequential in the tokens, so a prompt's time is its length times one token's
+ * step in a warp.  That step was 0.95 us (3.9 ms a Gated DeltaNet layer for 4096 tokens, a block
+ * of 16 warps per head and half): each warp reduced 11 sums over its lanes (55 shuffles, and an
+ * SM issues one a cycle) and waited for the next token's loads from DRAM.  Here:
+ *  - the inputs (q, k, the block's v columns, b, a) are staged in shared memory by chunks of tc
+ *    tokens with cp.async, the next chunk in flight while this one runs;
+ *  - a chunk's norms of q and k, q·k and gates are computed first, a warp a token, not by every
+ *    warp for every token;
+ *  - a token's eight state products (Sᵀk and Sᵀq of the warp's four columns) are summed over the
+ *    warp by a reduce-scatter (4 + 2 + 1 shuffles leave each group of four lanes one product
+ *    summed over eight lanes, 2 more finish it), and 5 shuffles hand the results on: 14, not 55;
+ *  - blocks of 8 warps (four per head at Dv 128): 128 of the device's SMs for one sequence.
+ * The sums are the same for every row of the chunk and every chunk size: a fixed order. */
+#define DELTA_PF_WARPS 8
+#define DELTA_TC 32
+
+/* Floats of one staged token: q [Dk] | k [Dk] | v [VS] | b | a, padded to 16 bytes. */
+static __host__ __device__ __forceinline__ int delta_tok_floats(int Dk, int VS)
 {
-	return Dk == 32 ? delta_kernel<1, FUSE, CL> : Dk == 64 ? delta_kernel<2, FUSE, CL>
-	       : Dk == 128 ? delta_kernel<4, FUSE, CL> : delta_kernel<8, FUSE, CL>;
+	return 2 * Dk + VS + 4;
+}
+
+static size_t delta_pf_smem(int Dk, int VS, int tc)
+{
+	return ((size_t)2 * tc * delta_tok_floats(Dk, VS) + (size_t)tc * 5) * sizeof(float);
+}
+
+/* Starts copying the inputs of n tokens from row row0 into buf (one commit group by the caller). */
+static __device__ void delta_stage(float *buf, const delta_args &A, int row0, int n, int kh, int j, int vb, int VS)
+{
+	const int Dk = A.Dk, per = delta_tok_floats(Dk, VS), q4 = Dk / 4, n4 = 2 * q4 + VS / 4;
+
+	for (int i = threadIdx.x; i < n * n4; i += blockDim.x) {
+		const int t = i / n4, o = i % n4;
+		const float *ur = A.u + (size_t)(row0 + t) * A.conv_dim;
+		const float *src = o < q4 ? ur + kh * Dk + 4 * o
+				 : o < 2 * q4 ? ur + A.key_dim + kh * Dk + 4 * (o - q4)
+					      : ur + 2 * A.key_dim + j * A.Dv + vb + 4 * (o - 2 * q4);
+
+		cp_async16(buf + (size_t)t * per + 4 * o, src);
+	}
+	for (int i = threadIdx.x; i < 2 * n; i += blockDim.x)
+		cp_async4(buf + (size_t)(i >> 1) * per + 2 * Dk + VS + (i & 1),
+			  A.ba + (size_t)(row0 + (i >> 1)) * 2 * A.Nv + (i & 1) * A.Nv + j);
+}
+
+template <int KPL>
+__global__ void __launch_bounds__(32 * DELTA_PF_WARPS) delta_prefill_kernel(const __grid_constant__ delta_args A,
+									    int tc)
+{
+	static_assert(Q3G_DELTA_CPW == 4, "the reduce-scatter hands 8 sums to 8 groups of 4 lanes");
+	constexpr int CPW = Q3G_DELTA_CPW;
+	extern __shared__ float4 dsm4[];
+	float *dsm = (float *)dsm4;
+	pdl_trigger();
+	pdl_wait();
+	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk), Dk = A.Dk;
+	const int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, i0 = lane * KPL;
+	const int VS = nw * CPW, vb = blockIdx.z * VS, c0 = vb + warp * CPW;
+	const int per = delta_tok_floats(Dk, VS), bufsz = tc * per;
+	float *gt = dsm + 2 * bufsz; /* [tc][5]: rq (with Dk^-1/2), rk, q̂·k̂, alpha, beta */
+	const struct q3g_seq sq = A.rows.seq[s];
+	float *Sg = sq.rec + ((size_t)A.lin * A.Nv + j) * A.Dv * Dk;
+	const float qscale = rsqrtf((float)Dk), negA = -expf(A.A_log[j]), dtb = A.dt_bias[j];
+	const int nch = cdiv(sq.n, tc), c = (lane >> 2) & 3; /* the column whose sums this lane ends with */
+	const bool hi = lane & 16;			      /* ... of Sᵀq (hi) or of Sᵀk */
+	float S[CPW][KPL];
+
+#pragma unroll
+	for (int cc = 0; cc < CPW; cc++)
+#pragma unroll
+		for (int i = 0; i < KPL; i++)
+			S[cc][i] = sq.pos > 0 ? Sg[(size_t)(c0 + cc) * Dk + i0 + i] : 0.0f;
+	if (nch > 0)
+		delta_stage(dsm, A, sq.row0, min(tc, sq.n), kh, j, vb, VS);
+	cp_async_commit();
+	for (int ch = 0; ch < nch; ch++) {
+		const float *buf = dsm + (ch & 1) * bufsz;
+		const int r0 = sq.row0 + ch * tc, n = min(tc, sq.n - ch * tc);
+
+		if (ch + 1 < nch)
+			delta_stage(dsm + ((ch + 1) & 1) * bufsz, A, r0 + tc, min(tc, sq.n - (ch + 1) * tc), kh, j, vb, VS);
+		cp_async_commit();
+		cp_async_wait<1>(); /* this chunk's group has landed (the next one may still fly) */
+		__syncthreads();
+		/* the chunk's norms, q·k and gates: a warp a token */
+		for (int t = warp; t < n; t += nw) {
+			const float *bt = buf + (size_t)t * per;
+			float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
+
+#pragma unroll
+			for (int i = 0; i < KPL; i++) {
+				const float q = bt[i0 + i], k = bt[Dk + i0 + i];
+
+				sqq += q * q;
+				skk += k * k;
+				sqk += q * k;
+			}
+			sqq = warp_sum(sqq);
+			skk = warp_sum(skk);
+			sqk = warp_sum(sqk);
+			if (lane == 0) {
+				const float rq = rsqrtf(sqq + 1e-6f) * qscale, rk = rsqrtf(skk + 1e-6f);
+				float alpha, beta;
+
+				delta_gates(&alpha, &beta, bt[2 * Dk + VS], bt[2 * Dk + VS + 1], negA, dtb);
+				gt[t * 5 + 0] = rq;
+				gt[t * 5 + 1] = rk;
+				gt[t * 5 + 2] = sqk * rq * rk;
+				gt[t * 5 + 3] = alpha;
+				gt[t * 5 + 4] = beta;
+			}
+		}
+		__syncthreads();
+		for (int t = 0; t < n; t++) {
+			const float *bt = buf + (size_t)t * per;
+			const float rq = gt[t * 5], rk = gt[t * 5 + 1], qk = gt[t * 5 + 2], alpha = gt[t * 5 + 3],
+				    beta = gt[t * 5 + 4];
+			float q[KPL], k[KPL], x[2 * CPW];
+
+#pragma unroll
+			for (int i = 0; i < KPL; i++) {
+				q[i] = bt[i0 + i];
+				k[i] = bt[Dk + i0 + i];
+			}
+#pragma unroll
+			for (int cc = 0; cc < CPW; cc++) {
+				x[cc] = x[CPW + cc] = 0.0f;
+#pragma unroll
+				for (int i = 0; i < KPL; i++) {
+					x[cc] += S[cc][i] * k[i];
+					x[CPW + cc] += S[cc][i] * q[i];
+				}
+			}
+			/* reduce-scatter: lanes with bit 4 keep the Sᵀq half, bit 3 a pair of it, bit 2 one */
+			float y[4], z[2], w;
+
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				y[i] = (hi ? x[4 + i] : x[i]) + __shfl_xor_sync(0xffffffffu, hi ? x[i] : x[4 + i], 16);
+#pragma unroll
+			for (int i = 0; i < 2; i++)
+				z[i] = (lane & 8 ? y[2 + i] : y[i]) + __shfl_xor_sync(0xffffffffu, lane & 8 ? y[i] : y[2 + i], 8);
+			w = (lane & 4 ? z[1] : z[0]) + __shfl_xor_sync(0xffffffffu, lane & 4 ? z[0] : z[1], 4);
+			w += __shfl_xor_sync(0xffffffffu, w, 2);
+			w += __shfl_xor_sync(0xffffffffu, w, 1);
+			const float other = __shfl_xor_sync(0xffffffffu, w, 16);
+			const float kv = (hi ? other : w) * rk, qs = (hi ? w : other) * rq;
+			const float delta = beta * (bt[2 * Dk + warp * CPW + c] - alpha * kv);
+			float d[CPW];
+
+			if ((lane & 19) == 0) /* lanes 0, 4, 8, 12: columns 0-3 */
+				A.o[(size_t)(r0 + t) * A.Nv * A.Dv + (size_t)j * A.Dv + c0 + c] = alpha * qs + delta * qk;
+#pragma unroll
+			for (int cc = 0; cc < CPW; cc++)
+				d[cc] = __shfl_sync(0xffffffffu, delta, 4 * cc);
+#pragma unroll
+			for (int cc = 0; cc < CPW; cc++)
+#pragma unroll
+				for (int i = 0; i < KPL; i++)
+					S[cc][i] = alpha * S[cc][i] + (k[i] * rk) * d[cc];
+		}
+		__syncthreads(); /* the buffer is staged into again two chunks on */
+	}
+#pragma unroll
+	for (int cc = 0; cc < CPW; cc++)
+#pragma unroll
+		for (int i = 0; i < KPL; i++)
+			Sg[(size_t)(c0 + cc) * Dk + i0 + i] = S[cc][i];
+}
+
+template <int CL> static void (*delta_decode_for(int Dk))(const delta_args)
+{
+	return Dk == 32 ? delta_decode_kernel<1, CL> : Dk == 64 ? delta_decode_kernel<2, CL>
+	       : Dk == 128 ? delta_decode_kernel<4, CL> : delta_decode_kernel<8, CL>;
+}
+
+static void (*delta_prefill_for(int Dk))(const delta_args, int)
+{
+	return Dk == 32 ? delta_prefill_kernel<1> : Dk == 64 ? delta_prefill_kernel<2>
+	       : Dk == 128 ? delta_prefill_kernel<4> : delta_prefill_kernel<8>;
+}
+
+int q3g_delta_init(q3_err *e)
+{
+	int err;
+
+	for (int dk = 32; dk <= 256; dk *= 2)
+		if ((err = q3g_allow_dyn_smem(delta_prefill_for(dk), "delta_prefill_kernel", e)))
+			return err;
+	return 0;
 }
 
 /* Decode heads split over a cluster of this many blocks (sm_90, whole warps each). */
 #define DELTA_CLUSTER 4
 
-template <bool FUSE> static int launch_delta(const delta_args &A, int nseq, cudaStream_t st, q3_err *e)
+static int launch_decode(const delta_args &A, int nseq, cudaStream_t st, q3_err *e)
 {
-	int warps = A.Dv / Q3G_DELTA_CPW, slices = FUSE || warps <= 16 ? 1 : warps / 16;
+	const int warps = A.Dv / Q3G_DELTA_CPW;
 
-	if (!FUSE && warps > 16 && warps % 16)
-		return q3_errf(e, -EINVAL, "delta rule: value head %d not supported in prefill", A.Dv);
-	if (FUSE && q3g_dev.cc >= 90 && warps % DELTA_CLUSTER == 0 && !getenv("QWEN3D_NO_CLUSTERS")) {
+	if (q3g_dev.cc >= 90 && warps % DELTA_CLUSTER == 0 && !getenv("QWEN3D_NO_CLUSTERS")) {
 		cudaLaunchConfig_t cfg = {};
 		cudaLaunchAttribute attr[2];
 
@@ -345,12 +489,24 @@ template <bool FUSE> static int launch_delta(const delta_args &A, int nseq, cuda
 			attr[1].val.programmaticStreamSerializationAllowed = 1;
 			cfg.numAttrs = 2;
 		}
-		CUDA_CHECK(e, cudaLaunchKernelEx(&cfg, delta_for<FUSE, DELTA_CLUSTER>(A.Dk), A));
+		CUDA_CHECK(e, cudaLaunchKernelEx(&cfg, delta_decode_for<DELTA_CLUSTER>(A.Dk), A));
 		return 0;
 	}
-	dim3 grid(nseq, A.Nv, slices), block(32 * warps / slices);
+	CUDA_CHECK(e, q3g_launch(delta_decode_for<1>(A.Dk), dim3(nseq, A.Nv), dim3(32 * warps), 0, st, A));
+	return 0;
+}
 
-	CUDA_CHECK(e, q3g_launch(delta_for<FUSE, 1>(A.Dk), grid, block, 0, st, A));
+static int launch_prefill(const delta_args &A, int nseq, cudaStream_t st, q3_err *e)
+{
+	const int warps = A.Dv / Q3G_DELTA_CPW;
+	int nw = DELTA_PF_WARPS, tc = DELTA_TC;
+
+	while (warps % nw) /* the largest divisor of the head's warps up to 8 */
+		nw--;
+	while (tc > 1 && delta_pf_smem(A.Dk, nw * Q3G_DELTA_CPW, tc) > q3g_dev.smem_dyn)
+		tc /= 2;
+	CUDA_CHECK(e, q3g_launch(delta_prefill_for(A.Dk), dim3(nseq, A.Nv, warps / nw), dim3(32 * nw),
+				 delta_pf_smem(A.Dk, nw * Q3G_DELTA_CPW, tc), st, A, tc));
 	return 0;
 }
 
@@ -375,9 +531,10 @@ extern "C" int q3g_delta_decode(const float *u, int ldq, const float *cw, const 
 		return q3_errf(e, -EINVAL, "delta rule: key head %d / value head %d not supported (key 32..256 by "
 			       "powers of 2, value a multiple of %d up to %d)", d->Dk, d->Dv, Q3G_DELTA_CPW,
 			       1024 * Q3G_DELTA_CPW / 32);
+	if (!cw != !fuse_norm)
+		return q3_errf(e, -EINVAL, "delta rule: the fused conv and gated norm are decode's, together (conv "
+			       "weights %s, fused norm %s)", cw ? "given" : "absent", fuse_norm ? "on" : "off");
 	memset(&A, 0, sizeof(A));
-	if (cw && !fuse_norm)
-		return q3_errf(e, -EINVAL, "delta rule: the fused conv is for decode (fuse_norm) only");
 	if (cw) {
 		A.qkvz = u;
 		A.cw = cw;
@@ -403,6 +560,5 @@ extern "C" int q3g_delta_decode(const float *u, int ldq, const float *cw, const 
 	A.conv_dim = d->conv_dim;
 	A.key_dim = d->key_dim;
 	A.eps = d->eps;
-	return fuse_norm ? launch_delta<true>(A, nseq, (cudaStream_t)st, e)
-			 : launch_delta<false>(A, nseq, (cudaStream_t)st, e);
+	return cw ? launch_decode(A, nseq, (cudaStream_t)st, e) : launch_prefill(A, nseq, (cudaStream_t)st, e);
 }

@@ -43,5 +43,4 @@ int q3g_cublas_stream(void *h, cudaStream_t st);
 int q3g_mmv_init(q3_err *e);
 int q3g_moe_init(q3_err *e);
 int q3g_mm_init(q3_err *e);
-int q3g_attn_init(q3_err *e);
 int q3g_delta_init(q3_err *e);

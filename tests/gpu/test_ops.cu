@@ -848,7 +848,9 @@ static void gdn_tests(void)
 	delta_case("small decode", &ds, { { 0, 1 }, { 9, 1 }, { 3, 1 }, { 1, 1 } }, true);
 	delta_case("small prefill", &ds, { { 0, 70 }, { 3, 130 } }, false);
 	delta_case("real decode", &dr, { { 4, 1 }, { 0, 1 } }, true);
-	delta_case("real prefill", &dr, { { 0, 65 }, { 17, 3 } }, false);
+	/* chunks of 32 tokens: a sequence of 2 chunks and a tail, one shorter than a chunk, one of
+	 * ten chunks and a tail */
+	delta_case("real prefill", &dr, { { 0, 65 }, { 17, 3 }, { 5, 330 } }, false);
 }
 
 /* ---- attention ------------------------------------------------------------------------------- */
