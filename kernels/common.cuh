@@ -204,14 +204,15 @@ static __device__ __forceinline__ uint32_t h2_sub(uint32_t a, uint32_t b)
 	return *reinterpret_cast<uint32_t *>(&r);
 }
 
-/* ---- programmatic dependent launch (sm_90) ----------------------------------------------------
- * Kernels of the decode path are launched with q3g_launch, which (on sm_90, unless disabled) lets
- * a kernel start while the previous one finishes.  Every such kernel therefore begins with
- * pdl_trigger() (its own dependents may launch) and calls pdl_wait() - which returns once the
- * previous kernel has completed and its writes are visible - before it reads or writes anything
- * another kernel touches, in every block (an early-exiting block waits first too, so that
- * completion stays transitive).  Work that touches no such memory (prefetching weights into
- * L2) goes between the two.  Without the launch attribute both are no-ops. */
+/* ---- programmatic dependent launch (sm_90, opt-in: QWEN3D_PDL=1) --------------------------------
+ * Kernels of the decode path are launched with q3g_launch, which (where enabled) lets a kernel
+ * start while the previous one finishes.  Every such kernel therefore begins with pdl_trigger()
+ * (its own dependents may launch) and calls pdl_wait() - which returns once the previous kernel
+ * has completed and its writes are visible - before it reads or writes anything another kernel
+ * touches, in every block (an early-exiting block waits first too, so that completion stays
+ * transitive).  Work that touches no such memory (loading weights into registers) goes between
+ * the two.  Without the launch attribute both are no-ops.  Off by default: on the H200 a decode
+ * step was faster without it (CUDA.md). */
 static __device__ __forceinline__ void pdl_trigger(void)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -223,14 +224,6 @@ static __device__ __forceinline__ void pdl_wait(void)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 	asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-/* Starts fetching bytes [p, p + n) into L2 (n a multiple of 16, p 16-byte aligned). */
-static __device__ __forceinline__ void prefetch_l2(const void *p, uint32_t n)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
 #endif
 }
 

@@ -40,17 +40,8 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	float *red = (float *)(xs + (size_t)R * Kp);
 	float acc[NT][4];
 	const int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
-	const int cb = m.fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : m.fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
 
 	pdl_trigger();
-	/* the weights do not depend on the previous kernel: start them towards L2 while it ends */
-	if (lane == 0 && tile < m.ntiles && c0 < c1)
-		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0) * cb, (uint32_t)((c1 - c0) * cb));
-	if (m.fmt != Q3G_F16 && lane == 1 && kr == 0 && tile < m.ntiles) { /* the scales, read group by group */
-		prefetch_l2(m.scales + (size_t)tile * m.ngroups * Q3G_TILE_N, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
-		if (m.zeros)
-			prefetch_l2(m.zeros + (size_t)tile * m.ngroups * Q3G_TILE_N, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
-	}
 	pdl_wait();
 	if (jb.xh) {
 		__shared__ float rs[Q3G_MMV_MAX_TOK];

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 
 	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
 	/* the weights do not depend on the previous kernel: the warp's first RPRE chunks into
-	 * registers while it ends, the rest towards L2 */
+	 * registers (while it ends, with programmatic dependent launch) */
 	constexpr int RPRE = 2;
 	uint4 pre[RPRE][4];
 
@@ -175,9 +175,6 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 		for (int s = 0; s < 4; s++)
 			if (c0 + u < c1)
 				pre[u][s] = ldg_stream(base + (size_t)(c0 + u) * Q3G_CHUNK_BYTES_F16 + s * 512);
-	if (lane == 0 && c0 + RPRE < c1)
-		prefetch_l2((const uint8_t *)m.data + ((size_t)tile * m.nchunks + c0 + RPRE) * Q3G_CHUNK_BYTES_F16,
-			    (uint32_t)((c1 - c0 - RPRE) * Q3G_CHUNK_BYTES_F16));
 	pdl_wait();
 
 	/* the norm of each row, then x = h · rs · (1 + w) in fp32, four values a load */
@@ -451,28 +448,6 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 	if ((int)threadIdx.x < s1 - s0)
 		sid[threadIdx.x] = L.idx[r * (L.k + 1) + s0 + threadIdx.x];
 	__syncthreads();
-	/* every pair's weights of this block's tiles start towards L2 at once */
-	for (int s = s0; s < s1; s++) {
-		const int ex = sid[s - s0];
-		const bool shared = s == L.k;
-		const struct q3g_mat &m = L.mat[2 * shared + which];
-		const int mi = shared ? 0 : ex, per = L.cpw[shared], c0 = kr * per, c1 = min(m.nchunks, c0 + per);
-
-		if (ex == Q3G_SKIP || tile >= m.ntiles)
-			continue;
-		if (lane == 0 && c0 < c1)
-			prefetch_l2((const uint8_t *)m.data + (size_t)mi * m.data_stride +
-					    ((size_t)tile * m.nchunks + c0) * fmt_traits<FMT>::CB,
-				    (uint32_t)((c1 - c0) * fmt_traits<FMT>::CB));
-		/* and the tile's scales (zero points), which run_chunks reads group by group */
-		if (FMT != Q3G_F16 && lane == 1 && kr == 0) {
-			size_t off = (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N;
-
-			prefetch_l2(m.scales + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
-			if (m.zeros)
-				prefetch_l2(m.zeros + off, (uint32_t)(m.ngroups * Q3G_TILE_N * 4));
-		}
-	}
 	for (int s = s0; s < s1; s++) {
 		/* everything that decides a skip is the same in every thread: the barriers below stay
 		 * block-uniform */

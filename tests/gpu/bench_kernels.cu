@@ -382,11 +382,14 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	cudaGraphExec_t ex;
 	double bytes = 0;
 
+	cudaDeviceProp prop;
+
+	GT_CHECK(cudaGetDeviceProperties(&prop, 0));
 	for (int pdl = 0; pdl < 2; pdl++) {
 		bool saved = q3g_pdl;
 
-		if (pdl && !saved)
-			continue; /* no PDL on this device */
+		if (pdl && prop.major < 9)
+			continue; /* no PDL before sm_90 */
 		q3g_pdl = pdl;
 		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
 		for (int l = 0; l < NL; l++) {
