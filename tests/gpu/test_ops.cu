@@ -9,6 +9,7 @@
  *   test_ops [filter,...]   runs the cases whose name contains one of the filters (all by default)
  */
 #include <cublas_v2.h>
+#include <errno.h>
 #include <time.h>
 
 #include <algorithm>
@@ -848,6 +849,22 @@ static void gdn_tests(void)
 	delta_case("small decode", &ds, { { 0, 1 }, { 9, 1 }, { 3, 1 }, { 1, 1 } }, true);
 	delta_case("small prefill", &ds, { { 0, 70 }, { 3, 130 } }, false);
 	delta_case("real decode", &dr, { { 4, 1 }, { 0, 1 } }, true);
+	if (want("delta refuses")) { /* the fused norm without the conv, and the reverse: before any launch */
+		struct q3g_rows none;
+		q3_err e1, e2;
+
+		memset(&none, 0, sizeof(none));
+		e1.msg[0] = e2.msg[0] = 0;
+		int r1 = q3g_delta(NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, true, none, 1, 0, &dr, 0, &e1);
+		int r2 = q3g_delta_decode(NULL, 0, (const float *)&dr, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, false,
+					  none, 1, 0, &dr, 0, &e2);
+		char n2[1200];
+
+		snprintf(n2, sizeof(n2), "delta refuses a fused norm without the conv (%d: %s) and a conv without it (%d: %s)",
+			 r1, e1.msg, r2, e2.msg);
+		gt_expect(r1 == -EINVAL && r2 == -EINVAL && strstr(e1.msg, "delta rule") && strstr(e2.msg, "delta rule"),
+			  n2);
+	}
 	/* chunks of 32 tokens: a sequence of 2 chunks and a tail, one shorter than a chunk, one of
 	 * ten chunks and a tail */
 	delta_case("real prefill", &dr, { { 0, 65 }, { 17, 3 }, { 5, 330 } }, false);
