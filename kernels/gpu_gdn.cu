@@ -510,18 +510,10 @@ static int launch_prefill(const delta_args &A, int nseq, cudaStream_t st, q3_err
 	return 0;
 }
 
-extern "C" int q3g_delta(const float *u, const float *ba, const float *A_log, const float *dt_bias, float *o,
-			 uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
-			 struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st, q3_err *e)
-{
-	return q3g_delta_decode(u, 0, NULL, ba, A_log, dt_bias, o, core, z, ldz, normw, fuse_norm, rows, nseq, lin, d,
-				st, e);
-}
-
-extern "C" int q3g_delta_decode(const float *u, int ldq, const float *cw, const float *ba, const float *A_log,
-				const float *dt_bias, float *o, uint16_t *core, const float *z, int ldz,
-				const float *normw, bool fuse_norm, struct q3g_rows rows, int nseq, int lin,
-				const struct q3g_dims *d, q3g_stream st, q3_err *e)
+/* Both entry points: decode (cw given, fused norm) or prefill (neither), checked here. */
+static int delta(const float *u, int ldq, const float *cw, const float *ba, const float *A_log, const float *dt_bias,
+		 float *o, uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
+		 struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, cudaStream_t st, q3_err *e)
 {
 	delta_args A;
 	int kpl = d->Dk / 32;
@@ -560,5 +552,22 @@ extern "C" int q3g_delta_decode(const float *u, int ldq, const float *cw, const 
 	A.conv_dim = d->conv_dim;
 	A.key_dim = d->key_dim;
 	A.eps = d->eps;
-	return cw ? launch_decode(A, nseq, (cudaStream_t)st, e) : launch_prefill(A, nseq, (cudaStream_t)st, e);
+	return cw ? launch_decode(A, nseq, st, e) : launch_prefill(A, nseq, st, e);
+}
+
+extern "C" int q3g_delta(const float *u, const float *ba, const float *A_log, const float *dt_bias, float *o,
+			 uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
+			 struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st, q3_err *e)
+{
+	return delta(u, 0, NULL, ba, A_log, dt_bias, o, core, z, ldz, normw, fuse_norm, rows, nseq, lin, d,
+		     (cudaStream_t)st, e);
+}
+
+extern "C" int q3g_delta_decode(const float *qkvz, int ldq, const float *cw, const float *ba, const float *A_log,
+				const float *dt_bias, float *o, uint16_t *core, const float *z, int ldz,
+				const float *normw, bool fuse_norm, struct q3g_rows rows, int nseq, int lin,
+				const struct q3g_dims *d, q3g_stream st, q3_err *e)
+{
+	return delta(qkvz, ldq, cw, ba, A_log, dt_bias, o, core, z, ldz, normw, fuse_norm, rows, nseq, lin, d,
+		     (cudaStream_t)st, e);
 }

@@ -200,6 +200,14 @@ static __device__ __forceinline__ void take_better(float &best, int &bid, float 
 	}
 }
 
+/* The warp's best (value, id) by take_better, in every lane. */
+static __device__ __forceinline__ void warp_take_best(float &best, int &bid)
+{
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1)
+		take_better(best, bid, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bid, o));
+}
+
 __global__ void __launch_bounds__(SAMPLE_PART_THREADS) sample_max_kernel(struct sample_part *part, const float *logits,
 									  const struct q3g_sampling *params, int V)
 {
@@ -222,11 +230,10 @@ __global__ void __launch_bounds__(SAMPLE_PART_THREADS) sample_max_kernel(struct 
 		}
 		ncand += !isnan(z) && !(greedy && !(z > -INFINITY));
 	}
+	warp_take_best(best, bid);
 #pragma unroll
-	for (int o = 16; o > 0; o >>= 1) {
-		take_better(best, bid, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bid, o));
+	for (int o = 16; o > 0; o >>= 1)
 		ncand += __shfl_xor_sync(0xffffffffu, ncand, o);
-	}
 	if ((tid & 31) == 0)
 		red[tid >> 5] = (struct sample_part){ best, bid, ncand };
 	__syncthreads();
@@ -261,9 +268,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int32_t *out, co
 		bid = sp.id;
 		ncand = sp.ncand;
 	}
-#pragma unroll
-	for (int o = 16; o > 0; o >>= 1)
-		take_better(best, bid, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bid, o));
+	warp_take_best(best, bid);
 	if ((tid & 31) == 0) {
 		sm.fred[tid >> 5] = best;
 		sm.ired[tid >> 5] = bid;

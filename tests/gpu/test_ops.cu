@@ -856,6 +856,7 @@ static void gdn_tests(void)
 		memset(&none, 0, sizeof(none));
 		e1.msg[0] = e2.msg[0] = 0;
 		int r1 = q3g_delta(NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, true, none, 1, 0, &dr, 0, &e1);
+		/* any non-NULL conv weights: refused before they are read */
 		int r2 = q3g_delta_decode(NULL, 0, (const float *)&dr, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, false,
 					  none, 1, 0, &dr, 0, &e2);
 		char n2[1200];
