@@ -126,11 +126,20 @@ __global__ void __launch_bounds__(Q3G_ATT_WARPS * 32) attn_decode_kernel(const u
 		for (int i = 0; i < DPL; i++)
 			acc[h][i] = 0.0f;
 	}
-	for (int jj = j0 + warp; jj < j1; jj += Q3G_ATT_WARPS) {
-		float kf[DPL], vf[DPL], s[GQ];
+	/* the warp's next key and value are loaded before the current ones are used (the last
+	 * position again at the end rather than a load under a branch) */
+	float kf[DPL], vf[DPL];
 
-		load_bf16(K + (size_t)jj * kvd, kf, DPL);
-		load_bf16(V + (size_t)jj * kvd, vf, DPL);
+	if (j0 + warp < j1) {
+		load_bf16(K + (size_t)(j0 + warp) * kvd, kf, DPL);
+		load_bf16(V + (size_t)(j0 + warp) * kvd, vf, DPL);
+	}
+	for (int jj = j0 + warp; jj < j1; jj += Q3G_ATT_WARPS) {
+		const int jn = jj + Q3G_ATT_WARPS < j1 ? jj + Q3G_ATT_WARPS : jj;
+		float kn[DPL], vn[DPL], s[GQ];
+
+		load_bf16(K + (size_t)jn * kvd, kn, DPL);
+		load_bf16(V + (size_t)jn * kvd, vn, DPL);
 #pragma unroll
 		for (int h = 0; h < GQ; h++) {
 			s[h] = 0.0f;
@@ -153,6 +162,11 @@ __global__ void __launch_bounds__(Q3G_ATT_WARPS * 32) attn_decode_kernel(const u
 			for (int i = 0; i < DPL; i++)
 				acc[h][i] = acc[h][i] * corr + p * vf[i];
 			m[h] = mn;
+		}
+#pragma unroll
+		for (int i = 0; i < DPL; i++) {
+			kf[i] = kn[i];
+			vf[i] = vn[i];
 		}
 	}
 	/* merge the warps, one query head at a time */
@@ -191,25 +205,41 @@ __global__ void __launch_bounds__(Q3G_ATT_WARPS * 32) attn_decode_kernel(const u
 	}
 }
 
-/* Block (row, query head), D threads: merge the splits, normalize, gate. */
-__global__ void attn_combine_kernel(uint16_t *att, const float *part, const float *qg, int nsplit, int Hq, int D)
+/* Block (row, query head), D threads: merge the splits, normalize, gate.  Every load is issued
+ * before the first is used (the splits' values of a dim into registers, clamped to the last
+ * split rather than under a branch; the splits' max and sum through shared memory): a loop of
+ * loads each used at once took a round trip to L2 per split. */
+static_assert(Q3G_ATT_SPLITS <= 64, "the combine's threads (a dim each, 64 at least) load the splits' max and sum");
+__global__ void __launch_bounds__(Q3G_MAX_HEAD_DIM) attn_combine_kernel(uint16_t *att, const float *part,
+									 const float *qg, int nsplit, int Hq, int D)
 {
+	__shared__ float ms[Q3G_ATT_SPLITS], ls[Q3G_ATT_SPLITS];
 	pdl_trigger();
 	pdl_wait();
 	const int r = blockIdx.x, h = blockIdx.y, dd = threadIdx.x;
 	const float *pp = part + ((size_t)r * Hq + h) * nsplit * (D + 2);
-	float M = -INFINITY, L = 0.0f, A = 0.0f;
+	const float g = qg[(size_t)r * 2 * Hq * D + (size_t)h * 2 * D + D + dd];
+	float a[Q3G_ATT_SPLITS], M = -INFINITY, L = 0.0f, A = 0.0f;
 
-	for (int s = 0; s < nsplit; s++)
-		M = fmaxf(M, pp[s * (D + 2) + D]);
-	for (int s = 0; s < nsplit; s++) {
-		float ms = pp[s * (D + 2) + D], f = ms == -INFINITY ? 0.0f : __expf(ms - M);
-
-		L += pp[s * (D + 2) + D + 1] * f;
-		A += pp[s * (D + 2) + dd] * f;
+#pragma unroll
+	for (int s = 0; s < Q3G_ATT_SPLITS; s++)
+		a[s] = pp[min(s, nsplit - 1) * (D + 2) + dd];
+	if (dd < nsplit) {
+		ms[dd] = pp[dd * (D + 2) + D];
+		ls[dd] = pp[dd * (D + 2) + D + 1];
 	}
-	float g = qg[(size_t)r * 2 * Hq * D + (size_t)h * 2 * D + D + dd];
+	__syncthreads();
+	for (int s = 0; s < nsplit; s++)
+		M = fmaxf(M, ms[s]);
+#pragma unroll
+	for (int s = 0; s < Q3G_ATT_SPLITS; s++) {
+		if (s >= nsplit)
+			break;
+		const float f = ms[s] == -INFINITY ? 0.0f : __expf(ms[s] - M);
 
+		L += ls[s] * f;
+		A += a[s] * f;
+	}
 	att[((size_t)r * Hq + h) * D + dd] = f2h_bits(A / L * dev_sigmoid(g));
 }
 

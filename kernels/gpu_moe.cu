@@ -4,8 +4,9 @@
  *   q3g_router       the router and shared gate in fp32 from the residual stream (norm fused),
  *                    the top k by the last block to finish; optionally the normalized rows in
  *                    fp16 for the experts.
- *   q3g_router_topk  one warp per row: softmax over E logits (fp32), k rounds of warp argmax
- *                    (ties: the lower index), renormalization; slot k = the shared expert.
+ *   q3g_router_topk  one warp per row: softmax over E logits (fp32), the top k ranked among the
+ *                    few candidates at or above a bound (ties: the lower index; rounds of warp
+ *                    argmax where they are too many), renormalization; slot k = the shared expert.
  *   q3g_moe_up       block (pairs of one row, row tiles of gate or up): each pair's expert's gate
  *                    and up projections of the row, fp32 [P][2][Imax]; the row staged once.
  *   q3g_moe_down     block (output row tile, up to 16 rows): each warp takes the same (slot,
@@ -22,85 +23,211 @@
 
 /* ---- router ----------------------------------------------------------------------------------- */
 
-/* Row r's top k by one warp (every lane calls it): the logits are read through L2 (__ldcg), so
- * that the router kernel's last block sees the other blocks' writes. */
+/* Lane l's values of a row: i = 0 .. PER-1 in ascending expert ids.  Rows of a multiple of
+ * four logits (16-byte aligned) are read four at a time: expert 128 (i / 4) + 4 l + i % 4;
+ * otherwise expert l + 32 i. */
+static __device__ __forceinline__ int topk_id(int i, int lane, bool vec)
+{
+	return vec ? 128 * (i >> 2) + 4 * lane + (i & 3) : lane + 32 * i;
+}
+
+/* The best (largest v, then the lowest id) of a lane's values by a tree (taken or absent: -1,
+ * never best; the higher half wins only when larger). */
+template <int PER>
+static __device__ __forceinline__ void lane_best(const float v[PER], bool vec, float &best, int &bi)
+{
+	float bv[PER];
+	int bx[PER];
+
+#pragma unroll
+	for (int i = 0; i < PER; i++) {
+		bv[i] = v[i];
+		bx[i] = i;
+	}
+#pragma unroll
+	for (int w = 1; w < PER; w <<= 1)
+#pragma unroll
+		for (int i = 0; i + w < PER; i += 2 * w)
+			if (bv[i + w] > bv[i]) {
+				bv[i] = bv[i + w];
+				bx[i] = bx[i + w];
+			}
+	best = bv[0];
+	bi = topk_id(bx[0], threadIdx.x & 31, vec);
+}
+
+/* (key, id) a before b in the order of the top k: larger probability, then the lower id. */
+static __device__ __forceinline__ bool topk_before(unsigned ka, int ia, unsigned kb, int ib)
+{
+	return ka > kb || (ka == kb && ia < ib);
+}
+
+/* Row r's top k by one warp (every lane calls it; cand: the warp's 32 uint2 of shared memory).
+ * The logits are read through L2 (__ldcg), so that the router kernel's last block sees the other
+ * blocks' writes, every load issued before the first is used.  A probability p >= 0 is ordered
+ * by its bits: key = bits + 1 (0: taken, absent or NaN).
+ *
+ * The k-th best of the 32 lanes' own bests bounds the answer: the k lanes at or above it hold k
+ * distinct experts, so the top k are all at or above it too.  The experts at or above it (the
+ * candidates, usually k to 2k) are gathered into cand and each ranked against the others at
+ * once.  Where they are fewer than k (NaN) or more than 32 (ties), rounds pick the largest one
+ * at a time (two redux instructions a round: the largest key, then the lowest id holding it; the
+ * winning lane looks for its next best).  Ten such rounds took the router ~6 us at batch 1. */
 static __device__ void topk_row(int *idx, float *w, const float *logits, const float *sg, int r, int E, int k,
-				bool norm)
+				bool norm, uint2 *cand)
 {
 	constexpr int PER = Q3G_ROUTER_MAX_E / 32;
 	const int lane = threadIdx.x & 31;
 	const float *l = logits + (size_t)r * E;
-	float v[PER], mx = -INFINITY, sum = 0.0f, wsum = 0.0f;
-	float myw = 0.0f;
-	int myi = 0;
+	const bool vec = (E & 3) == 0 && ((uintptr_t)logits & 15) == 0;
+	const float sgr = sg ? __ldcg(sg + r) : 0.0f; /* with the logits, not after the choice */
+	float v[PER], mx = -INFINITY, sum = 0.0f, best, myw = 0.0f;
+	int bi, myi = 0;
 
+	if (vec) { /* out of range: a load of the row's start, dropped */
+#pragma unroll
+		for (int u = 0; u < PER / 4; u++) {
+			const int e = topk_id(4 * u, lane, true);
+			const float4 x = __ldcg((const float4 *)(l + (e < E ? e : 0)));
+
+			v[4 * u] = x.x, v[4 * u + 1] = x.y, v[4 * u + 2] = x.z, v[4 * u + 3] = x.w;
+		}
+	} else {
+#pragma unroll
+		for (int i = 0; i < PER; i++) {
+			const int e = topk_id(i, lane, false);
+
+			v[i] = __ldcg(l + (e < E ? e : 0));
+		}
+	}
 #pragma unroll
 	for (int i = 0; i < PER; i++) {
-		int e = lane + 32 * i;
-
-		v[i] = e < E ? __ldcg(l + e) : -INFINITY;
-		if (isnan(v[i]))
+		if (topk_id(i, lane, vec) >= E || isnan(v[i]))
 			v[i] = -INFINITY; /* a NaN logit must still leave k valid expert ids */
 		mx = fmaxf(mx, v[i]);
 	}
 	mx = warp_max(mx);
+	/* probabilities >= 0 (unnormalized); absent: -1.  All logits -inf: every p is NaN, which
+	 * nothing picks, and the rounds fall back to expert 0 with weight 0. */
 #pragma unroll
 	for (int i = 0; i < PER; i++) {
-		v[i] = lane + 32 * i < E ? __expf(v[i] - mx) : -1.0f; /* taken / absent: -1 */
+		v[i] = topk_id(i, lane, vec) < E ? __expf(v[i] - mx) : -1.0f;
 		sum += v[i] > 0.0f ? v[i] : 0.0f;
 	}
+	lane_best<PER>(v, vec, best, bi);
 	sum = warp_sum(sum);
-	for (int j = 0; j < k; j++) {
-		float best = -2.0f;
-		int bi = E; /* beaten by any expert not taken yet (their v >= 0) */
 
-#pragma unroll
-		for (int i = 0; i < PER; i++)
-			if (v[i] > best) {
-				best = v[i];
-				bi = lane + 32 * i;
-			}
-#pragma unroll
-		for (int o = 16; o > 0; o >>= 1) {
-			float ob = __shfl_xor_sync(0xffffffffu, best, o);
-			int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+	/* the bound: the lane best ranked k - 1 among the lanes' bests */
+	const unsigned bkey = best >= 0.0f ? __float_as_uint(best) + 1u : 0u;
+	int brank = 0;
 
-			if (ob > best || (ob == best && oi < bi)) {
-				best = ob;
-				bi = oi;
-			}
-		}
-		float p = best / sum;
-
+	if (!bkey)
+		bi = E;
 #pragma unroll
-		for (int i = 0; i < PER; i++)
-			if (lane + 32 * i == bi)
-				v[i] = -1.0f;
-		wsum += p;
-		if (lane == j) {
-			myw = p;
-			myi = bi;
-		}
+	for (int o = 1; o < 32; o++) {
+		const unsigned ok = __shfl_sync(0xffffffffu, bkey, (lane + o) & 31);
+		const int oi = __shfl_sync(0xffffffffu, bi, (lane + o) & 31);
+
+		brank += topk_before(ok, oi, bkey, bi);
 	}
-	if (lane < k) {
-		idx[(size_t)r * (k + 1) + lane] = myi < E ? myi : 0;
-		w[(size_t)r * (k + 1) + lane] = norm ? myw / wsum : myw;
+	const unsigned at = __ballot_sync(0xffffffffu, bkey && brank == k - 1);
+	const unsigned tk = at ? __shfl_sync(0xffffffffu, bkey, __ffs(at) - 1) : 1u; /* fewer valid lanes: all */
+	const int ti = at ? __shfl_sync(0xffffffffu, bi, __ffs(at) - 1) : E;
+	unsigned mask = 0;
+
+#pragma unroll
+	for (int i = 0; i < PER; i++) {
+		const unsigned key = v[i] >= 0.0f ? __float_as_uint(v[i]) + 1u : 0u;
+		const int id = topk_id(i, lane, vec);
+
+		if (key && !topk_before(tk, ti, key, id))
+			mask |= 1u << i;
+	}
+	const int c = __popc(mask);
+	int off = c; /* inclusive scan of the lanes' counts */
+
+#pragma unroll
+	for (int o = 1; o < 32; o <<= 1) {
+		const int t = __shfl_up_sync(0xffffffffu, off, o);
+
+		if (lane >= o)
+			off += t;
+	}
+	const int C = __shfl_sync(0xffffffffu, off, 31);
+
+	off -= c;
+	if (C >= k && C <= 32) {
+		float wsel;
+
+#pragma unroll
+		for (int i = 0; i < PER; i++)
+			if (mask >> i & 1)
+				cand[off + __popc(mask & ((1u << i) - 1))] =
+					make_uint2(__float_as_uint(v[i]) + 1u, (unsigned)topk_id(i, lane, vec));
+		__syncwarp();
+		const uint2 me = lane < C ? cand[lane] : make_uint2(0u, (unsigned)E);
+		int rank = 0;
+
+#pragma unroll
+		for (int j = 0; j < 32; j++) { /* every entry read (a loop to C waited on each) */
+			const uint2 o = cand[j];
+
+			rank += j < C && topk_before(o.x, (int)o.y, me.x, (int)me.y);
+		}
+		__syncwarp(); /* cand may be reused by this warp's next row */
+		const bool sel = lane < C && rank < k;
+		const float p = sel ? __uint_as_float(me.x - 1u) / sum : 0.0f;
+
+		wsel = warp_sum(p);
+		if (sel) {
+			idx[(size_t)r * (k + 1) + rank] = (int)me.y;
+			w[(size_t)r * (k + 1) + rank] = norm && wsel > 0.0f ? p / wsel : p;
+		}
+	} else {
+		float wsum = 0.0f;
+
+		if (!(best >= 0.0f))
+			bi = E; /* only NaN and -1 here: nothing to take */
+		for (int j = 0; j < k; j++) {
+			const unsigned key = best >= 0.0f ? __float_as_uint(best) + 1u : 0u;
+			const unsigned top = __reduce_max_sync(0xffffffffu, key);
+			const int win = __reduce_min_sync(0xffffffffu, key == top ? bi : E);
+			const float p = top ? __uint_as_float(top - 1u) / sum : 0.0f;
+
+			if (top && lane == (vec ? (win & 127) >> 2 : win & 31)) {
+#pragma unroll
+				for (int i = 0; i < PER; i++) /* the winner drops it and finds its next best */
+					if (topk_id(i, lane, vec) == win)
+						v[i] = -1.0f;
+				lane_best<PER>(v, vec, best, bi);
+			}
+			wsum += p;
+			if (lane == j) {
+				myw = p;
+				myi = top ? win : 0;
+			}
+		}
+		if (lane < k) {
+			idx[(size_t)r * (k + 1) + lane] = myi;
+			w[(size_t)r * (k + 1) + lane] = norm && wsum > 0.0f ? myw / wsum : myw;
+		}
 	}
 	if (lane == 0) {
 		idx[(size_t)r * (k + 1) + k] = -1;
-		w[(size_t)r * (k + 1) + k] = sg ? dev_sigmoid(__ldcg(sg + r)) : 0.0f;
+		w[(size_t)r * (k + 1) + k] = sg ? dev_sigmoid(sgr) : 0.0f;
 	}
 }
 
 __global__ void router_topk_kernel(int *idx, float *w, const float *logits, const float *sg, int R, int E,
 				   int k, bool norm)
 {
+	__shared__ uint2 cand[4][32];
 	int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
 
 	pdl_trigger();
 	pdl_wait();
 	if (r < R)
-		topk_row(idx, w, logits, sg, r, E, k, norm);
+		topk_row(idx, w, logits, sg, r, E, k, norm, cand[threadIdx.x >> 5]);
 }
 
 static int check_topk(int E, int k, q3_err *e)
@@ -177,38 +304,48 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 				pre[u][s] = ldg_stream(base + (size_t)(c0 + u) * Q3G_CHUNK_BYTES_F16 + s * 512);
 	pdl_wait();
 
-	/* the norm of each row, then x = h · rs · (1 + w) in fp32, four values a load */
-	row_rsqrt(rs, L.h, H, R, H, L.eps);
-	__syncthreads();
-	if ((H & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0) {
-		const int H4 = H >> 2, n = R * H4;
-		const float4 *h4 = (const float4 *)L.h, *w4 = (const float4 *)L.normw;
+	/* the rows into shared memory, their norms from there (row_rsqrt's order, as
+	 * q3g_add_rmsnorm: the same fp16 rows for the experts either way), then x = h · rs · (1 + w)
+	 * in place: h is read from global memory once */
+	const bool vec = (H & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0;
+
+	if (vec) {
+		const int n = R * (H >> 2);
+		const float4 *h4 = (const float4 *)L.h;
 
 		for (int i0 = threadIdx.x; i0 < n; i0 += 4 * ROUTER_THREADS) {
-			float4 hv[4], wv[4];
+			float4 hv[4];
 
 #pragma unroll
 			for (int b = 0; b < 4; b++)
-				if (i0 + b * ROUTER_THREADS < n) {
+				if (i0 + b * ROUTER_THREADS < n)
 					hv[b] = h4[i0 + b * ROUTER_THREADS];
-					wv[b] = w4[(i0 + b * ROUTER_THREADS) % H4];
-				}
 #pragma unroll
-			for (int b = 0; b < 4; b++) {
-				const int i = i0 + b * ROUTER_THREADS;
-				const float s = i < n ? rs[i / H4] : 0.0f;
-
-				if (i < n)
-					((float4 *)xsf)[i] = make_float4(hv[b].x * s * (1.0f + wv[b].x), hv[b].y * s * (1.0f + wv[b].y),
-									 hv[b].z * s * (1.0f + wv[b].z), hv[b].w * s * (1.0f + wv[b].w));
-			}
+			for (int b = 0; b < 4; b++)
+				if (i0 + b * ROUTER_THREADS < n)
+					((float4 *)xsf)[i0 + b * ROUTER_THREADS] = hv[b];
 		}
 	} else {
-		for (int i = threadIdx.x; i < R * H; i += blockDim.x) {
-			int r = i / H, k = i % H;
+		for (int i = threadIdx.x; i < R * H; i += blockDim.x)
+			xsf[i] = L.h[i];
+	}
+	__syncthreads();
+	row_rsqrt(rs, vec ? xsf : L.h, H, R, H, L.eps); /* (the same order as q3g_add_rmsnorm's) */
+	__syncthreads();
+	if (vec) {
+		const int H4 = H >> 2, n = R * H4;
+		const float4 *w4 = (const float4 *)L.normw;
 
-			xsf[i] = L.h[(size_t)r * H + k] * rs[r] * (1.0f + L.normw[k]);
+		for (int i = threadIdx.x; i < n; i += ROUTER_THREADS) {
+			const float4 hv = ((float4 *)xsf)[i], wv = w4[i % H4];
+			const float s = rs[i / H4];
+
+			((float4 *)xsf)[i] = make_float4(hv.x * s * (1.0f + wv.x), hv.y * s * (1.0f + wv.y),
+							 hv.z * s * (1.0f + wv.z), hv.w * s * (1.0f + wv.w));
 		}
+	} else {
+		for (int i = threadIdx.x; i < R * H; i += blockDim.x)
+			xsf[i] = xsf[i] * rs[i / H] * (1.0f + L.normw[i % H]);
 	}
 	__syncthreads();
 	/* this block's share of the columns as fp16 for the experts (moe_up stages them as they are) */
@@ -307,8 +444,8 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 	if (!last)
 		return;
 	__threadfence();
-	for (int r = warp; r < R; r += nw)
-		topk_row(L.idx, L.w, L.y[0], L.y[1], r, L.E, L.k, L.norm);
+	for (int r = warp; r < R; r += nw) /* the partial sums are read: xsf holds the candidates */
+		topk_row(L.idx, L.w, L.y[0], L.y[1], r, L.E, L.k, L.norm, (uint2 *)xsf + warp * 32);
 	if (threadIdx.x == 0)
 		*L.done = 0;
 }
@@ -330,6 +467,8 @@ static int gemm_f32(cublasHandle_t hb, const struct q3g_mat *m, const float *x, 
 	return 0;
 }
 
+static_assert(ROUTER_THREADS * 2 * 4 >= ROUTER_THREADS / 32 * 32 * 8,
+	      "the last block's top-k candidates fit in the partial sums' space");
 static size_t router_smem(int R, int H)
 {
 	size_t x = (size_t)R * H * 4, part = (size_t)ROUTER_THREADS * 2 * (R == 1 ? 1 : Q3G_MMV_MAX_TOK) * 4;

@@ -320,6 +320,11 @@ static float replay5(cudaGraphExec_t ex, cudaStream_t st)
 	return ms;
 }
 
+/* A launch that does nothing: the floor under every launch of a graph. */
+__global__ void empty_kernel(void)
+{
+}
+
 /* One Gated DeltaNet decode layer as the backend runs it at batch R (all launches of the layer:
  * qkvz+ba with the norm folded in, conv+delta+gated norm, out_proj + residual, router + shared
  * gate with the top-k (and the experts' normalized input), experts up, experts down + residual), NL layers with their own dense
@@ -432,9 +437,10 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	}
 	/* each launch of the layer alone, NL in a row with the layers' own weights (PDL as the
 	 * engine runs it): where the layer's time goes */
-	for (int op = 0; op < 6; op++) {
+	for (int op = 0; op < 9; op++) {
 		static const char *names[] = { "qkvz+ba (norm fused)", "conv+delta+gated norm", "out_proj + residual",
-					       "router + top-k + norm", "experts up", "experts down + residual" };
+					       "router + top-k + norm", "experts up", "experts down + residual",
+					       "(router logits alone)", "(top-k alone)", "(an empty kernel)" };
 		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
 		for (int l = 0; l < NL; l++) {
 			struct q3g_job j[2];
@@ -455,6 +461,14 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			} else if (op == 3) {
 				GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m,
 						 &sgate[l].m, R, H, NULL, NULL, xb, st, &e_));
+			} else if (op == 6) {
+				GT_OK(q3g_router_logits(NULL, lg, sg, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R, H, NULL, NULL,
+							st, &e_));
+			} else if (op == 7) {
+				GT_OK(q3g_router_topk(idx, wts, lg, sg, R, E, k, true, st, &e_));
+			} else if (op == 8) { /* the floor: a launch that does nothing, after one that did */
+				empty_kernel<<<1, 32, 0, st>>>();
+				GT_CHECK(cudaGetLastError());
 			} else if (op == 4) {
 				GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
 			} else {
@@ -468,6 +482,94 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 		printf("  %-28s R=%-2d %8.2f us per layer\n", names[op], R, ms * 1e3 / 5 / NL);
 		if (g_csv)
 			fprintf(g_csv, "gdn op %s R=%d,%.3f,,\n", names[op], R, ms * 1e3 / 5 / NL);
+		cudaGraphExecDestroy(ex);
+		cudaGraphDestroy(g);
+	}
+}
+
+/* The attention half of a full-attention decode layer at batch R, each row its own sequence at
+ * position ctx - 1 (dense projections bf16 as in mkmodel's 80b-a3b): q/k/v with the norm fused,
+ * q/k norm + RoPE + KV write, split-KV attention + combine, o_proj + residual; NL layers in one
+ * graph, then each step alone NL in a row. */
+static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
+{
+	struct q3g_dims d;
+	const int H = 2048;
+
+	memset(&d, 0, sizeof(d));
+	d.H = H; d.Hq = 16; d.Hkv = 2; d.D = 256; d.rot = 64; d.rope_theta = 1e7; d.eps = 1e-6f; d.max_ctx = ctx;
+	const int qd = d.Hq * d.D, kvd = d.Hkv * d.D;
+	int sms = 0;
+
+	GT_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+	/* the backend's split count (nsplit_for in cuda_backend.cu) */
+	const int nsplit = std::max(1, std::min(Q3G_ATT_SPLITS, 2 * sms / (d.Hkv * R)));
+	std::vector<struct dmat> q(NL), k(NL), v(NL), o(NL);
+	std::vector<struct tlin> tl[4];
+
+	for (int l = 0; l < NL; l++) {
+		make_stack(&q[l], tl[0], 1, 2 * qd, H, LIN_BF16);
+		make_stack(&k[l], tl[1], 1, kvd, H, LIN_BF16);
+		make_stack(&v[l], tl[2], 1, kvd, H, LIN_BF16);
+		make_stack(&o[l], tl[3], 1, H, qd, LIN_BF16);
+	}
+	std::vector<struct q3g_seq> seqs(R);
+	std::vector<int> row_seq(R), row_pos(R, ctx - 1);
+	std::vector<int32_t> ids(R, 1);
+	for (int r = 0; r < R; r++) {
+		uint16_t *kv = dev_alloc<uint16_t>((size_t)2 * ctx * kvd);
+
+		GT_CHECK(cudaMemset(kv, 0x3c, (size_t)2 * ctx * kvd * 2)); /* bf16 ~0.01: finite scores */
+		seqs[r] = (struct q3g_seq){ r, 1, ctx - 1, 0, kv, NULL, NULL, NULL };
+		row_seq[r] = r;
+	}
+	struct q3g_rows rows = { dev_upload(ids.data(), R), dev_upload(row_seq.data(), R), dev_upload(row_pos.data(), R),
+				 dev_upload(seqs.data(), R) };
+	std::vector<float> hh = rnd_vec((size_t)R * H, 1.0f), w0(H, 0.0f), nw(d.D, 0.0f);
+	float *h = dev_upload(hh.data(), hh.size()), *dw = dev_upload(w0.data(), H), *dnw = dev_upload(nw.data(), d.D);
+	float *qg = dev_alloc<float>((size_t)R * 2 * qd), *kk = dev_alloc<float>((size_t)R * kvd);
+	float *vv = dev_alloc<float>((size_t)R * kvd), *part = dev_alloc<float>((size_t)R * d.Hq * nsplit * (d.D + 2));
+	uint16_t *qb = dev_alloc<uint16_t>((size_t)R * qd), *att = dev_alloc<uint16_t>((size_t)R * qd);
+	static const char *names[] = { "q/k/v (norm fused)", "q/k norm + RoPE + KV write", "attention + combine",
+				       "o_proj + residual" };
+
+	for (int op = -1; op < 4; op++) { /* -1: the whole chain */
+		cudaGraph_t g;
+		cudaGraphExec_t ex;
+
+		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+		for (int l = 0; l < NL; l++) {
+			struct q3g_job j[3];
+
+			memset(j, 0, sizeof(j));
+			if (op < 0 || op == 0) {
+				j[0].w = q[l].m, j[0].y = qg, j[0].ldx = H, j[0].ldy = 2 * qd, j[0].xh = h, j[0].normw = dw;
+				j[0].eps = 1e-6f;
+				j[1] = j[0], j[1].w = k[l].m, j[1].y = kk, j[1].ldy = kvd;
+				j[2] = j[0], j[2].w = v[l].m, j[2].y = vv, j[2].ldy = kvd;
+				GT_OK(q3g_mmv(j, 3, R, st, &e_));
+			}
+			if (op < 0 || op == 1)
+				GT_OK(q3g_attn_prep(qb, qg, kk, vv, dnw, dnw, rows, R, 0, &d, st, &e_));
+			if (op < 0 || op == 2)
+				GT_OK(q3g_attn_decode(att, qb, qg, part, nsplit, rows, R, 0, &d, st, &e_));
+			if (op < 0 || op == 3) {
+				memset(j, 0, sizeof(j));
+				j[0].w = o[l].m, j[0].x = att, j[0].y = h, j[0].ldx = qd, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
+				GT_OK(q3g_mmv(j, 1, R, st, &e_));
+			}
+		}
+		GT_CHECK(cudaStreamEndCapture(st, &g));
+		GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
+		float ms = replay5(ex, st);
+
+		if (op < 0)
+			printf("attention decode layer before the MoE (5 launches), R=%d, ctx %d, %d splits: %8.2f us per layer\n", R,
+			       ctx, nsplit, ms * 1e3 / 5 / NL);
+		else
+			printf("  %-28s R=%-2d %8.2f us per layer\n", names[op], R, ms * 1e3 / 5 / NL);
+		if (g_csv)
+			fprintf(g_csv, "attn op %s R=%d,%.3f,,\n", op < 0 ? "layer" : names[op], R, ms * 1e3 / 5 / NL);
 		cudaGraphExecDestroy(ex);
 		cudaGraphDestroy(g);
 	}
@@ -508,6 +610,7 @@ int main(int argc, char **argv)
 		fprintf(g_csv, "case,us,gb_s,pct_copy\ncopy,,%.1f,100\n", g_peak);
 	if (gdn_only) {
 		bench_gdn_layers(8, gdn_only, st);
+		bench_attn_layers(8, gdn_only, 1024, st);
 		return 0;
 	}
 	g_h2d = h2d_bandwidth(st);
@@ -535,6 +638,8 @@ int main(int argc, char **argv)
 	bench_moe(512, 10, 2048, 512, 16, st);
 	bench_gdn_layers(8, 1, st);
 	bench_gdn_layers(8, 16, st);
+	bench_attn_layers(8, 1, 1024, st);
+	bench_attn_layers(8, 16, 1024, st);
 	if (g_csv)
 		fclose(g_csv);
 	return 0;

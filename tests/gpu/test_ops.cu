@@ -1177,14 +1177,21 @@ static void router_invariance_case(int E, int H)
 	dmat_free(&dg);
 }
 
-static void router_case(int R, int E, int k, bool norm)
+/* step > 0: logits on a grid of that step, so that many tie (the lower id first): a few at the
+ * k-th place (the candidates' ranking), or more than 32 at or above it (the rounds) */
+static void router_case(int R, int E, int k, bool norm, float step = 0.0f)
 {
 	char name[128];
 
-	snprintf(name, sizeof(name), "router_topk R=%d E=%d k=%d%s", R, E, k, norm ? "" : " (no renorm)");
+	snprintf(name, sizeof(name), "router_topk R=%d E=%d k=%d%s%s", R, E, k, norm ? "" : " (no renorm)",
+		 step > 0.0f ? (step < 0.1f ? " fine ties" : " coarse ties") : "");
 	if (!want(name))
 		return;
 	std::vector<float> lg = rnd_vec((size_t)R * E, 3.0f), sg = rnd_vec(R, 1.0f);
+
+	if (step > 0.0f)
+		for (float &x : lg)
+			x = roundf(x / step) * step;
 	std::vector<int> ridx((size_t)R * k);
 	std::vector<float> rw((size_t)R * k), rw_all((size_t)R * (k + 1));
 	float *dl = dev_upload(lg.data(), lg.size()), *ds = dev_upload(sg.data(), R), *dw = dev_alloc<float>((size_t)R * (k + 1));
@@ -1590,6 +1597,9 @@ static void moe_tests(void)
 	router_case(7, 512, 10, true);
 	router_case(3, 16, 4, false);
 	router_case(33, 1000, 32, true);
+	router_case(16, 512, 10, true, 1.0f / 64);
+	router_case(16, 512, 10, true, 0.5f);
+	router_case(5, 61, 8, false, 0.25f);
 	moe_case("q4 sym g128", &ds, 4, 128, false, false, 3, true);
 	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 5, true);
 	moe_case("q4 sym g128", &ds, 4, 128, false, false, 40, false);
