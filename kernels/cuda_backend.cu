@@ -1005,13 +1005,6 @@ static int bucket(int n)
 	return (n + 63) / 64 * 64;
 }
 
-static int nsplit_for(int B, int Hkv)
-{
-	int n = 2 * q3g_dev.sms / Q3_MAX(1, Hkv * B);
-
-	return Q3_MAX(1, Q3_MIN(Q3G_ATT_SPLITS, n));
-}
-
 /* Fills the host table for the given sequences (padded to R = B rows / sequences with the
  * scratch session when B > nseq) and returns the call. */
 static struct call fill_table(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int nseq, int B, bool graph,
@@ -1163,7 +1156,7 @@ static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int 
 	k.decode = decode;
 	k.samp = samp;
 	k.fuse_norm = k.R <= Q3_MIN(BK_FUSED_NORM_ROWS, bk->dec_rows) && !getenv("QWEN3D_NO_FUSED_NORM");
-	k.nsplit = nsplit_for(k.R, bk->d.Hkv);
+	k.nsplit = q3g_attn_splits(k.R, bk->d.Hkv);
 	if (k.R > bk->maxrows)
 		return q3_errf(e, -EINVAL, "cuda backend: %d rows in one call (at most %d)", k.R, bk->maxrows);
 	if (graph) {

@@ -222,6 +222,10 @@ int q3g_attn_prep(uint16_t *q, const float *qg, const float *k, const float *v, 
 		  const float *knw, struct q3g_rows rows, int R, int full, const struct q3g_dims *d,
 		  q3g_stream st, struct q3_err *e);
 
+/* The split count decode attention runs R rows with: about two blocks an SM over the rows' kv
+ * heads, 1 .. Q3G_ATT_SPLITS (after q3g_init). */
+int q3g_attn_splits(int R, int Hkv);
+
 /* Decode attention (flash-decoding): each row attends over its cache positions [0, pos] in up to
  * nsplit splits; part: scratch [R][Hq][nsplit][D + 2] fp32.  Then the splits are combined and
  * multiplied by sigmoid(gate) into att (fp16 [R][q_dim]). */

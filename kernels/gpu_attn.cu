@@ -260,6 +260,13 @@ static int launch_decode_gq(const uint16_t *q, float *part, int nsplit, struct q
 	return 0;
 }
 
+extern "C" int q3g_attn_splits(int R, int Hkv)
+{
+	const int n = 2 * q3g_dev.sms / max(1, Hkv * R);
+
+	return max(1, min(Q3G_ATT_SPLITS, n));
+}
+
 extern "C" int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *part, int nsplit,
 			       struct q3g_rows rows, int R, int full, const struct q3g_dims *d, q3g_stream st,
 			       q3_err *e)

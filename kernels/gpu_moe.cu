@@ -56,6 +56,12 @@ static __device__ __forceinline__ void lane_best(const float v[PER], bool vec, f
 	bi = topk_id(bx[0], threadIdx.x & 31, vec);
 }
 
+/* A probability's key: p >= 0 orders as its bits, + 1 keeps 0 for taken, absent or NaN. */
+static __device__ __forceinline__ unsigned topk_key(float p)
+{
+	return p >= 0.0f ? __float_as_uint(p) + 1u : 0u;
+}
+
 /* (key, id) a before b in the order of the top k: larger probability, then the lower id. */
 static __device__ __forceinline__ bool topk_before(unsigned ka, int ia, unsigned kb, int ib)
 {
@@ -64,8 +70,7 @@ static __device__ __forceinline__ bool topk_before(unsigned ka, int ia, unsigned
 
 /* Row r's top k by one warp (every lane calls it; cand: the warp's 32 uint2 of shared memory).
  * The logits are read through L2 (__ldcg), so that the router kernel's last block sees the other
- * blocks' writes, every load issued before the first is used.  A probability p >= 0 is ordered
- * by its bits: key = bits + 1 (0: taken, absent or NaN).
+ * blocks' writes, every load issued before the first is used; probabilities compare by topk_key.
  *
  * The k-th best of the 32 lanes' own bests bounds the answer: the k lanes at or above it hold k
  * distinct experts, so the top k are all at or above it too.  The experts at or above it (the
@@ -118,7 +123,7 @@ static __device__ void topk_row(int *idx, float *w, const float *logits, const f
 	sum = warp_sum(sum);
 
 	/* the bound: the lane best ranked k - 1 among the lanes' bests */
-	const unsigned bkey = best >= 0.0f ? __float_as_uint(best) + 1u : 0u;
+	const unsigned bkey = topk_key(best);
 	int brank = 0;
 
 	if (!bkey)
@@ -137,7 +142,7 @@ static __device__ void topk_row(int *idx, float *w, const float *logits, const f
 
 #pragma unroll
 	for (int i = 0; i < PER; i++) {
-		const unsigned key = v[i] >= 0.0f ? __float_as_uint(v[i]) + 1u : 0u;
+		const unsigned key = topk_key(v[i]);
 		const int id = topk_id(i, lane, vec);
 
 		if (key && !topk_before(tk, ti, key, id))
@@ -163,7 +168,7 @@ static __device__ void topk_row(int *idx, float *w, const float *logits, const f
 		for (int i = 0; i < PER; i++)
 			if (mask >> i & 1)
 				cand[off + __popc(mask & ((1u << i) - 1))] =
-					make_uint2(__float_as_uint(v[i]) + 1u, (unsigned)topk_id(i, lane, vec));
+					make_uint2(topk_key(v[i]), (unsigned)topk_id(i, lane, vec));
 		__syncwarp();
 		const uint2 me = lane < C ? cand[lane] : make_uint2(0u, (unsigned)E);
 		int rank = 0;
@@ -189,7 +194,7 @@ static __device__ void topk_row(int *idx, float *w, const float *logits, const f
 		if (!(best >= 0.0f))
 			bi = E; /* only NaN and -1 here: nothing to take */
 		for (int j = 0; j < k; j++) {
-			const unsigned key = best >= 0.0f ? __float_as_uint(best) + 1u : 0u;
+			const unsigned key = topk_key(best);
 			const unsigned top = __reduce_max_sync(0xffffffffu, key);
 			const int win = __reduce_min_sync(0xffffffffu, key == top ? bi : E);
 			const float p = top ? __uint_as_float(top - 1u) / sum : 0.0f;
@@ -218,10 +223,11 @@ static __device__ void topk_row(int *idx, float *w, const float *logits, const f
 	}
 }
 
+#define TOPK_WARPS 4 /* rows a block of router_topk_kernel */
 __global__ void router_topk_kernel(int *idx, float *w, const float *logits, const float *sg, int R, int E,
 				   int k, bool norm)
 {
-	__shared__ uint2 cand[4][32];
+	__shared__ uint2 cand[TOPK_WARPS][32];
 	int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
 
 	pdl_trigger();
@@ -245,7 +251,7 @@ extern "C" int q3g_router_topk(int *idx, float *w, const float *logits, const fl
 
 	if ((err = check_topk(E, k, e)))
 		return err;
-	CUDA_CHECK(e, q3g_launch(router_topk_kernel, cdiv(R, 4), 128, 0, (cudaStream_t)st, idx, w, logits, sg, R, E, k, norm));
+	CUDA_CHECK(e, q3g_launch(router_topk_kernel, cdiv(R, TOPK_WARPS), TOPK_WARPS * 32, 0, (cudaStream_t)st, idx, w, logits, sg, R, E, k, norm));
 	return 0;
 }
 

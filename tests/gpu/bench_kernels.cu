@@ -320,6 +320,23 @@ static float replay5(cudaGraphExec_t ex, cudaStream_t st)
 	return ms;
 }
 
+/* ms of five replays (after a warm-up one) of the graph that body() captures on st */
+template <class F> static float graph_ms(cudaStream_t st, F &&body)
+{
+	cudaGraph_t g;
+	cudaGraphExec_t ex;
+
+	GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+	body();
+	GT_CHECK(cudaStreamEndCapture(st, &g));
+	GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
+	float ms = replay5(ex, st);
+
+	cudaGraphExecDestroy(ex);
+	cudaGraphDestroy(g);
+	return ms;
+}
+
 /* A launch that does nothing: the floor under every launch of a graph. */
 __global__ void empty_kernel(void)
 {
@@ -381,14 +398,60 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim), *xb = dev_alloc<uint16_t>((size_t)R * H);
 	int *idx = dev_alloc<int>((size_t)R * S);
 	unsigned *done = dev_alloc<unsigned>(1);
-	cudaGraph_t g;
+	static const char *names[] = { "qkvz+ba (norm fused)", "conv+delta+gated norm", "out_proj + residual",
+				       "router + top-k + norm", "experts up", "experts down + residual",
+				       "(router logits alone)", "(top-k alone)", "(an empty kernel)" };
+	/* launch op of layer l: 0-5 the layer's, 6-8 for comparison */
+	auto launch = [&](int op, int l) {
+		struct q3g_job j[2];
 
-	GT_CHECK(cudaMemset(done, 0, 4));
-	cudaGraphExec_t ex;
-	double bytes = 0;
-
+		memset(j, 0, sizeof(j));
+		switch (op) {
+		case 0:
+			j[0].w = qkvz[l].m, j[0].y = pq, j[0].ldx = H, j[0].ldy = qd, j[0].xh = h, j[0].normw = w0;
+			j[0].eps = 1e-6f;
+			j[1] = j[0], j[1].w = ba[l].m, j[1].y = pba, j[1].ldy = 2 * d.Nv;
+			GT_OK(q3g_mmv(j, 2, R, st, &e_));
+			break;
+		case 1:
+			GT_OK(q3g_delta_decode(pq, qd, dcw, pba, dA, ddt, NULL, core, pq + d.conv_dim, qd, dnw, true, rows, R,
+					       0, &d, st, &e_));
+			break;
+		case 2:
+			j[0].w = out[l].m, j[0].x = core, j[0].y = h, j[0].ldx = d.value_dim, j[0].ldy = H;
+			j[0].epi = Q3G_EPI_ADD;
+			GT_OK(q3g_mmv(j, 1, R, st, &e_));
+			break;
+		case 3: /* the router in fp32 with the top k fused (R <= 16: the SIMT kernel, no cuBLAS) */
+			GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
+					 H, NULL, NULL, xb, st, &e_));
+			break;
+		case 4:
+			GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
+			break;
+		case 5:
+			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
+			break;
+		case 6:
+			GT_OK(q3g_router_logits(NULL, lg, sg, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R, H, NULL, NULL, st,
+						&e_));
+			break;
+		case 7:
+			GT_OK(q3g_router_topk(idx, wts, lg, sg, R, E, k, true, st, &e_));
+			break;
+		default: /* the floor: a launch that does nothing, after one that did */
+			empty_kernel<<<1, 32, 0, st>>>();
+			GT_CHECK(cudaGetLastError());
+		}
+	};
+	/* per layer: dense weights, ~R·10 distinct experts + shared, state r+w */
+	const double distinct = E * (1.0 - pow(1.0 - (double)k / E, R));
+	const double bytes = (double)mat_bytes(&qkvz[0]) + mat_bytes(&ba[0]) + mat_bytes(&out[0]) +
+			     mat_bytes(&router[0]) + mat_bytes(&sgate[0]) + (distinct + 1) * 3 * (double)mat_bytes(&shg) +
+			     2.0 * R * rec_n * 4;
 	cudaDeviceProp prop;
 
+	GT_CHECK(cudaMemset(done, 0, 4));
 	GT_CHECK(cudaGetDeviceProperties(&prop, 0));
 	for (int pdl = 0; pdl < 2; pdl++) {
 		bool saved = q3g_pdl;
@@ -396,34 +459,11 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 		if (pdl && prop.major < 9)
 			continue; /* no PDL before sm_90 */
 		q3g_pdl = pdl;
-		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-		for (int l = 0; l < NL; l++) {
-			struct q3g_job j[2];
-
-			memset(j, 0, sizeof(j));
-			j[0].w = qkvz[l].m, j[0].y = pq, j[0].ldx = H, j[0].ldy = qd, j[0].xh = h, j[0].normw = w0, j[0].eps = 1e-6f;
-			j[1] = j[0], j[1].w = ba[l].m, j[1].y = pba, j[1].ldy = 2 * d.Nv;
-			GT_OK(q3g_mmv(j, 2, R, st, &e_));
-			GT_OK(q3g_delta_decode(pq, qd, dcw, pba, dA, ddt, NULL, core, pq + d.conv_dim, qd, dnw, true, rows, R, 0, &d,
-					       st, &e_));
-			memset(j, 0, sizeof(j));
-			j[0].w = out[l].m, j[0].x = core, j[0].y = h, j[0].ldx = d.value_dim, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
-			GT_OK(q3g_mmv(j, 1, R, st, &e_));
-			/* the router in fp32 with the top k fused (R <= 16: the SIMT kernel, no cuBLAS) */
-			GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
-					 H, NULL, NULL, xb, st, &e_));
-			GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
-			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
-		}
-		GT_CHECK(cudaStreamEndCapture(st, &g));
-		GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
-		if (!pdl) { /* per layer: dense weights, ~R·10 distinct experts + shared, state r+w */
-			double distinct = E * (1.0 - pow(1.0 - (double)k / E, R));
-
-			bytes = (double)mat_bytes(&qkvz[0]) + mat_bytes(&ba[0]) + mat_bytes(&out[0]) + mat_bytes(&router[0]) +
-				mat_bytes(&sgate[0]) + (distinct + 1) * 3 * (double)mat_bytes(&shg) + 2.0 * R * rec_n * 4;
-		}
-		float ms = replay5(ex, st);
+		float ms = graph_ms(st, [&] {
+			for (int l = 0; l < NL; l++)
+				for (int op = 0; op < 6; op++)
+					launch(op, l);
+		});
 		char what[128];
 
 		snprintf(what, sizeof(what), "GDN decode layer (6 launches), R=%d, PDL %s", R, pdl ? "on" : "off");
@@ -431,59 +471,19 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 		report(what, ms / 5 / NL * 1.0f, bytes);
 		printf("  48 such layers: %.0f tok/s at batch %d (before the attention layers' extra work and lm_head)\n",
 		       R / (48.0 * ms / 5 / NL * 1e-3), R);
-		cudaGraphExecDestroy(ex);
-		cudaGraphDestroy(g);
 		q3g_pdl = saved;
 	}
 	/* each launch of the layer alone, NL in a row with the layers' own weights (PDL as the
 	 * engine runs it): where the layer's time goes */
 	for (int op = 0; op < 9; op++) {
-		static const char *names[] = { "qkvz+ba (norm fused)", "conv+delta+gated norm", "out_proj + residual",
-					       "router + top-k + norm", "experts up", "experts down + residual",
-					       "(router logits alone)", "(top-k alone)", "(an empty kernel)" };
-		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-		for (int l = 0; l < NL; l++) {
-			struct q3g_job j[2];
-
-			memset(j, 0, sizeof(j));
-			if (op == 0) {
-				j[0].w = qkvz[l].m, j[0].y = pq, j[0].ldx = H, j[0].ldy = qd, j[0].xh = h, j[0].normw = w0,
-				j[0].eps = 1e-6f;
-				j[1] = j[0], j[1].w = ba[l].m, j[1].y = pba, j[1].ldy = 2 * d.Nv;
-				GT_OK(q3g_mmv(j, 2, R, st, &e_));
-			} else if (op == 1) {
-				GT_OK(q3g_delta_decode(pq, qd, dcw, pba, dA, ddt, NULL, core, pq + d.conv_dim, qd, dnw, true, rows,
-						       R, 0, &d, st, &e_));
-			} else if (op == 2) {
-				j[0].w = out[l].m, j[0].x = core, j[0].y = h, j[0].ldx = d.value_dim, j[0].ldy = H,
-				j[0].epi = Q3G_EPI_ADD;
-				GT_OK(q3g_mmv(j, 1, R, st, &e_));
-			} else if (op == 3) {
-				GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m,
-						 &sgate[l].m, R, H, NULL, NULL, xb, st, &e_));
-			} else if (op == 6) {
-				GT_OK(q3g_router_logits(NULL, lg, sg, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R, H, NULL, NULL,
-							st, &e_));
-			} else if (op == 7) {
-				GT_OK(q3g_router_topk(idx, wts, lg, sg, R, E, k, true, st, &e_));
-			} else if (op == 8) { /* the floor: a launch that does nothing, after one that did */
-				empty_kernel<<<1, 32, 0, st>>>();
-				GT_CHECK(cudaGetLastError());
-			} else if (op == 4) {
-				GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
-			} else {
-				GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
-			}
-		}
-		GT_CHECK(cudaStreamEndCapture(st, &g));
-		GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
-		float ms = replay5(ex, st);
+		float ms = graph_ms(st, [&] {
+			for (int l = 0; l < NL; l++)
+				launch(op, l);
+		});
 
 		printf("  %-28s R=%-2d %8.2f us per layer\n", names[op], R, ms * 1e3 / 5 / NL);
 		if (g_csv)
 			fprintf(g_csv, "gdn op %s R=%d,%.3f,,\n", names[op], R, ms * 1e3 / 5 / NL);
-		cudaGraphExecDestroy(ex);
-		cudaGraphDestroy(g);
 	}
 }
 
@@ -499,11 +499,7 @@ static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
 	memset(&d, 0, sizeof(d));
 	d.H = H; d.Hq = 16; d.Hkv = 2; d.D = 256; d.rot = 64; d.rope_theta = 1e7; d.eps = 1e-6f; d.max_ctx = ctx;
 	const int qd = d.Hq * d.D, kvd = d.Hkv * d.D;
-	int sms = 0;
-
-	GT_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-	/* the backend's split count (nsplit_for in cuda_backend.cu) */
-	const int nsplit = std::max(1, std::min(Q3G_ATT_SPLITS, 2 * sms / (d.Hkv * R)));
+	const int nsplit = q3g_attn_splits(R, d.Hkv); /* as the backend */
 	std::vector<struct dmat> q(NL), k(NL), v(NL), o(NL);
 	std::vector<struct tlin> tl[4];
 
@@ -533,35 +529,38 @@ static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
 	static const char *names[] = { "q/k/v (norm fused)", "q/k norm + RoPE + KV write", "attention + combine",
 				       "o_proj + residual" };
 
-	for (int op = -1; op < 4; op++) { /* -1: the whole chain */
-		cudaGraph_t g;
-		cudaGraphExec_t ex;
+	/* launch op of layer l */
+	auto launch = [&](int op, int l) {
+		struct q3g_job j[3];
 
-		GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-		for (int l = 0; l < NL; l++) {
-			struct q3g_job j[3];
-
-			memset(j, 0, sizeof(j));
-			if (op < 0 || op == 0) {
-				j[0].w = q[l].m, j[0].y = qg, j[0].ldx = H, j[0].ldy = 2 * qd, j[0].xh = h, j[0].normw = dw;
-				j[0].eps = 1e-6f;
-				j[1] = j[0], j[1].w = k[l].m, j[1].y = kk, j[1].ldy = kvd;
-				j[2] = j[0], j[2].w = v[l].m, j[2].y = vv, j[2].ldy = kvd;
-				GT_OK(q3g_mmv(j, 3, R, st, &e_));
-			}
-			if (op < 0 || op == 1)
-				GT_OK(q3g_attn_prep(qb, qg, kk, vv, dnw, dnw, rows, R, 0, &d, st, &e_));
-			if (op < 0 || op == 2)
-				GT_OK(q3g_attn_decode(att, qb, qg, part, nsplit, rows, R, 0, &d, st, &e_));
-			if (op < 0 || op == 3) {
-				memset(j, 0, sizeof(j));
-				j[0].w = o[l].m, j[0].x = att, j[0].y = h, j[0].ldx = qd, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
-				GT_OK(q3g_mmv(j, 1, R, st, &e_));
-			}
+		memset(j, 0, sizeof(j));
+		switch (op) {
+		case 0:
+			j[0].w = q[l].m, j[0].y = qg, j[0].ldx = H, j[0].ldy = 2 * qd, j[0].xh = h, j[0].normw = dw;
+			j[0].eps = 1e-6f;
+			j[1] = j[0], j[1].w = k[l].m, j[1].y = kk, j[1].ldy = kvd;
+			j[2] = j[0], j[2].w = v[l].m, j[2].y = vv, j[2].ldy = kvd;
+			GT_OK(q3g_mmv(j, 3, R, st, &e_));
+			break;
+		case 1:
+			GT_OK(q3g_attn_prep(qb, qg, kk, vv, dnw, dnw, rows, R, 0, &d, st, &e_));
+			break;
+		case 2:
+			GT_OK(q3g_attn_decode(att, qb, qg, part, nsplit, rows, R, 0, &d, st, &e_));
+			break;
+		default:
+			j[0].w = o[l].m, j[0].x = att, j[0].y = h, j[0].ldx = qd, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
+			GT_OK(q3g_mmv(j, 1, R, st, &e_));
 		}
-		GT_CHECK(cudaStreamEndCapture(st, &g));
-		GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
-		float ms = replay5(ex, st);
+	};
+
+	for (int op = -1; op < 4; op++) { /* -1: the whole chain */
+		const int first = op < 0 ? 0 : op, last = op < 0 ? 3 : op;
+		float ms = graph_ms(st, [&] {
+			for (int l = 0; l < NL; l++)
+				for (int step = first; step <= last; step++)
+					launch(step, l);
+		});
 
 		if (op < 0)
 			printf("attention decode layer before the MoE (5 launches), R=%d, ctx %d, %d splits: %8.2f us per layer\n", R,
@@ -570,8 +569,6 @@ static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
 			printf("  %-28s R=%-2d %8.2f us per layer\n", names[op], R, ms * 1e3 / 5 / NL);
 		if (g_csv)
 			fprintf(g_csv, "attn op %s R=%d,%.3f,,\n", op < 0 ? "layer" : names[op], R, ms * 1e3 / 5 / NL);
-		cudaGraphExecDestroy(ex);
-		cudaGraphDestroy(g);
 	}
 }
 
