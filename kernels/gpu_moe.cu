@@ -673,11 +673,10 @@ struct moe_down_launch {
 	int gcs[2]; /* chunk_group_shift of each matrix */
 };
 
-/* 16 warps a block with 128 registers each, for every R (a row's sums must not depend on its
- * batch): a warp keeps six items' loads in flight (a row's share at the real shapes), where 32
- * warps of 64 registers kept three and spilled.  A block owns one output row tile for DOWN_ROWS
- * rows of the batch; each warp runs the same share of every row's (slot, chunk) items, row after
- * row. */
+/* 16 warps a block, for every R (a row's sums must not depend on its batch): a warp runs its
+ * items in batches whose loads are in flight together (32 warps of 64 registers spilled).  A
+ * block owns one output row tile for DOWN_ROWS rows of the batch; each warp runs the same share
+ * of every row's (slot, chunk) items, row after row. */
 #define DOWN_THREADS 512
 #define DOWN_WARPS (DOWN_THREADS / 32)
 #define DOWN_ROWS Q3G_MMV_MAX_TOK
@@ -805,10 +804,13 @@ static __device__ __forceinline__ void down_flush(float *red, int rr, const floa
 template <int FR, int FS>
 __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_kernel(const __grid_constant__ moe_down_launch L)
 {
-	/* UB items in flight with their scales and activations, within 128 registers: 6 at int4,
-	 * 8 / loads per item otherwise */
+	/* UB items in flight with their scales and activations: 3 at int4, 8 / loads per item
+	 * otherwise.  The kernel is bound by instructions fetched and issued, not bytes in flight
+	 * (ncu: 1,800 instructions a warp, waits for instructions the first stall): six items a batch
+	 * (128 registers) ran 100.2 us at R = 16 and 8.56 at R = 1, three 90.1 and 8.30, two 92.6
+	 * and 8.52 (H200, int4 routed and shared experts) */
 	constexpr int LR = fmt_traits<FR>::LPC, LS = fmt_traits<FS>::LPC, LM = LR > LS ? LR : LS;
-	constexpr int UB = LM == 1 ? 6 : 8 / LM;
+	constexpr int UB = LM == 1 ? 3 : 8 / LM;
 	extern __shared__ float red[]; /* [DOWN_ROWS][DOWN_WARPS][16] each warp's sums; then ids, weights */
 	pdl_trigger();
 	pdl_wait();
