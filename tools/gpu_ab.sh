@@ -10,23 +10,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${GPU_PACK_ARCH:--gencode arch=compute_90,code=sm_90}
 [ $# -gt 0 ] || set -- HEAD~1
+WT=
+trap '[ -z "$WT" ] || git worktree remove --force "$WT" 2>/dev/null || rm -rf "$WT"' EXIT
 rm -rf build/ab
 mkdir -p build/ab
 for REV in "$@"; do
 	SHA=$(git rev-parse --short "$REV")
 	WT=$(mktemp -d "${TMPDIR:-/tmp}/qwen3d-ab.XXXXXX")
 	git worktree add -q --detach "$WT" "$SHA"
-	if ! make -C "$WT" -j"${JOBS:-2}" BUILD=build/sm90 CUDA_ARCH="$ARCH" build/sm90/qwen3d \
-		build/sm90/tests/gpu/bench_kernels; then
-		git worktree remove --force "$WT"
-		echo "gpu_ab: $REV ($SHA) does not build" >&2
-		exit 1
-	fi
+	make -C "$WT" -j"${JOBS:-2}" BUILD=build/sm90 CUDA_ARCH="$ARCH" build/sm90/qwen3d \
+		build/sm90/tests/gpu/bench_kernels || { echo "gpu_ab: $REV ($SHA) does not build" >&2; exit 1; }
 	mkdir -p "build/ab/$SHA"
 	cp "$WT/build/sm90/qwen3d" "$WT/build/sm90/tests/gpu/bench_kernels" "build/ab/$SHA/"
 	strip "build/ab/$SHA/qwen3d" "build/ab/$SHA/bench_kernels"
 	git log -1 --format='%h %s' "$SHA" | cut -c1-100 > "build/ab/$SHA/COMMIT"
 	git worktree remove --force "$WT"
+	WT=
 done
 XZ_OPT=-9 tar cJf build/ab.tar.xz -C build ab
 du -sh build/ab.tar.xz
