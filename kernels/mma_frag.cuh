@@ -301,10 +301,10 @@ static __device__ __forceinline__ void reduce_tile_warps(float *red, float acc[N
 
 /* Runs the k-chunks [c0, c1) of row tile `tile` of matrix base (bytes) against staged xs,
  * accumulating into acc[NT][4] (fp32, scales applied).  wscale multiplies every group's partial
- * sum (a routing weight; 1 otherwise).  The warp loads Q3G_MMV_LOADS 16-byte words per lane
- * before using the first. */
+ * sum (a routing weight; 1 otherwise).  The warp loads LOADS (default Q3G_MMV_LOADS) 16-byte
+ * words per lane before using the first. */
 #define Q3G_MMV_LOADS 8
-template <int FMT, int NT>
+template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS>
 static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
 						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
 						  float wscale, float acc[NT][4])
@@ -312,7 +312,7 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 	/* chunks loaded ahead: eight 16-byte loads per lane for a matvec; with many token tiles
 	 * (the grouped GEMM) the mma work per chunk hides latency and registers are scarce */
 	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB;
-	constexpr int U0 = Q3G_MMV_LOADS / LPC / (NT >= 4 ? 4 : 1), U = U0 > 0 ? U0 : 1;
+	constexpr int U0 = LOADS / LPC / (NT >= 4 ? 4 : 1), U = U0 > 0 ? U0 : 1;
 	const int lane = threadIdx.x & 31;
 	const uint8_t *tbase = wbase + (size_t)tile * m.nchunks * CB + lane * 16;
 	float accg[NT][4];
