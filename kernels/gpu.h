@@ -283,6 +283,8 @@ int q3g_moe_up_norm(float *gu, const float *h, const float *normw, float eps, co
 int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w, const struct q3g_mat *down,
 		 const struct q3g_mat *sdown, int R, int k, int H, int ldgu, q3g_stream st,
 		 struct q3_err *e);
+/* Tests only: q3g_moe_down runs the kernel it uses before sm_90 on every device. */
+extern bool q3g_moe_down_force_regs;
 
 /* Routed experts read straight from host memory (mapped pinned pages, over PCIe) in their raw
  * GPTQ layout, for decode with experts beyond VRAM (gpu_moe_host.cu).  Row r's picks: of the m

@@ -27,6 +27,15 @@ template <> struct fmt_traits<Q3G_F16> {
 	static constexpr int LPC = 4, CB = Q3G_CHUNK_BYTES_F16;
 };
 
+/* A kernel template's instances by (routed, shared) weight format, as a 3 x 3 initializer
+ * indexed [routed][shared] (the decode MoE kernels). */
+#define Q3G_FMT_PAIRS(K)                                                                   \
+	{                                                                                  \
+		{ K<Q3G_Q4, Q3G_Q4>, K<Q3G_Q4, Q3G_Q8>, K<Q3G_Q4, Q3G_F16> },                \
+		{ K<Q3G_Q8, Q3G_Q4>, K<Q3G_Q8, Q3G_Q8>, K<Q3G_Q8, Q3G_F16> },                \
+		{ K<Q3G_F16, Q3G_Q4>, K<Q3G_F16, Q3G_Q8>, K<Q3G_F16, Q3G_F16> },             \
+	}
+
 /* Per-lane dequantization constants of the current group (rows g and g + 8). */
 struct zconst {
 	uint32_t z0, z1; /* int4: fp16 pairs (1024 + z); int8: float bits of 2^23 + z */

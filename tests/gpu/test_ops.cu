@@ -1613,6 +1613,15 @@ static void moe_tests(void)
 	moe_invariance_case(&dr, false);
 	moe_invariance_case(&dr, true);
 	moe_skip_case(&dr, 5);
+	moe_case("q8 sym g64", &ds, 8, 64, false, false, 4, true);
+	moe_case("real shapes q8 asym act-order g128", &dr, 8, 128, true, true, 16, true);
+	/* the decode kernels again with q3g_moe_down's kernel for devices before sm_90 */
+	q3g_moe_down_force_regs = true;
+	moe_case("q4 asym act-order g32, down before sm_90", &ds, 4, 32, true, true, 5, true);
+	moe_case("q4 asym act-order g32, two row groups, down before sm_90", &ds, 4, 32, true, true, 24, true);
+	moe_case("real shapes q4 asym act-order g128, down before sm_90", &dr, 4, 128, true, true, 16, true);
+	moe_skip_case(&dr, 7);
+	q3g_moe_down_force_regs = false;
 	moe_host_case(&ds, 4, 4, 128, false, 1, 2, 0, false);
 	moe_host_case(&ds, 4, 4, 32, true, 3, 3, 1, true);
 	moe_host_case(&ds, 8, 4, 64, true, 2, 2, 0, false);

@@ -1,0 +1,422 @@
+/* gpu_moe_down.cu - the decode experts' down projection on sm_90: for each of R <= 16 token rows,
+ * the weighted sum of its k routed experts' and the shared expert's down projections of
+ * silu(gate) ⊙ up, added to the residual stream h.  (Before sm_90: gpu_moe_down_regs.cu.)
+ *
+ * A block owns one 16-row tile of the output for up to 16 rows of the batch.  Every routed (row,
+ * slot) pair then needs one contiguous piece of its expert's down matrix: the tile (nchunks chunks)
+ * with its scales and zero points beside it.  One producer thread copies those into a ring of
+ * shared-memory stages with bulk copies (cp.async.bulk: the SM's copy engine moves the bytes and
+ * counts them into the stage's mbarrier), as far ahead as the ring allows; up to sixteen consumer
+ * warps take the pairs in turn, load the pair's activations (silu(gate) ⊙ up, from L2) into fp16 B
+ * fragments while the tile arrives, wait for their stage, and run the tile's k-steps from shared
+ * memory in a rolled loop.
+ *
+ * The design before loaded the weights into registers, three chunks a warp at a time: 90 us at
+ * R = 16 (H200, int4, ~90 MB), a round trip for every three chunks and an unrolled body that
+ * missed the instruction cache.  Here a block has up to 32 pairs in flight and nothing waits in
+ * registers; the same ring fed by 16-byte cp.async from a producer warp ran 110 us (the loads
+ * through L1 are limited in flight), bulk copies 66.  Copying the activations into the stages
+ * too (bulk, from L2) ran slower: 11.2 us at R = 1 and 100 at R = 16, against 7.6 and 66.
+ *
+ * The shared expert's tile is the same for every row: it is copied once.  A pair's partial sum
+ * (its routing weight applied) is computed by one warp in a fixed order, and a row's pairs are
+ * added in slot order: results do not depend on the batch (test_ops checks row 0 at R = 1, 7, 16).
+ */
+#include "gpu_internal.h"
+#include "mma_frag.cuh"
+
+#define DN_CWARPS 16			/* consumer warps */
+#define DN_THREADS ((DN_CWARPS + 1) * 32) /* and the producer's warp */
+#define DN_ROWS Q3G_MMV_MAX_TOK		/* batch rows a block */
+#define DN_MAX_STAGES 32
+
+/* A tile of one matrix (0 routed, 1 shared) as the producer copies it: weights, then scales and
+ * zero points. */
+struct down_tile {
+	uint32_t wb, sb; /* a tile's weight bytes, scale bytes (zero points: as many again) */
+	uint32_t bytes;	 /* all of it */
+};
+
+struct down_launch {
+	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
+	struct down_tile dt[2];
+	const float *gu;
+	const int *idx;
+	const float *w;
+	float *h;
+	int k, H, ldgu, R;
+	int nst;	 /* ring stages, a multiple of ncw */
+	int ncw;	 /* consumer warps taking pairs (<= DN_CWARPS) */
+	uint32_t stage;	 /* bytes of a ring stage */
+	uint32_t o_sx, o_red, o_aw, o_sh, o_ring; /* offsets in dynamic shared memory */
+};
+
+/* ---- mbarriers and bulk copies (sm_90) ------------------------------------------------------ */
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+static __device__ __forceinline__ uint32_t smem_u32(const void *p)
+{
+	return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void bar_init(uint64_t *b, int count)
+{
+	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+
+static __device__ __forceinline__ void bar_arrive(uint64_t *b)
+{
+	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(b)) : "memory");
+}
+
+/* Arrives on b and adds bytes to the transfer count its phase waits for. */
+static __device__ __forceinline__ void bar_expect(uint64_t *b, uint32_t bytes)
+{
+	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(b)),
+		     "r"(bytes)
+		     : "memory");
+}
+
+/* Waits for the phase of the given parity to complete (try_wait: the hardware suspends the warp
+ * for a while rather than spinning on the issue slots the others need). */
+static __device__ __forceinline__ void bar_wait(uint64_t *b, uint32_t parity)
+{
+	uint32_t done;
+
+	do {
+		asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+			     " selp.u32 %0, 1, 0, p;\n}\n"
+			     : "=r"(done)
+			     : "r"(smem_u32(b)), "r"(parity)
+			     : "memory");
+	} while (!done);
+}
+
+/* n bytes (a multiple of 16, both ends 16-byte aligned) from g to s, counted into bar. */
+static __device__ __forceinline__ void bulk_copy(void *s, const void *g, uint32_t n, uint64_t *bar)
+{
+	asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+			     smem_u32(s)),
+		     "l"(g), "r"(n), "r"(smem_u32(bar))
+		     : "memory");
+}
+
+/* The producer: expert mi's tile of m (weights, scales, zero points) into dst, counted into bar. */
+static __device__ __forceinline__ void copy_tile(uint8_t *dst, const struct q3g_mat &m, const struct down_tile &d,
+						 int mi, uint64_t *bar)
+{
+	const size_t so = (size_t)mi * m.sz_stride + (size_t)blockIdx.x * m.ngroups * Q3G_TILE_N;
+
+	bar_expect(bar, d.bytes);
+	bulk_copy(dst, (const uint8_t *)m.data + (size_t)mi * m.data_stride + (size_t)blockIdx.x * d.wb, d.wb, bar);
+	if (d.sb) {
+		bulk_copy(dst + d.wb, m.scales + so, d.sb, bar);
+		if (m.zeros)
+			bulk_copy(dst + d.wb + d.sb, m.zeros + so, d.sb, bar);
+	}
+}
+
+/* silu with the fast division (two instructions, not an IEEE division's ten); 0 where exp(-x)
+ * overflows, as the limit is. */
+static __device__ __forceinline__ float silu_fast(float x)
+{
+	return __fdividef(x, 1.0f + __expf(-x));
+}
+
+/* The pair's activations silu(gate) ⊙ up in fp16, as the B fragments want them: word (c, st, t,
+ * half) of aw holds the inputs 16st + 2t + 8·half (+1) of chunk c, so that a lane of column t reads
+ * its two words of a k-step as one uint2.  Inputs through the act-order permutation (positions
+ * >= K: 0); lane l computes inputs 2l, 2l + 1 of every chunk, eight chunks' loads at once (gate
+ * and up from L2: moe_up wrote them just before). */
+static __device__ __forceinline__ void stage_act(uint32_t *aw, const float *gate, const float *up,
+						 const uint16_t *perm, int K, int nch)
+{
+	const int lane = threadIdx.x & 31, slot = (lane >> 3) * 8 + (lane & 3) * 2 + ((lane >> 2) & 1);
+	const bool vec = !perm && !((uintptr_t)gate & 7) && !((uintptr_t)up & 7);
+
+	for (int c0 = 0; c0 < nch; c0 += 8) {
+		float2 g[8], u[8];
+
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			const int kin = (c0 + i) * Q3G_KCHUNK + 2 * lane;
+			int ka = kin, kb = kin + 1;
+
+			if (vec && kin + 1 < K) {
+				g[i] = *(const float2 *)(gate + kin);
+				u[i] = *(const float2 *)(up + kin);
+				continue;
+			}
+			if (perm && c0 + i < nch) {
+				const uint32_t pw = *(const uint32_t *)(perm + kin);
+
+				ka = pw & 0xffff, kb = pw >> 16;
+			}
+			g[i].x = ka < K ? gate[ka] : 0.0f;
+			u[i].x = ka < K ? up[ka] : 0.0f;
+			g[i].y = kb < K ? gate[kb] : 0.0f;
+			u[i].y = kb < K ? up[kb] : 0.0f;
+		}
+#pragma unroll
+		for (int i = 0; i < 8; i++)
+			if (c0 + i < nch)
+				aw[(c0 + i) * 32 + slot] = pack_h2(silu_fast(g[i].x) * u[i].x, silu_fast(g[i].y) * u[i].y);
+	}
+}
+
+/* One pair: the tile (weights at t, scales and zeros at sc) against the staged activations aw,
+ * every group's partial sum times its scale times wt into acc (token column 0: lanes t = 0 hold
+ * rows g and g + 8 in acc[0] and acc[2]). */
+template <int FMT>
+static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const uint8_t *t, const float *sc,
+						 const uint32_t *aw, float wt, float acc[1][4])
+{
+	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB;
+	const int lane = threadIdx.x & 31, g = lane >> 2, zo = m.ngroups * Q3G_TILE_N;
+	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+	float s0 = 1.0f, s1 = 1.0f;
+	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
+	int grp = 0, gleft = m.gsteps;
+
+	if (FMT != Q3G_F16) {
+		s0 = sc[g], s1 = sc[g + 8];
+		if (m.zeros)
+			zc = make_zconst<FMT>(sc[zo + g], sc[zo + g + 8]);
+	}
+	for (int c = 0; c < m.nchunks; c++) {
+		uint4 w[LPC];
+
+#pragma unroll
+		for (int q = 0; q < LPC; q++)
+			w[q] = *(const uint4 *)(t + c * CB + q * 512 + lane * 16);
+#pragma unroll
+		for (int st = 0; st < 4; st++) {
+			uint32_t a[4], b[2];
+			const uint2 bv = *(const uint2 *)(aw + c * 32 + st * 8 + (lane & 3) * 2);
+
+			a_frag<FMT>(w, st, zc, a);
+			b[0] = bv.x; /* every token column reads column 0's words: only column 0 is kept */
+			b[1] = bv.y;
+			mma_f16(accg[0], a, b);
+			if (FMT != Q3G_F16 && --gleft == 0) {
+				flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
+				gleft = m.gsteps;
+				if (++grp < m.ngroups) {
+					const int i = grp * Q3G_TILE_N + g;
+
+					s0 = sc[i], s1 = sc[i + 8];
+					if (m.zeros)
+						zc = make_zconst<FMT>(sc[zo + i], sc[zo + i + 8]);
+				}
+			}
+		}
+	}
+	flush_group<1>(acc, accg, s0 * wt, s1 * wt, false);
+}
+#endif
+
+/* FR: the routed experts' weight format, FS: the shared expert's.  Pair (row r, slot s) is pair
+ * q = r·S + s of the block: stage q mod nst of the ring, consumer warp q mod ncw.  The shared
+ * expert's pairs (its tile is copied once) and the slots the CPU computes (Q3G_SKIP, offload)
+ * pass through the ring empty. */
+template <int FR, int FS>
+__global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_constant__ down_launch L)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	extern __shared__ __align__(128) uint8_t sm[];
+	uint64_t *full = (uint64_t *)sm, *empty = full + DN_MAX_STAGES, *shb = empty + DN_MAX_STAGES;
+	const int tile = blockIdx.x, r0 = blockIdx.y * DN_ROWS, nr = min(DN_ROWS, L.R - r0), k = L.k, S = k + 1;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, np = nr * S;
+	int *sx = (int *)(sm + L.o_sx);
+	float *sw = (float *)(sx + DN_ROWS * S), *red = (float *)(sm + L.o_red);
+	uint8_t *shared_tile = sm + L.o_sh, *ring = sm + L.o_ring;
+
+	pdl_trigger();
+	if (threadIdx.x == 0) {
+		for (int i = 0; i < L.nst; i++) {
+			bar_init(&full[i], 1);
+			bar_init(&empty[i], 1);
+		}
+		bar_init(shb, 1);
+		asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* seen by the copy engine */
+	}
+	pdl_wait();
+	for (int i = threadIdx.x; i < np; i += blockDim.x) {
+		sx[i] = L.idx[(size_t)r0 * S + i];
+		sw[i] = L.w[(size_t)r0 * S + i];
+	}
+	__syncthreads();
+	if (warp == DN_CWARPS) { /* the producer: one thread */
+		if (lane == 0) {
+			copy_tile(shared_tile, L.mat[1], L.dt[1], 0, shb);
+			for (int q = 0; q < np; q++) {
+				const int st = q % L.nst, ex = sx[q];
+
+				if (q >= L.nst)
+					bar_wait(&empty[st], (q / L.nst - 1) & 1);
+				if (q % S == k || ex == Q3G_SKIP) /* the shared tile is there already */
+					bar_arrive(&full[st]);
+				else
+					copy_tile(ring + (size_t)st * L.stage, L.mat[0], L.dt[0], ex, &full[st]);
+			}
+		}
+		return; /* the bulk copies complete into the barriers: no one waits for this warp */
+	}
+	uint32_t *aw = (uint32_t *)(sm + L.o_aw) + warp * 32 * max(L.mat[0].nchunks, L.mat[1].nchunks);
+
+	/* pair q: warp q mod ncw, stage q mod nst; ncw divides nst, so a stage's pairs all belong to
+	 * one warp, which waits for phase n of a stage only after it consumed phase n - 1 (a parity
+	 * wait cannot tell phase n from n - 2: with 13 stages and 16 warps, warp 13 passed its wait
+	 * on the phase before its own and read the stage of pair 0) */
+	for (int q = warp; q < np && warp < L.ncw; q += L.ncw) {
+		const int r = q / S, s = q % S, ex = sx[q], st = q % L.nst;
+		const bool sh = s == k;
+		const struct q3g_mat &m = L.mat[sh];
+		uint8_t *p = ring + (size_t)st * L.stage;
+		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+
+		if (ex != Q3G_SKIP) {
+			const int mi = sh ? 0 : ex;
+			const float *g = L.gu + ((size_t)(r0 + r) * S + s) * L.ldgu;
+
+			/* the activations' loads before the wait: they overlap the tile's copy */
+			stage_act(aw, g, g + L.ldgu / 2, m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, m.nchunks);
+			__syncwarp();
+			bar_wait(&full[st], (q / L.nst) & 1);
+			if (sh) {
+				bar_wait(shb, 0);
+				pair_tile<FS>(m, shared_tile, (const float *)(shared_tile + L.dt[1].wb), aw, sw[q], acc);
+			} else {
+				pair_tile<FR>(m, p, (const float *)(p + L.dt[0].wb), aw, sw[q], acc);
+			}
+		} else {
+			bar_wait(&full[st], (q / L.nst) & 1);
+		}
+		__syncwarp(); /* every lane is done with the stage and aw */
+		if (lane == 0)
+			bar_arrive(&empty[st]);
+		if (!(lane & 3)) {
+			red[q * Q3G_TILE_N + (lane >> 2)] = acc[0][0];
+			red[q * Q3G_TILE_N + (lane >> 2) + 8] = acc[0][2];
+		}
+	}
+	/* the consumers alone: named barrier 1 (the producer's warp has returned) */
+	asm volatile("bar.sync 1, %0;\n" ::"n"(DN_CWARPS * 32) : "memory");
+	for (int i = threadIdx.x; i < nr * Q3G_TILE_N; i += DN_CWARPS * 32) {
+		const int r = i / Q3G_TILE_N, row = tile * Q3G_TILE_N + i % Q3G_TILE_N;
+		float v = 0.0f;
+
+		for (int s = 0; s < S; s++) /* slot order: the same sum at any batch size */
+			v += red[(r * S + s) * Q3G_TILE_N + i % Q3G_TILE_N];
+		if (row < L.H)
+			L.h[(size_t)(r0 + r) * L.H + row] += v;
+	}
+#endif
+}
+
+typedef void (*moe_down_fn)(const down_launch);
+
+static moe_down_fn down_kernel_for(int fr, int fs)
+{
+	static const moe_down_fn t[3][3] = Q3G_FMT_PAIRS(moe_down_kernel);
+
+	return t[fr][fs];
+}
+
+static uint32_t chunk_bytes(int fmt)
+{
+	return fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
+}
+
+static uint32_t align128(size_t n)
+{
+	return (uint32_t)((n + 127) & ~(size_t)127);
+}
+
+static bool aligned16(const void *p)
+{
+	return !((uintptr_t)p & 15);
+}
+
+/* Whether the producer can bulk-copy m's tiles (16-byte pieces, 16-byte aligned). */
+static bool tiles_copyable(const struct q3g_mat *m)
+{
+	return aligned16(m->data) && !(m->data_stride & 15) &&
+	       (m->fmt == Q3G_F16 || (aligned16(m->scales) && aligned16(m->zeros) && !(m->sz_stride & 3))) &&
+	       (!m->perm || (aligned16(m->perm) && !(m->perm_stride & 7)));
+}
+
+static struct down_tile tile_of(const struct q3g_mat *m)
+{
+	struct down_tile d;
+
+	d.wb = (uint32_t)m->nchunks * chunk_bytes(m->fmt);
+	d.sb = m->fmt == Q3G_F16 ? 0 : (uint32_t)m->ngroups * Q3G_TILE_N * 4;
+	d.bytes = d.wb + (m->zeros ? 2 : 1) * d.sb;
+	return d;
+}
+
+bool q3g_moe_down_force_regs;
+
+extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w,
+			    const struct q3g_mat *down, const struct q3g_mat *sdown, int R, int k, int H, int ldgu,
+			    q3g_stream st, q3_err *e)
+{
+	down_launch L;
+	size_t fixed;
+
+	if (k < 1 || k > Q3G_ROUTER_MAX_K)
+		return q3_errf(e, -EINVAL, "moe down: %d experts per token (up to %d)", k, Q3G_ROUTER_MAX_K);
+	if (down->N != H || sdown->N != H || down->ntiles != sdown->ntiles)
+		return q3_errf(e, -EINVAL, "moe down: output rows %d / %d, hidden %d", down->N, sdown->N, H);
+	if (2 * Q3_MAX(down->K, sdown->K) > ldgu || (ldgu & 1))
+		return q3_errf(e, -EINVAL, "moe down: activations of %d / %d inputs in rows of %d", down->K, sdown->K, ldgu);
+	if (R < 1)
+		return 0;
+	if (q3g_dev.cc < 90 || q3g_moe_down_force_regs || !tiles_copyable(down) || !tiles_copyable(sdown))
+		return q3g_moe_down_regs(h, gu, idx, w, down, sdown, R, k, H, ldgu, (cudaStream_t)st, e);
+	memset(&L, 0, sizeof(L));
+	L.mat[0] = *down;
+	L.mat[1] = *sdown;
+	L.gu = gu;
+	L.idx = idx;
+	L.w = w;
+	L.h = h;
+	L.k = k;
+	L.H = H;
+	L.ldgu = ldgu;
+	L.R = R;
+	L.dt[0] = tile_of(down);
+	L.dt[1] = tile_of(sdown);
+	const int S = k + 1, nch = Q3_MAX(down->nchunks, sdown->nchunks);
+
+	L.stage = align128(L.dt[0].bytes);
+	L.o_sx = align128(2 * DN_MAX_STAGES * 8 + 8);
+	L.o_red = L.o_sx + align128((size_t)DN_ROWS * S * 8);
+	L.o_aw = L.o_red + align128((size_t)DN_ROWS * S * Q3G_TILE_N * 4);
+	L.o_sh = L.o_aw + align128((size_t)DN_CWARPS * nch * 32 * 4);
+	L.o_ring = L.o_sh + align128(L.dt[1].bytes);
+	fixed = L.o_ring;
+	L.nst = fixed + 2 * (size_t)L.stage <= q3g_dev.smem_dyn
+			? (int)Q3_MIN((size_t)DN_MAX_STAGES, (q3g_dev.smem_dyn - fixed) / L.stage)
+			: 0;
+	L.ncw = Q3_MIN(DN_CWARPS, L.nst);
+	if (L.ncw)
+		L.nst -= L.nst % L.ncw;
+	if (L.nst < 2) /* tiles too large for two stages: the kernel without them */
+		return q3g_moe_down_regs(h, gu, idx, w, down, sdown, R, k, H, ldgu, (cudaStream_t)st, e);
+	CUDA_CHECK(e, q3g_launch(down_kernel_for(down->fmt, sdown->fmt), dim3(down->ntiles, cdiv(R, DN_ROWS)), DN_THREADS,
+				 fixed + (size_t)L.nst * L.stage, (cudaStream_t)st, L));
+	return 0;
+}
+
+int q3g_moe_down_init(q3_err *e)
+{
+	int err;
+
+	for (int fr = 0; fr < 3; fr++)
+		for (int fs = 0; fs < 3; fs++)
+			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs), "moe_down_kernel", e)))
+				return err;
+	return q3g_moe_down_regs_init(e);
+}
