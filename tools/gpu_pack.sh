@@ -10,6 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${GPU_PACK_ARCH:--gencode arch=compute_90,code=sm_90}
 JOBS=${JOBS:-2}
+# what the programs are built from: HEAD, the changes to it, the untracked files.  make goes by
+# times: a source edited while its object was compiling looked up to date afterwards, and a pack
+# of the old kernel once passed for the new one.  So the changed files are touched first (their
+# objects are rebuilt), and a tree that changed during the build fails the pack.
+tree_stamp() { { git rev-parse HEAD; git diff HEAD; git ls-files -o --exclude-standard | xargs -r cat; } | sha1sum; }
+{ git diff --name-only HEAD; git ls-files -o --exclude-standard; } | xargs -r touch -c
+STAMP=$(tree_stamp)
 make -j"$JOBS" BUILD=build/sm90 CUDA_ARCH="$ARCH" build/sm90/qwen3d \
 	build/sm90/tests/gpu/test_ops build/sm90/tests/gpu/test_model build/sm90/tests/gpu/bench_kernels \
 	build/sm90/tests/gpu/test_offload build/sm90/tests/test_cpu_expert build/sm90/tests/test_cpu_moe \
@@ -29,7 +36,14 @@ done
 for f in build/gpu/*; do
 	[ -f "$f" ] && [ -x "$f" ] && strip "$f"
 done
-git rev-parse --short HEAD > build/gpu/COMMIT 2>/dev/null || true
+if [ "$(tree_stamp)" != "$STAMP" ]; then
+	echo "gpu_pack: the tree changed while building: run it again" >&2
+	exit 1
+fi
+{
+	git rev-parse --short HEAD
+	git diff --quiet HEAD && [ -z "$(git ls-files -o --exclude-standard)" ] || echo "with uncommitted changes"
+} | paste -sd' ' > build/gpu/COMMIT
 XZ_OPT=-9 tar cJf build/gpu.tar.xz -C build gpu
 du -sh build/gpu build/gpu.tar.xz
 echo "carry build/gpu.tar.xz; on the GPU machine: bash tools/gpu_session.sh"

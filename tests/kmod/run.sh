@@ -104,7 +104,10 @@ modules_for() {
 build_module() { # ABI OUT
 	local src=$WORK/$1/kmod log=$WORK/$1/kmod-build.log
 	rm -rf "$src" && mkdir -p "$src" && cp kmod/*.c kmod/*.h kmod/Kbuild kmod/Makefile "$src/"
-	if ! make -C "$KROOT/usr/src/linux-headers-$1" M="$src" KCFLAGS=-Werror modules >"$log" 2>&1; then
+	# no BTF for the module: Debian's 6.12 headers ask pahole (dwarves) for it, which a fresh
+	# Debian 12 lacks, and the test loads the module without it
+	if ! make -C "$KROOT/usr/src/linux-headers-$1" M="$src" KCFLAGS=-Werror CONFIG_DEBUG_INFO_BTF_MODULES= \
+		modules >"$log" 2>&1; then
 		cat "$log"
 		die "$1: the module does not build"
 	fi
