@@ -168,6 +168,13 @@ static __device__ __forceinline__ float dev_silu(float x)
 	return x / (1.0f + __expf(-x));
 }
 
+/* silu with the fast division (two instructions, not an IEEE division's ten: the experts' down
+ * projections run it for every activation); 0 where exp(-x) overflows, as the limit is. */
+static __device__ __forceinline__ float silu_fast(float x)
+{
+	return __fdividef(x, 1.0f + __expf(-x));
+}
+
 /* d += a * b: one m16n8k16 tensor-core product, fp16 inputs, fp32 accumulators.
  * a: 4 words (rows g, g+8 x k pairs 2t, 2t+8), b: 2 words (k pairs 2t, 2t+8 of token g),
  * d: rows g, g+8 x tokens 2t, 2t+1 (g = lane / 4, t = lane % 4). */

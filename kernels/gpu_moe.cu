@@ -9,12 +9,8 @@
  *                    argmax where they are too many), renormalization; slot k = the shared expert.
  *   q3g_moe_up       block (pairs of one row, row tiles of gate or up): each pair's expert's gate
  *                    and up projections of the row, fp32 [P][2][Imax]; the row staged once.
- *   q3g_moe_down     block (output row tile, up to 16 rows): each warp takes the same (slot,
- *                    chunk) items of every row, reads silu(gate) ⊙ up for them straight from
- *                    [P][2][Imax] (through the down matrix's act-order permutation) into its
- *                    B fragments, runs the down projections scaled by the routing weights (the
- *                    shared expert's is sigmoid of its gate), and the block adds the warps' sums
- *                    to the residual stream in a fixed order: deterministic, no atomics.
+ *   q3g_moe_down     gpu_moe_down.cu (sm_90: expert tiles bulk-copied into a shared-memory
+ *                    ring), gpu_moe_down_regs.cu (before sm_90: through registers).
  */
 #include <cublas_v2.h>
 

@@ -116,13 +116,6 @@ static __device__ __forceinline__ void copy_tile(uint8_t *dst, const struct q3g_
 	}
 }
 
-/* silu with the fast division (two instructions, not an IEEE division's ten); 0 where exp(-x)
- * overflows, as the limit is. */
-static __device__ __forceinline__ float silu_fast(float x)
-{
-	return __fdividef(x, 1.0f + __expf(-x));
-}
-
 /* The pair's activations silu(gate) ⊙ up in fp16, as the B fragments want them: word (c, st, t,
  * half) of aw holds the inputs 16st + 2t + 8·half (+1) of chunk c, so that a lane of column t reads
  * its two words of a k-step as one uint2.  Inputs through the act-order permutation (positions

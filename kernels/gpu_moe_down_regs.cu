@@ -25,13 +25,6 @@ struct moe_down_launch {
 #define DOWN_WARPS (DOWN_THREADS / 32)
 #define DOWN_ROWS Q3G_MMV_MAX_TOK
 
-/* silu with the fast division (two instructions, not an IEEE division's ten: this runs for every
- * activation of every item); 0 where exp(-x) overflows, as the limit is. */
-static __device__ __forceinline__ float silu_fast(float x)
-{
-	return __fdividef(x, 1.0f + __expf(-x));
-}
-
 /* Lane l's two activations of a slot's chunk: silu(gate) ⊙ up at inputs kin, kin + 1 of the
  * chunk (kin = 64c + 2l), read through the act-order permutation, as one fp16x2 word (zeros past
  * K).  The mma's B fragment of k-step st is then lanes 8st + t and 8st + 4 + t of the warp. */
