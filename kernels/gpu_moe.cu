@@ -717,6 +717,13 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 			       q3g_dev.smem_dyn);
 	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
 		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
+	if (!xh) { /* the bulk-copy ring where it applies (opt-in: gpu_moe_up.cu) */
+		const struct q3g_mat *const mats[4] = { gate, up, sgate, sup };
+		int err = q3g_moe_up_bulk_run(gu, x, idx, mats, R, k, H, ldgu, (cudaStream_t)st, e);
+
+		if (err <= 0)
+			return err;
+	}
 	/* routed pairs a block: about four waves of blocks (three resident an SM), so that a large
 	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
 	 * with a pair a block); one where the grid is small anyway */
@@ -755,5 +762,7 @@ int q3g_moe_init(q3_err *e)
 		for (int fs = 0; fs < 3; fs++)
 			if ((err = q3g_allow_dyn_smem(up_kernel_for(fr, fs), "moe_up_kernel", e)))
 				return err;
+	if ((err = q3g_moe_up_bulk_init(e)))
+		return err;
 	return q3g_moe_down_init(e);
 }

@@ -23,23 +23,16 @@
  * added in slot order: results do not depend on the batch (test_ops checks row 0 at R = 1, 7, 16).
  */
 #include "gpu_internal.h"
-#include "mma_frag.cuh"
+#include "bulk.cuh"
 
 #define DN_CWARPS 16			/* consumer warps */
 #define DN_THREADS ((DN_CWARPS + 1) * 32) /* and the producer's warp */
 #define DN_ROWS Q3G_MMV_MAX_TOK		/* batch rows a block */
 #define DN_MAX_STAGES 32
 
-/* A tile of one matrix (0 routed, 1 shared) as the producer copies it: weights, then scales and
- * zero points. */
-struct down_tile {
-	uint32_t wb, sb; /* a tile's weight bytes, scale bytes (zero points: as many again) */
-	uint32_t bytes;	 /* all of it */
-};
-
 struct down_launch {
 	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
-	struct down_tile dt[2];
+	struct bulk_tile dt[2];
 	const float *gu;
 	const int *idx;
 	const float *w;
@@ -51,71 +44,7 @@ struct down_launch {
 	uint32_t o_sx, o_red, o_aw, o_sh, o_ring; /* offsets in dynamic shared memory */
 };
 
-/* ---- mbarriers and bulk copies (sm_90) ------------------------------------------------------ */
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-static __device__ __forceinline__ uint32_t smem_u32(const void *p)
-{
-	return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-static __device__ __forceinline__ void bar_init(uint64_t *b, int count)
-{
-	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
-}
-
-static __device__ __forceinline__ void bar_arrive(uint64_t *b)
-{
-	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(b)) : "memory");
-}
-
-/* Arrives on b and adds bytes to the transfer count its phase waits for. */
-static __device__ __forceinline__ void bar_expect(uint64_t *b, uint32_t bytes)
-{
-	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(b)),
-		     "r"(bytes)
-		     : "memory");
-}
-
-/* Waits for the phase of the given parity to complete (try_wait: the hardware suspends the warp
- * for a while rather than spinning on the issue slots the others need). */
-static __device__ __forceinline__ void bar_wait(uint64_t *b, uint32_t parity)
-{
-	uint32_t done;
-
-	do {
-		asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-			     " selp.u32 %0, 1, 0, p;\n}\n"
-			     : "=r"(done)
-			     : "r"(smem_u32(b)), "r"(parity)
-			     : "memory");
-	} while (!done);
-}
-
-/* n bytes (a multiple of 16, both ends 16-byte aligned) from g to s, counted into bar. */
-static __device__ __forceinline__ void bulk_copy(void *s, const void *g, uint32_t n, uint64_t *bar)
-{
-	asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-			     smem_u32(s)),
-		     "l"(g), "r"(n), "r"(smem_u32(bar))
-		     : "memory");
-}
-
-/* The producer: expert mi's tile of m (weights, scales, zero points) into dst, counted into bar. */
-static __device__ __forceinline__ void copy_tile(uint8_t *dst, const struct q3g_mat &m, const struct down_tile &d,
-						 int mi, uint64_t *bar)
-{
-	const size_t so = (size_t)mi * m.sz_stride + (size_t)blockIdx.x * m.ngroups * Q3G_TILE_N;
-
-	bar_expect(bar, d.bytes);
-	bulk_copy(dst, (const uint8_t *)m.data + (size_t)mi * m.data_stride + (size_t)blockIdx.x * d.wb, d.wb, bar);
-	if (d.sb) {
-		bulk_copy(dst + d.wb, m.scales + so, d.sb, bar);
-		if (m.zeros)
-			bulk_copy(dst + d.wb + d.sb, m.zeros + so, d.sb, bar);
-	}
-}
-
 /* The pair's activations silu(gate) ⊙ up in fp16, as the B fragments want them: word (c, st, t,
  * half) of aw holds the inputs 16st + 2t + 8·half (+1) of chunk c, so that a lane of column t reads
  * its two words of a k-step as one uint2.  Inputs through the act-order permutation (positions
@@ -124,7 +53,7 @@ static __device__ __forceinline__ void copy_tile(uint8_t *dst, const struct q3g_
 static __device__ __forceinline__ void stage_act(uint32_t *aw, const float *gate, const float *up,
 						 const uint16_t *perm, int K, int nch)
 {
-	const int lane = threadIdx.x & 31, slot = (lane >> 3) * 8 + (lane & 3) * 2 + ((lane >> 2) & 1);
+	const int lane = threadIdx.x & 31, slot = aw_slot(lane);
 	const bool vec = !perm && !((uintptr_t)gate & 7) && !((uintptr_t)up & 7);
 
 	for (int c0 = 0; c0 < nch; c0 += 8) {
@@ -157,55 +86,6 @@ static __device__ __forceinline__ void stage_act(uint32_t *aw, const float *gate
 	}
 }
 
-/* One pair: the tile (weights at t, scales and zeros at sc) against the staged activations aw,
- * every group's partial sum times its scale times wt into acc (token column 0: lanes t = 0 hold
- * rows g and g + 8 in acc[0] and acc[2]). */
-template <int FMT>
-static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const uint8_t *t, const float *sc,
-						 const uint32_t *aw, float wt, float acc[1][4])
-{
-	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB;
-	const int lane = threadIdx.x & 31, g = lane >> 2, zo = m.ngroups * Q3G_TILE_N;
-	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
-	float s0 = 1.0f, s1 = 1.0f;
-	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
-	int grp = 0, gleft = m.gsteps;
-
-	if (FMT != Q3G_F16) {
-		s0 = sc[g], s1 = sc[g + 8];
-		if (m.zeros)
-			zc = make_zconst<FMT>(sc[zo + g], sc[zo + g + 8]);
-	}
-	for (int c = 0; c < m.nchunks; c++) {
-		uint4 w[LPC];
-
-#pragma unroll
-		for (int q = 0; q < LPC; q++)
-			w[q] = *(const uint4 *)(t + c * CB + q * 512 + lane * 16);
-#pragma unroll
-		for (int st = 0; st < 4; st++) {
-			uint32_t a[4], b[2];
-			const uint2 bv = *(const uint2 *)(aw + c * 32 + st * 8 + (lane & 3) * 2);
-
-			a_frag<FMT>(w, st, zc, a);
-			b[0] = bv.x; /* every token column reads column 0's words: only column 0 is kept */
-			b[1] = bv.y;
-			mma_f16(accg[0], a, b);
-			if (FMT != Q3G_F16 && --gleft == 0) {
-				flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
-				gleft = m.gsteps;
-				if (++grp < m.ngroups) {
-					const int i = grp * Q3G_TILE_N + g;
-
-					s0 = sc[i], s1 = sc[i + 8];
-					if (m.zeros)
-						zc = make_zconst<FMT>(sc[zo + i], sc[zo + i + 8]);
-				}
-			}
-		}
-	}
-	flush_group<1>(acc, accg, s0 * wt, s1 * wt, false);
-}
 #endif
 
 /* FR: the routed experts' weight format, FS: the shared expert's.  Pair (row r, slot s) is pair
@@ -225,14 +105,8 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	uint8_t *shared_tile = sm + L.o_sh, *ring = sm + L.o_ring;
 
 	pdl_trigger();
-	if (threadIdx.x == 0) {
-		for (int i = 0; i < L.nst; i++) {
-			bar_init(&full[i], 1);
-			bar_init(&empty[i], 1);
-		}
-		bar_init(shb, 1);
-		asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* seen by the copy engine */
-	}
+	if (threadIdx.x == 0)
+		ring_init(full, empty, L.nst, shb);
 	pdl_wait();
 	for (int i = threadIdx.x; i < np; i += blockDim.x) {
 		sx[i] = L.idx[(size_t)r0 * S + i];
@@ -241,7 +115,8 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	__syncthreads();
 	if (warp == DN_CWARPS) { /* the producer: one thread */
 		if (lane == 0) {
-			copy_tile(shared_tile, L.mat[1], L.dt[1], 0, shb);
+			bar_expect(shb, L.dt[1].bytes);
+			copy_tile(shared_tile, L.mat[1], L.dt[1], 0, tile, shb);
 			for (int q = 0; q < np; q++) {
 				const int st = q % L.nst, ex = sx[q];
 
@@ -249,8 +124,10 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 					bar_wait(&empty[st], (q / L.nst - 1) & 1);
 				if (q % S == k || ex == Q3G_SKIP) /* the shared tile is there already */
 					bar_arrive(&full[st]);
-				else
-					copy_tile(ring + (size_t)st * L.stage, L.mat[0], L.dt[0], ex, &full[st]);
+				else {
+					bar_expect(&full[st], L.dt[0].bytes);
+					copy_tile(ring + (size_t)st * L.stage, L.mat[0], L.dt[0], ex, tile, &full[st]);
+				}
 			}
 		}
 		return; /* the bulk copies complete into the barriers: no one waits for this warp */
@@ -316,39 +193,6 @@ static moe_down_fn down_kernel_for(int fr, int fs)
 	return t[fr][fs];
 }
 
-static uint32_t chunk_bytes(int fmt)
-{
-	return fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
-}
-
-static uint32_t align128(size_t n)
-{
-	return (uint32_t)((n + 127) & ~(size_t)127);
-}
-
-static bool aligned16(const void *p)
-{
-	return !((uintptr_t)p & 15);
-}
-
-/* Whether the producer can bulk-copy m's tiles (16-byte pieces, 16-byte aligned). */
-static bool tiles_copyable(const struct q3g_mat *m)
-{
-	return aligned16(m->data) && !(m->data_stride & 15) &&
-	       (m->fmt == Q3G_F16 || (aligned16(m->scales) && aligned16(m->zeros) && !(m->sz_stride & 3))) &&
-	       (!m->perm || (aligned16(m->perm) && !(m->perm_stride & 7)));
-}
-
-static struct down_tile tile_of(const struct q3g_mat *m)
-{
-	struct down_tile d;
-
-	d.wb = (uint32_t)m->nchunks * chunk_bytes(m->fmt);
-	d.sb = m->fmt == Q3G_F16 ? 0 : (uint32_t)m->ngroups * Q3G_TILE_N * 4;
-	d.bytes = d.wb + (m->zeros ? 2 : 1) * d.sb;
-	return d;
-}
-
 bool q3g_moe_down_force_regs;
 
 extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w,
@@ -379,8 +223,8 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	L.H = H;
 	L.ldgu = ldgu;
 	L.R = R;
-	L.dt[0] = tile_of(down);
-	L.dt[1] = tile_of(sdown);
+	L.dt[0] = bulk_tile_of(down);
+	L.dt[1] = bulk_tile_of(sdown);
 	const int S = k + 1, nch = Q3_MAX(down->nchunks, sdown->nchunks);
 
 	L.stage = align128(L.dt[0].bytes);

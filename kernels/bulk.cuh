@@ -1,0 +1,184 @@
+/* bulk.cuh - streaming weight tiles into shared memory on sm_90: mbarriers, bulk copies
+ * (cp.async.bulk: the SM's copy engine moves the bytes and counts them into an mbarrier), and the
+ * k-steps of one 16-row tile in shared memory against one token's activations.  Used by the
+ * decode experts' kernels (gpu_moe_down.cu, gpu_moe_up.cu).
+ *
+ * A ring's stage has two barriers: full (the producer's arrive.expect_tx, then its copies' bytes)
+ * and empty (the consumer's release).  A parity wait cannot tell phase n from phase n - 2, so a
+ * stage must belong to one consumer, which waits for phase n only after it consumed phase n - 1.
+ */
+#pragma once
+#include "mma_frag.cuh"
+
+/* A tile of a matrix as a producer copies it: its weights, then its scales and zero points. */
+struct bulk_tile {
+	uint32_t wb, sb; /* weight bytes, scale bytes (zero points: as many again) */
+	uint32_t bytes;	 /* all of it */
+};
+
+static inline uint32_t chunk_bytes(int fmt)
+{
+	return fmt == Q3G_Q4 ? Q3G_CHUNK_BYTES_Q4 : fmt == Q3G_Q8 ? Q3G_CHUNK_BYTES_Q8 : Q3G_CHUNK_BYTES_F16;
+}
+
+static inline uint32_t align128(size_t n)
+{
+	return (uint32_t)((n + 127) & ~(size_t)127);
+}
+
+static inline bool aligned16(const void *p)
+{
+	return !((uintptr_t)p & 15);
+}
+
+/* Whether the producer can bulk-copy m's tiles (16-byte pieces, 16-byte aligned). */
+static inline bool tiles_copyable(const struct q3g_mat *m)
+{
+	return aligned16(m->data) && !(m->data_stride & 15) &&
+	       (m->fmt == Q3G_F16 || (aligned16(m->scales) && aligned16(m->zeros) && !(m->sz_stride & 3))) &&
+	       (!m->perm || (aligned16(m->perm) && !(m->perm_stride & 7)));
+}
+
+static inline struct bulk_tile bulk_tile_of(const struct q3g_mat *m)
+{
+	struct bulk_tile d;
+
+	d.wb = (uint32_t)m->nchunks * chunk_bytes(m->fmt);
+	d.sb = m->fmt == Q3G_F16 ? 0 : (uint32_t)m->ngroups * Q3G_TILE_N * 4;
+	d.bytes = d.wb + (m->zeros ? 2 : 1) * d.sb;
+	return d;
+}
+
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+static __device__ __forceinline__ uint32_t smem_u32(const void *p)
+{
+	return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void bar_init(uint64_t *b, int count)
+{
+	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+
+static __device__ __forceinline__ void bar_arrive(uint64_t *b)
+{
+	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(b)) : "memory");
+}
+
+/* Arrives on b and adds bytes to the transfer count its phase waits for. */
+static __device__ __forceinline__ void bar_expect(uint64_t *b, uint32_t bytes)
+{
+	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(b)),
+		     "r"(bytes)
+		     : "memory");
+}
+
+/* Waits for the phase of the given parity to complete (try_wait: the hardware suspends the warp
+ * for a while rather than spinning on the issue slots the others need). */
+static __device__ __forceinline__ void bar_wait(uint64_t *b, uint32_t parity)
+{
+	uint32_t done;
+
+	do {
+		asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+			     " selp.u32 %0, 1, 0, p;\n}\n"
+			     : "=r"(done)
+			     : "r"(smem_u32(b)), "r"(parity)
+			     : "memory");
+	} while (!done);
+}
+
+/* n bytes (a multiple of 16, both ends 16-byte aligned) from g to s, counted into bar. */
+static __device__ __forceinline__ void bulk_copy(void *s, const void *g, uint32_t n, uint64_t *bar)
+{
+	asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+			     smem_u32(s)),
+		     "l"(g), "r"(n), "r"(smem_u32(bar))
+		     : "memory");
+}
+
+/* A ring of nst stages (full and empty barriers, one arrival each) and the one-off barrier one;
+ * a single thread calls it, a barrier of the block follows before any use. */
+static __device__ __forceinline__ void ring_init(uint64_t *full, uint64_t *empty, int nst, uint64_t *one)
+{
+	for (int i = 0; i < nst; i++) {
+		bar_init(&full[i], 1);
+		bar_init(&empty[i], 1);
+	}
+	bar_init(one, 1);
+	asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* seen by the copy engine */
+}
+
+/* Expert mi's tile `tile` of m (weights, scales, zero points) into dst, counted into bar (the
+ * caller's bar_expect covers d.bytes). */
+static __device__ __forceinline__ void copy_tile(uint8_t *dst, const struct q3g_mat &m, const struct bulk_tile &d,
+						 int mi, int tile, uint64_t *bar)
+{
+	const size_t so = (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N;
+
+	bulk_copy(dst, (const uint8_t *)m.data + (size_t)mi * m.data_stride + (size_t)tile * d.wb, d.wb, bar);
+	if (d.sb) {
+		bulk_copy(dst + d.wb, m.scales + so, d.sb, bar);
+		if (m.zeros)
+			bulk_copy(dst + d.wb + d.sb, m.zeros + so, d.sb, bar);
+	}
+}
+
+/* One pair: the tile (weights at t, scales and zeros at sc) against the staged activations aw,
+ * every group's partial sum times its scale times wt into acc (token column 0: lanes t = 0 hold
+ * rows g and g + 8 in acc[0] and acc[2]). */
+template <int FMT>
+static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const uint8_t *t, const float *sc,
+						 const uint32_t *aw, float wt, float acc[1][4])
+{
+	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB;
+	const int lane = threadIdx.x & 31, g = lane >> 2, zo = m.ngroups * Q3G_TILE_N;
+	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+	float s0 = 1.0f, s1 = 1.0f;
+	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
+	int grp = 0, gleft = m.gsteps;
+
+	if (FMT != Q3G_F16) {
+		s0 = sc[g], s1 = sc[g + 8];
+		if (m.zeros)
+			zc = make_zconst<FMT>(sc[zo + g], sc[zo + g + 8]);
+	}
+	for (int c = 0; c < m.nchunks; c++) {
+		uint4 w[LPC];
+
+#pragma unroll
+		for (int q = 0; q < LPC; q++)
+			w[q] = *(const uint4 *)(t + c * CB + q * 512 + lane * 16);
+#pragma unroll
+		for (int st = 0; st < 4; st++) {
+			uint32_t a[4], b[2];
+			const uint2 bv = *(const uint2 *)(aw + c * 32 + st * 8 + (lane & 3) * 2);
+
+			a_frag<FMT>(w, st, zc, a);
+			b[0] = bv.x; /* every token column reads column 0's words: only column 0 is kept */
+			b[1] = bv.y;
+			mma_f16(accg[0], a, b);
+			if (FMT != Q3G_F16 && --gleft == 0) {
+				flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
+				gleft = m.gsteps;
+				if (++grp < m.ngroups) {
+					const int i = grp * Q3G_TILE_N + g;
+
+					s0 = sc[i], s1 = sc[i + 8];
+					if (m.zeros)
+						zc = make_zconst<FMT>(sc[zo + i], sc[zo + i + 8]);
+				}
+			}
+		}
+	}
+	flush_group<1>(acc, accg, s0 * wt, s1 * wt, false);
+}
+#endif
+
+/* The word of aw that lane `lane` fills for its inputs 2·lane, 2·lane + 1 of a chunk (pair_tile's
+ * order: chunk c's words at 32c). */
+static __device__ __forceinline__ int aw_slot(int lane)
+{
+	return (lane >> 3) * 8 + (lane & 3) * 2 + ((lane >> 2) & 1);
+}
