@@ -1,7 +1,7 @@
 /* bulk.cuh - streaming weight tiles into shared memory on sm_90: mbarriers, bulk copies
  * (cp.async.bulk: the SM's copy engine moves the bytes and counts them into an mbarrier), and the
  * k-steps of one 16-row tile in shared memory against one token's activations.  Used by the
- * decode experts' kernels (gpu_moe_down.cu, gpu_moe_up.cu).
+ * decode experts' down projection (gpu_moe_down.cu).
  *
  * A ring's stage has two barriers: full (the producer's arrive.expect_tx, then its copies' bytes)
  * and empty (the consumer's release).  A parity wait cannot tell phase n from phase n - 2, so a

@@ -262,25 +262,41 @@ template <int N> static __device__ __forceinline__ void cp_async_wait(void)
 /* Whether q3g_launch asks for programmatic dependent launch (set by q3g_init). */
 extern bool q3g_pdl;
 
-/* kernel<<<grid, block, smem, st>>>(args...), with programmatic stream serialization when q3g_pdl. */
+/* kernel<<<grid, block, smem, st>>>(args...) in clusters of the given shape (sm_90: (1, 1, 1) is
+ * none), with programmatic stream serialization when q3g_pdl. */
 template <typename... KArgs, typename... Args>
-static cudaError_t q3g_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
-			      Args &&...args)
+static cudaError_t q3g_launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+				      dim3 cluster, Args &&...args)
 {
 	cudaLaunchConfig_t cfg = {};
-	cudaLaunchAttribute attr[1];
+	cudaLaunchAttribute attr[2];
 
 	cfg.gridDim = grid;
 	cfg.blockDim = block;
 	cfg.dynamicSmemBytes = smem;
 	cfg.stream = st;
+	cfg.attrs = attr;
+	if (cluster.x * cluster.y * cluster.z > 1) {
+		attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+		attr[cfg.numAttrs].val.clusterDim.x = cluster.x;
+		attr[cfg.numAttrs].val.clusterDim.y = cluster.y;
+		attr[cfg.numAttrs].val.clusterDim.z = cluster.z;
+		cfg.numAttrs++;
+	}
 	if (q3g_pdl && st) { /* not on the legacy default stream */
-		attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-		attr[0].val.programmaticStreamSerializationAllowed = 1;
-		cfg.attrs = attr;
-		cfg.numAttrs = 1;
+		attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+		attr[cfg.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+		cfg.numAttrs++;
 	}
 	return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
+/* kernel<<<grid, block, smem, st>>>(args...), with programmatic stream serialization when q3g_pdl. */
+template <typename... KArgs, typename... Args>
+static cudaError_t q3g_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+			      Args &&...args)
+{
+	return q3g_launch_cluster(kernel, grid, block, smem, st, dim3(1, 1, 1), static_cast<Args &&>(args)...);
 }
 
 static __host__ __device__ __forceinline__ int cdiv(int a, int b)

@@ -285,9 +285,6 @@ int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w, cons
 		 struct q3_err *e);
 /* Tests only: q3g_moe_down runs the kernel it uses before sm_90 on every device. */
 extern bool q3g_moe_down_force_regs;
-/* q3g_moe_up through bulk-copied tiles on sm_90 (gpu_moe_up.cu): set by QWEN3D_UP_BULK=1 at
- * q3g_init, or by tests.  Off by default until measured against gpu_moe.cu's kernel. */
-extern bool q3g_moe_up_bulk;
 
 /* Routed experts read straight from host memory (mapped pinned pages, over PCIe) in their raw
  * GPTQ layout, for decode with experts beyond VRAM (gpu_moe_host.cu).  Row r's picks: of the m

@@ -38,6 +38,7 @@ extern "C" int q3g_init(q3_err *e)
 	q3g_dev.smem_optin = (size_t)optin;
 	q3g_dev.smem_dyn = (size_t)optin - Q3G_SMEM_STATIC_MAX;
 	q3g_dev.l2 = (size_t)prop.l2CacheSize;
+	q3g_dev.clusters = q3g_dev.cc >= 90 && !getenv("QWEN3D_NO_CLUSTERS");
 	if (q3g_dev.cc < 80)
 		return q3_errf(e, -ENOTSUP, "device %d (%s): compute capability %d.%d, the kernels need 8.0 or newer",
 			       dev, prop.name, prop.major, prop.minor);

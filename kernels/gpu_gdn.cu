@@ -471,25 +471,9 @@ static int launch_decode(const delta_args &A, int nseq, cudaStream_t st, q3_err 
 {
 	const int warps = A.Dv / Q3G_DELTA_CPW;
 
-	if (q3g_dev.cc >= 90 && warps % DELTA_CLUSTER == 0 && !getenv("QWEN3D_NO_CLUSTERS")) {
-		cudaLaunchConfig_t cfg = {};
-		cudaLaunchAttribute attr[2];
-
-		cfg.gridDim = dim3(nseq, A.Nv, DELTA_CLUSTER);
-		cfg.blockDim = dim3(32 * warps / DELTA_CLUSTER);
-		cfg.stream = st;
-		attr[0].id = cudaLaunchAttributeClusterDimension;
-		attr[0].val.clusterDim.x = 1;
-		attr[0].val.clusterDim.y = 1;
-		attr[0].val.clusterDim.z = DELTA_CLUSTER;
-		cfg.attrs = attr;
-		cfg.numAttrs = 1;
-		if (q3g_pdl) {
-			attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-			attr[1].val.programmaticStreamSerializationAllowed = 1;
-			cfg.numAttrs = 2;
-		}
-		CUDA_CHECK(e, cudaLaunchKernelEx(&cfg, delta_decode_for<DELTA_CLUSTER>(A.Dk), A));
+	if (q3g_dev.clusters && warps % DELTA_CLUSTER == 0) {
+		CUDA_CHECK(e, q3g_launch_cluster(delta_decode_for<DELTA_CLUSTER>(A.Dk), dim3(nseq, A.Nv, DELTA_CLUSTER),
+						 dim3(32 * warps / DELTA_CLUSTER), 0, st, dim3(1, 1, DELTA_CLUSTER), A));
 		return 0;
 	}
 	CUDA_CHECK(e, q3g_launch(delta_decode_for<1>(A.Dk), dim3(nseq, A.Nv), dim3(32 * warps), 0, st, A));

@@ -12,6 +12,7 @@ struct q3g_device {
 	size_t smem_dyn;   /* dynamic shared memory the kernels here may ask for: the opt-in limit
 			    * less Q3G_SMEM_STATIC_MAX for their own static __shared__ arrays */
 	size_t l2;
+	bool clusters;	   /* thread-block clusters: sm_90 and newer, unless QWEN3D_NO_CLUSTERS is set */
 };
 
 extern struct q3g_device q3g_dev;
@@ -48,9 +49,5 @@ int q3g_moe_down_init(q3_err *e); /* gpu_moe_down.cu, called by q3g_moe_init */
 int q3g_moe_down_regs(float *h, const float *gu, const int *idx, const float *w, const struct q3g_mat *down,
 		      const struct q3g_mat *sdown, int R, int k, int H, int ldgu, cudaStream_t st, q3_err *e);
 int q3g_moe_down_regs_init(q3_err *e);
-/* gpu_moe_up.cu: q3g_moe_up through bulk-copied tiles (sm_90, opt-in); 1 where it does not apply */
-int q3g_moe_up_bulk_run(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *const m[4], int R, int k,
-			int H, int ldgu, cudaStream_t st, q3_err *e);
-int q3g_moe_up_bulk_init(q3_err *e);
 int q3g_mm_init(q3_err *e);
 int q3g_delta_init(q3_err *e);

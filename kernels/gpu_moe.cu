@@ -1,9 +1,9 @@
 /* gpu_moe.cu - the sparse MoE block of decode: router top-k, then the routed and shared experts
  * of every (row, slot) pair without a host round trip (the expert ids stay on the device).
  *
- *   q3g_router       the router and shared gate in fp32 from the residual stream (norm fused),
- *                    the top k by the last block to finish; optionally the normalized rows in
- *                    fp16 for the experts.
+ *   q3g_router       the router and shared gate in fp32 from the residual stream (norm fused;
+ *                    on sm_90 a tile's inputs split over a cluster of blocks), the top k by the
+ *                    last to finish; optionally the normalized rows in fp16 for the experts.
  *   q3g_router_topk  one warp per row: softmax over E logits (fp32), the top k ranked among the
  *                    few candidates at or above a bound (ties: the lower index; rounds of warp
  *                    argmax where they are too many), renormalization; slot k = the shared expert.
@@ -14,8 +14,12 @@
  */
 #include <cublas_v2.h>
 
+#include <cooperative_groups.h>
+
 #include "gpu_internal.h"
 #include "mma_frag.cuh"
+
+namespace cg = cooperative_groups;
 
 /* ---- router ----------------------------------------------------------------------------------- */
 
@@ -274,120 +278,110 @@ struct router_launch {
 	bool norm;
 };
 
-/* Block = one row tile of one matrix; its 16 warps split the chunks (two each at the real
- * shapes: the kernel is latency-bound, and 8 warps of four chunks in a row took 50% longer);
- * lane (g, t) sums rows g and g + 8 over its inputs of each k-step (the same 16-byte loads as the
+/* A block is one k-slice of one row tile of one matrix: on sm_90 the ROUTER_KS slices of a tile
+ * are a cluster of ROUTER_KS blocks, which add up their partial sums through distributed shared
+ * memory in rank order (33 blocks of one tile each left 99 SMs idle: 31 us at R = 16, issue-bound
+ * on the 33); before sm_90 a block owns a whole tile.  The block's warps split its k-steps; lane
+ * (g, t) sums rows g and g + 8 over its inputs of each k-step (the same 16-byte loads as the
  * matvec), for every row of x (MAXR at most: one token keeps one row of accumulators); the four
- * lanes of a row group and then the warps add up.  The same shape for every R: a row's logits
- * must not depend on its batch. */
-#define ROUTER_THREADS 512
-template <int MAXR>
-__global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid_constant__ router_launch L)
+ * lanes of a row group, then the warps, then the slices add up.  The same shape for every R: a
+ * row's logits must not depend on its batch.  Each block reads the whole rows for their norms
+ * (row_rsqrt's order, as q3g_add_rmsnorm: the same fp16 rows for the experts either way) and
+ * keeps its slice of x = h · rs · (1 + w) in shared memory. */
+#define ROUTER_KS 4
+static constexpr int router_threads(int ks)
 {
-	extern __shared__ float xsf[]; /* [R][H] normalized x, fp32; then [warps][32][2 MAXR] partials */
+	return ks > 1 ? 256 : 512; /* with clusters: two blocks an SM, so that 33 clusters of 4 fit */
+}
+
+template <int MAXR, int KS>
+__global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32_kernel(const __grid_constant__ router_launch L)
+{
+	extern __shared__ float xsf[]; /* [R][kn] the slice of x; then [warps][MAXR][16] partials */
 	__shared__ float rs[Q3G_MMV_MAX_TOK];
-	__shared__ bool last;
+	__shared__ float bsum[MAXR * Q3G_TILE_N]; /* the block's sums [r][row], for the cluster */
+	__shared__ int last;
 	pdl_trigger();
-	const int j = (int)blockIdx.x >= L.tiles0, tile = j ? blockIdx.x - L.tiles0 : blockIdx.x;
+	const int ks = (int)blockIdx.x % KS, bt = (int)blockIdx.x / KS, ntb = (int)gridDim.x / KS;
+	const int j = bt >= L.tiles0, tile = j ? bt - L.tiles0 : bt;
 	const struct q3g_mat &m = L.mat[j];
 	const int R = L.R, H = L.H, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	const int nw = blockDim.x >> 5;
-	const int per = cdiv(m.nchunks, nw), c0 = warp * per, c1 = min(m.nchunks, c0 + per);
+	/* the slice: k-steps [s0, s1) of the tile (16 inputs each), inputs [k0, k0 + kn) */
+	const int steps = 4 * m.nchunks, sper = cdiv(steps, KS), s0 = min(steps, ks * sper), s1 = min(steps, s0 + sper);
+	const int k0 = 16 * s0, kn = max(0, min(H, 16 * s1) - k0);
+	const int wper = cdiv(s1 - s0, nw), w0 = min(s1, s0 + warp * wper), w1 = min(s1, w0 + wper);
 	float acc[MAXR][2];
 
 	const uint8_t *base = (const uint8_t *)m.data + (size_t)tile * m.nchunks * Q3G_CHUNK_BYTES_F16 + lane * 16;
-	/* the weights do not depend on the previous kernel: the warp's first RPRE chunks into
+	/* k-step st's 16 bytes of this lane: chunk st / 4, 512 bytes a step within it */
+	auto wload = [&](int st) {
+		return ldg_stream(base + (size_t)(st >> 2) * Q3G_CHUNK_BYTES_F16 + (st & 3) * 512);
+	};
+	/* the weights do not depend on the previous kernel: the warp's first RPRE k-steps into
 	 * registers (while it ends, with programmatic dependent launch) */
-	constexpr int RPRE = 2;
-	uint4 pre[RPRE][4];
+	constexpr int RPRE = MAXR > 1 ? 2 : 4;
+	uint4 wv[RPRE];
 
 #pragma unroll
 	for (int u = 0; u < RPRE; u++)
-#pragma unroll
-		for (int s = 0; s < 4; s++)
-			if (c0 + u < c1)
-				pre[u][s] = ldg_stream(base + (size_t)(c0 + u) * Q3G_CHUNK_BYTES_F16 + s * 512);
+		if (w0 + u < w1)
+			wv[u] = wload(w0 + u);
 	pdl_wait();
 
-	/* the rows into shared memory, their norms from there (row_rsqrt's order, as
-	 * q3g_add_rmsnorm: the same fp16 rows for the experts either way), then x = h · rs · (1 + w)
-	 * in place: h is read from global memory once */
-	const bool vec = (H & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0;
+	row_rsqrt(rs, L.h, H, R, H, L.eps); /* the whole rows, from global memory (L2) */
+	__syncthreads();
+	const bool vec = (H & 3) == 0 && (kn & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0;
 
 	if (vec) {
-		const int n = R * (H >> 2);
-		const float4 *h4 = (const float4 *)L.h;
+		const int kn4 = kn >> 2, n = R * kn4;
 
-		for (int i0 = threadIdx.x; i0 < n; i0 += 4 * ROUTER_THREADS) {
-			float4 hv[4];
-
-#pragma unroll
-			for (int b = 0; b < 4; b++)
-				if (i0 + b * ROUTER_THREADS < n)
-					hv[b] = h4[i0 + b * ROUTER_THREADS];
-#pragma unroll
-			for (int b = 0; b < 4; b++)
-				if (i0 + b * ROUTER_THREADS < n)
-					((float4 *)xsf)[i0 + b * ROUTER_THREADS] = hv[b];
-		}
-	} else {
-		for (int i = threadIdx.x; i < R * H; i += blockDim.x)
-			xsf[i] = L.h[i];
-	}
-	__syncthreads();
-	row_rsqrt(rs, vec ? xsf : L.h, H, R, H, L.eps); /* (the same order as q3g_add_rmsnorm's) */
-	__syncthreads();
-	if (vec) {
-		const int H4 = H >> 2, n = R * H4;
-		const float4 *w4 = (const float4 *)L.normw;
-
-		for (int i = threadIdx.x; i < n; i += ROUTER_THREADS) {
-			const float4 hv = ((float4 *)xsf)[i], wv = w4[i % H4];
-			const float s = rs[i / H4];
+		for (int i = threadIdx.x; i < n; i += blockDim.x) {
+			const int r = i / kn4, c = i % kn4;
+			const float4 hv = ((const float4 *)(L.h + (size_t)r * H + k0))[c];
+			const float4 wv = ((const float4 *)(L.normw + k0))[c];
+			const float s = rs[r];
 
 			((float4 *)xsf)[i] = make_float4(hv.x * s * (1.0f + wv.x), hv.y * s * (1.0f + wv.y),
 							 hv.z * s * (1.0f + wv.z), hv.w * s * (1.0f + wv.w));
 		}
 	} else {
-		for (int i = threadIdx.x; i < R * H; i += blockDim.x)
-			xsf[i] = xsf[i] * rs[i / H] * (1.0f + L.normw[i % H]);
+		for (int i = threadIdx.x; i < R * kn; i += blockDim.x) {
+			const int r = i / kn, c = i % kn;
+
+			xsf[i] = L.h[(size_t)r * H + k0 + c] * rs[r] * (1.0f + L.normw[k0 + c]);
+		}
 	}
 	__syncthreads();
-	/* this block's share of the columns as fp16 for the experts (moe_up stages them as they are) */
+	/* this block's share of its slice's columns as fp16 for the experts (moe_up stages them as
+	 * they are): the slice's columns split over the ntb blocks of the same slice */
 	if (L.xo) {
-		const int cw = cdiv(H, (int)gridDim.x), c0 = blockIdx.x * cw, c1 = min(H, c0 + cw);
+		const int cw = cdiv(kn, ntb), c0 = min(kn, bt * cw), c1 = min(kn, c0 + cw);
 
 		for (int i = threadIdx.x; i < R * (c1 - c0); i += blockDim.x) {
 			int r = i / (c1 - c0), c = c0 + i % (c1 - c0);
 
-			L.xo[(size_t)r * H + c] = f2h_bits(xsf[r * H + c]);
+			L.xo[(size_t)r * H + k0 + c] = f2h_bits(xsf[r * kn + c]);
 		}
 	}
 #pragma unroll
 	for (int r = 0; r < MAXR; r++)
 		acc[r][0] = acc[r][1] = 0.0f;
-	for (int c = c0; c < c1; c++) {
-		uint4 w[4];
-
-		if (c - c0 < RPRE) {
+	for (int sb = w0; sb < w1; sb += RPRE) {
+		if (sb != w0) /* the first batch came before pdl_wait */
 #pragma unroll
 			for (int u = 0; u < RPRE; u++)
-				if (c - c0 == u)
+				if (sb + u < w1)
+					wv[u] = wload(sb + u);
 #pragma unroll
-					for (int s = 0; s < 4; s++)
-						w[s] = pre[u][s];
-		} else {
-#pragma unroll
-			for (int s = 0; s < 4; s++)
-				w[s] = ldg_stream(base + (size_t)c * Q3G_CHUNK_BYTES_F16 + s * 512);
-		}
-#pragma unroll
-		for (int s = 0; s < 4; s++) {
-			const uint32_t regs[4] = { w[s].x, w[s].y, w[s].z, w[s].w };
+		for (int u = 0; u < RPRE; u++) {
+			if (sb + u >= w1)
+				break;
+			const uint32_t regs[4] = { wv[u].x, wv[u].y, wv[u].z, wv[u].w };
 #pragma unroll
 			for (int q = 0; q < 4; q++) { /* reg q: row g + 8 (q & 1), inputs 2t + 8 (q >> 1) + {0, 1} */
 				float2 wf = __half22float2(*reinterpret_cast<const __half2 *>(&regs[q]));
-				int k = c * Q3G_KCHUNK + 16 * s + 2 * t + 8 * (q >> 1);
+				int k = 16 * (sb + u) + 2 * t + 8 * (q >> 1), kx = k - k0;
 
 				if (k >= m.K)
 					continue;
@@ -397,14 +391,14 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 						break;
 					float x0, x1;
 
-					if (k + 1 < m.K && !(H & 1)) { /* k even: an aligned pair, one load */
-						float2 x = *(const float2 *)(xsf + r * H + k);
+					if (k + 1 < m.K && !(kn & 1)) { /* k even: an aligned pair, one load */
+						float2 x = *(const float2 *)(xsf + r * kn + kx);
 
 						x0 = x.x;
 						x1 = x.y;
 					} else {
-						x0 = xsf[r * H + k];
-						x1 = k + 1 < m.K ? xsf[r * H + k + 1] : 0.0f;
+						x0 = xsf[r * kn + kx];
+						x1 = k + 1 < m.K ? xsf[r * kn + kx + 1] : 0.0f;
 					}
 					acc[r][q & 1] += wf.x * x0 + wf.y * x1;
 				}
@@ -425,34 +419,77 @@ __global__ void __launch_bounds__(ROUTER_THREADS) router_f32_kernel(const __grid
 	if (t == 0)
 #pragma unroll
 		for (int r = 0; r < MAXR; r++) {
-			part[(warp * 32 + g) * 2 * MAXR + 2 * r] = acc[r][0];
-			part[(warp * 32 + g) * 2 * MAXR + 2 * r + 1] = acc[r][1];
+			part[(warp * MAXR + r) * Q3G_TILE_N + g] = acc[r][0];
+			part[(warp * MAXR + r) * Q3G_TILE_N + g + 8] = acc[r][1];
 		}
 	__syncthreads();
-	for (int i = threadIdx.x; i < 16 * R; i += blockDim.x) {
-		int r = i / 16, rr = i % 16, row = tile * Q3G_TILE_N + rr;
+	for (int i = threadIdx.x; i < Q3G_TILE_N * R; i += blockDim.x) {
+		int r = i / Q3G_TILE_N, rr = i % Q3G_TILE_N;
 		float v = 0.0f;
 
 		for (int ww = 0; ww < nw; ww++)
-			v += part[(ww * 32 + (rr & 7)) * 2 * MAXR + 2 * r + (rr >> 3)];
-		if (row < m.N)
-			L.y[j][(size_t)r * L.ldy[j] + row] = v;
+			v += part[(ww * MAXR + r) * Q3G_TILE_N + rr];
+		bsum[i] = v;
 	}
-	if (!L.done)
-		return;
-	/* every block's logits are written: the last block to get here picks the experts */
-	__threadfence();
 	__syncthreads();
-	if (threadIdx.x == 0)
-		last = atomicAdd(L.done, 1u) == gridDim.x - 1;
-	__syncthreads();
-	if (!last)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	cg::cluster_group cl = cg::this_cluster();
+#endif
+	/* a barrier over the cluster's threads (the block's alone without clusters) */
+	auto cluster_sync = [&] {
+		if constexpr (KS > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+			cl.sync();
+#else
+			__trap(); /* the host launches clusters on sm_90 only */
+#endif
+		} else {
+			__syncthreads();
+		}
+	};
+	/* p's counterpart in the shared memory of the cluster's block of rank b */
+	auto at_rank = [&](auto *p, int b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		if constexpr (KS > 1)
+			return cl.map_shared_rank(p, b);
+#endif
+		return p;
+	};
+	cluster_sync();
+	if (ks == 0) /* the slices in rank order */
+		for (int i = threadIdx.x; i < Q3G_TILE_N * R; i += blockDim.x) {
+			int r = i / Q3G_TILE_N, row = tile * Q3G_TILE_N + i % Q3G_TILE_N;
+			float v = 0.0f;
+
+			for (int b = 0; b < KS; b++)
+				v += at_rank(bsum, b)[i];
+			if (row < m.N)
+				L.y[j][(size_t)r * L.ldy[j] + row] = v;
+		}
+	if (!L.done) {
+		cluster_sync(); /* no block leaves while rank 0 reads its sums */
+		return;
+	}
+	/* every tile's logits are written: the last cluster to get here picks the experts, a warp a
+	 * row over its blocks */
+	if (ks == 0) {
+		__threadfence();
+		__syncthreads();
+		if (threadIdx.x == 0) {
+			last = atomicAdd(L.done, 1u) == (unsigned)ntb - 1;
+			if (last)
+				*L.done = 0; /* every other cluster has counted: 0 for the next launch */
+		}
+	}
+	cluster_sync();
+	const bool go = *at_rank(&last, 0);
+
+	cluster_sync(); /* rank 0 stays until every block has read its flag */
+	if (!go)
 		return;
 	__threadfence();
-	for (int r = warp; r < R; r += nw) /* the partial sums are read: xsf holds the candidates */
+	for (int r = ks * nw + warp; r < R; r += KS * nw) /* xsf holds the candidates */
 		topk_row(L.idx, L.w, L.y[0], L.y[1], r, L.E, L.k, L.norm, (uint2 *)xsf + warp * 32);
-	if (threadIdx.x == 0)
-		*L.done = 0;
 }
 
 /* fp32 y[R][N] = x[R][K]·Wᵀ with cuBLAS (no TF32: CUBLAS_COMPUTE_32F), W expanded into wtmp. */
@@ -472,13 +509,21 @@ static int gemm_f32(cublasHandle_t hb, const struct q3g_mat *m, const float *x, 
 	return 0;
 }
 
-static_assert(ROUTER_THREADS * 2 * 4 >= ROUTER_THREADS / 32 * 32 * 8,
-	      "the last block's top-k candidates fit in the partial sums' space");
-static size_t router_smem(int R, int H)
+/* k-slices of a router tile: ROUTER_KS with clusters, else 1 */
+static int router_ks(void)
 {
-	size_t x = (size_t)R * H * 4, part = (size_t)ROUTER_THREADS * 2 * (R == 1 ? 1 : Q3G_MMV_MAX_TOK) * 4;
+	return q3g_dev.clusters ? ROUTER_KS : 1;
+}
 
-	return x > part ? x : part;
+/* the larger of: a slice of R rows of x, the warps' partial sums, the last cluster's top-k
+ * candidates (a warp's 32 uint2) */
+static size_t router_smem(int R, int H, int ks)
+{
+	const size_t nw = router_threads(ks) / 32, kn = (size_t)16 * cdiv(4 * cdiv(H, Q3G_KCHUNK), ks);
+	const size_t x = (size_t)R * Q3_MIN(kn, (size_t)H) * 4;
+	const size_t part = nw * (R == 1 ? 1 : Q3G_MMV_MAX_TOK) * Q3G_TILE_N * 4, cand = nw * 32 * 8;
+
+	return Q3_MAX(x, Q3_MAX(part, cand));
 }
 
 static int router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k, bool norm,
@@ -489,7 +534,9 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 
 	if (rm->fmt != Q3G_F16 || sgate->fmt != Q3G_F16 || rm->K != H || sgate->K != H)
 		return q3_errf(e, -EINVAL, "router: expects dense (fp16) router and shared gate over %d inputs", H);
-	if (R <= Q3G_MMV_MAX_TOK && router_smem(R, H) <= q3g_dev.smem_dyn) {
+	const int ks = router_ks();
+
+	if (R <= Q3G_MMV_MAX_TOK && router_smem(R, H, ks) <= q3g_dev.smem_dyn) {
 		router_launch L;
 
 		memset(&L, 0, sizeof(L));
@@ -514,12 +561,12 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 			L.k = k;
 			L.norm = norm;
 		}
-		if (R == 1)
-			CUDA_CHECK(e, q3g_launch(router_f32_kernel<1>, rm->ntiles + sgate->ntiles, ROUTER_THREADS,
-						 router_smem(R, H), st, L));
-		else
-			CUDA_CHECK(e, q3g_launch(router_f32_kernel<Q3G_MMV_MAX_TOK>, rm->ntiles + sgate->ntiles,
-						 ROUTER_THREADS, router_smem(R, H), st, L));
+		void (*kern)(const router_launch) = R == 1 ? (ks > 1 ? router_f32_kernel<1, ROUTER_KS> : router_f32_kernel<1, 1>)
+							   : (ks > 1 ? router_f32_kernel<Q3G_MMV_MAX_TOK, ROUTER_KS>
+								     : router_f32_kernel<Q3G_MMV_MAX_TOK, 1>);
+
+		CUDA_CHECK(e, q3g_launch_cluster(kern, (rm->ntiles + sgate->ntiles) * ks, router_threads(ks),
+						 router_smem(R, H, ks), st, dim3(ks, 1, 1), L));
 		if (L.done)
 			return 0;
 	} else {
@@ -717,13 +764,6 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 			       q3g_dev.smem_dyn);
 	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
 		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
-	if (!xh) { /* the bulk-copy ring where it applies (opt-in: gpu_moe_up.cu) */
-		const struct q3g_mat *const mats[4] = { gate, up, sgate, sup };
-		int err = q3g_moe_up_bulk_run(gu, x, idx, mats, R, k, H, ldgu, (cudaStream_t)st, e);
-
-		if (err <= 0)
-			return err;
-	}
 	/* routed pairs a block: about four waves of blocks (three resident an SM), so that a large
 	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
 	 * with a pair a block); one where the grid is small anyway */
@@ -755,14 +795,14 @@ int q3g_moe_init(q3_err *e)
 {
 	int err;
 
-	if ((err = q3g_allow_dyn_smem(router_f32_kernel<1>, "router_f32_kernel<1>", e)) ||
-	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK>, "router_f32_kernel<16>", e)))
+	if ((err = q3g_allow_dyn_smem(router_f32_kernel<1, 1>, "router_f32_kernel<1, 1>", e)) ||
+	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK, 1>, "router_f32_kernel<16, 1>", e)) ||
+	    (err = q3g_allow_dyn_smem(router_f32_kernel<1, ROUTER_KS>, "router_f32_kernel<1, 4>", e)) ||
+	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK, ROUTER_KS>, "router_f32_kernel<16, 4>", e)))
 		return err;
 	for (int fr = 0; fr < 3; fr++)
 		for (int fs = 0; fs < 3; fs++)
 			if ((err = q3g_allow_dyn_smem(up_kernel_for(fr, fs), "moe_up_kernel", e)))
 				return err;
-	if ((err = q3g_moe_up_bulk_init(e)))
-		return err;
 	return q3g_moe_down_init(e);
 }

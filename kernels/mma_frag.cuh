@@ -134,16 +134,42 @@ static __device__ __forceinline__ void b_frag(const uint2 *xs, int ks, int nt, i
 	b[1] = v.y;
 }
 
-/* The eight fp16 values of positions k0 .. k0+7 (k0 % 8 == 0) of row r, as four fp16x2 words
- * (lo = the lower position), each to its B-fragment word: pair t goes to word t of the k-step. */
-static __device__ __forceinline__ void xs_store8(uint16_t *xs, int k0, int r, int R, const uint32_t p[4])
+/* Staging unit i of R rows: eight positions of one row.  Units 2j and 2j + 1 are the two halves
+ * (positions 0-7, 8-15) of k-step j / R of row j % R, so that a warp's units fill consecutive
+ * 16-byte words of xs, rows fastest: the position-major order put the words of R = 16 rows 512
+ * bytes apart, 15-way bank conflicts on every store (ncu: 3 of the matvec's 3.2 million shared
+ * store wavefronts at batch 16). */
+static __device__ __forceinline__ void xs_unit(int i, int R, int &r, int &k0)
 {
-	uint32_t *x32 = (uint32_t *)xs;
-	const int ks = k0 >> 4, reg = (k0 >> 3) & 1;
+	const int j = i >> 1;
+
+	r = j % R;
+	k0 = 16 * (j / R) + 8 * (i & 1);
+}
+
+/* Unit i's eight fp16 values as four fp16x2 words (lo = the lower position) into xs, where word
+ * 2t + h of a k-step holds half h's pair t.  SWAP: the two lanes of a unit pair (lane ^ 1) swap
+ * halves, then each stores four words at once; every lane of the warp calls it.  Without: word
+ * by word (moe_up's one-row staging, which spilled with the exchange). */
+template <bool SWAP>
+static __device__ __forceinline__ void xs_store_unit(uint16_t *xs, int i, const uint32_t p[4], bool valid)
+{
+	if constexpr (!SWAP) {
+		if (valid)
+#pragma unroll
+			for (int t = 0; t < 4; t++)
+				((uint32_t *)xs)[8 * (i >> 1) + 2 * t + (i & 1)] = p[t];
+	} else {
+		uint32_t o[4];
 
 #pragma unroll
-	for (int t = 0; t < 4; t++)
-		x32[xs_index(ks, r, R, t) * 2 + reg] = p[t];
+		for (int q = 0; q < 4; q++)
+			o[q] = __shfl_xor_sync(0xffffffffu, p[q], 1);
+		const uint4 v = (i & 1) ? make_uint4(o[2], p[2], o[3], p[3]) : make_uint4(p[0], o[0], p[1], o[1]);
+
+		if (valid) /* words 8 (i / 2) + 4 (i & 1): xs_index(k-step, r, R, 2 (i & 1)) * 2 */
+			((uint4 *)xs)[i] = v;
+	}
 }
 
 /* Staging loads B (template argument) 8-position units per thread before storing any: a
@@ -151,25 +177,30 @@ static __device__ __forceinline__ void xs_store8(uint16_t *xs, int k0, int r, in
  * row (a unit a thread at the real shapes) and registers are scarce (moe_up). */
 
 /* Stages x rows [0, R) (fp16, row stride ldx, K inputs) gathered through perm (NULL: identity)
- * into xs for positions [0, Kp); all threads of the block take part (no barrier inside).  Without
- * a permutation a unit is one 16-byte load. */
+ * into xs for positions [0, Kp) (Kp % 16 == 0); all threads of the block take part (no barrier
+ * inside; a warp runs its loop whole, for the pairs' exchange).  Without a permutation a unit is
+ * one 16-byte load. */
 template <int B>
 static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t *x, int ldx, int R, int K,
 						    int Kp, const uint16_t *perm)
 {
-	const int U = Kp >> 3, n = R * U;
+	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
+	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
 	const bool vec = !perm && (ldx & 7) == 0 && ((uintptr_t)x & 15) == 0;
 
-	for (int i0 = threadIdx.x; i0 < n; i0 += B * blockDim.x) {
+	for (int w0 = threadIdx.x - wl; w0 < n; w0 += B * blockDim.x) {
 		uint32_t p[B][4];
 
 #pragma unroll
 		for (int b = 0; b < B; b++) {
-			const int i = i0 + b * blockDim.x, r = i / U, k0 = (i % U) * 8;
-			const uint16_t *xr = x + (size_t)r * ldx;
+			const int i = w0 + wl + b * blockDim.x;
+			int r, k0;
 
 			if (i >= n)
 				break;
+			xs_unit(i, R, r, k0);
+			const uint16_t *xr = x + (size_t)r * ldx;
+
 			if (vec && k0 + 8 <= K) {
 				uint4 v = *(const uint4 *)(xr + k0);
 
@@ -189,11 +220,11 @@ static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t 
 		}
 #pragma unroll
 		for (int b = 0; b < B; b++) {
-			const int i = i0 + b * blockDim.x;
+			const int i = w0 + wl + b * blockDim.x;
 
-			if (i >= n)
+			if (w0 + b * (int)blockDim.x >= n) /* warp-uniform */
 				break;
-			xs_store8(xs, (i % U) * 8, i / U, R, p[b]);
+			xs_store_unit<(B > 1)>(xs, i, p[b], i < n);
 		}
 	}
 }
@@ -205,21 +236,24 @@ template <int B>
 static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, const float *h, int ldh, int R, int K,
 						    int Kp, const uint16_t *perm, const float *w, float eps)
 {
-	const int U = Kp >> 3, n = R * U;
+	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
+	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
 	const bool vec = !perm && (ldh & 3) == 0 && ((uintptr_t)h & 15) == 0 && ((uintptr_t)w & 15) == 0;
 
 	row_rsqrt(rs, h, ldh, R, K, eps);
 	__syncthreads();
-	for (int i0 = threadIdx.x; i0 < n; i0 += B * blockDim.x) {
+	for (int w0 = threadIdx.x - wl; w0 < n; w0 += B * blockDim.x) {
 		float v[B][8], f[B][8];
 
 #pragma unroll
 		for (int b = 0; b < B; b++) {
-			const int i = i0 + b * blockDim.x, r = i / U, k0 = (i % U) * 8;
-			const float *hr = h + (size_t)r * ldh;
+			const int i = w0 + wl + b * blockDim.x;
+			int r, k0;
 
 			if (i >= n)
 				break;
+			xs_unit(i, R, r, k0);
+			const float *hr = h + (size_t)r * ldh;
 			if (vec && k0 + 8 <= K) {
 				float4 a = *(const float4 *)(hr + k0), c = *(const float4 *)(hr + k0 + 4);
 				float4 wa = *(const float4 *)(w + k0), wc = *(const float4 *)(w + k0 + 4);
@@ -240,16 +274,18 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 		}
 #pragma unroll
 		for (int b = 0; b < B; b++) {
-			const int i = i0 + b * blockDim.x, r = i / U;
+			const int i = w0 + wl + b * blockDim.x;
 			uint32_t p[4];
+			int r, k0;
 
-			if (i >= n)
+			if (w0 + b * (int)blockDim.x >= n) /* warp-uniform */
 				break;
+			xs_unit(i, R, r, k0);
 #pragma unroll
 			for (int q = 0; q < 4; q++)
 				p[q] = pack_h2(v[b][2 * q] * rs[r] * (1.0f + f[b][2 * q]),
 					       v[b][2 * q + 1] * rs[r] * (1.0f + f[b][2 * q + 1]));
-			xs_store8(xs, (i % U) * 8, r, R, p);
+			xs_store_unit<(B > 1)>(xs, i, p, i < n);
 		}
 	}
 }
