@@ -283,21 +283,33 @@ struct router_launch {
  * memory in rank order (33 blocks of one tile each left 99 SMs idle: 31 us at R = 16, issue-bound
  * on the 33); before sm_90 a block owns a whole tile.  The block's warps split its k-steps; lane
  * (g, t) sums rows g and g + 8 over its inputs of each k-step (the same 16-byte loads as the
- * matvec), for every row of x (MAXR at most: one token keeps one row of accumulators); the four
- * lanes of a row group, then the warps, then the slices add up.  The same shape for every R: a
- * row's logits must not depend on its batch.  Each block reads the whole rows for their norms
- * (row_rsqrt's order, as q3g_add_rmsnorm: the same fp16 rows for the experts either way) and
- * keeps its slice of x = h · rs · (1 + w) in shared memory. */
+ * matvec), for MAXR rows of x (R rounded up to 1, 8 or 16: the rows past R sum unset values and
+ * are never stored, so the loop has no branch); the four lanes of a row group, then the warps,
+ * then the slices add up.  The same order for every R: a row's logits must not depend on its
+ * batch.  Each block reads the whole rows for their norms (row_rsqrt's order, as
+ * q3g_add_rmsnorm: the same fp16 rows for the experts either way) and keeps its slice of
+ * x = h · rs · (1 + w) in shared memory, input-major, so that one 16-byte load brings an input
+ * of four rows. */
 #define ROUTER_KS 4
 static constexpr int router_threads(int ks)
 {
 	return ks > 1 ? 256 : 512; /* with clusters: two blocks an SM, so that 33 clusters of 4 fit */
 }
 
+/* floats an input of the staged slice takes: its MAXR rows, padded so that the four inputs a
+ * warp's lanes t = 0..3 read at once (2 t apart) fall in different banks */
+static __host__ __device__ constexpr int router_xs(int maxr)
+{
+	return maxr >= 4 ? maxr + 4 : maxr;
+}
+
 template <int MAXR, int KS>
 __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32_kernel(const __grid_constant__ router_launch L)
 {
-	extern __shared__ float xsf[]; /* [R][kn] the slice of x; then [warps][MAXR][16] partials */
+	/* the slice of x input-major, [kn][XS] (rows R .. MAXR - 1 of an input unset: their sums are
+	 * never stored); then [warps][MAXR][16] partials */
+	extern __shared__ float xsf[];
+	constexpr int XS = router_xs(MAXR);
 	__shared__ float rs[Q3G_MMV_MAX_TOK];
 	__shared__ float bsum[MAXR * Q3G_TILE_N]; /* the block's sums [r][row], for the cluster */
 	__shared__ int last;
@@ -318,38 +330,42 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 	auto wload = [&](int st) {
 		return ldg_stream(base + (size_t)(st >> 2) * Q3G_CHUNK_BYTES_F16 + (st & 3) * 512);
 	};
-	/* the weights do not depend on the previous kernel: the warp's first RPRE k-steps into
-	 * registers (while it ends, with programmatic dependent launch) */
-	constexpr int RPRE = MAXR > 1 ? 2 : 4;
-	uint4 wv[RPRE];
+	/* the weights do not depend on the previous kernel: the warp's first two k-steps into
+	 * registers (while it ends, with programmatic dependent launch), then each step loads the
+	 * one two ahead (a batch of steps unrolled let the compiler hoist a batch's activations
+	 * too: spills at 16 rows) */
+	uint4 wcur = make_uint4(0, 0, 0, 0), wnext = wcur;
 
-#pragma unroll
-	for (int u = 0; u < RPRE; u++)
-		if (w0 + u < w1)
-			wv[u] = wload(w0 + u);
+	if (w0 < w1)
+		wcur = wload(w0);
+	if (w0 + 1 < w1)
+		wnext = wload(w0 + 1);
 	pdl_wait();
 
 	row_rsqrt(rs, L.h, H, R, H, L.eps); /* the whole rows, from global memory (L2) */
 	__syncthreads();
 	const bool vec = (H & 3) == 0 && (kn & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0;
 
+	/* rows fastest: a warp's stores go to consecutive words */
 	if (vec) {
-		const int kn4 = kn >> 2, n = R * kn4;
+		const int n = R * (kn >> 2);
 
 		for (int i = threadIdx.x; i < n; i += blockDim.x) {
-			const int r = i / kn4, c = i % kn4;
-			const float4 hv = ((const float4 *)(L.h + (size_t)r * H + k0))[c];
-			const float4 wv = ((const float4 *)(L.normw + k0))[c];
+			const int r = i % R, c = 4 * (i / R);
+			const float4 hv = *(const float4 *)(L.h + (size_t)r * H + k0 + c);
+			const float4 wv = *(const float4 *)(L.normw + k0 + c);
 			const float s = rs[r];
 
-			((float4 *)xsf)[i] = make_float4(hv.x * s * (1.0f + wv.x), hv.y * s * (1.0f + wv.y),
-							 hv.z * s * (1.0f + wv.z), hv.w * s * (1.0f + wv.w));
+			xsf[c * XS + r] = hv.x * s * (1.0f + wv.x);
+			xsf[(c + 1) * XS + r] = hv.y * s * (1.0f + wv.y);
+			xsf[(c + 2) * XS + r] = hv.z * s * (1.0f + wv.z);
+			xsf[(c + 3) * XS + r] = hv.w * s * (1.0f + wv.w);
 		}
 	} else {
 		for (int i = threadIdx.x; i < R * kn; i += blockDim.x) {
-			const int r = i / kn, c = i % kn;
+			const int r = i % R, c = i / R;
 
-			xsf[i] = L.h[(size_t)r * H + k0 + c] * rs[r] * (1.0f + L.normw[k0 + c]);
+			xsf[c * XS + r] = L.h[(size_t)r * H + k0 + c] * rs[r] * (1.0f + L.normw[k0 + c]);
 		}
 	}
 	__syncthreads();
@@ -361,47 +377,72 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 		for (int i = threadIdx.x; i < R * (c1 - c0); i += blockDim.x) {
 			int r = i / (c1 - c0), c = c0 + i % (c1 - c0);
 
-			L.xo[(size_t)r * H + k0 + c] = f2h_bits(xsf[r * kn + c]);
+			L.xo[(size_t)r * H + k0 + c] = f2h_bits(xsf[c * XS + r]);
 		}
 	}
 #pragma unroll
 	for (int r = 0; r < MAXR; r++)
 		acc[r][0] = acc[r][1] = 0.0f;
-	for (int sb = w0; sb < w1; sb += RPRE) {
-		if (sb != w0) /* the first batch came before pdl_wait */
-#pragma unroll
-			for (int u = 0; u < RPRE; u++)
-				if (sb + u < w1)
-					wv[u] = wload(sb + u);
-#pragma unroll
-		for (int u = 0; u < RPRE; u++) {
-			if (sb + u >= w1)
-				break;
-			const uint32_t regs[4] = { wv[u].x, wv[u].y, wv[u].z, wv[u].w };
-#pragma unroll
-			for (int q = 0; q < 4; q++) { /* reg q: row g + 8 (q & 1), inputs 2t + 8 (q >> 1) + {0, 1} */
-				float2 wf = __half22float2(*reinterpret_cast<const __half2 *>(&regs[q]));
-				int k = 16 * (sb + u) + 2 * t + 8 * (q >> 1), kx = k - k0;
+	for (int st = w0; st < w1; st++) {
+		const uint32_t regs[4] = { wcur.x, wcur.y, wcur.z, wcur.w };
 
-				if (k >= m.K)
-					continue;
+		wcur = wnext;
+		if (st + 2 < w1)
+			wnext = wload(st + 2);
+		const int kb = 16 * st + 2 * t; /* reg q: row g + 8 (q & 1), inputs kb + 8 (q >> 1) + {0, 1} */
+		float2 wf[4];
+
 #pragma unroll
-				for (int r = 0; r < MAXR; r++) {
-					if (r >= R)
-						break;
-					float x0, x1;
+		for (int q = 0; q < 4; q++)
+			wf[q] = __half22float2(*reinterpret_cast<const __half2 *>(&regs[q]));
+		if (16 * (st + 1) <= m.K) {
+			/* the whole k-step: no test per input or row (the tests were 40% of the
+			 * instructions at R = 16, ncu); inputs kb, kb + 1, kb + 8, kb + 9 of four
+			 * rows a 16-byte load */
+			const float *xk = xsf + (kb - k0) * XS;
 
-					if (k + 1 < m.K && !(kn & 1)) { /* k even: an aligned pair, one load */
-						float2 x = *(const float2 *)(xsf + r * kn + kx);
+#pragma unroll
+			for (int r4 = 0; r4 < MAXR; r4 += 4) {
+				float x[4][4]; /* [input][row] */
 
-						x0 = x.x;
-						x1 = x.y;
-					} else {
-						x0 = xsf[r * kn + kx];
-						x1 = k + 1 < m.K ? xsf[r * kn + kx + 1] : 0.0f;
+#pragma unroll
+				for (int i = 0; i < 4; i++) {
+					const float *p = xk + ((i & 1) + 8 * (i >> 1)) * XS + r4;
+
+					if constexpr (MAXR >= 4) {
+						const float4 v = *(const float4 *)p;
+
+						x[i][0] = v.x, x[i][1] = v.y, x[i][2] = v.z, x[i][3] = v.w;
+					} else if (!(i & 1)) { /* MAXR 1: inputs i, i + 1 adjacent */
+						const float2 v = *(const float2 *)p;
+
+						x[i][0] = v.x, x[i + 1][0] = v.y;
 					}
-					acc[r][q & 1] += wf.x * x0 + wf.y * x1;
 				}
+#pragma unroll
+				for (int rr = 0; rr < 4 && r4 + rr < MAXR; rr++) {
+					float *a = acc[r4 + rr];
+
+					a[0] = fmaf(wf[0].y, x[1][rr], fmaf(wf[0].x, x[0][rr], a[0]));
+					a[1] = fmaf(wf[1].y, x[1][rr], fmaf(wf[1].x, x[0][rr], a[1]));
+					a[0] = fmaf(wf[2].y, x[3][rr], fmaf(wf[2].x, x[2][rr], a[0]));
+					a[1] = fmaf(wf[3].y, x[3][rr], fmaf(wf[3].x, x[2][rr], a[1]));
+				}
+			}
+			continue;
+		}
+#pragma unroll
+		for (int q = 0; q < 4; q++) { /* the matrix's last, partial k-step: the same order */
+			const int k = kb + 8 * (q >> 1), kx = k - k0;
+
+			if (k >= m.K)
+				continue;
+#pragma unroll
+			for (int r = 0; r < MAXR; r++) {
+				const float x0 = xsf[kx * XS + r];
+				const float x1 = k + 1 < m.K ? xsf[(kx + 1) * XS + r] : 0.0f;
+
+				acc[r][q & 1] = fmaf(wf[q].y, x1, fmaf(wf[q].x, x0, acc[r][q & 1]));
 			}
 		}
 	}
@@ -509,19 +550,32 @@ static int gemm_f32(cublasHandle_t hb, const struct q3g_mat *m, const float *x, 
 	return 0;
 }
 
+/* [clusters][rows 1, 2-8, 9-16]: a launch's loop computes MAXR rows without a branch */
+static void (*const router_kernels[2][3])(const router_launch) = {
+	{ router_f32_kernel<1, 1>, router_f32_kernel<8, 1>, router_f32_kernel<Q3G_MMV_MAX_TOK, 1> },
+	{ router_f32_kernel<1, ROUTER_KS>, router_f32_kernel<8, ROUTER_KS>, router_f32_kernel<Q3G_MMV_MAX_TOK, ROUTER_KS> },
+};
+
 /* k-slices of a router tile: ROUTER_KS with clusters, else 1 */
 static int router_ks(void)
 {
 	return q3g_dev.clusters ? ROUTER_KS : 1;
 }
 
-/* the larger of: a slice of R rows of x, the warps' partial sums, the last cluster's top-k
- * candidates (a warp's 32 uint2) */
+/* the rows a launch's loop computes for R rows (router_kernels' second index) */
+static int router_maxr(int R)
+{
+	return R == 1 ? 1 : R <= 8 ? 8 : Q3G_MMV_MAX_TOK;
+}
+
+/* the larger of: the slice of x (MAXR rows an input), the warps' partial sums, the last
+ * cluster's top-k candidates (a warp's 32 uint2) */
 static size_t router_smem(int R, int H, int ks)
 {
+	const int mx = router_maxr(R);
 	const size_t nw = router_threads(ks) / 32, kn = (size_t)16 * cdiv(4 * cdiv(H, Q3G_KCHUNK), ks);
-	const size_t x = (size_t)R * Q3_MIN(kn, (size_t)H) * 4;
-	const size_t part = nw * (R == 1 ? 1 : Q3G_MMV_MAX_TOK) * Q3G_TILE_N * 4, cand = nw * 32 * 8;
+	const size_t x = Q3_MIN(kn, (size_t)H) * router_xs(mx) * 4;
+	const size_t part = nw * mx * Q3G_TILE_N * 4, cand = nw * 32 * 8;
 
 	return Q3_MAX(x, Q3_MAX(part, cand));
 }
@@ -561,9 +615,8 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 			L.k = k;
 			L.norm = norm;
 		}
-		void (*kern)(const router_launch) = R == 1 ? (ks > 1 ? router_f32_kernel<1, ROUTER_KS> : router_f32_kernel<1, 1>)
-							   : (ks > 1 ? router_f32_kernel<Q3G_MMV_MAX_TOK, ROUTER_KS>
-								     : router_f32_kernel<Q3G_MMV_MAX_TOK, 1>);
+		const int mx = router_maxr(R);
+		void (*kern)(const router_launch) = router_kernels[ks > 1][mx == 1 ? 0 : mx == 8 ? 1 : 2];
 
 		CUDA_CHECK(e, q3g_launch_cluster(kern, (rm->ntiles + sgate->ntiles) * ks, router_threads(ks),
 						 router_smem(R, H, ks), st, dim3(ks, 1, 1), L));
@@ -795,11 +848,10 @@ int q3g_moe_init(q3_err *e)
 {
 	int err;
 
-	if ((err = q3g_allow_dyn_smem(router_f32_kernel<1, 1>, "router_f32_kernel<1, 1>", e)) ||
-	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK, 1>, "router_f32_kernel<16, 1>", e)) ||
-	    (err = q3g_allow_dyn_smem(router_f32_kernel<1, ROUTER_KS>, "router_f32_kernel<1, 4>", e)) ||
-	    (err = q3g_allow_dyn_smem(router_f32_kernel<Q3G_MMV_MAX_TOK, ROUTER_KS>, "router_f32_kernel<16, 4>", e)))
-		return err;
+	for (int c = 0; c < 2; c++)
+		for (int i = 0; i < 3; i++)
+			if ((err = q3g_allow_dyn_smem(router_kernels[c][i], "router_f32_kernel", e)))
+				return err;
 	for (int fr = 0; fr < 3; fr++)
 		for (int fs = 0; fs < 3; fs++)
 			if ((err = q3g_allow_dyn_smem(up_kernel_for(fr, fs), "moe_up_kernel", e)))

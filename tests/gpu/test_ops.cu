@@ -1135,8 +1135,8 @@ static void router_logits_case(int R, int E, int H)
 	dmat_free(&dg);
 }
 
-/* The router's row 0 bit for bit the same at R = 1, 5, 16 (the SIMT kernel's one-row and
- * many-row variants sum each row in the same order): see mmv_invariance_case. */
+/* The router's row 0 bit for bit the same at R = 1, 5, 16 (the SIMT kernel's variants of 1, 8
+ * and 16 rows sum each row in the same order): see mmv_invariance_case. */
 static void router_invariance_case(int E, int H)
 {
 	const char *name = "router logits fp32: row 0 the same at R = 1, 5, 16";
@@ -1592,6 +1592,8 @@ static void moe_tests(void)
 	router_logits_case(1, 512, 2048);
 	router_logits_case(16, 512, 2048);
 	router_logits_case(3, 16, 256);
+	router_logits_case(9, 512, 2048);
+	router_logits_case(5, 40, 200); /* a partial last k-step, a slice of 8 inputs */
 	router_logits_case(40, 512, 2048);
 	router_invariance_case(512, 2048);
 	router_case(7, 512, 10, true);
