@@ -120,6 +120,30 @@ static __device__ __forceinline__ void delta_gates(float *alpha, float *beta, fl
 	*alpha = expf(negA * sp);
 }
 
+/* A warp's eight state products of one token, x = Sᵀk of its four columns | Sᵀq of them (each
+ * lane's part over its KPL inputs), summed over the warp by a reduce-scatter: 4 + 2 + 1 shuffles
+ * leave each group of four lanes one product summed over eight lanes, 2 more finish it, one
+ * more fetches the other half: 10, not the 40 of a butterfly per product.  Lane l ends with
+ * column (l >> 2) & 3's (Sᵀk, Sᵀq).  The same order in decode and prefill. */
+static __device__ __forceinline__ float2 delta_state_sums(const float x[8], int lane)
+{
+	const bool hi = lane & 16; /* lanes with bit 4 keep the Sᵀq half, bit 3 a pair of it, bit 2 one */
+	float y[4], z[2], w;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		y[i] = (hi ? x[4 + i] : x[i]) + __shfl_xor_sync(0xffffffffu, hi ? x[i] : x[4 + i], 16);
+#pragma unroll
+	for (int i = 0; i < 2; i++)
+		z[i] = (lane & 8 ? y[2 + i] : y[i]) + __shfl_xor_sync(0xffffffffu, lane & 8 ? y[i] : y[2 + i], 8);
+	w = (lane & 4 ? z[1] : z[0]) + __shfl_xor_sync(0xffffffffu, lane & 4 ? z[0] : z[1], 4);
+	w += __shfl_xor_sync(0xffffffffu, w, 2);
+	w += __shfl_xor_sync(0xffffffffu, w, 1);
+	const float other = __shfl_xor_sync(0xffffffffu, w, 16);
+
+	return hi ? make_float2(other, w) : make_float2(w, other);
+}
+
 /* Decode: every sequence feeds one token; the conv is computed here from the projections (and the
  * conv state advanced), and the output is gated-normed into core.  CL > 1 (sm_90): a head's
  * columns are split over a cluster of CL blocks, which add up the gated norm's sum of squares
@@ -127,6 +151,7 @@ static __device__ __forceinline__ void delta_gates(float *alpha, float *beta, fl
 template <int KPL, int CL>
 __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constant__ delta_args A)
 {
+	static_assert(Q3G_DELTA_CPW == 4, "the reduce-scatter hands 8 sums to 8 groups of 4 lanes");
 	constexpr int CPW = Q3G_DELTA_CPW;
 	__shared__ float red[32];
 	__shared__ float cqkv[2 * Q3G_MAX_DK + 32 * CPW]; /* q | k | v after the conv */
@@ -139,6 +164,7 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk);
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, i0 = lane * KPL;
 	const int c0 = blockIdx.z * (blockDim.x / 32) * CPW + warp * CPW;
+	const int col = (lane >> 2) & 3; /* the column whose state products this lane ends with */
 	const struct q3g_seq sq = A.rows.seq[s];
 	float *Sg = sq.rec + ((size_t)A.lin * A.Nv + j) * A.Dv * A.Dk;
 	const float qscale = rsqrtf((float)A.Dk);
@@ -153,7 +179,11 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 
 	for (int t = 0; t < sq.n; t++) {
 		const int row = sq.row0 + t;
-		float q[KPL], k[KPL], v[CPW], b, a;
+		/* what the end of the step needs, in flight with the conv's loads: the gates' inputs,
+		 * and column col's output gate z and norm weight (lanes 0, 4, 8, 12 use them) */
+		const float b = A.ba[(size_t)row * 2 * A.Nv + j], a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
+		const float zc = A.z[(size_t)row * A.ldz + (size_t)j * A.Dv + c0 + col], nwc = A.normw[c0 + col];
+		float q[KPL], k[KPL];
 		float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
 
 		/* the conv of the head's q, k and v channels, once per channel (not once per warp: the
@@ -173,66 +203,55 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 			if (c >= 2 * A.Dk || (j % (A.Nv / A.Nk) == 0 && blockIdx.z == 0))
 				conv_shift(A, xr, rd, wr, sq.pos, ch);
 		}
-		b = A.ba[(size_t)row * 2 * A.Nv + j];
-		a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
 		__syncthreads();
 #pragma unroll
 		for (int i = 0; i < KPL; i++) {
 			q[i] = cqkv[i0 + i];
 			k[i] = cqkv[A.Dk + i0 + i];
 		}
-#pragma unroll
-		for (int c = 0; c < CPW; c++)
-			v[c] = cqkv[2 * A.Dk + c0 + c];
+		const float vc = cqkv[2 * A.Dk + c0 + col];
 #pragma unroll
 		for (int i = 0; i < KPL; i++) {
 			sqq += q[i] * q[i];
 			skk += k[i] * k[i];
 			sqk += q[i] * k[i];
 		}
-		float pk[CPW], pq[CPW];
+		float x[2 * CPW];
 
 #pragma unroll
-		for (int c = 0; c < CPW; c++) {
-			pk[c] = pq[c] = 0.0f;
+		for (int cc = 0; cc < CPW; cc++) {
+			x[cc] = x[CPW + cc] = 0.0f;
 #pragma unroll
 			for (int i = 0; i < KPL; i++) {
-				pk[c] += S[c][i] * k[i];
-				pq[c] += S[c][i] * q[i];
+				x[cc] += S[cc][i] * k[i];
+				x[CPW + cc] += S[cc][i] * q[i];
 			}
 		}
-		/* one round of reductions: the norms, q·k, and the state products */
-#pragma unroll
-		for (int off = 16; off > 0; off >>= 1) {
-			sqq += __shfl_xor_sync(0xffffffffu, sqq, off);
-			skk += __shfl_xor_sync(0xffffffffu, skk, off);
-			sqk += __shfl_xor_sync(0xffffffffu, sqk, off);
-#pragma unroll
-			for (int c = 0; c < CPW; c++) {
-				pk[c] += __shfl_xor_sync(0xffffffffu, pk[c], off);
-				pq[c] += __shfl_xor_sync(0xffffffffu, pq[c], off);
-			}
-		}
+		sqq = warp_sum(sqq);
+		skk = warp_sum(skk);
+		sqk = warp_sum(sqk);
+		const float2 kq = delta_state_sums(x, lane);
 		const float rq = rsqrtf(sqq + 1e-6f) * qscale, rk = rsqrtf(skk + 1e-6f);
 		const float qk = sqk * rq * rk;
-		float alpha, beta, o[CPW];
+		float alpha, beta, d[CPW];
 
 		delta_gates(&alpha, &beta, b, a, negA, dtb);
-#pragma unroll
-		for (int c = 0; c < CPW; c++) {
-			/* products with the normalized q and k: scale the raw ones */
-			float kv = pk[c] * rk, qs = pq[c] * rq;
-			float delta = beta * (v[c] - alpha * kv);
+		/* products with the normalized q and k: scale the raw ones (column c's, in this lane) */
+		const float delta = beta * (vc - alpha * (kq.x * rk)), oc = alpha * (kq.y * rq) + delta * qk;
 
-			o[c] = alpha * qs + delta * qk;
+#pragma unroll
+		for (int cc = 0; cc < CPW; cc++)
+			d[cc] = __shfl_sync(0xffffffffu, delta, 4 * cc);
+#pragma unroll
+		for (int cc = 0; cc < CPW; cc++)
 #pragma unroll
 			for (int i = 0; i < KPL; i++)
-				S[c][i] = alpha * S[c][i] + (k[i] * rk) * delta;
-		}
-		float ss = 0.0f;
-#pragma unroll
-		for (int c = 0; c < CPW; c++)
-			ss += o[c] * o[c];
+				S[cc][i] = alpha * S[cc][i] + (k[i] * rk) * d[cc];
+		/* the four columns' squares, in lane 0 (from lanes 0, 4, 8, 12) */
+		float ss = oc * oc;
+
+		ss += __shfl_xor_sync(0xffffffffu, ss, 4);
+		ss += __shfl_xor_sync(0xffffffffu, ss, 8);
 		__syncthreads();
 		if (lane == 0)
 			red[warp] = ss;
@@ -256,12 +275,9 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 #endif
 		}
 		const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
-		const float *zr = A.z + (size_t)row * A.ldz + (size_t)j * A.Dv + c0;
-		uint16_t *out = A.core + (size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0;
-#pragma unroll
-		for (int c = 0; c < CPW; c++)
-			if (lane == c)
-				out[c] = f2h_bits(A.normw[c0 + c] * (o[c] * rs) * dev_silu(zr[c]));
+
+		if ((lane & 19) == 0) /* lanes 0, 4, 8, 12: columns 0-3 */
+			A.core[(size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0 + col] = f2h_bits(nwc * (oc * rs) * dev_silu(zc));
 	}
 #pragma unroll
 	for (int c = 0; c < CPW; c++)
@@ -336,7 +352,6 @@ __global__ void __launch_bounds__(32 * DELTA_PF_WARPS) delta_prefill_kernel(cons
 	float *Sg = sq.rec + ((size_t)A.lin * A.Nv + j) * A.Dv * Dk;
 	const float qscale = rsqrtf((float)Dk), negA = -expf(A.A_log[j]), dtb = A.dt_bias[j];
 	const int nch = cdiv(sq.n, tc), c = (lane >> 2) & 3; /* the column whose sums this lane ends with */
-	const bool hi = lane & 16;			      /* ... of Sᵀq (hi) or of Sᵀk */
 	float S[CPW][KPL];
 
 #pragma unroll
@@ -405,20 +420,8 @@ __global__ void __launch_bounds__(32 * DELTA_PF_WARPS) delta_prefill_kernel(cons
 					x[CPW + cc] += S[cc][i] * q[i];
 				}
 			}
-			/* reduce-scatter: lanes with bit 4 keep the Sᵀq half, bit 3 a pair of it, bit 2 one */
-			float y[4], z[2], w;
-
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-				y[i] = (hi ? x[4 + i] : x[i]) + __shfl_xor_sync(0xffffffffu, hi ? x[i] : x[4 + i], 16);
-#pragma unroll
-			for (int i = 0; i < 2; i++)
-				z[i] = (lane & 8 ? y[2 + i] : y[i]) + __shfl_xor_sync(0xffffffffu, lane & 8 ? y[i] : y[2 + i], 8);
-			w = (lane & 4 ? z[1] : z[0]) + __shfl_xor_sync(0xffffffffu, lane & 4 ? z[0] : z[1], 4);
-			w += __shfl_xor_sync(0xffffffffu, w, 2);
-			w += __shfl_xor_sync(0xffffffffu, w, 1);
-			const float other = __shfl_xor_sync(0xffffffffu, w, 16);
-			const float kv = (hi ? other : w) * rk, qs = (hi ? w : other) * rq;
+			const float2 kq = delta_state_sums(x, lane);
+			const float kv = kq.x * rk, qs = kq.y * rq;
 			const float delta = beta * (bt[2 * Dk + warp * CPW + c] - alpha * kv);
 			float d[CPW];
 
