@@ -93,8 +93,8 @@ struct cuda_bk {
 	size_t tab_bytes;
 
 	/* activations (maxrows rows) */
-	float *h, *qkvz, *ba, *u, *og, *qg, *kk, *vv, *logits_r, *sg, *wts, *gu, *part, *att_o, *logits;
-	uint16_t *xb, *core, *qb, *att, *wtmp, *att_p;
+	float *h, *qkvz, *ba, *u, *og, *qg, *kk, *vv, *logits_r, *sg, *wts, *part, *att_o, *logits;
+	uint16_t *xb, *core, *qb, *att, *wtmp, *att_p, *act;
 	float *xf, *wtmp32;	/* the router's fp32 input and expanded weights (prefill) */
 	float *att_s;
 	size_t att_elems;
@@ -245,7 +245,7 @@ static void cuda_close(void *p)
 	}
 	free_lin(&bk->lm_head);
 	void *bufs[] = { bk->embed, bk->final_norm, bk->tab_d, bk->h, bk->qkvz, bk->ba, bk->u, bk->og,
-			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->gu, bk->part, bk->att_o,
+			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->act, bk->part, bk->att_o,
 			 bk->logits, bk->xb, bk->core, bk->qb, bk->att, bk->wtmp, bk->att_p, bk->att_s,
 			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx, bk->rdone, bk->samp_ws };
 	for (size_t j = 0; j < Q3_ARRAY_SIZE(bufs); j++)
@@ -415,10 +415,16 @@ static size_t tab_size(int R, int L, int S)
 	return ((size_t)(4 * R + L) * sizeof(int) + 15) / 16 * 16 + (size_t)S * sizeof(struct q3g_seq);
 }
 
+/* Halves a pair's row of decode expert activations takes (q3g_moe_up's act; even for 4-byte loads). */
+static int moe_lda(const struct q3g_dims *d)
+{
+	return (Q3_MAX(d->I, d->Is) + 1) & ~1;
+}
+
 static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 {
 	const struct q3g_dims *d = &bk->d;
-	size_t R = (size_t)bk->maxrows, P = R * (d->topk + 1), Imax = Q3_MAX(d->I, d->Is);
+	size_t R = (size_t)bk->maxrows, P = R * (d->topk + 1);
 	size_t lrows = Q3_MAX((size_t)bk->o.max_batch, (size_t)BK_LOGIT_ROWS), wt = 0;
 	int err;
 
@@ -447,7 +453,7 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 	DALLOC(bk->wts, P * 4, "routing");
 	DALLOC(bk->rdone, 4, "routing");
 	CUDA_CHECK(e, cudaMemsetAsync(bk->rdone, 0, 4, bk->st));
-	DALLOC(bk->gu, (size_t)bk->dec_rows * (d->topk + 1) * 2 * Imax * 4, "expert activations");
+	DALLOC(bk->act, (size_t)bk->dec_rows * (d->topk + 1) * moe_lda(d) * 2, "expert activations");
 	DALLOC(bk->moe_ws, q3g_moe_prefill_scratch(bk->maxrows, d), "the prefill MoE");
 	DALLOC(bk->logits, lrows * d->V * 4, "logits");
 	CUDA_CHECK(e, cudaMallocHost(&bk->logits_h, lrows * d->V * 4));
@@ -848,7 +854,7 @@ static int layer_full(struct cuda_bk *bk, const struct glayer *L, const struct c
 static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const struct call *k, q3_err *e)
 {
 	const struct q3g_dims *d = &bk->d;
-	int H = d->H, ldgu = 2 * Q3_MAX(d->I, d->Is), err;
+	int H = d->H, lda = moe_lda(d), err;
 	struct q3g_job j[2] = { job_in(bk, k, &L->router, L->post_norm, bk->logits_r, d->E),
 				job_in(bk, k, &L->shared_gate, L->post_norm, bk->sg, 1) };
 	/* with experts on the CPU the threads read the normed activations xb, which run_layers then
@@ -870,12 +876,12 @@ static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const s
 	if (k->R <= bk->dec_rows) {
 		if (off && (err = q3_off_publish(bk->off, li, bk->idx, bk->wts, bk->xb, bk->sidx, k->R, bk->st, e)))
 			return err;
-		err = !xb_ready ? q3g_moe_up_norm(bk->gu, bk->h, L->post_norm, d->eps, ix, &L->egate.m, &L->eup.m,
-						  &L->sgate.m, &L->sup.m, k->R, d->topk, H, ldgu, bk->st, e)
-				: q3g_moe_up(bk->gu, bk->xb, ix, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m, k->R, d->topk,
-					H, ldgu, bk->st, e);
+		err = !xb_ready ? q3g_moe_up_norm(bk->act, bk->h, L->post_norm, d->eps, ix, &L->egate.m, &L->eup.m,
+						  &L->sgate.m, &L->sup.m, k->R, d->topk, H, lda, bk->st, e)
+				: q3g_moe_up(bk->act, bk->xb, ix, &L->egate.m, &L->eup.m, &L->sgate.m, &L->sup.m, k->R, d->topk,
+					H, lda, bk->st, e);
 		if (err ||
-		    (err = q3g_moe_down(bk->h, bk->gu, ix, bk->wts, &L->edown.m, &L->sdown.m, k->R, d->topk, H, ldgu,
+		    (err = q3g_moe_down(bk->h, bk->act, ix, bk->wts, &L->edown.m, &L->sdown.m, k->R, d->topk, H, lda,
 					bk->st, e)))
 			return err;
 		return off ? q3_off_join(bk->off, li, bk->h, k->R, bk->st, e) : 0;

@@ -269,19 +269,19 @@ int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsig
 #define Q3G_SKIP (-2)
 
 /* Decode MoE (per (row, slot) pair p = r·(k+1) + s, any R):
- *   up:   gu[p][0..N) = x[r]·gateᵀ, gu[p][ldgu/2 ..) = x[r]·upᵀ, with the pair's expert idx[p]
- *         (gate/up: the stacks) or, for idx -1, the shared expert (sgate/sup);
- *   down: h[r] += Σ_s w[p] · down_e(silu(gate) ⊙ up). */
-int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
+ *   up:   act[p][0..N) = fp16(silu(x[r]·gateᵀ) ⊙ (x[r]·upᵀ)) (rows of lda >= N halves), with the
+ *         pair's expert idx[p] (gate/up: the stacks) or, for slot k, the shared expert (sgate/sup);
+ *   down: h[r] += Σ_s w[p] · down_e(act[p]). */
+int q3g_moe_up(uint16_t *act, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
 	       const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
-	       int k, int H, int ldgu, q3g_stream st, struct q3_err *e);
+	       int k, int H, int lda, q3g_stream st, struct q3_err *e);
 /* The same with the input normalized in place: x = fp16(RMSNorm(h)·(1 + normw)), h [R][H]. */
-int q3g_moe_up_norm(float *gu, const float *h, const float *normw, float eps, const int *idx,
+int q3g_moe_up_norm(uint16_t *act, const float *h, const float *normw, float eps, const int *idx,
 		    const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *sgate,
-		    const struct q3g_mat *sup, int R, int k, int H, int ldgu, q3g_stream st,
+		    const struct q3g_mat *sup, int R, int k, int H, int lda, q3g_stream st,
 		    struct q3_err *e);
-int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w, const struct q3g_mat *down,
-		 const struct q3g_mat *sdown, int R, int k, int H, int ldgu, q3g_stream st,
+int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const float *w, const struct q3g_mat *down,
+		 const struct q3g_mat *sdown, int R, int k, int H, int lda, q3g_stream st,
 		 struct q3_err *e);
 /* Tests only: q3g_moe_down runs the kernel it uses before sm_90 on every device. */
 extern bool q3g_moe_down_force_regs;

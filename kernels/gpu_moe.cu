@@ -7,8 +7,8 @@
  *   q3g_router_topk  one warp per row: softmax over E logits (fp32), the top k ranked among the
  *                    few candidates at or above a bound (ties: the lower index; rounds of warp
  *                    argmax where they are too many), renormalization; slot k = the shared expert.
- *   q3g_moe_up       block (pairs of one row, row tiles of gate or up): each pair's expert's gate
- *                    and up projections of the row, fp32 [P][2][Imax]; the row staged once.
+ *   q3g_moe_up       block (pairs of one row, a row tile of gate and of up): each pair's expert's
+ *                    silu(gate) ⊙ up of the row in fp16 [P][lda]; the row staged once.
  *   q3g_moe_down     gpu_moe_down.cu (sm_90: expert tiles bulk-copied into a shared-memory
  *                    ring), gpu_moe_down_regs.cu (before sm_90: through registers).
  */
@@ -665,27 +665,32 @@ struct moe_up_launch {
 	const float *xh, *normw; /* instead of x: the residual stream, normalized while staging */
 	float eps;
 	const int *idx;
-	float *gu;
-	int k, H, ldgu, nb; /* nb: blocks per matrix (row tiles / RT) */
-	int rt;
-	int pb;		    /* pairs of one row a block runs, one after another (one staging) */
+	uint16_t *act;
+	int k, H, lda, nb; /* nb: blocks a pair (row tiles of gate, each with up's) */
+	int pb;		   /* pairs of one row a block runs, one after another (one staging) */
 	int cpw[2];	    /* chunks a warp takes of a routed / the shared expert's matrix */
 };
 
-/* Block (PB pairs of one row, row tiles of gate or up): pairs [s0, s1) of row r, all routed or
- * the shared one alone, in weight format FMT.  The row is staged once for its pairs (once per pair
- * where the experts have act-order permutations of their own); each pair's tiles are computed
- * exactly as with PB = 1, so PB may follow the batch size. */
+/* Block (PB pairs of one row, row tile b of gate and of up): pairs [s0, s1) of row r, all routed
+ * or the shared one alone, in weight format FMT.  Warps 0-3 take the gate's tile, 4-7 the up's,
+ * so that the block ends with both halves of its 16 activations and writes silu(gate) ⊙ up in
+ * fp16, the down projection's input (each of its 128 blocks read the fp32 gate and up rows of
+ * every pair and computed the product again).  The row is staged once for its pairs (once per
+ * pair, and apart for gate and up, where the experts have act-order permutations of their own);
+ * each pair's tiles are computed exactly as with PB = 1, so PB may follow the batch size. */
 template <int FMT>
 static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, int s0, int s1)
 {
 	extern __shared__ uint4 smem[];
 	__shared__ float rs[1];
-	const int which = blockIdx.y / L.nb, b = blockIdx.y % L.nb;
-	const int WPT = (Q3G_MMV_THREADS / 32) / L.rt, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	const int tile = b * L.rt + warp / WPT, kr = warp % WPT;
+	__shared__ float uo[Q3G_TILE_N]; /* the up half's sums, for the gate half's warp */
+	constexpr int WPT = Q3G_MMV_THREADS / 32 / 2;
+	const int tile = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int which = warp / WPT, kr = warp % WPT; /* 0: gate, 1: up */
 	uint16_t *xs = (uint16_t *)smem;
-	const uint16_t *sperm = NULL; /* what xs holds: the row through sperm, skp positions (0: nothing) */
+	/* what xs holds: the row through sperm[0] (gate) and sperm[1] (up, in its second half where
+	 * the two differ), skp positions each (0: nothing) */
+	const uint16_t *sperm[2] = { NULL, NULL };
 	int skp = 0;
 	__shared__ int sid[Q3G_ROUTER_MAX_K + 1]; /* the pairs' experts, read once */
 
@@ -694,49 +699,63 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 	__syncthreads();
 	for (int s = s0; s < s1; s++) {
 		/* everything that decides a skip is the same in every thread: the barriers below stay
-		 * block-uniform */
+		 * block-uniform (gate and up have the same shape: q3g_moe_up checks it) */
 		const int p = r * (L.k + 1) + s, ex = sid[s - s0];
 		const bool shared = s == L.k;
 		const int mi = shared ? 0 : ex;
-		const struct q3g_mat &m = L.mat[2 * shared + which];
-		const int Kp = m.nchunks * Q3G_KCHUNK;
-		float *red = (float *)(xs + Kp);
+		const struct q3g_mat &mg = L.mat[2 * shared], &mu = L.mat[2 * shared + 1];
+		const struct q3g_mat &m = which ? mu : mg;
+		const int Kp = mg.nchunks * Q3G_KCHUNK;
+		float *red = (float *)(xs + 2 * Kp);
 		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
-		if (ex == Q3G_SKIP || b * L.rt >= m.ntiles)
+		if (ex == Q3G_SKIP || tile >= mg.ntiles)
 			continue; /* the CPU's expert (offload), or a narrower matrix */
-		const uint16_t *perm = m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL;
+		const uint16_t *pg = mg.perm ? mg.perm + (size_t)mi * mg.perm_stride : NULL;
+		const uint16_t *pu = mu.perm ? mu.perm + (size_t)mi * mu.perm_stride : NULL;
 		const int per = L.cpw[shared], c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 
-		if (Kp != skp || perm != sperm) {
+		if (Kp != skp || pg != sperm[0] || pu != sperm[1]) {
 			__syncthreads(); /* the previous pair is done with xs */
-			if (L.xh)
-				stage_x_norm<1>(xs, rs, L.xh + (size_t)r * L.H, L.H, 1, m.K, Kp, perm, L.normw, L.eps);
-			else
-				stage_x_f16<1>(xs, L.x + (size_t)r * L.H, L.H, 1, m.K, Kp, perm);
-			sperm = perm;
+			for (int h = 0; h < 1 + (pu != pg); h++) {
+				const uint16_t *perm = h ? pu : pg;
+
+				if (h)
+					__syncthreads(); /* stage_x_norm's rs is read until every thread is done */
+				if (L.xh)
+					stage_x_norm<1>(xs + h * Kp, rs, L.xh + (size_t)r * L.H, L.H, 1, mg.K, Kp, perm, L.normw,
+							L.eps);
+				else
+					stage_x_f16<1>(xs + h * Kp, L.x + (size_t)r * L.H, L.H, 1, mg.K, Kp, perm);
+			}
+			sperm[0] = pg;
+			sperm[1] = pu;
 			skp = Kp;
 			__syncthreads();
 		}
-		if (tile < m.ntiles) {
-			/* four loads a batch, not the matvec's eight (a warp's 8 chunks at the real
-			 * shapes in two batches, not one): a smaller body, which also stopped the
-			 * Q4/F16 instance spilling at three blocks an SM */
-			run_chunks<FMT, 1, 4>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride,
-					      (size_t)mi * m.sz_stride, tile, c0, c1, (const uint2 *)xs, 1, 0, 1.0f, acc);
-		}
+		/* four loads a batch, not the matvec's eight (a warp's 8 chunks at the real shapes in two
+		 * batches, not one): a smaller body, which also stopped the Q4/F16 instance spilling at
+		 * three blocks an SM */
+		run_chunks<FMT, 1, 4>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
+				      c0, c1, (const uint2 *)(which && pu != pg ? xs + Kp : xs), 1, 0, 1.0f, acc);
 		reduce_tile_warps<1>(red, acc, WPT);
 		/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
-		if (kr == 0 && tile < m.ntiles && !(lane & 3)) {
-			int row = tile * Q3G_TILE_N + (lane >> 2);
-			float *o = L.gu + (size_t)p * L.ldgu + (size_t)which * (L.ldgu / 2);
+		const int g = lane >> 2, row = tile * Q3G_TILE_N + g;
+
+		if (kr == 0 && which && !(lane & 3)) {
+			uo[g] = acc[0][0];
+			uo[g + 8] = acc[0][2];
+		}
+		__syncthreads();
+		if (kr == 0 && !which && !(lane & 3)) {
+			uint16_t *o = L.act + (size_t)p * L.lda;
 
 			if (row < m.N)
-				o[row] = acc[0][0];
+				o[row] = f2h_bits(silu_fast(acc[0][0]) * uo[g]);
 			if (row + 8 < m.N)
-				o[row + 8] = acc[0][2];
+				o[row + 8] = f2h_bits(silu_fast(acc[0][2]) * uo[g + 8]);
 		}
-		__syncthreads(); /* red is reused by the next pair */
+		__syncthreads(); /* red and uo are reused by the next pair */
 	}
 }
 
@@ -774,23 +793,30 @@ static moe_up_fn up_kernel_for(int fr, int fs)
 	return t[fr][fs];
 }
 
-static size_t up_smem(const struct q3g_mat *m, int rt)
+/* The row staged twice (gate's and up's permutations), then the warps' partial sums. */
+static size_t up_smem(const struct q3g_mat *m)
 {
-	return (((size_t)m->nchunks * Q3G_KCHUNK * 2 + 15) & ~(size_t)15) + (rt < 8 ? Q3G_MMV_THREADS * 16 : 0);
+	return (((size_t)m->nchunks * Q3G_KCHUNK * 2 * 2 + 15) & ~(size_t)15) + Q3G_MMV_THREADS * 16;
 }
 
-static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *normw, float eps, const int *idx,
+static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float *normw, float eps, const int *idx,
 		  const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *sgate,
-		  const struct q3g_mat *sup, int R, int k, int H, int ldgu, q3g_stream st, q3_err *e)
+		  const struct q3g_mat *sup, int R, int k, int H, int lda, q3g_stream st, q3_err *e)
 {
 	moe_up_launch L;
-	int tiles = Q3_MAX(gate->ntiles, sgate->ntiles);
 	size_t smem;
 
-	if (up->ntiles != gate->ntiles || sup->ntiles != sgate->ntiles || 2 * Q3_MAX(gate->N, sgate->N) > ldgu)
-		return q3_errf(e, -EINVAL, "moe up: gate and up shapes differ, or gu rows too short");
+	if (up->N != gate->N || up->ntiles != gate->ntiles || up->nchunks != gate->nchunks || sup->N != sgate->N ||
+	    sup->ntiles != sgate->ntiles || sup->nchunks != sgate->nchunks)
+		return q3_errf(e, -EINVAL, "moe up: gate and up shapes differ (%d / %d and %d / %d outputs)", gate->N,
+			       up->N, sgate->N, sup->N);
+	if (Q3_MAX(gate->N, sgate->N) > lda)
+		return q3_errf(e, -EINVAL, "moe up: activations of %d / %d outputs in rows of %d halves", gate->N,
+			       sgate->N, lda);
 	if (gate->K != H || up->K != H || sgate->K != H || sup->K != H)
 		return q3_errf(e, -EINVAL, "moe up: experts take %d / %d inputs, the rows have %d", gate->K, sgate->K, H);
+	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
+		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
 	memset(&L, 0, sizeof(L));
 	L.mat[0] = *gate;
 	L.mat[1] = *up;
@@ -801,47 +827,44 @@ static int moe_up(float *gu, const uint16_t *x, const float *xh, const float *no
 	L.normw = normw;
 	L.eps = eps;
 	L.idx = idx;
-	L.gu = gu;
+	L.act = act;
 	L.k = k;
 	L.H = H;
-	L.ldgu = ldgu;
-	/* two row tiles a block (one staging for both); never chosen by R, so that a row's sums do
-	 * not depend on its batch */
-	L.rt = tiles > 1 ? 2 : 1;
-	L.nb = cdiv(tiles, L.rt);
-	L.cpw[0] = cdiv(gate->nchunks, Q3G_MMV_THREADS / 32 / L.rt);
-	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / L.rt);
-	smem = Q3_MAX(up_smem(gate, L.rt), up_smem(sgate, L.rt));
+	L.lda = lda;
+	/* a block a row tile of gate with up's (never chosen by R, so that a row's sums do not
+	 * depend on its batch), four warps each */
+	L.nb = Q3_MAX(gate->ntiles, sgate->ntiles);
+	L.cpw[0] = cdiv(gate->nchunks, Q3G_MMV_THREADS / 32 / 2);
+	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / 2);
+	smem = Q3_MAX(up_smem(gate), up_smem(sgate));
 	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
 			       q3g_dev.smem_dyn);
-	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
-		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
 	/* routed pairs a block: about four waves of blocks (three resident an SM), so that a large
 	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
 	 * with a pair a block); one where the grid is small anyway */
-	const long blocks = (long)R * (k + 1) * 2 * L.nb, target = 4L * 3 * q3g_dev.sms;
+	const long blocks = (long)R * (k + 1) * L.nb, target = 4L * 3 * q3g_dev.sms;
 	const bool same = gate->fmt == sgate->fmt;
 
 	L.pb = (int)Q3_MIN((long)(same ? k + 1 : k), Q3_MAX(1L, blocks / target));
-	dim3 grid(R * (same ? cdiv(k + 1, L.pb) : cdiv(k, L.pb) + 1), 2 * L.nb);
+	dim3 grid(R * (same ? cdiv(k + 1, L.pb) : cdiv(k, L.pb) + 1), L.nb);
 
 	CUDA_CHECK(e, q3g_launch(up_kernel_for(gate->fmt, sgate->fmt), grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
-extern "C" int q3g_moe_up(float *gu, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
+extern "C" int q3g_moe_up(uint16_t *act, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
 			  const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
-			  int k, int H, int ldgu, q3g_stream st, q3_err *e)
+			  int k, int H, int lda, q3g_stream st, q3_err *e)
 {
-	return moe_up(gu, x, NULL, NULL, 0.0f, idx, gate, up, sgate, sup, R, k, H, ldgu, st, e);
+	return moe_up(act, x, NULL, NULL, 0.0f, idx, gate, up, sgate, sup, R, k, H, lda, st, e);
 }
 
-extern "C" int q3g_moe_up_norm(float *gu, const float *h, const float *normw, float eps, const int *idx,
+extern "C" int q3g_moe_up_norm(uint16_t *act, const float *h, const float *normw, float eps, const int *idx,
 			       const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *sgate,
-			       const struct q3g_mat *sup, int R, int k, int H, int ldgu, q3g_stream st, q3_err *e)
+			       const struct q3g_mat *sup, int R, int k, int H, int lda, q3g_stream st, q3_err *e)
 {
-	return moe_up(gu, NULL, h, normw, eps, idx, gate, up, sgate, sup, R, k, H, ldgu, st, e);
+	return moe_up(act, NULL, h, normw, eps, idx, gate, up, sgate, sup, R, k, H, lda, st, e);
 }
 
 int q3g_moe_init(q3_err *e)

@@ -7,9 +7,9 @@
  * with its scales and zero points beside it.  One producer thread copies those into a ring of
  * shared-memory stages with bulk copies (cp.async.bulk: the SM's copy engine moves the bytes and
  * counts them into the stage's mbarrier), as far ahead as the ring allows; up to sixteen consumer
- * warps take the pairs in turn, load the pair's activations (silu(gate) ⊙ up, from L2) into fp16 B
- * fragments while the tile arrives, wait for their stage, and run the tile's k-steps from shared
- * memory in a rolled loop.
+ * warps take the pairs in turn, load the pair's activations (moe_up's fp16 silu(gate) ⊙ up, from
+ * L2) into B fragments while the tile arrives, wait for their stage, and run the tile's k-steps
+ * from shared memory in a rolled loop.
  *
  * The design before loaded the weights into registers, three chunks a warp at a time: 90 us at
  * R = 16 (H200, int4, ~90 MB), a round trip for every three chunks and an unrolled body that
@@ -33,11 +33,11 @@
 struct down_launch {
 	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
 	struct bulk_tile dt[2];
-	const float *gu;
+	const uint16_t *act;
 	const int *idx;
 	const float *w;
 	float *h;
-	int k, H, ldgu, R;
+	int k, H, lda, R;
 	int nst;	 /* ring stages, a multiple of ncw */
 	int ncw;	 /* consumer warps taking pairs (<= DN_CWARPS) */
 	uint32_t stage;	 /* bytes of a ring stage */
@@ -45,19 +45,18 @@ struct down_launch {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-/* The pair's activations silu(gate) ⊙ up in fp16, as the B fragments want them: word (c, st, t,
- * half) of aw holds the inputs 16st + 2t + 8·half (+1) of chunk c, so that a lane of column t reads
- * its two words of a k-step as one uint2.  Inputs through the act-order permutation (positions
- * >= K: 0); lane l computes inputs 2l, 2l + 1 of every chunk, eight chunks' loads at once (gate
- * and up from L2: moe_up wrote them just before). */
-static __device__ __forceinline__ void stage_act(uint32_t *aw, const float *gate, const float *up,
-						 const uint16_t *perm, int K, int nch)
+/* The pair's activations (moe_up's fp16 silu(gate) ⊙ up) as the B fragments want them: word
+ * (c, st, t, half) of aw holds the inputs 16st + 2t + 8·half (+1) of chunk c, so that a lane of
+ * column t reads its two words of a k-step as one uint2.  Inputs through the act-order
+ * permutation (positions >= K: 0); lane l reads inputs 2l, 2l + 1 of every chunk, eight chunks'
+ * loads at once (from L2: moe_up wrote them just before). */
+static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *act, const uint16_t *perm, int K, int nch)
 {
 	const int lane = threadIdx.x & 31, slot = aw_slot(lane);
-	const bool vec = !perm && !((uintptr_t)gate & 7) && !((uintptr_t)up & 7);
+	const bool vec = !perm && !((uintptr_t)act & 3);
 
 	for (int c0 = 0; c0 < nch; c0 += 8) {
-		float2 g[8], u[8];
+		uint32_t v[8];
 
 #pragma unroll
 		for (int i = 0; i < 8; i++) {
@@ -65,8 +64,7 @@ static __device__ __forceinline__ void stage_act(uint32_t *aw, const float *gate
 			int ka = kin, kb = kin + 1;
 
 			if (vec && kin + 1 < K) {
-				g[i] = *(const float2 *)(gate + kin);
-				u[i] = *(const float2 *)(up + kin);
+				v[i] = *(const uint32_t *)(act + kin);
 				continue;
 			}
 			if (perm && c0 + i < nch) {
@@ -74,15 +72,12 @@ static __device__ __forceinline__ void stage_act(uint32_t *aw, const float *gate
 
 				ka = pw & 0xffff, kb = pw >> 16;
 			}
-			g[i].x = ka < K ? gate[ka] : 0.0f;
-			u[i].x = ka < K ? up[ka] : 0.0f;
-			g[i].y = kb < K ? gate[kb] : 0.0f;
-			u[i].y = kb < K ? up[kb] : 0.0f;
+			v[i] = (ka < K ? (uint32_t)act[ka] : 0u) | (kb < K ? (uint32_t)act[kb] : 0u) << 16;
 		}
 #pragma unroll
 		for (int i = 0; i < 8; i++)
 			if (c0 + i < nch)
-				aw[(c0 + i) * 32 + slot] = pack_h2(silu_fast(g[i].x) * u[i].x, silu_fast(g[i].y) * u[i].y);
+				aw[(c0 + i) * 32 + slot] = v[i];
 	}
 }
 
@@ -147,10 +142,10 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 
 		if (ex != Q3G_SKIP) {
 			const int mi = sh ? 0 : ex;
-			const float *g = L.gu + ((size_t)(r0 + r) * S + s) * L.ldgu;
 
 			/* the activations' loads before the wait: they overlap the tile's copy */
-			stage_act(aw, g, g + L.ldgu / 2, m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, m.nchunks);
+			stage_act(aw, L.act + ((size_t)(r0 + r) * S + s) * L.lda,
+				  m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, m.nchunks);
 			__syncwarp();
 			bar_wait(&full[st], (q / L.nst) & 1);
 			if (sh) {
@@ -195,8 +190,8 @@ static moe_down_fn down_kernel_for(int fr, int fs)
 
 bool q3g_moe_down_force_regs;
 
-extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const float *w,
-			    const struct q3g_mat *down, const struct q3g_mat *sdown, int R, int k, int H, int ldgu,
+extern "C" int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const float *w,
+			    const struct q3g_mat *down, const struct q3g_mat *sdown, int R, int k, int H, int lda,
 			    q3g_stream st, q3_err *e)
 {
 	down_launch L;
@@ -206,22 +201,23 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 		return q3_errf(e, -EINVAL, "moe down: %d experts per token (up to %d)", k, Q3G_ROUTER_MAX_K);
 	if (down->N != H || sdown->N != H || down->ntiles != sdown->ntiles)
 		return q3_errf(e, -EINVAL, "moe down: output rows %d / %d, hidden %d", down->N, sdown->N, H);
-	if (2 * Q3_MAX(down->K, sdown->K) > ldgu || (ldgu & 1))
-		return q3_errf(e, -EINVAL, "moe down: activations of %d / %d inputs in rows of %d", down->K, sdown->K, ldgu);
+	if (Q3_MAX(down->K, sdown->K) > lda || (lda & 1))
+		return q3_errf(e, -EINVAL, "moe down: activations of %d / %d inputs in rows of %d halves (an even count)",
+			       down->K, sdown->K, lda);
 	if (R < 1)
 		return 0;
 	if (q3g_dev.cc < 90 || q3g_moe_down_force_regs || !tiles_copyable(down) || !tiles_copyable(sdown))
-		return q3g_moe_down_regs(h, gu, idx, w, down, sdown, R, k, H, ldgu, (cudaStream_t)st, e);
+		return q3g_moe_down_regs(h, act, idx, w, down, sdown, R, k, H, lda, (cudaStream_t)st, e);
 	memset(&L, 0, sizeof(L));
 	L.mat[0] = *down;
 	L.mat[1] = *sdown;
-	L.gu = gu;
+	L.act = act;
 	L.idx = idx;
 	L.w = w;
 	L.h = h;
 	L.k = k;
 	L.H = H;
-	L.ldgu = ldgu;
+	L.lda = lda;
 	L.R = R;
 	L.dt[0] = bulk_tile_of(down);
 	L.dt[1] = bulk_tile_of(sdown);
@@ -241,7 +237,7 @@ extern "C" int q3g_moe_down(float *h, const float *gu, const int *idx, const flo
 	if (L.ncw)
 		L.nst -= L.nst % L.ncw;
 	if (L.nst < 2) /* tiles too large for two stages: the kernel without them */
-		return q3g_moe_down_regs(h, gu, idx, w, down, sdown, R, k, H, ldgu, (cudaStream_t)st, e);
+		return q3g_moe_down_regs(h, act, idx, w, down, sdown, R, k, H, lda, (cudaStream_t)st, e);
 	CUDA_CHECK(e, q3g_launch(down_kernel_for(down->fmt, sdown->fmt), dim3(down->ntiles, cdiv(R, DN_ROWS)), DN_THREADS,
 				 fixed + (size_t)L.nst * L.stage, (cudaStream_t)st, L));
 	return 0;

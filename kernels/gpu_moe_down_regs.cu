@@ -8,11 +8,11 @@
 
 struct moe_down_launch {
 	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
-	const float *gu;
+	const uint16_t *act;
 	const int *idx;
 	const float *w;
 	float *h;
-	int k, H, ldgu, R;
+	int k, H, lda, R;
 	int per;    /* (slot, chunk) items of a row each warp takes */
 	int gcs[2]; /* chunk_group_shift of each matrix */
 };
@@ -25,30 +25,17 @@ struct moe_down_launch {
 #define DOWN_WARPS (DOWN_THREADS / 32)
 #define DOWN_ROWS Q3G_MMV_MAX_TOK
 
-/* Lane l's two activations of a slot's chunk: silu(gate) ⊙ up at inputs kin, kin + 1 of the
- * chunk (kin = 64c + 2l), read through the act-order permutation, as one fp16x2 word (zeros past
- * K).  The mma's B fragment of k-step st is then lanes 8st + t and 8st + 4 + t of the warp. */
-struct act_in {
-	float2 g, u;
-};
-
-static __device__ __forceinline__ act_in load_act(const float *gate, int ldgu, const uint16_t *perm, int K, int kin)
+/* Lane l's two activations of a slot's chunk (moe_up's fp16 silu(gate) ⊙ up) at inputs kin,
+ * kin + 1 of the chunk (kin = 64c + 2l), read through the act-order permutation, as one fp16x2
+ * word (zeros past K).  The mma's B fragment of k-step st is then lanes 8st + t and 8st + 4 + t
+ * of the warp. */
+static __device__ __forceinline__ uint32_t load_act(const uint16_t *act, const uint16_t *perm, int K, int kin)
 {
-	const float *up = gate + ldgu / 2;
-	act_in a;
+	if (!perm && kin + 1 < K && !((uintptr_t)act & 3))
+		return *(const uint32_t *)(act + kin);
+	const int ka = perm ? perm[kin] : kin, kb = perm ? perm[kin + 1] : kin + 1;
 
-	if (!perm && kin + 1 < K && !(ldgu & 2)) { /* up = gate + ldgu / 2: 8-byte aligned only if ldgu % 4 == 0 */
-		a.g = *(const float2 *)(gate + kin);
-		a.u = *(const float2 *)(up + kin);
-	} else {
-		int ka = perm ? perm[kin] : kin, kb = perm ? perm[kin + 1] : kin + 1;
-
-		a.g.x = ka < K ? gate[ka] : 0.0f;
-		a.u.x = ka < K ? up[ka] : 0.0f;
-		a.g.y = kb < K ? gate[kb] : 0.0f;
-		a.u.y = kb < K ? up[kb] : 0.0f;
-	}
-	return a;
+	return (ka < K ? (uint32_t)act[ka] : 0u) | (kb < K ? (uint32_t)act[kb] : 0u) << 16;
 }
 
 /* The scale group of chunk c: by a shift where groups are whole chunks of a power-of-two count
@@ -175,7 +162,7 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 	for (int q0 = 0; q0 < n; q0 += UB) {
 		uint4 w[UB][LM];
 		float s0[UB], s1[UB];
-		act_in x[UB];
+		uint32_t x[UB]; /* the items' activations, fp16x2 */
 		int dsc[UB]; /* chunk | slot << 12 | row << 20; row nr: past the end */
 
 #pragma unroll
@@ -213,7 +200,7 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 					s0[u] = m.scales[si];
 					s1[u] = m.scales[si + 8];
 				}
-				x[u] = load_act(L.gu + ((size_t)(r0 + rr) * S + s) * L.ldgu, L.ldgu,
+				x[u] = load_act(L.act + ((size_t)(r0 + rr) * S + s) * L.lda,
 						m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, c * Q3G_KCHUNK + 2 * lane);
 			}
 		}
@@ -230,7 +217,7 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 			}
 			if (sx[rr * S + s] == Q3G_SKIP)
 				continue; /* the CPU's expert (offload) */
-			const uint32_t P = pack_h2(silu_fast(x[u].g.x) * x[u].u.x, silu_fast(x[u].g.y) * x[u].u.y);
+			const uint32_t P = x[u];
 			const int mi = s == k ? 0 : sx[rr * S + s];
 			const struct q3g_mat &m = L.mat[s == k];
 			const float *zr = m.zeros ? m.zeros + (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N +
@@ -272,8 +259,8 @@ static size_t down_smem(int k)
 	return (size_t)DOWN_ROWS * DOWN_WARPS * 16 * 4 + (size_t)DOWN_ROWS * (k + 1) * 8;
 }
 
-int q3g_moe_down_regs(float *h, const float *gu, const int *idx, const float *w, const struct q3g_mat *down,
-		      const struct q3g_mat *sdown, int R, int k, int H, int ldgu, cudaStream_t st, q3_err *e)
+int q3g_moe_down_regs(float *h, const uint16_t *act, const int *idx, const float *w, const struct q3g_mat *down,
+		      const struct q3g_mat *sdown, int R, int k, int H, int lda, cudaStream_t st, q3_err *e)
 {
 	moe_down_launch L;
 
@@ -284,13 +271,13 @@ int q3g_moe_down_regs(float *h, const float *gu, const int *idx, const float *w,
 	memset(&L, 0, sizeof(L));
 	L.mat[0] = *down;
 	L.mat[1] = *sdown;
-	L.gu = gu;
+	L.act = act;
 	L.idx = idx;
 	L.w = w;
 	L.h = h;
 	L.k = k;
 	L.H = H;
-	L.ldgu = ldgu;
+	L.lda = lda;
 	L.R = R;
 	L.gcs[0] = chunk_group_shift(down);
 	L.gcs[1] = chunk_group_shift(sdown);

@@ -135,7 +135,7 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 {
 	struct dmat dg, du, dd, sg, su, sd;
 	std::vector<struct tlin> lg, lu, ld, s1, s2, s3;
-	int S = k + 1, ldgu = 2 * I;
+	int S = k + 1, lda = (I + 1) & ~1;
 
 	make_stack(&dg, lg, E, I, H, LIN_GPTQ);
 	make_stack(&du, lu, E, I, H, LIN_GPTQ);
@@ -167,7 +167,8 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 	rnd_f16(xb, xf, (size_t)R * H, 1.0f);
 	uint16_t *x = dev_upload(xb.data(), xb.size());
 	int *di = dev_upload(idx.data(), idx.size());
-	float *dw = dev_upload(w.data(), w.size()), *gu = dev_alloc<float>((size_t)R * S * ldgu), *h = dev_alloc<float>((size_t)R * H);
+	float *dw = dev_upload(w.data(), w.size()), *h = dev_alloc<float>((size_t)R * H);
+	uint16_t *gu = dev_alloc<uint16_t>((size_t)R * S * lda);
 	cudaGraph_t g[2];
 	cudaGraphExec_t ex[2];
 
@@ -177,9 +178,9 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 			const int *ix = di + (size_t)i * R * S;
 
 			if (part == 0)
-				GT_OK(q3g_moe_up(gu, x, ix, &dg.m, &du.m, &sg.m, &su.m, R, k, H, ldgu, st, &e_));
+				GT_OK(q3g_moe_up(gu, x, ix, &dg.m, &du.m, &sg.m, &su.m, R, k, H, lda, st, &e_));
 			else
-				GT_OK(q3g_moe_down(h, gu, ix, dw, &dd.m, &sd.m, R, k, H, ldgu, st, &e_));
+				GT_OK(q3g_moe_down(h, gu, ix, dw, &dd.m, &sd.m, R, k, H, lda, st, &e_));
 		}
 		GT_CHECK(cudaStreamEndCapture(st, &g[part]));
 		GT_CHECK(cudaGraphInstantiate(&ex[part], g[part], 0));
@@ -355,7 +356,7 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	memset(&d, 0, sizeof(d));
 	d.H = H; d.Nk = 16; d.Nv = 32; d.Dk = 128; d.Dv = 128; d.W = 4; d.key_dim = 2048; d.value_dim = 4096;
 	d.conv_dim = 8192; d.E = E; d.topk = k; d.I = I; d.Is = I; d.norm_topk = true; d.eps = 1e-6f; d.max_ctx = 64;
-	const int qd = 2 * d.key_dim + 2 * d.value_dim, ldgu = 2 * I;
+	const int qd = 2 * d.key_dim + 2 * d.value_dim, lda = (I + 1) & ~1;
 	std::vector<struct dmat> qkvz(NL), ba(NL), out(NL), router(NL), sgate(NL);
 	struct dmat eg, eu, ed, shg, shu, shd;
 	std::vector<struct tlin> tl[5], te[6];
@@ -394,7 +395,7 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	float *ddt = dev_upload(dtb.data(), d.Nv), *dcw = dev_upload(cw.data(), cw.size()), *dnw = dev_upload(nw.data(), d.Dv);
 	float *pq = dev_alloc<float>((size_t)R * qd), *pba = dev_alloc<float>((size_t)R * 2 * d.Nv);
 	float *lg = dev_alloc<float>((size_t)R * E), *sg = dev_alloc<float>(R), *wts = dev_alloc<float>((size_t)R * S);
-	float *gu = dev_alloc<float>((size_t)R * S * ldgu);
+	uint16_t *gu = dev_alloc<uint16_t>((size_t)R * S * lda);
 	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim), *xb = dev_alloc<uint16_t>((size_t)R * H);
 	int *idx = dev_alloc<int>((size_t)R * S);
 	unsigned *done = dev_alloc<unsigned>(1);
@@ -427,10 +428,10 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 					 H, NULL, NULL, xb, st, &e_));
 			break;
 		case 4:
-			GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, ldgu, st, &e_));
+			GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, lda, st, &e_));
 			break;
 		case 5:
-			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, ldgu, st, &e_));
+			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, lda, st, &e_));
 			break;
 		case 6:
 			GT_OK(q3g_router_logits(NULL, lg, sg, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R, H, NULL, NULL, st,

@@ -1312,7 +1312,7 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 	if (!want(name))
 		return;
 	struct tmoe m;
-	const int E = d->E, H = d->H, k = d->topk, Imax = std::max(d->I, d->Is), ldgu = 2 * Imax;
+	const int E = d->E, H = d->H, k = d->topk, lda = (std::max(d->I, d->Is) + 1) & ~1;
 
 	make_moe(&m, d, bits, G, asym, act);
 	struct dmoe dm;
@@ -1331,7 +1331,8 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 		q3_ref_moe(&m.c, &m.L, &xf[(size_t)r * H], &ref[(size_t)r * H], scratch.data());
 	uint16_t *dx = dev_upload(xb.data(), xb.size());
 	float *dh = dev_alloc<float>((size_t)R * H), *dlog = dev_alloc<float>((size_t)R * E), *dsg = dev_alloc<float>(R);
-	float *dw = dev_alloc<float>((size_t)R * (k + 1)), *dgu = dev_alloc<float>((size_t)R * (k + 1) * ldgu);
+	float *dw = dev_alloc<float>((size_t)R * (k + 1));
+	uint16_t *dgu = dev_alloc<uint16_t>((size_t)R * (k + 1) * lda);
 	int *di = dev_alloc<int>((size_t)R * (k + 1));
 
 	GT_CHECK(cudaMemset(dh, 0, (size_t)R * H * 4));
@@ -1344,8 +1345,8 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 	}
 	GT_OK(q3g_router_topk(di, dw, dlog, dsg, R, E, k, d->norm_topk, 0, &e_));
 	if (decode) {
-		GT_OK(q3g_moe_up(dgu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
-		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
+		GT_OK(q3g_moe_up(dgu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, lda, 0, &e_));
+		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, lda, 0, &e_));
 	} else {
 		void *ws = dev_alloc<char>(q3g_moe_prefill_scratch(R, d));
 
@@ -1378,7 +1379,7 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act)
 		return;
 	struct tmoe m;
 	struct dmoe dm;
-	const int E = d->E, H = d->H, k = d->topk, ldgu = 2 * std::max(d->I, d->Is);
+	const int E = d->E, H = d->H, k = d->topk, lda = (std::max(d->I, d->Is) + 1) & ~1;
 
 	make_moe(&m, d, 4, 128, act, act);
 	dmoe_upload(&dm, &m, E);
@@ -1401,12 +1402,13 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act)
 			}
 		uint16_t *dx = dev_upload(xb.data(), xb.size());
 		int *di = dev_upload(idx.data(), idx.size());
-		float *dw = dev_upload(w.data(), w.size()), *dgu = dev_alloc<float>((size_t)R * (k + 1) * ldgu);
+		float *dw = dev_upload(w.data(), w.size());
+		uint16_t *dgu = dev_alloc<uint16_t>((size_t)R * (k + 1) * lda);
 		float *dh = dev_alloc<float>((size_t)R * H);
 
 		GT_CHECK(cudaMemset(dh, 0, (size_t)R * H * 4));
-		GT_OK(q3g_moe_up(dgu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
-		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
+		GT_OK(q3g_moe_up(dgu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, lda, 0, &e_));
+		GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, lda, 0, &e_));
 		std::vector<float> got = dev_download(dh, (size_t)H);
 
 		if (first.empty())
@@ -1434,7 +1436,7 @@ static void moe_skip_case(const struct q3g_dims *d, int R)
 		return;
 	struct tmoe m;
 	struct dmoe dm;
-	const int E = d->E, H = d->H, k = d->topk, S = k + 1, ldgu = 2 * std::max(d->I, d->Is);
+	const int E = d->E, H = d->H, k = d->topk, S = k + 1, lda = (std::max(d->I, d->Is) + 1) & ~1;
 
 	make_moe(&m, d, 4, 128, false, false);
 	dmoe_upload(&dm, &m, E);
@@ -1458,15 +1460,16 @@ static void moe_skip_case(const struct q3g_dims *d, int R)
 	uint16_t *dx = dev_upload(xb.data(), xb.size());
 	int *di = dev_upload(skip.data(), skip.size()), *dz = dev_upload(idx.data(), idx.size());
 	float *dw = dev_upload(w.data(), w.size()), *dwz = dev_upload(wz.data(), wz.size());
-	float *gu = dev_alloc<float>((size_t)R * S * ldgu), *h1 = dev_alloc<float>((size_t)R * H);
+	uint16_t *gu = dev_alloc<uint16_t>((size_t)R * S * lda);
+	float *h1 = dev_alloc<float>((size_t)R * H);
 	float *h2 = dev_alloc<float>((size_t)R * H);
 
 	GT_CHECK(cudaMemset(h1, 0, (size_t)R * H * 4));
 	GT_CHECK(cudaMemset(h2, 0, (size_t)R * H * 4));
-	GT_OK(q3g_moe_up(gu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
-	GT_OK(q3g_moe_down(h1, gu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
-	GT_OK(q3g_moe_up(gu, dx, dz, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, ldgu, 0, &e_));
-	GT_OK(q3g_moe_down(h2, gu, dz, dwz, &dm.d.m, &dm.sd.m, R, k, H, ldgu, 0, &e_));
+	GT_OK(q3g_moe_up(gu, dx, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, lda, 0, &e_));
+	GT_OK(q3g_moe_down(h1, gu, di, dw, &dm.d.m, &dm.sd.m, R, k, H, lda, 0, &e_));
+	GT_OK(q3g_moe_up(gu, dx, dz, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, lda, 0, &e_));
+	GT_OK(q3g_moe_down(h2, gu, dz, dwz, &dm.d.m, &dm.sd.m, R, k, H, lda, 0, &e_));
 	std::vector<float> a = dev_download(h1, (size_t)R * H), b = dev_download(h2, (size_t)R * H);
 
 	gt_expect(memcmp(a.data(), b.data(), (size_t)R * H * 4) == 0, name);
