@@ -7,8 +7,9 @@
 # checkpoint instead), WORK (scratch, default /var/tmp), ROUNDS (2), CTX (1024), TOKENS (64).
 set -u
 cd "$(dirname "$0")/.."
-[ -x build/gpu/qwen3d ] || tar xJf build/gpu.tar.xz -C build || exit 1
-[ -d build/ab ] || tar xJf build/ab.tar.xz -C build || exit 1
+. tools/gpu_common.sh
+unpack gpu && unpack ab || exit 1
+[ -x build/gpu/qwen3d ] && [ -d build/ab ] || { echo "gpu_ab_run: carry build/gpu.tar.xz and build/ab.tar.xz" >&2; exit 1; }
 export LD_LIBRARY_PATH=$PWD/build/gpu/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 WORK=${WORK:-/var/tmp}
 ROUNDS=${ROUNDS:-2}

@@ -1,12 +1,16 @@
-# tools/gpu_common.sh - helpers the GPU-machine session scripts source (gpu_session.sh,
-# gpu_offload_session.sh).  The caller sets T0 and T_END (seconds since the epoch), LOGS, and
-# an empty array SUMMARY, and may set ADD_WIDTH (the summary's name column, default 44).
+# tools/gpu_common.sh - helpers the GPU-machine scripts source (gpu_session.sh,
+# gpu_offload_session.sh; gpu_ab_run.sh and gpu_profile.sh for unpack alone).  For the rest the
+# caller sets T0 and T_END (seconds since the epoch), LOGS, and an empty array SUMMARY, and may
+# set ADD_WIDTH (the summary's name column, default 44).
 
 note() { echo "[$(($(date +%s) - T0))s] $*"; }
 left() { echo $((T_END - $(date +%s))); }
 # cap MAX [RESERVE]: a timeout of at most MAX seconds that leaves RESERVE for what follows
 cap() { local l=$(($(left) - ${2:-0})); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo "$l"; }
 add() { SUMMARY+=("$(printf "%-${ADD_WIDTH:-44}s %s" "$1" "$2")"); }
+# unpack NAME: build/NAME.tar.xz, where this call carried one, into a fresh build/NAME (a warm
+# machine keeps the ignored folders of earlier calls: their builds would pass for this one's)
+unpack() { [ -f "build/$1.tar.xz" ] || return 0; rm -rf "build/$1" && tar xJf "build/$1.tar.xz" -C build; }
 
 # rcword RC: a step's exit status in words for the summary
 rcword() {

@@ -59,7 +59,7 @@ add "GPU" "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/d
 add "CPU" "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs, $(lscpu | sed -n 's/^NUMA node(s): *//p') NUMA node(s)"
 
 BIN=""
-[ -x build/gpu/qwen3d ] || { [ -f build/gpu.tar.xz ] && tar xJf build/gpu.tar.xz -C build; }
+unpack gpu
 for d in build/gpuo build/gpu build; do
 	[ -x "$d/qwen3d" ] && { BIN=$d; break; }
 done

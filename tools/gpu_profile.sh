@@ -7,7 +7,8 @@
 set -u
 OUT=${OUT:-/tmp/gpu_profile_out}
 mkdir -p "$OUT"
-[ -x build/gpu/qwen3d ] || tar xJf build/gpu.tar.xz -C build
+. tools/gpu_common.sh
+unpack gpu || exit 1
 Q=$PWD/build/gpu/qwen3d
 M=/tmp/m4
 DENSE=${DENSE:-bf16}

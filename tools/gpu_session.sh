@@ -46,9 +46,9 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 add "device" "${GPU:-unknown}"
 
 BIN=""
-if [ ! -x build/gpu/qwen3d ] && [ -f build/gpu.tar.xz ]; then
+if [ -f build/gpu.tar.xz ]; then
 	note "unpacking build/gpu.tar.xz"
-	tar xJf build/gpu.tar.xz -C build
+	unpack gpu
 fi
 for d in build/gpu build/sm90 build; do
 	if [ -x "$d/qwen3d" ] && [ -x "$d/test_ops" -o -x "$d/tests/gpu/test_ops" ]; then BIN=$d; break; fi
