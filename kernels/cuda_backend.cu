@@ -806,13 +806,12 @@ static int layer_linear(struct cuda_bk *bk, const struct glayer *L, const struct
 		return err;
 	if (k->decode) {
 		/* one kernel: conv step, gates, recurrence, gated norm */
-		err = q3g_delta_decode(bk->qkvz, qd, L->conv_w, bk->ba, L->A_log, L->dt_bias, NULL, bk->core,
-				       bk->qkvz + d->conv_dim, qd, L->lin_norm, true, k->rows, k->nseq, L->lin, d, bk->st, e);
+		err = q3g_delta_decode(bk->qkvz, qd, L->conv_w, bk->ba, L->A_log, L->dt_bias, bk->core,
+				       bk->qkvz + d->conv_dim, qd, L->lin_norm, k->rows, k->nseq, L->lin, d, bk->st, e);
 	} else {
 		err = q3g_conv1d_silu(bk->u, bk->qkvz, qd, L->conv_w, k->rows, k->R, k->nseq, L->lin, d, bk->st, e);
 		if (!err)
-			err = q3g_delta(bk->u, bk->ba, L->A_log, L->dt_bias, bk->og, NULL, NULL, 0, NULL, false, k->rows,
-					k->nseq, L->lin, d, bk->st, e);
+			err = q3g_delta(bk->u, bk->ba, L->A_log, L->dt_bias, bk->og, k->rows, k->nseq, L->lin, d, bk->st, e);
 		if (!err)
 			err = q3g_gated_rmsnorm(bk->core, bk->og, bk->qkvz + d->conv_dim, qd, L->lin_norm, k->R, d->Nv,
 						d->Dv, d->eps, bk->st, e);

@@ -194,22 +194,20 @@ int q3g_conv1d_silu(float *u, const float *qkvz, int ldq, const float *cw, struc
 /* The delta rule for every sequence and value head (prefill: a sequence's tokens one after the
  * other): l2norm q, k (q scaled by Dk^-0.5), gates beta = sigmoid(b), g = -exp(A_log)·softplus(a +
  * dt_bias) from ba [R][2 Nv] ([b | a]), then the recurrence on the sequence's state (layer lin),
- * output raw fp32 to o [R][value_dim].  fuse_norm must be false here (core, z, normw unused): the
- * fused gated norm is q3g_delta_decode's. */
+ * output raw fp32 to o [R][value_dim] (the gated norm: q3g_gated_rmsnorm; fused in
+ * q3g_delta_decode). */
 int q3g_delta(const float *u, const float *ba, const float *A_log, const float *dt_bias, float *o,
-	      uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
 	      struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st,
 	      struct q3_err *e);
 
 /* The same for decode (every sequence feeds one token), with the conv1d + SiLU and the gated
  * norm in the same kernel: qkvz [R][ldq] the projections (columns [0, conv_dim) the conv inputs),
  * cw [conv_dim][W]; the sequences' conv states are read and advanced (q3g_conv1d_silu's job); the
- * output goes gated-normed, fp16, to core [R][value_dim] (z [R][ldz] the gate, normw [Dv]).  cw and
- * fuse_norm come together: with cw NULL and fuse_norm false it is q3g_delta on u = qkvz. */
+ * output goes gated-normed, fp16, to core [R][value_dim] (z [R][ldz] the gate, normw [Dv]). */
 int q3g_delta_decode(const float *qkvz, int ldq, const float *cw, const float *ba, const float *A_log,
-		     const float *dt_bias, float *o, uint16_t *core, const float *z, int ldz,
-		     const float *normw, bool fuse_norm, struct q3g_rows rows, int nseq, int lin,
-		     const struct q3g_dims *d, q3g_stream st, struct q3_err *e);
+		     const float *dt_bias, uint16_t *core, const float *z, int ldz, const float *normw,
+		     struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st,
+		     struct q3_err *e);
 
 /* core[r][j·Dv + c] = fp16(w[c] · o · rsqrt(mean_c(o²) + eps) · silu(z)) per row and value head. */
 int q3g_gated_rmsnorm(uint16_t *core, const float *o, const float *z, int ldz, const float *w, int R,

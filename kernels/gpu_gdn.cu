@@ -497,10 +497,11 @@ static int launch_prefill(const delta_args &A, int nseq, cudaStream_t st, q3_err
 	return 0;
 }
 
-/* Both entry points: decode (cw given, fused norm) or prefill (neither), checked here. */
+/* Both entry points: decode (cw given: the conv and the gated norm fused, into core) or prefill
+ * (cw NULL: into o). */
 static int delta(const float *u, int ldq, const float *cw, const float *ba, const float *A_log, const float *dt_bias,
-		 float *o, uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
-		 struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, cudaStream_t st, q3_err *e)
+		 float *o, uint16_t *core, const float *z, int ldz, const float *normw, struct q3g_rows rows, int nseq,
+		 int lin, const struct q3g_dims *d, cudaStream_t st, q3_err *e)
 {
 	delta_args A;
 	int kpl = d->Dk / 32;
@@ -510,9 +511,9 @@ static int delta(const float *u, int ldq, const float *cw, const float *ba, cons
 		return q3_errf(e, -EINVAL, "delta rule: key head %d / value head %d not supported (key 32..256 by "
 			       "powers of 2, value a multiple of %d up to %d)", d->Dk, d->Dv, Q3G_DELTA_CPW,
 			       1024 * Q3G_DELTA_CPW / 32);
-	if (!cw != !fuse_norm)
-		return q3_errf(e, -EINVAL, "delta rule: the fused conv and gated norm are decode's, together (conv "
-			       "weights %s, fused norm %s)", cw ? "given" : "absent", fuse_norm ? "on" : "off");
+	if (cw ? !core || !z || !normw : !o)
+		return q3_errf(e, -EINVAL, "delta rule: %s", cw ? "decode needs its output core, the gate z and the norm's "
+			       "weights" : "prefill needs its output o");
 	memset(&A, 0, sizeof(A));
 	if (cw) {
 		A.qkvz = u;
@@ -543,18 +544,18 @@ static int delta(const float *u, int ldq, const float *cw, const float *ba, cons
 }
 
 extern "C" int q3g_delta(const float *u, const float *ba, const float *A_log, const float *dt_bias, float *o,
-			 uint16_t *core, const float *z, int ldz, const float *normw, bool fuse_norm,
 			 struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st, q3_err *e)
 {
-	return delta(u, 0, NULL, ba, A_log, dt_bias, o, core, z, ldz, normw, fuse_norm, rows, nseq, lin, d,
-		     (cudaStream_t)st, e);
+	return delta(u, 0, NULL, ba, A_log, dt_bias, o, NULL, NULL, 0, NULL, rows, nseq, lin, d, (cudaStream_t)st, e);
 }
 
 extern "C" int q3g_delta_decode(const float *qkvz, int ldq, const float *cw, const float *ba, const float *A_log,
-				const float *dt_bias, float *o, uint16_t *core, const float *z, int ldz,
-				const float *normw, bool fuse_norm, struct q3g_rows rows, int nseq, int lin,
-				const struct q3g_dims *d, q3g_stream st, q3_err *e)
+				const float *dt_bias, uint16_t *core, const float *z, int ldz, const float *normw,
+				struct q3g_rows rows, int nseq, int lin, const struct q3g_dims *d, q3g_stream st,
+				q3_err *e)
 {
-	return delta(qkvz, ldq, cw, ba, A_log, dt_bias, o, core, z, ldz, normw, fuse_norm, rows, nseq, lin, d,
+	if (!cw)
+		return q3_errf(e, -EINVAL, "delta rule: decode needs the conv weights");
+	return delta(qkvz, ldq, cw, ba, A_log, dt_bias, NULL, core, z, ldz, normw, rows, nseq, lin, d,
 		     (cudaStream_t)st, e);
 }

@@ -415,7 +415,7 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			GT_OK(q3g_mmv(j, 2, R, st, &e_));
 			break;
 		case 1:
-			GT_OK(q3g_delta_decode(pq, qd, dcw, pba, dA, ddt, NULL, core, pq + d.conv_dim, qd, dnw, true, rows, R,
+			GT_OK(q3g_delta_decode(pq, qd, dcw, pba, dA, ddt, core, pq + d.conv_dim, qd, dnw, rows, R,
 					       0, &d, st, &e_));
 			break;
 		case 2:

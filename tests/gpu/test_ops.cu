@@ -797,8 +797,7 @@ static void delta_case(const char *label, const struct q3g_dims *d, const std::v
 	if (fuse) {
 		float *dx = dev_upload(x.data(), x.size()), *dcw = dev_upload(cw.data(), cw.size());
 
-		GT_OK(q3g_delta_decode(dx, ldq, dcw, dba, dA, ddt, NULL, dcore, dz, ldz, dnw, true, t.rows, t.nseq, 0, d, 0,
-				       &e_));
+		GT_OK(q3g_delta_decode(dx, ldq, dcw, dba, dA, ddt, dcore, dz, ldz, dnw, t.rows, t.nseq, 0, d, 0, &e_));
 		std::vector<float> got;
 		for (int sidx = 0; sidx < t.nseq; sidx++) {
 			std::vector<float> g = dev_download(t.seq_h[sidx].conv_wr, (size_t)(W - 1) * C);
@@ -811,7 +810,7 @@ static void delta_case(const char *label, const struct q3g_dims *d, const std::v
 		cudaFree(dx);
 		cudaFree(dcw);
 	} else {
-		GT_OK(q3g_delta(du, dba, dA, ddt, dO, NULL, NULL, 0, NULL, false, t.rows, t.nseq, 0, d, 0, &e_));
+		GT_OK(q3g_delta(du, dba, dA, ddt, dO, t.rows, t.nseq, 0, d, 0, &e_));
 		GT_OK(q3g_gated_rmsnorm(dcore, dO, dz, ldz, dnw, t.R, Nv, Dv, d->eps, 0, &e_));
 	}
 	char n2[200];
@@ -849,21 +848,23 @@ static void gdn_tests(void)
 	delta_case("small decode", &ds, { { 0, 1 }, { 9, 1 }, { 3, 1 }, { 1, 1 } }, true);
 	delta_case("small prefill", &ds, { { 0, 70 }, { 3, 130 } }, false);
 	delta_case("real decode", &dr, { { 4, 1 }, { 0, 1 } }, true);
-	if (want("delta refuses")) { /* the fused norm without the conv, and the reverse: before any launch */
+	if (want("delta refuses")) { /* missing outputs or inputs: refused before any launch */
 		struct q3g_rows none;
-		q3_err e1, e2;
+		q3_err e1, e2, e3;
 
 		memset(&none, 0, sizeof(none));
-		e1.msg[0] = e2.msg[0] = 0;
-		int r1 = q3g_delta(NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, true, none, 1, 0, &dr, 0, &e1);
+		e1.msg[0] = e2.msg[0] = e3.msg[0] = 0;
+		int r1 = q3g_delta(NULL, NULL, NULL, NULL, NULL, none, 1, 0, &dr, 0, &e1);
+		int r2 = q3g_delta_decode(NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, none, 1, 0, &dr, 0, &e2);
 		/* any non-NULL conv weights: refused before they are read */
-		int r2 = q3g_delta_decode(NULL, 0, (const float *)&dr, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, false,
-					  none, 1, 0, &dr, 0, &e2);
+		int r3 = q3g_delta_decode(NULL, 0, (const float *)&dr, NULL, NULL, NULL, NULL, NULL, 0, NULL, none, 1, 0, &dr,
+					  0, &e3);
 		char n2[1200];
 
-		snprintf(n2, sizeof(n2), "delta refuses a fused norm without the conv (%d: %s) and a conv without it (%d: %s)",
-			 r1, e1.msg, r2, e2.msg);
-		gt_expect(r1 == -EINVAL && r2 == -EINVAL && strstr(e1.msg, "delta rule") && strstr(e2.msg, "delta rule"),
+		snprintf(n2, sizeof(n2), "delta refuses prefill without o (%d: %s), decode without conv weights (%d: %s) "
+			 "and without core (%d: %s)", r1, e1.msg, r2, e2.msg, r3, e3.msg);
+		gt_expect(r1 == -EINVAL && r2 == -EINVAL && r3 == -EINVAL && strstr(e1.msg, "delta rule") &&
+				  strstr(e2.msg, "conv weights") && strstr(e3.msg, "core"),
 			  n2);
 	}
 	/* chunks of 32 tokens: a sequence of 2 chunks and a tail, one shorter than a chunk, one of
