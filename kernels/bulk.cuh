@@ -49,7 +49,6 @@ static inline struct bulk_tile bulk_tile_of(const struct q3g_mat *m)
 	return d;
 }
 
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 static __device__ __forceinline__ uint32_t smem_u32(const void *p)
 {

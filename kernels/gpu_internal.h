@@ -46,8 +46,15 @@ int q3g_moe_init(q3_err *e);
 int q3g_moe_down_init(q3_err *e); /* gpu_moe_down.cu, called by q3g_moe_init */
 /* gpu_moe_down_regs.cu: q3g_moe_down before sm_90, where a tile does not fit its ring, or forced
  * (called by q3g_moe_down with checked arguments and R >= 1) */
-int q3g_moe_down_regs(float *h, const uint16_t *act, const int *idx, const float *w, const struct q3g_mat *down,
-		      const struct q3g_mat *sdown, int R, int k, int H, int lda, cudaStream_t st, q3_err *e);
+struct q3g_down_args { /* q3g_moe_down's arguments (gpu.h), as both its kernels take them */
+	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
+	const uint16_t *act;
+	const int *idx;
+	const float *w;
+	float *h;
+	int k, H, lda, R;
+};
+int q3g_moe_down_regs(const struct q3g_down_args *a, cudaStream_t st, q3_err *e);
 int q3g_moe_down_regs_init(q3_err *e);
 int q3g_mm_init(q3_err *e);
 int q3g_delta_init(q3_err *e);

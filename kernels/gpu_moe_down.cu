@@ -31,13 +31,8 @@
 #define DN_MAX_STAGES 32
 
 struct down_launch {
-	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
+	struct q3g_down_args a;
 	struct bulk_tile dt[2];
-	const uint16_t *act;
-	const int *idx;
-	const float *w;
-	float *h;
-	int k, H, lda, R;
 	int nst;	 /* ring stages, a multiple of ncw */
 	int ncw;	 /* consumer warps taking pairs (<= DN_CWARPS) */
 	uint32_t stage;	 /* bytes of a ring stage */
@@ -53,27 +48,13 @@ struct down_launch {
 static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *act, const uint16_t *perm, int K, int nch)
 {
 	const int lane = threadIdx.x & 31, slot = aw_slot(lane);
-	const bool vec = !perm && !((uintptr_t)act & 3);
 
 	for (int c0 = 0; c0 < nch; c0 += 8) {
 		uint32_t v[8];
 
 #pragma unroll
-		for (int i = 0; i < 8; i++) {
-			const int kin = (c0 + i) * Q3G_KCHUNK + 2 * lane;
-			int ka = kin, kb = kin + 1;
-
-			if (vec && kin + 1 < K) {
-				v[i] = *(const uint32_t *)(act + kin);
-				continue;
-			}
-			if (perm && c0 + i < nch) {
-				const uint32_t pw = *(const uint32_t *)(perm + kin);
-
-				ka = pw & 0xffff, kb = pw >> 16;
-			}
-			v[i] = (ka < K ? (uint32_t)act[ka] : 0u) | (kb < K ? (uint32_t)act[kb] : 0u) << 16;
-		}
+		for (int i = 0; i < 8; i++)
+			v[i] = c0 + i < nch ? act_pair(act, perm, K, (c0 + i) * Q3G_KCHUNK + 2 * lane) : 0u;
 #pragma unroll
 		for (int i = 0; i < 8; i++)
 			if (c0 + i < nch)
@@ -93,7 +74,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 	extern __shared__ __align__(128) uint8_t sm[];
 	uint64_t *full = (uint64_t *)sm, *empty = full + DN_MAX_STAGES, *shb = empty + DN_MAX_STAGES;
-	const int tile = blockIdx.x, r0 = blockIdx.y * DN_ROWS, nr = min(DN_ROWS, L.R - r0), k = L.k, S = k + 1;
+	const int tile = blockIdx.x, r0 = blockIdx.y * DN_ROWS, nr = min(DN_ROWS, L.a.R - r0), k = L.a.k, S = k + 1;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, np = nr * S;
 	int *sx = (int *)(sm + L.o_sx);
 	float *sw = (float *)(sx + DN_ROWS * S), *red = (float *)(sm + L.o_red);
@@ -104,14 +85,14 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 		ring_init(full, empty, L.nst, shb);
 	pdl_wait();
 	for (int i = threadIdx.x; i < np; i += blockDim.x) {
-		sx[i] = L.idx[(size_t)r0 * S + i];
-		sw[i] = L.w[(size_t)r0 * S + i];
+		sx[i] = L.a.idx[(size_t)r0 * S + i];
+		sw[i] = L.a.w[(size_t)r0 * S + i];
 	}
 	__syncthreads();
 	if (warp == DN_CWARPS) { /* the producer: one thread */
 		if (lane == 0) {
 			bar_expect(shb, L.dt[1].bytes);
-			copy_tile(shared_tile, L.mat[1], L.dt[1], 0, tile, shb);
+			copy_tile(shared_tile, L.a.mat[1], L.dt[1], 0, tile, shb);
 			for (int q = 0; q < np; q++) {
 				const int st = q % L.nst, ex = sx[q];
 
@@ -121,13 +102,13 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 					bar_arrive(&full[st]);
 				else {
 					bar_expect(&full[st], L.dt[0].bytes);
-					copy_tile(ring + (size_t)st * L.stage, L.mat[0], L.dt[0], ex, tile, &full[st]);
+					copy_tile(ring + (size_t)st * L.stage, L.a.mat[0], L.dt[0], ex, tile, &full[st]);
 				}
 			}
 		}
 		return; /* the bulk copies complete into the barriers: no one waits for this warp */
 	}
-	uint32_t *aw = (uint32_t *)(sm + L.o_aw) + warp * 32 * max(L.mat[0].nchunks, L.mat[1].nchunks);
+	uint32_t *aw = (uint32_t *)(sm + L.o_aw) + warp * 32 * max(L.a.mat[0].nchunks, L.a.mat[1].nchunks);
 
 	/* pair q: warp q mod ncw, stage q mod nst; ncw divides nst, so a stage's pairs all belong to
 	 * one warp, which waits for phase n of a stage only after it consumed phase n - 1 (a parity
@@ -136,7 +117,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	for (int q = warp; q < np && warp < L.ncw; q += L.ncw) {
 		const int r = q / S, s = q % S, ex = sx[q], st = q % L.nst;
 		const bool sh = s == k;
-		const struct q3g_mat &m = L.mat[sh];
+		const struct q3g_mat &m = L.a.mat[sh];
 		uint8_t *p = ring + (size_t)st * L.stage;
 		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
@@ -144,7 +125,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 			const int mi = sh ? 0 : ex;
 
 			/* the activations' loads before the wait: they overlap the tile's copy */
-			stage_act(aw, L.act + ((size_t)(r0 + r) * S + s) * L.lda,
+			stage_act(aw, L.a.act + ((size_t)(r0 + r) * S + s) * L.a.lda,
 				  m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, m.nchunks);
 			__syncwarp();
 			bar_wait(&full[st], (q / L.nst) & 1);
@@ -173,8 +154,8 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 
 		for (int s = 0; s < S; s++) /* slot order: the same sum at any batch size */
 			v += red[(r * S + s) * Q3G_TILE_N + i % Q3G_TILE_N];
-		if (row < L.H)
-			L.h[(size_t)(r0 + r) * L.H + row] += v;
+		if (row < L.a.H)
+			L.a.h[(size_t)(r0 + r) * L.a.H + row] += v;
 	}
 #endif
 }
@@ -206,19 +187,12 @@ extern "C" int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const
 			       down->K, sdown->K, lda);
 	if (R < 1)
 		return 0;
+	const struct q3g_down_args a = { { *down, *sdown }, act, idx, w, h, k, H, lda, R };
+
 	if (q3g_dev.cc < 90 || q3g_moe_down_force_regs || !tiles_copyable(down) || !tiles_copyable(sdown))
-		return q3g_moe_down_regs(h, act, idx, w, down, sdown, R, k, H, lda, (cudaStream_t)st, e);
+		return q3g_moe_down_regs(&a, (cudaStream_t)st, e);
 	memset(&L, 0, sizeof(L));
-	L.mat[0] = *down;
-	L.mat[1] = *sdown;
-	L.act = act;
-	L.idx = idx;
-	L.w = w;
-	L.h = h;
-	L.k = k;
-	L.H = H;
-	L.lda = lda;
-	L.R = R;
+	L.a = a;
 	L.dt[0] = bulk_tile_of(down);
 	L.dt[1] = bulk_tile_of(sdown);
 	const int S = k + 1, nch = Q3_MAX(down->nchunks, sdown->nchunks);
@@ -237,7 +211,7 @@ extern "C" int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const
 	if (L.ncw)
 		L.nst -= L.nst % L.ncw;
 	if (L.nst < 2) /* tiles too large for two stages: the kernel without them */
-		return q3g_moe_down_regs(h, act, idx, w, down, sdown, R, k, H, lda, (cudaStream_t)st, e);
+		return q3g_moe_down_regs(&a, (cudaStream_t)st, e);
 	CUDA_CHECK(e, q3g_launch(down_kernel_for(down->fmt, sdown->fmt), dim3(down->ntiles, cdiv(R, DN_ROWS)), DN_THREADS,
 				 fixed + (size_t)L.nst * L.stage, (cudaStream_t)st, L));
 	return 0;

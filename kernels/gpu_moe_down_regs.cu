@@ -7,12 +7,7 @@
 #include "mma_frag.cuh"
 
 struct moe_down_launch {
-	struct q3g_mat mat[2]; /* the routed experts' down stack, the shared expert's down */
-	const uint16_t *act;
-	const int *idx;
-	const float *w;
-	float *h;
-	int k, H, lda, R;
+	struct q3g_down_args a;
 	int per;    /* (slot, chunk) items of a row each warp takes */
 	int gcs[2]; /* chunk_group_shift of each matrix */
 };
@@ -24,19 +19,6 @@ struct moe_down_launch {
 #define DOWN_THREADS 512
 #define DOWN_WARPS (DOWN_THREADS / 32)
 #define DOWN_ROWS Q3G_MMV_MAX_TOK
-
-/* Lane l's two activations of a slot's chunk (moe_up's fp16 silu(gate) ⊙ up) at inputs kin,
- * kin + 1 of the chunk (kin = 64c + 2l), read through the act-order permutation, as one fp16x2
- * word (zeros past K).  The mma's B fragment of k-step st is then lanes 8st + t and 8st + 4 + t
- * of the warp. */
-static __device__ __forceinline__ uint32_t load_act(const uint16_t *act, const uint16_t *perm, int K, int kin)
-{
-	if (!perm && kin + 1 < K && !((uintptr_t)act & 3))
-		return *(const uint32_t *)(act + kin);
-	const int ka = perm ? perm[kin] : kin, kb = perm ? perm[kin + 1] : kin + 1;
-
-	return (ka < K ? (uint32_t)act[ka] : 0u) | (kb < K ? (uint32_t)act[kb] : 0u) << 16;
-}
 
 /* The scale group of chunk c: by a shift where groups are whole chunks of a power-of-two count
  * (gcs = log2(chunks a group), every GPTQ group of 64 inputs or more), else by a division. */
@@ -73,7 +55,7 @@ static __device__ __forceinline__ void down_step(const uint4 *w, int st, const z
 }
 
 /* One (slot, chunk) item: the chunk's four k-steps of the slot's matrix against the lane pairs P
- * (load_act), the partial sums of each scale group scaled by the group's scale times wt (the
+ * (act_pair), the partial sums of each scale group scaled by the group's scale times wt (the
  * slot's routing weight) into acc; token column 0 only (lanes 0-3 carry the B fragment). */
 template <int FMT>
 static __device__ __forceinline__ void down_item(const struct q3g_mat &m, int gcs, const float *zr, int mi, int tile,
@@ -138,17 +120,17 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 	extern __shared__ float red[]; /* [DOWN_ROWS][DOWN_WARPS][16] each warp's sums; then ids, weights */
 	pdl_trigger();
 	pdl_wait();
-	const int tile = blockIdx.x, r0 = blockIdx.y * DOWN_ROWS, nr = min(DOWN_ROWS, L.R - r0), S = L.k + 1, k = L.k;
+	const int tile = blockIdx.x, r0 = blockIdx.y * DOWN_ROWS, nr = min(DOWN_ROWS, L.a.R - r0), S = L.a.k + 1, k = L.a.k;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	const struct q3g_mat &mr = L.mat[0], &ms = L.mat[1];
+	const struct q3g_mat &mr = L.a.mat[0], &ms = L.a.mat[1];
 	const int ncr = mr.nchunks, total = k * ncr + ms.nchunks;
 	const int i0 = min(total, warp * L.per), cnt = min(total, i0 + L.per) - i0, n = nr * cnt;
 	int *sx = (int *)(red + DOWN_ROWS * DOWN_WARPS * 16);
 	float *sw = (float *)(sx + DOWN_ROWS * S);
 
 	for (int i = threadIdx.x; i < nr * S; i += blockDim.x) {
-		sx[i] = L.idx[(size_t)r0 * S + i];
-		sw[i] = L.w[(size_t)r0 * S + i];
+		sx[i] = L.a.idx[(size_t)r0 * S + i];
+		sw[i] = L.a.w[(size_t)r0 * S + i];
 	}
 	__syncthreads();
 	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
@@ -184,7 +166,7 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 			s0[u] = s1[u] = 1.0f;
 			if (rr < nr && sx[rr * S + s] != Q3G_SKIP) {
 				const int mi = sh ? 0 : sx[rr * S + s];
-				const struct q3g_mat &m = L.mat[sh];
+				const struct q3g_mat &m = L.a.mat[sh];
 				const uint8_t *p = (const uint8_t *)m.data + (size_t)mi * m.data_stride +
 						   ((size_t)tile * m.nchunks + c) * (sh ? fmt_traits<FS>::CB : fmt_traits<FR>::CB) +
 						   lane * 16;
@@ -200,7 +182,9 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 					s0[u] = m.scales[si];
 					s1[u] = m.scales[si + 8];
 				}
-				x[u] = load_act(L.act + ((size_t)(r0 + rr) * S + s) * L.lda,
+				/* lane l: inputs 64c + 2l, + 1; k-step st's B fragment is then lanes 8st + t and
+				 * 8st + 4 + t of the warp */
+				x[u] = act_pair(L.a.act + ((size_t)(r0 + rr) * S + s) * L.a.lda,
 						m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, c * Q3G_KCHUNK + 2 * lane);
 			}
 		}
@@ -219,7 +203,7 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 				continue; /* the CPU's expert (offload) */
 			const uint32_t P = x[u];
 			const int mi = s == k ? 0 : sx[rr * S + s];
-			const struct q3g_mat &m = L.mat[s == k];
+			const struct q3g_mat &m = L.a.mat[s == k];
 			const float *zr = m.zeros ? m.zeros + (size_t)mi * m.sz_stride + (size_t)tile * m.ngroups * Q3G_TILE_N +
 							    (lane >> 2)
 						  : NULL;
@@ -240,8 +224,8 @@ __global__ void __launch_bounds__(DOWN_THREADS, 1) moe_down_regs_kernel(const __
 
 		for (int ww = 0; ww < DOWN_WARPS && ww * L.per < total; ww++)
 			v += red[(rr * DOWN_WARPS + ww) * 16 + (i & 15)];
-		if (row < L.H)
-			L.h[(size_t)(r0 + rr) * L.H + row] += v;
+		if (row < L.a.H)
+			L.a.h[(size_t)(r0 + rr) * L.a.H + row] += v;
 	}
 }
 
@@ -259,9 +243,10 @@ static size_t down_smem(int k)
 	return (size_t)DOWN_ROWS * DOWN_WARPS * 16 * 4 + (size_t)DOWN_ROWS * (k + 1) * 8;
 }
 
-int q3g_moe_down_regs(float *h, const uint16_t *act, const int *idx, const float *w, const struct q3g_mat *down,
-		      const struct q3g_mat *sdown, int R, int k, int H, int lda, cudaStream_t st, q3_err *e)
+int q3g_moe_down_regs(const struct q3g_down_args *a, cudaStream_t st, q3_err *e)
 {
+	const struct q3g_mat *down = &a->mat[0], *sdown = &a->mat[1];
+	const int k = a->k;
 	moe_down_launch L;
 
 	/* the arguments were checked by q3g_moe_down; this kernel's own limit: */
@@ -269,22 +254,13 @@ int q3g_moe_down_regs(float *h, const uint16_t *act, const int *idx, const float
 		return q3_errf(e, -EINVAL, "moe down: %d inputs (the kernel takes up to %d)", Q3_MAX(down->K, sdown->K),
 			       4095 * Q3G_KCHUNK);
 	memset(&L, 0, sizeof(L));
-	L.mat[0] = *down;
-	L.mat[1] = *sdown;
-	L.act = act;
-	L.idx = idx;
-	L.w = w;
-	L.h = h;
-	L.k = k;
-	L.H = H;
-	L.lda = lda;
-	L.R = R;
+	L.a = *a;
 	L.gcs[0] = chunk_group_shift(down);
 	L.gcs[1] = chunk_group_shift(sdown);
 	L.per = cdiv(k * down->nchunks + sdown->nchunks, DOWN_WARPS);
 	moe_down_fn fn = down_kernel_for(down->fmt, sdown->fmt);
 	/* DOWN_ROWS 16: with 8, 4, 2, 1 rows a block (more blocks) 97, 100, 105, 115 us at R = 16 */
-	CUDA_CHECK(e, q3g_launch(fn, dim3(down->ntiles, cdiv(R, DOWN_ROWS)), DOWN_THREADS, down_smem(k),
+	CUDA_CHECK(e, q3g_launch(fn, dim3(down->ntiles, cdiv(a->R, DOWN_ROWS)), DOWN_THREADS, down_smem(k),
 				 st, L));
 	return 0;
 }

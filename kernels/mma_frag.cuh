@@ -134,6 +134,18 @@ static __device__ __forceinline__ void b_frag(const uint2 *xs, int ks, int nt, i
 	b[1] = v.y;
 }
 
+/* Inputs kin, kin + 1 (kin even) of a pair's fp16 activations (q3g_moe_up's act) through the
+ * act-order permutation perm (NULL: none), as one fp16x2 word (zeros past K): what the decode
+ * down projections put in their B fragments. */
+static __device__ __forceinline__ uint32_t act_pair(const uint16_t *act, const uint16_t *perm, int K, int kin)
+{
+	if (!perm && kin + 1 < K && !((uintptr_t)act & 3))
+		return *(const uint32_t *)(act + kin);
+	const int ka = perm ? perm[kin] : kin, kb = perm ? perm[kin + 1] : kin + 1;
+
+	return (ka < K ? (uint32_t)act[ka] : 0u) | (kb < K ? (uint32_t)act[kb] : 0u) << 16;
+}
+
 /* Staging unit i of R rows: eight positions of one row.  Units 2j and 2j + 1 are the two halves
  * (positions 0-7, 8-15) of k-step j / R of row j % R, so that a warp's units fill consecutive
  * 16-byte words of xs, rows fastest: the position-major order put the words of R = 16 rows 512
