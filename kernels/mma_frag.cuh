@@ -111,15 +111,6 @@ static __device__ __forceinline__ size_t xs_index(int ks, int r, int R, int t)
 	return ((size_t)ks * R + r) * 4 + t;
 }
 
-/* Position kin (0 .. Kp) of row r as a 16-bit slot in the uint16 view of xs. */
-static __device__ __forceinline__ size_t xs_slot(int kin, int r, int R)
-{
-	int ks = kin >> 4, w = kin & 15;
-	int t = (w & 7) >> 1, reg = w >> 3, E = w & 1;
-
-	return xs_index(ks, r, R, t) * 4 + reg * 2 + E;
-}
-
 /* B fragment of token tile nt at k-step ks for this lane.  A lane of a row >= R reads row R - 1
  * instead of zeros: column n of the mma's result depends on column n of B alone, and no caller
  * stores the columns of rows >= R (the matvec writes rows < R, the experts' up projections
