@@ -3,9 +3,9 @@
  * k-steps of one 16-row tile in shared memory against one token's activations.  Used by the
  * decode experts' down projection (gpu_moe_down.cu).
  *
- * A ring's stage has two barriers: full (the producer's arrive.expect_tx, then its copies' bytes)
- * and empty (the consumer's release).  A parity wait cannot tell phase n from phase n - 2, so a
- * stage must belong to one consumer, which waits for phase n only after it consumed phase n - 1.
+ * A ring's stage has a barrier whose phase completes with the copier's arrive.expect_tx and its
+ * copies' bytes.  A parity wait cannot tell phase n from phase n - 2, so a stage belongs to one
+ * consumer warp, which copies into it again only after it consumed it.
  */
 #pragma once
 #include "mma_frag.cuh"
@@ -97,14 +97,12 @@ static __device__ __forceinline__ void bulk_copy(void *s, const void *g, uint32_
 		     : "memory");
 }
 
-/* A ring of nst stages (full and empty barriers, one arrival each) and the one-off barrier one;
- * a single thread calls it, a barrier of the block follows before any use. */
-static __device__ __forceinline__ void ring_init(uint64_t *full, uint64_t *empty, int nst, uint64_t *one)
+/* A ring of nst stages (a barrier each, one arrival) and the one-off barrier one; a single
+ * thread calls it, a barrier of the block follows before any use. */
+static __device__ __forceinline__ void ring_init(uint64_t *full, int nst, uint64_t *one)
 {
-	for (int i = 0; i < nst; i++) {
+	for (int i = 0; i < nst; i++)
 		bar_init(&full[i], 1);
-		bar_init(&empty[i], 1);
-	}
 	bar_init(one, 1);
 	asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* seen by the copy engine */
 }
@@ -126,8 +124,9 @@ static __device__ __forceinline__ void copy_tile(uint8_t *dst, const struct q3g_
 
 /* One pair: the tile (weights at t, scales and zeros at sc) against the staged activations aw,
  * every group's partial sum times its scale times wt into acc (token column 0: lanes t = 0 hold
- * rows g and g + 8 in acc[0] and acc[2]). */
-template <int FMT>
+ * rows g and g + 8 in acc[0] and acc[2]).  WHOLE: groups of whole chunks, their end tested once a
+ * chunk (as run_chunks). */
+template <int FMT, bool WHOLE>
 static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const uint8_t *t, const float *sc,
 						 const uint32_t *aw, float wt, float acc[1][4])
 {
@@ -136,13 +135,25 @@ static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const 
 	float accg[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 	float s0 = 1.0f, s1 = 1.0f;
 	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
-	int grp = 0, gleft = m.gsteps;
+	const int gunit = WHOLE ? m.gsteps >> 2 : m.gsteps;
+	int grp = 0, gleft = gunit;
 
 	if (FMT != Q3G_F16) {
 		s0 = sc[g], s1 = sc[g + 8];
 		if (m.zeros)
 			zc = make_zconst<FMT>(sc[zo + g], sc[zo + g + 8]);
 	}
+	auto next_group = [&]() {
+		flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
+		gleft = gunit;
+		if (++grp < m.ngroups) {
+			const int i = grp * Q3G_TILE_N + g;
+
+			s0 = sc[i], s1 = sc[i + 8];
+			if (m.zeros)
+				zc = make_zconst<FMT>(sc[zo + i], sc[zo + i + 8]);
+		}
+	};
 	for (int c = 0; c < m.nchunks; c++) {
 		uint4 w[LPC];
 
@@ -158,21 +169,15 @@ static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const 
 			b[0] = bv.x; /* every token column reads column 0's words: only column 0 is kept */
 			b[1] = bv.y;
 			mma_f16(accg[0], a, b);
-			if (FMT != Q3G_F16 && --gleft == 0) {
-				flush_group<1>(acc, accg, s0 * wt, s1 * wt, true);
-				gleft = m.gsteps;
-				if (++grp < m.ngroups) {
-					const int i = grp * Q3G_TILE_N + g;
-
-					s0 = sc[i], s1 = sc[i + 8];
-					if (m.zeros)
-						zc = make_zconst<FMT>(sc[zo + i], sc[zo + i + 8]);
-				}
-			}
+			if (FMT != Q3G_F16 && !WHOLE && --gleft == 0)
+				next_group();
 		}
+		if (FMT != Q3G_F16 && WHOLE && --gleft == 0)
+			next_group();
 	}
 	flush_group<1>(acc, accg, s0 * wt, s1 * wt, false);
 }
+
 #endif
 
 /* The word of aw that lane `lane` fills for its inputs 2·lane, 2·lane + 1 of a chunk (pair_tile's

@@ -211,6 +211,14 @@ static __device__ __forceinline__ uint32_t h2_sub(uint32_t a, uint32_t b)
 	return *reinterpret_cast<uint32_t *>(&r);
 }
 
+/* a · b + c in fp16x2, one rounding */
+static __device__ __forceinline__ uint32_t h2_fma(uint32_t a, uint32_t b, uint32_t c)
+{
+	__half2 r = __hfma2(*reinterpret_cast<__half2 *>(&a), *reinterpret_cast<__half2 *>(&b),
+			    *reinterpret_cast<__half2 *>(&c));
+	return *reinterpret_cast<uint32_t *>(&r);
+}
+
 /* ---- programmatic dependent launch (sm_90, opt-in: QWEN3D_PDL=1) --------------------------------
  * Kernels of the decode path are launched with q3g_launch, which (where enabled) lets a kernel
  * start while the previous one finishes.  Every such kernel therefore begins with pdl_trigger()

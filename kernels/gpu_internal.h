@@ -17,6 +17,13 @@ struct q3g_device {
 
 extern struct q3g_device q3g_dev;
 
+/* Whether m's scale groups are whole 64-input chunks (or it has none): the kernels' WHOLE
+ * instances test a group's end once a chunk (run_chunks). */
+static inline bool q3g_whole_groups(const struct q3g_mat *m)
+{
+	return m->fmt == Q3G_F16 || !(m->gsteps & 3);
+}
+
 /* The most static __shared__ memory a kernel with a large dynamic area may declare (checked at
  * init): cudaFuncSetAttribute refuses a dynamic limit that, with the static part, passes the
  * opt-in limit. */

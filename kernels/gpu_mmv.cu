@@ -22,7 +22,7 @@ struct mmv_launch {
 /* NTH threads a block: Q3G_MMV_THREADS, or MMV_WIDE when there are few row tiles (a 2048-row
  * out_proj is 128 tiles: 8 warps a tile left the device latency-bound at 11% occupancy). */
 #define MMV_WIDE 512
-template <int NT, int NTH>
+template <int NT, int NTH, bool W>
 __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_launch L)
 {
 	extern __shared__ uint4 smem[];
@@ -58,11 +58,11 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		const uint8_t *wb = (const uint8_t *)m.data;
 
 		if (m.fmt == Q3G_Q4)
-			run_chunks<Q3G_Q4, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			run_chunks<Q3G_Q4, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
 		else if (m.fmt == Q3G_Q8)
-			run_chunks<Q3G_Q8, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			run_chunks<Q3G_Q8, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
 		else
-			run_chunks<Q3G_F16, NT>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			run_chunks<Q3G_F16, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
 	}
 	reduce_tile_warps<NT>(red, acc, WPT);
 	if (kr != 0 || tile >= m.ntiles)
@@ -81,6 +81,16 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 			}
 		}
 }
+
+typedef void (*mmv_fn)(const mmv_launch);
+
+/* [whole groups][MMV_WIDE threads][token tiles - 1] */
+static const mmv_fn mmv_kernels[2][2][2] = {
+	{ { mmv_kernel<1, Q3G_MMV_THREADS, false>, mmv_kernel<2, Q3G_MMV_THREADS, false> },
+	  { mmv_kernel<1, MMV_WIDE, false>, mmv_kernel<2, MMV_WIDE, false> } },
+	{ { mmv_kernel<1, Q3G_MMV_THREADS, true>, mmv_kernel<2, Q3G_MMV_THREADS, true> },
+	  { mmv_kernel<1, MMV_WIDE, true>, mmv_kernel<2, MMV_WIDE, true> } },
+};
 
 /* Row tiles per block: more when many rows would make every block re-read a large staged input,
  * as long as the grid still fills the device; and, where up to four make the grid one wave of
@@ -148,10 +158,11 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 		}
 		return q3g_mmv(half, njobs, R - r1, st, e);
 	}
-	void (*k)(const mmv_launch) = nth == MMV_WIDE ? (nt == 1 ? mmv_kernel<1, MMV_WIDE> : mmv_kernel<2, MMV_WIDE>)
-						       : (nt == 1 ? mmv_kernel<1, Q3G_MMV_THREADS> : mmv_kernel<2, Q3G_MMV_THREADS>);
+	bool whole = true; /* every job's groups whole chunks (run_chunks) */
 
-	CUDA_CHECK(e, q3g_launch(k, L.cta0[njobs], nth, smem, (cudaStream_t)st, L));
+	for (int j = 0; j < njobs; j++)
+		whole &= q3g_whole_groups(&jobs[j].w);
+	CUDA_CHECK(e, q3g_launch(mmv_kernels[whole][nth == MMV_WIDE][nt - 1], L.cta0[njobs], nth, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -159,10 +170,10 @@ int q3g_mmv_init(q3_err *e)
 {
 	int err;
 
-	if ((err = q3g_allow_dyn_smem(mmv_kernel<1, Q3G_MMV_THREADS>, "mmv_kernel<1>", e)) ||
-	    (err = q3g_allow_dyn_smem(mmv_kernel<2, Q3G_MMV_THREADS>, "mmv_kernel<2>", e)) ||
-	    (err = q3g_allow_dyn_smem(mmv_kernel<1, MMV_WIDE>, "mmv_kernel<1, 512>", e)) ||
-	    (err = q3g_allow_dyn_smem(mmv_kernel<2, MMV_WIDE>, "mmv_kernel<2, 512>", e)))
-		return err;
+	for (int w = 0; w < 2; w++)
+		for (int wide = 0; wide < 2; wide++)
+			for (int nt = 0; nt < 2; nt++)
+				if ((err = q3g_allow_dyn_smem(mmv_kernels[w][wide][nt], "mmv_kernel", e)))
+					return err;
 	return 0;
 }

@@ -669,25 +669,30 @@ struct moe_up_launch {
 	int k, H, lda, nb; /* nb: blocks a pair (row tiles of gate, each with up's) */
 	int pb;		   /* pairs of one row a block runs, one after another (one staging) */
 	int cpw[2];	    /* chunks a warp takes of a routed / the shared expert's matrix */
+	int kpmax;	    /* staged positions of a row: the larger matrix's nchunks * 64 */
 };
 
 /* Block (PB pairs of one row, row tile b of gate and of up): pairs [s0, s1) of row r, all routed
- * or the shared one alone, in weight format FMT.  Warps 0-3 take the gate's tile, 4-7 the up's,
- * so that the block ends with both halves of its 16 activations and writes silu(gate) ⊙ up in
- * fp16, the down projection's input (each of its 128 blocks read the fp32 gate and up rows of
- * every pair and computed the product again).  The row is staged once for its pairs (once per
- * pair, and apart for gate and up, where the experts have act-order permutations of their own);
- * each pair's tiles are computed exactly as with PB = 1, so PB may follow the batch size. */
-template <int FMT>
+ * or the shared one alone, in weight format FMT.  Warps 0-3 take the gate's tile, 4-7 the up's;
+ * each warp leaves its partial sums of a pair in shared memory (part) and goes on to the next
+ * pair, and after the last the block adds them up in warp order (reduce_tile_warps' order) and
+ * writes silu(gate) ⊙ up in fp16, the down projection's input.  Three barriers a pair (the warps'
+ * sums, gate meeting up, the areas' reuse) held every warp to the slowest one's loads: ncu counted
+ * ~500 of a warp's ~1,170 instructions a pair outside its k-steps at R = 16.  The row is staged
+ * once for its pairs (once per pair, and apart for gate and up, where the experts have act-order
+ * permutations of their own: only then a pair waits for the others); each pair's tiles are
+ * computed exactly as with PB = 1, so PB may follow the batch size. */
+template <int FMT, bool W>
 static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, int s0, int s1)
 {
 	extern __shared__ uint4 smem[];
 	__shared__ float rs[1];
-	__shared__ float uo[Q3G_TILE_N]; /* the up half's sums, for the gate half's warp */
 	constexpr int WPT = Q3G_MMV_THREADS / 32 / 2;
 	const int tile = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int which = warp / WPT, kr = warp % WPT; /* 0: gate, 1: up */
 	uint16_t *xs = (uint16_t *)smem;
+	/* the warps' partial sums [pair][gate, up][kr][16 rows], after the two staged rows */
+	float *part = (float *)(xs + 2 * L.kpmax);
 	/* what xs holds: the row through sperm[0] (gate) and sperm[1] (up, in its second half where
 	 * the two differ), skp positions each (0: nothing) */
 	const uint16_t *sperm[2] = { NULL, NULL };
@@ -700,13 +705,12 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 	for (int s = s0; s < s1; s++) {
 		/* everything that decides a skip is the same in every thread: the barriers below stay
 		 * block-uniform (gate and up have the same shape: q3g_moe_up checks it) */
-		const int p = r * (L.k + 1) + s, ex = sid[s - s0];
+		const int ex = sid[s - s0];
 		const bool shared = s == L.k;
 		const int mi = shared ? 0 : ex;
 		const struct q3g_mat &mg = L.mat[2 * shared], &mu = L.mat[2 * shared + 1];
 		const struct q3g_mat &m = which ? mu : mg;
 		const int Kp = mg.nchunks * Q3G_KCHUNK;
-		float *red = (float *)(xs + 2 * Kp);
 		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
 		if (ex == Q3G_SKIP || tile >= mg.ntiles)
@@ -736,26 +740,33 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 		/* four loads a batch, not the matvec's eight (a warp's 8 chunks at the real shapes in two
 		 * batches, not one): a smaller body, which also stopped the Q4/F16 instance spilling at
 		 * three blocks an SM */
-		run_chunks<FMT, 1, 4>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
+		run_chunks<FMT, 1, 4, W>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
 				      c0, c1, (const uint2 *)(which && pu != pg ? xs + Kp : xs), 1, 0, 1.0f, acc);
-		reduce_tile_warps<1>(red, acc, WPT);
 		/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
-		const int g = lane >> 2, row = tile * Q3G_TILE_N + g;
+		if (!(lane & 3)) {
+			float *pp = part + (((s - s0) * 2 + which) * WPT + kr) * Q3G_TILE_N;
 
-		if (kr == 0 && which && !(lane & 3)) {
-			uo[g] = acc[0][0];
-			uo[g + 8] = acc[0][2];
+			pp[lane >> 2] = acc[0][0];
+			pp[(lane >> 2) + 8] = acc[0][2];
 		}
-		__syncthreads();
-		if (kr == 0 && !which && !(lane & 3)) {
-			uint16_t *o = L.act + (size_t)p * L.lda;
+	}
+	__syncthreads();
+	for (int i = threadIdx.x; i < (s1 - s0) * Q3G_TILE_N; i += blockDim.x) {
+		const int j = i / Q3G_TILE_N, ri = i % Q3G_TILE_N, s = s0 + j, ex = sid[j];
+		const struct q3g_mat &mg = L.mat[2 * (s == L.k)];
+		const int row = tile * Q3G_TILE_N + ri;
+		const float *pg = part + (j * 2 * WPT) * Q3G_TILE_N + ri, *pu = pg + WPT * Q3G_TILE_N;
 
-			if (row < m.N)
-				o[row] = f2h_bits(silu_fast(acc[0][0]) * uo[g]);
-			if (row + 8 < m.N)
-				o[row + 8] = f2h_bits(silu_fast(acc[0][2]) * uo[g + 8]);
+		if (ex == Q3G_SKIP || row >= mg.N)
+			continue;
+		float gs = pg[0], us = pu[0];
+
+#pragma unroll
+		for (int w = 1; w < WPT; w++) { /* reduce_tile_warps' order */
+			gs += pg[w * Q3G_TILE_N];
+			us += pu[w * Q3G_TILE_N];
 		}
-		__syncthreads(); /* red and uo are reused by the next pair */
+		L.act[(size_t)(r * (L.k + 1) + s) * L.lda + row] = f2h_bits(silu_fast(gs) * us);
 	}
 }
 
@@ -764,7 +775,7 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
  * launch, 7 us of a layer's ~80 at batch 1); a block runs one format, so that each keeps one
  * format's registers (mixing them in a block's pair loop spilled at three blocks an SM): the
  * row's groups of PB routed pairs, then its shared pair; with one format, groups of all k + 1. */
-template <int FR, int FS>
+template <int FR, int FS, bool W>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	pdl_trigger();
@@ -772,31 +783,34 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid
 	if (FR == FS) { /* groups of PB of all k + 1 pairs */
 		const int ngrp = cdiv(L.k + 1, L.pb), r = blockIdx.x / ngrp, s0 = (blockIdx.x % ngrp) * L.pb;
 
-		up_pairs<FR>(L, r, s0, min(L.k + 1, s0 + L.pb));
+		up_pairs<FR, W>(L, r, s0, min(L.k + 1, s0 + L.pb));
 	} else {
 		const int ngrp = cdiv(L.k, L.pb) + 1, r = blockIdx.x / ngrp, g = blockIdx.x % ngrp;
 
 		if (g == ngrp - 1)
-			up_pairs<FS>(L, r, L.k, L.k + 1);
+			up_pairs<FS, W>(L, r, L.k, L.k + 1);
 		else
-			up_pairs<FR>(L, r, g * L.pb, min(L.k, (g + 1) * L.pb));
+			up_pairs<FR, W>(L, r, g * L.pb, min(L.k, (g + 1) * L.pb));
 	}
 }
 
 typedef void (*moe_up_fn)(const moe_up_launch);
 
-/* The instance for routed format fr and shared format fs. */
-static moe_up_fn up_kernel_for(int fr, int fs)
+/* The instance for routed format fr and shared format fs, whole: groups of whole chunks in both
+ * (q3g_whole_groups). */
+static moe_up_fn up_kernel_for(int fr, int fs, bool whole)
 {
-	static const moe_up_fn t[3][3] = Q3G_FMT_PAIRS(moe_up_kernel);
+	static const moe_up_fn t[2][3][3] = { Q3G_FMT_PAIRS_W(moe_up_kernel, false),
+					      Q3G_FMT_PAIRS_W(moe_up_kernel, true) };
 
-	return t[fr][fs];
+	return t[whole][fr][fs];
 }
 
-/* The row staged twice (gate's and up's permutations), then the warps' partial sums. */
-static size_t up_smem(const struct q3g_mat *m)
+/* The row staged twice (gate's and up's permutations), then the warps' partial sums of pb
+ * pairs. */
+static size_t up_smem(int kpmax, int pb)
 {
-	return (((size_t)m->nchunks * Q3G_KCHUNK * 2 * 2 + 15) & ~(size_t)15) + Q3G_MMV_THREADS * 16;
+	return (size_t)kpmax * 2 * 2 + (size_t)pb * 2 * (Q3G_MMV_THREADS / 32) * Q3G_TILE_N * 4;
 }
 
 static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float *normw, float eps, const int *idx,
@@ -836,10 +850,6 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	L.nb = Q3_MAX(gate->ntiles, sgate->ntiles);
 	L.cpw[0] = cdiv(gate->nchunks, Q3G_MMV_THREADS / 32 / 2);
 	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / 2);
-	smem = Q3_MAX(up_smem(gate), up_smem(sgate));
-	if (smem > q3g_dev.smem_dyn)
-		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
-			       q3g_dev.smem_dyn);
 	/* routed pairs a block: about four waves of blocks (three resident an SM), so that a large
 	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
 	 * with a pair a block); one where the grid is small anyway */
@@ -847,9 +857,16 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	const bool same = gate->fmt == sgate->fmt;
 
 	L.pb = (int)Q3_MIN((long)(same ? k + 1 : k), Q3_MAX(1L, blocks / target));
+	L.kpmax = Q3_MAX(gate->nchunks, sgate->nchunks) * Q3G_KCHUNK;
+	smem = up_smem(L.kpmax, L.pb);
+	if (smem > q3g_dev.smem_dyn)
+		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
+			       q3g_dev.smem_dyn);
 	dim3 grid(R * (same ? cdiv(k + 1, L.pb) : cdiv(k, L.pb) + 1), L.nb);
 
-	CUDA_CHECK(e, q3g_launch(up_kernel_for(gate->fmt, sgate->fmt), grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
+	const bool whole = q3g_whole_groups(gate) && q3g_whole_groups(sgate);
+
+	CUDA_CHECK(e, q3g_launch(up_kernel_for(gate->fmt, sgate->fmt, whole), grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -875,9 +892,10 @@ int q3g_moe_init(q3_err *e)
 		for (int i = 0; i < 3; i++)
 			if ((err = q3g_allow_dyn_smem(router_kernels[c][i], "router_f32_kernel", e)))
 				return err;
-	for (int fr = 0; fr < 3; fr++)
-		for (int fs = 0; fs < 3; fs++)
-			if ((err = q3g_allow_dyn_smem(up_kernel_for(fr, fs), "moe_up_kernel", e)))
-				return err;
+	for (int w = 0; w < 2; w++)
+		for (int fr = 0; fr < 3; fr++)
+			for (int fs = 0; fs < 3; fs++)
+				if ((err = q3g_allow_dyn_smem(up_kernel_for(fr, fs, w), "moe_up_kernel", e)))
+					return err;
 	return q3g_moe_down_init(e);
 }

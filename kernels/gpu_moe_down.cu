@@ -4,18 +4,18 @@
  *
  * A block owns one 16-row tile of the output for up to 16 rows of the batch.  Every routed (row,
  * slot) pair then needs one contiguous piece of its expert's down matrix: the tile (nchunks chunks)
- * with its scales and zero points beside it.  One producer thread copies those into a ring of
- * shared-memory stages with bulk copies (cp.async.bulk: the SM's copy engine moves the bytes and
- * counts them into the stage's mbarrier), as far ahead as the ring allows; up to sixteen consumer
- * warps take the pairs in turn, load the pair's activations (moe_up's fp16 silu(gate) ⊙ up, from
- * L2) into B fragments while the tile arrives, wait for their stage, and run the tile's k-steps
- * from shared memory in a rolled loop.
+ * with its scales and zero points beside it.  Up to sixteen warps take the pairs in turn; each
+ * copies its own next pairs' pieces into its stages of a ring in shared memory with bulk copies
+ * (cp.async.bulk: the SM's copy engine moves the bytes and counts them into the stage's
+ * mbarrier), loads a pair's activations (moe_up's fp16 silu(gate) ⊙ up, from L2) into B
+ * fragments while its tile arrives, waits for the stage, and runs the tile's k-steps from shared
+ * memory in a rolled loop.
  *
  * The design before loaded the weights into registers, three chunks a warp at a time: 90 us at
  * R = 16 (H200, int4, ~90 MB), a round trip for every three chunks and an unrolled body that
  * missed the instruction cache.  Here a block has up to 32 pairs in flight and nothing waits in
  * registers; the same ring fed by 16-byte cp.async from a producer warp ran 110 us (the loads
- * through L1 are limited in flight), bulk copies 66.  Copying the activations into the stages
+ * through L1 are limited in flight), by a producer thread's bulk copies 66.  Copying the activations into the stages
  * too (bulk, from L2) ran slower: 11.2 us at R = 1 and 100 at R = 16, against 7.6 and 66.
  *
  * The shared expert's tile is the same for every row: it is copied once.  A pair's partial sum
@@ -26,7 +26,7 @@
 #include "bulk.cuh"
 
 #define DN_CWARPS 16			/* consumer warps */
-#define DN_THREADS ((DN_CWARPS + 1) * 32) /* and the producer's warp */
+#define DN_THREADS (DN_CWARPS * 32)
 #define DN_ROWS Q3G_MMV_MAX_TOK		/* batch rows a block */
 #define DN_MAX_STAGES 32
 
@@ -44,7 +44,8 @@ struct down_launch {
  * (c, st, t, half) of aw holds the inputs 16st + 2t + 8·half (+1) of chunk c, so that a lane of
  * column t reads its two words of a k-step as one uint2.  Inputs through the act-order
  * permutation (positions >= K: 0); lane l reads inputs 2l, 2l + 1 of every chunk, eight chunks'
- * loads at once (from L2: moe_up wrote them just before). */
+ * loads at once (from L2: moe_up wrote them just before).  (Loading the next pair's words into
+ * registers during a pair instead ran slower: 48.7 against 46.6 us at R = 16, H200.) */
 static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *act, const uint16_t *perm, int K, int nch)
 {
 	const int lane = threadIdx.x & 31, slot = aw_slot(lane);
@@ -64,58 +65,63 @@ static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *a
 
 #endif
 
-/* FR: the routed experts' weight format, FS: the shared expert's.  Pair (row r, slot s) is pair
- * q = r·S + s of the block: stage q mod nst of the ring, consumer warp q mod ncw.  The shared
+/* FR: the routed experts' weight format, FS: the shared expert's; W: groups of whole chunks
+ * (q3g_whole_groups).  Pair (row r, slot s) is pair q = r·S + s of the block, the i-th pair of
+ * consumer warp q mod ncw, in that warp's stage i mod spw.  Each warp fills its own stages: lane
+ * 0 copies the tiles of its first spw pairs at the start, and of pair i + spw as soon as it is
+ * done with pair i.  (One producer thread for the block copied the pairs in order, each after
+ * its stage's previous pair was done: one slow warp held back every other warp's copies, and the
+ * consumers' waits for their tiles were 37% of the stall samples at R = 16, ncu.)  The shared
  * expert's pairs (its tile is copied once) and the slots the CPU computes (Q3G_SKIP, offload)
- * pass through the ring empty. */
-template <int FR, int FS>
+ * pass through their stage empty (an arrival completes the phase). */
+template <int FR, int FS, bool W>
 __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_constant__ down_launch L)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 	extern __shared__ __align__(128) uint8_t sm[];
-	uint64_t *full = (uint64_t *)sm, *empty = full + DN_MAX_STAGES, *shb = empty + DN_MAX_STAGES;
+	uint64_t *full = (uint64_t *)sm, *shb = full + DN_MAX_STAGES;
 	const int tile = blockIdx.x, r0 = blockIdx.y * DN_ROWS, nr = min(DN_ROWS, L.a.R - r0), k = L.a.k, S = k + 1;
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, np = nr * S;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, np = nr * S, spw = L.nst / L.ncw;
 	int *sx = (int *)(sm + L.o_sx);
 	float *sw = (float *)(sx + DN_ROWS * S), *red = (float *)(sm + L.o_red);
 	uint8_t *shared_tile = sm + L.o_sh, *ring = sm + L.o_ring;
 
 	pdl_trigger();
 	if (threadIdx.x == 0)
-		ring_init(full, empty, L.nst, shb);
+		ring_init(full, L.nst, shb);
 	pdl_wait();
 	for (int i = threadIdx.x; i < np; i += blockDim.x) {
 		sx[i] = L.a.idx[(size_t)r0 * S + i];
 		sw[i] = L.a.w[(size_t)r0 * S + i];
 	}
 	__syncthreads();
-	if (warp == DN_CWARPS) { /* the producer: one thread */
-		if (lane == 0) {
+	/* lane 0 of a consumer warp: its i-th pair's tile into its stage (or the stage's phase
+	 * completed at once, for a pair with nothing to copy) */
+	auto fill = [&](int i) {
+		const int q = warp + i * L.ncw, st = warp * spw + i % spw;
+
+		if (q >= np)
+			return;
+		if (q % S == k || sx[q] == Q3G_SKIP)
+			bar_arrive(&full[st]);
+		else {
+			bar_expect(&full[st], L.dt[0].bytes);
+			copy_tile(ring + (size_t)st * L.stage, L.a.mat[0], L.dt[0], sx[q], tile, &full[st]);
+		}
+	};
+	if (lane == 0 && warp < L.ncw) {
+		if (warp == 0) {
 			bar_expect(shb, L.dt[1].bytes);
 			copy_tile(shared_tile, L.a.mat[1], L.dt[1], 0, tile, shb);
-			for (int q = 0; q < np; q++) {
-				const int st = q % L.nst, ex = sx[q];
-
-				if (q >= L.nst)
-					bar_wait(&empty[st], (q / L.nst - 1) & 1);
-				if (q % S == k || ex == Q3G_SKIP) /* the shared tile is there already */
-					bar_arrive(&full[st]);
-				else {
-					bar_expect(&full[st], L.dt[0].bytes);
-					copy_tile(ring + (size_t)st * L.stage, L.a.mat[0], L.dt[0], ex, tile, &full[st]);
-				}
-			}
 		}
-		return; /* the bulk copies complete into the barriers: no one waits for this warp */
+		for (int i = 0; i < spw; i++)
+			fill(i);
 	}
 	uint32_t *aw = (uint32_t *)(sm + L.o_aw) + warp * 32 * max(L.a.mat[0].nchunks, L.a.mat[1].nchunks);
 
-	/* pair q: warp q mod ncw, stage q mod nst; ncw divides nst, so a stage's pairs all belong to
-	 * one warp, which waits for phase n of a stage only after it consumed phase n - 1 (a parity
-	 * wait cannot tell phase n from n - 2: with 13 stages and 16 warps, warp 13 passed its wait
-	 * on the phase before its own and read the stage of pair 0) */
-	for (int q = warp; q < np && warp < L.ncw; q += L.ncw) {
-		const int r = q / S, s = q % S, ex = sx[q], st = q % L.nst;
+	for (int i = 0, q = warp; q < np && warp < L.ncw; i++, q += L.ncw) {
+		const int r = q / S, s = q % S, ex = sx[q], st = warp * spw + i % spw;
+		const uint32_t parity = (i / spw) & 1;
 		const bool sh = s == k;
 		const struct q3g_mat &m = L.a.mat[sh];
 		uint8_t *p = ring + (size_t)st * L.stage;
@@ -128,27 +134,28 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 			stage_act(aw, L.a.act + ((size_t)(r0 + r) * S + s) * L.a.lda,
 				  m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, m.nchunks);
 			__syncwarp();
-			bar_wait(&full[st], (q / L.nst) & 1);
+			bar_wait(&full[st], parity);
 			if (sh) {
 				bar_wait(shb, 0);
-				pair_tile<FS>(m, shared_tile, (const float *)(shared_tile + L.dt[1].wb), aw, sw[q], acc);
+				pair_tile<FS, W>(m, shared_tile, (const float *)(shared_tile + L.dt[1].wb), aw, sw[q], acc);
 			} else {
-				pair_tile<FR>(m, p, (const float *)(p + L.dt[0].wb), aw, sw[q], acc);
+				pair_tile<FR, W>(m, p, (const float *)(p + L.dt[0].wb), aw, sw[q], acc);
 			}
 		} else {
-			bar_wait(&full[st], (q / L.nst) & 1);
+			bar_wait(&full[st], parity);
 		}
 		__syncwarp(); /* every lane is done with the stage and aw */
 		if (lane == 0)
-			bar_arrive(&empty[st]);
+			fill(i + spw);
 		if (!(lane & 3)) {
 			red[q * Q3G_TILE_N + (lane >> 2)] = acc[0][0];
 			red[q * Q3G_TILE_N + (lane >> 2) + 8] = acc[0][2];
 		}
 	}
-	/* the consumers alone: named barrier 1 (the producer's warp has returned) */
-	asm volatile("bar.sync 1, %0;\n" ::"n"(DN_CWARPS * 32) : "memory");
-	for (int i = threadIdx.x; i < nr * Q3G_TILE_N; i += DN_CWARPS * 32) {
+	if (threadIdx.x == 0)
+		bar_wait(shb, 0); /* no copy may land in the shared memory of a block that has left */
+	__syncthreads();
+	for (int i = threadIdx.x; i < nr * Q3G_TILE_N; i += blockDim.x) {
 		const int r = i / Q3G_TILE_N, row = tile * Q3G_TILE_N + i % Q3G_TILE_N;
 		float v = 0.0f;
 
@@ -162,11 +169,12 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 
 typedef void (*moe_down_fn)(const down_launch);
 
-static moe_down_fn down_kernel_for(int fr, int fs)
+static moe_down_fn down_kernel_for(int fr, int fs, bool whole)
 {
-	static const moe_down_fn t[3][3] = Q3G_FMT_PAIRS(moe_down_kernel);
+	static const moe_down_fn t[2][3][3] = { Q3G_FMT_PAIRS_W(moe_down_kernel, false),
+						Q3G_FMT_PAIRS_W(moe_down_kernel, true) };
 
-	return t[fr][fs];
+	return t[whole][fr][fs];
 }
 
 bool q3g_moe_down_force_regs;
@@ -198,7 +206,7 @@ extern "C" int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const
 	const int S = k + 1, nch = Q3_MAX(down->nchunks, sdown->nchunks);
 
 	L.stage = align128(L.dt[0].bytes);
-	L.o_sx = align128(2 * DN_MAX_STAGES * 8 + 8);
+	L.o_sx = align128(DN_MAX_STAGES * 8 + 8);
 	L.o_red = L.o_sx + align128((size_t)DN_ROWS * S * 8);
 	L.o_aw = L.o_red + align128((size_t)DN_ROWS * S * Q3G_TILE_N * 4);
 	L.o_sh = L.o_aw + align128((size_t)DN_CWARPS * nch * 32 * 4);
@@ -212,7 +220,9 @@ extern "C" int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const
 		L.nst -= L.nst % L.ncw;
 	if (L.nst < 2) /* tiles too large for two stages: the kernel without them */
 		return q3g_moe_down_regs(&a, (cudaStream_t)st, e);
-	CUDA_CHECK(e, q3g_launch(down_kernel_for(down->fmt, sdown->fmt), dim3(down->ntiles, cdiv(R, DN_ROWS)), DN_THREADS,
+	const bool whole = q3g_whole_groups(down) && q3g_whole_groups(sdown);
+
+	CUDA_CHECK(e, q3g_launch(down_kernel_for(down->fmt, sdown->fmt, whole), dim3(down->ntiles, cdiv(R, DN_ROWS)), DN_THREADS,
 				 fixed + (size_t)L.nst * L.stage, (cudaStream_t)st, L));
 	return 0;
 }
@@ -221,9 +231,10 @@ int q3g_moe_down_init(q3_err *e)
 {
 	int err;
 
-	for (int fr = 0; fr < 3; fr++)
-		for (int fs = 0; fs < 3; fs++)
-			if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs), "moe_down_kernel", e)))
-				return err;
+	for (int w = 0; w < 2; w++)
+		for (int fr = 0; fr < 3; fr++)
+			for (int fs = 0; fs < 3; fs++)
+				if ((err = q3g_allow_dyn_smem(down_kernel_for(fr, fs, w), "moe_down_kernel", e)))
+					return err;
 	return q3g_moe_down_regs_init(e);
 }

@@ -5,9 +5,12 @@
  * Dequantization is exact: a code q and its zero point z become q − z in fp16 (|q − z| <= 255
  * fits fp16's 11 significant bits), the mma multiplies by the activation in fp16 and accumulates
  * in fp32, and the group's scale is applied to the fp32 partial sum of the group.
- *  - int4: (w >> 4R) & 0x000F000F | 0x64006400 is the fp16 pair (1024 + q0, 1024 + q1);
- *    subtracting the pair (1024 + z, 1024 + z) leaves q − z.  One lop3 and one fp16x2 subtraction
- *    per pair.
+ *  - int4: w & 0x000F000F | 0x64006400 is the fp16 pair (1024 + q0, 1024 + q1); subtracting
+ *    the pair (1024 + z, 1024 + z) leaves q − z.  The next nibbles, w & 0x00F000F0 | 0x64006400,
+ *    are 1024 + 16q: times 1/16 less (64 + z), one fused fp16x2 operation, is q − z again.  So a
+ *    word's four pairs take one shift (w >> 8), four lop3 and four fp16x2 operations (a shift for
+ *    every nibble cost three more: 11 of a k-step's ~21 instructions in the experts' up
+ *    projections were dequantization, ncu).
  *  - int8: a byte b placed in the mantissa of 2^23 (0x4B0000bb) is 2^23 + b exactly; minus
  *    (2^23 + z) is b − z in fp32, packed to fp16x2 (exact).
  */
@@ -28,17 +31,23 @@ template <> struct fmt_traits<Q3G_F16> {
 };
 
 /* A kernel template's instances by (routed, shared) weight format, as a 3 x 3 initializer
- * indexed [routed][shared] (the decode MoE kernels). */
+ * indexed [routed][shared] (the decode MoE kernels); _W: the instances K<fr, fs, W>. */
 #define Q3G_FMT_PAIRS(K)                                                                   \
 	{                                                                                  \
 		{ K<Q3G_Q4, Q3G_Q4>, K<Q3G_Q4, Q3G_Q8>, K<Q3G_Q4, Q3G_F16> },                \
 		{ K<Q3G_Q8, Q3G_Q4>, K<Q3G_Q8, Q3G_Q8>, K<Q3G_Q8, Q3G_F16> },                \
 		{ K<Q3G_F16, Q3G_Q4>, K<Q3G_F16, Q3G_Q8>, K<Q3G_F16, Q3G_F16> },             \
 	}
+#define Q3G_FMT_PAIRS_W(K, W)                                                              \
+	{                                                                                  \
+		{ K<Q3G_Q4, Q3G_Q4, W>, K<Q3G_Q4, Q3G_Q8, W>, K<Q3G_Q4, Q3G_F16, W> },       \
+		{ K<Q3G_Q8, Q3G_Q4, W>, K<Q3G_Q8, Q3G_Q8, W>, K<Q3G_Q8, Q3G_F16, W> },       \
+		{ K<Q3G_F16, Q3G_Q4, W>, K<Q3G_F16, Q3G_Q8, W>, K<Q3G_F16, Q3G_F16, W> },    \
+	}
 
 /* Per-lane dequantization constants of the current group (rows g and g + 8). */
 struct zconst {
-	uint32_t z0, z1; /* int4: fp16 pairs (1024 + z); int8: float bits of 2^23 + z */
+	uint32_t z0, z1; /* int4: fp16 pairs (1024 + z0) and (-64 - z1); int8: float bits of 2^23 + z */
 };
 
 template <int FMT> static __device__ __forceinline__ zconst make_zconst(float z0, float z1)
@@ -47,7 +56,7 @@ template <int FMT> static __device__ __forceinline__ zconst make_zconst(float z0
 
 	if (FMT == Q3G_Q4) {
 		c.z0 = pack_h2(1024.0f + z0, 1024.0f + z0);
-		c.z1 = pack_h2(1024.0f + z1, 1024.0f + z1);
+		c.z1 = pack_h2(-64.0f - z1, -64.0f - z1);
 	} else {
 		c.z0 = __float_as_uint(8388608.0f + z0);
 		c.z1 = __float_as_uint(8388608.0f + z1);
@@ -79,12 +88,12 @@ template <int FMT>
 static __device__ __forceinline__ void a_frag(const uint4 *w, int s, const zconst &zc, uint32_t a[4])
 {
 	if (FMT == Q3G_Q4) {
-		uint32_t q = u4_word(w[0], s);
+		const uint32_t q = u4_word(w[0], s), q8 = q >> 8, sixteenth = 0x2C002C00u; /* (1/16, 1/16) */
 
 		a[0] = h2_sub(and_or(q, 0x000F000Fu, 0x64006400u), zc.z0);
-		a[1] = h2_sub(and_or(q >> 4, 0x000F000Fu, 0x64006400u), zc.z1);
-		a[2] = h2_sub(and_or(q >> 8, 0x000F000Fu, 0x64006400u), zc.z0);
-		a[3] = h2_sub(and_or(q >> 12, 0x000F000Fu, 0x64006400u), zc.z1);
+		a[1] = h2_fma(and_or(q, 0x00F000F0u, 0x64006400u), sixteenth, zc.z1);
+		a[2] = h2_sub(and_or(q8, 0x000F000Fu, 0x64006400u), zc.z0);
+		a[3] = h2_fma(and_or(q8, 0x00F000F0u, 0x64006400u), sixteenth, zc.z1);
 	} else if (FMT == Q3G_Q8) {
 		const uint4 &v = w[s >> 1];
 		uint32_t lo = u4_word(v, 2 * (s & 1)), hi = u4_word(v, 2 * (s & 1) + 1);
@@ -350,9 +359,12 @@ static __device__ __forceinline__ void reduce_tile_warps(float *red, float acc[N
 /* Runs the k-chunks [c0, c1) of row tile `tile` of matrix base (bytes) against staged xs,
  * accumulating into acc[NT][4] (fp32, scales applied).  wscale multiplies every group's partial
  * sum (a routing weight; 1 otherwise).  The warp loads LOADS (default Q3G_MMV_LOADS) 16-byte
- * words per lane before using the first. */
+ * words per lane before using the first.  WHOLE (the caller's kernel instance, chosen on the
+ * host by q3g_whole_groups): every scale group is whole chunks, so the group's end is tested once
+ * a chunk, not at every k-step (the test and its branch were 6 of the 26 instructions of a
+ * k-step of the experts' up projections, ncu); both loops in one kernel spilled. */
 #define Q3G_MMV_LOADS 8
-template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS>
+template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false>
 static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
 						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
 						  float wscale, float acc[NT][4])
@@ -366,20 +378,29 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 	float accg[NT][4];
 	float s0 = 1.0f, s1 = 1.0f;
 	zconst zc = FMT == Q3G_F16 ? zconst{ 0, 0 } : sym_zconst<FMT>();
+	/* gleft: k-steps (chunks where WHOLE) left in the current group */
+	const int gunit = WHOLE ? m.gsteps >> 2 : m.gsteps, pos = WHOLE ? c0 : c0 * 4;
 	int gleft = 1 << 30, grp = 0;
 
 	if (c0 >= c1)
 		return;
 	if (FMT != Q3G_F16) {
-		if (!(m.gsteps & (m.gsteps - 1))) { /* GPTQ's groups: a shift, not a division */
-			grp = (c0 * 4) >> (__ffs(m.gsteps) - 1);
-			gleft = m.gsteps - ((c0 * 4) & (m.gsteps - 1));
+		if (!(gunit & (gunit - 1))) { /* GPTQ's groups: a shift, not a division */
+			grp = pos >> (__ffs(gunit) - 1);
+			gleft = gunit - (pos & (gunit - 1));
 		} else {
-			grp = (c0 * 4) / m.gsteps;
-			gleft = m.gsteps - (c0 * 4) % m.gsteps;
+			grp = pos / gunit;
+			gleft = gunit - pos % gunit;
 		}
 		group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
 	}
+	/* the group's partial sum times its row scales into acc; the next group's constants */
+	auto next_group = [&]() {
+		flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, true);
+		gleft = gunit;
+		if (++grp < m.ngroups)
+			group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
+	};
 #pragma unroll
 	for (int n = 0; n < NT; n++)
 		accg[n][0] = accg[n][1] = accg[n][2] = accg[n][3] = 0.0f;
@@ -409,15 +430,14 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 					b_frag(xs, ks + ksoff, n, R, lane, b);
 					mma_f16(accg[n], a, b);
 				}
-				if (FMT != Q3G_F16 && --gleft == 0) {
-					flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, true);
-					gleft = m.gsteps;
-					if (++grp < m.ngroups)
-						group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
-				}
+				if (FMT != Q3G_F16 && !WHOLE && --gleft == 0)
+					next_group();
 			}
+			if (FMT != Q3G_F16 && WHOLE && --gleft == 0)
+				next_group();
 		}
 	}
 	/* the last (or only, for fp16: s = 1) group */
 	flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, false);
 }
+
