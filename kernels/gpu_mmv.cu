@@ -2,8 +2,12 @@
  * launch, on tensor cores, with the weights streamed once from the tile format.
  *
  * A block (8 warps) owns RT row tiles of one Linear; the 8 / RT warps of a tile split its input
- * chunks, and their partial sums meet in shared memory.  The block first stages the R activation
- * rows (fp16, gathered through the act-order permutation) in shared memory in B-fragment order.
+ * chunks, and their partial sums meet in shared memory.  Above four rows a matrix of a few hundred
+ * row tiles (qkvz, q_proj) takes more tiles a block (every block stages all the rows: qkvz's 384
+ * blocks of 16 rows took 34.8 us, 96 took 22.2); its input slices stay those of one row, a warp
+ * running several in turn (SL), so that a row's sums never depend on its batch.  The block first
+ * stages the R activation rows (fp16, gathered through the act-order permutation) in shared memory
+ * in B-fragment order.
  * Each warp then streams its chunks: eight 16-byte loads per lane in flight, the A fragments
  * dequantized in registers, one mma per k-step and token tile.  Every output element is written
  * by exactly one thread, so results are deterministic (no atomics) and the residual add can be
@@ -16,13 +20,35 @@ struct mmv_launch {
 	int njobs, R;
 	int cta0[Q3G_MMV_MAX_JOBS + 1]; /* job j owns blocks [cta0[j], cta0[j + 1]) */
 	int rt[Q3G_MMV_MAX_JOBS];	/* row tiles per block */
+	int ks[Q3G_MMV_MAX_JOBS];	/* input slices per row tile (SL: a multiple of 8 / rt) */
 	struct q3g_job job[Q3G_MMV_MAX_JOBS];
 };
 
 /* NTH threads a block: Q3G_MMV_THREADS, or MMV_WIDE when there are few row tiles (a 2048-row
  * out_proj is 128 tiles: 8 warps a tile left the device latency-bound at 11% occupancy). */
 #define MMV_WIDE 512
-template <int NT, int NTH, bool W>
+/* The warp's slices kr·QPW .. kr·QPW + QPW - 1 of tile `tile`, each from zero, into part[qi] (a
+ * float4 a lane per token tile). */
+template <int FMT, int NT, bool W>
+static __device__ __forceinline__ void run_slices(const struct q3g_mat &m, int tile, int kr, int QPW, int per,
+						  const uint2 *xs, int R, float4 *part)
+{
+	for (int u = 0; u < QPW; u++) {
+		const int qi = kr * QPW + u, c0 = qi * per, c1 = min(m.nchunks, c0 + per);
+		float acc[NT][4];
+
+#pragma unroll
+		for (int n = 0; n < NT; n++)
+			acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+		if (tile < m.ntiles)
+			run_chunks<FMT, NT, Q3G_MMV_LOADS, W>(m, (const uint8_t *)m.data, 0, tile, c0, c1, xs, R, 0, 1.0f, acc);
+#pragma unroll
+		for (int n = 0; n < NT; n++)
+			part[(qi * NT + n) * 32] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+	}
+}
+
+template <int NT, int NTH, bool W, bool SL>
 __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_launch L)
 {
 	extern __shared__ uint4 smem[];
@@ -39,7 +65,7 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	uint16_t *xs = (uint16_t *)smem;
 	float *red = (float *)(xs + (size_t)R * Kp);
 	float acc[NT][4];
-	const int per = cdiv(m.nchunks, WPT), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
+	const int KS = SL ? L.ks[j] : WPT, per = cdiv(m.nchunks, KS), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 
 	pdl_trigger();
 	pdl_wait();
@@ -51,22 +77,52 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		stage_x_f16<NT == 2 ? 8 : 4>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
 	}
 	__syncthreads();
-#pragma unroll
-	for (int n = 0; n < NT; n++)
-		acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-	if (tile < m.ntiles) {
-		const uint8_t *wb = (const uint8_t *)m.data;
+	if constexpr (SL) {
+		/* red: [tile of the block][slice][token tile] float4 a lane; the slices added in order,
+		 * from the first, as reduce_tile_warps adds the warps' */
+		float4 *part = (float4 *)red + (size_t)(warp / WPT) * KS * NT * 32 + lane;
+		const int QPW = KS / WPT;
 
 		if (m.fmt == Q3G_Q4)
-			run_chunks<Q3G_Q4, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			run_slices<Q3G_Q4, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part);
 		else if (m.fmt == Q3G_Q8)
-			run_chunks<Q3G_Q8, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			run_slices<Q3G_Q8, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part);
 		else
-			run_chunks<Q3G_F16, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			run_slices<Q3G_F16, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part);
+		__syncthreads();
+		if (kr != 0 || tile >= m.ntiles)
+			return;
+#pragma unroll
+		for (int n = 0; n < NT; n++) {
+			float4 v = part[n * 32];
+
+			acc[n][0] = v.x, acc[n][1] = v.y, acc[n][2] = v.z, acc[n][3] = v.w;
+			for (int q = 1; q < KS; q++) {
+				v = part[(q * NT + n) * 32];
+				acc[n][0] += v.x;
+				acc[n][1] += v.y;
+				acc[n][2] += v.z;
+				acc[n][3] += v.w;
+			}
+		}
+	} else {
+#pragma unroll
+		for (int n = 0; n < NT; n++)
+			acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+		if (tile < m.ntiles) {
+			const uint8_t *wb = (const uint8_t *)m.data;
+
+			if (m.fmt == Q3G_Q4)
+				run_chunks<Q3G_Q4, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			else if (m.fmt == Q3G_Q8)
+				run_chunks<Q3G_Q8, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+			else
+				run_chunks<Q3G_F16, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+		}
+		reduce_tile_warps<NT>(red, acc, WPT);
+		if (kr != 0 || tile >= m.ntiles)
+			return;
 	}
-	reduce_tile_warps<NT>(red, acc, WPT);
-	if (kr != 0 || tile >= m.ntiles)
-		return;
 	const int g = lane >> 2, t = lane & 3;
 #pragma unroll
 	for (int n = 0; n < NT; n++)
@@ -84,36 +140,49 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 
 typedef void (*mmv_fn)(const mmv_launch);
 
-/* [whole groups][MMV_WIDE threads][token tiles - 1] */
-static const mmv_fn mmv_kernels[2][2][2] = {
-	{ { mmv_kernel<1, Q3G_MMV_THREADS, false>, mmv_kernel<2, Q3G_MMV_THREADS, false> },
-	  { mmv_kernel<1, MMV_WIDE, false>, mmv_kernel<2, MMV_WIDE, false> } },
-	{ { mmv_kernel<1, Q3G_MMV_THREADS, true>, mmv_kernel<2, Q3G_MMV_THREADS, true> },
-	  { mmv_kernel<1, MMV_WIDE, true>, mmv_kernel<2, MMV_WIDE, true> } },
+/* [whole groups][Q3G_MMV_THREADS, MMV_WIDE threads, sliced][token tiles - 1] */
+static const mmv_fn mmv_kernels[2][3][2] = {
+	{ { mmv_kernel<1, Q3G_MMV_THREADS, false, false>, mmv_kernel<2, Q3G_MMV_THREADS, false, false> },
+	  { mmv_kernel<1, MMV_WIDE, false, false>, mmv_kernel<2, MMV_WIDE, false, false> },
+	  { mmv_kernel<1, Q3G_MMV_THREADS, false, true>, mmv_kernel<2, Q3G_MMV_THREADS, false, true> } },
+	{ { mmv_kernel<1, Q3G_MMV_THREADS, true, false>, mmv_kernel<2, Q3G_MMV_THREADS, true, false> },
+	  { mmv_kernel<1, MMV_WIDE, true, false>, mmv_kernel<2, MMV_WIDE, true, false> },
+	  { mmv_kernel<1, Q3G_MMV_THREADS, true, true>, mmv_kernel<2, Q3G_MMV_THREADS, true, true> } },
 };
 
-/* Row tiles per block: more when many rows would make every block re-read a large staged input,
- * as long as the grid still fills the device; and, where up to four make the grid one wave of
- * three blocks an SM, that many (a 12288-row qkvz in 16-row blocks was two waves, each paying the
- * staging and the weights' first round trip).  A huge matrix (lm_head) streams as it did. */
-static int pick_rt(int ntiles, int R)
+/* Row tiles per block and input slices per tile (*ks: 8 / rt where nothing is sliced).  Where up
+ * to four tiles a block make the grid one wave of three blocks an SM, that many (a 12288-row qkvz
+ * in 16-row blocks was two waves, each paying the staging and the weights' first round trip);
+ * the slices follow from that, the matrix alone.  Above four rows such a matrix takes up to eight
+ * tiles a block while the grid keeps a block an SM, its warps running several slices (qkvz at 16
+ * rows: 34.8 us in 384 blocks, 22.2 in 96; at one row the staging is small and 96 blocks took
+ * 12.8 us against 9.8); and a huge one (lm_head) streams whole rows a warp, as it did (its sums
+ * above four rows differ from one row's in the last bits; sliced it took 194 us, not 166). */
+static int pick_rt(int ntiles, int R, int *ks)
 {
 	int rt = 1;
 
-	if (R > 4)
-		while (rt < 8 && ntiles / (rt * 2) >= 2 * q3g_dev.sms)
-			rt *= 2;
 	if (cdiv(ntiles, rt) > 3 * q3g_dev.sms && cdiv(ntiles, 4) <= 3 * q3g_dev.sms)
 		while (cdiv(ntiles, rt) > 3 * q3g_dev.sms)
 			rt *= 2;
+	*ks = Q3G_MMV_THREADS / 32 / rt;
+	if (R > 4 && rt > 1) {
+		while (rt < 8 && cdiv(ntiles, rt) > q3g_dev.sms)
+			rt *= 2;
+	} else if (R > 4) {
+		while (rt < 8 && ntiles / (rt * 2) >= 2 * q3g_dev.sms)
+			rt *= 2;
+		*ks = Q3G_MMV_THREADS / 32 / rt;
+	}
 	return rt;
 }
 
-static size_t mmv_smem(int R, int Kp, int rt, int nt, int nth)
+/* the staged rows, then the partial sums: ks slices of rt tiles (a warp each where not sliced) */
+static size_t mmv_smem(int R, int Kp, int rt, int ks, int nt, int nth)
 {
 	size_t x = ((size_t)R * Kp * 2 + 15) & ~(size_t)15;
 
-	return x + (rt < nth / 32 ? (size_t)nth * nt * 4 * 4 : 0);
+	return x + (ks > 1 ? (size_t)Q3_MAX(nth / 32, rt * ks) * nt * 32 * 16 : 0);
 }
 
 extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream st, q3_err *e)
@@ -121,6 +190,7 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 	mmv_launch L;
 	size_t smem = 0;
 	int nt = R > 8 ? 2 : 1, tiles = 0, nth;
+	bool sliced = false;
 
 	if (R < 1 || R > Q3G_MMV_MAX_TOK || njobs < 1 || njobs > Q3G_MMV_MAX_JOBS)
 		return q3_errf(e, -EINVAL, "mmv: %d rows, %d jobs", R, njobs);
@@ -135,9 +205,15 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 		const struct q3g_mat *m = &jobs[j].w;
 
 		L.job[j] = jobs[j];
-		L.rt[j] = nth == MMV_WIDE ? 1 : pick_rt(m->ntiles, R);
+		if (nth == MMV_WIDE) {
+			L.rt[j] = 1;
+			L.ks[j] = MMV_WIDE / 32;
+		} else {
+			L.rt[j] = pick_rt(m->ntiles, R, &L.ks[j]);
+		}
+		sliced |= L.rt[j] * L.ks[j] > nth / 32;
 		L.cta0[j + 1] = L.cta0[j] + cdiv(m->ntiles, L.rt[j]);
-		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], nt, nth));
+		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], L.ks[j], nt, nth));
 	}
 	if (smem > q3g_dev.smem_dyn) {
 		/* too many rows for the staging area of this device: two launches of half the rows */
@@ -162,7 +238,8 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 
 	for (int j = 0; j < njobs; j++)
 		whole &= q3g_whole_groups(&jobs[j].w);
-	CUDA_CHECK(e, q3g_launch(mmv_kernels[whole][nth == MMV_WIDE][nt - 1], L.cta0[njobs], nth, smem, (cudaStream_t)st, L));
+	CUDA_CHECK(e, q3g_launch(mmv_kernels[whole][sliced ? 2 : nth == MMV_WIDE][nt - 1], L.cta0[njobs], nth, smem,
+				 (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -171,7 +248,7 @@ int q3g_mmv_init(q3_err *e)
 	int err;
 
 	for (int w = 0; w < 2; w++)
-		for (int wide = 0; wide < 2; wide++)
+		for (int wide = 0; wide < 3; wide++)
 			for (int nt = 0; nt < 2; nt++)
 				if ((err = q3g_allow_dyn_smem(mmv_kernels[w][wide][nt], "mmv_kernel", e)))
 					return err;
