@@ -6,6 +6,7 @@
  * the function, file:line and the device, and returns -EIO from the enclosing function.
  */
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -265,6 +266,32 @@ static __device__ __forceinline__ void cp_async_commit(void)
 template <int N> static __device__ __forceinline__ void cp_async_wait(void)
 {
 	asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* ---- thread-block clusters (sm_90; CL = 1: none, the block alone) ---------------------------- */
+
+/* A barrier over the cluster's threads (the block's where CL == 1). */
+template <int CL> static __device__ __forceinline__ void cluster_sync()
+{
+	if constexpr (CL > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		cooperative_groups::this_cluster().sync();
+#else
+		__trap(); /* the host launches clusters on sm_90 only: device code without them */
+#endif
+	} else {
+		__syncthreads();
+	}
+}
+
+/* p's counterpart in the shared memory of the cluster's block of rank b (p where CL == 1). */
+template <int CL, typename T> static __device__ __forceinline__ T *cluster_at(T *p, int b)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	if constexpr (CL > 1)
+		return cooperative_groups::this_cluster().map_shared_rank(p, b);
+#endif
+	return p;
 }
 
 /* Whether q3g_launch asks for programmatic dependent launch (set by q3g_init). */

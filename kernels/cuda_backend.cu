@@ -415,12 +415,6 @@ static size_t tab_size(int R, int L, int S)
 	return ((size_t)(4 * R + L) * sizeof(int) + 15) / 16 * 16 + (size_t)S * sizeof(struct q3g_seq);
 }
 
-/* Halves a pair's row of decode expert activations takes (q3g_moe_up's act; even for 4-byte loads). */
-static int moe_lda(const struct q3g_dims *d)
-{
-	return (Q3_MAX(d->I, d->Is) + 1) & ~1;
-}
-
 static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 {
 	const struct q3g_dims *d = &bk->d;
@@ -453,7 +447,7 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 	DALLOC(bk->wts, P * 4, "routing");
 	DALLOC(bk->rdone, 4, "routing");
 	CUDA_CHECK(e, cudaMemsetAsync(bk->rdone, 0, 4, bk->st));
-	DALLOC(bk->act, (size_t)bk->dec_rows * (d->topk + 1) * moe_lda(d) * 2, "expert activations");
+	DALLOC(bk->act, (size_t)bk->dec_rows * (d->topk + 1) * q3g_moe_lda(d->I, d->Is) * 2, "expert activations");
 	DALLOC(bk->moe_ws, q3g_moe_prefill_scratch(bk->maxrows, d), "the prefill MoE");
 	DALLOC(bk->logits, lrows * d->V * 4, "logits");
 	CUDA_CHECK(e, cudaMallocHost(&bk->logits_h, lrows * d->V * 4));
@@ -853,7 +847,7 @@ static int layer_full(struct cuda_bk *bk, const struct glayer *L, const struct c
 static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const struct call *k, q3_err *e)
 {
 	const struct q3g_dims *d = &bk->d;
-	int H = d->H, lda = moe_lda(d), err;
+	int H = d->H, lda = q3g_moe_lda(d->I, d->Is), err;
 	struct q3g_job j[2] = { job_in(bk, k, &L->router, L->post_norm, bk->logits_r, d->E),
 				job_in(bk, k, &L->shared_gate, L->post_norm, bk->sg, 1) };
 	/* with experts on the CPU the threads read the normed activations xb, which run_layers then

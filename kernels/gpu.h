@@ -270,6 +270,11 @@ int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsig
  *   up:   act[p][0..N) = fp16(silu(x[r]·gateᵀ) ⊙ (x[r]·upᵀ)) (rows of lda >= N halves), with the
  *         pair's expert idx[p] (gate/up: the stacks) or, for slot k, the shared expert (sgate/sup);
  *   down: h[r] += Σ_s w[p] · down_e(act[p]). */
+/* The row length lda for experts of I and shared expert of Is outputs: even, for 4-byte loads. */
+static inline int q3g_moe_lda(int I, int Is)
+{
+	return ((I > Is ? I : Is) + 1) & ~1;
+}
 int q3g_moe_up(uint16_t *act, const uint16_t *x, const int *idx, const struct q3g_mat *gate,
 	       const struct q3g_mat *up, const struct q3g_mat *sgate, const struct q3g_mat *sup, int R,
 	       int k, int H, int lda, q3g_stream st, struct q3_err *e);

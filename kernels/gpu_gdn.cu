@@ -10,11 +10,7 @@
  * the other) stages its inputs by chunks of tokens (see "delta rule, prefill").  The state is
  * stored transposed ([Dv][Dk]) so that a warp reads its columns' keys with coalesced loads.
  */
-#include <cooperative_groups.h>
-
 #include "gpu_internal.h"
-
-namespace cg = cooperative_groups;
 
 /* ---- conv1d ----------------------------------------------------------------------------------- */
 
@@ -258,21 +254,15 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 		__syncthreads();
 		ss = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
 		ss = warp_sum(ss);
-		if (CL > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		if constexpr (CL > 1) {
 			/* the head's total: every block's part, in rank order (deterministic) */
-			cg::cluster_group cl = cg::this_cluster();
-
 			if (threadIdx.x == 0)
 				cl_ss = ss;
-			cl.sync();
+			cluster_sync<CL>();
 			ss = 0.0f;
 			for (int b = 0; b < CL; b++)
-				ss += *cl.map_shared_rank(&cl_ss, b);
-			cl.sync(); /* no block leaves (or overwrites cl_ss) while another reads it */
-#else
-			__trap(); /* the host launches clusters on sm_90 only: device code without them */
-#endif
+				ss += *cluster_at<CL>(&cl_ss, b);
+			cluster_sync<CL>(); /* no block leaves (or overwrites cl_ss) while another reads it */
 		}
 		const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
 

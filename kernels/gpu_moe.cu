@@ -14,12 +14,8 @@
  */
 #include <cublas_v2.h>
 
-#include <cooperative_groups.h>
-
 #include "gpu_internal.h"
 #include "mma_frag.cuh"
-
-namespace cg = cooperative_groups;
 
 /* ---- router ----------------------------------------------------------------------------------- */
 
@@ -473,42 +469,19 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 		bsum[i] = v;
 	}
 	__syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-	cg::cluster_group cl = cg::this_cluster();
-#endif
-	/* a barrier over the cluster's threads (the block's alone without clusters) */
-	auto cluster_sync = [&] {
-		if constexpr (KS > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-			cl.sync();
-#else
-			__trap(); /* the host launches clusters on sm_90 only */
-#endif
-		} else {
-			__syncthreads();
-		}
-	};
-	/* p's counterpart in the shared memory of the cluster's block of rank b */
-	auto at_rank = [&](auto *p, int b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-		if constexpr (KS > 1)
-			return cl.map_shared_rank(p, b);
-#endif
-		return p;
-	};
-	cluster_sync();
+	cluster_sync<KS>(); /* (the block alone without clusters) */
 	if (ks == 0) /* the slices in rank order */
 		for (int i = threadIdx.x; i < Q3G_TILE_N * R; i += blockDim.x) {
 			int r = i / Q3G_TILE_N, row = tile * Q3G_TILE_N + i % Q3G_TILE_N;
 			float v = 0.0f;
 
 			for (int b = 0; b < KS; b++)
-				v += at_rank(bsum, b)[i];
+				v += cluster_at<KS>(bsum, b)[i];
 			if (row < m.N)
 				L.y[j][(size_t)r * L.ldy[j] + row] = v;
 		}
 	if (!L.done) {
-		cluster_sync(); /* no block leaves while rank 0 reads its sums */
+		cluster_sync<KS>(); /* no block leaves while rank 0 reads its sums */
 		return;
 	}
 	/* every tile's logits are written: the last cluster to get here picks the experts, a warp a
@@ -522,10 +495,10 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 				*L.done = 0; /* every other cluster has counted: 0 for the next launch */
 		}
 	}
-	cluster_sync();
-	const bool go = *at_rank(&last, 0);
+	cluster_sync<KS>();
+	const bool go = *cluster_at<KS>(&last, 0);
 
-	cluster_sync(); /* rank 0 stays until every block has read its flag */
+	cluster_sync<KS>(); /* rank 0 stays until every block has read its flag */
 	if (!go)
 		return;
 	__threadfence();
@@ -800,8 +773,8 @@ typedef void (*moe_up_fn)(const moe_up_launch);
  * (q3g_whole_groups). */
 static moe_up_fn up_kernel_for(int fr, int fs, bool whole)
 {
-	static const moe_up_fn t[2][3][3] = { Q3G_FMT_PAIRS_W(moe_up_kernel, false),
-					      Q3G_FMT_PAIRS_W(moe_up_kernel, true) };
+	static const moe_up_fn t[2][3][3] = { Q3G_FMT_PAIRS(moe_up_kernel, false),
+					      Q3G_FMT_PAIRS(moe_up_kernel, true) };
 
 	return t[whole][fr][fs];
 }

@@ -171,8 +171,8 @@ typedef void (*moe_down_fn)(const down_launch);
 
 static moe_down_fn down_kernel_for(int fr, int fs, bool whole)
 {
-	static const moe_down_fn t[2][3][3] = { Q3G_FMT_PAIRS_W(moe_down_kernel, false),
-						Q3G_FMT_PAIRS_W(moe_down_kernel, true) };
+	static const moe_down_fn t[2][3][3] = { Q3G_FMT_PAIRS(moe_down_kernel, false),
+						Q3G_FMT_PAIRS(moe_down_kernel, true) };
 
 	return t[whole][fr][fs];
 }

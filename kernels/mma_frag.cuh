@@ -31,18 +31,16 @@ template <> struct fmt_traits<Q3G_F16> {
 };
 
 /* A kernel template's instances by (routed, shared) weight format, as a 3 x 3 initializer
- * indexed [routed][shared] (the decode MoE kernels); _W: the instances K<fr, fs, W>. */
-#define Q3G_FMT_PAIRS(K)                                                                   \
-	{                                                                                  \
-		{ K<Q3G_Q4, Q3G_Q4>, K<Q3G_Q4, Q3G_Q8>, K<Q3G_Q4, Q3G_F16> },                \
-		{ K<Q3G_Q8, Q3G_Q4>, K<Q3G_Q8, Q3G_Q8>, K<Q3G_Q8, Q3G_F16> },                \
-		{ K<Q3G_F16, Q3G_Q4>, K<Q3G_F16, Q3G_Q8>, K<Q3G_F16, Q3G_F16> },             \
-	}
-#define Q3G_FMT_PAIRS_W(K, W)                                                              \
-	{                                                                                  \
-		{ K<Q3G_Q4, Q3G_Q4, W>, K<Q3G_Q4, Q3G_Q8, W>, K<Q3G_Q4, Q3G_F16, W> },       \
-		{ K<Q3G_Q8, Q3G_Q4, W>, K<Q3G_Q8, Q3G_Q8, W>, K<Q3G_Q8, Q3G_F16, W> },       \
-		{ K<Q3G_F16, Q3G_Q4, W>, K<Q3G_F16, Q3G_Q8, W>, K<Q3G_F16, Q3G_F16, W> },    \
+ * indexed [routed][shared] (the decode MoE kernels): K<fr, fs> or, with more arguments,
+ * K<fr, fs, ...>. */
+#define Q3G_FMT_PAIRS(K, ...)                                                                        \
+	{                                                                                            \
+		{ K<Q3G_Q4, Q3G_Q4, ##__VA_ARGS__>, K<Q3G_Q4, Q3G_Q8, ##__VA_ARGS__>,                  \
+		  K<Q3G_Q4, Q3G_F16, ##__VA_ARGS__> },                                               \
+		{ K<Q3G_Q8, Q3G_Q4, ##__VA_ARGS__>, K<Q3G_Q8, Q3G_Q8, ##__VA_ARGS__>,                  \
+		  K<Q3G_Q8, Q3G_F16, ##__VA_ARGS__> },                                               \
+		{ K<Q3G_F16, Q3G_Q4, ##__VA_ARGS__>, K<Q3G_F16, Q3G_Q8, ##__VA_ARGS__>,                \
+		  K<Q3G_F16, Q3G_F16, ##__VA_ARGS__> },                                              \
 	}
 
 /* Per-lane dequantization constants of the current group (rows g and g + 8). */
@@ -440,4 +438,3 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 	/* the last (or only, for fp16: s = 1) group */
 	flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, false);
 }
-

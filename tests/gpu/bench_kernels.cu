@@ -135,7 +135,7 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 {
 	struct dmat dg, du, dd, sg, su, sd;
 	std::vector<struct tlin> lg, lu, ld, s1, s2, s3;
-	int S = k + 1, lda = (I + 1) & ~1;
+	int S = k + 1, lda = q3g_moe_lda(I, I);
 
 	make_stack(&dg, lg, E, I, H, LIN_GPTQ);
 	make_stack(&du, lu, E, I, H, LIN_GPTQ);
@@ -356,7 +356,7 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	memset(&d, 0, sizeof(d));
 	d.H = H; d.Nk = 16; d.Nv = 32; d.Dk = 128; d.Dv = 128; d.W = 4; d.key_dim = 2048; d.value_dim = 4096;
 	d.conv_dim = 8192; d.E = E; d.topk = k; d.I = I; d.Is = I; d.norm_topk = true; d.eps = 1e-6f; d.max_ctx = 64;
-	const int qd = 2 * d.key_dim + 2 * d.value_dim, lda = (I + 1) & ~1;
+	const int qd = 2 * d.key_dim + 2 * d.value_dim, lda = q3g_moe_lda(I, I);
 	std::vector<struct dmat> qkvz(NL), ba(NL), out(NL), router(NL), sgate(NL);
 	struct dmat eg, eu, ed, shg, shu, shd;
 	std::vector<struct tlin> tl[5], te[6];

@@ -1313,7 +1313,7 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 	if (!want(name))
 		return;
 	struct tmoe m;
-	const int E = d->E, H = d->H, k = d->topk, lda = (std::max(d->I, d->Is) + 1) & ~1;
+	const int E = d->E, H = d->H, k = d->topk, lda = q3g_moe_lda(d->I, d->Is);
 
 	make_moe(&m, d, bits, G, asym, act);
 	struct dmoe dm;
@@ -1380,7 +1380,7 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act)
 		return;
 	struct tmoe m;
 	struct dmoe dm;
-	const int E = d->E, H = d->H, k = d->topk, lda = (std::max(d->I, d->Is) + 1) & ~1;
+	const int E = d->E, H = d->H, k = d->topk, lda = q3g_moe_lda(d->I, d->Is);
 
 	make_moe(&m, d, 4, 128, act, act);
 	dmoe_upload(&dm, &m, E);
@@ -1437,7 +1437,7 @@ static void moe_skip_case(const struct q3g_dims *d, int R)
 		return;
 	struct tmoe m;
 	struct dmoe dm;
-	const int E = d->E, H = d->H, k = d->topk, S = k + 1, lda = (std::max(d->I, d->Is) + 1) & ~1;
+	const int E = d->E, H = d->H, k = d->topk, S = k + 1, lda = q3g_moe_lda(d->I, d->Is);
 
 	make_moe(&m, d, 4, 128, false, false);
 	dmoe_upload(&dm, &m, E);
