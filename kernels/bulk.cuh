@@ -50,44 +50,6 @@ static inline struct bulk_tile bulk_tile_of(const struct q3g_mat *m)
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-static __device__ __forceinline__ uint32_t smem_u32(const void *p)
-{
-	return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-static __device__ __forceinline__ void bar_init(uint64_t *b, int count)
-{
-	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
-}
-
-static __device__ __forceinline__ void bar_arrive(uint64_t *b)
-{
-	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(b)) : "memory");
-}
-
-/* Arrives on b and adds bytes to the transfer count its phase waits for. */
-static __device__ __forceinline__ void bar_expect(uint64_t *b, uint32_t bytes)
-{
-	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(b)),
-		     "r"(bytes)
-		     : "memory");
-}
-
-/* Waits for the phase of the given parity to complete (try_wait: the hardware suspends the warp
- * for a while rather than spinning on the issue slots the others need). */
-static __device__ __forceinline__ void bar_wait(uint64_t *b, uint32_t parity)
-{
-	uint32_t done;
-
-	do {
-		asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-			     " selp.u32 %0, 1, 0, p;\n}\n"
-			     : "=r"(done)
-			     : "r"(smem_u32(b)), "r"(parity)
-			     : "memory");
-	} while (!done);
-}
-
 /* n bytes (a multiple of 16, both ends 16-byte aligned) from g to s, counted into bar. */
 static __device__ __forceinline__ void bulk_copy(void *s, const void *g, uint32_t n, uint64_t *bar)
 {

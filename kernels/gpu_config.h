@@ -28,6 +28,7 @@
 #define Q3G_DELTA_CPW 4		/* value columns per warp of the delta-rule kernel */
 #define Q3G_MAX_HEAD_DIM 256	/* largest attention head the kernels take */
 #define Q3G_MAX_DK 256		/* largest delta-rule key head */
+#define Q3G_MAX_CONV 4		/* largest conv1d kernel of the delta rule's decode */
 
 /* Bytes of one tile chunk (16 rows x 64 inputs) by format. */
 #define Q3G_CHUNK_BYTES_Q4 512

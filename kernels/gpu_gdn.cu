@@ -82,28 +82,54 @@ struct delta_args {
 	float eps;
 };
 
-/* Decode (one token at position pos): conv1d + SiLU of channel ch from the projections and the
- * read state (slot m holds the input at pos - (W-1) + m; zeros before position 0). */
-static __device__ __forceinline__ float conv_ch(const delta_args &A, const float *xr, const float *rd, int pos, int ch)
+/* Decode's conv of channel ch (one token at position pos): its weights, the read state (slot m
+ * holds the input at pos - (W-1) + m; zeros before position 0) and the new input, all loaded
+ * before any is used.  (Two channels a thread in flight, for the 32 threads that have two at
+ * Dk = 128, spilled at 64 registers and took the delta rule from 23.6 to 29.0 us at 16 rows.) */
+struct conv_in {
+	float w[Q3G_MAX_CONV - 1], s[Q3G_MAX_CONV - 1]; /* the slots' weights and values */
+	float wx, x;					/* the new input's */
+};
+
+static __device__ __forceinline__ conv_in conv_load(const delta_args &A, const float *xr, const float *rd, int pos,
+						    int ch)
 {
 	const int S = A.W - 1;
-	float acc = A.cw[(size_t)ch * A.W + S] * xr[ch];
+	conv_in c;
 
-	for (int m = 0; m < S; m++)
-		if (pos - S + m >= 0)
-			acc += A.cw[(size_t)ch * A.W + m] * rd[(size_t)m * A.conv_dim + ch];
+#pragma unroll
+	for (int m = 0; m < Q3G_MAX_CONV - 1; m++) {
+		c.w[m] = m < S ? A.cw[(size_t)ch * A.W + m] : 0.0f;
+		c.s[m] = m < S && pos - S + m >= 0 ? rd[(size_t)m * A.conv_dim + ch] : 0.0f;
+	}
+	c.wx = A.cw[(size_t)ch * A.W + S];
+	c.x = xr[ch];
+	return c;
+}
+
+/* conv1d + SiLU (the sum in the order of conv1d_silu_kernel's: the new input first) */
+static __device__ __forceinline__ float conv_out(const delta_args &A, const conv_in &c, int pos)
+{
+	const int S = A.W - 1;
+	float acc = c.wx * c.x;
+
+#pragma unroll
+	for (int m = 0; m < Q3G_MAX_CONV - 1; m++)
+		if (m < S && pos - S + m >= 0)
+			acc += c.w[m] * c.s[m];
 	return dev_silu(acc);
 }
 
-/* ... and its state after the token: slot m := slot m + 1, the last slot := the input. */
-static __device__ __forceinline__ void conv_shift(const delta_args &A, const float *xr, const float *rd, float *wr,
-						  int pos, int ch)
+/* ... and the channel's state after the token: slot m := slot m + 1, the last slot := the input. */
+static __device__ __forceinline__ void conv_shift(const delta_args &A, const conv_in &c, float *wr, int ch)
 {
 	const int S = A.W - 1;
 
-	for (int m = 0; m + 1 < S; m++)
-		wr[(size_t)m * A.conv_dim + ch] = pos - S + m + 1 >= 0 ? rd[(size_t)(m + 1) * A.conv_dim + ch] : 0.0f;
-	wr[(size_t)(S - 1) * A.conv_dim + ch] = xr[ch];
+#pragma unroll
+	for (int m = 0; m < Q3G_MAX_CONV - 1; m++)
+		if (m + 1 < S)
+			wr[(size_t)m * A.conv_dim + ch] = c.s[m + 1];
+	wr[(size_t)(S - 1) * A.conv_dim + ch] = c.x;
 }
 
 /* The gates of value head j for one token: alpha = exp(g), g = -exp(A_log)·softplus(a + dt_bias)
@@ -140,10 +166,43 @@ static __device__ __forceinline__ float2 delta_state_sums(const float x[8], int 
 	return hi ? make_float2(other, w) : make_float2(w, other);
 }
 
-/* Decode: every sequence feeds one token; the conv is computed here from the projections (and the
- * conv state advanced), and the output is gated-normed into core.  CL > 1 (sm_90): a head's
- * columns are split over a cluster of CL blocks, which add up the gated norm's sum of squares
- * through distributed shared memory (32 blocks, one per head, left 100 of 132 SMs idle). */
+/* A lane's KPL keys of a column: 16-byte accesses where KPL allows (the lane's keys start at a
+ * multiple of KPL, the column's at a multiple of Dk), streaming (read and written once a step:
+ * evict-first, so that they do not push the weights out of L2). */
+template <int KPL> static __device__ __forceinline__ void state_load(float *s, const float *p)
+{
+	if constexpr (KPL % 4 == 0) {
+#pragma unroll
+		for (int v = 0; v < KPL / 4; v++) {
+			const float4 t = __ldcs((const float4 *)p + v);
+
+			s[4 * v] = t.x, s[4 * v + 1] = t.y, s[4 * v + 2] = t.z, s[4 * v + 3] = t.w;
+		}
+	} else {
+#pragma unroll
+		for (int i = 0; i < KPL; i++)
+			s[i] = __ldcs(p + i);
+	}
+}
+
+template <int KPL> static __device__ __forceinline__ void state_store(float *p, const float *s)
+{
+	if constexpr (KPL % 4 == 0) {
+#pragma unroll
+		for (int v = 0; v < KPL / 4; v++)
+			__stcs((float4 *)p + v, make_float4(s[4 * v], s[4 * v + 1], s[4 * v + 2], s[4 * v + 3]));
+	} else {
+#pragma unroll
+		for (int i = 0; i < KPL; i++)
+			__stcs(p + i, s[i]);
+	}
+}
+
+/* Decode: every sequence feeds one token (the host's tables give decode one row a sequence); the
+ * conv is computed here from the projections (and the conv state advanced), and the output is
+ * gated-normed into core.  CL > 1 (sm_90): a head's columns are split over a cluster of CL blocks,
+ * which add up the gated norm's sum of squares through distributed shared memory (32 blocks, one
+ * per head, left 100 of 132 SMs idle). */
 template <int KPL, int CL>
 __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constant__ delta_args A)
 {
@@ -151,8 +210,8 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 	constexpr int CPW = Q3G_DELTA_CPW;
 	__shared__ float red[32];
 	__shared__ float cqkv[2 * Q3G_MAX_DK + 32 * CPW]; /* q | k | v after the conv */
-	__shared__ float cl_ss;				  /* this block's sum of squares (CL > 1) */
-	(void)cl_ss; /* unused where CL == 1 */
+	__shared__ cluster_sum<CL> cs;			  /* the head's sum of squares */
+	cs.init();
 	pdl_trigger();
 	pdl_wait();
 	/* block (sequence, value head, column slice): the whole head (its gated norm spans it) or,
@@ -162,118 +221,108 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 	const int c0 = blockIdx.z * (blockDim.x / 32) * CPW + warp * CPW;
 	const int col = (lane >> 2) & 3; /* the column whose state products this lane ends with */
 	const struct q3g_seq sq = A.rows.seq[s];
-	float *Sg = sq.rec + ((size_t)A.lin * A.Nv + j) * A.Dv * A.Dk;
+	const int row = sq.row0, pos = sq.pos;
+	float *Sg = sq.rec + ((size_t)A.lin * A.Nv + j) * A.Dv * A.Dk + (size_t)c0 * A.Dk + i0;
 	const float qscale = rsqrtf((float)A.Dk);
 	const float negA = -expf(A.A_log[j]), dtb = A.dt_bias[j];
 	float S[CPW][KPL];
 
 #pragma unroll
-	for (int c = 0; c < CPW; c++)
-#pragma unroll
-		for (int i = 0; i < KPL; i++)
-			S[c][i] = sq.pos > 0 ? Sg[(size_t)(c0 + c) * A.Dk + i0 + i] : 0.0f;
-
-	for (int t = 0; t < sq.n; t++) {
-		const int row = sq.row0 + t;
-		/* what the end of the step needs, in flight with the conv's loads: the gates' inputs,
-		 * and column col's output gate z and norm weight (lanes 0, 4, 8, 12 use them) */
-		const float b = A.ba[(size_t)row * 2 * A.Nv + j], a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
-		const float zc = A.z[(size_t)row * A.ldz + (size_t)j * A.Dv + c0 + col], nwc = A.normw[c0 + col];
-		float q[KPL], k[KPL];
-		float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
-
-		/* the conv of the head's q, k and v channels, once per channel (not once per warp: the
-		 * warps of a key head all need its q and k), through shared memory */
-		const float *xr = A.qkvz + (size_t)row * A.ldq;
-		const float *rd = sq.conv_rd + (size_t)A.lin * (A.W - 1) * A.conv_dim;
-		float *wr = sq.conv_wr + (size_t)A.lin * (A.W - 1) * A.conv_dim;
-		/* q and k whole, v of this block's columns [vbase, vbase + vs) */
-		const int vs = A.Dv / CL, vbase = blockIdx.z * vs, nch = 2 * A.Dk + vs;
-
-		for (int c = threadIdx.x; c < nch; c += blockDim.x) {
-			int ch = c < A.Dk ? kh * A.Dk + c : c < 2 * A.Dk ? A.key_dim + kh * A.Dk + c - A.Dk
-				 : 2 * A.key_dim + j * A.Dv + vbase + c - 2 * A.Dk;
-
-			cqkv[c < 2 * A.Dk ? c : c + vbase] = conv_ch(A, xr, rd, sq.pos, ch);
-			/* the new state: q and k channels by the first block of the key head */
-			if (c >= 2 * A.Dk || (j % (A.Nv / A.Nk) == 0 && blockIdx.z == 0))
-				conv_shift(A, xr, rd, wr, sq.pos, ch);
-		}
-		__syncthreads();
-#pragma unroll
-		for (int i = 0; i < KPL; i++) {
-			q[i] = cqkv[i0 + i];
-			k[i] = cqkv[A.Dk + i0 + i];
-		}
-		const float vc = cqkv[2 * A.Dk + c0 + col];
-#pragma unroll
-		for (int i = 0; i < KPL; i++) {
-			sqq += q[i] * q[i];
-			skk += k[i] * k[i];
-			sqk += q[i] * k[i];
-		}
-		float x[2 * CPW];
-
-#pragma unroll
-		for (int cc = 0; cc < CPW; cc++) {
-			x[cc] = x[CPW + cc] = 0.0f;
-#pragma unroll
-			for (int i = 0; i < KPL; i++) {
-				x[cc] += S[cc][i] * k[i];
-				x[CPW + cc] += S[cc][i] * q[i];
-			}
-		}
-		sqq = warp_sum(sqq);
-		skk = warp_sum(skk);
-		sqk = warp_sum(sqk);
-		const float2 kq = delta_state_sums(x, lane);
-		const float rq = rsqrtf(sqq + 1e-6f) * qscale, rk = rsqrtf(skk + 1e-6f);
-		const float qk = sqk * rq * rk;
-		float alpha, beta, d[CPW];
-
-		delta_gates(&alpha, &beta, b, a, negA, dtb);
-		/* products with the normalized q and k: scale the raw ones (column c's, in this lane) */
-		const float delta = beta * (vc - alpha * (kq.x * rk)), oc = alpha * (kq.y * rq) + delta * qk;
-
-#pragma unroll
-		for (int cc = 0; cc < CPW; cc++)
-			d[cc] = __shfl_sync(0xffffffffu, delta, 4 * cc);
-#pragma unroll
-		for (int cc = 0; cc < CPW; cc++)
+	for (int c = 0; c < CPW; c++) {
+		if (pos > 0) {
+			state_load<KPL>(S[c], Sg + (size_t)c * A.Dk);
+		} else {
 #pragma unroll
 			for (int i = 0; i < KPL; i++)
-				S[cc][i] = alpha * S[cc][i] + (k[i] * rk) * d[cc];
-		/* the four columns' squares, in lane 0 (from lanes 0, 4, 8, 12) */
-		float ss = oc * oc;
-
-		ss += __shfl_xor_sync(0xffffffffu, ss, 4);
-		ss += __shfl_xor_sync(0xffffffffu, ss, 8);
-		__syncthreads();
-		if (lane == 0)
-			red[warp] = ss;
-		__syncthreads();
-		ss = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
-		ss = warp_sum(ss);
-		if constexpr (CL > 1) {
-			/* the head's total: every block's part, in rank order (deterministic) */
-			if (threadIdx.x == 0)
-				cl_ss = ss;
-			cluster_sync<CL>();
-			ss = 0.0f;
-			for (int b = 0; b < CL; b++)
-				ss += *cluster_at<CL>(&cl_ss, b);
-			cluster_sync<CL>(); /* no block leaves (or overwrites cl_ss) while another reads it */
+				S[c][i] = 0.0f;
 		}
-		const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
-
-		if ((lane & 19) == 0) /* lanes 0, 4, 8, 12: columns 0-3 */
-			A.core[(size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0 + col] = f2h_bits(nwc * (oc * rs) * dev_silu(zc));
 	}
+	/* what the end of the step needs, in flight with the conv's loads: the gates' inputs, and
+	 * column col's output gate z and norm weight (lanes 0, 4, 8, 12 use them) */
+	const float b = A.ba[(size_t)row * 2 * A.Nv + j], a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
+	const float zc = A.z[(size_t)row * A.ldz + (size_t)j * A.Dv + c0 + col], nwc = A.normw[c0 + col];
+	float q[KPL], k[KPL];
+	float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
+
+	/* the conv of the head's q, k and v channels, once per channel (not once per warp: the warps
+	 * of a key head all need its q and k), through shared memory; q and k whole, v of this
+	 * block's columns [vbase, vbase + vs); the new state of q and k by the key head's first block */
+	const float *xr = A.qkvz + (size_t)row * A.ldq;
+	const float *rd = sq.conv_rd + (size_t)A.lin * (A.W - 1) * A.conv_dim;
+	float *wr = sq.conv_wr + (size_t)A.lin * (A.W - 1) * A.conv_dim;
+	const int vs = A.Dv / CL, vbase = blockIdx.z * vs, nch = 2 * A.Dk + vs;
+	const bool qk_state = j % (A.Nv / A.Nk) == 0 && blockIdx.z == 0;
+
+	for (int c = threadIdx.x; c < nch; c += blockDim.x) {
+		const int ch = c < A.Dk ? kh * A.Dk + c : c < 2 * A.Dk ? A.key_dim + kh * A.Dk + c - A.Dk
+			       : 2 * A.key_dim + j * A.Dv + vbase + c - 2 * A.Dk;
+		const conv_in ci = conv_load(A, xr, rd, pos, ch);
+
+		cqkv[c < 2 * A.Dk ? c : c + vbase] = conv_out(A, ci, pos);
+		if (c >= 2 * A.Dk || qk_state)
+			conv_shift(A, ci, wr, ch);
+	}
+	__syncthreads();
 #pragma unroll
-	for (int c = 0; c < CPW; c++)
+	for (int i = 0; i < KPL; i++) {
+		q[i] = cqkv[i0 + i];
+		k[i] = cqkv[A.Dk + i0 + i];
+	}
+	const float vc = cqkv[2 * A.Dk + c0 + col];
+#pragma unroll
+	for (int i = 0; i < KPL; i++) {
+		sqq += q[i] * q[i];
+		skk += k[i] * k[i];
+		sqk += q[i] * k[i];
+	}
+	float x[2 * CPW];
+
+#pragma unroll
+	for (int cc = 0; cc < CPW; cc++) {
+		x[cc] = x[CPW + cc] = 0.0f;
+#pragma unroll
+		for (int i = 0; i < KPL; i++) {
+			x[cc] += S[cc][i] * k[i];
+			x[CPW + cc] += S[cc][i] * q[i];
+		}
+	}
+	sqq = warp_sum(sqq);
+	skk = warp_sum(skk);
+	sqk = warp_sum(sqk);
+	const float2 kq = delta_state_sums(x, lane);
+	const float rq = rsqrtf(sqq + 1e-6f) * qscale, rk = rsqrtf(skk + 1e-6f);
+	const float qk = sqk * rq * rk;
+	float alpha, beta, d[CPW];
+
+	delta_gates(&alpha, &beta, b, a, negA, dtb);
+	/* products with the normalized q and k: scale the raw ones (column c's, in this lane) */
+	const float delta = beta * (vc - alpha * (kq.x * rk)), oc = alpha * (kq.y * rq) + delta * qk;
+
+#pragma unroll
+	for (int cc = 0; cc < CPW; cc++)
+		d[cc] = __shfl_sync(0xffffffffu, delta, 4 * cc);
+#pragma unroll
+	for (int cc = 0; cc < CPW; cc++) {
 #pragma unroll
 		for (int i = 0; i < KPL; i++)
-			Sg[(size_t)(c0 + c) * A.Dk + i0 + i] = S[c][i];
+			S[cc][i] = alpha * S[cc][i] + (k[i] * rk) * d[cc];
+		state_store<KPL>(Sg + (size_t)cc * A.Dk, S[cc]);
+	}
+	/* the four columns' squares, in lane 0 (from lanes 0, 4, 8, 12), then the block's, then
+	 * the head's: every block's part, in rank order (deterministic) */
+	float ss = oc * oc;
+
+	ss += __shfl_xor_sync(0xffffffffu, ss, 4);
+	ss += __shfl_xor_sync(0xffffffffu, ss, 8);
+	if (lane == 0)
+		red[warp] = ss;
+	__syncthreads();
+	ss = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
+	ss = cs.sum(warp_sum(ss));
+	const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
+
+	if ((lane & 19) == 0) /* lanes 0, 4, 8, 12: columns 0-3 */
+		A.core[(size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0 + col] = f2h_bits(nwc * (oc * rs) * dev_silu(zc));
 }
 
 /* ---- delta rule, prefill ----------------------------------------------------------------------
@@ -501,6 +550,8 @@ static int delta(const float *u, int ldq, const float *cw, const float *ba, cons
 		return q3_errf(e, -EINVAL, "delta rule: key head %d / value head %d not supported (key 32..256 by "
 			       "powers of 2, value a multiple of %d up to %d)", d->Dk, d->Dv, Q3G_DELTA_CPW,
 			       1024 * Q3G_DELTA_CPW / 32);
+	if (cw && (d->W < 2 || d->W > Q3G_MAX_CONV))
+		return q3_errf(e, -EINVAL, "delta rule: decode takes a conv kernel of 2 to %d, not %d", Q3G_MAX_CONV, d->W);
 	if (cw ? !core || !z || !normw : !o)
 		return q3_errf(e, -EINVAL, "delta rule: %s", cw ? "decode needs its output core, the gate z and the norm's "
 			       "weights" : "prefill needs its output o");
