@@ -69,6 +69,22 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 
 	pdl_trigger();
 	pdl_wait();
+	/* above eight rows, the residual the epilogue adds, in flight with the staging (a round
+	 * trip at the end was 15% of out_proj's stall samples at 16 rows; at one row the registers
+	 * held through the k-steps cost a block an SM) */
+	const int g = lane >> 2, t = lane & 3;
+	float yold[NT][4];
+
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			const int row = tile * Q3G_TILE_N + g + 8 * (i >> 1), tok = n * 8 + 2 * t + (i & 1);
+
+			yold[n][i] = NT > 1 && jb.epi == Q3G_EPI_ADD && kr == 0 && tile < m.ntiles && row < m.N && tok < R
+					     ? jb.y[(size_t)tok * jb.ldy + row]
+					     : 0.0f;
+		}
 	if (jb.xh) {
 		__shared__ float rs[Q3G_MMV_MAX_TOK];
 
@@ -123,7 +139,6 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		if (kr != 0 || tile >= m.ntiles)
 			return;
 	}
-	const int g = lane >> 2, t = lane & 3;
 #pragma unroll
 	for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -133,7 +148,7 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 			if (row < m.N && tok < R) {
 				float *y = jb.y + (size_t)tok * jb.ldy + row;
 
-				*y = jb.epi == Q3G_EPI_ADD ? *y + acc[n][i] : acc[n][i];
+				*y = jb.epi == Q3G_EPI_ADD ? (NT > 1 ? yold[n][i] : *y) + acc[n][i] : acc[n][i];
 			}
 		}
 }
