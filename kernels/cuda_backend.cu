@@ -110,7 +110,6 @@ struct cuda_bk {
 	int32_t *samp_tok;		 /* [max(max_batch, 16)] */
 	void *samp_ws;			 /* device scratch of q3g_sample */
 	struct q3g_adj *samp_adj;	 /* [Q3_SAMPLE_ADJ_MAX] */
-	int nsplit_max;
 	int dec_rows;		/* rows the decode paths (attention splits, per-pair MoE) take */
 
 	struct gstate dummy;
@@ -422,7 +421,6 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 	size_t lrows = Q3_MAX((size_t)bk->o.max_batch, (size_t)BK_LOGIT_ROWS), wt = 0;
 	int err;
 
-	bk->nsplit_max = Q3G_ATT_SPLITS;
 	bk->tab_bytes = tab_size(bk->maxrows, bk->maxrows, Q3_MAX(bk->maxrows, bk->o.max_batch));
 	CUDA_CHECK(e, cudaMallocHost(&bk->tab_h, bk->tab_bytes));
 	DALLOC(bk->tab_d, bk->tab_bytes, "the call table");
@@ -440,7 +438,7 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 	DALLOC(bk->att, R * d->Hq * d->D * 2, "activations");
 	DALLOC(bk->att_o, R * d->Hq * d->D * 4, "activations");
 	bk->dec_rows = Q3_MAX(BK_ATT_DECODE_MAX, bk->o.max_batch);
-	DALLOC(bk->part, (size_t)bk->dec_rows * d->Hq * bk->nsplit_max * (d->D + 2) * 4, "attention splits");
+	DALLOC(bk->part, (size_t)bk->dec_rows * d->Hq * Q3G_ATT_SPLITS * (d->D + 2) * 4, "attention splits");
 	DALLOC(bk->logits_r, R * d->E * 4, "router logits");
 	DALLOC(bk->sg, R * 4, "router logits");
 	DALLOC(bk->idx, P * 4, "routing");
@@ -768,7 +766,6 @@ struct call {
 	int R, nseq, maxn, nl; /* rows, sequences, longest sequence, logit rows */
 	struct q3g_rows rows;	/* device pointers */
 	const struct q3g_seq *seq_h; /* host copies (prefill attention) */
-	int nsplit;
 	bool decode;
 	bool fuse_norm; /* the Linears and the MoE normalize the residual stream while staging it */
 	bool capture;	/* run_layers is being captured into a graph */
@@ -829,7 +826,7 @@ static int layer_full(struct cuda_bk *bk, const struct glayer *L, const struct c
 				 bk->st, e)))
 		return err;
 	if (k->maxn <= BK_ATT_DECODE_MAX && k->R <= bk->dec_rows) {
-		err = q3g_attn_decode(bk->att, bk->qb, bk->qg, bk->part, k->nsplit, k->rows, k->R, L->full, d, bk->st, e);
+		err = q3g_attn_decode(bk->att, bk->qb, bk->qg, bk->part, k->rows, k->R, L->full, d, bk->st, e);
 	} else {
 		for (int s = 0; s < k->nseq && !err; s++)
 			err = q3g_attn_prefill(bk->cb, bk->att, bk->qb, bk->qg, &k->seq_h[s], L->full, bk->att_s, bk->att_p,
@@ -1155,7 +1152,6 @@ static int forward_inner(struct cuda_bk *bk, const struct q3_fwd_seq *seqs, int 
 	k.decode = decode;
 	k.samp = samp;
 	k.fuse_norm = k.R <= Q3_MIN(BK_FUSED_NORM_ROWS, bk->dec_rows) && !getenv("QWEN3D_NO_FUSED_NORM");
-	k.nsplit = q3g_attn_splits(k.R, bk->d.Hkv);
 	if (k.R > bk->maxrows)
 		return q3_errf(e, -EINVAL, "cuda backend: %d rows in one call (at most %d)", k.R, bk->maxrows);
 	if (graph) {

@@ -220,16 +220,12 @@ int q3g_attn_prep(uint16_t *q, const float *qg, const float *k, const float *v, 
 		  const float *knw, struct q3g_rows rows, int R, int full, const struct q3g_dims *d,
 		  q3g_stream st, struct q3_err *e);
 
-/* The split count decode attention runs R rows with: about two blocks an SM over the rows' kv
- * heads, 1 .. Q3G_ATT_SPLITS (after q3g_init). */
-int q3g_attn_splits(int R, int Hkv);
-
 /* Decode attention (flash-decoding): each row attends over its cache positions [0, pos] in up to
- * nsplit splits; part: scratch [R][Hq][nsplit][D + 2] fp32.  Then the splits are combined and
+ * Q3G_ATT_SPLITS splits whose size depends on pos alone (a row's result does not depend on its
+ * batch); part: scratch [R][Hq][Q3G_ATT_SPLITS][D + 2] fp32.  Then the splits are combined and
  * multiplied by sigmoid(gate) into att (fp16 [R][q_dim]). */
-int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *part, int nsplit,
-		    struct q3g_rows rows, int R, int full, const struct q3g_dims *d, q3g_stream st,
-		    struct q3_err *e);
+int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *part, struct q3g_rows rows, int R,
+		    int full, const struct q3g_dims *d, q3g_stream st, struct q3_err *e);
 
 /* Prefill attention of one sequence (rows row0 .. row0 + n - 1 at positions pos .. pos + n - 1)
  * through cuBLAS: S = q·Kᵀ (scratch s, fp32, qblk x (pos + n) per head), causal softmax into p

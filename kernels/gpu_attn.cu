@@ -3,10 +3,10 @@
  *   q3g_attn_prep     q_norm / k_norm (zero-centred RMSNorm over each head) and partial RoPE
  *                     (NeoX rotate-half on the first rot dims), q to bf16, k and v into the
  *                     session's cache (bf16) at the row's position.
- *   q3g_attn_decode   flash-decoding: a block per (row, kv head, split of the cached positions);
- *                     the GQA group's query heads share each K/V row read (one warp per key,
- *                     lanes over the head dims, fp32 online softmax); then a combine kernel
- *                     merges the splits by their log-sum-exp and applies sigmoid(gate).
+ *   q3g_attn_decode   flash-decoding on tensor cores: a block per (row, kv head, split of the
+ *                     cached positions), the GQA group's query heads the rows of the products
+ *                     (each K/V row read once for them), fp32 online softmax; then a combine
+ *                     kernel merges the splits by their log-sum-exp and applies sigmoid(gate).
  *   q3g_attn_prefill  a sequence's many queries: S = Q·Kᵀ and O = P·V through cuBLAS (batched
  *                     over the query heads of a kv head), the causal softmax in between.
  */
@@ -69,173 +69,244 @@ extern "C" int q3g_attn_prep(uint16_t *q, const float *qg, const float *k, const
 	return 0;
 }
 
-/* ---- decode ---------------------------------------------------------------------------------- */
+/* ---- decode ----------------------------------------------------------------------------------
+ * Flash-decoding on tensor cores.  A row's cached positions [0, pos] are cut into splits of
+ * att_chunk(pos + 1) positions, a function of the position alone, so that a row's result does not
+ * depend on its batch (nor on the GPU: the splits' warps never meet).  A warp computes a split:
+ * tiles of 16 positions, each tile's K and V rows (bf16) staged in the warp's shared memory by
+ * asynchronous copies, the next tile in flight while this one is used.  With the GQA group's query
+ * heads as the rows of an m16n8k16 product (up to 8 of its 16 rows):
+ *   S = Q·Kᵀ      A: q (registers), B: K through ldmatrix; S's accumulators are in the layout of
+ *                 the next product's B, so P needs no exchange: lane (g, t) holds head g's
+ *                 positions 2t, 2t+1, 2t+8, 2t+9 of the tile;
+ *   Oᵀ += Vᵀ·Pᵀ   A: V through ldmatrix.trans, B: P (bf16, as the prefill's P·V), rows the head
+ *                 dims, so Oᵀ takes D/16 x 4 registers a lane, none of them padding.
+ * The online softmax in fp32, the scores in log2 units (a head's max over a tile: two shuffles;
+ * its sum kept per lane and added up at the end).  The split's unnormalized output, max and sum go
+ * to part; the combine kernel merges a row's splits and applies the gate.  The scalar kernel this
+ * replaces (a warp a position, lanes over the head dims: ~370 instructions a position, one in
+ * flight a warp) took 40 us at 16 rows of 1K context, for 32 MB of cache. */
+#define ATT_TILE 16
+#define ATT_MIN_CHUNK 64 /* positions a split takes at least: four tiles */
 
-static __device__ __forceinline__ void load_bf16(const uint16_t *p, float *out, int n)
+/* positions a split of a row with nk cached positions takes: at most Q3G_ATT_SPLITS splits */
+static __host__ __device__ __forceinline__ int att_chunk(int nk)
 {
-	/* n = 2, 4 or 8 consecutive bf16 */
-	if (n == 8) {
-		uint4 v = *(const uint4 *)p;
-		uint32_t w[4] = { v.x, v.y, v.z, v.w };
-#pragma unroll
-		for (int i = 0; i < 4; i++) {
-			out[2 * i] = __uint_as_float(w[i] << 16);
-			out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-		}
-	} else if (n == 4) {
-		uint2 v = *(const uint2 *)p;
-		uint32_t w[2] = { v.x, v.y };
-#pragma unroll
-		for (int i = 0; i < 2; i++) {
-			out[2 * i] = __uint_as_float(w[i] << 16);
-			out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-		}
-	} else {
-		uint32_t w = *(const uint32_t *)p;
+	const int c = (nk + Q3G_ATT_SPLITS - 1) / Q3G_ATT_SPLITS;
 
-		out[0] = __uint_as_float(w << 16);
-		out[1] = __uint_as_float(w & 0xffff0000u);
-	}
+	return c <= ATT_MIN_CHUNK ? ATT_MIN_CHUNK : (c + ATT_TILE - 1) / ATT_TILE * ATT_TILE;
 }
 
-/* part: [R][Hq][nsplit][D + 2]: unnormalized output, then max and sum of the split. */
-template <int DPL, int GQ>
-__global__ void __launch_bounds__(Q3G_ATT_WARPS * 32) attn_decode_kernel(const uint16_t *q, float *part, int nsplit,
-									   struct q3g_rows rows, int full, struct q3g_dims d)
+/* halves of a staged K or V row: the head dims and 16 bytes of padding, so that the eight rows of
+ * an ldmatrix fall in different banks */
+static __host__ __device__ constexpr int att_row(int D)
 {
-	__shared__ float sm[Q3G_ATT_WARPS][GQ][2];
-	__shared__ float sacc[Q3G_ATT_WARPS][DPL * 32];
+	return D + 8;
+}
+
+/* bytes a warp stages: two tiles of K and V */
+static size_t att_warp_smem(int D)
+{
+	return (size_t)2 * 2 * ATT_TILE * att_row(D) * 2;
+}
+
+static __device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2])
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+		     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/* Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8 (TRANS: each
+ * lane receives a column pair, not a row pair). */
+template <bool TRANS> static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p)
+{
+	const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+
+	if constexpr (TRANS)
+		asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+			     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+	else
+		asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+			     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+/* 16 bytes from g, or zeros where !valid (cp.async's source size 0: nothing read) */
+static __device__ __forceinline__ void cp_async16_or0(void *smem, const void *g, bool valid)
+{
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+		     "l"(g), "r"(valid ? 16 : 0) : "memory");
+}
+
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
+{
+	const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+
+	return *(const uint32_t *)&v;
+}
+
+/* part: [R][Hq][Q3G_ATT_SPLITS][D + 2]: a split's unnormalized output, then its max (of the scores
+ * in log2 units) and sum.  Block (kv head, row, group of nw splits), a warp a split. */
+template <int D>
+__global__ void __launch_bounds__(4 * 32) attn_decode_kernel(const uint16_t *q, float *part, struct q3g_rows rows,
+							      int full, struct q3g_dims d)
+{
+	constexpr int KS = D / 16, RW = att_row(D);
+	extern __shared__ uint4 att_smem[];
 	pdl_trigger();
 	pdl_wait();
-	const int kh = blockIdx.x, split = blockIdx.y, r = blockIdx.z;
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, D = DPL * 32, kvd = d.Hkv * D;
-	const int pos = rows.row_pos[r], nk = pos + 1, chunk = cdiv(nk, nsplit);
-	const int j0 = split * chunk, j1 = min(nk, j0 + chunk);
+	const int kh = blockIdx.x, r = blockIdx.y, GQ = d.Hq / d.Hkv;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	const int kvd = d.Hkv * D, nk = rows.row_pos[r] + 1, chunk = att_chunk(nk);
+	const int sp = blockIdx.z * (blockDim.x >> 5) + warp, j0 = sp * chunk, j1 = min(nk, j0 + chunk);
+
+	if (j0 >= nk)
+		return; /* past the row's splits */
 	const struct q3g_seq sq = rows.seq[rows.row_seq[r]];
-	const uint16_t *K = sq.kv + (size_t)full * 2 * d.max_ctx * kvd + (size_t)kh * D + lane * DPL;
+	const uint16_t *K = sq.kv + (size_t)full * 2 * d.max_ctx * kvd + (size_t)kh * D;
 	const uint16_t *V = K + (size_t)d.max_ctx * kvd;
-	const float scale = rsqrtf((float)D);
-	float qf[GQ][DPL], acc[GQ][DPL], m[GQ], l[GQ];
+	uint16_t *ks = (uint16_t *)att_smem + (size_t)warp * 2 * 2 * ATT_TILE * RW; /* [stage][K, V][16][RW] */
+	const float scale = rsqrtf((float)D) * 1.4426950408889634f;		    /* log2 units */
+	/* q as A fragments: row g = head g of the group (rows past it, and 8-15: zero) */
+	const uint16_t *qh = q + ((size_t)r * d.Hq + kh * GQ + g) * D + 2 * t;
+	uint32_t qa[KS][2];
 
 #pragma unroll
-	for (int h = 0; h < GQ; h++) {
-		load_bf16(q + ((size_t)r * d.Hq + kh * GQ + h) * D + lane * DPL, qf[h], DPL);
-		m[h] = -INFINITY;
-		l[h] = 0.0f;
-#pragma unroll
-		for (int i = 0; i < DPL; i++)
-			acc[h][i] = 0.0f;
+	for (int s = 0; s < KS; s++) {
+		qa[s][0] = g < GQ ? *(const uint32_t *)(qh + 16 * s) : 0u;
+		qa[s][1] = g < GQ ? *(const uint32_t *)(qh + 16 * s + 8) : 0u;
 	}
-	/* the warp's next key and value are loaded before the current ones are used (the last
-	 * position again at the end rather than a load under a branch) */
-	float kf[DPL], vf[DPL];
+	/* tile i: positions j0 + 16 i .. + 15 into stage buf, those past j1 zeros */
+	auto stage = [&](int i, int buf) {
+		uint16_t *dst = ks + (size_t)buf * 2 * ATT_TILE * RW;
 
-	if (j0 + warp < j1) {
-		load_bf16(K + (size_t)(j0 + warp) * kvd, kf, DPL);
-		load_bf16(V + (size_t)(j0 + warp) * kvd, vf, DPL);
+#pragma unroll
+		for (int u = 0; u < 2 * ATT_TILE * D / 8 / 32; u++) {
+			const int c = lane + 32 * u, kv = c / (ATT_TILE * D / 8), key = c / (D / 8) % ATT_TILE;
+			const int part8 = c % (D / 8), j = j0 + ATT_TILE * i + key;
+			const uint16_t *src = (kv ? V : K) + (size_t)min(j, j1 - 1) * kvd + part8 * 8;
+
+			cp_async16_or0(dst + ((size_t)kv * ATT_TILE + key) * RW + part8 * 8, src, j < j1);
+		}
+	};
+	const int ntile = cdiv(j1 - j0, ATT_TILE);
+	/* the ldmatrix rows of this lane: position (l / 16) 8 + l % 8, dims + 8 ((l / 8) & 1) */
+	const int lr = (lane >> 4) * 8 + (lane & 7), lc = ((lane >> 3) & 1) * 8;
+	float o[KS][4], m = -INFINITY, l = 0.0f;
+
+#pragma unroll
+	for (int s = 0; s < KS; s++)
+		o[s][0] = o[s][1] = o[s][2] = o[s][3] = 0.0f;
+	stage(0, 0);
+	cp_async_commit();
+	for (int i = 0; i < ntile; i++) {
+		if (i + 1 < ntile)
+			stage(i + 1, (i + 1) & 1);
+		cp_async_commit(); /* (empty after the last: the wait below counts groups) */
+		cp_async_wait<1>();
+		__syncwarp();
+		const uint16_t *kt = ks + (size_t)(i & 1) * 2 * ATT_TILE * RW, *vt = kt + ATT_TILE * RW;
+		float s0[4] = { 0.0f, 0.0f, 0.0f, 0.0f }, s1[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+
+#pragma unroll
+		for (int s = 0; s < KS; s++) {
+			uint32_t b[4];
+			const uint32_t a[4] = { qa[s][0], 0u, qa[s][1], 0u };
+
+			ldsm_x4<false>(b, kt + lr * RW + 16 * s + lc);
+			mma_bf16(s0, a, b);	/* positions 0-7 */
+			mma_bf16(s1, a, b + 2); /* positions 8-15 */
+		}
+		float x[4] = { s0[0], s0[1], s1[0], s1[1] }, mx = -INFINITY, p[4];
+
+#pragma unroll
+		for (int e = 0; e < 4; e++) {
+			const int j = j0 + ATT_TILE * i + 2 * t + (e & 1) + 8 * (e >> 1);
+
+			x[e] = j < j1 ? x[e] * scale : -INFINITY;
+			mx = fmaxf(mx, x[e]);
+		}
+		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+		const float mn = fmaxf(m, mx), corr = exp2f(m - mn); /* a tile's first position is valid */
+
+#pragma unroll
+		for (int e = 0; e < 4; e++)
+			p[e] = exp2f(x[e] - mn);
+		l = l * corr + ((p[0] + p[1]) + (p[2] + p[3]));
+		m = mn;
+		/* Oᵀ's columns are heads 2t, 2t + 1: their corrections from lanes 8t and 8t + 4 */
+		const float ca = __shfl_sync(0xffffffffu, corr, 8 * t), cb = __shfl_sync(0xffffffffu, corr, 8 * t + 4);
+		const uint32_t pb[2] = { pack_bf16(p[0], p[1]), pack_bf16(p[2], p[3]) };
+
+#pragma unroll
+		for (int s = 0; s < KS; s++) {
+			uint32_t a[4];
+
+			o[s][0] *= ca;
+			o[s][1] *= cb;
+			o[s][2] *= ca;
+			o[s][3] *= cb;
+			ldsm_x4<true>(a, vt + lr * RW + 16 * s + lc);
+			mma_bf16(o[s], a, pb);
+		}
+		__syncwarp(); /* this stage is staged into again two tiles on */
 	}
-	for (int jj = j0 + warp; jj < j1; jj += Q3G_ATT_WARPS) {
-		const int jn = jj + Q3G_ATT_WARPS < j1 ? jj + Q3G_ATT_WARPS : jj;
-		float kn[DPL], vn[DPL], s[GQ];
+	l += __shfl_xor_sync(0xffffffffu, l, 1);
+	l += __shfl_xor_sync(0xffffffffu, l, 2);
+	/* heads 2t, 2t + 1 of dims 16 s + g (+ 8); head g's max and sum from lane (g, 0) */
+	float *pp = part + (((size_t)r * d.Hq + kh * GQ) * Q3G_ATT_SPLITS + sp) * (D + 2);
+	const size_t hs = (size_t)Q3G_ATT_SPLITS * (D + 2); /* a head's stride */
 
-		load_bf16(K + (size_t)jn * kvd, kn, DPL);
-		load_bf16(V + (size_t)jn * kvd, vn, DPL);
-#pragma unroll
-		for (int h = 0; h < GQ; h++) {
-			s[h] = 0.0f;
-#pragma unroll
-			for (int i = 0; i < DPL; i++)
-				s[h] += qf[h][i] * kf[i];
-		}
-#pragma unroll
-		for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-			for (int h = 0; h < GQ; h++)
-				s[h] += __shfl_xor_sync(0xffffffffu, s[h], off);
-#pragma unroll
-		for (int h = 0; h < GQ; h++) {
-			float sc = s[h] * scale, mn = fmaxf(m[h], sc);
-			float corr = __expf(m[h] - mn), p = __expf(sc - mn);
-
-			l[h] = l[h] * corr + p;
-#pragma unroll
-			for (int i = 0; i < DPL; i++)
-				acc[h][i] = acc[h][i] * corr + p * vf[i];
-			m[h] = mn;
-		}
-#pragma unroll
-		for (int i = 0; i < DPL; i++) {
-			kf[i] = kn[i];
-			vf[i] = vn[i];
-		}
+	if (t == 0 && g < GQ) {
+		pp[g * hs + D] = m;
+		pp[g * hs + D + 1] = l;
 	}
-	/* merge the warps, one query head at a time */
 #pragma unroll
-	for (int h = 0; h < GQ; h++)
-		if (lane == 0) {
-			sm[warp][h][0] = m[h];
-			sm[warp][h][1] = l[h];
+	for (int s = 0; s < KS; s++)
+#pragma unroll
+		for (int e = 0; e < 4; e++) {
+			const int h = 2 * t + (e & 1), dd = 16 * s + g + 8 * (e >> 1);
+
+			if (h < GQ)
+				pp[h * hs + dd] = o[s][e];
 		}
-#pragma unroll
-	for (int h = 0; h < GQ; h++) {
-		__syncthreads();
-#pragma unroll
-		for (int i = 0; i < DPL; i++)
-			sacc[warp][lane * DPL + i] = acc[h][i];
-		__syncthreads();
-		for (int dd = threadIdx.x; dd < D; dd += blockDim.x) {
-			float M = -INFINITY, L = 0.0f, A = 0.0f;
-
-			for (int w = 0; w < Q3G_ATT_WARPS; w++)
-				M = fmaxf(M, sm[w][h][0]);
-			for (int w = 0; w < Q3G_ATT_WARPS; w++) {
-				float f = sm[w][h][0] == -INFINITY ? 0.0f : __expf(sm[w][h][0] - M);
-
-				L += sm[w][h][1] * f;
-				A += sacc[w][dd] * f;
-			}
-			float *pp = part + (((size_t)r * d.Hq + kh * GQ + h) * nsplit + split) * (D + 2);
-
-			pp[dd] = A;
-			if (dd == 0) {
-				pp[D] = M;
-				pp[D + 1] = L;
-			}
-		}
-	}
 }
 
-/* Block (row, query head), D threads: merge the splits, normalize, gate.  Every load is issued
- * before the first is used (the splits' values of a dim into registers, clamped to the last
+/* Block (row, query head), D threads: merge the row's splits, normalize, gate.  Every load is
+ * issued before the first is used (the splits' values of a dim into registers, clamped to the last
  * split rather than under a branch; the splits' max and sum through shared memory): a loop of
  * loads each used at once took a round trip to L2 per split. */
 static_assert(Q3G_ATT_SPLITS <= 64, "the combine's threads (a dim each, 64 at least) load the splits' max and sum");
 __global__ void __launch_bounds__(Q3G_MAX_HEAD_DIM) attn_combine_kernel(uint16_t *att, const float *part,
-									 const float *qg, int nsplit, int Hq, int D)
+									 const float *qg, struct q3g_rows rows, int Hq,
+									 int D)
 {
 	__shared__ float ms[Q3G_ATT_SPLITS], ls[Q3G_ATT_SPLITS];
 	pdl_trigger();
 	pdl_wait();
 	const int r = blockIdx.x, h = blockIdx.y, dd = threadIdx.x;
-	const float *pp = part + ((size_t)r * Hq + h) * nsplit * (D + 2);
+	const int nk = rows.row_pos[r] + 1, ns = cdiv(nk, att_chunk(nk));
+	const float *pp = part + ((size_t)r * Hq + h) * Q3G_ATT_SPLITS * (D + 2);
 	const float g = qg[(size_t)r * 2 * Hq * D + (size_t)h * 2 * D + D + dd];
 	float a[Q3G_ATT_SPLITS], M = -INFINITY, L = 0.0f, A = 0.0f;
 
 #pragma unroll
 	for (int s = 0; s < Q3G_ATT_SPLITS; s++)
-		a[s] = pp[min(s, nsplit - 1) * (D + 2) + dd];
-	if (dd < nsplit) {
+		a[s] = pp[min(s, ns - 1) * (D + 2) + dd];
+	if (dd < ns) {
 		ms[dd] = pp[dd * (D + 2) + D];
 		ls[dd] = pp[dd * (D + 2) + D + 1];
 	}
 	__syncthreads();
-	for (int s = 0; s < nsplit; s++)
+	for (int s = 0; s < ns; s++)
 		M = fmaxf(M, ms[s]);
 #pragma unroll
 	for (int s = 0; s < Q3G_ATT_SPLITS; s++) {
-		if (s >= nsplit)
+		if (s >= ns)
 			break;
-		const float f = ms[s] == -INFINITY ? 0.0f : __expf(ms[s] - M);
+		const float f = exp2f(ms[s] - M); /* log2 units; every split has a position */
 
 		L += ls[s] * f;
 		A += a[s] * f;
@@ -243,48 +314,45 @@ __global__ void __launch_bounds__(Q3G_MAX_HEAD_DIM) attn_combine_kernel(uint16_t
 	att[((size_t)r * Hq + h) * D + dd] = f2h_bits(A / L * dev_sigmoid(g));
 }
 
-template <int DPL>
-static int launch_decode_gq(const uint16_t *q, float *part, int nsplit, struct q3g_rows rows, int R, int full,
-			    const struct q3g_dims *d, cudaStream_t st, q3_err *e)
+/* warps a decode block: two tiles of K and V each (4 on the H200, 2 in the 99 KB of sm_86/89) */
+static int att_warps(int D)
 {
-	dim3 grid(d->Hkv, nsplit, R);
-	int gq = d->Hq / d->Hkv;
+	return (int)Q3_MAX(1, Q3_MIN(4, q3g_dev.smem_dyn / att_warp_smem(D)));
+}
 
-	void (*k)(const uint16_t *, float *, int, struct q3g_rows, int, struct q3g_dims) =
-		gq == 1 ? attn_decode_kernel<DPL, 1> : gq == 2 ? attn_decode_kernel<DPL, 2>
-		: gq == 4 ? attn_decode_kernel<DPL, 4> : gq == 8 ? attn_decode_kernel<DPL, 8> : NULL;
+static void (*att_kernel_for(int D))(const uint16_t *, float *, struct q3g_rows, int, struct q3g_dims)
+{
+	return D == 64 ? attn_decode_kernel<64> : D == 128 ? attn_decode_kernel<128> : D == 256 ? attn_decode_kernel<256>
+											       : NULL;
+}
 
-	if (!k)
-		return q3_errf(e, -EINVAL, "attention: %d query heads per kv head not supported", gq);
-	CUDA_CHECK(e, q3g_launch(k, grid, Q3G_ATT_WARPS * 32, 0, st, q, part, nsplit, rows, full, *d));
+int q3g_attn_init(q3_err *e)
+{
+	int err;
+
+	for (int D = 64; D <= 256; D *= 2)
+		if ((err = q3g_allow_dyn_smem(att_kernel_for(D), "attn_decode_kernel", e)))
+			return err;
 	return 0;
 }
 
-extern "C" int q3g_attn_splits(int R, int Hkv)
-{
-	const int n = 2 * q3g_dev.sms / max(1, Hkv * R);
-
-	return max(1, min(Q3G_ATT_SPLITS, n));
-}
-
-extern "C" int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *part, int nsplit,
-			       struct q3g_rows rows, int R, int full, const struct q3g_dims *d, q3g_stream st,
-			       q3_err *e)
+extern "C" int q3g_attn_decode(uint16_t *att, const uint16_t *q, const float *qg, float *part, struct q3g_rows rows,
+			       int R, int full, const struct q3g_dims *d, q3g_stream st, q3_err *e)
 {
 	cudaStream_t s = (cudaStream_t)st;
-	int err;
+	void (*k)(const uint16_t *, float *, struct q3g_rows, int, struct q3g_dims) = att_kernel_for(d->D);
 
-	if (d->Hq % d->Hkv || nsplit < 1 || nsplit > Q3G_ATT_SPLITS)
-		return q3_errf(e, -EINVAL, "attention: %d query heads over %d kv heads, %d splits", d->Hq, d->Hkv, nsplit);
-	switch (d->D) {
-	case 64: err = launch_decode_gq<2>(q, part, nsplit, rows, R, full, d, s, e); break;
-	case 128: err = launch_decode_gq<4>(q, part, nsplit, rows, R, full, d, s, e); break;
-	case 256: err = launch_decode_gq<8>(q, part, nsplit, rows, R, full, d, s, e); break;
-	default: return q3_errf(e, -EINVAL, "attention: head_dim %d not supported (64, 128, 256)", d->D);
-	}
-	if (err)
-		return err;
-	CUDA_CHECK(e, q3g_launch(attn_combine_kernel, dim3(R, d->Hq), d->D, 0, s, att, part, qg, nsplit, d->Hq, d->D));
+	if (!k)
+		return q3_errf(e, -EINVAL, "attention: head_dim %d not supported (64, 128, 256)", d->D);
+	if (d->Hkv < 1 || d->Hq % d->Hkv || d->Hq / d->Hkv > 8)
+		return q3_errf(e, -EINVAL, "attention: %d query heads over %d kv heads (up to 8 a kv head)", d->Hq, d->Hkv);
+	/* the split groups slowest: the blocks with work (the first few groups at short contexts)
+	 * start first, those past every row's splits after them, and leave at once */
+	const int nw = att_warps(d->D);
+
+	CUDA_CHECK(e, q3g_launch(k, dim3(d->Hkv, R, cdiv(Q3G_ATT_SPLITS, nw)), nw * 32, nw * att_warp_smem(d->D), s, q,
+				 part, rows, full, *d));
+	CUDA_CHECK(e, q3g_launch(attn_combine_kernel, dim3(R, d->Hq), d->D, 0, s, att, part, qg, rows, d->Hq, d->D));
 	return 0;
 }
 

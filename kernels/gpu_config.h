@@ -22,7 +22,6 @@
 #define Q3G_MM_ROWS 128		/* output rows per block of the grouped GEMM (8 warps x 16) */
 #define Q3G_MM_KTILE 128	/* inputs staged in shared memory per step of the grouped GEMM */
 #define Q3G_ATT_SPLITS 32	/* max KV splits of decode attention (flash-decoding) */
-#define Q3G_ATT_WARPS 8		/* warps of a decode-attention block */
 #define Q3G_ROUTER_MAX_E 1024	/* routed experts the top-k kernel handles (one warp per row) */
 #define Q3G_ROUTER_MAX_K 32	/* experts per token it handles */
 #define Q3G_DELTA_CPW 4		/* value columns per warp of the delta-rule kernel */

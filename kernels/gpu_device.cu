@@ -45,7 +45,8 @@ extern "C" int q3g_init(q3_err *e)
 	/* programmatic dependent launch: sm_90 and newer, where QWEN3D_PDL=1 asks for it (decode on
 	 * the H200 was 3-4% faster without it: CUDA.md) */
 	q3g_pdl = q3g_dev.cc >= 90 && (env = getenv("QWEN3D_PDL")) && !strcmp(env, "1");
-	if ((err = q3g_mmv_init(e)) || (err = q3g_moe_init(e)) || (err = q3g_mm_init(e)) || (err = q3g_delta_init(e)))
+	if ((err = q3g_mmv_init(e)) || (err = q3g_moe_init(e)) || (err = q3g_mm_init(e)) || (err = q3g_delta_init(e)) ||
+	    (err = q3g_attn_init(e)))
 		return err;
 	return 0;
 }

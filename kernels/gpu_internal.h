@@ -65,3 +65,4 @@ int q3g_moe_down_regs(const struct q3g_down_args *a, cudaStream_t st, q3_err *e)
 int q3g_moe_down_regs_init(q3_err *e);
 int q3g_mm_init(q3_err *e);
 int q3g_delta_init(q3_err *e);
+int q3g_attn_init(q3_err *e);

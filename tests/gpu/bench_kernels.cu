@@ -500,7 +500,6 @@ static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
 	memset(&d, 0, sizeof(d));
 	d.H = H; d.Hq = 16; d.Hkv = 2; d.D = 256; d.rot = 64; d.rope_theta = 1e7; d.eps = 1e-6f; d.max_ctx = ctx;
 	const int qd = d.Hq * d.D, kvd = d.Hkv * d.D;
-	const int nsplit = q3g_attn_splits(R, d.Hkv); /* as the backend */
 	std::vector<struct dmat> q(NL), k(NL), v(NL), o(NL);
 	std::vector<struct tlin> tl[4];
 
@@ -525,7 +524,7 @@ static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
 	std::vector<float> hh = rnd_vec((size_t)R * H, 1.0f), w0(H, 0.0f), nw(d.D, 0.0f);
 	float *h = dev_upload(hh.data(), hh.size()), *dw = dev_upload(w0.data(), H), *dnw = dev_upload(nw.data(), d.D);
 	float *qg = dev_alloc<float>((size_t)R * 2 * qd), *kk = dev_alloc<float>((size_t)R * kvd);
-	float *vv = dev_alloc<float>((size_t)R * kvd), *part = dev_alloc<float>((size_t)R * d.Hq * nsplit * (d.D + 2));
+	float *vv = dev_alloc<float>((size_t)R * kvd), *part = dev_alloc<float>((size_t)R * d.Hq * Q3G_ATT_SPLITS * (d.D + 2));
 	uint16_t *qb = dev_alloc<uint16_t>((size_t)R * qd), *att = dev_alloc<uint16_t>((size_t)R * qd);
 	static const char *names[] = { "q/k/v (norm fused)", "q/k norm + RoPE + KV write", "attention + combine",
 				       "o_proj + residual" };
@@ -547,7 +546,7 @@ static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
 			GT_OK(q3g_attn_prep(qb, qg, kk, vv, dnw, dnw, rows, R, 0, &d, st, &e_));
 			break;
 		case 2:
-			GT_OK(q3g_attn_decode(att, qb, qg, part, nsplit, rows, R, 0, &d, st, &e_));
+			GT_OK(q3g_attn_decode(att, qb, qg, part, rows, R, 0, &d, st, &e_));
 			break;
 		default:
 			j[0].w = o[l].m, j[0].x = att, j[0].y = h, j[0].ldx = qd, j[0].ldy = H, j[0].epi = Q3G_EPI_ADD;
@@ -564,8 +563,8 @@ static void bench_attn_layers(int NL, int R, int ctx, cudaStream_t st)
 		});
 
 		if (op < 0)
-			printf("attention decode layer before the MoE (5 launches), R=%d, ctx %d, %d splits: %8.2f us per layer\n", R,
-			       ctx, nsplit, ms * 1e3 / 5 / NL);
+			printf("attention decode layer before the MoE (5 launches), R=%d, ctx %d: %8.2f us per layer\n", R, ctx,
+			       ms * 1e3 / 5 / NL);
 		else
 			printf("  %-28s R=%-2d %8.2f us per layer\n", names[op], R, ms * 1e3 / 5 / NL);
 		if (g_csv)
