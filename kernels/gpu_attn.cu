@@ -3,7 +3,7 @@
  *   q3g_attn_prep     q_norm / k_norm (zero-centred RMSNorm over each head) and partial RoPE
  *                     (NeoX rotate-half on the first rot dims), q to bf16, k and v into the
  *                     session's cache (bf16) at the row's position.
- *   q3g_attn_decode   flash-decoding on tensor cores: a block per (row, kv head, split of the
+ *   q3g_attn_decode   flash-decoding on tensor cores: a warp per (row, kv head, split of the
  *                     cached positions), the GQA group's query heads the rows of the products
  *                     (each K/V row read once for them), fp32 online softmax; then a combine
  *                     kernel merges the splits by their log-sum-exp and applies sigmoid(gate).

@@ -984,7 +984,24 @@ static void decode_att_case(const char *label, const struct q3g_dims *d, const s
 	GT_OK(q3g_attn_decode(datt, dq, dqg, part, t.rows, t.R, 0, d, 0, &e_));
 	/* fp16 output, fp32 online softmax; q, K, V bf16 on both sides, P rounded to bf16 before
 	 * P·V (2^-9 relative per weight), as the prefill's: 1e-2 */
-	gt_compare(name, f16_to_f32(dev_download(datt, ref.size())).data(), ref.data(), ref.size(), 1e-2);
+	const std::vector<uint16_t> all = dev_download(datt, ref.size());
+
+	gt_compare(name, f16_to_f32(all).data(), ref.data(), ref.size(), 1e-2);
+	/* each row alone (its tables, q, gate and output from row r on): the batch's bits */
+	bool same = true;
+
+	for (int r = 0; r < t.R; r++) {
+		struct q3g_rows one = t.rows;
+
+		one.ids += r, one.row_seq += r, one.row_pos += r;
+		GT_OK(q3g_attn_decode(datt, dq + (size_t)r * qd, dqg + (size_t)r * 2 * qd, part, one, 1, 0, d, 0, &e_));
+		same &= dev_download(datt, qd) == std::vector<uint16_t>(all.begin() + (size_t)r * qd,
+									all.begin() + (size_t)(r + 1) * qd);
+	}
+	char n2[200];
+
+	snprintf(n2, sizeof(n2), "%s: each row alone bit for bit as in the batch", name);
+	gt_expect(same, n2);
 	cudaFree(dq);
 	cudaFree(datt);
 	cudaFree(dqg);
