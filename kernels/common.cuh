@@ -187,6 +187,15 @@ static __device__ __forceinline__ void mma_f16(float d[4], const uint32_t a[4], 
 		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+/* The same with bf16 inputs. */
+static __device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2])
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+		     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 /* A 16-byte weight load that is used once: read-only path, no L1 allocation. */
 static __device__ __forceinline__ uint4 ldg_stream(const void *p)
 {
@@ -249,6 +258,13 @@ static __device__ __forceinline__ void cp_async16(void *smem, const void *g)
 {
 	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
 		     "l"(g) : "memory");
+}
+
+/* 16 bytes from g, or zeros where !valid (cp.async's source size 0: nothing read) */
+static __device__ __forceinline__ void cp_async16_or0(void *smem, const void *g, bool valid)
+{
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
+		     "l"(g), "r"(valid ? 16 : 0) : "memory");
 }
 
 static __device__ __forceinline__ void cp_async4(void *smem, const void *g)

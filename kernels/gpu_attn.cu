@@ -110,14 +110,6 @@ static size_t att_warp_smem(int D)
 	return (size_t)2 * 2 * ATT_TILE * att_row(D) * 2;
 }
 
-static __device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2])
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-		     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 /* Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8 (TRANS: each
  * lane receives a column pair, not a row pair). */
 template <bool TRANS> static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p)
@@ -130,13 +122,6 @@ template <bool TRANS> static __device__ __forceinline__ void ldsm_x4(uint32_t r[
 	else
 		asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
 			     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
-/* 16 bytes from g, or zeros where !valid (cp.async's source size 0: nothing read) */
-static __device__ __forceinline__ void cp_async16_or0(void *smem, const void *g, bool valid)
-{
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((uint32_t)__cvta_generic_to_shared(smem)),
-		     "l"(g), "r"(valid ? 16 : 0) : "memory");
 }
 
 static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
