@@ -37,6 +37,7 @@ extern "C" int q3g_init(q3_err *e)
 	q3g_dev.cc = prop.major * 10 + prop.minor;
 	q3g_dev.smem_optin = (size_t)optin;
 	q3g_dev.smem_dyn = (size_t)optin - Q3G_SMEM_STATIC_MAX;
+	q3g_dev.smem_sm = (size_t)prop.sharedMemPerMultiprocessor;
 	q3g_dev.l2 = (size_t)prop.l2CacheSize;
 	q3g_dev.clusters = q3g_dev.cc >= 90 && !getenv("QWEN3D_NO_CLUSTERS");
 	if (q3g_dev.cc < 80)

@@ -11,6 +11,7 @@ struct q3g_device {
 	size_t smem_optin; /* shared memory a block may opt in to (static + dynamic) */
 	size_t smem_dyn;   /* dynamic shared memory the kernels here may ask for: the opt-in limit
 			    * less Q3G_SMEM_STATIC_MAX for their own static __shared__ arrays */
+	size_t smem_sm;	   /* shared memory of an SM, all its blocks together */
 	size_t l2;
 	bool clusters;	   /* thread-block clusters: sm_90 and newer, unless QWEN3D_NO_CLUSTERS is set */
 };

@@ -639,14 +639,16 @@ struct moe_up_launch {
 	float eps;
 	const int *idx;
 	uint16_t *act;
-	int k, H, lda, nb; /* nb: blocks a pair (row tiles of gate, each with up's) */
-	int pb;		   /* pairs of one row a block runs, one after another (one staging) */
-	int cpw[2];	    /* chunks a warp takes of a routed / the shared expert's matrix */
-	int kpmax;	    /* staged positions of a row: the larger matrix's nchunks * 64 */
+	int R, k, H, lda, nb; /* nb: blocks a pair (row tiles of gate, each with up's) */
+	int pb;		      /* pairs of one row a block runs, one after another (one staging) */
+	int srows;	      /* rows a shared-expert block takes at once */
+	int nsb;	      /* shared-expert blocks, the grid's first: cdiv(R, srows) · nb */
+	int cpw[2];	      /* chunks a warp takes of a routed / the shared expert's matrix */
+	int kpmax;	      /* staged positions of a row: the routed matrices' nchunks * 64 */
 };
 
-/* Block (PB pairs of one row, row tile b of gate and of up): pairs [s0, s1) of row r, all routed
- * or the shared one alone, in weight format FMT.  Warps 0-3 take the gate's tile, 4-7 the up's;
+/* Block (PB routed pairs of one row, row tile `tile` of gate and of up): pairs [s0, s1) of row
+ * r, in weight format FMT.  Warps 0-3 take the gate's tile, 4-7 the up's;
  * each warp leaves its partial sums of a pair in shared memory (part) and goes on to the next
  * pair, and after the last the block adds them up in warp order (reduce_tile_warps' order) and
  * writes silu(gate) ⊙ up in fp16, the down projection's input.  Three barriers a pair (the warps'
@@ -656,22 +658,26 @@ struct moe_up_launch {
  * permutations of their own: only then a pair waits for the others); each pair's tiles are
  * computed exactly as with PB = 1, so PB may follow the batch size. */
 template <int FMT, bool W>
-static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, int s0, int s1)
+static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int tile, int r, int s0, int s1)
 {
 	extern __shared__ uint4 smem[];
 	__shared__ float rs[1];
 	constexpr int WPT = Q3G_MMV_THREADS / 32 / 2;
-	const int tile = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int which = warp / WPT, kr = warp % WPT; /* 0: gate, 1: up */
+	const struct q3g_mat &mg = L.mat[0], &mu = L.mat[1], &m = which ? mu : mg;
+	const int Kp = mg.nchunks * Q3G_KCHUNK;
 	uint16_t *xs = (uint16_t *)smem;
 	/* the warps' partial sums [pair][gate, up][kr][16 rows], after the two staged rows */
 	float *part = (float *)(xs + 2 * L.kpmax);
 	/* what xs holds: the row through sperm[0] (gate) and sperm[1] (up, in its second half where
-	 * the two differ), skp positions each (0: nothing) */
+	 * the two differ); nothing yet */
 	const uint16_t *sperm[2] = { NULL, NULL };
-	int skp = 0;
-	__shared__ int sid[Q3G_ROUTER_MAX_K + 1]; /* the pairs' experts, read once */
+	bool staged = false;
+	__shared__ int sid[Q3G_ROUTER_MAX_K]; /* the pairs' experts, read once */
 
+	if (tile >= mg.ntiles)
+		return; /* a narrower matrix than the shared expert's */
 	if ((int)threadIdx.x < s1 - s0)
 		sid[threadIdx.x] = L.idx[r * (L.k + 1) + s0 + threadIdx.x];
 	__syncthreads();
@@ -679,20 +685,15 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 		/* everything that decides a skip is the same in every thread: the barriers below stay
 		 * block-uniform (gate and up have the same shape: q3g_moe_up checks it) */
 		const int ex = sid[s - s0];
-		const bool shared = s == L.k;
-		const int mi = shared ? 0 : ex;
-		const struct q3g_mat &mg = L.mat[2 * shared], &mu = L.mat[2 * shared + 1];
-		const struct q3g_mat &m = which ? mu : mg;
-		const int Kp = mg.nchunks * Q3G_KCHUNK;
 		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
-		if (ex == Q3G_SKIP || tile >= mg.ntiles)
-			continue; /* the CPU's expert (offload), or a narrower matrix */
-		const uint16_t *pg = mg.perm ? mg.perm + (size_t)mi * mg.perm_stride : NULL;
-		const uint16_t *pu = mu.perm ? mu.perm + (size_t)mi * mu.perm_stride : NULL;
-		const int per = L.cpw[shared], c0 = kr * per, c1 = min(m.nchunks, c0 + per);
+		if (ex == Q3G_SKIP)
+			continue; /* the CPU's expert (offload) */
+		const uint16_t *pg = mg.perm ? mg.perm + (size_t)ex * mg.perm_stride : NULL;
+		const uint16_t *pu = mu.perm ? mu.perm + (size_t)ex * mu.perm_stride : NULL;
+		const int c0 = kr * L.cpw[0], c1 = min(m.nchunks, c0 + L.cpw[0]);
 
-		if (Kp != skp || pg != sperm[0] || pu != sperm[1]) {
+		if (!staged || pg != sperm[0] || pu != sperm[1]) {
 			__syncthreads(); /* the previous pair is done with xs */
 			for (int h = 0; h < 1 + (pu != pg); h++) {
 				const uint16_t *perm = h ? pu : pg;
@@ -707,13 +708,13 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 			}
 			sperm[0] = pg;
 			sperm[1] = pu;
-			skp = Kp;
+			staged = true;
 			__syncthreads();
 		}
 		/* four loads a batch, not the matvec's eight (a warp's 8 chunks at the real shapes in two
 		 * batches, not one): a smaller body, which also stopped the Q4/F16 instance spilling at
 		 * three blocks an SM */
-		run_chunks<FMT, 1, 4, W>(m, (const uint8_t *)m.data + (size_t)mi * m.data_stride, (size_t)mi * m.sz_stride, tile,
+		run_chunks<FMT, 1, 4, W>(m, (const uint8_t *)m.data + (size_t)ex * m.data_stride, (size_t)ex * m.sz_stride, tile,
 				      c0, c1, (const uint2 *)(which && pu != pg ? xs + Kp : xs), 1, 0, 1.0f, acc);
 		/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
 		if (!(lane & 3)) {
@@ -725,12 +726,11 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 	}
 	__syncthreads();
 	for (int i = threadIdx.x; i < (s1 - s0) * Q3G_TILE_N; i += blockDim.x) {
-		const int j = i / Q3G_TILE_N, ri = i % Q3G_TILE_N, s = s0 + j, ex = sid[j];
-		const struct q3g_mat &mg = L.mat[2 * (s == L.k)];
+		const int j = i / Q3G_TILE_N, ri = i % Q3G_TILE_N, s = s0 + j;
 		const int row = tile * Q3G_TILE_N + ri;
 		const float *pg = part + (j * 2 * WPT) * Q3G_TILE_N + ri, *pu = pg + WPT * Q3G_TILE_N;
 
-		if (ex == Q3G_SKIP || row >= mg.N)
+		if (sid[j] == Q3G_SKIP || row >= mg.N)
 			continue;
 		float gs = pg[0], us = pu[0];
 
@@ -743,27 +743,102 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int r, i
 	}
 }
 
+/* Block (rows [r0, r0 + nr) of the batch, row tile `tile` of the shared expert's gate and up):
+ * the shared expert is every row's, so a block takes up to 16 rows at once, their staged
+ * activations the mma's token columns (NT token tiles), and reads and dequantizes the tile once,
+ * not once a row (a pair a row at R = 16 read the bf16 shared expert's 4 MB from L2 sixteen
+ * times).  The warps and their chunks are those of up_pairs, and a column of the mma depends on
+ * its own inputs alone, so a row gets the bits it gets alone. */
+template <int FMT, int NT, bool W>
+static __device__ __forceinline__ void up_shared(const moe_up_launch &L, int tile, int r0, int nr)
+{
+	extern __shared__ uint4 smem[];
+	__shared__ float rs[Q3G_MMV_MAX_TOK];
+	__shared__ bool skip[Q3G_MMV_MAX_TOK];
+	constexpr int WPT = Q3G_MMV_THREADS / 32 / 2;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int which = warp / WPT, kr = warp % WPT; /* 0: gate, 1: up */
+	const struct q3g_mat &mg = L.mat[2], &mu = L.mat[3], &m = which ? mu : mg;
+	const int Kp = mg.nchunks * Q3G_KCHUNK, two = mu.perm != mg.perm;
+	const int c0 = kr * L.cpw[1], c1 = min(m.nchunks, c0 + L.cpw[1]);
+	uint16_t *xs = (uint16_t *)smem;
+	/* the warps' partial sums [gate, up][kr][row][16 outputs], after the staged rows */
+	float *part = (float *)(xs + (size_t)(1 + two) * nr * Kp);
+	float acc[NT][4];
+
+	if (tile >= mg.ntiles)
+		return; /* a narrower matrix than the routed ones */
+	if ((int)threadIdx.x < nr)
+		skip[threadIdx.x] = L.idx[(size_t)(r0 + threadIdx.x) * (L.k + 1) + L.k] == Q3G_SKIP;
+	for (int h = 0; h <= two; h++) {
+		const uint16_t *perm = h ? mu.perm : mg.perm;
+
+		if (h)
+			__syncthreads(); /* stage_x_norm's rs is read until every thread is done */
+		if (L.xh)
+			stage_x_norm<1>(xs + (size_t)h * nr * Kp, rs, L.xh + (size_t)r0 * L.H, L.H, nr, mg.K, Kp, perm,
+					L.normw, L.eps);
+		else
+			stage_x_f16<1>(xs + (size_t)h * nr * Kp, L.x + (size_t)r0 * L.H, L.H, nr, mg.K, Kp, perm);
+	}
+	__syncthreads();
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+		acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+	run_chunks<FMT, NT, NT == 2 ? 2 : 4, W>(m, (const uint8_t *)m.data, 0, tile, c0, c1,
+				  (const uint2 *)(which && two ? xs + (size_t)nr * Kp : xs), nr, 0, 1.0f, acc);
+	const int g = lane >> 2, t = lane & 3;
+
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			const int tok = n * 8 + 2 * t + (i & 1);
+
+			if (tok < nr)
+				part[(((which * WPT + kr) * Q3G_MMV_MAX_TOK) + tok) * Q3G_TILE_N + g + 8 * (i >> 1)] = acc[n][i];
+		}
+	__syncthreads();
+	for (int i = threadIdx.x; i < nr * Q3G_TILE_N; i += blockDim.x) {
+		const int tok = i / Q3G_TILE_N, ri = i % Q3G_TILE_N, row = tile * Q3G_TILE_N + ri;
+		const float *pg = part + tok * Q3G_TILE_N + ri, *pu = pg + WPT * Q3G_MMV_MAX_TOK * Q3G_TILE_N;
+
+		if (skip[tok] || row >= mg.N)
+			continue;
+		float gs = pg[0], us = pu[0];
+
+#pragma unroll
+		for (int w = 1; w < WPT; w++) { /* up_pairs' order */
+			gs += pg[w * Q3G_MMV_MAX_TOK * Q3G_TILE_N];
+			us += pu[w * Q3G_MMV_MAX_TOK * Q3G_TILE_N];
+		}
+		L.act[((size_t)(r0 + tok) * (L.k + 1) + L.k) * L.lda + row] = f2h_bits(silu_fast(gs) * us);
+	}
+}
+
 /* FR is the routed experts' weight format, FS the shared expert's: one launch for all k + 1 pairs
  * of a row even where they differ (a bf16 shared expert beside int4 routed ones took a second
- * launch, 7 us of a layer's ~80 at batch 1); a block runs one format, so that each keeps one
- * format's registers (mixing them in a block's pair loop spilled at three blocks an SM): the
- * row's groups of PB routed pairs, then its shared pair; with one format, groups of all k + 1. */
+ * launch, 7 us of a layer's ~80 at batch 1).  The grid's first nsb blocks take the shared expert
+ * (a tile of it for up to srows rows each; first, because each has up to 16 rows' work), the
+ * others a row's group of PB routed pairs, the row tile slowest. */
 template <int FR, int FS, bool W>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	pdl_trigger();
 	pdl_wait(); /* the expert ids come from the router: nothing to prefetch before them */
-	if (FR == FS) { /* groups of PB of all k + 1 pairs */
-		const int ngrp = cdiv(L.k + 1, L.pb), r = blockIdx.x / ngrp, s0 = (blockIdx.x % ngrp) * L.pb;
+	const int b = blockIdx.x;
 
-		up_pairs<FR, W>(L, r, s0, min(L.k + 1, s0 + L.pb));
-	} else {
-		const int ngrp = cdiv(L.k, L.pb) + 1, r = blockIdx.x / ngrp, g = blockIdx.x % ngrp;
+	if (b < L.nsb) {
+		const int r0 = b / L.nb * L.srows, nr = min(L.srows, L.R - r0);
 
-		if (g == ngrp - 1)
-			up_pairs<FS, W>(L, r, L.k, L.k + 1);
+		if (nr > 8)
+			up_shared<FS, 2, W>(L, b % L.nb, r0, nr);
 		else
-			up_pairs<FR, W>(L, r, g * L.pb, min(L.k, (g + 1) * L.pb));
+			up_shared<FS, 1, W>(L, b % L.nb, r0, nr);
+	} else {
+		const int ngrp = cdiv(L.k, L.pb), gx = L.R * ngrp, i = b - L.nsb, g = i % ngrp;
+
+		up_pairs<FR, W>(L, i / gx, i % gx / ngrp, g * L.pb, min(L.k, (g + 1) * L.pb));
 	}
 }
 
@@ -779,11 +854,18 @@ static moe_up_fn up_kernel_for(int fr, int fs, bool whole)
 	return t[whole][fr][fs];
 }
 
-/* The row staged twice (gate's and up's permutations), then the warps' partial sums of pb
- * pairs. */
+/* A routed block's: the row staged twice (gate's and up's permutations), then the warps' partial
+ * sums of pb pairs. */
 static size_t up_smem(int kpmax, int pb)
 {
 	return (size_t)kpmax * 2 * 2 + (size_t)pb * 2 * (Q3G_MMV_THREADS / 32) * Q3G_TILE_N * 4;
+}
+
+/* A shared-expert block's: nr rows staged once or twice, then the warps' partial sums. */
+static size_t up_shared_smem(const struct q3g_mat *sg, const struct q3g_mat *su, int nr)
+{
+	return (size_t)(1 + (su->perm != sg->perm)) * nr * sg->nchunks * Q3G_KCHUNK * 2 +
+	       (size_t)(Q3G_MMV_THREADS / 32) * Q3G_MMV_MAX_TOK * Q3G_TILE_N * 4;
 }
 
 static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float *normw, float eps, const int *idx,
@@ -804,6 +886,8 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 		return q3_errf(e, -EINVAL, "moe up: experts take %d / %d inputs, the rows have %d", gate->K, sgate->K, H);
 	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
 		return q3_errf(e, -EINVAL, "moe up: gate and up in different formats");
+	if (R < 1)
+		return 0;
 	memset(&L, 0, sizeof(L));
 	L.mat[0] = *gate;
 	L.mat[1] = *up;
@@ -815,6 +899,7 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	L.eps = eps;
 	L.idx = idx;
 	L.act = act;
+	L.R = R;
 	L.k = k;
 	L.H = H;
 	L.lda = lda;
@@ -826,17 +911,23 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	/* routed pairs a block: about four waves of blocks (three resident an SM), so that a large
 	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
 	 * with a pair a block); one where the grid is small anyway */
-	const long blocks = (long)R * (k + 1) * L.nb, target = 4L * 3 * q3g_dev.sms;
-	const bool same = gate->fmt == sgate->fmt;
+	const long blocks = (long)R * k * L.nb, target = 4L * 3 * q3g_dev.sms;
 
-	L.pb = (int)Q3_MIN((long)(same ? k + 1 : k), Q3_MAX(1L, blocks / target));
-	L.kpmax = Q3_MAX(gate->nchunks, sgate->nchunks) * Q3G_KCHUNK;
-	smem = up_smem(L.kpmax, L.pb);
+	L.pb = (int)Q3_MIN((long)k, Q3_MAX(1L, blocks / target));
+	L.kpmax = gate->nchunks * Q3G_KCHUNK;
+	/* rows a shared-expert block: up to 16 while three blocks still fit an SM (its staged rows
+	 * set the launch's shared memory, every block's) */
+	L.srows = Q3G_MMV_MAX_TOK;
+	while (L.srows > 1 && (up_shared_smem(sgate, sup, L.srows) > q3g_dev.smem_dyn ||
+			       3 * (up_shared_smem(sgate, sup, L.srows) + 1024) > q3g_dev.smem_sm))
+		L.srows /= 2;
+	L.srows = Q3_MIN(L.srows, R);
+	L.nsb = cdiv(R, L.srows) * L.nb;
+	smem = Q3_MAX(up_smem(L.kpmax, L.pb), up_shared_smem(sgate, sup, L.srows));
 	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
 			       q3g_dev.smem_dyn);
-	dim3 grid(R * (same ? cdiv(k + 1, L.pb) : cdiv(k, L.pb) + 1), L.nb);
-
+	const int grid = L.nsb + R * cdiv(k, L.pb) * L.nb;
 	const bool whole = q3g_whole_groups(gate) && q3g_whole_groups(sgate);
 
 	CUDA_CHECK(e, q3g_launch(up_kernel_for(gate->fmt, sgate->fmt, whole), grid, Q3G_MMV_THREADS, smem, (cudaStream_t)st, L));

@@ -1254,7 +1254,9 @@ struct tmoe {
 	std::vector<struct tlin> lins;
 };
 
-static void make_moe(struct tmoe *m, const struct q3g_dims *d, int bits, int G, bool asym, bool act)
+/* sbits: the shared expert's format, GPTQ 8 bits (g128, symmetric), 4 bits (g128, asym and act
+ * as the routed ones') or 16 (bf16, as the 80b-a3b synthetic keeps it) */
+static void make_moe(struct tmoe *m, const struct q3g_dims *d, int bits, int G, bool asym, bool act, int sbits = 8)
 {
 	int E = d->E;
 
@@ -1273,9 +1275,15 @@ static void make_moe(struct tmoe *m, const struct q3g_dims *d, int bits, int G, 
 		make_linear(&m->lins[3 * x + 1], d->I, d->H, LIN_GPTQ, bits, G, asym, act);
 		make_linear(&m->lins[3 * x + 2], d->H, d->I, LIN_GPTQ, bits, G, asym, act);
 	}
-	make_linear(&m->lins[3 * E], d->Is, d->H, LIN_GPTQ, 8, 128, false, false);
-	make_linear(&m->lins[3 * E + 1], d->Is, d->H, LIN_GPTQ, 8, 128, false, false);
-	make_linear(&m->lins[3 * E + 2], d->H, d->Is, LIN_GPTQ, 8, 128, false, false);
+	for (int i = 0; i < 3; i++) {
+		const int n = i < 2 ? d->Is : d->H, kk = i < 2 ? d->H : d->Is;
+
+		if (sbits == 16)
+			make_linear(&m->lins[3 * E + i], n, kk, LIN_BF16);
+		else
+			make_linear(&m->lins[3 * E + i], n, kk, LIN_GPTQ, sbits, 128, sbits == 4 && asym,
+				    sbits == 4 && act);
+	}
 	make_linear(&m->lins[3 * E + 3], E, d->H, LIN_BF16);
 	make_linear(&m->lins[3 * E + 4], 1, d->H, LIN_BF16);
 	/* a router with a clear ranking: logits spread wide enough that the device's fp32 sums in
@@ -1324,18 +1332,20 @@ static void dmoe_free(struct dmoe *dm)
  * batch (max_batch, may pass 16 rows: moe_down then runs several row groups); else the prefill
  * GEMM. */
 static void moe_case(const char *label, const struct q3g_dims *d, int bits, int G, bool asym, bool act, int R,
-		     bool decode)
+		     bool decode, int sbits = 8)
 {
-	char name[192];
+	char name[192], sf[32] = "";
 
-	snprintf(name, sizeof(name), "moe %s E=%d k=%d H=%d I=%d R=%d (%s)", label, d->E, d->topk, d->H, d->I, R,
-		 decode ? "decode kernels" : "grouped prefill GEMM");
+	if (sbits != 8)
+		snprintf(sf, sizeof(sf), ", shared expert %s", sbits == 16 ? "bf16" : "q4");
+	snprintf(name, sizeof(name), "moe %s E=%d k=%d H=%d I=%d R=%d (%s%s)", label, d->E, d->topk, d->H, d->I, R,
+		 decode ? "decode kernels" : "grouped prefill GEMM", sf);
 	if (!want(name))
 		return;
 	struct tmoe m;
 	const int E = d->E, H = d->H, k = d->topk, lda = q3g_moe_lda(d->I, d->Is);
 
-	make_moe(&m, d, bits, G, asym, act);
+	make_moe(&m, d, bits, G, asym, act, sbits);
 	struct dmoe dm;
 	struct dmat rt, sgt;
 	const struct q3_linear *one;
@@ -1388,21 +1398,21 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 }
 
 /* The decode experts' output for row 0 bit for bit the same at R = 1, 7 and 16 (rows of a larger
- * batch share blocks, and moe_up then runs several pairs a block): routing given, the same for
- * row 0 every time. */
-static void moe_invariance_case(const struct q3g_dims *d, bool act)
+ * batch share blocks: moe_up then runs several pairs a block, and the shared expert 7 or 16 rows
+ * at once as the mma's columns): routing given, the same for row 0 every time. */
+static void moe_invariance_case(const struct q3g_dims *d, bool act, int sbits = 8)
 {
 	char name[160];
 
-	snprintf(name, sizeof(name), "moe decode%s H=%d I=%d: row 0 the same at R = 1, 7, 16", act ? " act-order" : "",
-		 d->H, d->I);
+	snprintf(name, sizeof(name), "moe decode%s H=%d I=%d%s: row 0 the same at R = 1, 7, 16", act ? " act-order" : "",
+		 d->H, d->I, sbits == 16 ? ", shared expert bf16" : sbits == 4 ? ", shared expert q4" : "");
 	if (!want(name))
 		return;
 	struct tmoe m;
 	struct dmoe dm;
 	const int E = d->E, H = d->H, k = d->topk, lda = q3g_moe_lda(d->I, d->Is);
 
-	make_moe(&m, d, 4, 128, act, act);
+	make_moe(&m, d, 4, 128, act, act, sbits);
 	dmoe_upload(&dm, &m, E);
 	std::vector<uint16_t> x0;
 	std::vector<float> x0f, first;
@@ -1446,7 +1456,8 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act)
 
 /* Pairs marked Q3G_SKIP (the CPU computes them under offload) leave the decode experts' output
  * exactly as the same routing with those pairs' weights at zero: bit for bit (a skipped item adds
- * nothing, a zero-weight item adds 0). */
+ * nothing, a zero-weight item adds 0).  The shared expert's slot is skipped in odd rows (moe_up
+ * computes it for several rows at once). */
 static void moe_skip_case(const struct q3g_dims *d, int R)
 {
 	char name[160];
@@ -1474,10 +1485,11 @@ static void moe_skip_case(const struct q3g_dims *d, int R)
 	skip = idx;
 	wz = w;
 	for (int r = 0; r < R; r++)
-		for (int j = r % 3; j < k; j += 3) { /* every third routed slot, a different third a row */
-			skip[(size_t)r * S + j] = Q3G_SKIP;
-			wz[(size_t)r * S + j] = 0.0f;
-		}
+		for (int j = 0; j <= k; j++) /* every third routed slot, a different third a row; odd rows' shared */
+			if (j < k ? j % 3 == r % 3 : r % 2) {
+				skip[(size_t)r * S + j] = Q3G_SKIP;
+				wz[(size_t)r * S + j] = 0.0f;
+			}
 	uint16_t *dx = dev_upload(xb.data(), xb.size());
 	int *di = dev_upload(skip.data(), skip.size()), *dz = dev_upload(idx.data(), idx.size());
 	float *dw = dev_upload(w.data(), w.size()), *dwz = dev_upload(wz.data(), wz.size());
@@ -1495,6 +1507,55 @@ static void moe_skip_case(const struct q3g_dims *d, int R)
 
 	gt_expect(memcmp(a.data(), b.data(), (size_t)R * H * 4) == 0, name);
 	void *fr[] = { dx, di, dz, dw, dwz, gu, h1, h2 };
+	for (void *p : fr)
+		cudaFree(p);
+	dmoe_free(&dm);
+}
+
+/* q3g_moe_up_norm (the norm folded into the staging: every routed block stages its row, the
+ * shared expert's blocks up to 16 rows) gives the bits of q3g_add_rmsnorm's fp16 rows through
+ * q3g_moe_up, for every pair. */
+static void moe_up_norm_case(const struct q3g_dims *d, int R, int sbits, bool act)
+{
+	char name[160];
+
+	snprintf(name, sizeof(name), "moe up H=%d I=%d R=%d%s%s: the norm folded in = q3g_add_rmsnorm's rows", d->H,
+		 d->I, R, sbits == 16 ? ", shared expert bf16" : "", act ? ", act-order" : "");
+	if (!want(name))
+		return;
+	struct tmoe m;
+	struct dmoe dm;
+	const int E = d->E, H = d->H, k = d->topk, S = k + 1, lda = q3g_moe_lda(d->I, d->Is);
+
+	make_moe(&m, d, 4, 128, act, act, sbits);
+	dmoe_upload(&dm, &m, E);
+	std::vector<float> h((size_t)R * H), nw(H);
+	std::vector<int> idx((size_t)R * S);
+
+	for (auto &v : h)
+		v = rnd_normal() * 3.0f;
+	for (auto &v : nw)
+		v = 0.2f * rnd_normal();
+	for (int r = 0; r < R; r++)
+		for (int j = 0; j < S; j++)
+			idx[(size_t)r * S + j] = j == k ? -1 : (7 * r + 3 * j) % E;
+	float *dh = dev_upload(h.data(), h.size()), *dnw = dev_upload(nw.data(), nw.size());
+	int *di = dev_upload(idx.data(), idx.size());
+	uint16_t *xb = dev_alloc<uint16_t>((size_t)R * H);
+	uint16_t *a1 = dev_alloc<uint16_t>((size_t)R * S * lda), *a2 = dev_alloc<uint16_t>((size_t)R * S * lda);
+
+	GT_CHECK(cudaMemset(a1, 0, (size_t)R * S * lda * 2));
+	GT_CHECK(cudaMemset(a2, 0, (size_t)R * S * lda * 2));
+	GT_OK(q3g_add_rmsnorm(dh, NULL, xb, dnw, NULL, R, H, 1e-6f, 0, &e_));
+	GT_OK(q3g_moe_up(a1, xb, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, lda, 0, &e_));
+	GT_OK(q3g_moe_up_norm(a2, dh, dnw, 1e-6f, di, &dm.g.m, &dm.u.m, &dm.sg.m, &dm.su.m, R, k, H, lda, 0, &e_));
+	std::vector<uint16_t> x = dev_download(a1, (size_t)R * S * lda), y = dev_download(a2, (size_t)R * S * lda);
+	bool any = false;
+
+	for (uint16_t v : x)
+		any |= v != 0;
+	gt_expect(any && x == y, name);
+	void *fr[] = { dh, dnw, di, xb, a1, a2 };
 	for (void *p : fr)
 		cudaFree(p);
 	dmoe_free(&dm);
@@ -1638,7 +1699,15 @@ static void moe_tests(void)
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 20, false);
 	moe_invariance_case(&dr, false);
 	moe_invariance_case(&dr, true);
+	moe_invariance_case(&dr, false, 16);
+	moe_invariance_case(&dr, false, 4);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 16, true, 16);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 16, true, 4);
+	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 1, true, 16);
+	moe_case("real shapes q4 asym act-order g128", &dr, 4, 128, true, true, 16, true, 4);
 	moe_skip_case(&dr, 5);
+	moe_up_norm_case(&dr, 16, 16, false);
+	moe_up_norm_case(&dr, 3, 8, true);
 	moe_case("q8 sym g64", &ds, 8, 64, false, false, 4, true);
 	moe_case("real shapes q8 asym act-order g128", &dr, 8, 128, true, true, 16, true);
 	/* the decode kernels again with q3g_moe_down's kernel for devices before sm_90 */
