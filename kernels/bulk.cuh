@@ -84,13 +84,14 @@ static __device__ __forceinline__ void copy_tile(uint8_t *dst, const struct q3g_
 	}
 }
 
-/* One pair: the tile (weights at t, scales and zeros at sc) against the staged activations aw,
- * every group's partial sum times its scale times wt into acc (token column 0: lanes t = 0 hold
- * rows g and g + 8 in acc[0] and acc[2]).  WHOLE: groups of whole chunks, their end tested once a
- * chunk (as run_chunks). */
-template <int FMT, bool WHOLE>
+/* One tile (weights at t, scales and zeros at sc) against B fragments from bfrag(c, st, b): the
+ * activations of chunk c's k-step st; every group's partial sum times its scale times wt into
+ * acc.  A routed pair: token column 0 (lanes t = 0 hold rows g and g + 8 in acc[0] and acc[2]);
+ * the shared expert: up to 8 rows' columns.  WHOLE: groups of whole chunks, their end tested
+ * once a chunk (as run_chunks). */
+template <int FMT, bool WHOLE, class BF>
 static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const uint8_t *t, const float *sc,
-						 const uint32_t *aw, float wt, float acc[1][4])
+						 BF bfrag, float wt, float acc[1][4])
 {
 	constexpr int LPC = fmt_traits<FMT>::LPC, CB = fmt_traits<FMT>::CB;
 	const int lane = threadIdx.x & 31, g = lane >> 2, zo = m.ngroups * Q3G_TILE_N;
@@ -125,11 +126,9 @@ static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const 
 #pragma unroll
 		for (int st = 0; st < 4; st++) {
 			uint32_t a[4], b[2];
-			const uint2 bv = *(const uint2 *)(aw + c * 32 + st * 8 + (lane & 3) * 2);
 
+			bfrag(c, st, b);
 			a_frag<FMT>(w, st, zc, a);
-			b[0] = bv.x; /* every token column reads column 0's words: only column 0 is kept */
-			b[1] = bv.y;
 			mma_f16(accg[0], a, b);
 			if (FMT != Q3G_F16 && !WHOLE && --gleft == 0)
 				next_group();

@@ -18,9 +18,11 @@
  * through L1 are limited in flight), by a producer thread's bulk copies 66.  Copying the activations into the stages
  * too (bulk, from L2) ran slower: 11.2 us at R = 1 and 100 at R = 16, against 7.6 and 66.
  *
- * The shared expert's tile is the same for every row: it is copied once.  A pair's partial sum
- * (its routing weight applied) is computed by one warp in a fixed order, and a row's pairs are
- * added in slot order: results do not depend on the batch (test_ops checks row 0 at R = 1, 7, 16).
+ * The shared expert's tile is the same for every row: it is copied once, and one warp computes
+ * it for eight rows at once, their activations (staged by the block at the start) the mma's token
+ * columns.  A pair's partial sum (its routing weight applied) is computed by one warp in a fixed
+ * order, a column of the mma depends on its own inputs alone, and a row's pairs are added in slot
+ * order: results do not depend on the batch (test_ops checks row 0 at R = 1, 7, 16).
  */
 #include "gpu_internal.h"
 #include "bulk.cuh"
@@ -29,6 +31,7 @@
 #define DN_THREADS (DN_CWARPS * 32)
 #define DN_ROWS Q3G_MMV_MAX_TOK		/* batch rows a block */
 #define DN_MAX_STAGES 32
+#define DN_SH_ROWS 8			/* rows a warp takes of the shared expert: an mma's token columns */
 
 struct down_launch {
 	struct q3g_down_args a;
@@ -36,7 +39,7 @@ struct down_launch {
 	int nst;	 /* ring stages, a multiple of ncw */
 	int ncw;	 /* consumer warps taking pairs (<= DN_CWARPS) */
 	uint32_t stage;	 /* bytes of a ring stage */
-	uint32_t o_sx, o_red, o_aw, o_sh, o_ring; /* offsets in dynamic shared memory */
+	uint32_t o_sx, o_red, o_aw, o_xsh, o_sh, o_ring; /* offsets in dynamic shared memory */
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -72,8 +75,9 @@ static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *a
  * done with pair i.  (One producer thread for the block copied the pairs in order, each after
  * its stage's previous pair was done: one slow warp held back every other warp's copies, and the
  * consumers' waits for their tiles were 37% of the stall samples at R = 16, ncu.)  The shared
- * expert's pairs (its tile is copied once) and the slots the CPU computes (Q3G_SKIP, offload)
- * pass through their stage empty (an arrival completes the phase). */
+ * expert's pairs (its tile is copied once; the pair of every eighth row computes its rows' eight,
+ * the others nothing) and the slots the CPU computes (Q3G_SKIP, offload) pass through their stage
+ * empty (an arrival completes the phase). */
 template <int FR, int FS, bool W>
 __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_constant__ down_launch L)
 {
@@ -85,6 +89,8 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	int *sx = (int *)(sm + L.o_sx);
 	float *sw = (float *)(sx + DN_ROWS * S), *red = (float *)(sm + L.o_red);
 	uint8_t *shared_tile = sm + L.o_sh, *ring = sm + L.o_ring;
+	const struct q3g_mat &ms = L.a.mat[1];
+	const uint2 *xsh = (const uint2 *)(sm + L.o_xsh);
 
 	pdl_trigger();
 	if (threadIdx.x == 0)
@@ -94,6 +100,9 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 		sx[i] = L.a.idx[(size_t)r0 * S + i];
 		sw[i] = L.a.w[(size_t)r0 * S + i];
 	}
+	/* the rows' shared-expert activations, in the matvec's B-fragment order */
+	stage_x_f16<1>((uint16_t *)(sm + L.o_xsh), L.a.act + ((size_t)r0 * S + k) * L.a.lda, S * L.a.lda, nr, ms.K,
+		       ms.nchunks * Q3G_KCHUNK, ms.perm);
 	__syncthreads();
 	/* lane 0 of a consumer warp: its i-th pair's tile into its stage (or the stage's phase
 	 * completed at once, for a pair with nothing to copy) */
@@ -122,25 +131,51 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	for (int i = 0, q = warp; q < np && warp < L.ncw; i++, q += L.ncw) {
 		const int r = q / S, s = q % S, ex = sx[q], st = warp * spw + i % spw;
 		const uint32_t parity = (i / spw) & 1;
-		const bool sh = s == k;
-		const struct q3g_mat &m = L.a.mat[sh];
-		uint8_t *p = ring + (size_t)st * L.stage;
 		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
+		if (s == k) { /* the shared expert: rows r .. r + 7 where r is a multiple of 8 */
+			bar_wait(&full[st], parity);
+			if (r % DN_SH_ROWS == 0) {
+				bar_wait(shb, 0);
+				pair_tile<FS, W>(
+					ms, shared_tile, (const float *)(shared_tile + L.dt[1].wb),
+					[&](int c, int kst, uint32_t b[2]) { b_frag(xsh, c * 4 + kst, r / 8, nr, lane, b); }, 1.0f,
+					acc);
+				/* token column 2t + (e & 1) of lane t = lane & 3: row r + that, with its weight */
+#pragma unroll
+				for (int e = 0; e < 4; e++) {
+					const int rr = r + 2 * (lane & 3) + (e & 1);
+
+					if (rr < nr)
+						red[(rr * S + k) * Q3G_TILE_N + (lane >> 2) + 8 * (e >> 1)] =
+							sx[rr * S + k] == Q3G_SKIP ? 0.0f : acc[0][e] * sw[rr * S + k];
+				}
+			}
+			__syncwarp();
+			if (lane == 0)
+				fill(i + spw);
+			continue;
+		}
+		uint8_t *p = ring + (size_t)st * L.stage;
+
 		if (ex != Q3G_SKIP) {
-			const int mi = sh ? 0 : ex;
+			const struct q3g_mat &m = L.a.mat[0];
 
 			/* the activations' loads before the wait: they overlap the tile's copy */
 			stage_act(aw, L.a.act + ((size_t)(r0 + r) * S + s) * L.a.lda,
-				  m.perm ? m.perm + (size_t)mi * m.perm_stride : NULL, m.K, m.nchunks);
+				  m.perm ? m.perm + (size_t)ex * m.perm_stride : NULL, m.K, m.nchunks);
 			__syncwarp();
 			bar_wait(&full[st], parity);
-			if (sh) {
-				bar_wait(shb, 0);
-				pair_tile<FS, W>(m, shared_tile, (const float *)(shared_tile + L.dt[1].wb), aw, sw[q], acc);
-			} else {
-				pair_tile<FR, W>(m, p, (const float *)(p + L.dt[0].wb), aw, sw[q], acc);
-			}
+			/* every token column reads column 0's words: only column 0 is kept */
+			pair_tile<FR, W>(
+				m, p, (const float *)(p + L.dt[0].wb),
+				[&](int c, int kst, uint32_t b[2]) {
+					const uint2 bv = *(const uint2 *)(aw + c * 32 + kst * 8 + (lane & 3) * 2);
+
+					b[0] = bv.x;
+					b[1] = bv.y;
+				},
+				sw[q], acc);
 		} else {
 			bar_wait(&full[st], parity);
 		}
@@ -209,7 +244,8 @@ extern "C" int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const
 	L.o_sx = align128(DN_MAX_STAGES * 8 + 8);
 	L.o_red = L.o_sx + align128((size_t)DN_ROWS * S * 8);
 	L.o_aw = L.o_red + align128((size_t)DN_ROWS * S * Q3G_TILE_N * 4);
-	L.o_sh = L.o_aw + align128((size_t)DN_CWARPS * nch * 32 * 4);
+	L.o_xsh = L.o_aw + align128((size_t)DN_CWARPS * nch * 32 * 4);
+	L.o_sh = L.o_xsh + align128((size_t)DN_ROWS * sdown->nchunks * Q3G_KCHUNK * 2);
 	L.o_ring = L.o_sh + align128(L.dt[1].bytes);
 	fixed = L.o_ring;
 	L.nst = fixed + 2 * (size_t)L.stage <= q3g_dev.smem_dyn
