@@ -124,7 +124,7 @@ static void lin_case(const char *label, int N, int K, enum lin_kind kind, int bi
  * bit for bit those with R = 1, for every R the decode paths take: the block shapes, and so the
  * order of every sum, depend on the matrix alone (the engine promises a sequence the same logits
  * whatever it is batched with). */
-static void mmv_invariance_case(const char *label, int N, int K)
+static void mmv_invariance_case(const char *label, int N, int K, enum lin_kind kind = LIN_GPTQ)
 {
 	char name[256];
 	struct tlin t;
@@ -137,7 +137,10 @@ static void mmv_invariance_case(const char *label, int N, int K)
 	snprintf(name, sizeof(name), "linear %s N=%d K=%d: row 0 the same at R = 1, 3, 8, 9, 16", label, N, K);
 	if (!want(name))
 		return;
-	make_linear(&t, N, K, LIN_GPTQ, 4, 128, false, false, 1);
+	if (kind == LIN_GPTQ)
+		make_linear(&t, N, K, LIN_GPTQ, 4, 128, false, false, 1);
+	else
+		make_linear(&t, N, K, kind);
 	dmat_upload(&d, &lp, 1);
 	std::vector<uint16_t> x0;
 	std::vector<float> x0f;
@@ -434,6 +437,12 @@ static void linear_tests(void)
 	lin_case("bf16 router", 512, 2048, LIN_BF16, 0, 0, false, false, 1, 16);
 	mmv_invariance_case("q4 out_proj (few tiles: wide blocks)", 2048, 4096);
 	mmv_invariance_case("q4 qkvz (two tiles a block)", 12288, 2048);
+	/* the sliced instance above four rows (several slices a warp) at the dense shapes and formats */
+	mmv_invariance_case("bf16 q_proj", 8192, 2048, LIN_BF16);
+	lin_case("bf16 qkvz", 12288, 2048, LIN_BF16, 0, 0, false, false, 1, 16);
+	lin_case("bf16 q_proj", 8192, 2048, LIN_BF16, 0, 0, false, false, 1, 9, true);
+	lin_case("q4 asym act-order qkvz", 12288, 2048, LIN_GPTQ, 4, 128, true, true, 1, 16, true);
+	lin_case("q8 sym q_proj", 8192, 2048, LIN_GPTQ, 8, 128, false, false, 1, 5);
 	norm_paths_case(12288, 2048, false);
 	norm_paths_case(512, 2048, true);
 	/* many rows: cuBLAS on the expanded matrix */
