@@ -6,6 +6,8 @@
  *
  *   bench_kernels [--csv F]      one line per case: us per call, GB/s, % of the copy bandwidth
  *   bench_kernels --gdn [R]      only the GDN decode layer at batch R, default 1 (under a profiler)
+ *   bench_kernels --dense bf16   the GDN layer's dense projections and shared expert in bf16 (as the
+ *                                80b-a3b synthetic keeps them), not GPTQ int4
  *   bench_kernels --host         only the experts read from host memory over PCIe (q3g_moe_host)
  */
 #include <sys/mman.h>
@@ -19,6 +21,7 @@
 #define ROUNDS 7
 
 static FILE *g_csv;
+static enum lin_kind g_dense = LIN_GPTQ; /* the GDN layer's qkvz, out_proj and shared expert */
 static double g_peak, g_h2d;
 
 static float time_graph(cudaGraphExec_t ex, cudaStream_t st)
@@ -362,18 +365,18 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	std::vector<struct tlin> tl[5], te[6];
 
 	for (int l = 0; l < NL; l++) {
-		make_stack(&qkvz[l], tl[0], 1, qd, H, LIN_GPTQ);
+		make_stack(&qkvz[l], tl[0], 1, qd, H, g_dense);
 		make_stack(&ba[l], tl[1], 1, 2 * d.Nv, H, LIN_BF16);
-		make_stack(&out[l], tl[2], 1, H, d.value_dim, LIN_GPTQ);
+		make_stack(&out[l], tl[2], 1, H, d.value_dim, g_dense);
 		make_stack(&router[l], tl[3], 1, E, H, LIN_BF16);
 		make_stack(&sgate[l], tl[4], 1, 1, H, LIN_BF16);
 	}
 	make_stack(&eg, te[0], E, I, H, LIN_GPTQ);
 	make_stack(&eu, te[1], E, I, H, LIN_GPTQ);
 	make_stack(&ed, te[2], E, H, I, LIN_GPTQ);
-	make_stack(&shg, te[3], 1, I, H, LIN_GPTQ);
-	make_stack(&shu, te[4], 1, I, H, LIN_GPTQ);
-	make_stack(&shd, te[5], 1, H, I, LIN_GPTQ);
+	make_stack(&shg, te[3], 1, I, H, g_dense);
+	make_stack(&shu, te[4], 1, I, H, g_dense);
+	make_stack(&shd, te[5], 1, H, I, g_dense);
 	/* sessions: R sequences at position 10, one layer of state each */
 	size_t conv_n = (size_t)3 * d.conv_dim, rec_n = (size_t)d.Nv * d.Dv * d.Dk;
 	std::vector<struct q3g_seq> seqs(R);
@@ -448,7 +451,9 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	/* per layer: dense weights, ~R·10 distinct experts + shared, state r+w */
 	const double distinct = E * (1.0 - pow(1.0 - (double)k / E, R));
 	const double bytes = (double)mat_bytes(&qkvz[0]) + mat_bytes(&ba[0]) + mat_bytes(&out[0]) +
-			     mat_bytes(&router[0]) + mat_bytes(&sgate[0]) + (distinct + 1) * 3 * (double)mat_bytes(&shg) +
+			     mat_bytes(&router[0]) + mat_bytes(&sgate[0]) +
+			     distinct * ((double)mat_bytes(&eg) + mat_bytes(&eu) + mat_bytes(&ed)) +
+			     (double)mat_bytes(&shg) + mat_bytes(&shu) + mat_bytes(&shd) +
 			     2.0 * R * rec_n * 4;
 	cudaDeviceProp prop;
 
@@ -467,7 +472,8 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 		});
 		char what[128];
 
-		snprintf(what, sizeof(what), "GDN decode layer (6 launches), R=%d, PDL %s", R, pdl ? "on" : "off");
+		snprintf(what, sizeof(what), "GDN decode layer (6 launches%s), R=%d, PDL %s",
+			 g_dense == LIN_BF16 ? ", dense bf16" : "", R, pdl ? "on" : "off");
 		/* report per layer: (ms / 5 replays / NL layers) in the REPS convention of report() */
 		report(what, ms / 5 / NL * 1.0f, bytes);
 		printf("  48 such layers: %.0f tok/s at batch %d (before the attention layers' extra work and lm_head)\n",
@@ -584,6 +590,13 @@ int main(int argc, char **argv)
 			g_csv = fopen(argv[++i], "w");
 		else if (!strcmp(argv[i], "--host"))
 			host_only = 1;
+		else if (!strcmp(argv[i], "--dense")) {
+			if (i + 1 >= argc || strcmp(argv[i + 1], "bf16")) {
+				fprintf(stderr, "bench_kernels: --dense takes bf16 (GPTQ int4 is the default)\n");
+				return 2;
+			}
+			g_dense = LIN_BF16, i++;
+		}
 		else if (!strcmp(argv[i], "--gdn"))
 			gdn_only = i + 1 < argc && atoi(argv[i + 1]) > 0 ? atoi(argv[++i]) : 1;
 	}
