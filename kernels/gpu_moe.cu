@@ -8,7 +8,8 @@
  *                    few candidates at or above a bound (ties: the lower index; rounds of warp
  *                    argmax where they are too many), renormalization; slot k = the shared expert.
  *   q3g_moe_up       block (pairs of one row, a row tile of gate and of up): each pair's expert's
- *                    silu(gate) ⊙ up of the row in fp16 [P][lda]; the row staged once.
+ *                    silu(gate) ⊙ up of the row in fp16 [P][lda]; the row staged once.  The
+ *                    shared expert's blocks take up to 16 rows at once (the mma's columns).
  *   q3g_moe_down     gpu_moe_down.cu (sm_90: expert tiles bulk-copied into a shared-memory
  *                    ring), gpu_moe_down_regs.cu (before sm_90: through registers).
  */
