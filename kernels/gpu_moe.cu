@@ -648,6 +648,39 @@ struct moe_up_launch {
 	int kpmax;	      /* staged positions of a row: the routed matrices' nchunks * 64 */
 };
 
+/* Rows [r, r + nr) staged into xs for positions [0, Kp) through gate's permutation pg, and again
+ * after them through up's pu where the two differ; the norm folded in where L.xh is set. */
+static __device__ __forceinline__ void stage_gate_up(const moe_up_launch &L, uint16_t *xs, float *rs, int r, int nr,
+						     int K, int Kp, const uint16_t *pg, const uint16_t *pu)
+{
+	for (int h = 0; h < 1 + (pu != pg); h++) {
+		const uint16_t *perm = h ? pu : pg;
+
+		if (h)
+			__syncthreads(); /* stage_x_norm's rs is read until every thread is done */
+		if (L.xh)
+			stage_x_norm<1>(xs + (size_t)h * nr * Kp, rs, L.xh + (size_t)r * L.H, L.H, nr, K, Kp, perm, L.normw,
+					L.eps);
+		else
+			stage_x_f16<1>(xs + (size_t)h * nr * Kp, L.x + (size_t)r * L.H, L.H, nr, K, Kp, perm);
+	}
+}
+
+/* fp16(silu(gate) · up) of one output: the warps' partial sums pg[w · stride] and pu[w · stride]
+ * added in warp order (reduce_tile_warps' order) */
+static __device__ __forceinline__ uint16_t gate_up_out(const float *pg, const float *pu, int stride)
+{
+	constexpr int WPT = Q3G_MMV_THREADS / 32 / 2;
+	float gs = pg[0], us = pu[0];
+
+#pragma unroll
+	for (int w = 1; w < WPT; w++) {
+		gs += pg[w * stride];
+		us += pu[w * stride];
+	}
+	return f2h_bits(silu_fast(gs) * us);
+}
+
 /* Block (PB routed pairs of one row, row tile `tile` of gate and of up): pairs [s0, s1) of row
  * r, in weight format FMT.  Warps 0-3 take the gate's tile, 4-7 the up's;
  * each warp leaves its partial sums of a pair in shared memory (part) and goes on to the next
@@ -696,17 +729,7 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int tile
 
 		if (!staged || pg != sperm[0] || pu != sperm[1]) {
 			__syncthreads(); /* the previous pair is done with xs */
-			for (int h = 0; h < 1 + (pu != pg); h++) {
-				const uint16_t *perm = h ? pu : pg;
-
-				if (h)
-					__syncthreads(); /* stage_x_norm's rs is read until every thread is done */
-				if (L.xh)
-					stage_x_norm<1>(xs + h * Kp, rs, L.xh + (size_t)r * L.H, L.H, 1, mg.K, Kp, perm, L.normw,
-							L.eps);
-				else
-					stage_x_f16<1>(xs + h * Kp, L.x + (size_t)r * L.H, L.H, 1, mg.K, Kp, perm);
-			}
+			stage_gate_up(L, xs, rs, r, 1, mg.K, Kp, pg, pu);
 			sperm[0] = pg;
 			sperm[1] = pu;
 			staged = true;
@@ -731,16 +754,8 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int tile
 		const int row = tile * Q3G_TILE_N + ri;
 		const float *pg = part + (j * 2 * WPT) * Q3G_TILE_N + ri, *pu = pg + WPT * Q3G_TILE_N;
 
-		if (sid[j] == Q3G_SKIP || row >= mg.N)
-			continue;
-		float gs = pg[0], us = pu[0];
-
-#pragma unroll
-		for (int w = 1; w < WPT; w++) { /* reduce_tile_warps' order */
-			gs += pg[w * Q3G_TILE_N];
-			us += pu[w * Q3G_TILE_N];
-		}
-		L.act[(size_t)(r * (L.k + 1) + s) * L.lda + row] = f2h_bits(silu_fast(gs) * us);
+		if (sid[j] != Q3G_SKIP && row < mg.N)
+			L.act[(size_t)(r * (L.k + 1) + s) * L.lda + row] = gate_up_out(pg, pu, Q3G_TILE_N);
 	}
 }
 
@@ -771,17 +786,7 @@ static __device__ __forceinline__ void up_shared(const moe_up_launch &L, int til
 		return; /* a narrower matrix than the routed ones */
 	if ((int)threadIdx.x < nr)
 		skip[threadIdx.x] = L.idx[(size_t)(r0 + threadIdx.x) * (L.k + 1) + L.k] == Q3G_SKIP;
-	for (int h = 0; h <= two; h++) {
-		const uint16_t *perm = h ? mu.perm : mg.perm;
-
-		if (h)
-			__syncthreads(); /* stage_x_norm's rs is read until every thread is done */
-		if (L.xh)
-			stage_x_norm<1>(xs + (size_t)h * nr * Kp, rs, L.xh + (size_t)r0 * L.H, L.H, nr, mg.K, Kp, perm,
-					L.normw, L.eps);
-		else
-			stage_x_f16<1>(xs + (size_t)h * nr * Kp, L.x + (size_t)r0 * L.H, L.H, nr, mg.K, Kp, perm);
-	}
+	stage_gate_up(L, xs, rs, r0, nr, mg.K, Kp, mg.perm, mu.perm);
 	__syncthreads();
 #pragma unroll
 	for (int n = 0; n < NT; n++)
@@ -804,16 +809,9 @@ static __device__ __forceinline__ void up_shared(const moe_up_launch &L, int til
 		const int tok = i / Q3G_TILE_N, ri = i % Q3G_TILE_N, row = tile * Q3G_TILE_N + ri;
 		const float *pg = part + tok * Q3G_TILE_N + ri, *pu = pg + WPT * Q3G_MMV_MAX_TOK * Q3G_TILE_N;
 
-		if (skip[tok] || row >= mg.N)
-			continue;
-		float gs = pg[0], us = pu[0];
-
-#pragma unroll
-		for (int w = 1; w < WPT; w++) { /* up_pairs' order */
-			gs += pg[w * Q3G_MMV_MAX_TOK * Q3G_TILE_N];
-			us += pu[w * Q3G_MMV_MAX_TOK * Q3G_TILE_N];
-		}
-		L.act[((size_t)(r0 + tok) * (L.k + 1) + L.k) * L.lda + row] = f2h_bits(silu_fast(gs) * us);
+		if (!skip[tok] && row < mg.N)
+			L.act[((size_t)(r0 + tok) * (L.k + 1) + L.k) * L.lda + row] =
+				gate_up_out(pg, pu, Q3G_MMV_MAX_TOK * Q3G_TILE_N);
 	}
 }
 

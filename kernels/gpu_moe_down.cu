@@ -31,7 +31,7 @@
 #define DN_THREADS (DN_CWARPS * 32)
 #define DN_ROWS Q3G_MMV_MAX_TOK		/* batch rows a block */
 #define DN_MAX_STAGES 32
-#define DN_SH_ROWS 8			/* rows a warp takes of the shared expert: an mma's token columns */
+#define DN_SH_ROWS 8			/* rows a warp takes of the shared expert: an mma's token tile */
 
 struct down_launch {
 	struct q3g_down_args a;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 				bar_wait(shb, 0);
 				pair_tile<FS, W>(
 					ms, shared_tile, (const float *)(shared_tile + L.dt[1].wb),
-					[&](int c, int kst, uint32_t b[2]) { b_frag(xsh, c * 4 + kst, r / 8, nr, lane, b); }, 1.0f,
+					[&](int c, int kst, uint32_t b[2]) { b_frag(xsh, c * 4 + kst, r / DN_SH_ROWS, nr, lane, b); }, 1.0f,
 					acc);
 				/* token column 2t + (e & 1) of lane t = lane & 3: row r + that, with its weight */
 #pragma unroll
