@@ -171,18 +171,21 @@ static const mmv_fn mmv_kernels[2][3][2] = {
  * the slices follow from that, the matrix alone.  Above four rows such a matrix takes up to eight
  * tiles a block while the grid keeps a block an SM, its warps running several slices (qkvz at 16
  * rows: 34.8 us in 384 blocks, 22.2 in 96; at one row the staging is small and 96 blocks took
- * 12.8 us against 9.8); and a huge one (lm_head) streams whole rows a warp, as it did (its sums
- * above four rows differ from one row's in the last bits; sliced it took 194 us, not 166). */
-static int pick_rt(int ntiles, int R, int *ks)
+ * 12.8 us against 9.8), a bf16 one up to four (its tiles four times the bytes of int4's, against
+ * which the staging weighs less: bf16 qkvz at 16 rows 26.8 us in 96 blocks, 25.2 in 192; decode
+ * 1540.9 -> 1552.8 tok/s at batch 16); and a huge one (lm_head) streams whole rows a warp, as it
+ * did (its sums above four rows differ from one row's in the last bits; sliced it took 194 us, not
+ * 166). */
+static int pick_rt(int ntiles, int R, int fmt, int *ks)
 {
-	int rt = 1;
+	int rt = 1, rtmax = fmt == Q3G_F16 ? 4 : 8;
 
 	if (cdiv(ntiles, rt) > 3 * q3g_dev.sms && cdiv(ntiles, 4) <= 3 * q3g_dev.sms)
 		while (cdiv(ntiles, rt) > 3 * q3g_dev.sms)
 			rt *= 2;
 	*ks = Q3G_MMV_THREADS / 32 / rt;
 	if (R > 4 && rt > 1) {
-		while (rt < 8 && cdiv(ntiles, rt) > q3g_dev.sms)
+		while (rt < rtmax && cdiv(ntiles, rt) > q3g_dev.sms)
 			rt *= 2;
 	} else if (R > 4) {
 		while (rt < 8 && ntiles / (rt * 2) >= 2 * q3g_dev.sms)
@@ -224,7 +227,7 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 			L.rt[j] = 1;
 			L.ks[j] = MMV_WIDE / 32;
 		} else {
-			L.rt[j] = pick_rt(m->ntiles, R, &L.ks[j]);
+			L.rt[j] = pick_rt(m->ntiles, R, m->fmt, &L.ks[j]);
 		}
 		sliced |= L.rt[j] * L.ks[j] > nth / 32;
 		L.cta0[j + 1] = L.cta0[j] + cdiv(m->ntiles, L.rt[j]);
