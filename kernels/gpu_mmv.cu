@@ -88,7 +88,10 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	if (jb.xh) {
 		__shared__ float rs[Q3G_MMV_MAX_TOK];
 
-		stage_x_norm<2>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
+		/* four units a thread a round trip at two token tiles (16 rows of 2048: four round trips
+		 * to L2, not eight; qkvz 25.2 -> 24.8 us, decode 1570 -> 1580 tok/s at batch 16); two where
+		 * the one-row instance must stay at 80 registers (three blocks an SM) */
+		stage_x_norm<NT == 2 ? 4 : 2>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
 	} else {
 		stage_x_f16<NT == 2 ? 8 : 4>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
 	}
