@@ -819,9 +819,14 @@ static __device__ __forceinline__ void up_shared(const moe_up_launch &L, int til
  * of a row even where they differ (a bf16 shared expert beside int4 routed ones took a second
  * launch, 7 us of a layer's ~80 at batch 1).  The grid's first nsb blocks take the shared expert
  * (a tile of it for up to srows rows each; first, because each has up to 16 rows' work), the
- * others a row's group of PB routed pairs, the row tile slowest. */
+ * others a row's group of PB routed pairs, the row tile slowest.  Four blocks an SM (64
+ * registers, some tens of bytes spilled; the shared expert's blocks at most as many rows as leave
+ * four in shared memory): ncu counted the schedulers issuing in 63% of cycles at three, waiting
+ * on latency with 5.6 warps each, and decode went 1578.1 / 1581.7 -> 1595.8 / 1601.1 tok/s at
+ * batch 16 (H200, 80b-a3b synthetic, one call; the launch alone 66.9 -> 66.5 us at 16 rows,
+ * 7.46 -> 7.68 at one). */
 template <int FR, int FS, bool W>
-__global__ void __launch_bounds__(Q3G_MMV_THREADS, 3) moe_up_kernel(const __grid_constant__ moe_up_launch L)
+__global__ void __launch_bounds__(Q3G_MMV_THREADS, 4) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
 	pdl_trigger();
 	pdl_wait(); /* the expert ids come from the router: nothing to prefetch before them */
@@ -907,18 +912,19 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	L.nb = Q3_MAX(gate->ntiles, sgate->ntiles);
 	L.cpw[0] = cdiv(gate->nchunks, Q3G_MMV_THREADS / 32 / 2);
 	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / 2);
-	/* routed pairs a block: about four waves of blocks (three resident an SM), so that a large
+	/* routed pairs a block: about four waves of blocks at three resident an SM (measured so
+	 * when three fit; four do now), so that a large
 	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
 	 * with a pair a block); one where the grid is small anyway */
 	const long blocks = (long)R * k * L.nb, target = 4L * 3 * q3g_dev.sms;
 
 	L.pb = (int)Q3_MIN((long)k, Q3_MAX(1L, blocks / target));
 	L.kpmax = gate->nchunks * Q3G_KCHUNK;
-	/* rows a shared-expert block: up to 16 while three blocks still fit an SM (its staged rows
-	 * set the launch's shared memory, every block's) */
+	/* rows a shared-expert block: up to 16 while four blocks still fit an SM (its staged rows
+	 * set the launch's shared memory, every block's): 8 on the H200, 4 on a 100 KB sm_89 */
 	L.srows = Q3G_MMV_MAX_TOK;
 	while (L.srows > 1 && (up_shared_smem(sgate, sup, L.srows) > q3g_dev.smem_dyn ||
-			       3 * (up_shared_smem(sgate, sup, L.srows) + 1024) > q3g_dev.smem_sm))
+			       4 * (up_shared_smem(sgate, sup, L.srows) + 1024) > q3g_dev.smem_sm))
 		L.srows /= 2;
 	L.srows = Q3_MIN(L.srows, R);
 	L.nsb = cdiv(R, L.srows) * L.nb;
