@@ -912,10 +912,10 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	L.nb = Q3_MAX(gate->ntiles, sgate->ntiles);
 	L.cpw[0] = cdiv(gate->nchunks, Q3G_MMV_THREADS / 32 / 2);
 	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / 2);
-	/* routed pairs a block: about four waves of blocks at three resident an SM (measured so
-	 * when three fit; four do now), so that a large
-	 * batch stages each row a few times, not once per pair (R = 16: 97 us, 105 with two waves, 101
-	 * with a pair a block); one where the grid is small anyway */
+	/* routed pairs a block: about four waves of blocks at three resident an SM (measured when
+	 * three fit; four do now), so that a large batch stages each row a few times, not once per
+	 * pair (R = 16: 97 us, 105 with two waves, 101 with a pair a block); one where the grid is
+	 * small anyway */
 	const long blocks = (long)R * k * L.nb, target = 4L * 3 * q3g_dev.sms;
 
 	L.pb = (int)Q3_MIN((long)k, Q3_MAX(1L, blocks / target));
