@@ -42,10 +42,10 @@ extern "C" {
 /* Calls of up to this many rows fold the RMSNorms into the consumers' staging; more rows write the
  * normalized rows once (each block of a consumer would otherwise normalize every row again).
  * Either way a row gets the same fp16 inputs (row_rsqrt): its results do not depend on its batch.
- * Every decode batch, since the matvec's blocks take up to eight row tiles above four rows: two
- * norm launches a layer saved, 1540.9 -> 1568.7 tok/s at batch 16 (H200, 80b-a3b synthetic; the
- * limit was 4). */
-#define BK_FUSED_NORM_ROWS 16
+ * Every decode batch (the matvec's rows), since the matvec's blocks take up to eight row tiles
+ * above four rows: two norm launches a layer saved, 1540.9 -> 1568.7 tok/s at batch 16 (H200,
+ * 80b-a3b synthetic; the limit was 4). */
+#define BK_FUSED_NORM_ROWS Q3G_MMV_MAX_TOK
 
 struct lin {
 	struct q3g_mat m;

@@ -137,10 +137,7 @@ static void mmv_invariance_case(const char *label, int N, int K, enum lin_kind k
 	snprintf(name, sizeof(name), "linear %s N=%d K=%d: row 0 the same at R = 1, 3, 8, 9, 16", label, N, K);
 	if (!want(name))
 		return;
-	if (kind == LIN_GPTQ)
-		make_linear(&t, N, K, LIN_GPTQ, 4, 128, false, false, 1);
-	else
-		make_linear(&t, N, K, kind);
+	make_linear(&t, N, K, kind); /* GPTQ: int4, g128, symmetric */
 	dmat_upload(&d, &lp, 1);
 	std::vector<uint16_t> x0;
 	std::vector<float> x0f;
