@@ -52,9 +52,12 @@ template <int FMT> static __device__ __forceinline__ zconst make_zconst(float z0
 {
 	zconst c;
 
-	if (FMT == Q3G_Q4) {
-		c.z0 = pack_h2(1024.0f + z0, 1024.0f + z0);
-		c.z1 = pack_h2(-64.0f - z1, -64.0f - z1);
+	if (FMT == Q3G_Q4) { /* a 4-bit code's zero point: exact in fp16, no saturation (pack_h2's
+			      * cost six instructions a group) */
+		const __half2 h0 = __float2half2_rn(1024.0f + z0), h1 = __float2half2_rn(-64.0f - z1);
+
+		c.z0 = *reinterpret_cast<const uint32_t *>(&h0);
+		c.z1 = *reinterpret_cast<const uint32_t *>(&h1);
 	} else {
 		c.z0 = __float_as_uint(8388608.0f + z0);
 		c.z1 = __float_as_uint(8388608.0f + z1);
@@ -360,9 +363,12 @@ static __device__ __forceinline__ void reduce_tile_warps(float *red, float acc[N
  * words per lane before using the first.  WHOLE (the caller's kernel instance, chosen on the
  * host by q3g_whole_groups): every scale group is whole chunks, so the group's end is tested once
  * a chunk, not at every k-step (the test and its branch were 6 of the 26 instructions of a
- * k-step of the experts' up projections, ncu); both loops in one kernel spilled. */
+ * k-step of the experts' up projections, ncu); both loops in one kernel spilled.  GPTR: the
+ * lane's scale and zero addresses computed once, not at every group (experts up 58.8 -> 53.1 us
+ * at R = 16 with make_zconst's unsaturated constants, H200); the matvec, whose one kernel holds
+ * every format, went 15.8 -> 17.9 us at R = 1 with them (96-118 registers, not 80-106). */
 #define Q3G_MMV_LOADS 8
-template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false>
+template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false, bool GPTR = false>
 static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
 						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
 						  float wscale, float acc[NT][4])
@@ -392,12 +398,24 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 		}
 		group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
 	}
-	/* the group's partial sum times its row scales into acc; the next group's constants */
+	/* the group's partial sum times its row scales into acc; the next group's constants (with
+	 * GPTR this lane's scales and zeros a group apart from gsc and gzr) */
+	const size_t gi0 = sz_base + ((size_t)tile * m.ngroups + grp) * Q3G_TILE_N + (lane >> 2);
+	const float *gsc = !GPTR || FMT == Q3G_F16 ? NULL : m.scales + gi0;
+	const float *gzr = GPTR && FMT != Q3G_F16 && m.zeros ? m.zeros + gi0 : NULL;
+	const int glast = m.ngroups - 1 - grp;
+	int gi = 0;
 	auto next_group = [&]() {
 		flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, true);
 		gleft = gunit;
-		if (++grp < m.ngroups)
-			group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
+		if (!GPTR) {
+			if (++grp < m.ngroups)
+				group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
+		} else if (++gi <= glast) {
+			s0 = gsc[gi * Q3G_TILE_N];
+			s1 = gsc[gi * Q3G_TILE_N + 8];
+			zc = gzr ? make_zconst<FMT>(gzr[gi * Q3G_TILE_N], gzr[gi * Q3G_TILE_N + 8]) : sym_zconst<FMT>();
+		}
 	};
 #pragma unroll
 	for (int n = 0; n < NT; n++)
