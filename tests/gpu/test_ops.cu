@@ -1698,6 +1698,17 @@ static void moe_tests(void)
 	moe_case("q4 sym g128", &ds, 4, 128, false, false, 40, false);
 	moe_case("q4 asym act-order g32", &ds, 4, 32, true, true, 150, false);
 	moe_case("q4 asym act-order g32, two row groups", &ds, 4, 32, true, true, 24, true);
+	{ /* five row tiles a routed matrix (moe_up's blocks take two: the last block's second is past
+	   * the end), a bf16 shared expert of three (its own block count; bf16, for a GPTQ one's
+	   * groups of 128 would not divide its 48 inputs), k-chunks of the down projections partial
+	   * (80 and 48 inputs); one row runs the small-grid instance */
+		struct q3g_dims dodd = ds;
+
+		dodd.I = 80;
+		dodd.Is = 48;
+		moe_case("q4 asym g16, odd row tiles", &dodd, 4, 16, true, false, 1, true, 16);
+		moe_case("q4 asym g16, odd row tiles", &dodd, 4, 16, true, false, 16, true, 16);
+	}
 	dr.E = 32; /* the real expert shapes; fewer of them keeps the CPU reference quick */
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 2, true);
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 16, true);
