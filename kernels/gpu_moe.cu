@@ -633,7 +633,9 @@ extern "C" int q3g_router(void *cublas, float *logits, float *sg, int *idx, floa
 
 /* ---- decode experts ------------------------------------------------------------------------- */
 
-#define UP_TPB 2 /* row tiles a routed block takes (up_pairs) */
+/* up_pairs: row tiles a routed block takes, and its warps a tile's gate (and as many its up) */
+#define UP_TPB 2
+#define UP_WPT (Q3G_MMV_THREADS / 32 / 2 / UP_TPB)
 
 struct moe_up_launch {
 	struct q3g_mat mat[4]; /* gate, up, shared gate, shared up */
@@ -703,7 +705,7 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int bt, 
 {
 	extern __shared__ uint4 smem[];
 	__shared__ float rs[1];
-	constexpr int WPT = Q3G_MMV_THREADS / 32 / 2 / UP_TPB;
+	constexpr int WPT = UP_WPT;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int ti = warp / (2 * WPT), which = warp / WPT % 2, kr = warp % WPT; /* 0: gate, 1: up */
 	const int tile = bt * UP_TPB + ti;
@@ -718,8 +720,6 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int bt, 
 	bool staged = false;
 	__shared__ int sid[Q3G_ROUTER_MAX_K]; /* the pairs' experts, read once */
 
-	if (bt * UP_TPB >= mg.ntiles)
-		return; /* a narrower matrix than the shared expert's */
 	if ((int)threadIdx.x < s1 - s0)
 		sid[threadIdx.x] = L.idx[r * (L.k + 1) + s0 + threadIdx.x];
 	__syncthreads();
@@ -791,8 +791,6 @@ static __device__ __forceinline__ void up_shared(const moe_up_launch &L, int til
 	float *part = (float *)(xs + (size_t)(1 + two) * nr * Kp);
 	float acc[NT][4];
 
-	if (tile >= mg.ntiles)
-		return; /* a narrower matrix than the routed ones */
 	if ((int)threadIdx.x < nr)
 		skip[threadIdx.x] = L.idx[(size_t)(r0 + threadIdx.x) * (L.k + 1) + L.k] == Q3G_SKIP;
 	stage_gate_up(L, xs, rs, r0, nr, mg.K, Kp, mg.perm, mu.perm);
@@ -924,7 +922,7 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	 * chosen by R, so that a row's sums do not depend on its batch) */
 	L.nb = cdiv(gate->ntiles, UP_TPB);
 	L.nbs = sgate->ntiles;
-	L.cpw[0] = cdiv(gate->nchunks, Q3G_MMV_THREADS / 32 / 2 / UP_TPB);
+	L.cpw[0] = cdiv(gate->nchunks, UP_WPT);
 	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / 2);
 	/* routed pairs a block: about two waves of blocks at four resident an SM, so that a large
 	 * batch stages each row a few times, not once per pair (R = 16, H200: 58.6 us at two pairs a

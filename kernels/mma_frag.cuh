@@ -303,16 +303,30 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 	}
 }
 
+/* A lane's group constants at index i of its scales sc (rows g, g + 8: sc[i], sc[i + 8]) and
+ * zero points zr (NULL: symmetric). */
+template <int FMT, class I>
+static __device__ __forceinline__ void group_consts_at(const float *sc, const float *zr, I i, float &s0, float &s1,
+						       zconst &zc)
+{
+	s0 = sc[i];
+	s1 = sc[i + 8];
+	zc = zr ? make_zconst<FMT>(zr[i], zr[i + 8]) : sym_zconst<FMT>();
+}
+
+/* Where this lane's constants of group grp of a tile lie in m.scales (and m.zeros). */
+static __device__ __forceinline__ size_t group_index(const struct q3g_mat &m, size_t sz_base, int tile, int grp,
+						     int lane)
+{
+	return sz_base + ((size_t)tile * m.ngroups + grp) * Q3G_TILE_N + (lane >> 2);
+}
+
 /* The scale and zero-point constants of group grp for this lane's rows of a tile. */
 template <int FMT>
 static __device__ __forceinline__ void group_consts(const struct q3g_mat &m, size_t sz_base, int tile, int grp,
 						    int lane, float &s0, float &s1, zconst &zc)
 {
-	size_t i = sz_base + ((size_t)tile * m.ngroups + grp) * Q3G_TILE_N + (lane >> 2);
-
-	s0 = m.scales[i];
-	s1 = m.scales[i + 8];
-	zc = m.zeros ? make_zconst<FMT>(m.zeros[i], m.zeros[i + 8]) : sym_zconst<FMT>();
+	group_consts_at<FMT>(m.scales, m.zeros, group_index(m, sz_base, tile, grp, lane), s0, s1, zc);
 }
 
 /* acc += (row scales f0 | f1) · accg, and accg = 0 when clear. */
@@ -400,7 +414,7 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 	}
 	/* the group's partial sum times its row scales into acc; the next group's constants (with
 	 * GPTR this lane's scales and zeros a group apart from gsc and gzr) */
-	const size_t gi0 = sz_base + ((size_t)tile * m.ngroups + grp) * Q3G_TILE_N + (lane >> 2);
+	const size_t gi0 = group_index(m, sz_base, tile, grp, lane);
 	const float *gsc = !GPTR || FMT == Q3G_F16 ? NULL : m.scales + gi0;
 	const float *gzr = GPTR && FMT != Q3G_F16 && m.zeros ? m.zeros + gi0 : NULL;
 	const int glast = m.ngroups - 1 - grp;
@@ -412,9 +426,7 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 			if (++grp < m.ngroups)
 				group_consts<FMT>(m, sz_base, tile, grp, lane, s0, s1, zc);
 		} else if (++gi <= glast) {
-			s0 = gsc[gi * Q3G_TILE_N];
-			s1 = gsc[gi * Q3G_TILE_N + 8];
-			zc = gzr ? make_zconst<FMT>(gzr[gi * Q3G_TILE_N], gzr[gi * Q3G_TILE_N + 8]) : sym_zconst<FMT>();
+			group_consts_at<FMT>(gsc, gzr, gi * Q3G_TILE_N, s0, s1, zc);
 		}
 	};
 #pragma unroll
