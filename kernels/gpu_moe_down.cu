@@ -53,6 +53,36 @@ static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *a
 {
 	const int lane = threadIdx.x & 31, slot = aw_slot(lane);
 
+	if (!perm && K >= nch * Q3G_KCHUNK && !((uintptr_t)act & 15)) {
+		/* the usual case (no permutation, whole chunks, a 16-byte aligned row): 16-byte loads
+		 * of eight inputs each, whose four words go to one k-step half, every other word.  The
+		 * word-by-word path below was ~400 of the ~1000 instructions a pair (ncu, R = 16); with
+		 * the pairs' stage and parity counted, not divided (the loop below), experts down went
+		 * 40.6 -> 36.0 us at R = 16 and 6.33 -> 6.00 at R = 1 (H200, bench_kernels --gdn). */
+		const int nu = nch * (Q3G_KCHUNK / 8);
+
+		for (int u0 = 0; u0 < nu; u0 += 4 * 32) {
+			uint4 v[4];
+
+#pragma unroll
+			for (int j = 0; j < 4; j++)
+				if (u0 + j * 32 + lane < nu)
+					v[j] = *(const uint4 *)(act + 8 * (u0 + j * 32 + lane));
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				const int u = u0 + j * 32 + lane; /* inputs 8u .. 8u + 7: chunk u / 8, k-step (u & 7) / 2, half u & 1 */
+				uint32_t *d = aw + (u >> 3) * 32 + (u & 6) * 4 + (u & 1);
+
+				if (u < nu) {
+					d[0] = v[j].x;
+					d[2] = v[j].y;
+					d[4] = v[j].z;
+					d[6] = v[j].w;
+				}
+			}
+		}
+		return;
+	}
 	for (int c0 = 0; c0 < nch; c0 += 8) {
 		uint32_t v[8];
 
@@ -88,6 +118,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, np = nr * S, spw = L.nst / L.ncw;
 	int *sx = (int *)(sm + L.o_sx);
 	float *sw = (float *)(sx + DN_ROWS * S), *red = (float *)(sm + L.o_red);
+	uint8_t *shs = (uint8_t *)(sw + DN_ROWS * S); /* pair q is the shared expert's: q mod S = k, divided once */
 	uint8_t *shared_tile = sm + L.o_sh, *ring = sm + L.o_ring;
 	const struct q3g_mat &ms = L.a.mat[1];
 	const uint2 *xsh = (const uint2 *)(sm + L.o_xsh);
@@ -99,19 +130,20 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	for (int i = threadIdx.x; i < np; i += blockDim.x) {
 		sx[i] = L.a.idx[(size_t)r0 * S + i];
 		sw[i] = L.a.w[(size_t)r0 * S + i];
+		shs[i] = i % S == k;
 	}
 	/* the rows' shared-expert activations, in the matvec's B-fragment order */
 	stage_x_f16<1>((uint16_t *)(sm + L.o_xsh), L.a.act + ((size_t)r0 * S + k) * L.a.lda, S * L.a.lda, nr, ms.K,
 		       ms.nchunks * Q3G_KCHUNK, ms.perm);
 	__syncthreads();
-	/* lane 0 of a consumer warp: its i-th pair's tile into its stage (or the stage's phase
+	/* lane 0 of a consumer warp: its i-th pair's tile into its stage st (or the stage's phase
 	 * completed at once, for a pair with nothing to copy) */
-	auto fill = [&](int i) {
-		const int q = warp + i * L.ncw, st = warp * spw + i % spw;
+	auto fill = [&](int i, int st) {
+		const int q = warp + i * L.ncw;
 
 		if (q >= np)
 			return;
-		if (q % S == k || sx[q] == Q3G_SKIP)
+		if (shs[q] || sx[q] == Q3G_SKIP)
 			bar_arrive(&full[st]);
 		else {
 			bar_expect(&full[st], L.dt[0].bytes);
@@ -124,16 +156,19 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 			copy_tile(shared_tile, L.a.mat[1], L.dt[1], 0, tile, shb);
 		}
 		for (int i = 0; i < spw; i++)
-			fill(i);
+			fill(i, warp * spw + i);
 	}
 	uint32_t *aw = (uint32_t *)(sm + L.o_aw) + warp * 32 * max(L.a.mat[0].nchunks, L.a.mat[1].nchunks);
 
-	for (int i = 0, q = warp; q < np && warp < L.ncw; i++, q += L.ncw) {
-		const int r = q / S, s = q % S, ex = sx[q], st = warp * spw + i % spw;
-		const uint32_t parity = (i / spw) & 1;
+	/* pair i of the warp: stage st = warp·spw + i mod spw, the parity of phase i / spw (counted,
+	 * not divided: a division by a value known only at run time is ~30 instructions) */
+	for (int i = 0, q = warp, st = warp * spw, parity = 0; q < np && warp < L.ncw; i++, q += L.ncw) {
+		const int ex = sx[q];
 		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
-		if (s == k) { /* the shared expert: rows r .. r + 7 where r is a multiple of 8 */
+		if (shs[q]) { /* the shared expert: rows r .. r + 7 where r is a multiple of 8 */
+			const int r = q / S;
+
 			bar_wait(&full[st], parity);
 			if (r % DN_SH_ROWS == 0) {
 				bar_wait(shb, 0);
@@ -153,7 +188,9 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 			}
 			__syncwarp();
 			if (lane == 0)
-				fill(i + spw);
+				fill(i + spw, st);
+			if (++st == (warp + 1) * spw)
+				st = warp * spw, parity ^= 1;
 			continue;
 		}
 		uint8_t *p = ring + (size_t)st * L.stage;
@@ -162,7 +199,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 			const struct q3g_mat &m = L.a.mat[0];
 
 			/* the activations' loads before the wait: they overlap the tile's copy */
-			stage_act(aw, L.a.act + ((size_t)(r0 + r) * S + s) * L.a.lda,
+			stage_act(aw, L.a.act + ((size_t)r0 * S + q) * L.a.lda, /* row r0 + q / S, slot q mod S */
 				  m.perm ? m.perm + (size_t)ex * m.perm_stride : NULL, m.K, m.nchunks);
 			__syncwarp();
 			bar_wait(&full[st], parity);
@@ -181,7 +218,9 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 		}
 		__syncwarp(); /* every lane is done with the stage and aw */
 		if (lane == 0)
-			fill(i + spw);
+			fill(i + spw, st);
+		if (++st == (warp + 1) * spw)
+			st = warp * spw, parity ^= 1;
 		if (!(lane & 3)) {
 			red[q * Q3G_TILE_N + (lane >> 2)] = acc[0][0];
 			red[q * Q3G_TILE_N + (lane >> 2) + 8] = acc[0][2];
@@ -242,7 +281,7 @@ extern "C" int q3g_moe_down(float *h, const uint16_t *act, const int *idx, const
 
 	L.stage = align128(L.dt[0].bytes);
 	L.o_sx = align128(DN_MAX_STAGES * 8 + 8);
-	L.o_red = L.o_sx + align128((size_t)DN_ROWS * S * 8);
+	L.o_red = L.o_sx + align128((size_t)DN_ROWS * S * 9); /* sx, sw, shs */
 	L.o_aw = L.o_red + align128((size_t)DN_ROWS * S * Q3G_TILE_N * 4);
 	L.o_xsh = L.o_aw + align128((size_t)DN_CWARPS * nch * 32 * 4);
 	L.o_sh = L.o_xsh + align128((size_t)DN_ROWS * sdown->nchunks * Q3G_KCHUNK * 2);
