@@ -9,6 +9,7 @@
  *   bench_kernels --dense bf16   the GDN layer's dense projections and shared expert in bf16 (as the
  *                                80b-a3b synthetic keeps them), not GPTQ int4
  *   bench_kernels --host         only the experts read from host memory over PCIe (q3g_moe_host)
+ *   bench_kernels --linear       only the dense Linears (the matvec), each beside a copy of its traffic
  */
 #include <sys/mman.h>
 #include <time.h>
@@ -53,6 +54,50 @@ static void report(const char *what, float ms, double bytes)
 	printf("%-52s %9.2f us  %7.0f GB/s  %5.1f%% of copy\n", what, ms * 1e3, gbs, 100 * gbs / g_peak);
 	if (g_csv)
 		fprintf(g_csv, "%s,%.3f,%.1f,%.1f\n", what, ms * 1e3, gbs, 100 * gbs / g_peak);
+}
+
+/* The same traffic as a kernel reading `bytes`, as copies do it: REPS device-to-device copies of
+ * bytes / 2 (read + written) in a graph, each from and to its own place in 1 GiB so that none comes
+ * from L2.  A launch of a few MB pays the same fixed costs as the kernel (the launch, the first
+ * loads' latency, the tail), which the 1 GiB copy that sets the peak does not: the kernel's time
+ * against this one says how far it is from what memory allows a launch of its size. */
+static float copy_same_ms(double bytes, cudaStream_t st)
+{
+	const size_t half = ((size_t)(bytes / 2) + 255) & ~(size_t)255, pool = (size_t)512 << 20;
+	const int slots = (int)std::max((size_t)1, pool / half);
+	char *src = dev_alloc<char>(pool + half), *dst = dev_alloc<char>(pool + half);
+	cudaGraph_t g;
+	cudaGraphExec_t ex;
+
+	GT_CHECK(cudaMemset(src, 1, pool + half));
+	GT_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+	for (int i = 0; i < REPS; i++) {
+		size_t off = (size_t)(i % slots) * half;
+
+		GT_CHECK(cudaMemcpyAsync(dst + off, src + off, half, cudaMemcpyDeviceToDevice, st));
+	}
+	GT_CHECK(cudaStreamEndCapture(st, &g));
+	GT_CHECK(cudaGraphInstantiate(&ex, g, 0));
+	float ms = time_graph(ex, st);
+
+	cudaGraphExecDestroy(ex);
+	cudaGraphDestroy(g);
+	cudaFree(src);
+	cudaFree(dst);
+	return ms;
+}
+
+/* report, then the same traffic copied (copy_same_ms) beside it */
+static void report_vs_copy(const char *what, float ms, double bytes, cudaStream_t st)
+{
+	float cms = copy_same_ms(bytes, st);
+
+	report(what, ms, bytes);
+	printf("%-52s %9.2f us  %7.0f GB/s  the kernel at %5.1f%% of it\n", "  the same traffic copied", cms * 1e3,
+	       bytes / (cms * 1e-3) / 1e9, 100.0 * cms / ms);
+	if (g_csv)
+		fprintf(g_csv, "%s (same traffic copied),%.3f,%.1f,%.1f\n", what, cms * 1e3, bytes / (cms * 1e-3) / 1e9,
+			100.0 * cms / ms);
 }
 
 /* A stack of `copies` identical-shape Linears (random GPTQ or bf16). */
@@ -124,7 +169,7 @@ static void bench_linear(const char *name, int N, int K, enum lin_kind kind, int
 	char what[128];
 
 	snprintf(what, sizeof(what), "%s [%d x %d] %s R=%d", name, N, K, fmt_name(d.p.fmt), R);
-	report(what, time_graph(ex, st), (double)mat_bytes(&d)); /* bytes of one call's matrix */
+	report_vs_copy(what, time_graph(ex, st), (double)mat_bytes(&d), st); /* bytes of one call's matrix */
 	cudaGraphExecDestroy(ex);
 	cudaGraphDestroy(g);
 	cudaFree(x);
@@ -200,9 +245,9 @@ static void bench_moe(int E, int k, int H, int I, int R, cudaStream_t st)
 	char what[128];
 
 	snprintf(what, sizeof(what), "moe up (gate+up) %d+1 experts, R=%d", k, R);
-	report(what, time_graph(ex[0], st), up_b);
+	report_vs_copy(what, time_graph(ex[0], st), up_b, st);
 	snprintf(what, sizeof(what), "moe down + residual %d+1 experts, R=%d", k, R);
-	report(what, time_graph(ex[1], st), down_b);
+	report_vs_copy(what, time_graph(ex[1], st), down_b, st);
 	for (int p = 0; p < 2; p++) {
 		cudaGraphExecDestroy(ex[p]);
 		cudaGraphDestroy(g[p]);
@@ -584,12 +629,15 @@ int main(int argc, char **argv)
 
 	int gdn_only = 0; /* --gdn [R]: only the GDN layer at batch R (default 1; for a profiler) */
 	int host_only = 0; /* --host: only the experts read from host memory */
+	int linear_only = 0; /* --linear: only the dense Linears */
 
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--csv") && i + 1 < argc)
 			g_csv = fopen(argv[++i], "w");
 		else if (!strcmp(argv[i], "--host"))
 			host_only = 1;
+		else if (!strcmp(argv[i], "--linear"))
+			linear_only = 1;
 		else if (!strcmp(argv[i], "--dense")) {
 			if (i + 1 >= argc || strcmp(argv[i + 1], "bf16")) {
 				fprintf(stderr, "bench_kernels: --dense takes bf16 (GPTQ int4 is the default)\n");
@@ -623,15 +671,20 @@ int main(int argc, char **argv)
 		bench_attn_layers(8, gdn_only, 1024, st);
 		return 0;
 	}
-	g_h2d = h2d_bandwidth(st);
-	printf("host-to-device copy (pinned): %.1f GB/s\n", g_h2d);
-	for (int G : { 1, 2, 3, 4, 6 })
-		for (int huge = 0; huge < 2; huge++)
-			bench_moe_host(G, huge, st);
-	if (host_only)
-		return 0;
+	if (!linear_only) {
+		g_h2d = h2d_bandwidth(st);
+		printf("host-to-device copy (pinned): %.1f GB/s\n", g_h2d);
+		for (int G : { 1, 2, 3, 4, 6 })
+			for (int huge = 0; huge < 2; huge++)
+				bench_moe_host(G, huge, st);
+		if (host_only)
+			return 0;
+	}
 	/* the dense Linears of a decode step, batch 1 and 16 */
 	bench_linear("qkvz", 12288, 2048, LIN_GPTQ, 1, st);
+	/* the same rows twice and four times over: what a launch costs beside its bytes */
+	bench_linear("qkvz x2", 2 * 12288, 2048, LIN_GPTQ, 1, st);
+	bench_linear("qkvz x4", 4 * 12288, 2048, LIN_GPTQ, 1, st);
 	bench_linear("q_proj", 8192, 2048, LIN_GPTQ, 1, st);
 	bench_linear("out_proj / o_proj", 2048, 4096, LIN_GPTQ, 1, st);
 	bench_linear("expert gate (one)", 512, 2048, LIN_GPTQ, 1, st);
@@ -640,11 +693,15 @@ int main(int argc, char **argv)
 	bench_linear("qkvz bf16", 12288, 2048, LIN_BF16, 1, st);
 	bench_linear("out_proj bf16", 2048, 4096, LIN_BF16, 1, st);
 	bench_linear("lm_head", 151936, 2048, LIN_BF16, 1, st);
-	bench_moe(512, 10, 2048, 512, 1, st);
+	if (!linear_only)
+		bench_moe(512, 10, 2048, 512, 1, st);
 	bench_linear("qkvz", 12288, 2048, LIN_GPTQ, 16, st);
 	bench_linear("out_proj / o_proj", 2048, 4096, LIN_GPTQ, 16, st);
 	bench_linear("lm_head", 151936, 2048, LIN_BF16, 16, st);
 	bench_linear("qkvz bf16", 12288, 2048, LIN_BF16, 16, st);
+	bench_linear("out_proj bf16", 2048, 4096, LIN_BF16, 16, st);
+	if (linear_only)
+		return 0;
 	bench_moe(512, 10, 2048, 512, 16, st);
 	bench_gdn_layers(8, 1, st);
 	bench_gdn_layers(8, 16, st);
