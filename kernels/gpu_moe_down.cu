@@ -7,9 +7,9 @@
  * with its scales and zero points beside it.  Up to sixteen warps take the pairs in turn; each
  * copies its own next pairs' pieces into its stages of a ring in shared memory with bulk copies
  * (cp.async.bulk: the SM's copy engine moves the bytes and counts them into the stage's
- * mbarrier), loads a pair's activations (moe_up's fp16 silu(gate) ⊙ up, from L2) into B
- * fragments while its tile arrives, waits for the stage, and runs the tile's k-steps from shared
- * memory in a rolled loop.
+ * mbarrier), stages a pair's activations (moe_up's fp16 silu(gate) ⊙ up, from L2, loaded into
+ * registers during the warp's previous pair) for its B fragments while its tile arrives, waits
+ * for the stage, and runs the tile's k-steps from shared memory in a rolled loop.
  *
  * The design before loaded the weights into registers, three chunks a warp at a time: 90 us at
  * R = 16 (H200, int4, ~90 MB), a round trip for every three chunks and an unrolled body that
@@ -32,6 +32,7 @@
 #define DN_ROWS Q3G_MMV_MAX_TOK		/* batch rows a block */
 #define DN_MAX_STAGES 32
 #define DN_SH_ROWS 8			/* rows a warp takes of the shared expert: an mma's token tile */
+#define DN_PF 2				/* 16-byte units a lane of a pair's activations loaded ahead (512 inputs) */
 
 struct down_launch {
 	struct q3g_down_args a;
@@ -43,43 +44,62 @@ struct down_launch {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+/* Lane l's 16-byte units l, l + 32, .. (N of them, those below nu) of a pair's fp16 activations:
+ * unit u is inputs 8u .. 8u + 7. */
+template <int N>
+static __device__ __forceinline__ void act_load(uint4 (&v)[N], const uint16_t *act, int nu)
+{
+	const int lane = threadIdx.x & 31;
+
+#pragma unroll
+	for (int j = 0; j < N; j++)
+		if (j * 32 + lane < nu)
+			v[j] = *(const uint4 *)(act + 8 * (j * 32 + lane));
+}
+
+/* ... into aw in pair_tile's order: unit u is chunk u / 8, k-step (u & 7) / 2, half u & 1, its
+ * four words every other word */
+template <int N>
+static __device__ __forceinline__ void act_store(uint32_t *aw, const uint4 (&v)[N], int nu)
+{
+	const int lane = threadIdx.x & 31;
+
+#pragma unroll
+	for (int j = 0; j < N; j++) {
+		const int u = j * 32 + lane;
+		uint32_t *d = aw + (u >> 3) * 32 + (u & 6) * 4 + (u & 1);
+
+		if (u < nu) {
+			d[0] = v[j].x;
+			d[2] = v[j].y;
+			d[4] = v[j].z;
+			d[6] = v[j].w;
+		}
+	}
+}
+
 /* The pair's activations (moe_up's fp16 silu(gate) ⊙ up) as the B fragments want them: word
  * (c, st, t, half) of aw holds the inputs 16st + 2t + 8·half (+1) of chunk c, so that a lane of
  * column t reads its two words of a k-step as one uint2.  Inputs through the act-order
  * permutation (positions >= K: 0); lane l reads inputs 2l, 2l + 1 of every chunk, eight chunks'
- * loads at once (from L2: moe_up wrote them just before).  (Loading the next pair's words into
- * registers during a pair instead ran slower: 48.7 against 46.6 us at R = 16, H200.) */
+ * loads at once (from L2: moe_up wrote them just before). */
 static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *act, const uint16_t *perm, int K, int nch)
 {
 	const int lane = threadIdx.x & 31, slot = aw_slot(lane);
 
 	if (!perm && K >= nch * Q3G_KCHUNK && !((uintptr_t)act & 15)) {
 		/* the usual case (no permutation, whole chunks, a 16-byte aligned row): 16-byte loads
-		 * of eight inputs each, whose four words go to one k-step half, every other word.  The
-		 * word-by-word path below was ~400 of the ~1000 instructions a pair (ncu, R = 16); with
-		 * the pairs' stage and parity counted, not divided (the loop below), experts down went
-		 * 40.6 -> 36.0 us at R = 16 and 6.33 -> 6.00 at R = 1 (H200, bench_kernels --gdn). */
+		 * of eight inputs each.  The word-by-word path below was ~400 of the ~1000 instructions
+		 * a pair (ncu, R = 16); with the pairs' stage and parity counted, not divided (the
+		 * kernel's loop), experts down went 40.6 -> 36.0 us at R = 16 and 6.33 -> 6.00 at R = 1
+		 * (H200, bench_kernels --gdn). */
 		const int nu = nch * (Q3G_KCHUNK / 8);
 
 		for (int u0 = 0; u0 < nu; u0 += 4 * 32) {
 			uint4 v[4];
 
-#pragma unroll
-			for (int j = 0; j < 4; j++)
-				if (u0 + j * 32 + lane < nu)
-					v[j] = *(const uint4 *)(act + 8 * (u0 + j * 32 + lane));
-#pragma unroll
-			for (int j = 0; j < 4; j++) {
-				const int u = u0 + j * 32 + lane; /* inputs 8u .. 8u + 7: chunk u / 8, k-step (u & 7) / 2, half u & 1 */
-				uint32_t *d = aw + (u >> 3) * 32 + (u & 6) * 4 + (u & 1);
-
-				if (u < nu) {
-					d[0] = v[j].x;
-					d[2] = v[j].y;
-					d[4] = v[j].z;
-					d[6] = v[j].w;
-				}
-			}
+			act_load<4>(v, act + 8 * u0, nu - u0);
+			act_store<4>(aw + (u0 >> 3) * 32, v, nu - u0);
 		}
 		return;
 	}
@@ -160,6 +180,16 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	}
 	uint32_t *aw = (uint32_t *)(sm + L.o_aw) + warp * 32 * max(L.a.mat[0].nchunks, L.a.mat[1].nchunks);
 
+	/* the warp's next routed pair's activations in registers during this pair (nx, when pf), where
+	 * a pair takes the 16-byte path and DN_PF units a lane hold it: 36.0 -> 33.5 us at R = 16,
+	 * decode 1740 -> 1756 tok/s at batch 16 (H200).  (Word by word, eight registers a chunk, it
+	 * had run slower: 48.7 against 46.6 us.) */
+	const struct q3g_mat &mr = L.a.mat[0];
+	const int nu = mr.nchunks * (Q3G_KCHUNK / 8);
+	const bool fast = !mr.perm && mr.K >= nu * 8 && nu <= 32 * DN_PF && !(L.a.lda & 7) && !((uintptr_t)L.a.act & 15);
+	uint4 nx[DN_PF];
+	bool pf = false;
+
 	/* pair i of the warp: stage st = warp·spw + i mod spw, the parity of phase i / spw (counted,
 	 * not divided: a division by a value known only at run time is ~30 instructions) */
 	for (int i = 0, q = warp, st = warp * spw, parity = 0; q < np && warp < L.ncw; i++, q += L.ncw) {
@@ -199,8 +229,16 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 			const struct q3g_mat &m = L.a.mat[0];
 
 			/* the activations' loads before the wait: they overlap the tile's copy */
-			stage_act(aw, L.a.act + ((size_t)r0 * S + q) * L.a.lda, /* row r0 + q / S, slot q mod S */
-				  m.perm ? m.perm + (size_t)ex * m.perm_stride : NULL, m.K, m.nchunks);
+			if (pf)
+				act_store<DN_PF>(aw, nx, nu);
+			else
+				stage_act(aw, L.a.act + ((size_t)r0 * S + q) * L.a.lda, /* row r0 + q / S, slot q mod S */
+					  m.perm ? m.perm + (size_t)ex * m.perm_stride : NULL, m.K, m.nchunks);
+			const int qn = q + L.ncw;
+
+			pf = fast && qn < np && !shs[qn] && sx[qn] != Q3G_SKIP;
+			if (pf)
+				act_load<DN_PF>(nx, L.a.act + ((size_t)r0 * S + qn) * L.a.lda, nu);
 			__syncwarp();
 			bar_wait(&full[st], parity);
 			/* every token column reads column 0's words: only column 0 is kept */
