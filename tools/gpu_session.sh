@@ -126,7 +126,7 @@ if [ $rc = 0 ]; then
 	add "copy bandwidth (D2D, read+write)" "$(grep -m1 'device-to-device copy' "$LOGS/bench_kernels.log" | sed 's/.*copy: //')"
 	while IFS= read -r l; do
 		add "$(echo "$l" | cut -c1-44)" "$(echo "$l" | cut -c53- | sed 's/  */ /g')"
-	done < <(grep -E '^(qkvz|out_proj|lm_head|moe up|moe down|router|q_proj|GDN decode layer)' "$LOGS/bench_kernels.log")
+	done < <(grep -E '^(qkvz|out_proj|lm_head|moe up|moe down|router|q_proj|GDN decode layer|  the same traffic)' "$LOGS/bench_kernels.log")
 	while IFS= read -r l; do
 		add "  (GDN layer proxy)" "$(echo "$l" | sed 's/^ *//')"
 	done < <(grep -E '48 such layers' "$LOGS/bench_kernels.log")
