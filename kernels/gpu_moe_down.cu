@@ -192,7 +192,17 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 
 	/* pair i of the warp: stage st = warp·spw + i mod spw, the parity of phase i / spw (counted,
 	 * not divided: a division by a value known only at run time is ~30 instructions) */
-	for (int i = 0, q = warp, st = warp * spw, parity = 0; q < np && warp < L.ncw; i++, q += L.ncw) {
+	int i = 0, st = warp * spw, parity = 0;
+	/* the warp is done with pair i's stage (and aw): refill the stage for pair i + spw, go on */
+	auto next_stage = [&]() {
+		__syncwarp();
+		if (lane == 0)
+			fill(i + spw, st);
+		if (++st == (warp + 1) * spw)
+			st = warp * spw, parity ^= 1;
+	};
+
+	for (int q = warp; q < np && warp < L.ncw; i++, q += L.ncw) {
 		const int ex = sx[q];
 		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
@@ -216,11 +226,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 							sx[rr * S + k] == Q3G_SKIP ? 0.0f : acc[0][e] * sw[rr * S + k];
 				}
 			}
-			__syncwarp();
-			if (lane == 0)
-				fill(i + spw, st);
-			if (++st == (warp + 1) * spw)
-				st = warp * spw, parity ^= 1;
+			next_stage();
 			continue;
 		}
 		uint8_t *p = ring + (size_t)st * L.stage;
@@ -254,11 +260,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 		} else {
 			bar_wait(&full[st], parity);
 		}
-		__syncwarp(); /* every lane is done with the stage and aw */
-		if (lane == 0)
-			fill(i + spw, st);
-		if (++st == (warp + 1) * spw)
-			st = warp * spw, parity ^= 1;
+		next_stage();
 		if (!(lane & 3)) {
 			red[q * Q3G_TILE_N + (lane >> 2)] = acc[0][0];
 			red[q * Q3G_TILE_N + (lane >> 2) + 8] = acc[0][2];
