@@ -31,9 +31,9 @@ struct mmv_launch {
  * float4 a lane per token tile). */
 template <int FMT, int NT, bool W>
 static __device__ __forceinline__ void run_slices(const struct q3g_mat &m, int tile, int kr, int QPW, int per,
-						  const uint2 *xs, int R, float4 *part)
+						  const uint2 *xs, int R, float4 *part, const uint4 *pre)
 {
-	for (int u = 0; u < QPW; u++) {
+	auto slice = [&](int u, bool first) {
 		const int qi = kr * QPW + u, c0 = qi * per, c1 = min(m.nchunks, c0 + per);
 		float acc[NT][4];
 
@@ -41,11 +41,18 @@ static __device__ __forceinline__ void run_slices(const struct q3g_mat &m, int t
 		for (int n = 0; n < NT; n++)
 			acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 		if (tile < m.ntiles)
-			run_chunks<FMT, NT, Q3G_MMV_LOADS, W>(m, (const uint8_t *)m.data, 0, tile, c0, c1, xs, R, 0, 1.0f, acc);
+			run_chunks<FMT, NT, Q3G_MMV_LOADS, W>(m, (const uint8_t *)m.data, 0, tile, c0, c1, xs, R, 0, 1.0f, acc,
+							      first ? pre : nullptr, first);
 #pragma unroll
 		for (int n = 0; n < NT; n++)
 			part[(qi * NT + n) * 32] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
-	}
+	};
+	int u = 0;
+
+	if (pre) /* the first slice from the preloaded batch, apart: pre is dead after it */
+		slice(u++, true);
+	for (; u < QPW; u++)
+		slice(u, false);
 }
 
 template <int NT, int NTH, bool W, bool SL>
@@ -67,7 +74,20 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	float acc[NT][4];
 	const int KS = SL ? L.ks[j] : WPT, per = cdiv(m.nchunks, KS), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 
+	/* above eight rows, in the wide blocks (out_proj, o_proj: a tile a block, 16 row tiles of
+	 * 16 rows staged), the warp's first batch of weights (they do not depend on the previous
+	 * kernel) is in flight through its end and the staging: 14.5 -> 14.1 us for out_proj at 16
+	 * rows.  In the 256-thread blocks (qkvz, q/k/v: norm folded) it took the staging's batches
+	 * down to fit 128 registers and lost (25.0 -> 25.5 us). */
+	constexpr bool PRE = NT > 1 && NTH == MMV_WIDE;
+	uint4 pre[Q3G_MMV_LOADS];
+
 	pdl_trigger();
+	if (PRE && tile < m.ntiles) {
+		const int f0 = SL ? kr * (KS / WPT) * per : c0;
+
+		first_batch<Q3G_MMV_LOADS>(m, (const uint8_t *)m.data, tile, f0, min(m.nchunks, f0 + per), pre);
+	}
 	pdl_wait();
 	/* above eight rows, the residual the epilogue adds, in flight with the staging (a round
 	 * trip at the end was 15% of out_proj's stall samples at 16 rows; at one row the registers
@@ -91,9 +111,9 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		/* four units a thread a round trip at two token tiles (16 rows of 2048: four round trips
 		 * to L2, not eight; qkvz 25.2 -> 24.8 us, decode 1570 -> 1580 tok/s at batch 16); two where
 		 * the one-row instance must stay at 80 registers (three blocks an SM) */
-		stage_x_norm<NT == 2 ? 4 : 2>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
+		stage_x_norm<NT == 2 && !PRE ? 4 : 2>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
 	} else {
-		stage_x_f16<NT == 2 ? 8 : 4>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+		stage_x_f16<NT == 2 && !PRE ? 8 : 4>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
 	}
 	__syncthreads();
 	if constexpr (SL) {
@@ -103,11 +123,11 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		const int QPW = KS / WPT;
 
 		if (m.fmt == Q3G_Q4)
-			run_slices<Q3G_Q4, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part);
+			run_slices<Q3G_Q4, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part, PRE ? pre : nullptr);
 		else if (m.fmt == Q3G_Q8)
-			run_slices<Q3G_Q8, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part);
+			run_slices<Q3G_Q8, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part, PRE ? pre : nullptr);
 		else
-			run_slices<Q3G_F16, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part);
+			run_slices<Q3G_F16, NT, W>(m, tile, kr, QPW, per, (const uint2 *)xs, R, part, PRE ? pre : nullptr);
 		__syncthreads();
 		if (kr != 0 || tile >= m.ntiles)
 			return;
@@ -132,11 +152,14 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 			const uint8_t *wb = (const uint8_t *)m.data;
 
 			if (m.fmt == Q3G_Q4)
-				run_chunks<Q3G_Q4, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+				run_chunks<Q3G_Q4, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc,
+									   PRE ? pre : nullptr, true);
 			else if (m.fmt == Q3G_Q8)
-				run_chunks<Q3G_Q8, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+				run_chunks<Q3G_Q8, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc,
+									   PRE ? pre : nullptr, true);
 			else
-				run_chunks<Q3G_F16, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc);
+				run_chunks<Q3G_F16, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc,
+									   PRE ? pre : nullptr, true);
 		}
 		reduce_tile_warps<NT>(red, acc, WPT);
 		if (kr != 0 || tile >= m.ntiles)

@@ -371,6 +371,23 @@ static __device__ __forceinline__ void reduce_tile_warps(float *red, float acc[N
 			}
 }
 
+/* The first batch of run_chunks<FMT, NT, LOADS> over chunks [c0, c1) of a tile, for any format:
+ * LOADS 16-byte words 512 bytes apart from chunk c0's (a batch is LOADS / LPC whole chunks of
+ * LPC words each), loaded before the caller stages its activations and handed to run_chunks as
+ * `pre`.  Words past c1 are left unset (run_chunks never reads them). */
+template <int LOADS>
+static __device__ __forceinline__ void first_batch(const struct q3g_mat &m, const uint8_t *wbase, int tile, int c0,
+						   int c1, uint4 pre[LOADS])
+{
+	const int lpc = m.fmt == Q3G_Q4 ? 1 : m.fmt == Q3G_Q8 ? 2 : 4, n = (c1 - c0) * lpc;
+	const uint8_t *p = wbase + ((size_t)tile * m.nchunks + c0) * lpc * 512 + (threadIdx.x & 31) * 16;
+
+#pragma unroll
+	for (int i = 0; i < LOADS; i++)
+		if (i < n)
+			pre[i] = ldg_stream(p + (size_t)i * 512);
+}
+
 /* Runs the k-chunks [c0, c1) of row tile `tile` of matrix base (bytes) against staged xs,
  * accumulating into acc[NT][4] (fp32, scales applied).  wscale multiplies every group's partial
  * sum (a routing weight; 1 otherwise).  The warp loads LOADS (default Q3G_MMV_LOADS) 16-byte
@@ -380,12 +397,14 @@ static __device__ __forceinline__ void reduce_tile_warps(float *red, float acc[N
  * k-step of the experts' up projections, ncu); both loops in one kernel spilled.  GPTR: the
  * lane's scale and zero addresses computed once, not at every group (experts up 58.8 -> 53.1 us
  * at R = 16 with make_zconst's unsaturated constants, H200); the matvec, whose one kernel holds
- * every format, went 15.8 -> 17.9 us at R = 1 with them (96-118 registers, not 80-106). */
+ * every format, went 15.8 -> 17.9 us at R = 1 with them (96-118 registers, not 80-106).  pre
+ * (with use_pre): the first batch, loaded by the caller with first_batch before its staging. */
 #define Q3G_MMV_LOADS 8
 template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false, bool GPTR = false>
 static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
 						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
-						  float wscale, float acc[NT][4])
+						  float wscale, float acc[NT][4], const uint4 *pre = nullptr,
+						  bool use_pre = false)
 {
 	/* chunks loaded ahead: eight 16-byte loads per lane for a matvec; with many token tiles
 	 * (the grouped GEMM) the mma work per chunk hides latency and registers are scarce */
@@ -432,15 +451,8 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 #pragma unroll
 	for (int n = 0; n < NT; n++)
 		accg[n][0] = accg[n][1] = accg[n][2] = accg[n][3] = 0.0f;
-	for (int c = c0; c < c1; c += U) {
-		uint4 w[U][LPC];
-
-#pragma unroll
-		for (int u = 0; u < U; u++)
-#pragma unroll
-			for (int p = 0; p < LPC; p++)
-				if (c + u < c1)
-					w[u][p] = ldg_stream(tbase + (size_t)(c + u) * CB + p * 512);
+	/* batch c's k-steps from its loaded words w */
+	auto batch = [&](int c, const uint4 (&w)[U][LPC]) {
 #pragma unroll
 		for (int u = 0; u < U; u++) {
 			if (c + u >= c1)
@@ -464,6 +476,31 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 			if (FMT != Q3G_F16 && WHOLE && --gleft == 0)
 				next_group();
 		}
+	};
+	int c = c0;
+
+	if (pre && use_pre) { /* the first batch loaded by the caller (first_batch): peeled, so that
+			       * pre is not live through the loop */
+		uint4 w[U][LPC];
+
+#pragma unroll
+		for (int u = 0; u < U; u++)
+#pragma unroll
+			for (int p = 0; p < LPC; p++)
+				w[u][p] = pre[u * LPC + p];
+		batch(c, w);
+		c += U;
+	}
+	for (; c < c1; c += U) {
+		uint4 w[U][LPC];
+
+#pragma unroll
+		for (int u = 0; u < U; u++)
+#pragma unroll
+			for (int p = 0; p < LPC; p++)
+				if (c + u < c1)
+					w[u][p] = ldg_stream(tbase + (size_t)(c + u) * CB + p * 512);
+		batch(c, w);
 	}
 	/* the last (or only, for fp16: s = 1) group */
 	flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, false);
