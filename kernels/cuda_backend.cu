@@ -102,7 +102,6 @@ struct cuda_bk {
 	float *att_s;
 	size_t att_elems;
 	int *idx;
-	unsigned *rdone;	/* the fused router's finished-block counter (q3g_router) */
 	void *moe_ws;
 	float *logits_h; /* pinned [max(max_batch, 16)][V] */
 	/* decode draws on the device (q3_fwd_seq.sample): pinned host memory, mapped, that the
@@ -249,7 +248,7 @@ static void cuda_close(void *p)
 	void *bufs[] = { bk->embed, bk->final_norm, bk->tab_d, bk->h, bk->qkvz, bk->ba, bk->u, bk->og,
 			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->act, bk->part, bk->att_o,
 			 bk->logits, bk->xb, bk->core, bk->qb, bk->att, bk->wtmp, bk->att_p, bk->att_s,
-			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx, bk->rdone, bk->samp_ws };
+			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx, bk->samp_ws };
 	for (size_t j = 0; j < Q3_ARRAY_SIZE(bufs); j++)
 		cudaFree(bufs[j]);
 	cudaFreeHost(bk->tab_h);
@@ -446,8 +445,6 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 	DALLOC(bk->sg, R * 4, "router logits");
 	DALLOC(bk->idx, P * 4, "routing");
 	DALLOC(bk->wts, P * 4, "routing");
-	DALLOC(bk->rdone, 4, "routing");
-	CUDA_CHECK(e, cudaMemsetAsync(bk->rdone, 0, 4, bk->st));
 	DALLOC(bk->act, (size_t)bk->dec_rows * (d->topk + 1) * q3g_moe_lda(d->I, d->Is) * 2, "expert activations");
 	DALLOC(bk->moe_ws, q3g_moe_prefill_scratch(bk->maxrows, d), "the prefill MoE");
 	DALLOC(bk->logits, lrows * d->V * 4, "logits");
@@ -858,7 +855,7 @@ static int layer_moe(struct cuda_bk *bk, int li, const struct glayer *L, const s
 	/* routing decisions from fp32 inputs (dense router and gate, the usual case; the router
 	 * then writes the experts' normalized input xb as well), else the Linears' fp16 path */
 	if (L->router.m.fmt == Q3G_F16 && L->shared_gate.m.fmt == Q3G_F16 && !getenv("QWEN3D_ROUTER_F16")) {
-		err = q3g_router(bk->cb, bk->logits_r, bk->sg, bk->idx, bk->wts, bk->rdone, d->E, d->topk, d->norm_topk,
+		err = q3g_router(bk->cb, bk->logits_r, bk->sg, bk->idx, bk->wts, d->E, d->topk, d->norm_topk,
 				 bk->h, L->post_norm, d->eps, &L->router.m, &L->shared_gate.m, k->R, H, bk->xf,
 				 bk->wtmp32, fuse ? bk->xb : NULL, bk->st, e);
 		xb_ready = true;

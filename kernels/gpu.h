@@ -249,11 +249,9 @@ int q3g_router_logits(void *cublas, float *logits, float *sg, const float *h, co
 int q3g_router_topk(int *idx, float *w, const float *logits, const float *sg, int R, int E, int k,
 		    bool norm, q3g_stream st, struct q3_err *e);
 
-/* q3g_router_logits then q3g_router_topk, in one launch where the SIMT kernel serves (the last
- * of its blocks picks the experts).  done: one device counter, zero, owned by this call site's
- * stream (the kernel leaves it at zero); NULL: two launches.  xo (optional, [R][H]): the
- * normalized rows in fp16 as well, what q3g_add_rmsnorm would write (the experts' input). */
-int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k, bool norm,
+/* q3g_router_logits then q3g_router_topk.  xo (optional, [R][H]): the normalized rows in fp16
+ * as well, what q3g_add_rmsnorm would write (the experts' input). */
+int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, int E, int k, bool norm,
 	       const float *h, const float *normw, float eps, const struct q3g_mat *router, const struct q3g_mat *sgate,
 	       int R, int H, float *xf, float *wtmp, uint16_t *xo, q3g_stream st, struct q3_err *e);
 

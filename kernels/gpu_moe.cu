@@ -2,8 +2,8 @@
  * of every (row, slot) pair without a host round trip (the expert ids stay on the device).
  *
  *   q3g_router       the router and shared gate in fp32 from the residual stream (norm fused;
- *                    on sm_90 a tile's inputs split over a cluster of blocks), the top k by the
- *                    last to finish; optionally the normalized rows in fp16 for the experts.
+ *                    on sm_90 a tile's inputs split over a cluster of blocks), optionally the
+ *                    normalized rows in fp16 for the experts; then q3g_router_topk.
  *   q3g_router_topk  one warp per row: softmax over E logits (fp32), the top k ranked among the
  *                    few candidates at or above a bound (ties: the lower index; rounds of warp
  *                    argmax where they are too many), renormalization; slot k = the shared expert.
@@ -66,8 +66,8 @@ static __device__ __forceinline__ bool topk_before(unsigned ka, int ia, unsigned
 }
 
 /* Row r's top k by one warp (every lane calls it; cand: the warp's 32 uint2 of shared memory).
- * The logits are read through L2 (__ldcg), so that the router kernel's last block sees the other
- * blocks' writes, every load issued before the first is used; probabilities compare by topk_key.
+ * The logits (the previous kernel's) are read through L2 (__ldcg), every load issued before the
+ * first is used; probabilities compare by topk_key.
  *
  * The k-th best of the 32 lanes' own bests bounds the answer: the k lanes at or above it hold k
  * distinct experts, so the top k are all at or above it too.  The experts at or above it (the
@@ -266,13 +266,6 @@ struct router_launch {
 	float eps;
 	int R, H;
 	uint16_t *xo; /* optional: the normalized rows in fp16 [R][H] */
-	/* the top k fused (q3g_router): the last block to finish runs it; done counts finished
-	 * blocks and is left at 0 for the next launch */
-	unsigned *done;
-	int *idx;
-	float *w;
-	int E, k;
-	bool norm;
 };
 
 /* A block is one k-slice of one row tile of one matrix: on sm_90 the ROUTER_KS slices of a tile
@@ -309,7 +302,6 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 	constexpr int XS = router_xs(MAXR);
 	__shared__ float rs[Q3G_MMV_MAX_TOK];
 	__shared__ float bsum[MAXR * Q3G_TILE_N]; /* the block's sums [r][row], for the cluster */
-	__shared__ int last;
 	pdl_trigger();
 	const int ks = (int)blockIdx.x % KS, bt = (int)blockIdx.x / KS, ntb = (int)gridDim.x / KS;
 	const int j = bt >= L.tiles0, tile = j ? bt - L.tiles0 : bt;
@@ -481,30 +473,7 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 			if (row < m.N)
 				L.y[j][(size_t)r * L.ldy[j] + row] = v;
 		}
-	if (!L.done) {
-		cluster_sync<KS>(); /* no block leaves while rank 0 reads its sums */
-		return;
-	}
-	/* every tile's logits are written: the last cluster to get here picks the experts, a warp a
-	 * row over its blocks */
-	if (ks == 0) {
-		__threadfence();
-		__syncthreads();
-		if (threadIdx.x == 0) {
-			last = atomicAdd(L.done, 1u) == (unsigned)ntb - 1;
-			if (last)
-				*L.done = 0; /* every other cluster has counted: 0 for the next launch */
-		}
-	}
-	cluster_sync<KS>();
-	const bool go = *cluster_at<KS>(&last, 0);
-
-	cluster_sync<KS>(); /* rank 0 stays until every block has read its flag */
-	if (!go)
-		return;
-	__threadfence();
-	for (int r = ks * nw + warp; r < R; r += KS * nw) /* xsf holds the candidates */
-		topk_row(L.idx, L.w, L.y[0], L.y[1], r, L.E, L.k, L.norm, (uint2 *)xsf + warp * 32);
+	cluster_sync<KS>(); /* no block leaves while rank 0 reads its sums */
 }
 
 /* fp32 y[R][N] = x[R][K]·Wᵀ with cuBLAS (no TF32: CUBLAS_COMPUTE_32F), W expanded into wtmp. */
@@ -542,19 +511,18 @@ static int router_maxr(int R)
 	return R == 1 ? 1 : R <= 8 ? 8 : Q3G_MMV_MAX_TOK;
 }
 
-/* the larger of: the slice of x (MAXR rows an input), the warps' partial sums, the last
- * cluster's top-k candidates (a warp's 32 uint2) */
+/* the larger of: the slice of x (MAXR rows an input), the warps' partial sums */
 static size_t router_smem(int R, int H, int ks)
 {
 	const int mx = router_maxr(R);
 	const size_t nw = router_threads(ks) / 32, kn = (size_t)16 * cdiv(4 * cdiv(H, Q3G_KCHUNK), ks);
 	const size_t x = Q3_MIN(kn, (size_t)H) * router_xs(mx) * 4;
-	const size_t part = nw * mx * Q3G_TILE_N * 4, cand = nw * 32 * 8;
+	const size_t part = nw * mx * Q3G_TILE_N * 4;
 
-	return Q3_MAX(x, Q3_MAX(part, cand));
+	return Q3_MAX(x, part);
 }
 
-static int router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k, bool norm,
+static int router(void *cublas, float *logits, float *sg, int *idx, float *w, int E, int k, bool norm,
 		  const float *h, const float *normw, float eps, const struct q3g_mat *rm, const struct q3g_mat *sgate,
 		  int R, int H, float *xf, float *wtmp, uint16_t *xo, cudaStream_t st, q3_err *e)
 {
@@ -581,21 +549,11 @@ static int router(void *cublas, float *logits, float *sg, int *idx, float *w, un
 		L.R = R;
 		L.H = H;
 		L.xo = xo;
-		if (done && rm->N == E && sgate->N == 1) {
-			L.done = done;
-			L.idx = idx;
-			L.w = w;
-			L.E = E;
-			L.k = k;
-			L.norm = norm;
-		}
 		const int mx = router_maxr(R);
 		void (*kern)(const router_launch) = router_kernels[ks > 1][mx == 1 ? 0 : mx == 8 ? 1 : 2];
 
 		CUDA_CHECK(e, q3g_launch_cluster(kern, (rm->ntiles + sgate->ntiles) * ks, router_threads(ks),
 						 router_smem(R, H, ks), st, dim3(ks, 1, 1), L));
-		if (L.done)
-			return 0;
 	} else {
 		if ((err = q3g_rmsnorm_f32(xf, h, normw, R, H, eps, st, e)) ||
 		    /* no residual to add (a = NULL): h is only read */
@@ -614,11 +572,11 @@ extern "C" int q3g_router_logits(void *cublas, float *logits, float *sg, const f
 				 const struct q3g_mat *rm, const struct q3g_mat *sgate, int R, int H, float *xf,
 				 float *wtmp, q3g_stream st, q3_err *e)
 {
-	return router(cublas, logits, sg, NULL, NULL, NULL, 0, 0, false, h, normw, eps, rm, sgate, R, H, xf, wtmp, NULL,
+	return router(cublas, logits, sg, NULL, NULL, 0, 0, false, h, normw, eps, rm, sgate, R, H, xf, wtmp, NULL,
 		      (cudaStream_t)st, e);
 }
 
-extern "C" int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, unsigned *done, int E, int k,
+extern "C" int q3g_router(void *cublas, float *logits, float *sg, int *idx, float *w, int E, int k,
 			  bool norm, const float *h, const float *normw, float eps, const struct q3g_mat *rm,
 			  const struct q3g_mat *sgate, int R, int H, float *xf, float *wtmp, uint16_t *xo, q3g_stream st,
 			  q3_err *e)
@@ -627,7 +585,7 @@ extern "C" int q3g_router(void *cublas, float *logits, float *sg, int *idx, floa
 
 	if ((err = check_topk(E, k, e)))
 		return err;
-	return router(cublas, logits, sg, idx, w, done, E, k, norm, h, normw, eps, rm, sgate, R, H, xf, wtmp, xo,
+	return router(cublas, logits, sg, idx, w, E, k, norm, h, normw, eps, rm, sgate, R, H, xf, wtmp, xo,
 		      (cudaStream_t)st, e);
 }
 

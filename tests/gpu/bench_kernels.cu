@@ -446,7 +446,6 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	uint16_t *gu = dev_alloc<uint16_t>((size_t)R * S * lda);
 	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim), *xb = dev_alloc<uint16_t>((size_t)R * H);
 	int *idx = dev_alloc<int>((size_t)R * S);
-	unsigned *done = dev_alloc<unsigned>(1);
 	static const char *names[] = { "qkvz+ba (norm fused)", "conv+delta+gated norm", "out_proj + residual",
 				       "router + top-k + norm", "experts up", "experts down + residual",
 				       "(router logits alone)", "(top-k alone)", "(an empty kernel)" };
@@ -471,8 +470,8 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			j[0].epi = Q3G_EPI_ADD;
 			GT_OK(q3g_mmv(j, 1, R, st, &e_));
 			break;
-		case 3: /* the router in fp32 with the top k fused (R <= 16: the SIMT kernel, no cuBLAS) */
-			GT_OK(q3g_router(NULL, lg, sg, idx, wts, done, E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
+		case 3: /* the router in fp32 (R <= 16: the SIMT kernel, no cuBLAS), then the top k */
+			GT_OK(q3g_router(NULL, lg, sg, idx, wts, E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
 					 H, NULL, NULL, xb, st, &e_));
 			break;
 		case 4:
@@ -502,7 +501,6 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			     2.0 * R * rec_n * 4;
 	cudaDeviceProp prop;
 
-	GT_CHECK(cudaMemset(done, 0, 4));
 	GT_CHECK(cudaGetDeviceProperties(&prop, 0));
 	for (int pdl = 0; pdl < 2; pdl++) {
 		bool saved = q3g_pdl;
@@ -517,7 +515,7 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 		});
 		char what[128];
 
-		snprintf(what, sizeof(what), "GDN decode layer (6 launches%s), R=%d, PDL %s",
+		snprintf(what, sizeof(what), "GDN decode layer (7 launches%s), R=%d, PDL %s",
 			 g_dense == LIN_BF16 ? ", dense bf16" : "", R, pdl ? "on" : "off");
 		/* report per layer: (ms / 5 replays / NL layers) in the REPS convention of report() */
 		report(what, ms / 5 / NL * 1.0f, bytes);
