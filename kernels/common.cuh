@@ -352,14 +352,15 @@ template <int CL, typename T> static __device__ __forceinline__ T *cluster_at(T 
 	return p;
 }
 
-/* The sum over a cluster of one value a block, added in rank order (deterministic), without a
- * barrier over the cluster in its path: each block stores its value into its rank's slot of every
- * block with st.async, which counts the bytes into the receiver's mbarrier, and a block goes on
- * once its CL slots have landed.  (Two cluster_syncs in its place, each a fence to the whole GPU
- * and an L1 invalidation, were 21% of the delta rule's stall samples at 16 rows.)  Every thread
- * calls init() first thing in the kernel and sum() once; CL == 1: the value itself. */
-template <int CL> struct cluster_sum {
-	float v[CL];
+/* The sums over a cluster of N values a block, each added in rank order (deterministic), without
+ * a barrier over the cluster in their path: each block stores its values into its rank's slots of
+ * every block with st.async, which counts the bytes into the receiver's mbarrier, and a block goes
+ * on once its CL · N slots have landed.  (Two cluster_syncs in its place, each a fence to the
+ * whole GPU and an L1 invalidation, were 21% of the delta rule's stall samples at 16 rows.)  Every
+ * thread calls init() first thing in the kernel, then either sum() (N = 1) or send() and then
+ * total() for each value it needs; CL == 1: the values themselves. */
+template <int CL, int N = 1> struct cluster_sum {
+	float v[CL][N];
 	uint64_t bar;
 
 	__device__ __forceinline__ void init()
@@ -368,18 +369,64 @@ template <int CL> struct cluster_sum {
 		if constexpr (CL > 1) {
 			if (threadIdx.x == 0) {
 				bar_init(&bar, 1);
-				bar_expect(&bar, CL * sizeof(float)); /* the one arrival; the bytes to come */
+				bar_expect(&bar, CL * N * sizeof(float)); /* the one arrival; the bytes to come */
 				asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 			}
-			/* the others' stores wait (in sum) for this arrival of every thread */
+			/* the others' stores wait (in send) for this arrival of every thread */
 			asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 		}
 #endif
 	}
 
-	/* x: the block's value (threads 0 .. CL - 1 send theirs) */
+	/* x[0 .. N): the block's values, in its shared memory (threads 0 .. CL · N - 1 send them);
+	 * every thread calls it */
+	__device__ __forceinline__ void send(const float *x)
+	{
+		if constexpr (CL == 1) {
+			if ((int)threadIdx.x < N)
+				v[0][threadIdx.x] = x[threadIdx.x];
+			__syncthreads();
+		} else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+			asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); /* every block's bar is set up */
+			if ((int)threadIdx.x < CL * N) {
+				const uint32_t b = threadIdx.x / N, i = threadIdx.x % N;
+				const uint32_t me = cooperative_groups::this_cluster().block_rank();
+				uint32_t rv, rb;
+
+				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(&v[me][i])), "r"(b));
+				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(&bar)), "r"(b));
+				asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(
+						     rv),
+					     "r"(__float_as_uint(x[i])), "r"(rb)
+					     : "memory");
+			}
+#else
+			__trap(); /* the host launches clusters on sm_90 only */
+#endif
+		}
+	}
+
+	/* value i's sum over the cluster's blocks (after send) */
+	__device__ __forceinline__ float total(int i)
+	{
+		if constexpr (CL > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+			bar_wait(&bar, 0);
+#endif
+		}
+		float t = 0.0f;
+
+#pragma unroll
+		for (int b = 0; b < CL; b++)
+			t += v[b][i];
+		return t;
+	}
+
+	/* N = 1: x the block's value (threads 0 .. CL - 1 send theirs) */
 	__device__ __forceinline__ float sum(float x)
 	{
+		static_assert(N == 1, "sum: one value a block");
 		if constexpr (CL == 1) {
 			return x;
 		} else {
@@ -389,7 +436,7 @@ template <int CL> struct cluster_sum {
 				const uint32_t b = threadIdx.x, me = cooperative_groups::this_cluster().block_rank();
 				uint32_t rv, rb;
 
-				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(&v[me])), "r"(b));
+				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(&v[me][0])), "r"(b));
 				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(&bar)), "r"(b));
 				asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(
 						     rv),
@@ -401,7 +448,7 @@ template <int CL> struct cluster_sum {
 
 #pragma unroll
 			for (int i = 0; i < CL; i++)
-				t += v[i];
+				t += v[i][0];
 			return t;
 #else
 			__trap(); /* the host launches clusters on sm_90 only */

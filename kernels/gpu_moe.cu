@@ -302,6 +302,9 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 	constexpr int XS = router_xs(MAXR);
 	__shared__ float rs[Q3G_MMV_MAX_TOK];
 	__shared__ float bsum[MAXR * Q3G_TILE_N]; /* the block's sums [r][row], for the cluster */
+	__shared__ cluster_sum<KS, MAXR> cs;	  /* the rows' norms gathered over the cluster */
+
+	cs.init();
 	pdl_trigger();
 	const int ks = (int)blockIdx.x % KS, bt = (int)blockIdx.x / KS, ntb = (int)gridDim.x / KS;
 	const int j = bt >= L.tiles0, tile = j ? bt - L.tiles0 : bt;
@@ -331,7 +334,23 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 		wnext = wload(w0 + 1);
 	pdl_wait();
 
-	row_rsqrt(rs, L.h, H, R, H, L.eps); /* the whole rows, from global memory (L2) */
+	if constexpr (KS > 1 && MAXR > 1) {
+		/* the rows' norms split over the cluster: rank ks takes rows ks, ks + KS, .. (row_rsqrt:
+		 * the same values), and the ranks gather them with cluster_sum (one value and zeros add
+		 * up to the value), where every block read the whole rows (at 16 rows 17 MB from L2) */
+		__shared__ float own[(MAXR + KS - 1) / KS], mine[MAXR];
+
+		row_rsqrt(own, L.h + (size_t)ks * H, KS * H, (R - ks + KS - 1) / KS, H, L.eps);
+		__syncthreads();
+		if ((int)threadIdx.x < MAXR)
+			mine[threadIdx.x] = (int)threadIdx.x < R && (int)threadIdx.x % KS == ks ? own[threadIdx.x / KS] : 0.0f;
+		__syncthreads();
+		cs.send(mine);
+		if ((int)threadIdx.x < R)
+			rs[threadIdx.x] = cs.total(threadIdx.x);
+	} else {
+		row_rsqrt(rs, L.h, H, R, H, L.eps); /* the whole rows, from global memory (L2) */
+	}
 	__syncthreads();
 	const bool vec = (H & 3) == 0 && (kn & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0;
 
