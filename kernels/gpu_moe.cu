@@ -276,10 +276,10 @@ struct router_launch {
  * matvec), for MAXR rows of x (R rounded up to 1, 8 or 16: the rows past R sum unset values and
  * are never stored, so the loop has no branch); the four lanes of a row group, then the warps,
  * then the slices add up.  The same order for every R: a row's logits must not depend on its
- * batch.  Each block reads the whole rows for their norms (row_rsqrt's order, as
- * q3g_add_rmsnorm: the same fp16 rows for the experts either way) and keeps its slice of
- * x = h · rs · (1 + w) in shared memory, input-major, so that one 16-byte load brings an input
- * of four rows. */
+ * batch.  The rows' norms come from row_rsqrt (as q3g_add_rmsnorm's: the same fp16 rows for the
+ * experts either way), a cluster's ranks taking a quarter of the rows each above one row; each
+ * block keeps its slice of x = h · rs · (1 + w) in shared memory, input-major, so that one
+ * 16-byte load brings an input of four rows. */
 #define ROUTER_KS 4
 static constexpr int router_threads(int ks)
 {
