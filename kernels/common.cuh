@@ -363,6 +363,21 @@ template <int CL, int N = 1> struct cluster_sum {
 	float v[CL][N];
 	uint64_t bar;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	/* x into this block's slot i of block b's v, counted by b's bar */
+	__device__ __forceinline__ void put(uint32_t b, uint32_t i, float x)
+	{
+		const uint32_t me = cooperative_groups::this_cluster().block_rank();
+		uint32_t rv, rb;
+
+		asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(&v[me][i])), "r"(b));
+		asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(&bar)), "r"(b));
+		asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(rv),
+			     "r"(__float_as_uint(x)), "r"(rb)
+			     : "memory");
+	}
+#endif
+
 	__device__ __forceinline__ void init()
 	{
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -389,18 +404,8 @@ template <int CL, int N = 1> struct cluster_sum {
 		} else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 			asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); /* every block's bar is set up */
-			if ((int)threadIdx.x < CL * N) {
-				const uint32_t b = threadIdx.x / N, i = threadIdx.x % N;
-				const uint32_t me = cooperative_groups::this_cluster().block_rank();
-				uint32_t rv, rb;
-
-				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(&v[me][i])), "r"(b));
-				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(&bar)), "r"(b));
-				asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(
-						     rv),
-					     "r"(__float_as_uint(x[i])), "r"(rb)
-					     : "memory");
-			}
+			if ((int)threadIdx.x < CL * N)
+				put(threadIdx.x / N, threadIdx.x % N, x[threadIdx.x % N]);
 #else
 			__trap(); /* the host launches clusters on sm_90 only */
 #endif
@@ -432,24 +437,9 @@ template <int CL, int N = 1> struct cluster_sum {
 		} else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 			asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); /* every block's bar is set up */
-			if (threadIdx.x < CL) {
-				const uint32_t b = threadIdx.x, me = cooperative_groups::this_cluster().block_rank();
-				uint32_t rv, rb;
-
-				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(&v[me][0])), "r"(b));
-				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(&bar)), "r"(b));
-				asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(
-						     rv),
-					     "r"(__float_as_uint(x)), "r"(rb)
-					     : "memory");
-			}
-			bar_wait(&bar, 0);
-			float t = 0.0f;
-
-#pragma unroll
-			for (int i = 0; i < CL; i++)
-				t += v[i][0];
-			return t;
+			if (threadIdx.x < CL)
+				put(threadIdx.x, 0, x);
+			return total(0);
 #else
 			__trap(); /* the host launches clusters on sm_90 only */
 			return x;

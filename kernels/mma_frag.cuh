@@ -398,7 +398,9 @@ static __device__ __forceinline__ void first_batch(const struct q3g_mat &m, cons
  * lane's scale and zero addresses computed once, not at every group (experts up 58.8 -> 53.1 us
  * at R = 16 with make_zconst's unsaturated constants, H200); the matvec, whose one kernel holds
  * every format, went 15.8 -> 17.9 us at R = 1 with them (96-118 registers, not 80-106).  pre
- * (with use_pre): the first batch, loaded by the caller with first_batch before its staging. */
+ * (where use_pre): the first batch, loaded by the caller with first_batch before its staging;
+ * use_pre is the caller's runtime condition, so that pre itself stays a register array indexed
+ * by constants rather than a pointer chosen at run time. */
 #define Q3G_MMV_LOADS 8
 template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false, bool GPTR = false>
 static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
