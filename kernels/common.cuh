@@ -101,14 +101,16 @@ static __device__ __forceinline__ float warp_max(float v)
  * same order whatever R and the block size (a row's results must not depend on its batch; and
  * q3g_add_rmsnorm uses it too, so that a norm folded into staging and one written out first give
  * the same fp16 inputs), and a warp's loads (16 bytes a lane where rows are aligned) are in
- * flight together instead of one round trip per row.  No barrier inside. */
-static __device__ __forceinline__ void row_rsqrt(float *rs, const float *h, int ldh, int R, int K, float eps)
+ * flight together instead of one round trip per row.  rows (optional): row r is h's row rows[r].
+ * No barrier inside. */
+static __device__ __forceinline__ void row_rsqrt(float *rs, const float *h, int ldh, int R, int K, float eps,
+						 const int *rows = nullptr)
 {
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
 	const bool vec = (K & 3) == 0 && (ldh & 3) == 0 && ((uintptr_t)h & 15) == 0;
 
 	for (int r = warp; r < R; r += nw) {
-		const float *hr = h + (size_t)r * ldh;
+		const float *hr = h + (size_t)(rows ? rows[r] : r) * ldh;
 		float ss = 0.0f;
 
 		/* explicit fmaf: the same rounding wherever this is inlined (q3g_add_rmsnorm too) */

@@ -610,9 +610,10 @@ extern "C" int q3g_router(void *cublas, float *logits, float *sg, int *idx, floa
 
 /* ---- decode experts ------------------------------------------------------------------------- */
 
-/* up_pairs: row tiles a routed block takes, and its warps a tile's gate (and as many its up) */
+/* up_pair, up_expert: row tiles a routed block takes, and its warps a tile's gate (and as many its up) */
 #define UP_TPB 2
 #define UP_WPT (Q3G_MMV_THREADS / 32 / 2 / UP_TPB)
+#define UP_JCOLS 4 /* up_expert's columns at most (rows staged in one round trip, B = 4 units a thread) */
 
 struct moe_up_launch {
 	struct q3g_mat mat[4]; /* gate, up, shared gate, shared up */
@@ -623,17 +624,22 @@ struct moe_up_launch {
 	uint16_t *act;
 	int R, k, H, lda, nb; /* nb: routed blocks a pair (UP_TPB row tiles of gate, each with up's) */
 	int nbs;	      /* blocks of a shared-expert row group (a row tile each) */
-	int pb;		      /* pairs of one row a block runs, one after another (one staging) */
+	int jcols;	      /* an expert's rows staged at once by up_expert (its mma's token columns) */
+	int xsh;	      /* halves of a routed block's staged rows (where its partial sums start) */
 	int srows;	      /* rows a shared-expert block takes at once */
 	int nsb;	      /* shared-expert blocks, the grid's first: cdiv(R, srows) · nbs */
 	int cpw[2];	      /* chunks a warp takes of a routed / the shared expert's matrix */
 	int kpmax;	      /* staged positions of a row: the routed matrices' nchunks * 64 */
 };
 
-/* Rows [r, r + nr) staged into xs for positions [0, Kp) through gate's permutation pg, and again
- * after them through up's pu where the two differ; the norm folded in where L.xh is set. */
+/* Rows [r, r + nr) (rows, where given: rows[0 .. nr) of the batch) staged into xs for positions
+ * [0, Kp) through gate's permutation pg, and again after them through up's pu where the two
+ * differ; the norm folded in where L.xh is set; B units a thread a round trip (fp16 rows: the
+ * norm's eight fp32 values and weights a unit spill at B > 1 in 64 registers). */
+template <int B = 1>
 static __device__ __forceinline__ void stage_gate_up(const moe_up_launch &L, uint16_t *xs, float *rs, int r, int nr,
-						     int K, int Kp, const uint16_t *pg, const uint16_t *pu)
+						     int K, int Kp, const uint16_t *pg, const uint16_t *pu,
+						     const int *rows = nullptr)
 {
 	for (int h = 0; h < 1 + (pu != pg); h++) {
 		const uint16_t *perm = h ? pu : pg;
@@ -642,9 +648,9 @@ static __device__ __forceinline__ void stage_gate_up(const moe_up_launch &L, uin
 			__syncthreads(); /* stage_x_norm's rs is read until every thread is done */
 		if (L.xh)
 			stage_x_norm<1>(xs + (size_t)h * nr * Kp, rs, L.xh + (size_t)r * L.H, L.H, nr, K, Kp, perm, L.normw,
-					L.eps);
+					L.eps, rows);
 		else
-			stage_x_f16<1>(xs + (size_t)h * nr * Kp, L.x + (size_t)r * L.H, L.H, nr, K, Kp, perm);
+			stage_x_f16<B>(xs + (size_t)h * nr * Kp, L.x + (size_t)r * L.H, L.H, nr, K, Kp, perm, rows);
 	}
 }
 
@@ -663,22 +669,16 @@ static __device__ __forceinline__ uint16_t gate_up_out(const float *pg, const fl
 	return f2h_bits(silu_fast(gs) * us);
 }
 
-/* Block (PB routed pairs of one row, row tiles UP_TPB·bt .. UP_TPB·bt + UP_TPB - 1 of gate and
- * of up): pairs [s0, s1) of row r, in weight format FMT, LOADS 16-byte loads a lane a batch.
- * Warp w takes tile w / 4, of the gate (w / 2 even) or the up, half of its k-chunks (w % 2); each
- * warp leaves its partial sums of a pair in shared memory (part) and goes on to the next pair,
- * and after the last the block adds them up in warp order and writes silu(gate) ⊙ up in fp16,
- * the down projection's input.  Three barriers a pair (the warps' sums, gate meeting up, the
- * areas' reuse) held every warp to the slowest one's loads: ncu counted ~500 of a warp's ~1,170
- * instructions a pair outside its k-steps at R = 16.  Two warps a tile, not four (one tile a
- * block), halve what a pair costs outside its k-steps: experts up 66.2 -> 53.0 us at R = 16 with
- * the group constants below (H200, bench_kernels --gdn 16 --dense bf16), 7.70 -> 8.27 at R = 1
- * (fewer warps in flight; the small instance's eight loads a batch won back 9.62 -> 8.27).  The
- * row is staged once for its pairs (once per pair, and apart for gate and up, where the experts
- * have act-order permutations of their own: only then a pair waits for the others); each pair's
- * tiles are computed exactly as with PB = 1, so PB may follow the batch size. */
+/* Block (routed pair (r, s), row tiles UP_TPB·bt .. UP_TPB·bt + UP_TPB - 1 of gate and of up) of
+ * the one-row instance.  Warp w takes tile w / 4, of the gate (w / 2 even) or the up, half of
+ * its k-chunks (w % 2), and leaves its partial sums in shared memory; the block adds them up in
+ * warp order and writes silu(gate) ⊙ up in fp16, the down projection's input.  Two warps a tile,
+ * not four (one tile a block), halve what a pair costs outside its k-steps: experts up 66.2 ->
+ * 53.0 us at R = 16 with the group constants below (H200, bench_kernels --gdn 16 --dense bf16),
+ * 7.70 -> 8.27 at R = 1 (fewer warps in flight; this instance's eight loads a batch won back 9.62
+ * -> 8.27).  A tile's sums are those up_expert computes for the pair's column. */
 template <int FMT, bool W, int LOADS>
-static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int bt, int r, int s0, int s1)
+static __device__ __forceinline__ void up_pair(const moe_up_launch &L, int bt, int r, int s)
 {
 	extern __shared__ uint4 smem[];
 	__shared__ float rs[1];
@@ -687,75 +687,140 @@ static __device__ __forceinline__ void up_pairs(const moe_up_launch &L, int bt, 
 	const int ti = warp / (2 * WPT), which = warp / WPT % 2, kr = warp % WPT; /* 0: gate, 1: up */
 	const int tile = bt * UP_TPB + ti;
 	const struct q3g_mat &mg = L.mat[0], &mu = L.mat[1], &m = which ? mu : mg;
-	const int Kp = mg.nchunks * Q3G_KCHUNK;
+	const int Kp = mg.nchunks * Q3G_KCHUNK, c0 = kr * L.cpw[0], c1 = min(m.nchunks, c0 + L.cpw[0]);
+	const int ex = L.idx[r * (L.k + 1) + s];
 	uint16_t *xs = (uint16_t *)smem;
-	/* the warps' partial sums [pair][tile][gate, up][kr][16 rows], after the two staged rows */
-	float *part = (float *)(xs + 2 * L.kpmax);
-	/* what xs holds: the row through sperm[0] (gate) and sperm[1] (up, in its second half where
-	 * the two differ); nothing yet */
-	const uint16_t *sperm[2] = { NULL, NULL };
-	bool staged = false;
-	__shared__ int sid[Q3G_ROUTER_MAX_K]; /* the pairs' experts, read once */
+	/* the warps' partial sums [tile][gate, up][kr][16 rows], after the staged rows */
+	float *part = (float *)(xs + L.xsh);
+	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
 
-	/* the one-row instance (128 registers): the first pair's first batch of weights in flight
-	 * while the row is staged (its expert read by every thread; the staging's barrier comes
-	 * after): 8.22 -> 7.94 us at one row (H200).  The 64-register instance held it through the
-	 * staging with twice the spills and lost, 53.0 -> 56.9 us at 16 rows. */
+	if (ex == Q3G_SKIP)
+		return; /* the CPU's expert (offload) */
+	/* the first batch of weights in flight while the row is staged (128 registers): 8.22 ->
+	 * 7.94 us at one row (H200).  The 64-register instance held it through the staging with
+	 * twice the spills and lost, 53.0 -> 56.9 us at 16 rows. */
 	constexpr bool PRE = LOADS >= 8;
 	uint4 pre[LOADS];
 
-	if constexpr (PRE) {
-		const int ex0 = L.idx[r * (L.k + 1) + s0], c0 = kr * L.cpw[0], c1 = min(m.nchunks, c0 + L.cpw[0]);
+	if (PRE && tile < mg.ntiles)
+		first_batch<LOADS>(m, (const uint8_t *)m.data + (size_t)ex * m.data_stride, tile, c0, c1, pre);
+	const uint16_t *pg = mg.perm ? mg.perm + (size_t)ex * mg.perm_stride : NULL;
+	const uint16_t *pu = mu.perm ? mu.perm + (size_t)ex * mu.perm_stride : NULL;
 
-		if (ex0 != Q3G_SKIP && tile < mg.ntiles)
-			first_batch<LOADS>(m, (const uint8_t *)m.data + (size_t)ex0 * m.data_stride, tile, c0, c1, pre);
-	}
-	if ((int)threadIdx.x < s1 - s0)
-		sid[threadIdx.x] = L.idx[r * (L.k + 1) + s0 + threadIdx.x];
+	stage_gate_up(L, xs, rs, r, 1, mg.K, Kp, pg, pu);
 	__syncthreads();
-	for (int s = s0; s < s1; s++) {
-		/* everything that decides a skip is the same in every thread: the barriers below stay
-		 * block-uniform (gate and up have the same shape: q3g_moe_up checks it) */
-		const int ex = sid[s - s0];
-		float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+	if (tile < mg.ntiles)
+		run_chunks<FMT, 1, LOADS, W, true>(m, (const uint8_t *)m.data + (size_t)ex * m.data_stride,
+						   (size_t)ex * m.sz_stride, tile, c0, c1,
+						   (const uint2 *)(which && pu != pg ? xs + Kp : xs), 1, 0, 1.0f, acc,
+						   PRE ? pre : nullptr, PRE);
+	/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
+	if (!(lane & 3)) {
+		float *pp = part + ((ti * 2 + which) * WPT + kr) * Q3G_TILE_N;
 
-		if (ex == Q3G_SKIP)
-			continue; /* the CPU's expert (offload) */
-		const uint16_t *pg = mg.perm ? mg.perm + (size_t)ex * mg.perm_stride : NULL;
-		const uint16_t *pu = mu.perm ? mu.perm + (size_t)ex * mu.perm_stride : NULL;
-		const int c0 = kr * L.cpw[0], c1 = min(m.nchunks, c0 + L.cpw[0]);
-
-		if (!staged || pg != sperm[0] || pu != sperm[1]) {
-			__syncthreads(); /* the previous pair is done with xs */
-			stage_gate_up(L, xs, rs, r, 1, mg.K, Kp, pg, pu);
-			sperm[0] = pg;
-			sperm[1] = pu;
-			staged = true;
-			__syncthreads();
-		}
-		/* four loads a batch at four blocks an SM, not the matvec's eight (a smaller body, which
-		 * also stopped the Q4/F16 instance spilling); a tile past an odd count sums nothing */
-		if (tile < mg.ntiles)
-			run_chunks<FMT, 1, LOADS, W, true>(m, (const uint8_t *)m.data + (size_t)ex * m.data_stride,
-							   (size_t)ex * m.sz_stride, tile, c0, c1,
-							   (const uint2 *)(which && pu != pg ? xs + Kp : xs), 1, 0, 1.0f, acc,
-							   PRE ? pre : nullptr, PRE && s == s0);
-		/* token column 0 lives in lanes t = 0, elements 0 (row g) and 2 (row g + 8) */
-		if (!(lane & 3)) {
-			float *pp = part + ((((s - s0) * UP_TPB + ti) * 2 + which) * WPT + kr) * Q3G_TILE_N;
-
-			pp[lane >> 2] = acc[0][0];
-			pp[(lane >> 2) + 8] = acc[0][2];
-		}
+		pp[lane >> 2] = acc[0][0];
+		pp[(lane >> 2) + 8] = acc[0][2];
 	}
 	__syncthreads();
-	for (int i = threadIdx.x; i < (s1 - s0) * UP_TPB * Q3G_TILE_N; i += blockDim.x) {
-		const int j = i / (UP_TPB * Q3G_TILE_N), tt = i / Q3G_TILE_N % UP_TPB, ri = i % Q3G_TILE_N, s = s0 + j;
+	if ((int)threadIdx.x < UP_TPB * Q3G_TILE_N) {
+		const int tt = threadIdx.x / Q3G_TILE_N, ri = threadIdx.x % Q3G_TILE_N;
 		const int row = (bt * UP_TPB + tt) * Q3G_TILE_N + ri;
-		const float *pg = part + ((j * UP_TPB + tt) * 2 * WPT) * Q3G_TILE_N + ri, *pu = pg + WPT * Q3G_TILE_N;
+		const float *pgs = part + tt * 2 * WPT * Q3G_TILE_N + ri, *pus = pgs + WPT * Q3G_TILE_N;
 
-		if (sid[j] != Q3G_SKIP && row < mg.N)
-			L.act[(size_t)(r * (L.k + 1) + s) * L.lda + row] = gate_up_out<WPT>(pg, pu, Q3G_TILE_N);
+		if (row < mg.N)
+			L.act[(size_t)(r * (L.k + 1) + s) * L.lda + row] = gate_up_out<WPT>(pgs, pus, Q3G_TILE_N);
+	}
+}
+
+/* Block (routed pair p = r·k + s of the batch, row tiles as up_pair's), above one row: an expert
+ * that several rows picked is read once for up to jcols of them, their rows the mma's token
+ * columns.  Its pairs in pair order are cut into groups of jcols: the block of a group's first
+ * pair takes the group, the others leave.  At 16 rows of uniform routing 160 pairs touch ~138
+ * experts, and routing that is not uniform shares more.  A column of an mma depends on its own
+ * inputs alone and the k-chunks a warp takes are a pair's, so a pair's sums are up_pair's: bit
+ * for bit the same whatever shares its expert. */
+template <int FMT, bool W, int LOADS>
+static __device__ __forceinline__ void up_expert(const moe_up_launch &L, int bt, int p)
+{
+	extern __shared__ uint4 smem[];
+	__shared__ float rs[UP_JCOLS];
+	__shared__ int jq[UP_JCOLS], jr[UP_JCOLS], wcnt[Q3G_MMV_THREADS / 32];
+	constexpr int WPT = UP_WPT, NW = Q3G_MMV_THREADS / 32;
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int ti = warp / (2 * WPT), which = warp / WPT % 2, kr = warp % WPT; /* 0: gate, 1: up */
+	const int tile = bt * UP_TPB + ti, k = L.k, S = k + 1, P = L.R * k, G = L.jcols;
+	const struct q3g_mat &mg = L.mat[0], &mu = L.mat[1], &m = which ? mu : mg;
+	const int Kp = mg.nchunks * Q3G_KCHUNK, c0 = kr * L.cpw[0], c1 = min(m.nchunks, c0 + L.cpw[0]);
+	const int ex = L.idx[p / k * S + p % k];
+	uint16_t *xs = (uint16_t *)smem;
+	/* the warps' partial sums [tile][gate, up][kr][column][16 rows], after the staged rows */
+	float *part = (float *)(xs + L.xsh);
+	int rank = 0, after = 0; /* the expert's pairs before p; those after it found so far */
+
+	if (ex == Q3G_SKIP)
+		return; /* the CPU's expert (offload) */
+	/* p's rank among its expert's pairs, and the next G - 1 of them after p, in pair order */
+	for (int q0 = 0; q0 < P && after < G - 1; q0 += blockDim.x) {
+		const int q = q0 + threadIdx.x;
+		const bool same = q < P && L.idx[q / k * S + q % k] == ex;
+		const unsigned b = __ballot_sync(0xffffffffu, same && q > p);
+		int pos = after + __popc(b & ((1u << lane) - 1));
+
+		rank += __syncthreads_count(same && q < p);
+		if (lane == 0)
+			wcnt[warp] = __popc(b);
+		__syncthreads();
+#pragma unroll
+		for (int w = 0; w < NW; w++) {
+			pos += w < warp ? wcnt[w] : 0;
+			after += wcnt[w];
+		}
+		if (same && q > p && pos < G - 1)
+			jq[1 + pos] = q;
+		__syncthreads(); /* wcnt */
+	}
+	if (rank % G)
+		return; /* an earlier pair's block computes this one */
+	const int nc = min(G, 1 + after);
+
+	if (threadIdx.x < nc) {
+		const int q = threadIdx.x ? jq[threadIdx.x] : p;
+
+		jq[threadIdx.x] = q;
+		jr[threadIdx.x] = q / k;
+	}
+	__syncthreads();
+	const uint16_t *pg = mg.perm ? mg.perm + (size_t)ex * mg.perm_stride : NULL;
+	const uint16_t *pu = mu.perm ? mu.perm + (size_t)ex * mu.perm_stride : NULL;
+	float acc[1][4] = { { 0.0f, 0.0f, 0.0f, 0.0f } };
+
+	stage_gate_up<UP_JCOLS>(L, xs, rs, 0, nc, mg.K, Kp, pg, pu, jr);
+	__syncthreads();
+	if (tile < mg.ntiles)
+		run_chunks<FMT, 1, LOADS, W, true>(m, (const uint8_t *)m.data + (size_t)ex * m.data_stride,
+						   (size_t)ex * m.sz_stride, tile, c0, c1,
+						   (const uint2 *)(which && pu != pg ? xs + (size_t)nc * Kp : xs), nc, 0, 1.0f,
+						   acc);
+	/* lane (g, t): rows g, g + 8 of columns 2t, 2t + 1 */
+	const int g = lane >> 2, t = lane & 3;
+	float *pp = part + ((ti * 2 + which) * WPT + kr) * G * Q3G_TILE_N;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		const int col = 2 * t + (i & 1);
+
+		if (col < nc)
+			pp[col * Q3G_TILE_N + g + 8 * (i >> 1)] = acc[0][i];
+	}
+	__syncthreads();
+	for (int i = threadIdx.x; i < nc * UP_TPB * Q3G_TILE_N; i += blockDim.x) {
+		const int col = i / (UP_TPB * Q3G_TILE_N), tt = i / Q3G_TILE_N % UP_TPB, ri = i % Q3G_TILE_N;
+		const int row = (bt * UP_TPB + tt) * Q3G_TILE_N + ri, q = jq[col];
+		const float *pgs = part + (tt * 2 * WPT * G + col) * Q3G_TILE_N + ri;
+
+		if (row < mg.N)
+			L.act[(size_t)(q / k * S + q % k) * L.lda + row] =
+				gate_up_out<WPT>(pgs, pgs + WPT * G * Q3G_TILE_N, G * Q3G_TILE_N);
 	}
 }
 
@@ -817,14 +882,15 @@ static __device__ __forceinline__ void up_shared(const moe_up_launch &L, int til
  * of a row even where they differ (a bf16 shared expert beside int4 routed ones took a second
  * launch, 7 us of a layer's ~80 at batch 1).  The grid's first nsb blocks take the shared expert
  * (a tile of it for up to srows rows each; first, because each has up to 16 rows' work), the
- * others a row's group of PB routed pairs, the row tile slowest.  Four blocks an SM (64
+ * others a routed pair each (up_expert: an expert's pairs by the block of its first), the row
+ * tile slowest.  Four blocks an SM (64
  * registers, some tens of bytes spilled; the shared expert's blocks at most as many rows as leave
  * four in shared memory): ncu counted the schedulers issuing in 63% of cycles at three, waiting
  * on latency with 5.6 warps each, and decode went 1578.1 / 1581.7 -> 1595.8 / 1601.1 tok/s at
  * batch 16 (H200, 80b-a3b synthetic, one call; the launch alone 66.9 -> 66.5 us at 16 rows,
- * 7.46 -> 7.68 at one).  SMALL: a grid that fits at two blocks an SM (one row): 128 registers,
- * eight loads a batch, for the bytes in flight that fewer warps lose; a load batch's size
- * changes no sum, so a row's bits stay those of any batch. */
+ * 7.46 -> 7.68 at one).  SMALL: a grid that fits at two blocks an SM (one row; up_pair, as no
+ * two pairs share an expert): 128 registers, eight loads a batch, for the bytes in flight that
+ * fewer warps lose; a load batch's size changes no sum, so a row's bits stay those of any batch. */
 template <int FR, int FS, bool W, bool SMALL>
 __global__ void __launch_bounds__(Q3G_MMV_THREADS, SMALL ? 2 : 4) moe_up_kernel(const __grid_constant__ moe_up_launch L)
 {
@@ -839,10 +905,13 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, SMALL ? 2 : 4) moe_up_kernel(
 			up_shared<FS, 2, W, 4>(L, b % L.nbs, r0, nr);
 		else
 			up_shared<FS, 1, W, SMALL ? 8 : 4>(L, b % L.nbs, r0, nr);
-	} else {
-		const int ngrp = cdiv(L.k, L.pb), gx = L.R * ngrp, i = b - L.nsb, g = i % ngrp;
+	} else { /* a block a routed pair and UP_TPB row tiles, the tiles slowest */
+		const int P = L.R * L.k, i = b - L.nsb;
 
-		up_pairs<FR, W, SMALL ? 8 : 4>(L, i / gx, i % gx / ngrp, g * L.pb, min(L.k, (g + 1) * L.pb));
+		if constexpr (SMALL)
+			up_pair<FR, W, 8>(L, i / P, i % P / L.k, i % P % L.k);
+		else
+			up_expert<FR, W, 4>(L, i / P, i % P);
 	}
 }
 
@@ -860,11 +929,12 @@ static moe_up_fn up_kernel_for(int fr, int fs, bool whole, bool small)
 	return t[small][whole][fr][fs];
 }
 
-/* A routed block's: the row staged twice (gate's and up's permutations), then the warps' partial
- * sums of pb pairs. */
-static size_t up_smem(int kpmax, int pb)
+/* A routed block's: ncol rows staged, twice where gate and up have permutations (theirs may
+ * differ), then the warps' partial sums of ncol columns. */
+static size_t up_smem(const struct q3g_mat *g, const struct q3g_mat *u, int ncol)
 {
-	return (size_t)kpmax * 2 * 2 + (size_t)pb * (Q3G_MMV_THREADS / 32) * Q3G_TILE_N * 4;
+	return (size_t)(1 + (g->perm || u->perm)) * ncol * g->nchunks * Q3G_KCHUNK * 2 +
+	       (size_t)ncol * (Q3G_MMV_THREADS / 32) * Q3G_TILE_N * 4;
 }
 
 /* A shared-expert block's: nr rows staged once or twice, then the warps' partial sums. */
@@ -915,12 +985,6 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	L.nbs = sgate->ntiles;
 	L.cpw[0] = cdiv(gate->nchunks, UP_WPT);
 	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / 2);
-	/* routed pairs a block: about two waves of blocks at four resident an SM, so that a large
-	 * batch stages each row a few times, not once per pair (R = 16, H200: 58.6 us at two pairs a
-	 * block, 60.0 at one, 64.7 at three, 61.6 at five); one where the grid is small anyway */
-	const long blocks = (long)R * k * L.nb, target = 2L * 4 * q3g_dev.sms;
-
-	L.pb = (int)Q3_MIN((long)k, Q3_MAX(1L, blocks / target));
 	L.kpmax = gate->nchunks * Q3G_KCHUNK;
 	/* rows a shared-expert block: up to 16 while four blocks still fit an SM (its staged rows
 	 * set the launch's shared memory, every block's): 8 on the H200, 4 on a 100 KB sm_89 */
@@ -930,14 +994,20 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 		L.srows /= 2;
 	L.srows = Q3_MIN(L.srows, R);
 	L.nsb = cdiv(R, L.srows) * L.nbs;
-	smem = Q3_MAX(up_smem(L.kpmax, L.pb), up_shared_smem(sgate, sup, L.srows));
+	const int grid = L.nsb + R * k * L.nb;
+	const bool whole = q3g_whole_groups(gate) && q3g_whole_groups(sgate);
+	const bool small = grid <= 2 * q3g_dev.sms;
+
+	/* up_expert's columns: UP_JCOLS while four blocks fit an SM */
+	L.jcols = UP_JCOLS;
+	while (L.jcols > 1 && (up_smem(gate, up, L.jcols) > q3g_dev.smem_dyn ||
+			       4 * (up_smem(gate, up, L.jcols) + 1024) > q3g_dev.smem_sm))
+		L.jcols /= 2;
+	L.xsh = (1 + (gate->perm || up->perm)) * (small ? 1 : L.jcols) * L.kpmax;
+	smem = Q3_MAX(up_smem(gate, up, small ? 1 : L.jcols), up_shared_smem(sgate, sup, L.srows));
 	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,
 			       q3g_dev.smem_dyn);
-	const int grid = L.nsb + R * cdiv(k, L.pb) * L.nb;
-	const bool whole = q3g_whole_groups(gate) && q3g_whole_groups(sgate);
-
-	const bool small = grid <= 2 * q3g_dev.sms;
 
 	CUDA_CHECK(e, q3g_launch(up_kernel_for(gate->fmt, sgate->fmt, whole, small), grid, Q3G_MMV_THREADS, smem,
 				 (cudaStream_t)st, L));

@@ -189,13 +189,13 @@ static __device__ __forceinline__ void xs_store_unit(uint16_t *xs, int i, const 
  * block's staging is a few round trips to L2, not one per element.  1 where a block stages one
  * row (a unit a thread at the real shapes) and registers are scarce (moe_up). */
 
-/* Stages x rows [0, R) (fp16, row stride ldx, K inputs) gathered through perm (NULL: identity)
- * into xs for positions [0, Kp) (Kp % 16 == 0); all threads of the block take part (no barrier
- * inside; a warp runs its loop whole, for the pairs' exchange).  Without a permutation a unit is
- * one 16-byte load. */
+/* Stages x rows [0, R) (fp16, row stride ldx, K inputs; rows, where given: row r is x's row
+ * rows[r]) gathered through perm (NULL: identity) into xs for positions [0, Kp) (Kp % 16 == 0);
+ * all threads of the block take part (no barrier inside; a warp runs its loop whole, for the
+ * pairs' exchange).  Without a permutation a unit is one 16-byte load. */
 template <int B>
 static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t *x, int ldx, int R, int K,
-						    int Kp, const uint16_t *perm)
+						    int Kp, const uint16_t *perm, const int *rows = nullptr)
 {
 	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
 	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
@@ -212,7 +212,7 @@ static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t 
 			if (i >= n)
 				break;
 			xs_unit(i, R, r, k0);
-			const uint16_t *xr = x + (size_t)r * ldx;
+			const uint16_t *xr = x + (size_t)(rows ? rows[r] : r) * ldx;
 
 			if (vec && k0 + 8 <= K) {
 				uint4 v = *(const uint4 *)(xr + k0);
@@ -244,16 +244,18 @@ static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t 
 
 /* The zero-centred RMSNorm folded into staging: rs[r] by row_rsqrt (rs: R floats of shared
  * memory), then the same staging as stage_x_f16 of the values fp16(h · rs · (1 + w)), the
- * expression q3g_add_rmsnorm uses.  Contains a barrier: call from every thread. */
+ * expression q3g_add_rmsnorm uses (rows as stage_x_f16's).  Contains a barrier: call from every
+ * thread. */
 template <int B>
 static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, const float *h, int ldh, int R, int K,
-						    int Kp, const uint16_t *perm, const float *w, float eps)
+						    int Kp, const uint16_t *perm, const float *w, float eps,
+						    const int *rows = nullptr)
 {
 	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
 	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
 	const bool vec = !perm && (ldh & 3) == 0 && ((uintptr_t)h & 15) == 0 && ((uintptr_t)w & 15) == 0;
 
-	row_rsqrt(rs, h, ldh, R, K, eps);
+	row_rsqrt(rs, h, ldh, R, K, eps, rows);
 	__syncthreads();
 	for (int w0 = threadIdx.x - wl; w0 < n; w0 += B * blockDim.x) {
 		float v[B][8], f[B][8];
@@ -266,7 +268,7 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 			if (i >= n)
 				break;
 			xs_unit(i, R, r, k0);
-			const float *hr = h + (size_t)r * ldh;
+			const float *hr = h + (size_t)(rows ? rows[r] : r) * ldh;
 			if (vec && k0 + 8 <= K) {
 				float4 a = *(const float4 *)(hr + k0), c = *(const float4 *)(hr + k0 + 4);
 				float4 wa = *(const float4 *)(w + k0), wc = *(const float4 *)(w + k0 + 4);

@@ -1396,13 +1396,15 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 }
 
 /* The decode experts' output for row 0 bit for bit the same at R = 1, 7 and 16 (rows of a larger
- * batch share blocks: moe_up then runs several pairs a block, and the shared expert 7 or 16 rows
- * at once as the mma's columns): routing given, the same for row 0 every time. */
+ * batch share blocks: moe_up then computes an expert that several rows picked once for all of
+ * them, their rows the mma's columns, and the shared expert 7 or 16 rows at once): routing given,
+ * the same for row 0 every time; the last time every row picks row 0's experts (16 columns an
+ * expert, two passes of eight). */
 static void moe_invariance_case(const struct q3g_dims *d, bool act, int sbits = 8)
 {
 	char name[160];
 
-	snprintf(name, sizeof(name), "moe decode%s H=%d I=%d%s: row 0 the same at R = 1, 7, 16", act ? " act-order" : "",
+	snprintf(name, sizeof(name), "moe decode%s H=%d I=%d%s: row 0 the same at R = 1, 7, 16, 16 alike", act ? " act-order" : "",
 		 d->H, d->I, sbits == 16 ? ", shared expert bf16" : sbits == 4 ? ", shared expert q4" : "");
 	if (!want(name))
 		return;
@@ -1417,7 +1419,8 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act, int sbits = 
 	bool same = true;
 
 	rnd_f16(x0, x0f, (size_t)H, 1.0f);
-	for (int R : { 1, 7, 16 }) {
+	for (int v : { 1, 7, 16, -16 }) {
+		const int R = abs(v);
 		std::vector<uint16_t> xb(x0), rest;
 		std::vector<float> rf, w((size_t)R * (k + 1));
 		std::vector<int> idx((size_t)R * (k + 1));
@@ -1426,7 +1429,7 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act, int sbits = 
 		xb.insert(xb.end(), rest.begin(), rest.end());
 		for (int r = 0; r < R; r++)
 			for (int j = 0; j <= k; j++) { /* row 0: experts 3j mod E, weights 1/(j+1), every time */
-				idx[(size_t)r * (k + 1) + j] = j == k ? -1 : r == 0 ? (3 * j) % E : rnd_int(E);
+				idx[(size_t)r * (k + 1) + j] = j == k ? -1 : r == 0 || v < 0 ? (3 * j) % E : rnd_int(E);
 				w[(size_t)r * (k + 1) + j] = r == 0 ? 1.0f / (j + 1) : rnd_uniform();
 			}
 		uint16_t *dx = dev_upload(xb.data(), xb.size());
