@@ -3,9 +3,11 @@
  * backend, the device's measured copy bandwidth beside them.
  *
  *   qwen3d bench decode  --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]
- *                        [--warmup N] [--temperature T] [--top-p P] [--logits] [--csv F]
- *       B sessions, each at position ctx (one prompt of ctx random ids, copied to the others),
- *       then `tokens` decode steps of all B together, each session fed the token drawn for it
+ *                        [--warmup N] [--temperature T] [--top-p P] [--logits] [--same-prompt]
+ *                        [--csv F]
+ *       B sessions, each at position ctx (a prompt of ctx random ids of its own; --same-prompt: one,
+ *       copied to the others, whose rows then pick the same experts far more than a server's
+ *       batch of requests does), then `tokens` decode steps of all B together, each session fed the token drawn for it
  *       (q3_engine_decode_sample: on the device where the backend samples, as the server does;
  *       greedy unless --temperature / --top-p); --logits: every step's logits to the host
  *       instead, random ids fed.
@@ -43,6 +45,7 @@ struct bench_opts {
 	const char *model, *backend, *csv;
 	int batch, ctx, tokens, warmup, reps;
 	int logits; /* --logits: decode steps return logits, nothing is drawn */
+	int same;   /* --same-prompt: one prompt copied to every session */
 	float temperature, top_p; /* the draws' (decode) */
 };
 
@@ -64,6 +67,7 @@ static int parse(int argc, char **argv, struct bench_opts *o, const char *usage)
 		{ "tokens", required_argument, NULL, 't' },  { "warmup", required_argument, NULL, 'w' },
 		{ "reps", required_argument, NULL, 'r' },    { "csv", required_argument, NULL, 'o' },
 		{ "logits", no_argument, NULL, 'L' },	     { "help", no_argument, NULL, 'h' },
+		{ "same-prompt", no_argument, NULL, 'S' },
 		{ "temperature", required_argument, NULL, 'T' }, { "top-p", required_argument, NULL, 'P' },
 		{ 0 },
 	};
@@ -81,6 +85,7 @@ static int parse(int argc, char **argv, struct bench_opts *o, const char *usage)
 		case 'b': o->backend = optarg; break;
 		case 'o': o->csv = optarg; break;
 		case 'L': o->logits = 1; break;
+		case 'S': o->same = 1; break;
 		case 'T': case 'P': {
 			float f = optarg ? strtof(optarg, &end) : -1.0f;
 
@@ -172,7 +177,7 @@ static void csv_row(const char *path, const char *header, const char *row)
 }
 
 /* B sessions at position ctx, then `tokens` timed decode steps of all of them together. */
-static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int warmup, bool want_logits,
+static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int warmup, bool same, bool want_logits,
 		      float temperature, float top_p, const char *csv)
 {
 	const struct q3_config *c = q3_engine_config(eng);
@@ -200,18 +205,20 @@ static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int war
 		q3_sampler_reset(&smp[i], &draw);
 		sp[i] = &smp[i];
 	}
-	if (ctx > 0) {
-		for (int i = 0; i < ctx; i++)
-			ids[i] = rand_id(V);
-		if (q3_session_eval(ss[0], ids, ctx, NULL, 0, &e)) {
-			fprintf(stderr, "qwen3d bench: prompt: %s\n", e.msg);
-			goto out;
-		}
-		for (int i = 1; i < B; i++)
+	for (int i = 0; i < B && ctx > 0; i++) {
+		if (same && i > 0) {
 			if (q3_session_copy(ss[i], ss[0], &e)) {
 				fprintf(stderr, "qwen3d bench: copy: %s\n", e.msg);
 				goto out;
 			}
+			continue;
+		}
+		for (int j = 0; j < ctx; j++)
+			ids[j] = rand_id(V);
+		if (q3_session_eval(ss[i], ids, ctx, NULL, 0, &e)) {
+			fprintf(stderr, "qwen3d bench: prompt %d: %s\n", i, e.msg);
+			goto out;
+		}
 	}
 	double t0 = 0;
 
@@ -321,9 +328,11 @@ out:
 
 static const char decode_usage[] =
 	"usage: qwen3d bench decode --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
-	"                           [--warmup N] [--temperature T] [--top-p P] [--logits] [--csv F]\n"
-	"  each step draws every session's next token (greedy unless --temperature / --top-p; on the\n"
-	"  device where the backend samples); --logits: each step returns the logits to the host instead\n";
+	"                           [--warmup N] [--temperature T] [--top-p P] [--logits] [--same-prompt]\n"
+	"                           [--csv F]\n"
+	"  each session gets its own prompt of --ctx random ids (--same-prompt: one, copied); each step\n"
+	"  draws every session's next token (greedy unless --temperature / --top-p; on the device where\n"
+	"  the backend samples); --logits: each step returns the logits to the host instead\n";
 
 int q3_bench_decode(int argc, char **argv)
 {
@@ -335,7 +344,7 @@ int q3_bench_decode(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, o.ctx + o.warmup + o.tokens + 8, o.batch, &eng))
 		return 1;
-	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.logits, o.temperature, o.top_p, o.csv);
+	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.same, o.logits, o.temperature, o.top_p, o.csv);
 	q3_engine_close(eng);
 	return r;
 }
@@ -360,7 +369,8 @@ int q3_bench_prefill(int argc, char **argv)
 
 static const char suite_usage[] =
 	"usage: qwen3d bench suite --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]\n"
-	"                          [--reps N] [--temperature T] [--top-p P] [--logits] [--csv F]\n"
+	"                          [--reps N] [--temperature T] [--top-p P] [--logits] [--same-prompt]\n"
+	"                          [--csv F]\n"
 	"  one engine: decode at batch 1 and at --batch (default 16) at --ctx (default 1024), --tokens steps\n"
 	"  (default 64), then prefill of 512 and 4096 tokens, --reps times (default 2)\n";
 
@@ -374,9 +384,9 @@ int q3_bench_suite(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, Q3_MAX(o.ctx + o.warmup + o.tokens + 8, 4096 + 8), o.batch, &eng))
 		return 1;
-	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.logits, o.temperature, o.top_p, o.csv) != 0;
+	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.same, o.logits, o.temperature, o.top_p, o.csv) != 0;
 	if (o.batch > 1)
-		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.logits, o.temperature,
+		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.same, o.logits, o.temperature,
 				    o.top_p, o.csv) != 0;
 	fails += run_prefill(eng, 512, Q3_MAX(o.reps, 1), o.csv) != 0;
 	fails += run_prefill(eng, 4096, Q3_MAX(o.reps, 1), o.csv) != 0;
