@@ -5,9 +5,9 @@
  *   qwen3d bench decode  --model DIR [--backend cpu|cuda|auto] [--batch N] [--ctx N] [--tokens N]
  *                        [--warmup N] [--temperature T] [--top-p P] [--logits] [--same-prompt]
  *                        [--csv F]
- *       B sessions, each at position ctx (a prompt of ctx random ids of its own; --same-prompt: one,
- *       copied to the others, whose rows then pick the same experts far more than a server's
- *       batch of requests does), then `tokens` decode steps of all B together, each session fed the token drawn for it
+ *       B sessions, each at position ctx (a prompt of ctx random ids of its own, as a server's
+ *       batch of requests; --same-prompt: one, copied to the others, the benchmark before
+ *       2026-11-30), then `tokens` decode steps of all B together, each session fed the token drawn for it
  *       (q3_engine_decode_sample: on the device where the backend samples, as the server does;
  *       greedy unless --temperature / --top-p); --logits: every step's logits to the host
  *       instead, random ids fed.
