@@ -7,10 +7,10 @@
  *                        [--csv F]
  *       B sessions, each at position ctx (a prompt of ctx random ids of its own, as a server's
  *       batch of requests; --same-prompt: one, copied to the others, the benchmark before
- *       2026-11-30), then `tokens` decode steps of all B together, each session fed the token drawn for it
- *       (q3_engine_decode_sample: on the device where the backend samples, as the server does;
- *       greedy unless --temperature / --top-p); --logits: every step's logits to the host
- *       instead, random ids fed.
+ *       2026-11-30), then `tokens` decode steps of all B together, each session fed the token
+ *       drawn for it (q3_engine_decode_sample: on the device where the backend samples, as the
+ *       server does; greedy unless --temperature / --top-p); --logits: every step's logits to
+ *       the host instead, random ids fed.
  *       Prints tok/s (B · tokens / time), ms per step, and the bytes one step reads over its time
  *       (GB/s).
  *   qwen3d bench prefill --model DIR [--backend ...] [--tokens N] [--reps N] [--csv F]

@@ -1398,14 +1398,14 @@ static void moe_case(const char *label, const struct q3g_dims *d, int bits, int 
 /* The decode experts' output for row 0 bit for bit the same at R = 1, 7 and 16 (rows of a larger
  * batch share blocks: moe_up then computes an expert that several rows picked once for all of
  * them, their rows the mma's columns, and the shared expert 7 or 16 rows at once): routing given,
- * the same for row 0 every time; the last time every row picks row 0's experts (16 columns an
- * expert, two passes of eight). */
+ * the same for row 0 every time; the last time every row picks row 0's experts (an expert's 16
+ * pairs in four groups of four columns). */
 static void moe_invariance_case(const struct q3g_dims *d, bool act, int sbits = 8)
 {
 	char name[160];
 
-	snprintf(name, sizeof(name), "moe decode%s H=%d I=%d%s: row 0 the same at R = 1, 7, 16, 16 alike", act ? " act-order" : "",
-		 d->H, d->I, sbits == 16 ? ", shared expert bf16" : sbits == 4 ? ", shared expert q4" : "");
+	snprintf(name, sizeof(name), "moe decode%s H=%d I=%d%s: row 0 the same at R = 1, 7, 16, 16 alike",
+		 act ? " act-order" : "", d->H, d->I, sbits == 16 ? ", shared expert bf16" : sbits == 4 ? ", shared expert q4" : "");
 	if (!want(name))
 		return;
 	struct tmoe m;
