@@ -8,6 +8,8 @@
  *   bench_kernels --gdn [R]      only the GDN decode layer at batch R, default 1 (under a profiler)
  *   bench_kernels --dense bf16   the GDN layer's dense projections and shared expert in bf16 (as the
  *                                80b-a3b synthetic keeps them), not GPTQ int4
+ *   bench_kernels --act-order    the GDN layer's experts (and GPTQ shared expert) with act-order, as
+ *                                mkmodel makes them by default (g_idx)
  *   bench_kernels --host         only the experts read from host memory over PCIe (q3g_moe_host)
  *   bench_kernels --linear       only the dense Linears (the matvec), each beside a copy of its traffic
  */
@@ -23,6 +25,7 @@
 
 static FILE *g_csv;
 static enum lin_kind g_dense = LIN_GPTQ; /* the GDN layer's qkvz, out_proj and shared expert */
+static bool g_actorder; /* the GDN layer's experts with act-order (mkmodel's default, g_idx) */
 static double g_peak, g_h2d;
 
 static float time_graph(cudaGraphExec_t ex, cudaStream_t st)
@@ -101,7 +104,8 @@ static void report_vs_copy(const char *what, float ms, double bytes, cudaStream_
 }
 
 /* A stack of `copies` identical-shape Linears (random GPTQ or bf16). */
-static void make_stack(struct dmat *d, std::vector<struct tlin> &ls, int copies, int N, int K, enum lin_kind kind)
+static void make_stack(struct dmat *d, std::vector<struct tlin> &ls, int copies, int N, int K, enum lin_kind kind,
+		       bool actorder = false)
 {
 	std::vector<const struct q3_linear *> p(copies);
 
@@ -109,7 +113,7 @@ static void make_stack(struct dmat *d, std::vector<struct tlin> &ls, int copies,
 	for (int i = 0; i < copies; i++) {
 		/* one random matrix, repeated: uploads stay quick, bytes are distinct in memory */
 		if (i == 0)
-			make_linear(&ls[0], N, K, kind, 4, 128, false, false);
+			make_linear(&ls[0], N, K, kind, 4, 128, false, actorder);
 		p[i] = &ls[0].l;
 	}
 	dmat_upload(d, p.data(), copies);
@@ -406,7 +410,9 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	d.conv_dim = 8192; d.E = E; d.topk = k; d.I = I; d.Is = I; d.norm_topk = true; d.eps = 1e-6f; d.max_ctx = 64;
 	const int qd = 2 * d.key_dim + 2 * d.value_dim, lda = q3g_moe_lda(I, I);
 	std::vector<struct dmat> qkvz(NL), ba(NL), out(NL), router(NL), sgate(NL);
-	struct dmat eg, eu, ed, shg, shu, shd;
+	/* every layer its own experts, as the model's: one stack for all of them let a launch timed
+	 * alone find the experts the one before it had read in L2 */
+	std::vector<struct dmat> eg(NL), eu(NL), ed(NL), shg(NL), shu(NL), shd(NL);
 	std::vector<struct tlin> tl[5], te[6];
 
 	for (int l = 0; l < NL; l++) {
@@ -415,13 +421,13 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 		make_stack(&out[l], tl[2], 1, H, d.value_dim, g_dense);
 		make_stack(&router[l], tl[3], 1, E, H, LIN_BF16);
 		make_stack(&sgate[l], tl[4], 1, 1, H, LIN_BF16);
+		make_stack(&eg[l], te[0], E, I, H, LIN_GPTQ, g_actorder);
+		make_stack(&eu[l], te[1], E, I, H, LIN_GPTQ, g_actorder);
+		make_stack(&ed[l], te[2], E, H, I, LIN_GPTQ, g_actorder);
+		make_stack(&shg[l], te[3], 1, I, H, g_dense, g_actorder);
+		make_stack(&shu[l], te[4], 1, I, H, g_dense, g_actorder);
+		make_stack(&shd[l], te[5], 1, H, I, g_dense, g_actorder);
 	}
-	make_stack(&eg, te[0], E, I, H, LIN_GPTQ);
-	make_stack(&eu, te[1], E, I, H, LIN_GPTQ);
-	make_stack(&ed, te[2], E, H, I, LIN_GPTQ);
-	make_stack(&shg, te[3], 1, I, H, g_dense);
-	make_stack(&shu, te[4], 1, I, H, g_dense);
-	make_stack(&shd, te[5], 1, H, I, g_dense);
 	/* sessions: R sequences at position 10, one layer of state each */
 	size_t conv_n = (size_t)3 * d.conv_dim, rec_n = (size_t)d.Nv * d.Dv * d.Dk;
 	std::vector<struct q3g_seq> seqs(R);
@@ -442,10 +448,20 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	float *h = dev_upload(hh.data(), hh.size()), *w0 = dev_upload(ones.data(), H), *dA = dev_upload(A_log.data(), d.Nv);
 	float *ddt = dev_upload(dtb.data(), d.Nv), *dcw = dev_upload(cw.data(), cw.size()), *dnw = dev_upload(nw.data(), d.Dv);
 	float *pq = dev_alloc<float>((size_t)R * qd), *pba = dev_alloc<float>((size_t)R * 2 * d.Nv);
-	float *lg = dev_alloc<float>((size_t)R * E), *sg = dev_alloc<float>(R), *wts = dev_alloc<float>((size_t)R * S);
+	float *lg = dev_alloc<float>((size_t)R * E), *sg = dev_alloc<float>(R);
 	uint16_t *gu = dev_alloc<uint16_t>((size_t)R * S * lda);
 	uint16_t *core = dev_alloc<uint16_t>((size_t)R * d.value_dim), *xb = dev_alloc<uint16_t>((size_t)R * H);
-	int *idx = dev_alloc<int>((size_t)R * S);
+	/* every layer's own routing, as its router left it in the chain below: the experts launches
+	 * timed alone read each layer's picks, not one layer's eight times */
+	std::vector<int *> idx(NL);
+	std::vector<float *> wts(NL);
+
+	for (int l = 0; l < NL; l++) {
+		idx[l] = dev_alloc<int>((size_t)R * S);
+		wts[l] = dev_alloc<float>((size_t)R * S);
+		GT_CHECK(cudaMemset(idx[l], 0, (size_t)R * S * sizeof(int)));
+		GT_CHECK(cudaMemset(wts[l], 0, (size_t)R * S * sizeof(float)));
+	}
 	static const char *names[] = { "qkvz+ba (norm fused)", "conv+delta+gated norm", "out_proj + residual",
 				       "router + top-k + norm", "experts up", "experts down + residual",
 				       "(router logits alone)", "(top-k alone)", "(an empty kernel)" };
@@ -471,21 +487,21 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 			GT_OK(q3g_mmv(j, 1, R, st, &e_));
 			break;
 		case 3: /* the router in fp32 (R <= 16: the SIMT kernel, no cuBLAS), then the top k */
-			GT_OK(q3g_router(NULL, lg, sg, idx, wts, E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
+			GT_OK(q3g_router(NULL, lg, sg, idx[l], wts[l], E, k, true, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R,
 					 H, NULL, NULL, xb, st, &e_));
 			break;
 		case 4:
-			GT_OK(q3g_moe_up(gu, xb, idx, &eg.m, &eu.m, &shg.m, &shu.m, R, k, H, lda, st, &e_));
+			GT_OK(q3g_moe_up(gu, xb, idx[l], &eg[l].m, &eu[l].m, &shg[l].m, &shu[l].m, R, k, H, lda, st, &e_));
 			break;
 		case 5:
-			GT_OK(q3g_moe_down(h, gu, idx, wts, &ed.m, &shd.m, R, k, H, lda, st, &e_));
+			GT_OK(q3g_moe_down(h, gu, idx[l], wts[l], &ed[l].m, &shd[l].m, R, k, H, lda, st, &e_));
 			break;
 		case 6:
 			GT_OK(q3g_router_logits(NULL, lg, sg, h, w0, 1e-6f, &router[l].m, &sgate[l].m, R, H, NULL, NULL, st,
 						&e_));
 			break;
 		case 7:
-			GT_OK(q3g_router_topk(idx, wts, lg, sg, R, E, k, true, st, &e_));
+			GT_OK(q3g_router_topk(idx[l], wts[l], lg, sg, R, E, k, true, st, &e_));
 			break;
 		default: /* the floor: a launch that does nothing, after one that did */
 			empty_kernel<<<1, 32, 0, st>>>();
@@ -496,8 +512,8 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 	const double distinct = E * (1.0 - pow(1.0 - (double)k / E, R));
 	const double bytes = (double)mat_bytes(&qkvz[0]) + mat_bytes(&ba[0]) + mat_bytes(&out[0]) +
 			     mat_bytes(&router[0]) + mat_bytes(&sgate[0]) +
-			     distinct * ((double)mat_bytes(&eg) + mat_bytes(&eu) + mat_bytes(&ed)) +
-			     (double)mat_bytes(&shg) + mat_bytes(&shu) + mat_bytes(&shd) +
+			     distinct * ((double)mat_bytes(&eg[0]) + mat_bytes(&eu[0]) + mat_bytes(&ed[0])) +
+			     (double)mat_bytes(&shg[0]) + mat_bytes(&shu[0]) + mat_bytes(&shd[0]) +
 			     2.0 * R * rec_n * 4;
 	cudaDeviceProp prop;
 
@@ -643,6 +659,8 @@ int main(int argc, char **argv)
 			}
 			g_dense = LIN_BF16, i++;
 		}
+		else if (!strcmp(argv[i], "--act-order"))
+			g_actorder = true;
 		else if (!strcmp(argv[i], "--gdn"))
 			gdn_only = i + 1 < argc && atoi(argv[i + 1]) > 0 ? atoi(argv[++i]) : 1;
 	}
