@@ -73,6 +73,7 @@ static void test_fill_is_independent_of_the_cuts(void **state)
 
 	o.zipf = 1.0; /* special columns and rows too */
 	o.dense_bits = 8;
+	o.act_order = true; /* shuffled g_idx: the cuts must not change the order either */
 	plan(o, &s);
 	for (size_t i = 0; i < s.ntensors; i++) {
 		const struct q3_synth_tensor *t = &s.t[i];
@@ -94,6 +95,64 @@ static void test_fill_is_independent_of_the_cuts(void **state)
 		free(b);
 	}
 	q3_synth_free(&s);
+}
+
+/* --act-order: every g_idx puts exactly group_size inputs in each group, scattered over the row
+ * (not the sequential i / group of the default), in an order of its own per tensor (GPTQ's
+ * desc_act leaves each Linear its own); without it, g_idx stays sequential. */
+static void test_act_order_g_idx_is_a_shuffled_grouping(void **state)
+{
+	for (int shuffled = 0; shuffled < 2; shuffled++) {
+		struct q3_synth s;
+		struct q3_synth_opts o = defaults("tiny");
+		int32_t *first = NULL;
+		int ngidx = 0, K0 = 0;
+
+		o.dense_bits = 4;
+		o.act_order = shuffled;
+		plan(o, &s);
+		for (size_t i = 0; i < s.ntensors; i++) {
+			const struct q3_synth_tensor *t = &s.t[i];
+			const char *dot = strrchr(t->name, '.');
+
+			if (!dot || strcmp(dot, ".g_idx"))
+				continue;
+			const int K = (int)t->shape[0], G = o.group_size, ng = K / G;
+			int32_t *g = malloc(t->nbytes);
+			int *count = calloc(ng, sizeof(int)), seq = 0;
+
+			assert_int_equal(t->dtype, Q3_DT_I32);
+			q3_synth_fill(t, 0, t->nbytes, g);
+			for (int k = 0; k < K; k++) {
+				if (g[k] < 0 || g[k] >= ng)
+					fail_msg("%s[%d] = %d: outside 0..%d", t->name, k, g[k], ng - 1);
+				count[g[k]]++;
+				seq += g[k] == k / G;
+			}
+			for (int j = 0; j < ng; j++)
+				if (count[j] != G)
+					fail_msg("%s: group %d has %d inputs, not %d", t->name, j, count[j], G);
+			/* a random order leaves K / ng in place, give or take sqrt(K); one group has
+			 * nothing to shuffle */
+			if (shuffled && ng > 1 && seq > K / ng + K / 4)
+				fail_msg("%s: %d of %d inputs in their sequential group", t->name, seq, K);
+			if (!shuffled && seq != K)
+				fail_msg("%s: not sequential without --act-order", t->name);
+			if (ng == 1) {
+			} else if (!first) {
+				first = g, K0 = K;
+				g = NULL;
+			} else if (shuffled && K == K0 && !memcmp(first, g, sizeof(int32_t) * K)) {
+				fail_msg("%s: the same order as the first g_idx", t->name);
+			}
+			ngidx++;
+			free(g);
+			free(count);
+		}
+		assert_true(ngidx > 10);
+		free(first);
+		q3_synth_free(&s);
+	}
 }
 
 /* Loads a plan's tensors into a fake checkpoint table so that the reference dequant can read them. */
@@ -283,7 +342,8 @@ static void test_written_model_reads_back(void **state)
 
 /* A tiny synthetic model runs through the CPU engine: finite logits of the designed size (lm_head
  * gain 2: RMS about 2) that depend on the token (a model whose every position gives the same
- * logits is useless for benchmarks: the failure mode of weights with a common bias). */
+ * logits is useless for benchmarks: the failure mode of weights with a common bias); again with
+ * every Linear quantized and act-order (--act-order: desc_act in the config, shuffled g_idx). */
 static void test_tiny_model_runs_on_the_cpu_engine(void **state)
 {
 	char *d = tu_mkdtemp();
@@ -297,27 +357,31 @@ static void test_tiny_model_runs_on_the_cpu_engine(void **state)
 	int V;
 	q3_err e;
 
-	assert_int_equal(run_mkmodel("--preset", "tiny", "--out", d, "--zipf", "0.8", "--quiet", NULL), 0);
-	if (q3_engine_open(&eo, &eng, &e) || q3_session_new(eng, &ses, &e))
-		fail_msg("%s", e.msg);
-	V = q3_engine_config(eng)->vocab_size;
-	lg = malloc(sizeof(float) * (size_t)T * V);
-	if (q3_session_eval(ses, ids, T, lg, Q3_EVAL_ALL_LOGITS, &e))
-		fail_msg("%s", e.msg);
-	for (int t = 0; t < T; t++) {
-		double ss = 0, dot = 0, s0 = 0;
-		for (int v = 0; v < V; v++) {
-			float x = lg[(size_t)t * V + v], x0 = lg[v];
-			assert_true(isfinite(x));
-			ss += (double)x * x, s0 += (double)x0 * x0, dot += (double)x * x0;
+	for (int ao = 0; ao < 2; ao++) { /* g_idx sequential, then shuffled (act-order) */
+		assert_int_equal(run_mkmodel("--preset", "tiny", "--out", d, "--zipf", "0.8", "--quiet", "--force", "--dense",
+					     ao ? "q4" : "bf16", ao ? "--act-order" : NULL, NULL), 0);
+		if (q3_engine_open(&eo, &eng, &e) || q3_session_new(eng, &ses, &e))
+			fail_msg("%s", e.msg);
+		assert_int_equal(q3_engine_config(eng)->quant.base.desc_act, ao);
+		V = q3_engine_config(eng)->vocab_size;
+		lg = malloc(sizeof(float) * (size_t)T * V);
+		if (q3_session_eval(ses, ids, T, lg, Q3_EVAL_ALL_LOGITS, &e))
+			fail_msg("%s", e.msg);
+		for (int t = 0; t < T; t++) {
+			double ss = 0, dot = 0, s0 = 0;
+			for (int v = 0; v < V; v++) {
+				float x = lg[(size_t)t * V + v], x0 = lg[v];
+				assert_true(isfinite(x));
+				ss += (double)x * x, s0 += (double)x0 * x0, dot += (double)x * x0;
+			}
+			assert_true(sqrt(ss / V) > 0.5 && sqrt(ss / V) < 8);
+			if (t) /* not the same direction as position 0 */
+				assert_true(dot / sqrt(ss * s0) < 0.9);
 		}
-		assert_true(sqrt(ss / V) > 0.5 && sqrt(ss / V) < 8);
-		if (t) /* not the same direction as position 0 */
-			assert_true(dot / sqrt(ss * s0) < 0.9);
+		free(lg);
+		q3_session_free(ses);
+		q3_engine_close(eng);
 	}
-	free(lg);
-	q3_session_free(ses);
-	q3_engine_close(eng);
 	tu_rm_rf(d);
 	free(d);
 }
@@ -341,6 +405,7 @@ static void test_bad_options_are_refused(void **state)
 	q3_synth_free(&s);
 	assert_int_equal(run_mkmodel("--preset", "tiny", NULL), 2); /* no --out */
 	assert_int_equal(run_mkmodel("--preset", "tiny", "--out", "/x", "--dense", "q5", NULL), 2);
+	assert_int_equal(run_mkmodel("--preset", "tiny", "--out", "/x", "--no-g-idx", "--act-order", NULL), 2);
 }
 
 int main(void)
@@ -348,6 +413,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_full_size_bytes_match_the_spec),
 		cmocka_unit_test(test_fill_is_independent_of_the_cuts),
+		cmocka_unit_test(test_act_order_g_idx_is_a_shuffled_grouping),
 		cmocka_unit_test(test_weights_have_the_designed_rms),
 		cmocka_unit_test(test_routing_skew_is_calibrated),
 		cmocka_unit_test(test_written_model_reads_back),

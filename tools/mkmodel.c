@@ -1,7 +1,7 @@
 /* mkmodel.c - `qwen3d mkmodel`: writes a synthetic checkpoint in the exact hub layout at disk speed.
  *
  *   qwen3d mkmodel --preset tiny|80b-a3b --out DIR [--layers N] [--experts N] [--experts-bits 4|8]
- *                  [--dense q4|q8|bf16] [--group-size 128] [--no-g-idx] [--zipf S] [--seed N]
+ *                  [--dense q4|q8|bf16] [--group-size 128] [--no-g-idx | --act-order] [--zipf S] [--seed N]
  *                  [--shard-size 5GB] [--threads N] [--no-direct] [--force] [--dry-run] [--quiet]
  *
  * The description (tensors, shards, offsets, values) comes from synth.c.  Writing: the files are
@@ -266,7 +266,7 @@ static void describe(const struct q3_synth *s)
 	       a->hidden, a->vocab);
 	printf("experts_bits %d\ndense %s\ngroup_size %d\ng_idx %s\n", s->opt.expert_bits,
 	       s->opt.dense_bits == 16 ? "bf16" : s->opt.dense_bits == 8 ? "q8" : "q4", s->opt.group_size,
-	       s->opt.g_idx ? "yes" : "no");
+	       !s->opt.g_idx ? "no" : s->opt.act_order ? "yes (act-order: a shuffled input order)" : "yes (sequential)");
 	printf("tensors %zu\nshards %d\ntensor_bytes %" PRIu64 "\nexpert_bytes %" PRIu64 "\nfile_bytes %" PRIu64
 	       "\nsize %s\n",
 	       s->ntensors, s->nshards, s->tensor_bytes, s->expert_bytes, s->file_bytes,
@@ -287,6 +287,8 @@ static void usage(FILE *f)
 		"  --dense F           q4, q8 or bf16: the other projections (default bf16)\n"
 		"  --group-size G      GPTQ group size (default 128)\n"
 		"  --no-g-idx          leave out g_idx (AutoRound style)\n"
+		"  --act-order         g_idx of a shuffled input order (desc_act: the engine permutes the\n"
+		"                      inputs; the default g_idx is sequential, as without act-order)\n"
 		"  --zipf S            skew routing: expert popularity ~ rank^-S (default 0: none)\n"
 		"  --seed N            random seed (default 1)\n"
 		"  --shard-size SIZE   bytes of tensors per shard (default 5e9, as the hub's 5GB)\n"
@@ -304,6 +306,7 @@ int cmd_mkmodel(int argc, char **argv)
 		{ "layers", required_argument, 0, 'L' },   { "experts", required_argument, 0, 'E' },
 		{ "experts-bits", required_argument, 0, 'b' }, { "dense", required_argument, 0, 'd' },
 		{ "group-size", required_argument, 0, 'g' }, { "no-g-idx", no_argument, 0, 'G' },
+		{ "act-order", no_argument, 0, 'A' },
 		{ "zipf", required_argument, 0, 'z' },	   { "seed", required_argument, 0, 's' },
 		{ "shard-size", required_argument, 0, 'S' }, { "threads", required_argument, 0, 't' },
 		{ "no-direct", no_argument, 0, 'D' },	   { "force", no_argument, 0, 'f' },
@@ -336,6 +339,7 @@ int cmd_mkmodel(int argc, char **argv)
 			break;
 		case 'g': o.group_size = (int)strtol(optarg, &end, 10); if (*end) goto bad; break;
 		case 'G': o.g_idx = false; break;
+		case 'A': o.act_order = true; break;
 		case 'z': o.zipf = strtod(optarg, &end); if (*end) goto bad; break;
 		case 's': o.seed = strtoull(optarg, &end, 0); if (*end) goto bad; break;
 		case 'S': if (q3_parse_size(optarg, &o.shard_size)) goto bad; break;
@@ -352,6 +356,10 @@ int cmd_mkmodel(int argc, char **argv)
 		fprintf(stderr, "qwen3d mkmodel: %s\n",
 			optind < argc ? "unexpected argument" : !o.preset ? "--preset is required" : "--out is required");
 		usage(stderr);
+		return 2;
+	}
+	if (o.act_order && !o.g_idx) {
+		fprintf(stderr, "qwen3d mkmodel: --act-order needs g_idx (drop --no-g-idx)\n");
 		return 2;
 	}
 	err = q3_synth_plan(&o, &s, &e);

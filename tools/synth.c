@@ -104,6 +104,43 @@ static inline uint16_t octave_bits(const struct octave *o, uint32_t x)
 	return (uint16_t)(s << 15 | (o->ebase + up) << o->mbits | m);
 }
 
+/* The input order of an act-order g_idx of n inputs: σ(i), a pseudo-random permutation of
+ * [0, n) keyed by the tensor's seed, made element by element (a range cut anywhere gives the same
+ * bytes): rounds of bijections on the bits of the next power of two (multiply by an odd number,
+ * xor a right shift, add), walked again while the result is n or more (a bijection on [0, n)).
+ * Input i falls in group σ(i) / group: every group gets `group` inputs scattered over the row,
+ * as GPTQ's desc_act leaves them. */
+struct gidx_order {
+	uint64_t n, mask, key[4];
+	int shift;
+};
+
+static struct gidx_order gidx_order_of(const struct q3_gen *g, uint64_t n)
+{
+	struct gidx_order o = { .n = n };
+	int bits = 1;
+
+	while (bits < 63 && (1ull << bits) < n)
+		bits++;
+	o.mask = (1ull << bits) - 1;
+	o.shift = bits / 2 + 1;
+	for (int r = 0; r < 4; r++)
+		o.key[r] = rnd(g->seed, 1 + (uint64_t)r);
+	return o;
+}
+
+static uint64_t gidx_sigma(const struct gidx_order *o, uint64_t i)
+{
+	do {
+		for (int r = 0; r < 4; r++) {
+			i = (i * (o->key[r] | 1)) & o->mask;
+			i ^= i >> o->shift;
+			i = (i + (o->key[r] >> 32)) & o->mask;
+		}
+	} while (i >= o->n);
+	return i;
+}
+
 /* Whole elements [i0, i1) into dst (element i0 at dst). */
 static void fill_whole(const struct q3_synth_tensor *t, uint64_t i0, uint64_t i1, uint8_t *dst)
 {
@@ -129,8 +166,11 @@ static void fill_whole(const struct q3_synth_tensor *t, uint64_t i0, uint64_t i1
 			memcpy(dst, &h, 2);
 		}
 	} else if (g->kind == Q3_GEN_GIDX) {
+		const struct gidx_order o = gidx_order_of(g, (uint64_t)g->cols);
+
 		for (uint64_t i = i0; i < i1; i++, dst += 4) {
-			int32_t v = (int32_t)(i / (uint64_t)g->group);
+			uint64_t k = g->shuffled ? gidx_sigma(&o, i) : i;
+			int32_t v = (int32_t)(k / (uint64_t)g->group);
 			memcpy(dst, &v, 4);
 		}
 	} else {
@@ -501,6 +541,7 @@ static void add_linear(struct builder *b, const char *mod, int64_t K, int64_t N,
 			snprintf(name, sizeof(name), "%s.g_idx", mod);
 			g = gen(Q3_GEN_GIDX);
 			g.group = o->group_size;
+			g.shuffled = o->act_order;
 			add(b, name, Q3_DT_I32, 1, sgi, g);
 		}
 	}
@@ -820,7 +861,7 @@ static json_t *quant_config(const struct q3_synth *s)
 
 	json_object_set_new(q, "bits", json_integer(o->expert_bits));
 	json_object_set_new(q, "group_size", json_integer(o->group_size));
-	json_object_set_new(q, "desc_act", json_false());
+	json_object_set_new(q, "desc_act", json_boolean(o->g_idx && o->act_order));
 	json_object_set_new(q, "sym", json_true());
 	json_object_set_new(q, "lm_head", json_false());
 	json_object_set_new(q, "quant_method", json_string("gptq"));

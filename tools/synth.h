@@ -47,6 +47,7 @@ struct q3_synth_opts {
 	int dense_bits;		/* 4, 8, or 16 (BF16) for the other quantizable Linears */
 	int group_size;		/* GPTQ group size (input channels) */
 	bool g_idx;		/* write g_idx tensors (GPTQModel does) */
+	bool act_order;		/* g_idx of a shuffled input order (desc_act): the engine permutes */
 	double zipf;		/* expert popularity exponent; 0 = no skew */
 	uint64_t seed;
 	uint64_t shard_size;	/* bytes of tensors per shard (huggingface_hub: max_shard_size) */
@@ -60,7 +61,7 @@ enum q3_gen_kind {
 			 * Linear add a common (all-ones) component, which the next one amplifies by
 			 * ~sqrt(K), until 48 layers give the same output for every token. */
 	Q3_GEN_CONST32, /* every 32-bit word = cval: symmetric GPTQ zero points */
-	Q3_GEN_GIDX,	/* i / group: sequential g_idx */
+	Q3_GEN_GIDX,	/* i / group: sequential g_idx; shuffled: σ(i) / group, σ a permutation */
 	Q3_GEN_UNIFORM, /* mean + std * sqrt(3) * U(-1, 1), in the tensor's float dtype */
 	Q3_GEN_LOGU,	/* log(U(lo, hi)) with lo = mean, hi = std: A_log */
 	Q3_GEN_OCTAVE,	/* (random sign) m * 2^E or m * 2^(E+1), m uniform in [1, 2), RMS = std:
@@ -71,6 +72,7 @@ struct q3_gen {
 	enum q3_gen_kind kind;
 	float mean, std;
 	bool positive;	      /* OCTAVE: no sign bit */
+	bool shuffled;	      /* GIDX: act-order (gidx_order) */
 	uint32_t cval;
 	int group;
 	int64_t cols;	      /* row length of the 2-D view (last dim, or the product of the rest) */
