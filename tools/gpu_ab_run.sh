@@ -4,7 +4,8 @@
 # tools/gpu_pack.sh: "change") on the full-size 80b-a3b synthetic checkpoint made here (~25 s),
 # ROUNDS times each per batch size (default: 1 16), each round starting one build later so that no
 # build always runs first; then `bench_kernels --gdn 1` of each.  Environment: MODEL (an existing
-# checkpoint instead), WORK (scratch, default /var/tmp), ROUNDS (2), CTX (1024), TOKENS (64).
+# checkpoint instead), WORK (scratch, default /var/tmp), ROUNDS (2), CTX (1024), TOKENS (64),
+# MKMODEL_ARGS (more mkmodel options for the checkpoint made here, e.g. --act-order).
 set -u
 cd "$(dirname "$0")/.."
 . tools/gpu_common.sh
@@ -27,7 +28,8 @@ for b in "${BUILDS[@]}"; do
 	printf '%-8s %s\n' "$(name "$b")" "$(cat "$b/COMMIT" 2>/dev/null)"
 done
 if [ -z "${MODEL:-}" ]; then
-	build/gpu/qwen3d mkmodel --preset 80b-a3b --out "$M" --force --quiet || exit 1
+	# shellcheck disable=SC2086 # MKMODEL_ARGS: words
+	build/gpu/qwen3d mkmodel --preset 80b-a3b --out "$M" --force --quiet ${MKMODEL_ARGS:-} || exit 1
 	cat "$M"/*.safetensors >/dev/null # into the page cache: every load then takes the same
 fi
 n=${#BUILDS[@]}

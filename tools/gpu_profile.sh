@@ -4,6 +4,7 @@
 # Profiling starts at the first forward pass (cuda_backend.cu calls cudaProfilerStart there):
 # profiled one by one, the load's ~25,000 repacking launches alone took ncu past 7 minutes.
 # Needs build/gpu.tar.xz (tools/gpu_pack.sh).  Writes $OUT/ncu_*.csv and prints a per-kernel table.
+# Environment: DENSE (bf16, q4 or q8), MKMODEL_ARGS (more mkmodel options, e.g. --act-order).
 set -u
 OUT=${OUT:-/tmp/gpu_profile_out}
 mkdir -p "$OUT"
@@ -12,7 +13,8 @@ unpack gpu || exit 1
 Q=$PWD/build/gpu/qwen3d
 M=/tmp/m4
 DENSE=${DENSE:-bf16}
-timeout 60 "$Q" mkmodel --preset 80b-a3b --layers 4 --dense "$DENSE" --out $M --force --quiet || exit 1
+# shellcheck disable=SC2086 # MKMODEL_ARGS: more mkmodel options (--act-order), words
+timeout 60 "$Q" mkmodel --preset 80b-a3b --layers 4 --dense "$DENSE" --out $M --force --quiet ${MKMODEL_ARGS:-} || exit 1
 NCU="ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --print-units base"
 for run in "b1:decode --batch 1 --ctx 0 --tokens 2 --warmup 0" "b16:decode --batch 16 --ctx 0 --tokens 1 --warmup 0" \
 	   "p4096:prefill --tokens 4096 --reps 1"; do
