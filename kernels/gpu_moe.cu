@@ -629,7 +629,6 @@ struct moe_up_launch {
 	int srows;	      /* rows a shared-expert block takes at once */
 	int nsb;	      /* shared-expert blocks, the grid's first: cdiv(R, srows) · nbs */
 	int cpw[2];	      /* chunks a warp takes of a routed / the shared expert's matrix */
-	int kpmax;	      /* staged positions of a row: the routed matrices' nchunks * 64 */
 };
 
 /* Rows [r, r + nr) (rows, where given: rows[0 .. nr) of the batch) staged into xs for positions
@@ -985,7 +984,6 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	L.nbs = sgate->ntiles;
 	L.cpw[0] = cdiv(gate->nchunks, UP_WPT);
 	L.cpw[1] = cdiv(sgate->nchunks, Q3G_MMV_THREADS / 32 / 2);
-	L.kpmax = gate->nchunks * Q3G_KCHUNK;
 	/* rows a shared-expert block: up to 16 while four blocks still fit an SM (its staged rows
 	 * set the launch's shared memory, every block's): 8 on the H200, 4 on a 100 KB sm_89 */
 	L.srows = Q3G_MMV_MAX_TOK;
@@ -1003,7 +1001,7 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	while (L.jcols > 1 && (up_smem(gate, up, L.jcols) > q3g_dev.smem_dyn ||
 			       4 * (up_smem(gate, up, L.jcols) + 1024) > q3g_dev.smem_sm))
 		L.jcols /= 2;
-	L.xsh = (1 + (gate->perm || up->perm)) * (small ? 1 : L.jcols) * L.kpmax;
+	L.xsh = (1 + (gate->perm || up->perm)) * (small ? 1 : L.jcols) * gate->nchunks * Q3G_KCHUNK;
 	smem = Q3_MAX(up_smem(gate, up, small ? 1 : L.jcols), up_shared_smem(sgate, sup, L.srows));
 	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,

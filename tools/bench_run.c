@@ -177,9 +177,12 @@ static void csv_row(const char *path, const char *header, const char *row)
 }
 
 /* B sessions at position ctx, then `tokens` timed decode steps of all of them together. */
-static int run_decode(struct q3_engine *eng, int B, int ctx, int tokens, int warmup, bool same, bool want_logits,
-		      float temperature, float top_p, const char *csv)
+static int run_decode(struct q3_engine *eng, const struct bench_opts *o, int B, int tokens)
 {
+	const int ctx = o->ctx, warmup = o->warmup;
+	const bool same = o->same, want_logits = o->logits;
+	const float temperature = o->temperature, top_p = o->top_p;
+	const char *csv = o->csv;
 	const struct q3_config *c = q3_engine_config(eng);
 	int V = c->vocab_size, rc = 1;
 	struct q3_session **ss = calloc(B, sizeof(*ss));
@@ -344,7 +347,7 @@ int q3_bench_decode(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, o.ctx + o.warmup + o.tokens + 8, o.batch, &eng))
 		return 1;
-	r = run_decode(eng, o.batch, o.ctx, o.tokens, o.warmup, o.same, o.logits, o.temperature, o.top_p, o.csv);
+	r = run_decode(eng, &o, o.batch, o.tokens);
 	q3_engine_close(eng);
 	return r;
 }
@@ -384,10 +387,9 @@ int q3_bench_suite(int argc, char **argv)
 		return r == 1 ? 0 : r;
 	if (open_engine(&o, Q3_MAX(o.ctx + o.warmup + o.tokens + 8, 4096 + 8), o.batch, &eng))
 		return 1;
-	fails += run_decode(eng, 1, o.ctx, o.tokens, o.warmup, o.same, o.logits, o.temperature, o.top_p, o.csv) != 0;
+	fails += run_decode(eng, &o, 1, o.tokens) != 0;
 	if (o.batch > 1)
-		fails += run_decode(eng, o.batch, o.ctx, Q3_MAX(o.tokens / 2, 1), o.warmup, o.same, o.logits, o.temperature,
-				    o.top_p, o.csv) != 0;
+		fails += run_decode(eng, &o, o.batch, Q3_MAX(o.tokens / 2, 1)) != 0;
 	fails += run_prefill(eng, 512, Q3_MAX(o.reps, 1), o.csv) != 0;
 	fails += run_prefill(eng, 4096, Q3_MAX(o.reps, 1), o.csv) != 0;
 	q3_engine_close(eng);

@@ -358,10 +358,6 @@ int cmd_mkmodel(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
-	if (o.act_order && !o.g_idx) {
-		fprintf(stderr, "qwen3d mkmodel: --act-order needs g_idx (drop --no-g-idx)\n");
-		return 2;
-	}
 	err = q3_synth_plan(&o, &s, &e);
 	if (err) {
 		fprintf(stderr, "qwen3d mkmodel: %s\n", e.msg);

@@ -810,6 +810,8 @@ int q3_synth_plan(const struct q3_synth_opts *o, struct q3_synth *s, q3_err *e)
 		return q3_errf(e, -EINVAL, "--dense: expected q4, q8 or bf16");
 	if (o->group_size < 32 || o->group_size > 4096 || o->group_size & (o->group_size - 1))
 		return q3_errf(e, -EINVAL, "--group-size %d: expected a power of two in 32..4096", o->group_size);
+	if (o->act_order && !o->g_idx)
+		return q3_errf(e, -EINVAL, "--act-order needs g_idx (drop --no-g-idx)");
 	if (!(o->zipf >= 0 && o->zipf <= 4))
 		return q3_errf(e, -EINVAL, "--zipf %g: expected 0..4", o->zipf);
 	if (o->shard_size < (1u << 20))
