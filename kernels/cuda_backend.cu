@@ -171,42 +171,35 @@ static int up_f32(float **dst, const struct q3_tensor *t, q3_err *e)
 	return 0;
 }
 
-/* A stack of Linears (all one shape) in tile format. */
-/* A stack of p->nmat matrices laid out by plan p, filled from ls. */
-static int up_planned(struct lin *L, const struct q3g_mat_plan *p, const struct q3_linear *const *ls,
-		      const int *rowmap, struct q3g_stage *sg, cudaStream_t st, const char *what, q3_err *e)
-{
-	int err, n = p->nmat;
-
-	if ((err = dalloc(&L->mem, q3g_mat_bytes(p), what, e)))
-		return err;
-	q3g_mat_place(&L->m, p, L->mem);
-	for (int i = 0; i < n; i++)
-		if ((err = q3g_mat_upload(&L->m, i, ls[i], rowmap, sg, st, e))) {
-			char name[256];
-
-			return q3_err_prefix(e, err, "%s", q3_linear_name(ls[i], name, sizeof(name)));
-		}
-	return 0;
-}
-
-static int up_lin(struct lin *L, const struct q3_linear *const *ls, int n, const int *rowmap,
-		  struct q3g_stage *sg, cudaStream_t st, const char *what, q3_err *e)
+/* A stack of nmat matrices on the device, its format planned from ls[0 .. n) (all one shape), not
+ * yet filled. */
+static int place_stack(struct lin *L, const struct q3_linear *const *ls, int n, int nmat, bool sorted,
+		       const char *what, q3_err *e)
 {
 	struct q3g_mat_plan p;
 	int err;
 
 	if ((err = q3g_mat_plan(ls, n, &p, e)))
 		return err;
-	return up_planned(L, &p, ls, rowmap, sg, st, what, e);
+	p.nmat = nmat;
+	p.sorted = sorted;
+	if ((err = dalloc(&L->mem, q3g_mat_bytes(&p), what, e)))
+		return err;
+	q3g_mat_place(&L->m, &p, L->mem);
+	return 0;
 }
 
+/* One Linear in tile format. */
 static int up_one(struct lin *L, const struct q3_linear *l, const int *rowmap, struct q3g_stage *sg,
 		  cudaStream_t st, q3_err *e)
 {
 	char name[256];
+	int err;
 
-	return up_lin(L, &l, 1, rowmap, sg, st, q3_linear_name(l, name, sizeof(name)), e);
+	q3_linear_name(l, name, sizeof(name));
+	if ((err = place_stack(L, &l, 1, 1, false, name, e)) || (err = q3g_mat_upload(&L->m, 0, l, rowmap, sg, st, e)))
+		return q3_err_prefix(e, err, "%s", name);
+	return 0;
 }
 
 /* ---- open / close --------------------------------------------------------------------------- */
@@ -315,40 +308,65 @@ static void gdn_rowmaps(const struct q3_config *c, int *qkvz, int *ba)
 	}
 }
 
-/* The routed experts of a layer the offload plan keeps in VRAM, slot by slot (all of them when
- * nothing is offloaded; a spare slot holds expert 0's weights and is never read). */
-/* Matrix `which` (0 gate, 1 up, 2 down) of expert x. */
-static const struct q3_linear *expert_lin(const struct q3_layer *ML, int x, int which)
+/* An MLP's stacks (gate, up, down; nmat matrices each) planned from experts xs[0 .. n), with
+ * what act-order allows: up takes gate's permutation when theirs are one (q3g_gate_up_one_order:
+ * GPTQ's, a row staged once for both), and down reads its inputs sorted, without a gather, where
+ * the activations stay on the device (sorted_down; q3g_expert_upload). */
+static int place_mlp(struct lin *st[3], const struct q3_expert *xs, int n, int nmat, bool sorted_down,
+		     const char *what, q3_err *e)
 {
-	return which == 0 ? &ML->experts[x].gate : which == 1 ? &ML->experts[x].up : &ML->experts[x].down;
-}
-
-/* The stack of a layer's routed experts in VRAM (their slots).  Its format comes from every
- * expert of the layer, not only the resident ones: re-balancing later uploads others into these
- * slots, and one needing zero points or an act-order permutation must find room for them. */
-static int up_experts(struct lin *L, const struct q3_layer *ML, int E, const struct q3_offload *off, int which,
-		      struct q3g_stage *sg, cudaStream_t st, q3_err *e)
-{
-	int n = q3_off_slots(off, ML->idx);
-	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)Q3_MAX(n, E));
-	struct q3g_mat_plan p;
-	char what[64];
-	int err;
+	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)n);
+	const bool one = q3g_gate_up_one_order(xs, n);
+	char name[96];
+	int err = 0;
 
 	if (!ls)
 		return q3_errf(e, -ENOMEM, "out of memory");
-	for (int x = 0; x < E; x++)
-		ls[x] = expert_lin(ML, x, which);
-	if (!(err = q3g_mat_plan(ls, E, &p, e))) {
-		p.nmat = n;
-		for (int s = 0; s < n; s++)
-			ls[s] = expert_lin(ML, Q3_MAX(0, q3_off_slot_expert(off, ML->idx, s)), which);
-		snprintf(what, sizeof(what), "layer %d experts' %s", ML->idx,
-			 which == 0 ? "gate" : which == 1 ? "up" : "down");
-		err = up_planned(L, &p, ls, NULL, sg, st, what, e);
+	for (int w = 0; w < 3 && !err; w++) {
+		for (int x = 0; x < n; x++)
+			ls[x] = w == 0 ? &xs[x].gate : w == 1 ? &xs[x].up : &xs[x].down;
+		snprintf(name, sizeof(name), "%s %s", what, w == 0 ? "gate" : w == 1 ? "up" : "down");
+		err = place_stack(st[w], ls, n, nmat, w == 1 ? one : w == 2 && sorted_down, name, e);
 	}
+	if (!err && one)
+		st[1]->m.perm = st[0]->m.perm;
 	free(ls);
 	return err;
+}
+
+/* The stacks of a layer's routed experts in VRAM, slot by slot (all of them when nothing is
+ * offloaded; a spare slot holds expert 0's weights and is never read).  Their formats come from every
+ * expert of the layer, not only the resident ones: re-balancing later uploads others into these
+ * slots, and one needing zero points or an act-order permutation must find room for them.  Down
+ * reads sorted inputs unless the offload computes some experts on the CPU, whose activations
+ * keep the checkpoint's order. */
+static int up_experts(struct glayer *L, const struct q3_layer *ML, int E, const struct q3_offload *off,
+		      struct q3g_stage *sg, cudaStream_t st, q3_err *e)
+{
+	struct lin *stacks[3] = { &L->egate, &L->eup, &L->edown };
+	int n = q3_off_slots(off, ML->idx), err;
+	char what[64];
+
+	snprintf(what, sizeof(what), "layer %d experts'", ML->idx);
+	if ((err = place_mlp(stacks, ML->experts, E, n, !q3_off_active(off), what, e)))
+		return err;
+	for (int s = 0; s < n && !err; s++)
+		err = q3g_expert_upload(&L->egate.m, &L->eup.m, &L->edown.m, s,
+					&ML->experts[Q3_MAX(0, q3_off_slot_expert(off, ML->idx, s))], sg, st, e);
+	return err;
+}
+
+/* The shared expert (its activations never leave the device: down reads them sorted). */
+static int up_shared(struct glayer *L, const struct q3_layer *ML, struct q3g_stage *sg, cudaStream_t st, q3_err *e)
+{
+	struct lin *stacks[3] = { &L->sgate, &L->sup, &L->sdown };
+	char what[64];
+	int err;
+
+	snprintf(what, sizeof(what), "layer %d shared expert's", ML->idx);
+	if ((err = place_mlp(stacks, &ML->shared, 1, 1, true, what, e)))
+		return err;
+	return q3g_expert_upload(&L->sgate.m, &L->sup.m, &L->sdown.m, 0, &ML->shared, sg, st, e);
 }
 
 static int up_layer(struct cuda_bk *bk, int i, int *nlin, int *nfull, const int *rm_qkvz, const int *rm_ba,
@@ -379,9 +397,7 @@ static int up_layer(struct cuda_bk *bk, int i, int *nlin, int *nfull, const int 
 	}
 	if ((err = up_one(&L->router, &ML->router, NULL, sg, st, e)) ||
 	    (err = up_one(&L->shared_gate, &ML->shared_gate, NULL, sg, st, e)) ||
-	    (err = up_one(&L->sgate, &ML->shared.gate, NULL, sg, st, e)) ||
-	    (err = up_one(&L->sup, &ML->shared.up, NULL, sg, st, e)) ||
-	    (err = up_one(&L->sdown, &ML->shared.down, NULL, sg, st, e)))
+	    (err = up_shared(L, ML, sg, st, e)))
 		return err;
 	return 0;
 }
@@ -542,9 +558,7 @@ static int up_all_experts(struct cuda_bk *bk, uint64_t dense, struct q3g_stage *
 		struct glayer *L = &bk->layers[i];
 		const struct q3_layer *ML = &bk->m->layers[i];
 
-		if ((err = up_experts(&L->egate, ML, c->num_experts, bk->off, 0, sg, bk->st, e)) ||
-		    (err = up_experts(&L->eup, ML, c->num_experts, bk->off, 1, sg, bk->st, e)) ||
-		    (err = up_experts(&L->edown, ML, c->num_experts, bk->off, 2, sg, bk->st, e)))
+		if ((err = up_experts(L, ML, c->num_experts, bk->off, sg, bk->st, e)))
 			return err;
 	}
 	DALLOC(bk->sidx, (size_t)bk->maxrows * (c->top_k + 1) * 4, "routing");
@@ -1256,18 +1270,6 @@ static void cuda_stats(void *p, struct q3_engine_stats *s)
 	snprintf(s->cpu_isa, sizeof(s->cpu_isa), "%s", os.isa);
 }
 
-/* Expert ex's gate, up and down into slot `slot` of layer L's stacks. */
-static int up_expert_slot(struct glayer *L, const struct q3_expert *ex, int slot, struct q3g_stage *sg,
-			  cudaStream_t st, q3_err *e)
-{
-	int err;
-
-	if ((err = q3g_mat_upload(&L->egate.m, slot, &ex->gate, NULL, sg, st, e)) ||
-	    (err = q3g_mat_upload(&L->eup.m, slot, &ex->up, NULL, sg, st, e)))
-		return err;
-	return q3g_mat_upload(&L->edown.m, slot, &ex->down, NULL, sg, st, e);
-}
-
 /* Between requests: one bounded re-balancing round of the VRAM expert cache (cuda_offload.h). */
 static int cuda_idle(void *p, q3_err *e)
 {
@@ -1287,17 +1289,18 @@ static int cuda_idle(void *p, q3_err *e)
 		int l = sw[i].layer_in, xi = sw[i].expert_in, xo = sw[i].expert_out;
 		int slot = q3_off_swap_slot(bk->off, l, xi, xo);
 		struct glayer *L = &bk->layers[l];
+		const struct q3_expert *X = bk->m->layers[l].experts;
 
 		if (slot < 0)
 			continue;
-		if (!(err = up_expert_slot(L, &bk->m->layers[l].experts[xi], slot, &sg, bk->st, e)) &&
+		if (!(err = q3g_expert_upload(&L->egate.m, &L->eup.m, &L->edown.m, slot, &X[xi], &sg, bk->st, e)) &&
 		    !(err = q3_off_swap_commit(bk->off, l, xi, xo, e))) {
 			done++;
 		} else {
 			/* the slot still belongs to xo: put its weights back (best effort) */
 			q3_err re;
 
-			up_expert_slot(L, &bk->m->layers[l].experts[xo], slot, &sg, bk->st, &re);
+			q3g_expert_upload(&L->egate.m, &L->eup.m, &L->edown.m, slot, &X[xo], &sg, bk->st, &re);
 		}
 	}
 	cudaFree(sg.dev);

@@ -30,6 +30,7 @@ extern "C" {
 #endif
 
 struct q3_linear;
+struct q3_expert;
 struct q3_err;
 typedef struct CUstream_st *q3g_stream; /* = cudaStream_t */
 
@@ -60,8 +61,12 @@ struct q3g_mat {
 	const float *scales;	/* [nmat][ntiles][ngroups][16]; NULL for fp16 */
 	const float *zeros;	/* [nmat][ntiles][ngroups][16] zero points; NULL: symmetric (8 or 128) */
 	const uint16_t *perm;	/* [nmat][nchunks * 64]: position -> input index (act-order), >= K:
-				 * padding; NULL: identity */
+				 * padding; NULL: identity, or the inputs arrive sorted (sorted) */
 	size_t data_stride, sz_stride, perm_stride; /* per matrix: bytes, floats, entries */
+	bool sorted;		/* act-order, the permutation not its own: stored in sorted input order
+				 * as always, but the kernels read the inputs in order (perm NULL: the
+				 * Linear before wrote them so, q3g_expert_upload) or through another
+				 * stack's equal permutation (perm: gate's, for up) */
 };
 
 /* Host-side plan of a stack: format and sizes, decided from the stored Linears (all of one
@@ -72,6 +77,8 @@ struct q3g_mat {
 struct q3g_mat_plan {
 	int fmt, N, K, ntiles, nchunks, gsteps, ngroups, nmat;
 	bool zeros, perm;
+	bool sorted; /* the caller's, before q3g_mat_bytes: a perm stack that will not keep its
+		      * permutation (q3g_mat.sorted; no room for it) */
 	size_t data_bytes, sz_floats, perm_entries; /* per matrix */
 };
 
@@ -95,6 +102,21 @@ struct q3g_stage {
 int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, const int *rowmap,
 		   struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
 
+/* Expert x (gate, up, down) into matrix idx of three stacks.  When down is sorted (perm NULL),
+ * gate's and up's rows are stored in down's act-order input order, so the activations
+ * silu(gate)·up come out in the order down reads them: down's input gather (half the speed of
+ * experts down at 16 rows) goes, and the sums are the same products in the same order, bit for
+ * bit.  Only for stacks whose activations never leave the device (not the experts the offload
+ * computes on the CPU). */
+int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *down, int idx,
+		      const struct q3_expert *x, struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
+
+/* Whether experts xs[0 .. n) each read gate's and up's inputs in one act-order (equal
+ * permutations), as GPTQ leaves Linears that share an input (one Hessian, one order).  Then up's
+ * stack, sorted, takes gate's permutation (the same pointer), and moe_up stages each row once
+ * for both, not once through each. */
+bool q3g_gate_up_one_order(const struct q3_expert *xs, int n);
+
 /* Repacks matrices idx0 .. idx0 + n - 1 of stack m (n <= Q3G_RAW_BATCH) in one launch from raw
  * GPTQ tensors already copied to the device: matrix idx0 + j's qweight, qzeros and scales (the
  * stored bytes, 4-byte aligned) at base + off[j][0..2], each shaped like l's (same N, K, bits,
@@ -104,7 +126,8 @@ int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, 
 int q3g_mat_repack_raw(const struct q3g_mat *m, int idx0, int n, const struct q3_linear *l, const void *base,
 		       const uint64_t (*off)[3], q3g_stream st, struct q3_err *e);
 
-/* W of matrix idx as fp16 row-major [N][K] in the original input order (for cuBLAS and tests). */
+/* W of matrix idx as fp16 row-major [N][K] in the order its inputs arrive: the original order, sorted
+ * for a sorted stack (for cuBLAS and tests). */
 int q3g_mat_expand(const struct q3g_mat *m, int idx, uint16_t *w, q3g_stream st, struct q3_err *e);
 /* The same in fp32. */
 int q3g_mat_expand_f32(const struct q3g_mat *m, int idx, float *w, q3g_stream st, struct q3_err *e);

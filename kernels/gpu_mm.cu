@@ -190,11 +190,16 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 						pr[2 * q + 1] = pack_h2(dev_silu(a.z) * b.z, dev_silu(a.w) * b.w);
 					}
 				} else {
+					uint16_t pk[16];
+
+					perm_unit(pk, perm, kb);
+					perm_unit(pk + 8, perm, kb + 8);
+#pragma unroll
 					for (int i = 0; i < 8; i++) {
 						float v[2];
 #pragma unroll
 						for (int q = 0; q < 2; q++) {
-							int kk = perm ? perm[kb + 2 * i + q] : kb + 2 * i + q;
+							const int kk = pk[2 * i + q];
 
 							v[q] = kk < m.K ? dev_silu(g[kk]) * up[kk] : 0.0f;
 						}
@@ -210,15 +215,16 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 					pr[0] = a.x, pr[1] = a.y, pr[2] = a.z, pr[3] = a.w;
 					pr[4] = b.x, pr[5] = b.y, pr[6] = b.z, pr[7] = b.w;
 				} else {
-					for (int i = 0; i < 8; i++) {
-						uint16_t h[2];
-#pragma unroll
-						for (int q = 0; q < 2; q++) {
-							int kk = perm ? perm[kb + 2 * i + q] : kb + 2 * i + q;
+					uint16_t pk[16];
 
-							h[q] = kk < m.K ? xr[kk] : 0;
-						}
-						pr[i] = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+					perm_unit(pk, perm, kb);
+					perm_unit(pk + 8, perm, kb + 8);
+#pragma unroll
+					for (int i = 0; i < 8; i++) {
+						const uint32_t lo = pk[2 * i] < m.K ? xr[pk[2 * i]] : 0,
+							       hi = pk[2 * i + 1] < m.K ? xr[pk[2 * i + 1]] : 0;
+
+						pr[i] = lo | hi << 16;
 					}
 				}
 			}

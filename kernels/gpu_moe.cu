@@ -928,11 +928,11 @@ static moe_up_fn up_kernel_for(int fr, int fs, bool whole, bool small)
 	return t[small][whole][fr][fs];
 }
 
-/* A routed block's: ncol rows staged, twice where gate and up have permutations (theirs may
- * differ), then the warps' partial sums of ncol columns. */
+/* A routed block's: ncol rows staged, twice where gate and up read them in different orders
+ * (one permutation: q3g_gate_up_one_order), then the warps' partial sums of ncol columns. */
 static size_t up_smem(const struct q3g_mat *g, const struct q3g_mat *u, int ncol)
 {
-	return (size_t)(1 + (g->perm || u->perm)) * ncol * g->nchunks * Q3G_KCHUNK * 2 +
+	return (size_t)(1 + (g->perm != u->perm)) * ncol * g->nchunks * Q3G_KCHUNK * 2 +
 	       (size_t)ncol * (Q3G_MMV_THREADS / 32) * Q3G_TILE_N * 4;
 }
 
@@ -1001,7 +1001,7 @@ static int moe_up(uint16_t *act, const uint16_t *x, const float *xh, const float
 	while (L.jcols > 1 && (up_smem(gate, up, L.jcols) > q3g_dev.smem_dyn ||
 			       4 * (up_smem(gate, up, L.jcols) + 1024) > q3g_dev.smem_sm))
 		L.jcols /= 2;
-	L.xsh = (1 + (gate->perm || up->perm)) * (small ? 1 : L.jcols) * gate->nchunks * Q3G_KCHUNK;
+	L.xsh = (1 + (gate->perm != up->perm)) * (small ? 1 : L.jcols) * gate->nchunks * Q3G_KCHUNK;
 	smem = Q3_MAX(up_smem(gate, up, small ? 1 : L.jcols), up_shared_smem(sgate, sup, L.srows));
 	if (smem > q3g_dev.smem_dyn)
 		return q3_errf(e, -EINVAL, "moe up: %zu bytes of shared memory exceed the device's %zu", smem,

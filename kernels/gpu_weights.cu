@@ -169,7 +169,7 @@ extern "C" size_t q3g_mat_bytes(const struct q3g_mat_plan *p)
 	size_t n = (size_t)p->nmat;
 
 	return n * data_stride(p) + align256(n * p->sz_floats * 4) * (p->zeros ? 2 : 1) +
-	       align256(n * p->perm_entries * 2);
+	       (p->sorted ? 0 : align256(n * p->perm_entries * 2));
 }
 
 extern "C" void q3g_mat_place(struct q3g_mat *m, const struct q3g_mat_plan *p, void *mem)
@@ -199,8 +199,12 @@ extern "C" void q3g_mat_place(struct q3g_mat *m, const struct q3g_mat_plan *p, v
 		}
 	}
 	if (p->perm) {
-		m->perm = (const uint16_t *)c;
+		/* a sorted stack's stride too: the permutation it borrows has the same layout */
 		m->perm_stride = p->perm_entries;
+		if (p->sorted)
+			m->sorted = true;
+		else
+			m->perm = (const uint16_t *)c;
 	}
 }
 
@@ -557,7 +561,7 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 		float *zr = m->zeros ? (float *)m->zeros + (size_t)idx * m->sz_stride : NULL;
 		size_t threads = (size_t)m->ntiles * m->nchunks * 32, nsc = (size_t)m->ntiles * m->ngroups * 16;
 
-		if (m->perm) {
+		if (m->perm || m->sorted) {
 			int Kp = m->nchunks * Q3G_KCHUNK;
 			int *perm = (int *)malloc(sizeof(int) * (size_t)l->K);
 			uint16_t *p16 = (uint16_t *)((char *)sg->host + off);
@@ -574,9 +578,11 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 			CUDA_CHECK(e, cudaMemcpyAsync((char *)sg->dev + off, p16, (size_t)Kp * 2,
 						      cudaMemcpyHostToDevice, st));
 			s.perm = (const uint16_t *)((char *)sg->dev + off);
-			/* the permutation is part of the weight: keep a copy next to it */
-			CUDA_CHECK(e, cudaMemcpyAsync((uint16_t *)m->perm + (size_t)idx * m->perm_stride, s.perm,
-						      (size_t)Kp * 2, cudaMemcpyDeviceToDevice, st));
+			/* the permutation is part of the weight: keep a copy next to it (a sorted
+			 * stack keeps none: its perm, if any, is another's) */
+			if (m->perm && !m->sorted)
+				CUDA_CHECK(e, cudaMemcpyAsync((uint16_t *)m->perm + (size_t)idx * m->perm_stride,
+							      s.perm, (size_t)Kp * 2, cudaMemcpyDeviceToDevice, st));
 			off += align256((size_t)Kp * 2);
 		}
 		repack_gptq_kernel<<<(unsigned)cdiv((int)threads, 256), 256, 0, st>>>(s, dst, m->ntiles, m->nchunks);
@@ -589,13 +595,52 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 	return 0;
 }
 
+extern "C" int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *down,
+				 int idx, const struct q3_expert *x, struct q3g_stage *sg, q3g_stream st, q3_err *e)
+{
+	const struct q3_linear *ls[3] = { &x->gate, &x->up, &x->down };
+	const struct q3g_mat *ms[3] = { gate, up, down };
+	int *order = NULL, err = 0;
+
+	if (down->sorted && !down->perm) {
+		/* row n of gate and up is stored at place n' where down reads input n at position n' */
+		if (x->down.K != x->gate.N || x->down.K != x->up.N)
+			return q3_errf(e, -EINVAL, "gpu weights: down's %d inputs are not gate's %d and up's %d rows",
+				       x->down.K, x->gate.N, x->up.N);
+		if (!(order = (int *)malloc(sizeof(int) * (size_t)x->down.K)))
+			return q3_errf(e, -ENOMEM, "out of memory");
+		if (gptq_perm(&x->down, order) < 0)
+			err = q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
+	}
+	for (int i = 0; i < 3 && !err; i++)
+		if ((err = q3g_mat_upload(ms[i], idx, ls[i], i < 2 ? order : NULL, sg, st, e))) {
+			char name[256];
+
+			err = q3_err_prefix(e, err, "%s", q3_linear_name(ls[i], name, sizeof(name)));
+		}
+	free(order);
+	return err;
+}
+
+extern "C" bool q3g_gate_up_one_order(const struct q3_expert *xs, int n)
+{
+	int K = n > 0 ? xs[0].gate.K : 0, *pg = (int *)malloc(sizeof(int) * (size_t)K * 2), *pu = pg + K;
+	bool one = pg != NULL;
+
+	for (int i = 0; i < n && one; i++)
+		one = xs[i].gate.K == K && xs[i].up.K == K && gptq_perm(&xs[i].gate, pg) >= 0 &&
+		      gptq_perm(&xs[i].up, pu) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
+	free(pg);
+	return one;
+}
+
 extern "C" int q3g_mat_repack_raw(const struct q3g_mat *m, int idx0, int n, const struct q3_linear *l,
 				  const void *base, const uint64_t (*off)[3], q3g_stream stream, q3_err *e)
 {
 	gptq_src s;
 	raw_batch rb;
 
-	if (l->fmt != Q3_W_GPTQ || m->fmt == Q3G_F16 || m->perm)
+	if (l->fmt != Q3_W_GPTQ || m->fmt == Q3G_F16 || m->perm || m->sorted)
 		return q3_errf(e, -EINVAL, "gpu weights: raw repack takes GPTQ tile formats without act-order");
 	if (n < 1 || n > Q3G_RAW_BATCH)
 		return q3_errf(e, -EINVAL, "gpu weights: raw repack of %d matrices (1 to %d)", n, Q3G_RAW_BATCH);

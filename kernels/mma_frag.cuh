@@ -189,6 +189,27 @@ static __device__ __forceinline__ void xs_store_unit(uint16_t *xs, int i, const 
  * block's staging is a few round trips to L2, not one per element.  1 where a block stages one
  * row (a unit a thread at the real shapes) and registers are scarce (moe_up). */
 
+/* The inputs of the 8 positions [k0, k0 + 8) through perm (NULL: identity; >= K: padding): one
+ * 16-byte load of the permutation (each matrix's starts 16-byte aligned, k0 % 8 == 0), not eight
+ * dependent 2-byte ones before the gathers can start. */
+static __device__ __forceinline__ void perm_unit(uint16_t pk[8], const uint16_t *perm, int k0)
+{
+	if (perm) {
+		const uint4 v = __ldg((const uint4 *)(perm + k0));
+		const uint32_t u[4] = { v.x, v.y, v.z, v.w };
+
+#pragma unroll
+		for (int q = 0; q < 4; q++) {
+			pk[2 * q] = (uint16_t)(u[q] & 0xffff);
+			pk[2 * q + 1] = (uint16_t)(u[q] >> 16);
+		}
+	} else {
+#pragma unroll
+		for (int q = 0; q < 8; q++)
+			pk[q] = (uint16_t)(k0 + q);
+	}
+}
+
 /* Stages x rows [0, R) (fp16, row stride ldx, K inputs; rows, where given: row r is x's row
  * rows[r]) gathered through perm (NULL: identity) into xs for positions [0, Kp) (Kp % 16 == 0);
  * all threads of the block take part (no barrier inside; a warp runs its loop whole, for the
@@ -222,10 +243,12 @@ static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t 
 				p[b][2] = v.z;
 				p[b][3] = v.w;
 			} else {
+				uint16_t pk[8];
+
+				perm_unit(pk, perm, k0);
 #pragma unroll
 				for (int q = 0; q < 4; q++) {
-					int ka = perm ? perm[k0 + 2 * q] : k0 + 2 * q, kb = perm ? perm[k0 + 2 * q + 1] : k0 + 2 * q + 1;
-					uint32_t lo = ka < K ? xr[ka] : 0, hi = kb < K ? xr[kb] : 0;
+					uint32_t lo = pk[2 * q] < K ? xr[pk[2 * q]] : 0, hi = pk[2 * q + 1] < K ? xr[pk[2 * q + 1]] : 0;
 
 					p[b][q] = lo | hi << 16;
 				}
@@ -278,12 +301,13 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 				f[b][0] = wa.x, f[b][1] = wa.y, f[b][2] = wa.z, f[b][3] = wa.w;
 				f[b][4] = wc.x, f[b][5] = wc.y, f[b][6] = wc.z, f[b][7] = wc.w;
 			} else {
+				uint16_t pk[8];
+
+				perm_unit(pk, perm, k0);
 #pragma unroll
 				for (int q = 0; q < 8; q++) {
-					int kk = perm ? perm[k0 + q] : k0 + q;
-
-					v[b][q] = kk < K ? hr[kk] : 0.0f;
-					f[b][q] = kk < K ? w[kk] : 0.0f;
+					v[b][q] = pk[q] < K ? hr[pk[q]] : 0.0f;
+					f[b][q] = pk[q] < K ? w[pk[q]] : 0.0f;
 				}
 			}
 		}

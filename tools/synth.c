@@ -105,11 +105,11 @@ static inline uint16_t octave_bits(const struct octave *o, uint32_t x)
 }
 
 /* The input order of an act-order g_idx of n inputs: σ(i), a pseudo-random permutation of
- * [0, n) keyed by the tensor's seed, made element by element (a range cut anywhere gives the same
- * bytes): rounds of bijections on the bits of the next power of two (multiply by an odd number,
- * xor a right shift, add), walked again while the result is n or more (a bijection on [0, n)).
- * Input i falls in group σ(i) / group: every group gets `group` inputs scattered over the row,
- * as GPTQ's desc_act leaves them. */
+ * [0, n) keyed by the order's key (q3_gen.order, else the tensor's seed), made element by
+ * element (a range cut anywhere gives the same bytes): rounds of bijections on the bits of the
+ * next power of two (multiply by an odd number, xor a right shift, add), walked again while the
+ * result is n or more (a bijection on [0, n)).  Input i falls in group σ(i) / group: every group
+ * gets `group` inputs scattered over the row, as GPTQ's desc_act leaves them. */
 struct gidx_order {
 	uint64_t n, mask, key[4];
 	int shift;
@@ -125,7 +125,7 @@ static struct gidx_order gidx_order_of(const struct q3_gen *g, uint64_t n)
 	o.mask = (1ull << bits) - 1;
 	o.shift = bits / 2 + 1;
 	for (int r = 0; r < 4; r++)
-		o.key[r] = rnd(g->seed, 1 + (uint64_t)r);
+		o.key[r] = rnd(g->order ? g->order : g->seed, 1 + (uint64_t)r);
 	return o;
 }
 
@@ -490,9 +490,10 @@ static void add_vec(struct builder *b, const char *name, int64_t n, struct q3_ge
 }
 
 /* A Linear [K in -> N out] with weight RMS gain / sqrt(K).  bits 16 = BF16 .weight, else GPTQ v1
- * symmetric.  zero_out: output channel forced to 0 (the routing skew channel). */
+ * symmetric.  zero_out: output channel forced to 0 (the routing skew channel).  order: the key of
+ * its act-order input order (input_order), 0 for one of its own. */
 static void add_linear(struct builder *b, const char *mod, int64_t K, int64_t N, int bits, float gain,
-		       int64_t zero_out, bool expert)
+		       int64_t zero_out, bool expert, uint64_t order)
 {
 	const struct q3_synth_opts *o = &b->s->opt;
 	float wstd = gain / sqrtf((float)K);
@@ -542,10 +543,20 @@ static void add_linear(struct builder *b, const char *mod, int64_t K, int64_t N,
 			g = gen(Q3_GEN_GIDX);
 			g.group = o->group_size;
 			g.shuffled = o->act_order;
+			g.order = order;
 			add(b, name, Q3_DT_I32, 1, sgi, g);
 		}
 	}
 	b->expert = false;
+}
+
+/* The act-order key of an input that several Linears of layer `layer` read: GPTQ's desc_act sorts
+ * a Linear's inputs by the Hessian of what it reads, so Linears that read one input (q, k and v;
+ * an expert's gate and up, whose Hessian sums the tokens routed to that expert) get one order.
+ * which: 0 attention's input, 1 the shared expert's, 2 + x routed expert x's. */
+static uint64_t input_order(const struct builder *b, int layer, int which)
+{
+	return rnd(b->seed ^ 0x6f72646572ull, (uint64_t)layer << 20 | (uint64_t)which) | 1;
 }
 
 static struct q3_gen zero_centred_norm(void)
@@ -569,9 +580,9 @@ static void add_layer(struct builder *b, int i)
 		int64_t conv[3] = { 2 * kd + vd, 1, a->conv_kernel };
 
 		snprintf(m, sizeof(m), "%s.linear_attn.in_proj_qkvz", p);
-		add_linear(b, m, H, 2 * kd + 2 * vd, db, 1.0f, -1, false);
+		add_linear(b, m, H, 2 * kd + 2 * vd, db, 1.0f, -1, false, input_order(b, i, 0));
 		snprintf(m, sizeof(m), "%s.linear_attn.in_proj_ba", p);
-		add_linear(b, m, H, 2 * a->lin_v_heads, 16, 1.0f, -1, false);
+		add_linear(b, m, H, 2 * a->lin_v_heads, 16, 1.0f, -1, false, 0);
 		snprintf(m, sizeof(m), "%s.linear_attn.conv1d.weight", p);
 		add(b, m, Q3_DT_BF16, 3, conv, uniform(0, 0.5f));
 		snprintf(m, sizeof(m), "%s.linear_attn.dt_bias", p);
@@ -583,18 +594,18 @@ static void add_layer(struct builder *b, int i)
 		snprintf(m, sizeof(m), "%s.linear_attn.norm.weight", p);
 		add_vec(b, m, a->lin_v_dim, uniform(1.0f, 0.02f));
 		snprintf(m, sizeof(m), "%s.linear_attn.out_proj", p);
-		add_linear(b, m, vd, H, db, OUT_RMS / SILU_RMS, skew, false);
+		add_linear(b, m, vd, H, db, OUT_RMS / SILU_RMS, skew, false, 0);
 	} else { /* gated full attention */
 		int64_t qd = (int64_t)a->heads * a->head_dim, kvd = (int64_t)a->kv_heads * a->head_dim;
 
 		snprintf(m, sizeof(m), "%s.self_attn.q_proj", p);
-		add_linear(b, m, H, 2 * qd, db, 1.0f, -1, false);
+		add_linear(b, m, H, 2 * qd, db, 1.0f, -1, false, input_order(b, i, 0));
 		snprintf(m, sizeof(m), "%s.self_attn.k_proj", p);
-		add_linear(b, m, H, kvd, db, 1.0f, -1, false);
+		add_linear(b, m, H, kvd, db, 1.0f, -1, false, input_order(b, i, 0));
 		snprintf(m, sizeof(m), "%s.self_attn.v_proj", p);
-		add_linear(b, m, H, kvd, db, 1.0f, -1, false);
+		add_linear(b, m, H, kvd, db, 1.0f, -1, false, input_order(b, i, 0));
 		snprintf(m, sizeof(m), "%s.self_attn.o_proj", p);
-		add_linear(b, m, qd, H, db, OUT_RMS / ATTN_RMS, skew, false);
+		add_linear(b, m, qd, H, db, OUT_RMS / ATTN_RMS, skew, false, 0);
 		snprintf(m, sizeof(m), "%s.self_attn.q_norm.weight", p);
 		add_vec(b, m, a->head_dim, zero_centred_norm());
 		snprintf(m, sizeof(m), "%s.self_attn.k_norm.weight", p);
@@ -618,20 +629,20 @@ static void add_layer(struct builder *b, int i)
 		for (int j = 0; j < 3; j++) {
 			snprintf(m, sizeof(m), "%s.mlp.experts.%d.%s", p, x, proj[j]);
 			if (j < 2)
-				add_linear(b, m, H, a->moe_inter, o->expert_bits, 1.0f, -1, true);
+				add_linear(b, m, H, a->moe_inter, o->expert_bits, 1.0f, -1, true, input_order(b, i, 2 + x));
 			else
 				add_linear(b, m, a->moe_inter, H, o->expert_bits,
-					   OUT_RMS / (SILU_RMS * MOE_MIX), skew, true);
+					   OUT_RMS / (SILU_RMS * MOE_MIX), skew, true, 0);
 		}
 	}
 	snprintf(m, sizeof(m), "%s.mlp.shared_expert.gate_proj", p);
-	add_linear(b, m, H, a->shared_inter, db, 1.0f, -1, false);
+	add_linear(b, m, H, a->shared_inter, db, 1.0f, -1, false, input_order(b, i, 1));
 	snprintf(m, sizeof(m), "%s.mlp.shared_expert.up_proj", p);
-	add_linear(b, m, H, a->shared_inter, db, 1.0f, -1, false);
+	add_linear(b, m, H, a->shared_inter, db, 1.0f, -1, false, input_order(b, i, 1));
 	snprintf(m, sizeof(m), "%s.mlp.shared_expert.down_proj", p);
-	add_linear(b, m, a->shared_inter, H, db, OUT_RMS / (SILU_RMS * MOE_MIX), skew, false);
+	add_linear(b, m, a->shared_inter, H, db, OUT_RMS / (SILU_RMS * MOE_MIX), skew, false, 0);
 	snprintf(m, sizeof(m), "%s.mlp.shared_expert_gate", p);
-	add_linear(b, m, H, 1, 16, 1.0f, -1, false);
+	add_linear(b, m, H, 1, 16, 1.0f, -1, false, 0);
 	snprintf(m, sizeof(m), "%s.input_layernorm.weight", p);
 	add_vec(b, m, H, zero_centred_norm());
 	snprintf(m, sizeof(m), "%s.post_attention_layernorm.weight", p);
@@ -833,7 +844,7 @@ int q3_synth_plan(const struct q3_synth_opts *o, struct q3_synth *s, q3_err *e)
 	for (int i = 0; i < a->layers && !b.err; i++)
 		add_layer(&b, i);
 	add_vec(&b, "model.norm.weight", a->hidden, zero_centred_norm());
-	add_linear(&b, "lm_head", a->hidden, a->vocab, 16, 2.0f, -1, false);
+	add_linear(&b, "lm_head", a->hidden, a->vocab, 16, 2.0f, -1, false, 0);
 	if (b.err)
 		return b.err;
 	for (size_t i = 0; i < s->ntensors; i++)

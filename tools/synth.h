@@ -82,6 +82,9 @@ struct q3_gen {
 	float colval;
 	const float *colvals; /* [rows], or NULL */
 	uint64_t seed;
+	uint64_t order;	      /* GIDX shuffled: the key of the input order, shared by the Linears that
+			       * read one input (GPTQ's desc_act orders by that input's Hessian); 0:
+			       * the tensor's own seed */
 };
 
 struct q3_synth_tensor {

@@ -9,7 +9,8 @@
  *   bench_kernels --dense bf16   the GDN layer's dense projections and shared expert in bf16 (as the
  *                                80b-a3b synthetic keeps them), not GPTQ int4
  *   bench_kernels --act-order    the GDN layer's experts (and GPTQ shared expert) with act-order, as
- *                                mkmodel makes them by default (g_idx)
+ *                                mkmodel --act-order makes them, stored as the engine stores them
+ *                                (down's inputs sorted, no gather)
  *   bench_kernels --host         only the experts read from host memory over PCIe (q3g_moe_host)
  *   bench_kernels --linear       only the dense Linears (the matvec), each beside a copy of its traffic
  */
@@ -25,7 +26,7 @@
 
 static FILE *g_csv;
 static enum lin_kind g_dense = LIN_GPTQ; /* the GDN layer's qkvz, out_proj and shared expert */
-static bool g_actorder; /* the GDN layer's experts with act-order (mkmodel's default, g_idx) */
+static bool g_actorder; /* the GDN layer's experts with act-order (mkmodel --act-order: a shuffled g_idx) */
 static double g_peak, g_h2d;
 
 static float time_graph(cudaGraphExec_t ex, cudaStream_t st)
@@ -117,6 +118,23 @@ static void make_stack(struct dmat *d, std::vector<struct tlin> &ls, int copies,
 		p[i] = &ls[0].l;
 	}
 	dmat_upload(d, p.data(), copies);
+}
+
+/* An MLP's stacks of `copies` experts (one random expert repeated, as make_stack) as the engine
+ * stores them (dmlp_upload).  Act-order: gate and up in one order, as GPTQ leaves Linears that
+ * share an input. */
+static void make_mlp(struct dmat *g, struct dmat *u, struct dmat *d, std::vector<struct tlin> *te, int copies, int I,
+		     int H, enum lin_kind kind, bool actorder)
+{
+	for (int w = 0; w < 3; w++) {
+		te[w].resize(1);
+		make_linear(&te[w][0], w < 2 ? I : H, w < 2 ? H : I, kind, 4, 128, false, actorder);
+	}
+	if (!te[0][0].g.empty())
+		memcpy(te[1][0].g.data(), te[0][0].g.data(), te[0][0].g.size());
+	std::vector<struct q3_expert> xs(copies, (struct q3_expert){ te[0][0].l, te[1][0].l, te[2][0].l });
+
+	dmlp_upload(g, u, d, xs.data(), copies, true);
 }
 
 static size_t mat_bytes(const struct dmat *d)
@@ -421,12 +439,8 @@ static void bench_gdn_layers(int NL, int R, cudaStream_t st)
 		make_stack(&out[l], tl[2], 1, H, d.value_dim, g_dense);
 		make_stack(&router[l], tl[3], 1, E, H, LIN_BF16);
 		make_stack(&sgate[l], tl[4], 1, 1, H, LIN_BF16);
-		make_stack(&eg[l], te[0], E, I, H, LIN_GPTQ, g_actorder);
-		make_stack(&eu[l], te[1], E, I, H, LIN_GPTQ, g_actorder);
-		make_stack(&ed[l], te[2], E, H, I, LIN_GPTQ, g_actorder);
-		make_stack(&shg[l], te[3], 1, I, H, g_dense, g_actorder);
-		make_stack(&shu[l], te[4], 1, I, H, g_dense, g_actorder);
-		make_stack(&shd[l], te[5], 1, H, I, g_dense, g_actorder);
+		make_mlp(&eg[l], &eu[l], &ed[l], &te[0], E, I, H, LIN_GPTQ, g_actorder);
+		make_mlp(&shg[l], &shu[l], &shd[l], &te[3], 1, I, H, g_dense, g_actorder);
 	}
 	/* sessions: R sequences at position 10, one layer of state each */
 	size_t conv_n = (size_t)3 * d.conv_dim, rec_n = (size_t)d.Nv * d.Dv * d.Dk;

@@ -365,6 +365,31 @@ static inline void dmat_upload(struct dmat *d, const struct q3_linear *const *ls
 		GT_OK(q3g_mat_upload(&d->m, i, ls[i], rowmap, gt_stage(), 0, &e_));
 }
 
+/* An MLP's stacks (gate, up, down) of n experts xs.  engine: as the engine stores them without
+ * offload (cuda_backend.c's place_mlp): up takes gate's permutation where theirs are one
+ * (q3g_gate_up_one_order), down reads its act-order inputs in order, gate's and up's rows stored
+ * in that order (q3g_expert_upload); else each stack keeps its own permutation and down gathers. */
+static inline void dmlp_upload(struct dmat *g, struct dmat *u, struct dmat *d, const struct q3_expert *xs, int n,
+			       bool engine)
+{
+	struct dmat *st[3] = { g, u, d };
+	std::vector<const struct q3_linear *> ls(n);
+	const bool one = engine && q3g_gate_up_one_order(xs, n);
+
+	for (int w = 0; w < 3; w++) {
+		for (int x = 0; x < n; x++)
+			ls[x] = w == 0 ? &xs[x].gate : w == 1 ? &xs[x].up : &xs[x].down;
+		GT_OK(q3g_mat_plan(ls.data(), n, &st[w]->p, &e_));
+		st[w]->p.sorted = w == 1 ? one : w == 2 && engine;
+		GT_CHECK(cudaMalloc(&st[w]->mem, q3g_mat_bytes(&st[w]->p)));
+		q3g_mat_place(&st[w]->m, &st[w]->p, st[w]->mem);
+	}
+	if (one)
+		u->m.perm = g->m.perm;
+	for (int x = 0; x < n; x++)
+		GT_OK(q3g_expert_upload(&g->m, &u->m, &d->m, x, &xs[x], gt_stage(), 0, &e_));
+}
+
 static inline void dmat_free(struct dmat *d)
 {
 	cudaFree(d->mem);

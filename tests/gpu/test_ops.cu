@@ -1301,22 +1301,11 @@ struct dmoe {
 	struct dmat g, u, d, sg, su, sd;
 };
 
-static void dmoe_upload(struct dmoe *dm, struct tmoe *m, int E)
+/* engine: the engine's layout of act-order experts without offload (dmlp_upload) */
+static void dmoe_upload(struct dmoe *dm, struct tmoe *m, int E, bool engine = false)
 {
-	std::vector<const struct q3_linear *> g(E), u(E), dn(E);
-	const struct q3_linear *one;
-
-	for (int x = 0; x < E; x++) {
-		g[x] = &m->experts[x].gate;
-		u[x] = &m->experts[x].up;
-		dn[x] = &m->experts[x].down;
-	}
-	dmat_upload(&dm->g, g.data(), E);
-	dmat_upload(&dm->u, u.data(), E);
-	dmat_upload(&dm->d, dn.data(), E);
-	one = &m->L.shared.gate, dmat_upload(&dm->sg, &one, 1);
-	one = &m->L.shared.up, dmat_upload(&dm->su, &one, 1);
-	one = &m->L.shared.down, dmat_upload(&dm->sd, &one, 1);
+	dmlp_upload(&dm->g, &dm->u, &dm->d, m->experts.data(), E, engine);
+	dmlp_upload(&dm->sg, &dm->su, &dm->sd, &m->L.shared, 1, engine);
 }
 
 static void dmoe_free(struct dmoe *dm)
@@ -1453,6 +1442,96 @@ static void moe_invariance_case(const struct q3g_dims *d, bool act, int sbits = 
 	}
 	gt_expect(same, name);
 	dmoe_free(&dm);
+}
+
+/* The engine's layout of act-order experts (dmlp_upload's engine: down reads its inputs sorted,
+ * gate's and up's rows stored in that order; up takes gate's permutation where theirs are one)
+ * gives what each stack with its own permutation gives, bit for bit: the decode kernels (the row
+ * staged as is and normalized while staging) and the prefill GEMM, routed and shared experts (the
+ * shared one q4 g128 act-order, or bf16: sbits).  one: gate and up of each expert in one order, as
+ * GPTQ makes them. */
+static void moe_sorted_case(const char *label, const struct q3g_dims *d, int G, int R, bool decode, bool one,
+			    int sbits = 4)
+{
+	char name[224];
+
+	snprintf(name, sizeof(name), "moe %s H=%d I=%d R=%d (%s%s): the engine's layout = own permutations, bit for bit",
+		 label, d->H, d->I, R, decode ? "decode kernels" : "grouped prefill GEMM",
+		 one ? ", gate and up in one order" : "");
+	if (!want(name))
+		return;
+	struct tmoe m;
+	struct dmoe dg, de;
+	const int E = d->E, H = d->H, k = d->topk, lda = q3g_moe_lda(d->I, d->Is);
+
+	make_moe(&m, d, 4, G, true, true, sbits);
+	for (int x = 0; x <= E && one; x++) /* up's g_idx = gate's (x = E: the shared expert's) */
+		if (!m.lins[3 * x].g.empty())
+			memcpy(m.lins[3 * x + 1].g.data(), m.lins[3 * x].g.data(), m.lins[3 * x].g.size());
+	dmoe_upload(&dg, &m, E);
+	dmoe_upload(&de, &m, E, true);
+	/* (a shared down of one group has no permutation to drop) */
+	gt_expect(dg.d.m.perm && de.d.m.sorted && !de.d.m.perm && !dg.d.m.sorted && !de.sd.m.perm &&
+			  (dg.sd.m.perm != NULL) == de.sd.m.sorted && dg.u.m.perm != dg.g.m.perm &&
+			  (de.u.m.perm == de.g.m.perm) == one && de.u.m.sorted == one &&
+			  de.u.m.perm_stride == de.g.m.perm_stride,
+		  "moe engine layout: downs without their gather, up with gate's permutation where one");
+	std::vector<uint16_t> xb;
+	std::vector<float> xf, w((size_t)R * (k + 1)), hf = rnd_vec((size_t)R * H, 1.0f), nw = rnd_vec(H, 0.1f);
+	std::vector<int> idx((size_t)R * (k + 1));
+
+	rnd_f16(xb, xf, (size_t)R * H, 1.0f);
+	for (int r = 0; r < R; r++) { /* k distinct experts, then the shared one */
+		int *ir = &idx[(size_t)r * (k + 1)];
+
+		for (int j = 0; j < k; j++) {
+			do
+				ir[j] = rnd_int(E);
+			while (std::find(ir, ir + j, ir[j]) != ir + j);
+			w[(size_t)r * (k + 1) + j] = rnd_uniform();
+		}
+		ir[k] = -1;
+		w[(size_t)r * (k + 1) + k] = rnd_uniform();
+	}
+	uint16_t *dx = dev_upload(xb.data(), xb.size());
+	float *dhf = dev_upload(hf.data(), hf.size()), *dnw = dev_upload(nw.data(), nw.size());
+	int *di = dev_upload(idx.data(), idx.size());
+	float *dw = dev_upload(w.data(), w.size());
+	uint16_t *dgu = dev_alloc<uint16_t>((size_t)R * (k + 1) * lda);
+	float *dh = dev_alloc<float>((size_t)R * H);
+	void *ws = decode ? NULL : dev_alloc<char>(q3g_moe_prefill_scratch(R, d));
+	std::vector<float> out[2][2];
+
+	for (int v = 0; v < 2; v++) {
+		struct dmoe *dm = v ? &de : &dg;
+
+		for (int norm = 0; norm < 1 + decode; norm++) {
+			GT_CHECK(cudaMemset(dh, 0, (size_t)R * H * 4));
+			if (decode) {
+				if (norm)
+					GT_OK(q3g_moe_up_norm(dgu, dhf, dnw, 1e-6f, di, &dm->g.m, &dm->u.m, &dm->sg.m, &dm->su.m,
+							      R, k, H, lda, 0, &e_));
+				else
+					GT_OK(q3g_moe_up(dgu, dx, di, &dm->g.m, &dm->u.m, &dm->sg.m, &dm->su.m, R, k, H, lda, 0,
+							 &e_));
+				GT_OK(q3g_moe_down(dh, dgu, di, dw, &dm->d.m, &dm->sd.m, R, k, H, lda, 0, &e_));
+			} else {
+				GT_OK(q3g_moe_prefill(dh, dx, di, dw, &dm->g.m, &dm->u.m, &dm->d.m, &dm->sg.m, &dm->su.m,
+						      &dm->sd.m, R, d, ws, 0, &e_));
+			}
+			out[v][norm] = dev_download(dh, (size_t)R * H);
+		}
+	}
+	bool same = true;
+
+	for (int norm = 0; norm < 1 + decode; norm++)
+		same &= memcmp(out[0][norm].data(), out[1][norm].data(), out[0][norm].size() * 4) == 0;
+	gt_expect(same, name);
+	dmoe_free(&dg);
+	dmoe_free(&de);
+	void *fr[] = { dx, dhf, dnw, di, dw, dgu, dh, ws };
+	for (void *p : fr)
+		cudaFree(p);
 }
 
 /* Pairs marked Q3G_SKIP (the CPU computes them under offload) leave the decode experts' output
@@ -1703,7 +1782,11 @@ static void moe_tests(void)
 		dodd.Is = 48;
 		moe_case("q4 asym g16, odd row tiles", &dodd, 4, 16, true, false, 1, true, 16);
 		moe_case("q4 asym g16, odd row tiles", &dodd, 4, 16, true, false, 16, true, 16);
+		moe_sorted_case("q4 asym act-order g16, odd row tiles", &dodd, 16, 5, true, false, 16);
+		moe_sorted_case("q4 asym act-order g16, odd row tiles", &dodd, 16, 30, false, true, 16);
 	}
+	moe_sorted_case("q4 asym act-order g32", &ds, 32, 24, true, false);
+	moe_sorted_case("q4 asym act-order g32", &ds, 32, 24, true, true);
 	dr.E = 32; /* the real expert shapes; fewer of them keeps the CPU reference quick */
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 2, true);
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 16, true);
@@ -1718,6 +1801,11 @@ static void moe_tests(void)
 	moe_case("real shapes q4 sym g128", &dr, 4, 128, false, false, 1, true, 16);
 	moe_case("real shapes q4 asym act-order g128", &dr, 4, 128, true, true, 16, true, 4);
 	moe_skip_case(&dr, 5);
+	moe_sorted_case("real shapes q4 asym act-order g128", &dr, 128, 16, true, false);
+	moe_sorted_case("real shapes q4 asym act-order g128", &dr, 128, 16, true, true);
+	moe_sorted_case("real shapes q4 asym act-order g128", &dr, 128, 1, true, true);
+	moe_sorted_case("real shapes q4 asym act-order g128", &dr, 128, 3, true, true);
+	moe_sorted_case("real shapes q4 asym act-order g128", &dr, 128, 40, false, true);
 	moe_up_norm_case(&dr, 16, 16, false);
 	moe_up_norm_case(&dr, 3, 8, true);
 	moe_case("q8 sym g64", &ds, 8, 64, false, false, 4, true);
@@ -1728,6 +1816,7 @@ static void moe_tests(void)
 	moe_case("q4 asym act-order g32, two row groups, down before sm_90", &ds, 4, 32, true, true, 24, true);
 	moe_case("real shapes q4 asym act-order g128, down before sm_90", &dr, 4, 128, true, true, 16, true);
 	moe_skip_case(&dr, 7);
+	moe_sorted_case("real shapes q4 asym act-order g128, down before sm_90", &dr, 128, 16, true, true);
 	q3g_moe_down_force_regs = false;
 	moe_host_case(&ds, 4, 4, 128, false, 1, 2, 0, false);
 	moe_host_case(&ds, 4, 4, 32, true, 3, 3, 1, true);
