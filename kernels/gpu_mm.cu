@@ -126,6 +126,9 @@ struct mm_launch {
 	const int4 *tiles;
 	const int *ntiles, *sorted;
 	const uint16_t *x;	/* up: fp16 [R][H] */
+	const uint16_t *xp;	/* up, or NULL: the pairs' rows in act-order, [sorted position][ldxp]
+				 * (mm_permute_kernel), instead of x gathered through the permutation */
+	int ldxp;
 	const float *gu;	/* down: [P][ldgu] */
 	const float *wt;	/* down: routing weight per pair */
 	float *out;		/* up: gu; down: y */
@@ -206,6 +209,12 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 						pr[i] = pack_h2(v[0], v[1]);
 					}
 				}
+			} else if (p >= 0 && L.xp) {
+				const uint16_t *xr = L.xp + (size_t)(start + r) * L.ldxp;
+				const uint4 a = *(const uint4 *)(xr + kb), b = *(const uint4 *)(xr + kb + 8);
+
+				pr[0] = a.x, pr[1] = a.y, pr[2] = a.z, pr[3] = a.w;
+				pr[4] = b.x, pr[5] = b.y, pr[6] = b.z, pr[7] = b.w;
 			} else if (p >= 0) {
 				const uint16_t *xr = L.x + (size_t)(p / L.S) * L.H;
 
@@ -259,6 +268,35 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 			else
 				L.out[(size_t)p * L.ldout + (size_t)which * (L.ldout / 2) + row] = acc[n][i];
 		}
+}
+
+/* Act-order with gate's and up's permutations one (q3g_gate_up_one_order): the token row of the
+ * pair at sorted position j (block j) through its expert's permutation (the shared expert's for
+ * slot k) into xp[j][0 .. Kp), once, where the GEMM gathered it in each of the 2·nb blocks that
+ * read its tile.  Rows past the pairs routed this call (skipped ones are not sorted) are left. */
+__global__ void mm_permute_kernel(uint16_t *xp, int ldxp, const uint16_t *x, const int *sorted, const int *idx,
+				  const int *offset, const int *count, const uint16_t *gperm, size_t gstride,
+				  const uint16_t *sperm, int S, int H, int E)
+{
+	const int j = blockIdx.x;
+
+	if (j >= offset[E] + count[E])
+		return;
+	const int p = sorted[j], ex = idx[p];
+	const uint16_t *perm = ex < 0 ? sperm : gperm ? gperm + (size_t)ex * gstride : NULL;
+	const uint16_t *xr = x + (size_t)(p / S) * H;
+
+	for (int u = threadIdx.x; u < ldxp / 8; u += blockDim.x) {
+		uint16_t pk[8];
+		uint32_t w[4];
+
+		perm_unit(pk, perm, 8 * u);
+#pragma unroll
+		for (int q = 0; q < 4; q++)
+			w[q] = (uint32_t)(pk[2 * q] < H ? xr[pk[2 * q]] : 0) |
+			       (uint32_t)(pk[2 * q + 1] < H ? xr[pk[2 * q + 1]] : 0) << 16;
+		*(uint4 *)(xp + (size_t)j * ldxp + 8 * u) = make_uint4(w[0], w[1], w[2], w[3]);
+	}
 }
 
 /* h[r][i] += Σ_s y[r·S + s][i] over the pairs not skipped */
@@ -342,9 +380,20 @@ extern "C" int q3g_moe_prefill(float *h, const uint16_t *x, const int *idx, cons
 	L.down = false;
 	if (gate->fmt != up->fmt || sgate->fmt != sup->fmt)
 		return q3_errf(e, -EINVAL, "moe prefill: gate and up in different formats");
+	/* act-order, one permutation for gate and up: the rows permuted once, in y's room (down
+	 * writes y after this launch has read them; Kp halves a row <= H floats) */
+	if (gate->perm == up->perm && sgate->perm == sup->perm && (gate->perm || sgate->perm) &&
+	    gate->nchunks == sgate->nchunks && gate->nchunks * Q3G_KCHUNK <= 2 * d->H) {
+		L.xp = (const uint16_t *)ws.y;
+		L.ldxp = gate->nchunks * Q3G_KCHUNK;
+		mm_permute_kernel<<<P, 256, 0, st>>>((uint16_t *)ws.y, L.ldxp, x, ws.sorted, idx, ws.offset, ws.count,
+						     gate->perm, gate->perm_stride, sgate->perm, S, d->H, d->E);
+		CUDA_CHECK_LAUNCH(e);
+	}
 	if ((err = mm_launch2(L, gate->fmt, sgate->fmt, dim3(ws.maxtiles, 2 * L.nb), st, e)))
 		return err;
 	/* down */
+	L.xp = NULL;
 	L.mat[0] = *down;
 	L.mat[2] = *sdown;
 	L.gu = ws.gu;
