@@ -197,7 +197,9 @@ static int up_one(struct lin *L, const struct q3_linear *l, const int *rowmap, s
 	int err;
 
 	q3_linear_name(l, name, sizeof(name));
-	if ((err = place_stack(L, &l, 1, 1, false, name, e)) || (err = q3g_mat_upload(&L->m, 0, l, rowmap, sg, st, e)))
+	if ((err = place_stack(L, &l, 1, 1, false, name, e)))
+		return err;
+	if ((err = q3g_mat_upload(&L->m, 0, l, rowmap, sg, st, e)))
 		return q3_err_prefix(e, err, "%s", name);
 	return 0;
 }

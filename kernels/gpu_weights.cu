@@ -624,9 +624,13 @@ extern "C" int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_ma
 
 extern "C" bool q3g_gate_up_one_order(const struct q3_expert *xs, int n)
 {
-	int K = n > 0 ? xs[0].gate.K : 0, *pg = (int *)malloc(sizeof(int) * (size_t)K * 2), *pu = pg + K;
-	bool one = pg != NULL;
+	const int K = n > 0 ? xs[0].gate.K : 0;
+	int *pg = (int *)malloc(sizeof(int) * (size_t)K * 2 + 1), *pu;
+	bool one = true;
 
+	if (!pg)
+		return false; /* (out of memory: the two permutations kept apart) */
+	pu = pg + K;
 	for (int i = 0; i < n && one; i++)
 		one = xs[i].gate.K == K && xs[i].up.K == K && gptq_perm(&xs[i].gate, pg) >= 0 &&
 		      gptq_perm(&xs[i].up, pu) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
