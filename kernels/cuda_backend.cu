@@ -171,34 +171,18 @@ static int up_f32(float **dst, const struct q3_tensor *t, q3_err *e)
 	return 0;
 }
 
-/* A stack of nmat matrices on the device, its format planned from ls[0 .. n) (all one shape), not
- * yet filled. */
-static int place_stack(struct lin *L, const struct q3_linear *const *ls, int n, int nmat, bool sorted,
-		       const char *what, q3_err *e)
-{
-	struct q3g_mat_plan p;
-	int err;
-
-	if ((err = q3g_mat_plan(ls, n, &p, e)))
-		return err;
-	p.nmat = nmat;
-	p.sorted = sorted;
-	if ((err = dalloc(&L->mem, q3g_mat_bytes(&p), what, e)))
-		return err;
-	q3g_mat_place(&L->m, &p, L->mem);
-	return 0;
-}
-
 /* One Linear in tile format. */
 static int up_one(struct lin *L, const struct q3_linear *l, const int *rowmap, struct q3g_stage *sg,
 		  cudaStream_t st, q3_err *e)
 {
+	struct q3g_mat_plan p;
 	char name[256];
 	int err;
 
 	q3_linear_name(l, name, sizeof(name));
-	if ((err = place_stack(L, &l, 1, 1, false, name, e)))
+	if ((err = q3g_mat_plan(&l, 1, &p, e)) || (err = dalloc(&L->mem, q3g_mat_bytes(&p), name, e)))
 		return err;
+	q3g_mat_place(&L->m, &p, L->mem);
 	if ((err = q3g_mat_upload(&L->m, 0, l, rowmap, sg, st, e)))
 		return q3_err_prefix(e, err, "%s", name);
 	return 0;
@@ -310,30 +294,30 @@ static void gdn_rowmaps(const struct q3_config *c, int *qkvz, int *ba)
 	}
 }
 
-/* An MLP's stacks (gate, up, down; nmat matrices each) planned from experts xs[0 .. n), with
- * what act-order allows: up takes gate's permutation when theirs are one (q3g_gate_up_one_order:
- * GPTQ's, a row staged once for both), and down reads its inputs sorted, without a gather, where
- * the activations stay on the device (sorted_down; q3g_expert_upload). */
+/* An MLP's stacks (gate, up, down; nmat matrices each) planned from experts xs[0 .. n) with what
+ * act-order allows (q3g_mlp_plan): down reads its inputs sorted, without a gather, where the
+ * activations stay on the device (sorted_down). */
 static int place_mlp(struct lin *st[3], const struct q3_expert *xs, int n, int nmat, bool sorted_down,
 		     const char *what, q3_err *e)
 {
-	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)n);
-	const bool one = q3g_gate_up_one_order(xs, n);
+	struct q3g_mat_plan p[3];
+	struct q3g_mat *ms[3];
+	void *mem[3];
 	char name[96];
-	int err = 0;
+	int err;
 
-	if (!ls)
-		return q3_errf(e, -ENOMEM, "out of memory");
-	for (int w = 0; w < 3 && !err; w++) {
-		for (int x = 0; x < n; x++)
-			ls[x] = w == 0 ? &xs[x].gate : w == 1 ? &xs[x].up : &xs[x].down;
+	if ((err = q3g_mlp_plan(xs, n, sorted_down, p, e)))
+		return err;
+	for (int w = 0; w < 3; w++) {
+		p[w].nmat = nmat;
 		snprintf(name, sizeof(name), "%s %s", what, w == 0 ? "gate" : w == 1 ? "up" : "down");
-		err = place_stack(st[w], ls, n, nmat, w == 1 ? one : w == 2 && sorted_down, name, e);
+		if ((err = dalloc(&st[w]->mem, q3g_mat_bytes(&p[w]), name, e)))
+			return err;
+		ms[w] = &st[w]->m;
+		mem[w] = st[w]->mem;
 	}
-	if (!err && one)
-		st[1]->m.perm = st[0]->m.perm;
-	free(ls);
-	return err;
+	q3g_mlp_place(ms, p, mem);
+	return 0;
 }
 
 /* The stacks of a layer's routed experts in VRAM, slot by slot (all of them when nothing is

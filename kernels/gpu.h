@@ -111,11 +111,16 @@ int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_linear *l, 
 int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_mat *up, const struct q3g_mat *down, int idx,
 		      const struct q3_expert *x, struct q3g_stage *stage, q3g_stream st, struct q3_err *e);
 
-/* Whether experts xs[0 .. n) each read gate's and up's inputs in one act-order (equal
- * permutations), as GPTQ leaves Linears that share an input (one Hessian, one order).  Then up's
- * stack, sorted, takes gate's permutation (the same pointer), and moe_up stages each row once
- * for both, not once through each. */
-bool q3g_gate_up_one_order(const struct q3_expert *xs, int n);
+/* The plans of an MLP's stacks (gate, up, down: p[0..2], nmat = n) from experts xs[0 .. n), with
+ * what act-order allows.  Up is sorted and takes gate's permutation (q3g_mlp_place) where every
+ * expert reads gate's and up's inputs in one order, as GPTQ leaves Linears that share an input
+ * (one Hessian, one order): moe_up then stages each row once for both.  Down is sorted where
+ * sorted_down (its inputs come from gate and up on the device: q3g_expert_upload). */
+int q3g_mlp_plan(const struct q3_expert *xs, int n, bool sorted_down, struct q3g_mat_plan p[3],
+		 struct q3_err *e);
+/* Points ms[i] into mem[i] (q3g_mat_bytes(&p[i]) bytes) for plans p (q3g_mlp_plan's, or any three
+ * of one MLP), up at gate's permutation where up is sorted. */
+void q3g_mlp_place(struct q3g_mat *const ms[3], const struct q3g_mat_plan p[3], void *const mem[3]);
 
 /* Repacks matrices idx0 .. idx0 + n - 1 of stack m (n <= Q3G_RAW_BATCH) in one launch from raw
  * GPTQ tensors already copied to the device: matrix idx0 + j's qweight, qzeros and scales (the

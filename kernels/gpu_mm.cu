@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, 2) mm_grouped_kernel(const __
 		}
 }
 
-/* Act-order with gate's and up's permutations one (q3g_gate_up_one_order): the token row of the
+/* Act-order with gate's and up's permutations one (q3g_mlp_plan): the token row of the
  * pair at sorted position j (block j) through its expert's permutation (the shared expert's for
  * slot k) into xp[j][0 .. Kp), once, where the GEMM gathered it in each of the 2·nb blocks that
  * read its tile.  Rows past the pairs routed this call (skipped ones are not sorted) are left. */

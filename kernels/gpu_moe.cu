@@ -929,7 +929,7 @@ static moe_up_fn up_kernel_for(int fr, int fs, bool whole, bool small)
 }
 
 /* A routed block's: ncol rows staged, twice where gate and up read them in different orders
- * (one permutation: q3g_gate_up_one_order), then the warps' partial sums of ncol columns. */
+ * (one permutation: q3g_mlp_plan), then the warps' partial sums of ncol columns. */
 static size_t up_smem(const struct q3g_mat *g, const struct q3g_mat *u, int ncol)
 {
 	return (size_t)(1 + (g->perm != u->perm)) * ncol * g->nchunks * Q3G_KCHUNK * 2 +

@@ -622,7 +622,9 @@ extern "C" int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_ma
 	return err;
 }
 
-extern "C" bool q3g_gate_up_one_order(const struct q3_expert *xs, int n)
+/* Whether experts xs[0 .. n) each read gate's and up's inputs in one act-order (equal
+ * permutations). */
+static bool gate_up_one_order(const struct q3_expert *xs, int n)
 {
 	const int K = n > 0 ? xs[0].gate.K : 0;
 	int *pg = (int *)malloc(sizeof(int) * (size_t)K * 2 + 1), *pu;
@@ -636,6 +638,36 @@ extern "C" bool q3g_gate_up_one_order(const struct q3_expert *xs, int n)
 		      gptq_perm(&xs[i].up, pu) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
 	free(pg);
 	return one;
+}
+
+extern "C" int q3g_mlp_plan(const struct q3_expert *xs, int n, bool sorted_down, struct q3g_mat_plan p[3],
+			    q3_err *e)
+{
+	const struct q3_linear **ls = (const struct q3_linear **)malloc(sizeof(*ls) * (size_t)Q3_MAX(n, 1));
+	int err = 0;
+
+	if (!ls)
+		return q3_errf(e, -ENOMEM, "out of memory");
+	for (int w = 0; w < 3 && !err; w++) {
+		for (int x = 0; x < n; x++)
+			ls[x] = w == 0 ? &xs[x].gate : w == 1 ? &xs[x].up : &xs[x].down;
+		err = q3g_mat_plan(ls, n, &p[w], e);
+	}
+	free(ls);
+	if (err)
+		return err;
+	/* (the orders compared only where there are permutations: a start-up pass otherwise) */
+	p[1].sorted = p[0].perm && p[1].perm && gate_up_one_order(xs, n);
+	p[2].sorted = sorted_down;
+	return 0;
+}
+
+extern "C" void q3g_mlp_place(struct q3g_mat *const ms[3], const struct q3g_mat_plan p[3], void *const mem[3])
+{
+	for (int w = 0; w < 3; w++)
+		q3g_mat_place(ms[w], &p[w], mem[w]);
+	if (ms[1]->sorted)
+		ms[1]->perm = ms[0]->perm;
 }
 
 extern "C" int q3g_mat_repack_raw(const struct q3g_mat *m, int idx0, int n, const struct q3_linear *l,

@@ -105,8 +105,7 @@ static void report_vs_copy(const char *what, float ms, double bytes, cudaStream_
 }
 
 /* A stack of `copies` identical-shape Linears (random GPTQ or bf16). */
-static void make_stack(struct dmat *d, std::vector<struct tlin> &ls, int copies, int N, int K, enum lin_kind kind,
-		       bool actorder = false)
+static void make_stack(struct dmat *d, std::vector<struct tlin> &ls, int copies, int N, int K, enum lin_kind kind)
 {
 	std::vector<const struct q3_linear *> p(copies);
 
@@ -114,7 +113,7 @@ static void make_stack(struct dmat *d, std::vector<struct tlin> &ls, int copies,
 	for (int i = 0; i < copies; i++) {
 		/* one random matrix, repeated: uploads stay quick, bytes are distinct in memory */
 		if (i == 0)
-			make_linear(&ls[0], N, K, kind, 4, 128, false, actorder);
+			make_linear(&ls[0], N, K, kind, 4, 128, false, false);
 		p[i] = &ls[0].l;
 	}
 	dmat_upload(d, p.data(), copies);
@@ -130,8 +129,7 @@ static void make_mlp(struct dmat *g, struct dmat *u, struct dmat *d, std::vector
 		te[w].resize(1);
 		make_linear(&te[w][0], w < 2 ? I : H, w < 2 ? H : I, kind, 4, 128, false, actorder);
 	}
-	if (!te[0][0].g.empty())
-		memcpy(te[1][0].g.data(), te[0][0].g.data(), te[0][0].g.size());
+	tlin_same_order(&te[1][0], &te[0][0]);
 	std::vector<struct q3_expert> xs(copies, (struct q3_expert){ te[0][0].l, te[1][0].l, te[2][0].l });
 
 	dmlp_upload(g, u, d, xs.data(), copies, true);

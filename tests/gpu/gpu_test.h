@@ -366,28 +366,37 @@ static inline void dmat_upload(struct dmat *d, const struct q3_linear *const *ls
 }
 
 /* An MLP's stacks (gate, up, down) of n experts xs.  engine: as the engine stores them without
- * offload (cuda_backend.c's place_mlp): up takes gate's permutation where theirs are one
- * (q3g_gate_up_one_order), down reads its act-order inputs in order, gate's and up's rows stored
- * in that order (q3g_expert_upload); else each stack keeps its own permutation and down gathers. */
+ * offload (q3g_mlp_plan with down sorted: up takes gate's permutation where theirs are one, down
+ * reads its act-order inputs in order, gate's and up's rows stored in that order); else each stack
+ * keeps its own permutation and down gathers. */
 static inline void dmlp_upload(struct dmat *g, struct dmat *u, struct dmat *d, const struct q3_expert *xs, int n,
 			       bool engine)
 {
 	struct dmat *st[3] = { g, u, d };
-	std::vector<const struct q3_linear *> ls(n);
-	const bool one = engine && q3g_gate_up_one_order(xs, n);
+	struct q3g_mat_plan p[3];
+	struct q3g_mat *ms[3];
+	void *mem[3];
 
+	GT_OK(q3g_mlp_plan(xs, n, engine, p, &e_));
+	if (!engine)
+		p[1].sorted = false;
 	for (int w = 0; w < 3; w++) {
-		for (int x = 0; x < n; x++)
-			ls[x] = w == 0 ? &xs[x].gate : w == 1 ? &xs[x].up : &xs[x].down;
-		GT_OK(q3g_mat_plan(ls.data(), n, &st[w]->p, &e_));
-		st[w]->p.sorted = w == 1 ? one : w == 2 && engine;
-		GT_CHECK(cudaMalloc(&st[w]->mem, q3g_mat_bytes(&st[w]->p)));
-		q3g_mat_place(&st[w]->m, &st[w]->p, st[w]->mem);
+		st[w]->p = p[w];
+		GT_CHECK(cudaMalloc(&st[w]->mem, q3g_mat_bytes(&p[w])));
+		ms[w] = &st[w]->m;
+		mem[w] = st[w]->mem;
 	}
-	if (one)
-		u->m.perm = g->m.perm;
+	q3g_mlp_place(ms, p, mem);
 	for (int x = 0; x < n; x++)
 		GT_OK(q3g_expert_upload(&g->m, &u->m, &d->m, x, &xs[x], gt_stage(), 0, &e_));
+}
+
+/* dst reads its inputs in src's act-order (its g_idx a copy of src's), as GPTQ leaves Linears
+ * that read one input. */
+static inline void tlin_same_order(struct tlin *dst, const struct tlin *src)
+{
+	if (!src->g.empty())
+		memcpy(dst->g.data(), src->g.data(), src->g.size());
 }
 
 static inline void dmat_free(struct dmat *d)

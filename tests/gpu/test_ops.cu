@@ -1465,9 +1465,8 @@ static void moe_sorted_case(const char *label, const struct q3g_dims *d, int G, 
 	const int E = d->E, H = d->H, k = d->topk, lda = q3g_moe_lda(d->I, d->Is);
 
 	make_moe(&m, d, 4, G, true, true, sbits);
-	for (int x = 0; x <= E && one; x++) /* up's g_idx = gate's (x = E: the shared expert's) */
-		if (!m.lins[3 * x].g.empty())
-			memcpy(m.lins[3 * x + 1].g.data(), m.lins[3 * x].g.data(), m.lins[3 * x].g.size());
+	for (int x = 0; x <= E && one; x++) /* up in gate's order (x = E: the shared expert) */
+		tlin_same_order(&m.lins[3 * x + 1], &m.lins[3 * x]);
 	dmoe_upload(&dg, &m, E);
 	dmoe_upload(&de, &m, E, true);
 	/* (a shared down of one group has no permutation to drop) */
