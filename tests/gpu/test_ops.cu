@@ -124,7 +124,8 @@ static void lin_case(const char *label, int N, int K, enum lin_kind kind, int bi
  * bit for bit those with R = 1, for every R the decode paths take: the block shapes, and so the
  * order of every sum, depend on the matrix alone (the engine promises a sequence the same logits
  * whatever it is batched with). */
-static void mmv_invariance_case(const char *label, int N, int K, enum lin_kind kind = LIN_GPTQ)
+static void mmv_invariance_case(const char *label, int N, int K, enum lin_kind kind = LIN_GPTQ, int bits = 4,
+				int G = 128, bool asym = false, bool act = false)
 {
 	char name[256];
 	struct tlin t;
@@ -137,7 +138,7 @@ static void mmv_invariance_case(const char *label, int N, int K, enum lin_kind k
 	snprintf(name, sizeof(name), "linear %s N=%d K=%d: row 0 the same at R = 1, 3, 8, 9, 16", label, N, K);
 	if (!want(name))
 		return;
-	make_linear(&t, N, K, kind); /* GPTQ: int4, g128, symmetric */
+	make_linear(&t, N, K, kind, bits, G, asym, act);
 	dmat_upload(&d, &lp, 1);
 	std::vector<uint16_t> x0;
 	std::vector<float> x0f;
@@ -432,6 +433,12 @@ static void linear_tests(void)
 	lin_case("bf16 router", 512, 2048, LIN_BF16, 0, 0, false, false, 1, 16);
 	mmv_invariance_case("q4 out_proj (few tiles: wide blocks)", 2048, 4096);
 	mmv_invariance_case("q4 qkvz (two tiles a block)", 12288, 2048);
+	/* the one-token-tile instance (R <= 8) against the sliced two-tile one (R = 9, 16) where a
+	 * warp's slice starts inside a scale group, with zero points, act-order and int8 */
+	mmv_invariance_case("q4 asym act-order g80 (slices from mid-group)", 6144, 1280, LIN_GPTQ, 4, 80, true, true);
+	mmv_invariance_case("q8 asym g32 (wide blocks)", 512, 2048, LIN_GPTQ, 8, 32, true, false);
+	lin_case("q4 asym act-order g80", 6144, 1280, LIN_GPTQ, 4, 80, true, true, 1, 1);
+	lin_case("q8 asym g32", 512, 2048, LIN_GPTQ, 8, 32, true, false, 1, 2, true);
 	/* the sliced instance above four rows (several slices a warp) at the dense shapes and formats */
 	mmv_invariance_case("bf16 q_proj", 8192, 2048, LIN_BF16);
 	lin_case("bf16 qkvz", 12288, 2048, LIN_BF16, 0, 0, false, false, 1, 16);
