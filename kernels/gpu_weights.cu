@@ -627,11 +627,11 @@ extern "C" int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_ma
 static bool gate_up_one_order(const struct q3_expert *xs, int n)
 {
 	const int K = n > 0 ? xs[0].gate.K : 0;
-	int *pg = (int *)malloc(sizeof(int) * (size_t)K * 2 + 1), *pu;
+	int *pg = K > 0 ? (int *)malloc(sizeof(int) * (size_t)K * 2) : NULL, *pu;
 	bool one = true;
 
 	if (!pg)
-		return false; /* (out of memory: the two permutations kept apart) */
+		return false; /* (nothing to share, or out of memory: the two permutations kept apart) */
 	pu = pg + K;
 	for (int i = 0; i < n && one; i++)
 		one = xs[i].gate.K == K && xs[i].up.K == K && gptq_perm(&xs[i].gate, pg) >= 0 &&
