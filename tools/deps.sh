@@ -16,6 +16,27 @@ if [ "$(id -u)" != 0 ]; then
 	exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
+# apt_wait ARGS...: apt-get ARGS, waiting up to five minutes while another apt holds its locks
+# (a fresh Debian runs apt-daily / unattended-upgrades at boot; two `make deps` at once) rather
+# than failing (DPkg::Lock::Timeout covers dpkg's lock, not apt-get update's lists lock)
+apt_wait() {
+	local err i rc
+	err=$(mktemp)
+	for i in $(seq 60); do
+		rc=0
+		apt-get -o DPkg::Lock::Timeout=5 "$@" 2>"$err" || rc=$?
+		if [ $rc = 0 ] || ! grep -q 'Could not get lock' "$err"; then
+			cat "$err" >&2
+			rm -f "$err"
+			return $rc
+		fi
+		[ "$i" = 1 ] && echo "tools/deps.sh: another apt holds its lock ($(grep -m1 -o 'held by process [0-9]* ([^)]*)' "$err")); waiting" >&2
+		sleep 5
+	done
+	cat "$err" >&2
+	rm -f "$err"
+	return 1
+}
+apt_wait update -qq
+apt_wait install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 echo "tools/deps.sh: installed ${#PKGS[@]} packages"
