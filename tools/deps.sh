@@ -25,17 +25,13 @@ apt_wait() {
 	for i in $(seq 60); do
 		rc=0
 		apt-get -o DPkg::Lock::Timeout=5 "$@" 2>"$err" || rc=$?
-		if [ $rc = 0 ] || ! grep -q 'Could not get lock' "$err"; then
-			cat "$err" >&2
-			rm -f "$err"
-			return $rc
-		fi
+		[ $rc != 0 ] && grep -q 'Could not get lock' "$err" || break
 		[ "$i" = 1 ] && echo "tools/deps.sh: another apt holds its lock ($(grep -m1 -o 'held by process [0-9]* ([^)]*)' "$err")); waiting" >&2
 		sleep 5
 	done
 	cat "$err" >&2
 	rm -f "$err"
-	return 1
+	return $rc
 }
 apt_wait update -qq
 apt_wait install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
