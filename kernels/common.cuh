@@ -81,6 +81,19 @@ static __device__ __forceinline__ float h_bits2f(uint16_t h)
 	return __half2float(__ushort_as_half(h));
 }
 
+/* n / d and n % d for 0 <= n < 2^20 and 1 <= d < 2^20 by d's reciprocal, a few instructions where
+ * an integer division by a value known only at run time is ~25 (ncu: a fifth of experts up's
+ * instructions at 16 rows outside its k-steps were such divisions).  Exact: (n + 1/2) / d is at
+ * least 1 / (2d) from an integer, and the float product's error is under 2^-22 of n / d < 2^20 / d. */
+struct small_div {
+	float r;
+	int d;
+
+	__device__ __forceinline__ explicit small_div(int d_) : r(1.0f / (float)d_), d(d_) {}
+	__device__ __forceinline__ int div(int n) const { return (int)(((float)n + 0.5f) * r); }
+	__device__ __forceinline__ int mod(int n, int q) const { return n - q * d; } /* q = div(n) */
+};
+
 static __device__ __forceinline__ float warp_sum(float v)
 {
 #pragma unroll
@@ -428,6 +441,45 @@ template <int CL, int N = 1> struct cluster_sum {
 		for (int b = 0; b < CL; b++)
 			t += v[b][i];
 		return t;
+	}
+
+	/* The sum of every block's N values x[0 .. N), in (block rank, i) order: threads 0 .. CL · N - 1
+	 * send them; every thread calls it and gets the sum */
+	__device__ __forceinline__ float sum_all(const float (&x)[N])
+	{
+		if constexpr (CL == 1) {
+			float t = x[0];
+
+#pragma unroll
+			for (int i = 1; i < N; i++)
+				t += x[i];
+			return t;
+		} else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+			asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); /* every block's bar is set up */
+			if ((int)threadIdx.x < CL * N) {
+				float xi = x[0];
+
+#pragma unroll
+				for (int i = 1; i < N; i++) /* x[threadIdx.x % N], without a local array */
+					if ((int)threadIdx.x % N == i)
+						xi = x[i];
+				put(threadIdx.x / N, threadIdx.x % N, xi);
+			}
+			bar_wait(&bar, 0);
+			float t = 0.0f;
+
+#pragma unroll
+			for (int b = 0; b < CL; b++)
+#pragma unroll
+				for (int i = 0; i < N; i++)
+					t += v[b][i];
+			return t;
+#else
+			__trap(); /* the host launches clusters on sm_90 only */
+			return x[0];
+#endif
+		}
 	}
 
 	/* N = 1: x the block's value (threads 0 .. CL - 1 send theirs) */

@@ -2,7 +2,8 @@
  * the gated delta rule (l2norm of q and k, the gates, the recurrence, optionally the gated norm).
  *
  * The recurrence runs token after token, in fp32, with the state in registers: a warp per
- * Q3G_DELTA_CPW value columns of a value head, each lane holding Dk / 32 keys of those columns.
+ * Q3G_DELTA_CPW value columns of a value head (decode batches: two such groups), each lane
+ * holding Dk / 32 keys of those columns.
  * Per token the two products Sᵀk and Sᵀq come from the state before the update
  * (o = α·S_oldᵀq + δ·(k·q), with δ = β(v − α·S_oldᵀk), then S = α·S + k δᵀ), so one round of warp
  * reductions per token serves both.  Decode (one token a sequence) runs the conv step, the
@@ -202,45 +203,58 @@ template <int KPL> static __device__ __forceinline__ void state_store(float *p, 
  * conv is computed here from the projections (and the conv state advanced), and the output is
  * gated-normed into core.  CL > 1 (sm_90): a head's columns are split over a cluster of CL blocks,
  * which add up the gated norm's sum of squares through distributed shared memory (32 blocks, one
- * per head, left 100 of 132 SMs idle). */
-template <int KPL, int CL>
-__global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constant__ delta_args A)
+ * per head, left 100 of 132 SMs idle).  G: column groups of CPW a warp.  Each group is summed as
+ * a warp of G = 1 sums its columns, and the norm's sum goes by the G = 1 kernel's tree (groups of
+ * four columns, a block's warps' groups to a part, the parts in order), so that G over a cluster
+ * of CL blocks gives the bits of G = 1 over G·CL blocks of as many warps: a sequence's output does
+ * not depend on its batch, whose size picks G (delta_groups below). */
+template <int KPL, int CL, int G>
+__global__ void __launch_bounds__(G == 1 ? 1024 : 256, G == 1 ? 1 : G == 2 ? 3 : 2)
+	delta_decode_kernel(const __grid_constant__ delta_args A)
 {
 	static_assert(Q3G_DELTA_CPW == 4, "the reduce-scatter hands 8 sums to 8 groups of 4 lanes");
 	constexpr int CPW = Q3G_DELTA_CPW;
-	__shared__ float red[32];
+	__shared__ float red[32 * G];
 	__shared__ float cqkv[2 * Q3G_MAX_DK + 32 * CPW]; /* q | k | v after the conv */
-	__shared__ cluster_sum<CL> cs;			  /* the head's sum of squares */
+	__shared__ cluster_sum<CL, G> cs;		  /* the head's sum of squares, G parts a block */
 	cs.init();
 	pdl_trigger();
 	pdl_wait();
 	/* block (sequence, value head, column slice): the whole head (its gated norm spans it) or,
 	 * with CL > 1, a slice of a cluster that shares the norm's sum */
-	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk);
+	const int s = blockIdx.x, j = blockIdx.y, kh = j / (A.Nv / A.Nk), nw = blockDim.x / 32;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, i0 = lane * KPL;
-	const int c0 = blockIdx.z * (blockDim.x / 32) * CPW + warp * CPW;
-	const int col = (lane >> 2) & 3; /* the column whose state products this lane ends with */
+	const int c0 = (blockIdx.z * nw + warp) * G * CPW; /* group g: columns c0 + g·CPW .. */
+	const int col = (lane >> 2) & 3; /* the column of a group whose state products this lane ends with */
 	const struct q3g_seq sq = A.rows.seq[s];
 	const int row = sq.row0, pos = sq.pos;
 	float *Sg = sq.rec + ((size_t)A.lin * A.Nv + j) * A.Dv * A.Dk + (size_t)c0 * A.Dk + i0;
 	const float qscale = rsqrtf((float)A.Dk);
 	const float negA = -expf(A.A_log[j]), dtb = A.dt_bias[j];
-	float S[CPW][KPL];
+	float S[G][CPW][KPL];
 
 #pragma unroll
-	for (int c = 0; c < CPW; c++) {
-		if (pos > 0) {
-			state_load<KPL>(S[c], Sg + (size_t)c * A.Dk);
-		} else {
+	for (int g = 0; g < G; g++)
 #pragma unroll
-			for (int i = 0; i < KPL; i++)
-				S[c][i] = 0.0f;
+		for (int c = 0; c < CPW; c++) {
+			if (pos > 0) {
+				state_load<KPL>(S[g][c], Sg + (size_t)(g * CPW + c) * A.Dk);
+			} else {
+#pragma unroll
+				for (int i = 0; i < KPL; i++)
+					S[g][c][i] = 0.0f;
+			}
 		}
-	}
 	/* what the end of the step needs, in flight with the conv's loads: the gates' inputs, and
 	 * column col's output gate z and norm weight (lanes 0, 4, 8, 12 use them) */
 	const float b = A.ba[(size_t)row * 2 * A.Nv + j], a = A.ba[(size_t)row * 2 * A.Nv + A.Nv + j];
-	const float zc = A.z[(size_t)row * A.ldz + (size_t)j * A.Dv + c0 + col], nwc = A.normw[c0 + col];
+	float zc[G], nwc[G];
+
+#pragma unroll
+	for (int g = 0; g < G; g++) {
+		zc[g] = A.z[(size_t)row * A.ldz + (size_t)j * A.Dv + c0 + g * CPW + col];
+		nwc[g] = A.normw[c0 + g * CPW + col];
+	}
 	float q[KPL], k[KPL];
 	float sqq = 0.0f, skk = 0.0f, sqk = 0.0f;
 
@@ -268,61 +282,78 @@ __global__ void __launch_bounds__(1024) delta_decode_kernel(const __grid_constan
 		q[i] = cqkv[i0 + i];
 		k[i] = cqkv[A.Dk + i0 + i];
 	}
-	const float vc = cqkv[2 * A.Dk + c0 + col];
 #pragma unroll
 	for (int i = 0; i < KPL; i++) {
 		sqq += q[i] * q[i];
 		skk += k[i] * k[i];
 		sqk += q[i] * k[i];
 	}
-	float x[2 * CPW];
+	float2 kq[G];
 
 #pragma unroll
-	for (int cc = 0; cc < CPW; cc++) {
-		x[cc] = x[CPW + cc] = 0.0f;
+	for (int g = 0; g < G; g++) {
+		float x[2 * CPW];
+
 #pragma unroll
-		for (int i = 0; i < KPL; i++) {
-			x[cc] += S[cc][i] * k[i];
-			x[CPW + cc] += S[cc][i] * q[i];
+		for (int cc = 0; cc < CPW; cc++) {
+			x[cc] = x[CPW + cc] = 0.0f;
+#pragma unroll
+			for (int i = 0; i < KPL; i++) {
+				x[cc] += S[g][cc][i] * k[i];
+				x[CPW + cc] += S[g][cc][i] * q[i];
+			}
 		}
+		kq[g] = delta_state_sums(x, lane);
 	}
 	sqq = warp_sum(sqq);
 	skk = warp_sum(skk);
 	sqk = warp_sum(sqk);
-	const float2 kq = delta_state_sums(x, lane);
 	const float rq = rsqrtf(sqq + 1e-6f) * qscale, rk = rsqrtf(skk + 1e-6f);
 	const float qk = sqk * rq * rk;
-	float alpha, beta, d[CPW];
+	float alpha, beta, oc[G];
 
 	delta_gates(&alpha, &beta, b, a, negA, dtb);
-	/* products with the normalized q and k: scale the raw ones (column c's, in this lane) */
-	const float delta = beta * (vc - alpha * (kq.x * rk)), oc = alpha * (kq.y * rq) + delta * qk;
+#pragma unroll
+	for (int g = 0; g < G; g++) {
+		/* products with the normalized q and k: scale the raw ones (column c's, in this lane) */
+		const float vc = cqkv[2 * A.Dk + c0 + g * CPW + col];
+		const float delta = beta * (vc - alpha * (kq[g].x * rk));
+		float d[CPW];
 
+		oc[g] = alpha * (kq[g].y * rq) + delta * qk;
 #pragma unroll
-	for (int cc = 0; cc < CPW; cc++)
-		d[cc] = __shfl_sync(0xffffffffu, delta, 4 * cc);
+		for (int cc = 0; cc < CPW; cc++)
+			d[cc] = __shfl_sync(0xffffffffu, delta, 4 * cc);
 #pragma unroll
-	for (int cc = 0; cc < CPW; cc++) {
+		for (int cc = 0; cc < CPW; cc++) {
 #pragma unroll
-		for (int i = 0; i < KPL; i++)
-			S[cc][i] = alpha * S[cc][i] + (k[i] * rk) * d[cc];
-		state_store<KPL>(Sg + (size_t)cc * A.Dk, S[cc]);
+			for (int i = 0; i < KPL; i++)
+				S[g][cc][i] = alpha * S[g][cc][i] + (k[i] * rk) * d[cc];
+			state_store<KPL>(Sg + (size_t)(g * CPW + cc) * A.Dk, S[g][cc]);
+		}
+		/* the group's four columns' squares, in lane 0 (from lanes 0, 4, 8, 12) */
+		float ss = oc[g] * oc[g];
+
+		ss += __shfl_xor_sync(0xffffffffu, ss, 4);
+		ss += __shfl_xor_sync(0xffffffffu, ss, 8);
+		if (lane == 0)
+			red[warp * G + g] = ss;
 	}
-	/* the four columns' squares, in lane 0 (from lanes 0, 4, 8, 12), then the block's, then
-	 * the head's: every block's part, in rank order (deterministic) */
-	float ss = oc * oc;
-
-	ss += __shfl_xor_sync(0xffffffffu, ss, 4);
-	ss += __shfl_xor_sync(0xffffffffu, ss, 8);
-	if (lane == 0)
-		red[warp] = ss;
 	__syncthreads();
-	ss = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
-	ss = cs.sum(warp_sum(ss));
-	const float rs = rsqrtf(ss / (float)A.Dv + A.eps);
+	/* the head's sum: parts of nw groups each (a block of the G = 1 kernel), the parts in rank
+	 * order over the cluster (deterministic) */
+	float part[G];
 
-	if ((lane & 19) == 0) /* lanes 0, 4, 8, 12: columns 0-3 */
-		A.core[(size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0 + col] = f2h_bits(nwc * (oc * rs) * dev_silu(zc));
+#pragma unroll
+	for (int g = 0; g < G; g++)
+		part[g] = warp_sum(lane < nw ? red[g * nw + lane] : 0.0f);
+	const float rs = rsqrtf(cs.sum_all(part) / (float)A.Dv + A.eps);
+
+	if ((lane & 19) == 0) /* lanes 0, 4, 8, 12: columns 0-3 of each group */
+#pragma unroll
+		for (int g = 0; g < G; g++)
+			A.core[(size_t)row * A.Nv * A.Dv + (size_t)j * A.Dv + c0 + g * CPW + col] =
+				f2h_bits(nwc[g] * (oc[g] * rs) * dev_silu(zc[g]));
 }
 
 /* ---- delta rule, prefill ----------------------------------------------------------------------
@@ -484,10 +515,10 @@ __global__ void __launch_bounds__(32 * DELTA_PF_WARPS) delta_prefill_kernel(cons
 			Sg[(size_t)(c0 + cc) * Dk + i0 + i] = S[cc][i];
 }
 
-template <int CL> static void (*delta_decode_for(int Dk))(const delta_args)
+template <int CL, int G> static void (*delta_decode_for(int Dk))(const delta_args)
 {
-	return Dk == 32 ? delta_decode_kernel<1, CL> : Dk == 64 ? delta_decode_kernel<2, CL>
-	       : Dk == 128 ? delta_decode_kernel<4, CL> : delta_decode_kernel<8, CL>;
+	return Dk == 32 ? delta_decode_kernel<1, CL, G> : Dk == 64 ? delta_decode_kernel<2, CL, G>
+	       : Dk == 128 ? delta_decode_kernel<4, CL, G> : delta_decode_kernel<8, CL, G>;
 }
 
 static void (*delta_prefill_for(int Dk))(const delta_args, int)
@@ -508,17 +539,32 @@ int q3g_delta_init(q3_err *e)
 
 /* Decode heads split over a cluster of this many blocks (sm_90, whole warps each). */
 #define DELTA_CLUSTER 4
+/* Column groups a decode warp takes (G) for a batch of nseq sequences: more groups a warp, fewer
+ * warps, each with the others' share of the conv, the loads' addresses and the gates; G = 4 is a
+ * block a head, no cluster.  H200, bench_kernels --gdn R, the delta rule at 2 / 4 / 8 / 16 rows,
+ * G = 1 5.29 / 8.27 / 12.98 / 24.7 us, G = 2 4.78 / 6.71 / 11.7 / 20.9, G = 4 - / 6.20 / 9.4 /
+ * 18.85; at one row G = 1's 128 blocks (4.4 us) keep more SMs busy. */
+static int delta_groups(int nseq)
+{
+	return nseq >= 4 ? 4 : nseq >= 2 ? 2 : 1;
+}
 
 static int launch_decode(const delta_args &A, int nseq, cudaStream_t st, q3_err *e)
 {
 	const int warps = A.Dv / Q3G_DELTA_CPW;
+	const dim3 block(32 * warps / DELTA_CLUSTER);
 
 	if (q3g_dev.clusters && warps % DELTA_CLUSTER == 0) {
-		CUDA_CHECK(e, q3g_launch_cluster(delta_decode_for<DELTA_CLUSTER>(A.Dk), dim3(nseq, A.Nv, DELTA_CLUSTER),
-						 dim3(32 * warps / DELTA_CLUSTER), 0, st, dim3(1, 1, DELTA_CLUSTER), A));
+		/* the same warps a block for every G, so that a head's norm sums by the same tree */
+		static_assert(DELTA_CLUSTER == 4, "G = 1, 2, 4 split a head over 4, 2, 1 blocks");
+		const int G = delta_groups(nseq), CL = DELTA_CLUSTER / G;
+		void (*k)(const delta_args) = G == 4 ? delta_decode_for<1, 4>(A.Dk)
+					      : G == 2 ? delta_decode_for<2, 2>(A.Dk) : delta_decode_for<4, 1>(A.Dk);
+
+		CUDA_CHECK(e, q3g_launch_cluster(k, dim3(nseq, A.Nv, CL), block, 0, st, dim3(1, 1, CL), A));
 		return 0;
 	}
-	CUDA_CHECK(e, q3g_launch(delta_decode_for<1>(A.Dk), dim3(nseq, A.Nv), dim3(32 * warps), 0, st, A));
+	CUDA_CHECK(e, q3g_launch(delta_decode_for<1, 1>(A.Dk), dim3(nseq, A.Nv), dim3(32 * warps), 0, st, A));
 	return 0;
 }
 

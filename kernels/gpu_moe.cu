@@ -353,13 +353,14 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 	}
 	__syncthreads();
 	const bool vec = (H & 3) == 0 && (kn & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0;
+	const small_div Rd(R);
 
 	/* rows fastest: a warp's stores go to consecutive words */
 	if (vec) {
 		const int n = R * (kn >> 2);
 
 		for (int i = threadIdx.x; i < n; i += blockDim.x) {
-			const int r = i % R, c = 4 * (i / R);
+			const int q = Rd.div(i), r = Rd.mod(i, q), c = 4 * q;
 			const float4 hv = *(const float4 *)(L.h + (size_t)r * H + k0 + c);
 			const float4 wv = *(const float4 *)(L.normw + k0 + c);
 			const float s = rs[r];
@@ -371,7 +372,7 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 		}
 	} else {
 		for (int i = threadIdx.x; i < R * kn; i += blockDim.x) {
-			const int r = i % R, c = i / R;
+			const int c = Rd.div(i), r = Rd.mod(i, c);
 
 			xsf[c * XS + r] = L.h[(size_t)r * H + k0 + c] * rs[r] * (1.0f + L.normw[k0 + c]);
 		}
@@ -381,9 +382,10 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 	 * they are): the slice's columns split over the ntb blocks of the same slice */
 	if (L.xo) {
 		const int cw = cdiv(kn, ntb), c0 = min(kn, bt * cw), c1 = min(kn, c0 + cw);
+		const small_div nc(max(1, c1 - c0));
 
 		for (int i = threadIdx.x; i < R * (c1 - c0); i += blockDim.x) {
-			int r = i / (c1 - c0), c = c0 + i % (c1 - c0);
+			const int r = nc.div(i), c = c0 + nc.mod(i, r);
 
 			L.xo[(size_t)r * H + k0 + c] = f2h_bits(xsf[c * XS + r]);
 		}
@@ -747,10 +749,11 @@ static __device__ __forceinline__ void up_expert(const moe_up_launch &L, int bt,
 	constexpr int WPT = UP_WPT, NW = Q3G_MMV_THREADS / 32;
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	const int ti = warp / (2 * WPT), which = warp / WPT % 2, kr = warp % WPT; /* 0: gate, 1: up */
-	const int tile = bt * UP_TPB + ti, k = L.k, S = k + 1, P = L.R * k, G = L.jcols;
+	const int tile = bt * UP_TPB + ti, k = L.k, P = L.R * k, G = L.jcols;
 	const struct q3g_mat &mg = L.mat[0], &mu = L.mat[1], &m = which ? mu : mg;
 	const int Kp = mg.nchunks * Q3G_KCHUNK, c0 = kr * L.cpw[0], c1 = min(m.nchunks, c0 + L.cpw[0]);
-	const int ex = L.idx[p / k * S + p % k];
+	const small_div kd(k); /* pair q is row q / k's slot q mod k: idx[q / k · S + q mod k] = idx[q + q / k] */
+	const int ex = L.idx[p + kd.div(p)];
 	uint16_t *xs = (uint16_t *)smem;
 	/* the warps' partial sums [tile][gate, up][kr][column][16 rows], after the staged rows */
 	float *part = (float *)(xs + L.xsh);
@@ -761,7 +764,7 @@ static __device__ __forceinline__ void up_expert(const moe_up_launch &L, int bt,
 	/* p's rank among its expert's pairs, and the next G - 1 of them after p, in pair order */
 	for (int q0 = 0; q0 < P && after < G - 1; q0 += blockDim.x) {
 		const int q = q0 + threadIdx.x;
-		const bool same = q < P && L.idx[q / k * S + q % k] == ex;
+		const bool same = q < P && L.idx[q + kd.div(q)] == ex;
 		const unsigned b = __ballot_sync(0xffffffffu, same && q > p);
 		int pos = after + __popc(b & ((1u << lane) - 1));
 
@@ -778,15 +781,15 @@ static __device__ __forceinline__ void up_expert(const moe_up_launch &L, int bt,
 			jq[1 + pos] = q;
 		__syncthreads(); /* wcnt */
 	}
-	if (rank % G)
-		return; /* an earlier pair's block computes this one */
+	if (rank & (G - 1))
+		return; /* an earlier pair's block computes this one (G: a power of two) */
 	const int nc = min(G, 1 + after);
 
-	if (threadIdx.x < nc) {
-		const int q = threadIdx.x ? jq[threadIdx.x] : p;
+	if (threadIdx.x < nc) { /* column c: pair jq[c] (from here its row of act) of row jr[c] */
+		const int q = threadIdx.x ? jq[threadIdx.x] : p, r = kd.div(q);
 
-		jq[threadIdx.x] = q;
-		jr[threadIdx.x] = q / k;
+		jq[threadIdx.x] = q + r;
+		jr[threadIdx.x] = r;
 	}
 	__syncthreads();
 	const uint16_t *pg = mg.perm ? mg.perm + (size_t)ex * mg.perm_stride : NULL;
@@ -814,11 +817,11 @@ static __device__ __forceinline__ void up_expert(const moe_up_launch &L, int bt,
 	__syncthreads();
 	for (int i = threadIdx.x; i < nc * UP_TPB * Q3G_TILE_N; i += blockDim.x) {
 		const int col = i / (UP_TPB * Q3G_TILE_N), tt = i / Q3G_TILE_N % UP_TPB, ri = i % Q3G_TILE_N;
-		const int row = (bt * UP_TPB + tt) * Q3G_TILE_N + ri, q = jq[col];
+		const int row = (bt * UP_TPB + tt) * Q3G_TILE_N + ri;
 		const float *pgs = part + (tt * 2 * WPT * G + col) * Q3G_TILE_N + ri;
 
 		if (row < mg.N)
-			L.act[(size_t)(q / k * S + q % k) * L.lda + row] =
+			L.act[(size_t)jq[col] * L.lda + row] =
 				gate_up_out<WPT>(pgs, pgs + WPT * G * Q3G_TILE_N, G * Q3G_TILE_N);
 	}
 }
@@ -898,19 +901,25 @@ __global__ void __launch_bounds__(Q3G_MMV_THREADS, SMALL ? 2 : 4) moe_up_kernel(
 	const int b = blockIdx.x;
 
 	if (b < L.nsb) {
-		const int r0 = b / L.nbs * L.srows, nr = min(L.srows, L.R - r0);
+		const small_div nbs(L.nbs);
+		const int g = nbs.div(b), r0 = g * L.srows, nr = min(L.srows, L.R - r0);
 
 		if (nr > 8)
-			up_shared<FS, 2, W, 4>(L, b % L.nbs, r0, nr);
+			up_shared<FS, 2, W, 4>(L, nbs.mod(b, g), r0, nr);
 		else
-			up_shared<FS, 1, W, SMALL ? 8 : 4>(L, b % L.nbs, r0, nr);
+			up_shared<FS, 1, W, SMALL ? 8 : 4>(L, nbs.mod(b, g), r0, nr);
 	} else { /* a block a routed pair and UP_TPB row tiles, the tiles slowest */
-		const int P = L.R * L.k, i = b - L.nsb;
+		const small_div P(L.R * L.k);
+		const int i = b - L.nsb, bt = P.div(i), p = P.mod(i, bt);
 
-		if constexpr (SMALL)
-			up_pair<FR, W, 8>(L, i / P, i % P / L.k, i % P % L.k);
-		else
-			up_expert<FR, W, 4>(L, i / P, i % P);
+		if constexpr (SMALL) {
+			const small_div kd(L.k);
+			const int r = kd.div(p);
+
+			up_pair<FR, W, 8>(L, bt, r, kd.mod(p, r));
+		} else {
+			up_expert<FR, W, 4>(L, bt, p);
+		}
 	}
 }
 

@@ -152,12 +152,12 @@ static __device__ __forceinline__ uint32_t act_pair(const uint16_t *act, const u
  * 16-byte words of xs, rows fastest: the position-major order put the words of R = 16 rows 512
  * bytes apart, 15-way bank conflicts on every store (ncu: 3 of the matvec's 3.2 million shared
  * store wavefronts at batch 16). */
-static __device__ __forceinline__ void xs_unit(int i, int R, int &r, int &k0)
+static __device__ __forceinline__ void xs_unit(int i, const small_div &R, int &r, int &k0)
 {
-	const int j = i >> 1;
+	const int j = i >> 1, q = R.div(j);
 
-	r = j % R;
-	k0 = 16 * (j / R) + 8 * (i & 1);
+	r = R.mod(j, q);
+	k0 = 16 * q + 8 * (i & 1);
 }
 
 /* Unit i's eight fp16 values as four fp16x2 words (lo = the lower position) into xs, where word
@@ -221,6 +221,7 @@ static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t 
 	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
 	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
 	const bool vec = !perm && (ldx & 7) == 0 && ((uintptr_t)x & 15) == 0;
+	const small_div Rd(R);
 
 	for (int w0 = threadIdx.x - wl; w0 < n; w0 += B * blockDim.x) {
 		uint32_t p[B][4];
@@ -232,7 +233,7 @@ static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t 
 
 			if (i >= n)
 				break;
-			xs_unit(i, R, r, k0);
+			xs_unit(i, Rd, r, k0);
 			const uint16_t *xr = x + (size_t)(rows ? rows[r] : r) * ldx;
 
 			if (vec && k0 + 8 <= K) {
@@ -277,6 +278,7 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
 	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
 	const bool vec = !perm && (ldh & 3) == 0 && ((uintptr_t)h & 15) == 0 && ((uintptr_t)w & 15) == 0;
+	const small_div Rd(R);
 
 	row_rsqrt(rs, h, ldh, R, K, eps, rows);
 	__syncthreads();
@@ -290,7 +292,7 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 
 			if (i >= n)
 				break;
-			xs_unit(i, R, r, k0);
+			xs_unit(i, Rd, r, k0);
 			const float *hr = h + (size_t)(rows ? rows[r] : r) * ldh;
 			if (vec && k0 + 8 <= K) {
 				float4 a = *(const float4 *)(hr + k0), c = *(const float4 *)(hr + k0 + 4);
@@ -319,7 +321,7 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 
 			if (w0 + b * (int)blockDim.x >= n) /* warp-uniform */
 				break;
-			xs_unit(i, R, r, k0);
+			xs_unit(i, Rd, r, k0);
 #pragma unroll
 			for (int q = 0; q < 4; q++)
 				p[q] = pack_h2(v[b][2 * q] * rs[r] * (1.0f + f[b][2 * q]),

@@ -762,7 +762,7 @@ static void delta_case(const char *label, const struct q3g_dims *d, const std::v
 		}
 	std::vector<float> A_log(Nv), dtb = rnd_vec(Nv, 0.5f), z = rnd_vec((size_t)t.R * ldz, 1.0f),
 			   nw = rnd_vec(Dv, 1.0f);
-	std::vector<float> ref_o((size_t)t.R * Nv * Dv), ref_core((size_t)t.R * Nv * Dv), ref_S;
+	std::vector<float> ref_o((size_t)t.R * Nv * Dv), ref_core((size_t)t.R * Nv * Dv), ref_S, S0;
 
 	for (int j = 0; j < Nv; j++)
 		A_log[j] = logf(1.0f + 15.0f * fabsf(rnd_uniform()));
@@ -773,6 +773,8 @@ static void delta_case(const char *label, const struct q3g_dims *d, const std::v
 		if (q.pos == 0)
 			std::fill(Sdev.begin(), Sdev.end(), NAN); /* must not be read */
 		GT_CHECK(cudaMemcpy(q.rec, Sdev.data(), Sdev.size() * 4, cudaMemcpyHostToDevice));
+		if (s == 0)
+			S0 = Sdev;
 		for (int j = 0; j < Nv; j++) {
 			int kh = j / (Nv / d->Nk);
 			std::vector<float> S((size_t)Dk * Dv), qn(Dk), kn(Dk), beta(Nv), g(Nv);
@@ -818,6 +820,22 @@ static void delta_case(const char *label, const struct q3g_dims *d, const std::v
 		/* the new conv state is a copy of inputs: exact */
 		snprintf(n3, sizeof(n3), "%s: new conv state", name);
 		gt_compare(n3, got.data(), ref_conv.data(), got.size(), 0.0);
+		if (t.nseq > 1) {
+			/* sequence 0 again alone, from its state before: the bits it got in the batch (the
+			 * batch's size may pick another block shape) */
+			const struct q3g_seq &q0 = t.seq_h[0];
+			std::vector<uint16_t> cb = dev_download(dcore + (size_t)q0.row0 * Nv * Dv, (size_t)Nv * Dv);
+			std::vector<float> sb = dev_download(q0.rec, t.rec_n);
+
+			GT_CHECK(cudaMemcpy(q0.rec, S0.data(), S0.size() * 4, cudaMemcpyHostToDevice));
+			GT_OK(q3g_delta_decode(dx, ldq, dcw, dba, dA, ddt, dcore, dz, ldz, dnw, t.rows, 1, 0, d, 0, &e_));
+			std::vector<uint16_t> ca = dev_download(dcore + (size_t)q0.row0 * Nv * Dv, (size_t)Nv * Dv);
+			std::vector<float> sa = dev_download(q0.rec, t.rec_n);
+
+			snprintf(n3, sizeof(n3), "%s: sequence 0 alone gives the bits of the batch of %d (output, state)", name,
+				 t.nseq);
+			gt_expect(!memcmp(ca.data(), cb.data(), ca.size() * 2) && !memcmp(sa.data(), sb.data(), sa.size() * 4), n3);
+		}
 		cudaFree(dx);
 		cudaFree(dcw);
 	} else {
@@ -859,6 +877,10 @@ static void gdn_tests(void)
 	delta_case("small decode", &ds, { { 0, 1 }, { 9, 1 }, { 3, 1 }, { 1, 1 } }, true);
 	delta_case("small prefill", &ds, { { 0, 70 }, { 3, 130 } }, false);
 	delta_case("real decode", &dr, { { 4, 1 }, { 0, 1 } }, true);
+	delta_case("real decode, 16 sequences", &dr,
+		   { { 9, 1 }, { 0, 1 }, { 1, 1 }, { 2, 1 }, { 3, 1 }, { 5, 1 }, { 8, 1 }, { 13, 1 }, { 21, 1 }, { 34, 1 },
+		     { 55, 1 }, { 89, 1 }, { 144, 1 }, { 233, 1 }, { 377, 1 }, { 610, 1 } },
+		   true);
 	if (want("delta refuses")) { /* missing outputs or inputs: refused before any launch */
 		struct q3g_rows none;
 		q3_err e1, e2, e3;
