@@ -517,8 +517,12 @@ __global__ void __launch_bounds__(32 * DELTA_PF_WARPS) delta_prefill_kernel(cons
 
 template <int CL, int G> static void (*delta_decode_for(int Dk))(const delta_args)
 {
-	return Dk == 32 ? delta_decode_kernel<1, CL, G> : Dk == 64 ? delta_decode_kernel<2, CL, G>
-	       : Dk == 128 ? delta_decode_kernel<4, CL, G> : delta_decode_kernel<8, CL, G>;
+	if constexpr (G > 1) /* keys of 256 stay at G = 1 (delta_groups) */
+		return Dk == 32 ? delta_decode_kernel<1, CL, G> : Dk == 64 ? delta_decode_kernel<2, CL, G>
+		       : Dk == 128 ? delta_decode_kernel<4, CL, G> : nullptr;
+	else
+		return Dk == 32 ? delta_decode_kernel<1, CL, G> : Dk == 64 ? delta_decode_kernel<2, CL, G>
+		       : Dk == 128 ? delta_decode_kernel<4, CL, G> : delta_decode_kernel<8, CL, G>;
 }
 
 static void (*delta_prefill_for(int Dk))(const delta_args, int)
@@ -543,9 +547,12 @@ int q3g_delta_init(q3_err *e)
  * warps, each with the others' share of the conv, the loads' addresses and the gates; G = 4 is a
  * block a head, no cluster.  H200, bench_kernels --gdn R, the delta rule at 2 / 4 / 8 / 16 rows,
  * G = 1 5.29 / 8.27 / 12.98 / 24.7 us, G = 2 4.78 / 6.71 / 11.7 / 20.9, G = 4 - / 6.20 / 9.4 /
- * 18.85; at one row G = 1's 128 blocks (4.4 us) keep more SMs busy. */
-static int delta_groups(int nseq)
+ * 18.85; at one row G = 1's 128 blocks (4.4 us) keep more SMs busy.  Keys of 256 stay at G = 1:
+ * a lane's state would be 8·G floats a column, and G = 2 spills 152 bytes, G = 4 320 (ptxas). */
+static int delta_groups(int nseq, int Dk)
 {
+	if (Dk > 128)
+		return 1;
 	return nseq >= 4 ? 4 : nseq >= 2 ? 2 : 1;
 }
 
@@ -557,7 +564,7 @@ static int launch_decode(const delta_args &A, int nseq, cudaStream_t st, q3_err 
 	if (q3g_dev.clusters && warps % DELTA_CLUSTER == 0) {
 		/* the same warps a block for every G, so that a head's norm sums by the same tree */
 		static_assert(DELTA_CLUSTER == 4, "G = 1, 2, 4 split a head over 4, 2, 1 blocks");
-		const int G = delta_groups(nseq), CL = DELTA_CLUSTER / G;
+		const int G = delta_groups(nseq, A.Dk), CL = DELTA_CLUSTER / G;
 		void (*k)(const delta_args) = G == 4 ? delta_decode_for<1, 4>(A.Dk)
 					      : G == 2 ? delta_decode_for<2, 2>(A.Dk) : delta_decode_for<4, 1>(A.Dk);
 
