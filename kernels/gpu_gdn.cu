@@ -2,7 +2,7 @@
  * the gated delta rule (l2norm of q and k, the gates, the recurrence, optionally the gated norm).
  *
  * The recurrence runs token after token, in fp32, with the state in registers: a warp per
- * Q3G_DELTA_CPW value columns of a value head (decode batches: two such groups), each lane
+ * Q3G_DELTA_CPW value columns of a value head (decode batches: two or four such groups), each lane
  * holding Dk / 32 keys of those columns.
  * Per token the two products Sᵀk and Sᵀq come from the state before the update
  * (o = α·S_oldᵀq + δ·(k·q), with δ = β(v − α·S_oldᵀk), then S = α·S + k δᵀ), so one round of warp
