@@ -517,12 +517,11 @@ __global__ void __launch_bounds__(32 * DELTA_PF_WARPS) delta_prefill_kernel(cons
 
 template <int CL, int G> static void (*delta_decode_for(int Dk))(const delta_args)
 {
-	if constexpr (G > 1) /* keys of 256 stay at G = 1 (delta_groups) */
-		return Dk == 32 ? delta_decode_kernel<1, CL, G> : Dk == 64 ? delta_decode_kernel<2, CL, G>
-		       : Dk == 128 ? delta_decode_kernel<4, CL, G> : nullptr;
-	else
-		return Dk == 32 ? delta_decode_kernel<1, CL, G> : Dk == 64 ? delta_decode_kernel<2, CL, G>
-		       : Dk == 128 ? delta_decode_kernel<4, CL, G> : delta_decode_kernel<8, CL, G>;
+	if constexpr (G == 1) /* keys of 256 stay at G = 1 (delta_groups): no other instance */
+		if (Dk == 256)
+			return delta_decode_kernel<8, CL, 1>;
+	return Dk == 32 ? delta_decode_kernel<1, CL, G> : Dk == 64 ? delta_decode_kernel<2, CL, G>
+	       : Dk == 128 ? delta_decode_kernel<4, CL, G> : nullptr;
 }
 
 static void (*delta_prefill_for(int Dk))(const delta_args, int)
