@@ -14,7 +14,7 @@
  * fused (Q3G_EPI_ADD).
  */
 #include "gpu_internal.h"
-#include "mma_frag.cuh"
+#include "bulk.cuh"
 
 struct mmv_launch {
 	int njobs, R;
@@ -55,7 +55,13 @@ static __device__ __forceinline__ void run_slices(const struct q3g_mat &m, int t
 		slice(u, false);
 }
 
-template <int NT, int NTH, bool W, bool SL>
+/* RM (sm_90, the wide blocks, one job of fp16 rows without a permutation): the rows are staged as
+ * they are, one bulk copy a row issued by one thread (cp.async.bulk: no registers, every row in
+ * flight at once), rather than through registers in B-fragment order in round trips of four units
+ * a thread (out_proj at 16 rows: 128 KB a block in four round trips, 30% of its stall samples on
+ * the staging, ncu).  The B fragments then come from the padded rows (rm_bsrc): the same values,
+ * the same sums. */
+template <int NT, int NTH, bool W, bool SL, bool RM = false>
 __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_launch L)
 {
 	extern __shared__ uint4 smem[];
@@ -70,7 +76,8 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	const int tile = ((int)blockIdx.x - L.cta0[j]) * RT + warp / WPT, kr = warp % WPT;
 	const int Kp = m.nchunks * Q3G_KCHUNK;
 	uint16_t *xs = (uint16_t *)smem;
-	float *red = (float *)(xs + (size_t)R * Kp);
+	const int ld = Kp / 2 + 4; /* RM: a row's words, padded (rm_bsrc) */
+	float *red = (float *)(xs + (RM ? (size_t)R * ld * 2 : (size_t)R * Kp));
 	float acc[NT][4];
 	const int KS = SL ? L.ks[j] : WPT, per = cdiv(m.nchunks, KS), c0 = kr * per, c1 = min(m.nchunks, c0 + per);
 
@@ -105,7 +112,28 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 					     ? jb.y[(size_t)tok * jb.ldy + row]
 					     : 0.0f;
 		}
-	if (jb.xh) {
+	if constexpr (RM) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		__shared__ uint64_t xbar;
+		uint32_t *xw = (uint32_t *)xs;
+
+		if (threadIdx.x == 0) {
+			bar_init(&xbar, 1);
+			asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* seen by the copy engine */
+			bar_expect(&xbar, (uint32_t)R * m.K * 2);
+			for (int r = 0; r < R; r++)
+				bulk_copy(xw + (size_t)r * ld, jb.x + (size_t)r * jb.ldx, m.K * 2, &xbar);
+		}
+		/* the pad past K reads as zeros, as staged rows' (K % 8 == 0: whole words) */
+		for (int i = threadIdx.x; i < R * (Kp - m.K) / 2; i += blockDim.x) {
+			const int r = i / ((Kp - m.K) / 2), w = i % ((Kp - m.K) / 2);
+
+			xw[(size_t)r * ld + m.K / 2 + w] = 0u;
+		}
+		__syncthreads(); /* xbar initialized before any thread waits on it */
+		bar_wait(&xbar, 0);
+#endif
+	} else if (jb.xh) {
 		__shared__ float rs[Q3G_MMV_MAX_TOK];
 
 		/* four units a thread a round trip at two token tiles (16 rows of 2048: four round trips
@@ -151,15 +179,21 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		if (tile < m.ntiles) {
 			const uint8_t *wb = (const uint8_t *)m.data;
 
-			if (m.fmt == Q3G_Q4)
-				run_chunks<Q3G_Q4, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc,
-									   PRE ? pre : nullptr, true);
-			else if (m.fmt == Q3G_Q8)
-				run_chunks<Q3G_Q8, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc,
-									   PRE ? pre : nullptr, true);
+			auto run = [&](const auto &bs) {
+				if (m.fmt == Q3G_Q4)
+					run_chunks_b<Q3G_Q4, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, bs, 1.0f, acc,
+										     PRE ? pre : nullptr, true);
+				else if (m.fmt == Q3G_Q8)
+					run_chunks_b<Q3G_Q8, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, bs, 1.0f, acc,
+										     PRE ? pre : nullptr, true);
+				else
+					run_chunks_b<Q3G_F16, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, bs, 1.0f, acc,
+										      PRE ? pre : nullptr, true);
+			};
+			if constexpr (RM)
+				run(rm_bsrc{ (const uint32_t *)xs, ld, R });
 			else
-				run_chunks<Q3G_F16, NT, Q3G_MMV_LOADS, W>(m, wb, 0, tile, c0, c1, (const uint2 *)xs, R, 0, 1.0f, acc,
-									   PRE ? pre : nullptr, true);
+				run(xs_bsrc{ (const uint2 *)xs, R, 0 });
 		}
 		reduce_tile_warps<NT>(red, acc, WPT);
 		if (kr != 0 || tile >= m.ntiles)
@@ -181,15 +215,29 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 
 typedef void (*mmv_fn)(const mmv_launch);
 
-/* [whole groups][Q3G_MMV_THREADS, MMV_WIDE threads, sliced][token tiles - 1] */
-static const mmv_fn mmv_kernels[2][3][2] = {
+/* [whole groups][Q3G_MMV_THREADS, MMV_WIDE threads, sliced, MMV_WIDE with rows as they are (RM)]
+ * [token tiles - 1] */
+static const mmv_fn mmv_kernels[2][4][2] = {
 	{ { mmv_kernel<1, Q3G_MMV_THREADS, false, false>, mmv_kernel<2, Q3G_MMV_THREADS, false, false> },
 	  { mmv_kernel<1, MMV_WIDE, false, false>, mmv_kernel<2, MMV_WIDE, false, false> },
-	  { mmv_kernel<1, Q3G_MMV_THREADS, false, true>, mmv_kernel<2, Q3G_MMV_THREADS, false, true> } },
+	  { mmv_kernel<1, Q3G_MMV_THREADS, false, true>, mmv_kernel<2, Q3G_MMV_THREADS, false, true> },
+	  { mmv_kernel<1, MMV_WIDE, false, false, true>, mmv_kernel<2, MMV_WIDE, false, false, true> } },
 	{ { mmv_kernel<1, Q3G_MMV_THREADS, true, false>, mmv_kernel<2, Q3G_MMV_THREADS, true, false> },
 	  { mmv_kernel<1, MMV_WIDE, true, false>, mmv_kernel<2, MMV_WIDE, true, false> },
-	  { mmv_kernel<1, Q3G_MMV_THREADS, true, true>, mmv_kernel<2, Q3G_MMV_THREADS, true, true> } },
+	  { mmv_kernel<1, Q3G_MMV_THREADS, true, true>, mmv_kernel<2, Q3G_MMV_THREADS, true, true> },
+	  { mmv_kernel<1, MMV_WIDE, true, false, true>, mmv_kernel<2, MMV_WIDE, true, false, true> } },
 };
+
+/* Above this many rows the wide blocks take fp16 rows as they are (RM in mmv_kernel) */
+#define MMV_RM_ROWS 4
+
+/* Whether the wide blocks can bulk-copy job j's rows as they are: sm_90, fp16 rows without a
+ * permutation, 16-byte pieces (cp.async.bulk's sizes and alignments). */
+static bool rows_copyable(const struct q3g_job *jb)
+{
+	return q3g_dev.cc >= 90 && jb->x && !jb->xh && !jb->w.perm && !((uintptr_t)jb->x & 15) && !(jb->ldx & 7) &&
+	       !(jb->w.K & 7);
+}
 
 /* Row tiles per block and input slices per tile (*ks: 8 / rt where nothing is sliced).  Where up
  * to four tiles a block make the grid one wave of three blocks an SM, that many (a 12288-row qkvz
@@ -221,10 +269,11 @@ static int pick_rt(int ntiles, int R, int fmt, int *ks)
 	return rt;
 }
 
-/* the staged rows, then the partial sums: ks slices of rt tiles (a warp each where not sliced) */
-static size_t mmv_smem(int R, int Kp, int rt, int ks, int nt, int nth)
+/* the staged rows (RM: padded by 16 bytes), then the partial sums: ks slices of rt tiles (a warp
+ * each where not sliced) */
+static size_t mmv_smem(int R, int Kp, int rt, int ks, int nt, int nth, bool rm)
 {
-	size_t x = ((size_t)R * Kp * 2 + 15) & ~(size_t)15;
+	size_t x = ((size_t)R * (Kp * 2 + (rm ? 16 : 0)) + 15) & ~(size_t)15;
 
 	return x + (ks > 1 ? (size_t)Q3_MAX(nth / 32, rt * ks) * nt * 32 * 16 : 0);
 }
@@ -234,7 +283,7 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 	mmv_launch L;
 	size_t smem = 0;
 	int nt = R > 8 ? 2 : 1, tiles = 0, nth;
-	bool sliced = false;
+	bool sliced = false, rm;
 
 	if (R < 1 || R > Q3G_MMV_MAX_TOK || njobs < 1 || njobs > Q3G_MMV_MAX_JOBS)
 		return q3_errf(e, -EINVAL, "mmv: %d rows, %d jobs", R, njobs);
@@ -245,6 +294,7 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 		tiles += jobs[j].w.ntiles;
 	/* from the matrices alone, never from R: a row's sums must not depend on its batch */
 	nth = tiles <= 2 * q3g_dev.sms ? MMV_WIDE : Q3G_MMV_THREADS;
+	rm = nth == MMV_WIDE && njobs == 1 && R > MMV_RM_ROWS && rows_copyable(&jobs[0]);
 	for (int j = 0; j < njobs; j++) {
 		const struct q3g_mat *m = &jobs[j].w;
 
@@ -257,7 +307,7 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 		}
 		sliced |= L.rt[j] * L.ks[j] > nth / 32;
 		L.cta0[j + 1] = L.cta0[j] + cdiv(m->ntiles, L.rt[j]);
-		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], L.ks[j], nt, nth));
+		smem = Q3_MAX(smem, mmv_smem(R, m->nchunks * Q3G_KCHUNK, L.rt[j], L.ks[j], nt, nth, rm));
 	}
 	if (smem > q3g_dev.smem_dyn) {
 		/* too many rows for the staging area of this device: two launches of half the rows */
@@ -282,8 +332,8 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 
 	for (int j = 0; j < njobs; j++)
 		whole &= q3g_whole_groups(&jobs[j].w);
-	CUDA_CHECK(e, q3g_launch(mmv_kernels[whole][sliced ? 2 : nth == MMV_WIDE][nt - 1], L.cta0[njobs], nth, smem,
-				 (cudaStream_t)st, L));
+	CUDA_CHECK(e, q3g_launch(mmv_kernels[whole][sliced ? 2 : rm ? 3 : nth == MMV_WIDE][nt - 1], L.cta0[njobs], nth,
+				 smem, (cudaStream_t)st, L));
 	return 0;
 }
 
@@ -292,7 +342,7 @@ int q3g_mmv_init(q3_err *e)
 	int err;
 
 	for (int w = 0; w < 2; w++)
-		for (int wide = 0; wide < 3; wide++)
+		for (int wide = 0; wide < 4; wide++)
 			for (int nt = 0; nt < 2; nt++)
 				if ((err = q3g_allow_dyn_smem(mmv_kernels[w][wide][nt], "mmv_kernel", e)))
 					return err;

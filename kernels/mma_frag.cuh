@@ -135,6 +135,34 @@ static __device__ __forceinline__ void b_frag(const uint2 *xs, int ks, int nt, i
 	b[1] = v.y;
 }
 
+/* Where run_chunks_b takes its B fragments: rows staged in B-fragment order (stage_x_f16,
+ * stage_x_norm; k-steps offset by ksoff) ... */
+struct xs_bsrc {
+	const uint2 *xs;
+	int R, ksoff;
+
+	__device__ __forceinline__ void operator()(int ks, int nt, int lane, uint32_t b[2]) const
+	{
+		b_frag(xs, ks + ksoff, nt, R, lane, b);
+	}
+};
+
+/* ... or rows as they are in memory, row r at x + r·ld words (fp16 pairs), ld = Kp / 2 + 4: the
+ * 16-byte pad puts the eight rows a k-step's lanes read four banks apart (lane (g, t) reads words
+ * 8·ks + t and + 4 of row g: 32 banks, no conflict).  The values of xs_bsrc's, so the same sums. */
+struct rm_bsrc {
+	const uint32_t *x;
+	int ld, R;
+
+	__device__ __forceinline__ void operator()(int ks, int nt, int lane, uint32_t b[2]) const
+	{
+		const uint32_t *p = x + (size_t)min(nt * 8 + (lane >> 2), R - 1) * ld + ks * 8 + (lane & 3);
+
+		b[0] = p[0];
+		b[1] = p[4];
+	}
+};
+
 /* Inputs kin, kin + 1 (kin even) of a pair's fp16 activations (q3g_moe_up's act) through the
  * act-order permutation perm (NULL: none), as one fp16x2 word (zeros past K): what the decode
  * down projections put in their B fragments. */
@@ -430,11 +458,10 @@ static __device__ __forceinline__ void first_batch(const struct q3g_mat &m, cons
  * use_pre is the caller's runtime condition, so that pre itself stays a register array indexed
  * by constants rather than a pointer chosen at run time. */
 #define Q3G_MMV_LOADS 8
-template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false, bool GPTR = false>
-static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
-						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
-						  float wscale, float acc[NT][4], const uint4 *pre = nullptr,
-						  bool use_pre = false)
+template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false, bool GPTR = false, class BS>
+static __device__ __forceinline__ void run_chunks_b(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
+						    int tile, int c0, int c1, const BS &bsrc, float wscale, float acc[NT][4],
+						    const uint4 *pre = nullptr, bool use_pre = false)
 {
 	/* chunks loaded ahead: eight 16-byte loads per lane for a matvec; with many token tiles
 	 * (the grouped GEMM) the mma work per chunk hides latency and registers are scarce */
@@ -504,7 +531,7 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 				for (int n = 0; n < NT; n++) {
 					uint32_t b[2];
 
-					b_frag(xs, ks + ksoff, n, R, lane, b);
+					bsrc(ks, n, lane, b);
 					mma_f16(accg[n], a, b);
 				}
 				if (FMT != Q3G_F16 && !WHOLE && --gleft == 0)
@@ -547,4 +574,15 @@ static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const
 		chunks(false);
 	/* the last (or only, for fp16: s = 1) group */
 	flush_group<NT>(acc, accg, s0 * wscale, s1 * wscale, false);
+}
+
+/* run_chunks_b from rows staged in B-fragment order */
+template <int FMT, int NT, int LOADS = Q3G_MMV_LOADS, bool WHOLE = false, bool GPTR = false>
+static __device__ __forceinline__ void run_chunks(const struct q3g_mat &m, const uint8_t *wbase, size_t sz_base,
+						  int tile, int c0, int c1, const uint2 *xs, int R, int ksoff,
+						  float wscale, float acc[NT][4], const uint4 *pre = nullptr,
+						  bool use_pre = false)
+{
+	run_chunks_b<FMT, NT, LOADS, WHOLE, GPTR>(m, wbase, sz_base, tile, c0, c1, xs_bsrc{ xs, R, ksoff }, wscale, acc, pre,
+						  use_pre);
 }
