@@ -116,8 +116,10 @@ static __device__ __forceinline__ float warp_max(float v)
  * same order whatever R and the block size (a row's results must not depend on its batch; and
  * q3g_add_rmsnorm uses it too, so that a norm folded into staging and one written out first give
  * the same fp16 inputs), and a warp's loads (16 bytes a lane where rows are aligned) are in
- * flight together instead of one round trip per row.  rows (optional): row r is h's row rows[r].
- * No barrier inside. */
+ * flight together instead of one round trip per row (U loads a lane a round trip: 16 take a row
+ * of 2048 in one, where registers allow; the order of the sum is the same).  rows (optional): row r
+ * is h's row rows[r].  No barrier inside. */
+template <int U = 8>
 static __device__ __forceinline__ void row_rsqrt(float *rs, const float *h, int ldh, int R, int K, float eps,
 						 const int *rows = nullptr)
 {
@@ -130,7 +132,7 @@ static __device__ __forceinline__ void row_rsqrt(float *rs, const float *h, int 
 
 		/* explicit fmaf: the same rounding wherever this is inlined (q3g_add_rmsnorm too) */
 		if (vec) {
-#pragma unroll 8
+#pragma unroll U
 			for (int i = lane; i < (K >> 2); i += 32) {
 				float4 v = ((const float4 *)hr)[i];
 
@@ -345,34 +347,20 @@ static __device__ __forceinline__ void bar_wait(uint64_t *b, uint32_t parity)
 
 /* ---- thread-block clusters (sm_90; CL = 1: none, the block alone) ---------------------------- */
 
-/* A barrier over the cluster's threads (the block's where CL == 1). */
-template <int CL> static __device__ __forceinline__ void cluster_sync()
-{
-	if constexpr (CL > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-		cooperative_groups::this_cluster().sync();
-#else
-		__trap(); /* the host launches clusters on sm_90 only: device code without them */
-#endif
-	} else {
-		__syncthreads();
-	}
-}
-
-/* p's counterpart in the shared memory of the cluster's block of rank b (p where CL == 1). */
-template <int CL, typename T> static __device__ __forceinline__ T *cluster_at(T *p, int b)
+/* The wait that matches cluster_sum::init's arrival, where no cluster_sum::send waits first: after
+ * it every block's barriers are set up (cluster_gather::send may start). */
+template <int CL> static __device__ __forceinline__ void cluster_ready()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 	if constexpr (CL > 1)
-		return cooperative_groups::this_cluster().map_shared_rank(p, b);
+		asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 #endif
-	return p;
 }
 
 /* The sums over a cluster of N values a block, each added in rank order (deterministic), without
  * a barrier over the cluster in their path: each block stores its values into its rank's slots of
  * every block with st.async, which counts the bytes into the receiver's mbarrier, and a block goes
- * on once its CL · N slots have landed.  (Two cluster_syncs in its place, each a fence to the
+ * on once its CL · N slots have landed.  (Two cluster barriers in its place, each a fence to the
  * whole GPU and an L1 invalidation, were 21% of the delta rule's stall samples at 16 rows.)  Every
  * thread calls init() first thing in the kernel, then either sum() (N = 1) or send() and then
  * total() for each value it needs; CL == 1: the values themselves. */
@@ -420,7 +408,7 @@ template <int CL, int N = 1> struct cluster_sum {
 			__syncthreads();
 		} else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-			asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); /* every block's bar is set up */
+			cluster_ready<CL>(); /* every block's bar is set up */
 			if ((int)threadIdx.x < CL * N)
 				put(threadIdx.x / N, threadIdx.x % N, x[threadIdx.x % N]);
 #else
@@ -458,7 +446,7 @@ template <int CL, int N = 1> struct cluster_sum {
 			return t;
 		} else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-			asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); /* every block's bar is set up */
+			cluster_ready<CL>(); /* every block's bar is set up */
 			if ((int)threadIdx.x < CL * N) {
 				float xi = x[0];
 
@@ -482,6 +470,69 @@ template <int CL, int N = 1> struct cluster_sum {
 			return x[0];
 #endif
 		}
+	}
+};
+
+/* N values a block added over a cluster at rank 0, in rank order: the k-slices of one tile, which
+ * only rank 0 stores.  Ranks 1 .. CL - 1 send theirs by st.async into rank 0's shared memory,
+ * counted by its mbarrier, and may leave at once; rank 0 keeps its own in registers (the slots of
+ * the others fit the 4 KB of static shared memory a kernel has).  Two cluster barriers in its
+ * place, each a fence to the whole GPU behind the block's stores, were ~10% of the router's stall
+ * samples at 16 rows (ncu).  init(n) first thing, before cluster_sum::init (whose fence and arrival
+ * publish this barrier too: the two share the cluster's one arrival); send after that arrival's
+ * wait (cluster_sum::send or cluster_ready); rank 0's threads wait, then total(i, own).  CL == 1:
+ * the block's own values. */
+template <int CL, int N> struct cluster_gather {
+	float v[CL > 1 ? CL - 1 : 1][N]; /* rank b's value i in v[b - 1][i] */
+	uint64_t bar;
+
+	/* n: the values each block sends (<= N) */
+	__device__ __forceinline__ void init(int n)
+	{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		if (CL > 1 && threadIdx.x == 0) {
+			bar_init(&bar, 1);
+			bar_expect(&bar, (uint32_t)((CL - 1) * n * sizeof(float)));
+		}
+#endif
+	}
+
+	/* value i (< n) of this block, rank b > 0 */
+	__device__ __forceinline__ void send(int b, int i, float x)
+	{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		if constexpr (CL > 1) {
+			uint32_t rv, rb;
+
+			asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(rv) : "r"(smem_u32(&v[b - 1][i])));
+			asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(rb) : "r"(smem_u32(&bar)));
+			asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(rv),
+				     "r"(__float_as_uint(x)), "r"(rb)
+				     : "memory");
+			return;
+		}
+#endif
+		__trap(); /* no other rank without clusters (sm_90 only) */
+	}
+
+	/* rank 0: the others' values have landed */
+	__device__ __forceinline__ void wait()
+	{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		if constexpr (CL > 1)
+			bar_wait(&bar, 0);
+#endif
+	}
+
+	/* value i's sum over the blocks from zero, rank 0's own first (after wait) */
+	__device__ __forceinline__ float total(int i, float own) const
+	{
+		float t = 0.0f + own;
+
+#pragma unroll
+		for (int b = 0; b < CL - 1; b++)
+			t += v[b][i];
+		return t;
 	}
 };
 

@@ -281,7 +281,7 @@ struct router_launch {
  * block keeps its slice of x = h · rs · (1 + w) in shared memory, input-major, so that one
  * 16-byte load brings an input of four rows. */
 #define ROUTER_KS 4
-static constexpr int router_threads(int ks)
+static __host__ __device__ constexpr int router_threads(int ks)
 {
 	return ks > 1 ? 256 : 512; /* with clusters: two blocks an SM, so that 33 clusters of 4 fit */
 }
@@ -301,9 +301,10 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 	extern __shared__ float xsf[];
 	constexpr int XS = router_xs(MAXR);
 	__shared__ float rs[Q3G_MMV_MAX_TOK];
-	__shared__ float bsum[MAXR * Q3G_TILE_N]; /* the block's sums [r][row], for the cluster */
-	__shared__ cluster_sum<KS, MAXR> cs;	  /* the rows' norms gathered over the cluster */
+	__shared__ cluster_sum<KS, MAXR> cs;			 /* the rows' norms gathered over the cluster */
+	__shared__ cluster_gather<KS, MAXR * Q3G_TILE_N> sums; /* the slices' sums [r][row] at rank 0 */
 
+	sums.init(L.R * Q3G_TILE_N);
 	cs.init();
 	pdl_trigger();
 	const int ks = (int)blockIdx.x % KS, bt = (int)blockIdx.x / KS, ntb = (int)gridDim.x / KS;
@@ -340,7 +341,7 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 		 * up to the value), where every block read the whole rows (at 16 rows 17 MB from L2) */
 		__shared__ float own[(MAXR + KS - 1) / KS], mine[MAXR];
 
-		row_rsqrt(own, L.h + (size_t)ks * H, KS * H, (R - ks + KS - 1) / KS, H, L.eps);
+		row_rsqrt<16>(own, L.h + (size_t)ks * H, KS * H, (R - ks + KS - 1) / KS, H, L.eps);
 		__syncthreads();
 		if ((int)threadIdx.x < MAXR)
 			mine[threadIdx.x] = (int)threadIdx.x < R && (int)threadIdx.x % KS == ks ? own[threadIdx.x / KS] : 0.0f;
@@ -349,26 +350,44 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 		if ((int)threadIdx.x < R)
 			rs[threadIdx.x] = cs.total(threadIdx.x);
 	} else {
-		row_rsqrt(rs, L.h, H, R, H, L.eps); /* the whole rows, from global memory (L2) */
+		cluster_ready<KS>();
+		row_rsqrt<16>(rs, L.h, H, R, H, L.eps); /* the whole rows, from global memory (L2) */
 	}
 	__syncthreads();
 	const bool vec = (H & 3) == 0 && (kn & 3) == 0 && ((uintptr_t)L.h & 15) == 0 && ((uintptr_t)L.normw & 15) == 0;
 	const small_div Rd(R);
 
-	/* rows fastest: a warp's stores go to consecutive words */
+	/* rows fastest: a warp's stores go to consecutive words.  SB units a thread loaded before any
+	 * is stored (one round trip for 16 rows of a 512-input slice, where a unit a round trip took
+	 * eight: 30% of the stall samples at 16 rows, ncu) */
 	if (vec) {
+		constexpr int SB = MAXR > 1 ? 8 : 2;
 		const int n = R * (kn >> 2);
 
-		for (int i = threadIdx.x; i < n; i += blockDim.x) {
-			const int q = Rd.div(i), r = Rd.mod(i, q), c = 4 * q;
-			const float4 hv = *(const float4 *)(L.h + (size_t)r * H + k0 + c);
-			const float4 wv = *(const float4 *)(L.normw + k0 + c);
-			const float s = rs[r];
+		for (int i0 = threadIdx.x; i0 < n; i0 += SB * blockDim.x) {
+			float4 hv[SB], wv[SB];
 
-			xsf[c * XS + r] = hv.x * s * (1.0f + wv.x);
-			xsf[(c + 1) * XS + r] = hv.y * s * (1.0f + wv.y);
-			xsf[(c + 2) * XS + r] = hv.z * s * (1.0f + wv.z);
-			xsf[(c + 3) * XS + r] = hv.w * s * (1.0f + wv.w);
+#pragma unroll
+			for (int b = 0; b < SB; b++) {
+				const int i = i0 + b * blockDim.x, q = Rd.div(i), r = Rd.mod(i, q), c = 4 * q;
+
+				if (i < n) {
+					hv[b] = *(const float4 *)(L.h + (size_t)r * H + k0 + c);
+					wv[b] = *(const float4 *)(L.normw + k0 + c);
+				}
+			}
+#pragma unroll
+			for (int b = 0; b < SB; b++) {
+				const int i = i0 + b * blockDim.x, q = Rd.div(i), r = Rd.mod(i, q), c = 4 * q;
+				const float s = rs[r];
+
+				if (i >= n)
+					break;
+				xsf[c * XS + r] = hv[b].x * s * (1.0f + wv[b].x);
+				xsf[(c + 1) * XS + r] = hv[b].y * s * (1.0f + wv[b].y);
+				xsf[(c + 2) * XS + r] = hv[b].z * s * (1.0f + wv[b].z);
+				xsf[(c + 3) * XS + r] = hv[b].w * s * (1.0f + wv[b].w);
+			}
 		}
 	} else {
 		for (int i = threadIdx.x; i < R * kn; i += blockDim.x) {
@@ -474,27 +493,23 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 			part[(warp * MAXR + r) * Q3G_TILE_N + g + 8] = acc[r][1];
 		}
 	__syncthreads();
-	for (int i = threadIdx.x; i < Q3G_TILE_N * R; i += blockDim.x) {
-		int r = i / Q3G_TILE_N, rr = i % Q3G_TILE_N;
-		float v = 0.0f;
+	/* the block's sum [r][row] i, a thread each (MAXR · 16 <= the block's threads): the warps in
+	 * order, then the slices in rank order at rank 0 */
+	static_assert(MAXR * Q3G_TILE_N <= router_threads(KS), "router: a sum a thread");
+	const int i = threadIdx.x, r = i / Q3G_TILE_N, row = tile * Q3G_TILE_N + i % Q3G_TILE_N;
+	float v = 0.0f;
 
+	if (i < Q3G_TILE_N * R)
 		for (int ww = 0; ww < nw; ww++)
-			v += part[(ww * MAXR + r) * Q3G_TILE_N + rr];
-		bsum[i] = v;
+			v += part[(ww * MAXR + r) * Q3G_TILE_N + i % Q3G_TILE_N];
+	if (ks != 0) {
+		if (i < Q3G_TILE_N * R)
+			sums.send(ks, i, v);
+		return;
 	}
-	__syncthreads();
-	cluster_sync<KS>(); /* (the block alone without clusters) */
-	if (ks == 0) /* the slices in rank order */
-		for (int i = threadIdx.x; i < Q3G_TILE_N * R; i += blockDim.x) {
-			int r = i / Q3G_TILE_N, row = tile * Q3G_TILE_N + i % Q3G_TILE_N;
-			float v = 0.0f;
-
-			for (int b = 0; b < KS; b++)
-				v += cluster_at<KS>(bsum, b)[i];
-			if (row < m.N)
-				L.y[j][(size_t)r * L.ldy[j] + row] = v;
-		}
-	cluster_sync<KS>(); /* no block leaves while rank 0 reads its sums */
+	sums.wait();
+	if (i < Q3G_TILE_N * R && row < m.N)
+		L.y[j][(size_t)r * L.ldy[j] + row] = sums.total(i, v);
 }
 
 /* fp32 y[R][N] = x[R][K]·Wᵀ with cuBLAS (no TF32: CUBLAS_COMPUTE_32F), W expanded into wtmp. */
