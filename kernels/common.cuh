@@ -357,6 +357,21 @@ template <int CL> static __device__ __forceinline__ void cluster_ready()
 #endif
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+/* x into block b's counterpart of this block's shared word slot, counted (4 bytes) by block b's
+ * counterpart of bar: st.async, no barrier over the cluster (cluster_sum, cluster_gather) */
+static __device__ __forceinline__ void st_async_at(uint32_t b, float *slot, uint64_t *bar, float x)
+{
+	uint32_t rv, rb;
+
+	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(slot)), "r"(b));
+	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(bar)), "r"(b));
+	asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(rv),
+		     "r"(__float_as_uint(x)), "r"(rb)
+		     : "memory");
+}
+#endif
+
 /* The sums over a cluster of N values a block, each added in rank order (deterministic), without
  * a barrier over the cluster in their path: each block stores its values into its rank's slots of
  * every block with st.async, which counts the bytes into the receiver's mbarrier, and a block goes
@@ -372,14 +387,7 @@ template <int CL, int N = 1> struct cluster_sum {
 	/* x into this block's slot i of block b's v, counted by b's bar */
 	__device__ __forceinline__ void put(uint32_t b, uint32_t i, float x)
 	{
-		const uint32_t me = cooperative_groups::this_cluster().block_rank();
-		uint32_t rv, rb;
-
-		asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(&v[me][i])), "r"(b));
-		asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(&bar)), "r"(b));
-		asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(rv),
-			     "r"(__float_as_uint(x)), "r"(rb)
-			     : "memory");
+		st_async_at(b, &v[cooperative_groups::this_cluster().block_rank()][i], &bar, x);
 	}
 #endif
 
@@ -502,13 +510,7 @@ template <int CL, int N> struct cluster_gather {
 	{
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 		if constexpr (CL > 1) {
-			uint32_t rv, rb;
-
-			asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(rv) : "r"(smem_u32(&v[b - 1][i])));
-			asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(rb) : "r"(smem_u32(&bar)));
-			asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(rv),
-				     "r"(__float_as_uint(x)), "r"(rb)
-				     : "memory");
+			st_async_at(0, &v[b - 1][i], &bar, x);
 			return;
 		}
 #endif
