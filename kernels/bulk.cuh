@@ -66,7 +66,7 @@ static __device__ __forceinline__ void ring_init(uint64_t *full, int nst, uint64
 	for (int i = 0; i < nst; i++)
 		bar_init(&full[i], 1);
 	bar_init(one, 1);
-	asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* seen by the copy engine */
+	bar_init_fence();
 }
 
 /* Expert mi's tile `tile` of m (weights, scales, zero points) into dst, counted into bar (the

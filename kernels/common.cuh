@@ -316,6 +316,13 @@ static __device__ __forceinline__ void bar_init(uint64_t *b, int count)
 	asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
 }
 
+/* This thread's mbarrier inits seen by the copy engine and the cluster's other blocks (the async
+ * proxy) before any of them signals one. */
+static __device__ __forceinline__ void bar_init_fence(void)
+{
+	asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
 static __device__ __forceinline__ void bar_arrive(uint64_t *b)
 {
 	asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(b)) : "memory");
@@ -398,7 +405,7 @@ template <int CL, int N = 1> struct cluster_sum {
 			if (threadIdx.x == 0) {
 				bar_init(&bar, 1);
 				bar_expect(&bar, CL * N * sizeof(float)); /* the one arrival; the bytes to come */
-				asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+				bar_init_fence();
 			}
 			/* the others' stores wait (in send) for this arrival of every thread */
 			asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");

@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 
 		if (threadIdx.x == 0) {
 			bar_init(&xbar, 1);
-			asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* seen by the copy engine */
+			bar_init_fence();
 			bar_expect(&xbar, (uint32_t)R * m.K * 2);
 			for (int r = 0; r < R; r++)
 				bulk_copy(xw + (size_t)r * ld, jb.x + (size_t)r * jb.ldx, m.K * 2, &xbar);
