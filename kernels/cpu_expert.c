@@ -83,55 +83,36 @@ static int check_lin(const struct q3_linear *l, q3_err *e)
 	return 0;
 }
 
-static bool gidx_trivial(const struct q3_linear *l)
-{
-	if (!l->g_idx)
-		return true;
-	for (int k = 0; k < l->K; k++)
-		if ((int)q3_tensor_u32_at(l->g_idx, (uint64_t)k) != k / l->group_size)
-			return false;
-	return true;
-}
-
-/* Fills p for l: the input permutation that makes groups contiguous (a stable counting sort of
- * g_idx, which must give every group exactly G inputs) and whether zero points vary. */
+/* Fills p for l: the input permutation that makes groups contiguous (q3_gptq_order) and whether
+ * zero points vary. */
 static int plan_lin(struct lin_plan *p, const struct q3_linear *l, q3_err *e)
 {
 	char nm[160];
-	int err, G = l->group_size, ng = l->ngroups;
+	int err, *order, bad;
 
 	memset(p, 0, sizeof(*p));
 	p->l = l;
 	err = check_lin(l, e);
 	if (err)
 		return err;
-	if (!gidx_trivial(l)) {
-		int *fill = calloc((size_t)ng, sizeof(int));
-
-		p->perm = malloc((size_t)l->K * sizeof(uint16_t));
-		if (!fill || !p->perm) {
-			free(fill);
-			free(p->perm);
-			p->perm = NULL;
-			return q3_errf(e, -ENOMEM, "out of memory");
-		}
-		for (int k = 0; k < l->K; k++) {
-			uint32_t g = q3_tensor_u32_at(l->g_idx, (uint64_t)k);
-
-			if (g >= (uint32_t)ng || fill[g] == G) {
-				free(fill);
-				free(p->perm);
-				p->perm = NULL;
-				return q3_errf(e, -ENOTSUP,
-					       "%s: g_idx[%d] = %u: groups are not %d inputs each",
-					       lin_name(l, nm, sizeof(nm)), k, g, G);
-			}
-			p->perm[(size_t)g * (size_t)G + (size_t)fill[g]++] = (uint16_t)k;
-		}
-		free(fill);
-	}
+	if (!(order = malloc((size_t)l->K * sizeof(int))))
+		return q3_errf(e, -ENOMEM, "out of memory");
+	err = q3_gptq_order(l, order, &bad);
+	if (err == 0 && (p->perm = malloc((size_t)l->K * sizeof(uint16_t))))
+		for (int k = 0; k < l->K; k++)
+			p->perm[k] = (uint16_t)order[k]; /* K <= 65535: check_lin */
+	free(order);
+	if (err == -EINVAL && bad >= 0)
+		return q3_errf(e, -ENOTSUP, "%s: g_idx[%d] = %u: groups are not %d inputs each",
+			       lin_name(l, nm, sizeof(nm)), bad, q3_tensor_u32_at(l->g_idx, (uint64_t)bad),
+			       l->group_size);
+	if (err == -EINVAL)
+		return q3_errf(e, -ENOTSUP, "%s: %d inputs are not groups of %d", lin_name(l, nm, sizeof(nm)), l->K,
+			       l->group_size);
+	if (err < 0 || (err == 0 && !p->perm))
+		return q3_errf(e, -ENOMEM, "out of memory");
 	p->zconst = zero_model(l, 0, 0);
-	for (int g = 0; g < ng && !p->zeros; g++)
+	for (int g = 0; g < l->ngroups && !p->zeros; g++)
 		for (int n = 0; n < l->N; n++)
 			if (zero_model(l, g, n) != p->zconst) {
 				p->zeros = true;

@@ -59,40 +59,6 @@ static bool gptq_symmetric(const struct q3_linear *l)
 	return true;
 }
 
-/* The act-order permutation of l: perm[k'] = input of sorted position k' (stable sort by group).
- * Returns 1 if it is the identity, 0 if not, -1 if the sorted groups are not contiguous runs of
- * group_size (the fast path cannot take it). */
-static int gptq_perm(const struct q3_linear *l, int *perm)
-{
-	int K = l->K, G = l->group_size, pos = 0;
-	bool ident = true;
-
-	if (!l->g_idx) {
-		for (int k = 0; k < K; k++)
-			perm[k] = k;
-		return 1;
-	}
-	for (int k = 0; k < K; k++)
-		if ((int)u32_at(l->g_idx, k) != k / G)
-			ident = false;
-	if (ident) {
-		for (int k = 0; k < K; k++)
-			perm[k] = k;
-		return 1;
-	}
-	/* counting sort by group: group g must own exactly positions [gG, (g+1)G) */
-	for (int g = 0; g < l->ngroups; g++) {
-		int start = pos;
-
-		for (int k = 0; k < K; k++)
-			if ((int)u32_at(l->g_idx, k) == g)
-				perm[pos++] = k;
-		if (pos - start != G)
-			return -1;
-	}
-	return pos == K ? 0 : -1;
-}
-
 static size_t align256(size_t x)
 {
 	return (x + 255) & ~(size_t)255;
@@ -134,9 +100,13 @@ extern "C" int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct 
 		if (!perm)
 			return q3_errf(e, -ENOMEM, "out of memory");
 		for (int i = 0; i < nmat && !dense16; i++) {
-			int r = gptq_perm(ls[i], perm);
+			int bad, r = q3_gptq_order(ls[i], perm, &bad);
 
-			if (r < 0)
+			if (r == -ENOMEM) {
+				free(perm);
+				return q3_errf(e, -ENOMEM, "out of memory");
+			}
+			if (r < 0) /* groups not runs of group_size inputs: no fast path */
 				dense16 = true;
 			else if (r == 0)
 				p->perm = true;
@@ -565,12 +535,12 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 			int Kp = m->nchunks * Q3G_KCHUNK;
 			int *perm = (int *)malloc(sizeof(int) * (size_t)l->K);
 			uint16_t *p16 = (uint16_t *)((char *)sg->host + off);
+			int bad, r = perm ? q3_gptq_order(l, perm, &bad) : -ENOMEM;
 
-			if (!perm)
-				return q3_errf(e, -ENOMEM, "out of memory");
-			if (gptq_perm(l, perm) < 0) {
+			if (r < 0) {
 				free(perm);
-				return q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
+				return r == -ENOMEM ? q3_errf(e, -ENOMEM, "out of memory")
+						    : q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
 			}
 			for (int k = 0; k < Kp; k++)
 				p16[k] = (uint16_t)(k < l->K ? perm[k] : 0xffff);
@@ -609,8 +579,11 @@ extern "C" int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_ma
 				       x->down.K, x->gate.N, x->up.N);
 		if (!(order = (int *)malloc(sizeof(int) * (size_t)x->down.K)))
 			return q3_errf(e, -ENOMEM, "out of memory");
-		if (gptq_perm(&x->down, order) < 0)
-			err = q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
+		int bad, r = q3_gptq_order(&x->down, order, &bad);
+
+		if (r < 0)
+			err = r == -ENOMEM ? q3_errf(e, -ENOMEM, "out of memory")
+					   : q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
 	}
 	for (int i = 0; i < 3 && !err; i++)
 		if ((err = q3g_mat_upload(ms[i], idx, ls[i], i < 2 ? order : NULL, sg, st, e))) {
@@ -633,9 +606,12 @@ static bool gate_up_one_order(const struct q3_expert *xs, int n)
 	if (!pg)
 		return false; /* (nothing to share, or out of memory: the two permutations kept apart) */
 	pu = pg + K;
-	for (int i = 0; i < n && one; i++)
-		one = xs[i].gate.K == K && xs[i].up.K == K && gptq_perm(&xs[i].gate, pg) >= 0 &&
-		      gptq_perm(&xs[i].up, pu) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
+	for (int i = 0; i < n && one; i++) {
+		int bad;
+
+		one = xs[i].gate.K == K && xs[i].up.K == K && q3_gptq_order(&xs[i].gate, pg, &bad) >= 0 &&
+		      q3_gptq_order(&xs[i].up, pu, &bad) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
+	}
 	free(pg);
 	return one;
 }

@@ -2,6 +2,7 @@
  * points, sym/asym, g_idx or not, group sizes 32/64/128/-1, FP16/BF16 scales, unaligned data)
  * against an independent unpacking of the packed words written with arithmetic instead of
  * shifts and masks. */
+#include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -167,6 +168,64 @@ static void test_dense_dtypes(void **state)
 	assert_true(q3_linear_weight(&l, 1, 0) == 3.25f);
 }
 
+/* q3_gptq_order: the identity where g_idx is absent or k / G; for an act-order g_idx (every group
+ * G inputs, shuffled) a permutation whose positions [gG, (g+1)G) hold group g's inputs in
+ * ascending order; -EINVAL naming the first input past its group's G or out of range. */
+static void test_gptq_order(void **state)
+{
+	enum { K = 256, G = 32, NG = K / G };
+	int32_t gi[K];
+	int order[K], bad, seen[K];
+	struct q3_tensor tgi = { .data = gi };
+	struct q3_linear l = { .fmt = Q3_W_GPTQ, .K = K, .N = 8, .bits = 4, .group_size = G, .ngroups = NG };
+
+	assert_int_equal(q3_gptq_order(&l, order, &bad), 1);
+	for (int k = 0; k < K; k++)
+		assert_int_equal(order[k], k);
+	l.g_idx = &tgi;
+	for (int k = 0; k < K; k++)
+		gi[k] = k / G;
+	assert_int_equal(q3_gptq_order(&l, order, &bad), 1);
+	for (int round = 0; round < 20; round++) {
+		for (int k = 0; k < K; k++) /* a shuffle of k / G */
+			gi[k] = k / G;
+		for (int k = K - 1; k > 0; k--) {
+			int j = (int)(rnd() % (uint32_t)(k + 1)), t = gi[k];
+
+			gi[k] = gi[j], gi[j] = t;
+		}
+		assert_int_equal(q3_gptq_order(&l, order, &bad), 0);
+		memset(seen, 0, sizeof(seen));
+		for (int j = 0; j < K; j++) {
+			assert_true(order[j] >= 0 && order[j] < K && !seen[order[j]]);
+			seen[order[j]] = 1;
+			assert_int_equal(gi[order[j]], j / G);
+			if (j % G)
+				assert_true(order[j] > order[j - 1]);
+		}
+	}
+	/* groups 3 and 0 one input too many (3 first, at k = 200), 6 and 7 one short */
+	for (int k = 0; k < K; k++)
+		gi[k] = k / G;
+	gi[K - 1] = 0;
+	gi[100] = 5, gi[170] = 3, gi[200] = 3;
+	int over = -1, cnt3 = 0;
+	for (int k = 0; k < K && over < 0; k++)
+		if (gi[k] == 3 && ++cnt3 > G)
+			over = k;
+	assert_int_equal(q3_gptq_order(&l, order, &bad), -EINVAL);
+	assert_int_equal(bad, over);
+	for (int k = 0; k < K; k++)
+		gi[k] = (K - 1 - k) / G;
+	gi[77] = NG; /* a group past the last */
+	assert_int_equal(q3_gptq_order(&l, order, &bad), -EINVAL);
+	assert_int_equal(bad, 77);
+	gi[77] = (K - 1 - 77) / G;
+	l.ngroups = NG - 1; /* K is not ngroups · G */
+	assert_int_equal(q3_gptq_order(&l, order, &bad), -EINVAL);
+	assert_int_equal(bad, -1);
+}
+
 static void test_half_conversions_round_trip(void **state)
 {
 	/* every fp16 and bf16 bit pattern survives f32 and back (NaNs stay NaN) */
@@ -195,6 +254,7 @@ int main(void)
 		cmocka_unit_test(test_v1_zero_point_wraps_like_autogptq),
 		cmocka_unit_test(test_sym_4bit_hand_case),
 		cmocka_unit_test(test_dense_dtypes),
+		cmocka_unit_test(test_gptq_order),
 		cmocka_unit_test(test_half_conversions_round_trip),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,6 +1,8 @@
 /* dequant.c - reference conversions of stored weights to fp32 (see dequant.h). */
 #include "dequant.h"
 
+#include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "half.h"
@@ -37,6 +39,36 @@ void q3_tensor_to_f32(const struct q3_tensor *t, float *out)
 static inline int gptq_group(const struct q3_linear *l, int k)
 {
 	return l->g_idx ? (int)q3_tensor_u32_at(l->g_idx, (uint64_t)k) : k / l->group_size;
+}
+
+int q3_gptq_order(const struct q3_linear *l, int *order, int *bad)
+{
+	int K = l->K, G = l->group_size, ng = l->ngroups, *fill;
+	bool ident = true;
+
+	*bad = -1;
+	for (int k = 0; k < K; k++) {
+		order[k] = k;
+		ident = ident && gptq_group(l, k) == k / G;
+	}
+	if (ident)
+		return 1;
+	if (K != ng * G)
+		return -EINVAL;
+	if (!(fill = calloc((size_t)ng, sizeof(int))))
+		return -ENOMEM;
+	for (int k = 0; k < K; k++) {
+		uint32_t g = q3_tensor_u32_at(l->g_idx, (uint64_t)k);
+
+		if (g >= (uint32_t)ng || fill[g] == G) {
+			free(fill);
+			*bad = k;
+			return -EINVAL;
+		}
+		order[(size_t)g * G + fill[g]++] = k;
+	}
+	free(fill);
+	return 0;
 }
 
 float q3_linear_weight(const struct q3_linear *l, int n, int k)
