@@ -59,6 +59,13 @@ static bool gptq_symmetric(const struct q3_linear *l)
 	return true;
 }
 
+/* The error of q3_gptq_order's r < 0 where the plan had found the order */
+static int order_failed(int r, q3_err *e)
+{
+	return r == -ENOMEM ? q3_errf(e, -ENOMEM, "out of memory")
+			    : q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
+}
+
 static size_t align256(size_t x)
 {
 	return (x + 255) & ~(size_t)255;
@@ -100,7 +107,7 @@ extern "C" int q3g_mat_plan(const struct q3_linear *const *ls, int nmat, struct 
 		if (!perm)
 			return q3_errf(e, -ENOMEM, "out of memory");
 		for (int i = 0; i < nmat && !dense16; i++) {
-			int bad, r = q3_gptq_order(ls[i], perm, &bad);
+			int r = q3_gptq_order(ls[i], perm, NULL);
 
 			if (r == -ENOMEM) {
 				free(perm);
@@ -535,12 +542,11 @@ extern "C" int q3g_mat_upload(const struct q3g_mat *m, int idx, const struct q3_
 			int Kp = m->nchunks * Q3G_KCHUNK;
 			int *perm = (int *)malloc(sizeof(int) * (size_t)l->K);
 			uint16_t *p16 = (uint16_t *)((char *)sg->host + off);
-			int bad, r = perm ? q3_gptq_order(l, perm, &bad) : -ENOMEM;
+			int r = perm ? q3_gptq_order(l, perm, NULL) : -ENOMEM;
 
 			if (r < 0) {
 				free(perm);
-				return r == -ENOMEM ? q3_errf(e, -ENOMEM, "out of memory")
-						    : q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
+				return order_failed(r, e);
 			}
 			for (int k = 0; k < Kp; k++)
 				p16[k] = (uint16_t)(k < l->K ? perm[k] : 0xffff);
@@ -579,11 +585,10 @@ extern "C" int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_ma
 				       x->down.K, x->gate.N, x->up.N);
 		if (!(order = (int *)malloc(sizeof(int) * (size_t)x->down.K)))
 			return q3_errf(e, -ENOMEM, "out of memory");
-		int bad, r = q3_gptq_order(&x->down, order, &bad);
+		int r = q3_gptq_order(&x->down, order, NULL);
 
 		if (r < 0)
-			err = r == -ENOMEM ? q3_errf(e, -ENOMEM, "out of memory")
-					   : q3_errf(e, -EINVAL, "gpu weights: act-order groups changed since the plan");
+			err = order_failed(r, e);
 	}
 	for (int i = 0; i < 3 && !err; i++)
 		if ((err = q3g_mat_upload(ms[i], idx, ls[i], i < 2 ? order : NULL, sg, st, e))) {
@@ -606,12 +611,9 @@ static bool gate_up_one_order(const struct q3_expert *xs, int n)
 	if (!pg)
 		return false; /* (nothing to share, or out of memory: the two permutations kept apart) */
 	pu = pg + K;
-	for (int i = 0; i < n && one; i++) {
-		int bad;
-
-		one = xs[i].gate.K == K && xs[i].up.K == K && q3_gptq_order(&xs[i].gate, pg, &bad) >= 0 &&
-		      q3_gptq_order(&xs[i].up, pu, &bad) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
-	}
+	for (int i = 0; i < n && one; i++)
+		one = xs[i].gate.K == K && xs[i].up.K == K && q3_gptq_order(&xs[i].gate, pg, NULL) >= 0 &&
+		      q3_gptq_order(&xs[i].up, pu, NULL) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
 	free(pg);
 	return one;
 }

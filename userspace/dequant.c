@@ -43,9 +43,10 @@ static inline int gptq_group(const struct q3_linear *l, int k)
 
 int q3_gptq_order(const struct q3_linear *l, int *order, int *bad)
 {
-	int K = l->K, G = l->group_size, ng = l->ngroups, *fill;
+	int K = l->K, G = l->group_size, ng = l->ngroups, *fill, unused;
 	bool ident = true;
 
+	bad = bad ? bad : &unused;
 	*bad = -1;
 	for (int k = 0; k < K; k++) {
 		order[k] = k;

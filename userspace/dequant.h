@@ -31,8 +31,9 @@ static inline uint32_t q3_tensor_u32_at(const struct q3_tensor *t, uint64_t i)
 /* The act-order input order of a GPTQ Linear: order[j] = the input at position j once the K
  * inputs are sorted by group (g_idx), stable, so that group g owns positions [g·G, (g+1)·G).
  * Returns 1 where that is the identity (no g_idx, or g_idx[k] = k / G), 0 where it is not,
- * -EINVAL where g_idx does not give every group exactly G inputs (*bad: the first input k past
- * its group's G or naming a group >= ngroups; -1 where K is not ngroups · G), -ENOMEM.  One pass
+ * -EINVAL where g_idx does not give every group exactly G inputs (*bad, where bad is not NULL:
+ * the first input k past its group's G or naming a group >= ngroups; -1 where K is not
+ * ngroups · G), -ENOMEM.  One pass
  * over g_idx, not one a group (act-order stacks: every expert's three Linears at load). */
 int q3_gptq_order(const struct q3_linear *l, int *order, int *bad);
 /* W[n][k] of a loaded Linear (dense or GPTQ). */
