@@ -600,22 +600,14 @@ extern "C" int q3g_expert_upload(const struct q3g_mat *gate, const struct q3g_ma
 	return err;
 }
 
-/* Whether experts xs[0 .. n) each read gate's and up's inputs in one act-order (equal
- * permutations). */
+/* Whether experts xs[0 .. n) each read gate's and up's inputs in one act-order: the same groups
+ * give the same permutation, so none is computed here (the plan and the upload compute them). */
 static bool gate_up_one_order(const struct q3_expert *xs, int n)
 {
-	const int K = n > 0 ? xs[0].gate.K : 0;
-	int *pg = K > 0 ? (int *)malloc(sizeof(int) * (size_t)K * 2) : NULL, *pu;
-	bool one = true;
-
-	if (!pg)
-		return false; /* (nothing to share, or out of memory: the two permutations kept apart) */
-	pu = pg + K;
-	for (int i = 0; i < n && one; i++)
-		one = xs[i].gate.K == K && xs[i].up.K == K && q3_gptq_order(&xs[i].gate, pg, NULL) >= 0 &&
-		      q3_gptq_order(&xs[i].up, pu, NULL) >= 0 && !memcmp(pg, pu, sizeof(int) * (size_t)K);
-	free(pg);
-	return one;
+	for (int i = 0; i < n; i++)
+		if (!q3_gptq_same_groups(&xs[i].gate, &xs[i].up))
+			return false;
+	return true;
 }
 
 extern "C" int q3g_mlp_plan(const struct q3_expert *xs, int n, bool sorted_down, struct q3g_mat_plan p[3],

@@ -226,6 +226,48 @@ static void test_gptq_order(void **state)
 	assert_int_equal(bad, -1);
 }
 
+/* q3_gptq_same_groups: absent g_idx and g_idx = k / G alike; a shuffled g_idx against itself, a
+ * copy, and another shuffle (which sorts into another order); another K or G never. */
+static void test_gptq_same_groups(void **state)
+{
+	enum { K = 256, G = 32 };
+	int32_t ga[K], gb[K];
+	int oa[K], ob[K];
+	struct q3_tensor ta = { .data = ga }, tb = { .data = gb };
+	struct q3_linear a = { .fmt = Q3_W_GPTQ, .K = K, .N = 8, .bits = 4, .group_size = G, .ngroups = K / G };
+	struct q3_linear b = a;
+
+	assert_true(q3_gptq_same_groups(&a, &b));
+	for (int k = 0; k < K; k++)
+		ga[k] = gb[k] = k / G;
+	b.g_idx = &tb;
+	assert_true(q3_gptq_same_groups(&a, &b) && q3_gptq_same_groups(&b, &a));
+	a.g_idx = &ta;
+	for (int k = K - 1; k > 0; k--) { /* a shuffle of k / G */
+		int j = (int)(rnd() % (uint32_t)(k + 1)), t = ga[k];
+
+		ga[k] = ga[j], ga[j] = t;
+	}
+	assert_false(q3_gptq_same_groups(&a, &b));
+	memcpy(gb, ga, sizeof(gb));
+	assert_true(q3_gptq_same_groups(&a, &b));
+	assert_int_equal(q3_gptq_order(&a, oa, NULL), 0);
+	assert_int_equal(q3_gptq_order(&b, ob, NULL), 0);
+	assert_memory_equal(oa, ob, sizeof(oa));
+	gb[3] = ga[200], gb[200] = ga[3]; /* two inputs of different groups swapped */
+	assert_int_not_equal(ga[3], ga[200]);
+	assert_false(q3_gptq_same_groups(&a, &b));
+	assert_int_equal(q3_gptq_order(&b, ob, NULL), 0);
+	assert_memory_not_equal(oa, ob, sizeof(oa));
+	memcpy(gb, ga, sizeof(gb));
+	b.K = K - G;
+	b.ngroups = K / G - 1;
+	assert_false(q3_gptq_same_groups(&a, &b));
+	b.K = K;
+	b.group_size = G / 2;
+	assert_false(q3_gptq_same_groups(&a, &b));
+}
+
 static void test_half_conversions_round_trip(void **state)
 {
 	/* every fp16 and bf16 bit pattern survives f32 and back (NaNs stay NaN) */
@@ -255,6 +297,7 @@ int main(void)
 		cmocka_unit_test(test_sym_4bit_hand_case),
 		cmocka_unit_test(test_dense_dtypes),
 		cmocka_unit_test(test_gptq_order),
+		cmocka_unit_test(test_gptq_same_groups),
 		cmocka_unit_test(test_half_conversions_round_trip),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

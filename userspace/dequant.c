@@ -72,6 +72,16 @@ int q3_gptq_order(const struct q3_linear *l, int *order, int *bad)
 	return 0;
 }
 
+bool q3_gptq_same_groups(const struct q3_linear *a, const struct q3_linear *b)
+{
+	if (a->K != b->K || a->group_size != b->group_size)
+		return false;
+	for (int k = 0; k < a->K; k++)
+		if (gptq_group(a, k) != gptq_group(b, k))
+			return false;
+	return true;
+}
+
 float q3_linear_weight(const struct q3_linear *l, int n, int k)
 {
 	unsigned P, mask, q, z;

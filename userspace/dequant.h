@@ -36,6 +36,9 @@ static inline uint32_t q3_tensor_u32_at(const struct q3_tensor *t, uint64_t i)
  * ngroups · G), -ENOMEM.  One pass
  * over g_idx, not one a group (act-order stacks: every expert's three Linears at load). */
 int q3_gptq_order(const struct q3_linear *l, int *order, int *bad);
+/* Whether a and b put every input in the same group (g_idx, or k / G where one has none) with the
+ * same group size: then q3_gptq_order gives them one order, compared without computing it. */
+bool q3_gptq_same_groups(const struct q3_linear *a, const struct q3_linear *b);
 /* W[n][k] of a loaded Linear (dense or GPTQ). */
 float q3_linear_weight(const struct q3_linear *l, int n, int k);
 /* The whole weight as fp32, row-major [N][K]. */
