@@ -98,19 +98,19 @@ static int plan_lin(struct lin_plan *p, const struct q3_linear *l, q3_err *e)
 	if (!(order = malloc((size_t)l->K * sizeof(int))))
 		return q3_errf(e, -ENOMEM, "out of memory");
 	err = q3_gptq_order(l, order, &bad);
-	if (err == 0 && (p->perm = malloc((size_t)l->K * sizeof(uint16_t))))
-		for (int k = 0; k < l->K; k++)
-			p->perm[k] = (uint16_t)order[k]; /* K <= 65535: check_lin */
+	if (err == 0 && !(p->perm = malloc((size_t)l->K * sizeof(uint16_t))))
+		err = -ENOMEM;
+	for (int k = 0; err == 0 && k < l->K; k++)
+		p->perm[k] = (uint16_t)order[k]; /* K <= 65535: check_lin */
 	free(order);
-	if (err == -EINVAL && bad >= 0)
-		return q3_errf(e, -ENOTSUP, "%s: g_idx[%d] = %u: groups are not %d inputs each",
-			       lin_name(l, nm, sizeof(nm)), bad, q3_tensor_u32_at(l->g_idx, (uint64_t)bad),
-			       l->group_size);
-	if (err == -EINVAL)
-		return q3_errf(e, -ENOTSUP, "%s: %d inputs are not groups of %d", lin_name(l, nm, sizeof(nm)), l->K,
-			       l->group_size);
-	if (err < 0 || (err == 0 && !p->perm))
+	if (err == -ENOMEM)
 		return q3_errf(e, -ENOMEM, "out of memory");
+	if (err < 0) /* bad < 0 (K not ngroups · G) only where ngroups disagrees with K / G */
+		return bad < 0 ? q3_errf(e, -ENOTSUP, "%s: %d inputs are not %d groups of %d",
+					 lin_name(l, nm, sizeof(nm)), l->K, l->ngroups, l->group_size)
+			       : q3_errf(e, -ENOTSUP, "%s: g_idx[%d] = %u: groups are not %d inputs each",
+					 lin_name(l, nm, sizeof(nm)), bad,
+					 q3_tensor_u32_at(l->g_idx, (uint64_t)bad), l->group_size);
 	p->zconst = zero_model(l, 0, 0);
 	for (int g = 0; g < l->ngroups && !p->zeros; g++)
 		for (int n = 0; n < l->N; n++)
