@@ -52,8 +52,12 @@ CU_SRC   := $(wildcard kernels/*.cu)
 CU_OBJ   := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 GPU_TEST_SRC := $(wildcard tests/gpu/*.c tests/gpu/*.cu)
 GPU_TEST_BIN := $(patsubst tests/gpu/%,$(BUILD)/tests/gpu/%,$(basename $(GPU_TEST_SRC)))
+# the wide matvec multicasts its rows over a cluster on sm_90 (H100/H200: q3g_mmv launches it
+# there only), which ptxas advises against for the PTX newer GPUs compile from: quiet, where known
+PTXAS_MC := $(shell $(dir $(NVCC))ptxas --help 2>/dev/null | grep -q suppress-async-bulk-multicast && \
+              echo -Xptxas -suppress-async-bulk-multicast-advisory-warning)
 NVFLAGS  := -O3 -g -lineinfo -std=c++17 $(CUDA_ARCH) -Iuserspace -Ikernels -Ikmod \
-            -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP
+            -Xcompiler -fno-strict-aliasing,-Wall -MMD -MP $(PTXAS_MC)
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart_static -lcublas -lcublasLt -lrt -lstdc++
 CPPFLAGS += -DHAVE_CUDA=1
 # -u: pull the CUDA backend out of its archive (engine.c refers to it weakly, backend.h); a group:

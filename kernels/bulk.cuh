@@ -59,6 +59,16 @@ static __device__ __forceinline__ void bulk_copy(void *s, const void *g, uint32_
 		     : "memory");
 }
 
+/* ... into the same offset of s in every block of the cluster in mask (bit b: rank b), each
+ * counting them into its own counterpart of bar. */
+static __device__ __forceinline__ void bulk_copy_mc(void *s, const void *g, uint32_t n, uint64_t *bar, uint16_t mask)
+{
+	asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;\n" ::"r"(
+			     smem_u32(s)),
+		     "l"(g), "r"(n), "r"(smem_u32(bar)), "h"(mask)
+		     : "memory");
+}
+
 /* A ring of nst stages (a barrier each, one arrival) and the one-off barrier one; a single
  * thread calls it, a barrier of the block follows before any use. */
 static __device__ __forceinline__ void ring_init(uint64_t *full, int nst, uint64_t *one)

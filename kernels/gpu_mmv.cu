@@ -7,7 +7,9 @@
  * blocks of 16 rows took 34.8 us, 96 took 22.2); its input slices stay those of one row, a warp
  * running several in turn (SL), so that a row's sums never depend on its batch.  The block first
  * stages the R activation rows (fp16, gathered through the act-order permutation) in shared memory
- * in B-fragment order.
+ * in B-fragment order; on sm_90 the sliced blocks do it in clusters of MMV_CL, each block loading
+ * and converting a share of the units and storing it into every block of its cluster (bf16 qkvz+ba
+ * at 16 rows 23.9 -> 20.3 us, H200), and the wide blocks' rows as they are (RM) are multicast.
  * Each warp then streams its chunks: eight 16-byte loads per lane in flight, the A fragments
  * dequantized in registers, one mma per k-step and token tile.  Every output element is written
  * by exactly one thread, so results are deterministic (no atomics) and the residual add can be
@@ -61,10 +63,13 @@ static __device__ __forceinline__ void run_slices(const struct q3g_mat &m, int t
  * a thread (out_proj at 16 rows: 128 KB a block in four round trips, 30% of its stall samples on
  * the staging, ncu).  The B fragments then come from the padded rows (rm_bsrc): the same values,
  * the same sums. */
-template <int NT, int NTH, bool W, bool SL, bool RM = false>
+template <int NT, int NTH, bool W, bool SL, bool RM = false, int CL = 1>
 __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_launch L)
 {
 	extern __shared__ uint4 smem[];
+	__shared__ float rs[Q3G_MMV_MAX_TOK];
+	__shared__ cluster_sum<CL, Q3G_MMV_MAX_TOK> cs; /* CL > 1: the rows' norms over the cluster */
+	__shared__ uint64_t xbar;			 /* CL > 1: the other ranks' staged units */
 	int j = 0;
 
 	while (j + 1 < L.njobs && (int)blockIdx.x >= L.cta0[j + 1])
@@ -87,8 +92,33 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	 * rows.  In the 256-thread blocks (qkvz, q/k/v: norm folded) it took the staging's batches
 	 * down to fit 128 registers and lost (25.0 -> 25.5 us). */
 	constexpr bool PRE = NT > 1 && NTH == MMV_WIDE;
+	/* the staging's units a thread in flight (normalized, fp16 rows) */
+	constexpr int BN = NT == 2 && !PRE ? 4 : 2, BF = NT == 2 && !PRE ? 8 : 4;
 	uint4 pre[Q3G_MMV_LOADS];
+	xs_push<CL> push{ &xbar, 0 };
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	if constexpr (CL > 1 && RM) {
+		/* the rows multicast over the cluster: every block's xbar set up (its one arrival and
+		 * all the rows' bytes) before any rank copies; the cluster's wait after pdl_wait */
+		push.rank = (int)cooperative_groups::this_cluster().block_rank();
+		if (threadIdx.x == 0) {
+			bar_init(&xbar, 1);
+			bar_expect(&xbar, (uint32_t)R * m.K * 2);
+			bar_init_fence();
+		}
+		asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+	} else if constexpr (CL > 1) {
+		push.rank = (int)cooperative_groups::this_cluster().block_rank();
+		if (threadIdx.x == 0) {
+			const int n = R * (Kp >> 3);
+
+			bar_init(&xbar, 1);
+			bar_expect(&xbar, 16u * (uint32_t)(n - stage_units(n, (jb.xh ? BN : BF) * NTH, CL, push.rank)));
+		}
+		cs.init(); /* its fence and arrival publish xbar too */
+	}
+#endif
 	pdl_trigger();
 	if (PRE && tile < m.ntiles) {
 		const int f0 = SL ? kr * (KS / WPT) * per : c0;
@@ -114,10 +144,17 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		}
 	if constexpr (RM) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-		__shared__ uint64_t xbar;
 		uint32_t *xw = (uint32_t *)xs;
 
-		if (threadIdx.x == 0) {
+		if constexpr (CL > 1) {
+			/* rank c copies rows c, c + CL, .. into every block of the cluster: each block
+			 * reads 1 / CL of the rows from L2 (out_proj at 16 rows: 128 KB a block) */
+			cluster_ready<CL>();
+			if (threadIdx.x == 0)
+				for (int r = push.rank; r < R; r += CL)
+					bulk_copy_mc(xw + (size_t)r * ld, jb.x + (size_t)r * jb.ldx, m.K * 2, &xbar,
+						     (uint16_t)((1u << CL) - 1));
+		} else if (threadIdx.x == 0) {
 			bar_init(&xbar, 1);
 			bar_init_fence();
 			bar_expect(&xbar, (uint32_t)R * m.K * 2);
@@ -133,15 +170,42 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		__syncthreads(); /* xbar initialized before any thread waits on it */
 		bar_wait(&xbar, 0);
 #endif
-	} else if (jb.xh) {
-		__shared__ float rs[Q3G_MMV_MAX_TOK];
+	} else if (CL > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		/* a cluster's blocks stage the same rows (the host checks): rank c normalizes rows c,
+		 * c + CL, .. (row_rsqrt: the same values), the ranks gather the norms (cluster_sum: a
+		 * value and zeros add up to the value), and each stages 1 / CL of the units into every
+		 * block (xs_push), where each block read the whole rows twice (bf16 qkvz at 16 rows: 196
+		 * blocks of 128 KB of fp32 rows) */
+		if (jb.xh) {
+			__shared__ float own[(Q3G_MMV_MAX_TOK + CL - 1) / CL], mine[Q3G_MMV_MAX_TOK];
 
+			row_rsqrt(own, jb.xh + (size_t)push.rank * jb.ldx, CL * jb.ldx, (R - push.rank + CL - 1) / CL, m.K,
+				  jb.eps);
+			__syncthreads();
+			if ((int)threadIdx.x < Q3G_MMV_MAX_TOK)
+				mine[threadIdx.x] = (int)threadIdx.x < R && (int)threadIdx.x % CL == push.rank
+							    ? own[threadIdx.x / CL]
+							    : 0.0f;
+			__syncthreads();
+			cs.send(mine);
+			if ((int)threadIdx.x < R)
+				rs[threadIdx.x] = cs.total(threadIdx.x);
+			__syncthreads();
+			stage_normed<BN, CL>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, nullptr, push);
+		} else {
+			cluster_ready<CL>(); /* every block's xbar is set up */
+			stage_x_f16<BF, CL>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm, nullptr, push);
+		}
+		bar_wait(&xbar, 0);
+#endif
+	} else if (jb.xh) {
 		/* four units a thread a round trip at two token tiles (16 rows of 2048: four round trips
 		 * to L2, not eight; qkvz 25.2 -> 24.8 us, decode 1570 -> 1580 tok/s at batch 16); two where
 		 * the one-row instance must stay at 80 registers (three blocks an SM) */
-		stage_x_norm<NT == 2 && !PRE ? 4 : 2>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
+		stage_x_norm<BN>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
 	} else {
-		stage_x_f16<NT == 2 && !PRE ? 8 : 4>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+		stage_x_f16<BF>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
 	}
 	__syncthreads();
 	if constexpr (SL) {
@@ -215,17 +279,31 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 
 typedef void (*mmv_fn)(const mmv_launch);
 
-/* [whole groups][Q3G_MMV_THREADS, MMV_WIDE threads, sliced, MMV_WIDE with rows as they are (RM)]
- * [token tiles - 1] */
-static const mmv_fn mmv_kernels[2][4][2] = {
+/* Blocks a cluster (sm_90) of the sliced instance, which stage their rows together, and of the
+ * wide one with rows as they are, which multicast them: out_proj at 16 rows 10.9 -> 9.7 us in
+ * pairs, 12.8 in fours (H200; one block an SM, and four SMs of a GPC free at once are fewer) */
+#define MMV_CL 4
+#define MMV_WIDE_CL 2
+
+/* [whole groups][Q3G_MMV_THREADS, MMV_WIDE threads, sliced, MMV_WIDE with rows as they are (RM),
+ * sliced in clusters of MMV_CL, RM in clusters of MMV_WIDE_CL][token tiles - 1] */
+static const mmv_fn mmv_kernels[2][6][2] = {
 	{ { mmv_kernel<1, Q3G_MMV_THREADS, false, false>, mmv_kernel<2, Q3G_MMV_THREADS, false, false> },
 	  { mmv_kernel<1, MMV_WIDE, false, false>, mmv_kernel<2, MMV_WIDE, false, false> },
 	  { mmv_kernel<1, Q3G_MMV_THREADS, false, true>, mmv_kernel<2, Q3G_MMV_THREADS, false, true> },
-	  { mmv_kernel<1, MMV_WIDE, false, false, true>, mmv_kernel<2, MMV_WIDE, false, false, true> } },
+	  { mmv_kernel<1, MMV_WIDE, false, false, true>, mmv_kernel<2, MMV_WIDE, false, false, true> },
+	  { mmv_kernel<1, Q3G_MMV_THREADS, false, true, false, MMV_CL>,
+	    mmv_kernel<2, Q3G_MMV_THREADS, false, true, false, MMV_CL> },
+	  { mmv_kernel<1, MMV_WIDE, false, false, true, MMV_WIDE_CL>,
+	    mmv_kernel<2, MMV_WIDE, false, false, true, MMV_WIDE_CL> } },
 	{ { mmv_kernel<1, Q3G_MMV_THREADS, true, false>, mmv_kernel<2, Q3G_MMV_THREADS, true, false> },
 	  { mmv_kernel<1, MMV_WIDE, true, false>, mmv_kernel<2, MMV_WIDE, true, false> },
 	  { mmv_kernel<1, Q3G_MMV_THREADS, true, true>, mmv_kernel<2, Q3G_MMV_THREADS, true, true> },
-	  { mmv_kernel<1, MMV_WIDE, true, false, true>, mmv_kernel<2, MMV_WIDE, true, false, true> } },
+	  { mmv_kernel<1, MMV_WIDE, true, false, true>, mmv_kernel<2, MMV_WIDE, true, false, true> },
+	  { mmv_kernel<1, Q3G_MMV_THREADS, true, true, false, MMV_CL>,
+	    mmv_kernel<2, Q3G_MMV_THREADS, true, true, false, MMV_CL> },
+	  { mmv_kernel<1, MMV_WIDE, true, false, true, MMV_WIDE_CL>,
+	    mmv_kernel<2, MMV_WIDE, true, false, true, MMV_WIDE_CL> } },
 };
 
 /* Above this many rows the wide blocks take fp16 rows as they are (RM in mmv_kernel) */
@@ -267,6 +345,20 @@ static int pick_rt(int ntiles, int R, int fmt, int *ks)
 		*ks = Q3G_MMV_THREADS / 32 / rt;
 	}
 	return rt;
+}
+
+/* Whether every job of a launch stages the same rows (a cluster's blocks may belong to two jobs:
+ * qkvz and ba) */
+static bool same_rows(const struct q3g_job *jobs, int njobs)
+{
+	for (int j = 1; j < njobs; j++) {
+		const struct q3g_job *a = &jobs[0], *b = &jobs[j];
+
+		if (a->x != b->x || a->xh != b->xh || a->ldx != b->ldx || a->normw != b->normw || a->eps != b->eps ||
+		    a->w.perm != b->w.perm || a->w.K != b->w.K || a->w.nchunks != b->w.nchunks)
+			return false;
+	}
+	return true;
 }
 
 /* the staged rows (RM: padded by 16 bytes), then the partial sums: ks slices of rt tiles (a warp
@@ -332,8 +424,17 @@ extern "C" int q3g_mmv(const struct q3g_job *jobs, int njobs, int R, q3g_stream 
 
 	for (int j = 0; j < njobs; j++)
 		whole &= q3g_whole_groups(&jobs[j].w);
-	CUDA_CHECK(e, q3g_launch(mmv_kernels[whole][sliced ? 2 : rm ? 3 : nth == MMV_WIDE][nt - 1], L.cta0[njobs], nth,
-				 smem, (cudaStream_t)st, L));
+	/* the instance and its cluster (the grid a whole number of them): the sliced blocks stage
+	 * their rows together where every job stages the same; the wide ones with rows as they are
+	 * multicast them on sm_90 alone (ptxas advises against it for later GPUs) */
+	int inst = sliced ? 2 : rm ? 3 : nth == MMV_WIDE, cl = 1;
+
+	if (sliced && q3g_dev.clusters && same_rows(jobs, njobs))
+		inst = 4, cl = MMV_CL;
+	else if (rm && q3g_dev.clusters && q3g_dev.cc == 90)
+		inst = 5, cl = MMV_WIDE_CL;
+	CUDA_CHECK(e, q3g_launch_cluster(mmv_kernels[whole][inst][nt - 1], cdiv(L.cta0[njobs], cl) * cl, nth, smem,
+					 (cudaStream_t)st, dim3(cl, 1, 1), L));
 	return 0;
 }
 
@@ -342,7 +443,7 @@ int q3g_mmv_init(q3_err *e)
 	int err;
 
 	for (int w = 0; w < 2; w++)
-		for (int wide = 0; wide < 4; wide++)
+		for (int wide = 0; wide < 6; wide++)
 			for (int nt = 0; nt < 2; nt++)
 				if ((err = q3g_allow_dyn_smem(mmv_kernels[w][wide][nt], "mmv_kernel", e)))
 					return err;

@@ -188,13 +188,55 @@ static __device__ __forceinline__ void xs_unit(int i, const small_div &R, int &r
 	k0 = 16 * q + 8 * (i & 1);
 }
 
+/* Where a cluster's blocks stage rows together (CL > 1): the unit's 16 bytes into this block's xs
+ * and, by st.async counted into their mbarrier xbar, into every other block's: each block loads
+ * and converts 1 / CL of the rows' units (stage_units), not all of them. */
+template <int CL> struct xs_push {
+	uint64_t *xbar; /* the receivers' counterpart: their bytes from the other ranks */
+	int rank;
+
+	__device__ __forceinline__ void put(uint16_t *xs, int i, const uint4 &v) const
+	{
+		((uint4 *)xs)[i] = v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		if constexpr (CL > 1) {
+#pragma unroll
+			for (int d = 1; d < CL; d++) {
+				const uint32_t b = (uint32_t)((rank + d) % CL);
+				uint32_t ra, rb;
+
+				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(smem_u32((uint4 *)xs + i)), "r"(b));
+				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(xbar)), "r"(b));
+				asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
+					     "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
+					     : "memory");
+			}
+		}
+#endif
+	}
+};
+
+/* The units [0, n) a rank of CL stages in batches of S = B · blockDim (rank c: batches c, c + CL,
+ * ..): what its pushes count into each other block's xbar. */
+static __device__ __forceinline__ int stage_units(int n, int S, int CL, int c)
+{
+	int u = 0;
+
+	for (int q0 = c * S; q0 < n; q0 += CL * S)
+		u += min(n - q0, S);
+	return u;
+}
+
 /* Unit i's eight fp16 values as four fp16x2 words (lo = the lower position) into xs, where word
  * 2t + h of a k-step holds half h's pair t.  SWAP: the two lanes of a unit pair (lane ^ 1) swap
  * halves, then each stores four words at once; every lane of the warp calls it.  Without: word
- * by word (moe_up's one-row staging, which spilled with the exchange). */
-template <bool SWAP>
-static __device__ __forceinline__ void xs_store_unit(uint16_t *xs, int i, const uint32_t p[4], bool valid)
+ * by word (moe_up's one-row staging, which spilled with the exchange).  CL > 1 (SWAP only): into
+ * every block of the cluster (xs_push). */
+template <bool SWAP, int CL = 1>
+static __device__ __forceinline__ void xs_store_unit(uint16_t *xs, int i, const uint32_t p[4], bool valid,
+						     const xs_push<CL> &push = xs_push<CL>{})
 {
+	static_assert(SWAP || CL == 1, "a cluster's staging stores whole units");
 	if constexpr (!SWAP) {
 		if (valid)
 #pragma unroll
@@ -209,7 +251,7 @@ static __device__ __forceinline__ void xs_store_unit(uint16_t *xs, int i, const 
 		const uint4 v = (i & 1) ? make_uint4(o[2], p[2], o[3], p[3]) : make_uint4(p[0], o[0], p[1], o[1]);
 
 		if (valid) /* words 8 (i / 2) + 4 (i & 1): xs_index(k-step, r, R, 2 (i & 1)) * 2 */
-			((uint4 *)xs)[i] = v;
+			push.put(xs, i, v);
 	}
 }
 
@@ -242,16 +284,17 @@ static __device__ __forceinline__ void perm_unit(uint16_t pk[8], const uint16_t 
  * rows[r]) gathered through perm (NULL: identity) into xs for positions [0, Kp) (Kp % 16 == 0);
  * all threads of the block take part (no barrier inside; a warp runs its loop whole, for the
  * pairs' exchange).  Without a permutation a unit is one 16-byte load. */
-template <int B>
+template <int B, int CL = 1>
 static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t *x, int ldx, int R, int K,
-						    int Kp, const uint16_t *perm, const int *rows = nullptr)
+						    int Kp, const uint16_t *perm, const int *rows = nullptr,
+						    const xs_push<CL> &push = xs_push<CL>{})
 {
 	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
 	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
 	const bool vec = !perm && (ldx & 7) == 0 && ((uintptr_t)x & 15) == 0;
 	const small_div Rd(R);
 
-	for (int w0 = threadIdx.x - wl; w0 < n; w0 += B * blockDim.x) {
+	for (int w0 = threadIdx.x - wl + push.rank * B * blockDim.x; w0 < n; w0 += CL * B * blockDim.x) {
 		uint32_t p[B][4];
 
 #pragma unroll
@@ -289,28 +332,25 @@ static __device__ __forceinline__ void stage_x_f16(uint16_t *xs, const uint16_t 
 
 			if (w0 + b * (int)blockDim.x >= n) /* warp-uniform */
 				break;
-			xs_store_unit<(B > 1)>(xs, i, p[b], i < n);
+			xs_store_unit<(B > 1), CL>(xs, i, p[b], i < n, push);
 		}
 	}
 }
 
-/* The zero-centred RMSNorm folded into staging: rs[r] by row_rsqrt (rs: R floats of shared
- * memory), then the same staging as stage_x_f16 of the values fp16(h · rs · (1 + w)), the
- * expression q3g_add_rmsnorm uses (rows as stage_x_f16's).  Contains a barrier: call from every
- * thread. */
-template <int B>
-static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, const float *h, int ldh, int R, int K,
-						    int Kp, const uint16_t *perm, const float *w, float eps,
-						    const int *rows = nullptr)
+/* The zero-centred RMSNorm folded into staging: the same staging as stage_x_f16 of the values
+ * fp16(h · rs · (1 + w)), the expression q3g_add_rmsnorm uses (rows as stage_x_f16's), with the
+ * rows' rs[r] (row_rsqrt's) already in shared memory. */
+template <int B, int CL = 1>
+static __device__ __forceinline__ void stage_normed(uint16_t *xs, const float *rs, const float *h, int ldh, int R,
+						    int K, int Kp, const uint16_t *perm, const float *w,
+						    const int *rows = nullptr, const xs_push<CL> &push = xs_push<CL>{})
 {
 	/* with the pairs' exchange (B > 1) a warp runs the loop whole: its lanes past n store nothing */
 	const int n = R * (Kp >> 3), wl = B > 1 ? threadIdx.x & 31 : 0;
 	const bool vec = !perm && (ldh & 3) == 0 && ((uintptr_t)h & 15) == 0 && ((uintptr_t)w & 15) == 0;
 	const small_div Rd(R);
 
-	row_rsqrt(rs, h, ldh, R, K, eps, rows);
-	__syncthreads();
-	for (int w0 = threadIdx.x - wl; w0 < n; w0 += B * blockDim.x) {
+	for (int w0 = threadIdx.x - wl + push.rank * B * blockDim.x; w0 < n; w0 += CL * B * blockDim.x) {
 		float v[B][8], f[B][8];
 
 #pragma unroll
@@ -354,9 +394,21 @@ static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, con
 			for (int q = 0; q < 4; q++)
 				p[q] = pack_h2(v[b][2 * q] * rs[r] * (1.0f + f[b][2 * q]),
 					       v[b][2 * q + 1] * rs[r] * (1.0f + f[b][2 * q + 1]));
-			xs_store_unit<(B > 1)>(xs, i, p, i < n);
+			xs_store_unit<(B > 1), CL>(xs, i, p, i < n, push);
 		}
 	}
+}
+
+/* ... with rs (R floats of shared memory) computed first.  Contains a barrier: call from every
+ * thread. */
+template <int B>
+static __device__ __forceinline__ void stage_x_norm(uint16_t *xs, float *rs, const float *h, int ldh, int R, int K,
+						    int Kp, const uint16_t *perm, const float *w, float eps,
+						    const int *rows = nullptr)
+{
+	row_rsqrt(rs, h, ldh, R, K, eps, rows);
+	__syncthreads();
+	stage_normed<B>(xs, rs, h, ldh, R, K, Kp, perm, w, rows);
 }
 
 /* A lane's group constants at index i of its scales sc (rows g, g + 8: sc[i], sc[i + 8]) and

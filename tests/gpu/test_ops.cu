@@ -171,7 +171,11 @@ static void mmv_invariance_case(const char *label, int N, int K, enum lin_kind k
 /* The two ways a row reaches a Linear normalized - folded into the matvec's staging (small
  * batches) and written out first by q3g_add_rmsnorm (larger ones), and the router's fp16 copy -
  * give the same fp16 inputs, so row 0's outputs are bit for bit the same at R = 1 (fused) and
- * R = 16 (written out).  act: the Linear's inputs through an act-order permutation. */
+ * R = 16 (written out); and fused beside a second Linear of the same inputs in one launch (qkvz
+ * and ba: at a large N the sliced blocks, on sm_90 a cluster's blocks normalizing and staging a
+ * share of the rows each, the grid padded to whole clusters), all 16 rows of both are those of
+ * the pair written out.  act: the Linears' inputs through act-order permutations (each its own:
+ * no clusters). */
 static void norm_paths_case(int N, int K, bool act)
 {
 	char name[200];
@@ -180,20 +184,24 @@ static void norm_paths_case(int N, int K, bool act)
 		 K, act ? " act-order" : "");
 	if (!want(name))
 		return;
-	struct tlin t, tr, tg;
-	struct dmat d, dr, dg;
-	const struct q3_linear *lp = &t.l, *lr = &tr.l, *lg = &tg.l;
-	const int R = 16, E = 64;
+	struct tlin t, tr, tg, t2;
+	struct dmat d, dr, dg, d2;
+	const struct q3_linear *lp = &t.l, *lr = &tr.l, *lg = &tg.l, *l2 = &t2.l;
+	const int R = 16, E = 64, N2 = 64;
 
 	make_linear(&t, N, K, LIN_GPTQ, 4, 128, act, act, 1);
 	make_linear(&tr, E, K, LIN_BF16);
 	make_linear(&tg, 1, K, LIN_BF16);
+	make_linear(&t2, N2, K, LIN_GPTQ, 4, 128, act, act, 1);
 	dmat_upload(&d, &lp, 1);
 	dmat_upload(&dr, &lr, 1);
 	dmat_upload(&dg, &lg, 1);
+	dmat_upload(&d2, &l2, 1);
 	std::vector<float> h = rnd_vec((size_t)R * K, 2.0f), w = rnd_vec(K, 0.2f);
 	float *dh = dev_upload(h.data(), h.size()), *dw = dev_upload(w.data(), K);
-	float *y1 = dev_alloc<float>(N), *y16 = dev_alloc<float>((size_t)R * N);
+	float *y1 = dev_alloc<float>(N), *y16 = dev_alloc<float>((size_t)R * N), *yf = dev_alloc<float>((size_t)R * N);
+	float *yw = dev_alloc<float>((size_t)R * N), *y2 = dev_alloc<float>((size_t)R * N2);
+	float *y2w = dev_alloc<float>((size_t)R * N2);
 	float *lgt = dev_alloc<float>(E), *sg = dev_alloc<float>(1), *wts = dev_alloc<float>(11);
 	uint16_t *xb = dev_alloc<uint16_t>((size_t)R * K), *xo = dev_alloc<uint16_t>(K);
 	int *idx = dev_alloc<int>(11);
@@ -203,6 +211,16 @@ static void norm_paths_case(int N, int K, bool act)
 	GT_OK(q3g_mmv(&j1, 1, 1, 0, &e_));
 	GT_OK(q3g_add_rmsnorm(dh, NULL, xb, dw, NULL, R, K, 1e-6f, 0, &e_));
 	GT_OK(q3g_mmv(&j16, 1, R, 0, &e_));
+	struct q3g_job jf[2] = { { d.m, NULL, yf, K, N, Q3G_EPI_STORE }, { d2.m, NULL, y2, K, N2, Q3G_EPI_STORE } };
+
+	for (struct q3g_job &jj : jf)
+		jj.xh = dh, jj.normw = dw, jj.eps = 1e-6f;
+	GT_OK(q3g_mmv(jf, 2, R, 0, &e_));
+	/* the second Linear written out in the same pair of jobs: alone it would take other blocks
+	 * (a 64-row Linear the wide ones), so other sums */
+	struct q3g_job jw[2] = { { d.m, xb, yw, K, N, Q3G_EPI_STORE }, { d2.m, xb, y2w, K, N2, Q3G_EPI_STORE } };
+
+	GT_OK(q3g_mmv(jw, 2, R, 0, &e_));
 	GT_OK(q3g_router(g_cublas, lgt, sg, idx, wts, E, 10, true, dh, dw, 1e-6f, &dr.m, &dg.m, 1, K, NULL, NULL, xo,
 			 0, &e_));
 	std::vector<float> a = dev_download(y1, N), b = dev_download(y16, N);
@@ -212,12 +230,22 @@ static void norm_paths_case(int N, int K, bool act)
 	snprintf(n2, sizeof(n2), "%s: the router's fp16 copy equals q3g_add_rmsnorm's", name);
 	gt_expect(memcmp(xa.data(), xr.data(), (size_t)K * 2) == 0, n2);
 	gt_expect(memcmp(a.data(), b.data(), (size_t)N * 4) == 0, name);
-	void *fr[] = { dh, dw, y1, y16, lgt, sg, wts, xb, xo, idx };
+	std::vector<float> all = dev_download(y16, (size_t)R * N), fused = dev_download(yf, (size_t)R * N);
+
+	snprintf(n2, sizeof(n2), "%s: every row fused at R = 16 beside a second Linear as written out", name);
+	gt_expect(memcmp(all.data(), fused.data(), all.size() * 4) == 0, n2);
+	std::vector<float> w1 = dev_download(yw, (size_t)R * N), f2 = dev_download(y2, (size_t)R * N2);
+	std::vector<float> w2 = dev_download(y2w, (size_t)R * N2);
+
+	snprintf(n2, sizeof(n2), "%s: both Linears' rows fused as written out in one launch", name);
+	gt_expect(!memcmp(w1.data(), fused.data(), w1.size() * 4) && !memcmp(w2.data(), f2.data(), w2.size() * 4), n2);
+	void *fr[] = { dh, dw, y1, y16, yf, yw, y2, y2w, lgt, sg, wts, xb, xo, idx };
 	for (void *p : fr)
 		cudaFree(p);
 	dmat_free(&d);
 	dmat_free(&dr);
 	dmat_free(&dg);
+	dmat_free(&d2);
 }
 
 /* The expansion back to fp16 row-major (cuBLAS's input) against the reference dequantization:
