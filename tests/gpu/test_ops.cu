@@ -448,6 +448,9 @@ static void linear_tests(void)
 	lin_case("q8 sym g128", 256, 512, LIN_GPTQ, 8, 128, false, false, 1, 4);
 	lin_case("q8 asym act-order g128", 40, 384, LIN_GPTQ, 8, 128, true, true, 1, 1);
 	lin_case("q8 sym g128", 2048, 512, LIN_GPTQ, 8, 128, false, false, 1, 12);
+	/* the wide blocks' rows multicast (sm_90) with an odd tile count: the grid padded to whole
+	 * clusters, the pad block copying its share of the rows */
+	lin_case("q4 sym g128 (three tiles)", 40, 512, LIN_GPTQ, 4, 128, false, false, 1, 9, true);
 	multi_job_case(1);
 	multi_job_case(11);
 	norm_lin_case(512, 2048, 1, false);
