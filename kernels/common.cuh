@@ -365,16 +365,33 @@ template <int CL> static __device__ __forceinline__ void cluster_ready()
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+/* Block b's counterpart of this block's shared address p. */
+static __device__ __forceinline__ uint32_t cluster_map(const void *p, uint32_t b)
+{
+	uint32_t r;
+
+	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_u32(p)), "r"(b));
+	return r;
+}
+
 /* x into block b's counterpart of this block's shared word slot, counted (4 bytes) by block b's
  * counterpart of bar: st.async, no barrier over the cluster (cluster_sum, cluster_gather) */
 static __device__ __forceinline__ void st_async_at(uint32_t b, float *slot, uint64_t *bar, float x)
 {
-	uint32_t rv, rb;
+	const uint32_t rv = cluster_map(slot, b), rb = cluster_map(bar, b);
 
-	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rv) : "r"(smem_u32(slot)), "r"(b));
-	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(bar)), "r"(b));
 	asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(rv),
 		     "r"(__float_as_uint(x)), "r"(rb)
+		     : "memory");
+}
+
+/* ... and 16 bytes (slot 16-byte aligned), counted as 16 (xs_push) */
+static __device__ __forceinline__ void st_async_v4_at(uint32_t b, void *slot, uint64_t *bar, const uint4 &v)
+{
+	const uint32_t rv = cluster_map(slot, b), rb = cluster_map(bar, b);
+
+	asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(rv),
+		     "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
 		     : "memory");
 }
 #endif
@@ -544,6 +561,27 @@ template <int CL, int N> struct cluster_gather {
 		return t;
 	}
 };
+
+/* rs[r] = row_rsqrt's value of row r < R, the rows split over a cluster of CL blocks (rank takes
+ * rows rank, rank + CL, ..) and gathered with cluster_sum cs (one value and zeros add up to the
+ * value: the same bits as row_rsqrt of every row), where every block read the whole rows (the
+ * router at 16 rows: 17 MB from L2).  Every thread calls it after cs.init(); rs is complete
+ * after a barrier of the block. */
+template <int U, int CL, int N>
+static __device__ __forceinline__ void cluster_row_rsqrt(float *rs, cluster_sum<CL, N> &cs, const float *h, int ldh,
+							 int R, int K, float eps, int rank)
+{
+	__shared__ float own[(N + CL - 1) / CL], mine[N];
+
+	row_rsqrt<U>(own, h + (size_t)rank * ldh, CL * ldh, (R - rank + CL - 1) / CL, K, eps);
+	__syncthreads();
+	if ((int)threadIdx.x < N)
+		mine[threadIdx.x] = (int)threadIdx.x < R && (int)threadIdx.x % CL == rank ? own[threadIdx.x / CL] : 0.0f;
+	__syncthreads();
+	cs.send(mine);
+	if ((int)threadIdx.x < R)
+		rs[threadIdx.x] = cs.total(threadIdx.x);
+}
 
 /* Whether q3g_launch asks for programmatic dependent launch (set by q3g_init). */
 extern bool q3g_pdl;

@@ -98,10 +98,11 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 	xs_push<CL> push{ &xbar, 0 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	if constexpr (CL > 1)
+		push.rank = (int)cooperative_groups::this_cluster().block_rank();
 	if constexpr (CL > 1 && RM) {
 		/* the rows multicast over the cluster: every block's xbar set up (its one arrival and
 		 * all the rows' bytes) before any rank copies; the cluster's wait after pdl_wait */
-		push.rank = (int)cooperative_groups::this_cluster().block_rank();
 		if (threadIdx.x == 0) {
 			bar_init(&xbar, 1);
 			bar_expect(&xbar, (uint32_t)R * m.K * 2);
@@ -109,7 +110,6 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 		}
 		asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 	} else if constexpr (CL > 1) {
-		push.rank = (int)cooperative_groups::this_cluster().block_rank();
 		if (threadIdx.x == 0) {
 			const int n = R * (Kp >> 3);
 
@@ -172,25 +172,12 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 #endif
 	} else if (CL > 1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-		/* a cluster's blocks stage the same rows (the host checks): rank c normalizes rows c,
-		 * c + CL, .. (row_rsqrt: the same values), the ranks gather the norms (cluster_sum: a
-		 * value and zeros add up to the value), and each stages 1 / CL of the units into every
-		 * block (xs_push), where each block read the whole rows twice (bf16 qkvz at 16 rows: 196
+		/* a cluster's blocks stage the same rows (the host checks): the ranks split the rows'
+		 * norms (cluster_row_rsqrt), and each stages 1 / CL of the units into every block
+		 * (xs_push), where each block read the whole rows twice (bf16 qkvz at 16 rows: 196
 		 * blocks of 128 KB of fp32 rows) */
 		if (jb.xh) {
-			__shared__ float own[(Q3G_MMV_MAX_TOK + CL - 1) / CL], mine[Q3G_MMV_MAX_TOK];
-
-			row_rsqrt(own, jb.xh + (size_t)push.rank * jb.ldx, CL * jb.ldx, (R - push.rank + CL - 1) / CL, m.K,
-				  jb.eps);
-			__syncthreads();
-			if ((int)threadIdx.x < Q3G_MMV_MAX_TOK)
-				mine[threadIdx.x] = (int)threadIdx.x < R && (int)threadIdx.x % CL == push.rank
-							    ? own[threadIdx.x / CL]
-							    : 0.0f;
-			__syncthreads();
-			cs.send(mine);
-			if ((int)threadIdx.x < R)
-				rs[threadIdx.x] = cs.total(threadIdx.x);
+			cluster_row_rsqrt<8>(rs, cs, jb.xh, jb.ldx, R, m.K, jb.eps, push.rank);
 			__syncthreads();
 			stage_normed<BN, CL>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, nullptr, push);
 		} else {

@@ -336,19 +336,7 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 	pdl_wait();
 
 	if constexpr (KS > 1 && MAXR > 1) {
-		/* the rows' norms split over the cluster: rank ks takes rows ks, ks + KS, .. (row_rsqrt:
-		 * the same values), and the ranks gather them with cluster_sum (one value and zeros add
-		 * up to the value), where every block read the whole rows (at 16 rows 17 MB from L2) */
-		__shared__ float own[(MAXR + KS - 1) / KS], mine[MAXR];
-
-		row_rsqrt<16>(own, L.h + (size_t)ks * H, KS * H, (R - ks + KS - 1) / KS, H, L.eps);
-		__syncthreads();
-		if ((int)threadIdx.x < MAXR)
-			mine[threadIdx.x] = (int)threadIdx.x < R && (int)threadIdx.x % KS == ks ? own[threadIdx.x / KS] : 0.0f;
-		__syncthreads();
-		cs.send(mine);
-		if ((int)threadIdx.x < R)
-			rs[threadIdx.x] = cs.total(threadIdx.x);
+		cluster_row_rsqrt<16>(rs, cs, L.h, H, R, H, L.eps, ks); /* the rows' norms split over the cluster */
 	} else {
 		cluster_ready<KS>();
 		row_rsqrt<16>(rs, L.h, H, R, H, L.eps); /* the whole rows, from global memory (L2) */

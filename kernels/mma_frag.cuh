@@ -201,16 +201,8 @@ template <int CL> struct xs_push {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 		if constexpr (CL > 1) {
 #pragma unroll
-			for (int d = 1; d < CL; d++) {
-				const uint32_t b = (uint32_t)((rank + d) % CL);
-				uint32_t ra, rb;
-
-				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(smem_u32((uint4 *)xs + i)), "r"(b));
-				asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(xbar)), "r"(b));
-				asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
-					     "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
-					     : "memory");
-			}
+			for (int d = 1; d < CL; d++)
+				st_async_v4_at((uint32_t)((rank + d) % CL), (uint4 *)xs + i, xbar, v);
 		}
 #endif
 	}
