@@ -57,6 +57,72 @@ static __device__ __forceinline__ void run_slices(const struct q3g_mat &m, int t
 		slice(u, false);
 }
 
+/* The launch's R rows of job jb into xs: as they are, each row padded to ld words (RM: bulk copies,
+ * multicast over the cluster where CL > 1), or in B-fragment order through the act-order
+ * permutation (the norm folded in where jb.xh is set), the rows' norms and the units split over
+ * the cluster's ranks where CL > 1; BN / BF units a thread in flight (normalized / fp16 rows).
+ * The caller's barrier follows. */
+template <bool RM, int CL, int BN, int BF>
+static __device__ __forceinline__ void stage_rows(uint16_t *xs, float *rs, cluster_sum<CL, Q3G_MMV_MAX_TOK> &cs,
+						  uint64_t *xbar, xs_push<CL> &push, const struct q3g_job &jb, int R,
+						  int Kp, int ld)
+{
+	const struct q3g_mat &m = jb.w;
+
+	if constexpr (RM) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		uint32_t *xw = (uint32_t *)xs;
+
+		if constexpr (CL > 1) {
+			/* rank c copies rows c, c + CL, .. into every block of the cluster: each block
+			 * reads 1 / CL of the rows from L2 (out_proj at 16 rows: 128 KB a block) */
+			cluster_ready<CL>();
+			if (threadIdx.x == 0)
+				for (int r = push.rank; r < R; r += CL)
+					bulk_copy_mc(xw + (size_t)r * ld, jb.x + (size_t)r * jb.ldx, m.K * 2, xbar,
+						     (uint16_t)((1u << CL) - 1));
+		} else if (threadIdx.x == 0) {
+			bar_init(xbar, 1);
+			bar_init_fence();
+			bar_expect(xbar, (uint32_t)R * m.K * 2);
+			for (int r = 0; r < R; r++)
+				bulk_copy(xw + (size_t)r * ld, jb.x + (size_t)r * jb.ldx, m.K * 2, xbar);
+		}
+		/* the pad past K reads as zeros, as staged rows' (K % 8 == 0: whole words) */
+		for (int i = threadIdx.x; i < R * (Kp - m.K) / 2; i += blockDim.x) {
+			const int r = i / ((Kp - m.K) / 2), w = i % ((Kp - m.K) / 2);
+
+			xw[(size_t)r * ld + m.K / 2 + w] = 0u;
+		}
+		__syncthreads(); /* xbar initialized before any thread waits on it */
+		bar_wait(xbar, 0);
+#endif
+	} else if (CL > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+		/* a cluster's blocks stage the same rows (the host checks): the ranks split the rows'
+		 * norms (cluster_row_rsqrt), and each stages 1 / CL of the units into every block
+		 * (xs_push), where each block read the whole rows twice (bf16 qkvz at 16 rows: 196
+		 * blocks of 128 KB of fp32 rows) */
+		if (jb.xh) {
+			cluster_row_rsqrt<8>(rs, cs, jb.xh, jb.ldx, R, m.K, jb.eps, push.rank);
+			__syncthreads();
+			stage_normed<BN, CL>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, nullptr, push);
+		} else {
+			cluster_ready<CL>(); /* every block's xbar is set up */
+			stage_x_f16<BF, CL>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm, nullptr, push);
+		}
+		bar_wait(xbar, 0);
+#endif
+	} else if (jb.xh) {
+		/* four units a thread a round trip at two token tiles (16 rows of 2048: four round trips
+		 * to L2, not eight; qkvz 25.2 -> 24.8 us, decode 1570 -> 1580 tok/s at batch 16); two where
+		 * the one-row instance must stay at 80 registers (three blocks an SM) */
+		stage_x_norm<BN>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
+	} else {
+		stage_x_f16<BF>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
+	}
+}
+
 /* RM (sm_90, the wide blocks, one job of fp16 rows without a permutation): the rows are staged as
  * they are, one bulk copy a row issued by one thread (cp.async.bulk: no registers, every row in
  * flight at once), rather than through registers in B-fragment order in round trips of four units
@@ -142,58 +208,7 @@ __global__ void __launch_bounds__(NTH) mmv_kernel(const __grid_constant__ mmv_la
 					     ? jb.y[(size_t)tok * jb.ldy + row]
 					     : 0.0f;
 		}
-	if constexpr (RM) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-		uint32_t *xw = (uint32_t *)xs;
-
-		if constexpr (CL > 1) {
-			/* rank c copies rows c, c + CL, .. into every block of the cluster: each block
-			 * reads 1 / CL of the rows from L2 (out_proj at 16 rows: 128 KB a block) */
-			cluster_ready<CL>();
-			if (threadIdx.x == 0)
-				for (int r = push.rank; r < R; r += CL)
-					bulk_copy_mc(xw + (size_t)r * ld, jb.x + (size_t)r * jb.ldx, m.K * 2, &xbar,
-						     (uint16_t)((1u << CL) - 1));
-		} else if (threadIdx.x == 0) {
-			bar_init(&xbar, 1);
-			bar_init_fence();
-			bar_expect(&xbar, (uint32_t)R * m.K * 2);
-			for (int r = 0; r < R; r++)
-				bulk_copy(xw + (size_t)r * ld, jb.x + (size_t)r * jb.ldx, m.K * 2, &xbar);
-		}
-		/* the pad past K reads as zeros, as staged rows' (K % 8 == 0: whole words) */
-		for (int i = threadIdx.x; i < R * (Kp - m.K) / 2; i += blockDim.x) {
-			const int r = i / ((Kp - m.K) / 2), w = i % ((Kp - m.K) / 2);
-
-			xw[(size_t)r * ld + m.K / 2 + w] = 0u;
-		}
-		__syncthreads(); /* xbar initialized before any thread waits on it */
-		bar_wait(&xbar, 0);
-#endif
-	} else if (CL > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-		/* a cluster's blocks stage the same rows (the host checks): the ranks split the rows'
-		 * norms (cluster_row_rsqrt), and each stages 1 / CL of the units into every block
-		 * (xs_push), where each block read the whole rows twice (bf16 qkvz at 16 rows: 196
-		 * blocks of 128 KB of fp32 rows) */
-		if (jb.xh) {
-			cluster_row_rsqrt<8>(rs, cs, jb.xh, jb.ldx, R, m.K, jb.eps, push.rank);
-			__syncthreads();
-			stage_normed<BN, CL>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, nullptr, push);
-		} else {
-			cluster_ready<CL>(); /* every block's xbar is set up */
-			stage_x_f16<BF, CL>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm, nullptr, push);
-		}
-		bar_wait(&xbar, 0);
-#endif
-	} else if (jb.xh) {
-		/* four units a thread a round trip at two token tiles (16 rows of 2048: four round trips
-		 * to L2, not eight; qkvz 25.2 -> 24.8 us, decode 1570 -> 1580 tok/s at batch 16); two where
-		 * the one-row instance must stay at 80 registers (three blocks an SM) */
-		stage_x_norm<BN>(xs, rs, jb.xh, jb.ldx, R, m.K, Kp, m.perm, jb.normw, jb.eps);
-	} else {
-		stage_x_f16<BF>(xs, jb.x, jb.ldx, R, m.K, Kp, m.perm);
-	}
+	stage_rows<RM, CL, BN, BF>(xs, rs, cs, &xbar, push, jb, R, Kp, ld);
 	__syncthreads();
 	if constexpr (SL) {
 		/* red: [tile of the block][slice][token tile] float4 a lane; the slices added in order,
