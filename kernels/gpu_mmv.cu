@@ -61,7 +61,9 @@ static __device__ __forceinline__ void run_slices(const struct q3g_mat &m, int t
  * multicast over the cluster where CL > 1), or in B-fragment order through the act-order
  * permutation (the norm folded in where jb.xh is set), the rows' norms and the units split over
  * the cluster's ranks where CL > 1; BN / BF units a thread in flight (normalized / fp16 rows).
- * The caller's barrier follows. */
+ * Where CL > 1 the kernel has set xbar up already, before pdl_wait (every rank's must be ready
+ * before any rank stores into it); alone, the bulk copies' set it up here.  The caller's
+ * barrier follows. */
 template <bool RM, int CL, int BN, int BF>
 static __device__ __forceinline__ void stage_rows(uint16_t *xs, float *rs, cluster_sum<CL, Q3G_MMV_MAX_TOK> &cs,
 						  uint64_t *xbar, xs_push<CL> &push, const struct q3g_job &jb, int R,
