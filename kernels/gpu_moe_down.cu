@@ -44,38 +44,52 @@ struct down_launch {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-/* Lane l's 16-byte units l, l + 32, .. (N of them, those below nu) of a pair's fp16 activations:
- * unit u is inputs 8u .. 8u + 7. */
+/* The word of aw where unit u of a pair's activations (inputs 8u .. 8u + 7) starts, in pair_tile's
+ * order: chunk u / 8, k-step (u & 7) / 2, half u & 1, its four words every other word. */
+static __device__ __forceinline__ int act_slot(int u)
+{
+	return (u >> 3) * 32 + (u & 6) * 4 + (u & 1);
+}
+
+/* Lane l's units l, l + 32, .. (N of them) of a pair's fp16 activations from its row a, those with
+ * a slot (slot[j] >= 0: the units below the row's count). */
 template <int N>
-static __device__ __forceinline__ void act_load(uint4 (&v)[N], const uint16_t *act, int nu)
+static __device__ __forceinline__ void act_load(uint4 (&v)[N], const uint16_t *a, const int (&slot)[N])
 {
 	const int lane = threadIdx.x & 31;
 
 #pragma unroll
 	for (int j = 0; j < N; j++)
-		if (j * 32 + lane < nu)
-			v[j] = *(const uint4 *)(act + 8 * (j * 32 + lane));
+		if (slot[j] >= 0)
+			v[j] = *(const uint4 *)(a + 8 * (j * 32 + lane));
 }
 
-/* ... into aw in pair_tile's order: unit u is chunk u / 8, k-step (u & 7) / 2, half u & 1, its
- * four words every other word */
+/* ... into aw at their slots */
 template <int N>
-static __device__ __forceinline__ void act_store(uint32_t *aw, const uint4 (&v)[N], int nu)
+static __device__ __forceinline__ void act_store(uint32_t *aw, const uint4 (&v)[N], const int (&slot)[N])
 {
-	const int lane = threadIdx.x & 31;
-
 #pragma unroll
 	for (int j = 0; j < N; j++) {
-		const int u = j * 32 + lane;
-		uint32_t *d = aw + (u >> 3) * 32 + (u & 6) * 4 + (u & 1);
+		uint32_t *d = aw + slot[j];
 
-		if (u < nu) {
+		if (slot[j] >= 0) {
 			d[0] = v[j].x;
 			d[2] = v[j].y;
 			d[4] = v[j].z;
 			d[6] = v[j].w;
 		}
 	}
+}
+
+/* the slots of lane l's units l + 32 j of units [u0, nu) (-1: none), relative to unit u0's chunk */
+template <int N>
+static __device__ __forceinline__ void act_slots(int (&slot)[N], int u0, int nu)
+{
+	const int lane = threadIdx.x & 31;
+
+#pragma unroll
+	for (int j = 0; j < N; j++)
+		slot[j] = u0 + j * 32 + lane < nu ? act_slot(j * 32 + lane) : -1;
 }
 
 /* The pair's activations (moe_up's fp16 silu(gate) ⊙ up) as the B fragments want them: word
@@ -97,9 +111,11 @@ static __device__ __forceinline__ void stage_act(uint32_t *aw, const uint16_t *a
 
 		for (int u0 = 0; u0 < nu; u0 += 4 * 32) {
 			uint4 v[4];
+			int slot[4];
 
-			act_load<4>(v, act + 8 * u0, nu - u0);
-			act_store<4>(aw + (u0 >> 3) * 32, v, nu - u0);
+			act_slots<4>(slot, u0, nu);
+			act_load<4>(v, act + 8 * u0, slot);
+			act_store<4>(aw + (u0 >> 3) * 32, v, slot);
 		}
 		return;
 	}
@@ -146,7 +162,28 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	pdl_trigger();
 	if (threadIdx.x == 0)
 		ring_init(full, L.nst, shb);
+	/* a warp's next routed pair's activations in registers during the pair before (nx, when pf),
+	 * where a pair takes the 16-byte path and DN_PF units a lane hold it: 36.0 -> 33.5 us at
+	 * R = 16, decode 1740 -> 1756 tok/s at batch 16 (H200).  (Word by word, eight registers a
+	 * chunk, it had run slower: 48.7 against 46.6 us.)  The warp's first pair's and those after
+	 * a shared-expert pair's too: loaded while the tile came, their round trips were 6% of the
+	 * stall samples at 16 rows (ncu); 33.5-33.9 -> 31.3-31.4 us at R = 16, 6.7 at R = 1 as before,
+	 * decode 2019-2033 -> 2031-2047 tok/s at batch 16 (H200, two calls). */
+	const struct q3g_mat &mr = L.a.mat[0];
+	const int nu = mr.nchunks * (Q3G_KCHUNK / 8);
+	const bool fast = !mr.perm && mr.K >= nu * 8 && nu <= 32 * DN_PF && !(L.a.lda & 7) && !((uintptr_t)L.a.act & 15);
+	const size_t astep = (size_t)L.ncw * L.a.lda; /* from a warp's pair's row to its next pair's */
+	const uint16_t *an = L.a.act + ((size_t)r0 * S + warp) * L.a.lda; /* pair q's row, then qn's */
+	int slot[DN_PF];
+	uint4 nx[DN_PF];
+
+	act_slots<DN_PF>(slot, 0, nu);
 	pdl_wait();
+	/* the first pair's (a slot the CPU computes loads a row nobody reads: harmless) */
+	bool pf = fast && warp < L.ncw && warp < np && warp % S != k;
+
+	if (pf)
+		act_load<DN_PF>(nx, an, slot);
 	for (int i = threadIdx.x; i < np; i += blockDim.x) {
 		sx[i] = L.a.idx[(size_t)r0 * S + i];
 		sw[i] = L.a.w[(size_t)r0 * S + i];
@@ -156,6 +193,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 	stage_x_f16<1>((uint16_t *)(sm + L.o_xsh), L.a.act + ((size_t)r0 * S + k) * L.a.lda, S * L.a.lda, nr, ms.K,
 		       ms.nchunks * Q3G_KCHUNK, ms.perm);
 	__syncthreads();
+	const struct tile_src rsrc = tile_src_of(mr, L.dt[0], tile);
 	/* lane 0 of a consumer warp: its i-th pair's tile into its stage st (or the stage's phase
 	 * completed at once, for a pair with nothing to copy) */
 	auto fill = [&](int i, int st) {
@@ -167,28 +205,18 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 			bar_arrive(&full[st]);
 		else {
 			bar_expect(&full[st], L.dt[0].bytes);
-			copy_tile(ring + (size_t)st * L.stage, L.a.mat[0], L.dt[0], sx[q], tile, &full[st]);
+			copy_tile(ring + (size_t)st * L.stage, rsrc, L.dt[0], sx[q], &full[st]);
 		}
 	};
 	if (lane == 0 && warp < L.ncw) {
 		if (warp == 0) {
 			bar_expect(shb, L.dt[1].bytes);
-			copy_tile(shared_tile, L.a.mat[1], L.dt[1], 0, tile, shb);
+			copy_tile(shared_tile, tile_src_of(ms, L.dt[1], tile), L.dt[1], 0, shb);
 		}
 		for (int i = 0; i < spw; i++)
 			fill(i, warp * spw + i);
 	}
 	uint32_t *aw = (uint32_t *)(sm + L.o_aw) + warp * 32 * max(L.a.mat[0].nchunks, L.a.mat[1].nchunks);
-
-	/* the warp's next routed pair's activations in registers during this pair (nx, when pf), where
-	 * a pair takes the 16-byte path and DN_PF units a lane hold it: 36.0 -> 33.5 us at R = 16,
-	 * decode 1740 -> 1756 tok/s at batch 16 (H200).  (Word by word, eight registers a chunk, it
-	 * had run slower: 48.7 against 46.6 us.) */
-	const struct q3g_mat &mr = L.a.mat[0];
-	const int nu = mr.nchunks * (Q3G_KCHUNK / 8);
-	const bool fast = !mr.perm && mr.K >= nu * 8 && nu <= 32 * DN_PF && !(L.a.lda & 7) && !((uintptr_t)L.a.act & 15);
-	uint4 nx[DN_PF];
-	bool pf = false;
 
 	/* pair i of the warp: stage st = warp·spw + i mod spw, the parity of phase i / spw (counted,
 	 * not divided: a division by a value known only at run time is ~30 instructions) */
@@ -201,6 +229,16 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 		if (++st == (warp + 1) * spw)
 			st = warp * spw, parity ^= 1;
 	};
+	/* pair q's activations were in nx (or none were loaded): the next pair's into nx, where it
+	 * takes the 16-byte path; an moves on to its row */
+	auto ahead = [&](int q) {
+		const int qn = q + L.ncw;
+
+		an += astep;
+		pf = fast && qn < np && !shs[qn] && sx[qn] != Q3G_SKIP;
+		if (pf)
+			act_load<DN_PF>(nx, an, slot);
+	};
 
 	for (int q = warp; q < np && warp < L.ncw; i++, q += L.ncw) {
 		const int ex = sx[q];
@@ -209,6 +247,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 		if (shs[q]) { /* the shared expert: rows r .. r + 7 where r is a multiple of 8 */
 			const int r = q / S;
 
+			ahead(q);
 			bar_wait(&full[st], parity);
 			if (r % DN_SH_ROWS == 0) {
 				bar_wait(shb, 0);
@@ -236,15 +275,10 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 
 			/* the activations' loads before the wait: they overlap the tile's copy */
 			if (pf)
-				act_store<DN_PF>(aw, nx, nu);
+				act_store<DN_PF>(aw, nx, slot);
 			else
-				stage_act(aw, L.a.act + ((size_t)r0 * S + q) * L.a.lda, /* row r0 + q / S, slot q mod S */
-					  m.perm ? m.perm + (size_t)ex * m.perm_stride : NULL, m.K, m.nchunks);
-			const int qn = q + L.ncw;
-
-			pf = fast && qn < np && !shs[qn] && sx[qn] != Q3G_SKIP;
-			if (pf)
-				act_load<DN_PF>(nx, L.a.act + ((size_t)r0 * S + qn) * L.a.lda, nu);
+				stage_act(aw, an, m.perm ? m.perm + (size_t)ex * m.perm_stride : NULL, m.K, m.nchunks);
+			ahead(q);
 			__syncwarp();
 			bar_wait(&full[st], parity);
 			/* every token column reads column 0's words: only column 0 is kept */
@@ -258,6 +292,7 @@ __global__ void __launch_bounds__(DN_THREADS, 1) moe_down_kernel(const __grid_co
 				},
 				sw[q], acc);
 		} else {
+			ahead(q);
 			bar_wait(&full[st], parity);
 		}
 		next_stage();
