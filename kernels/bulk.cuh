@@ -181,10 +181,3 @@ static __device__ __forceinline__ void pair_tile(const struct q3g_mat &m, const 
 }
 
 #endif
-
-/* The word of aw that lane `lane` fills for its inputs 2·lane, 2·lane + 1 of a chunk (pair_tile's
- * order: chunk c's words at 32c). */
-static __device__ __forceinline__ int aw_slot(int lane)
-{
-	return (lane >> 3) * 8 + (lane & 3) * 2 + ((lane >> 2) & 1);
-}

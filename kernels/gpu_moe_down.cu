@@ -51,6 +51,13 @@ static __device__ __forceinline__ int act_slot(int u)
 	return (u >> 3) * 32 + (u & 6) * 4 + (u & 1);
 }
 
+/* The word of aw that lane `lane` fills for its inputs 2·lane, 2·lane + 1 of a chunk: unit
+ * lane / 4's words, every other word, from its slot. */
+static __device__ __forceinline__ int aw_slot(int lane)
+{
+	return act_slot(lane >> 2) + 2 * (lane & 3);
+}
+
 /* Lane l's units l, l + 32, .. (N of them) of a pair's fp16 activations from its row a, those with
  * a slot (slot[j] >= 0: the units below the row's count). */
 template <int N>
@@ -70,9 +77,9 @@ static __device__ __forceinline__ void act_store(uint32_t *aw, const uint4 (&v)[
 {
 #pragma unroll
 	for (int j = 0; j < N; j++) {
-		uint32_t *d = aw + slot[j];
-
 		if (slot[j] >= 0) {
+			uint32_t *d = aw + slot[j];
+
 			d[0] = v[j].x;
 			d[2] = v[j].y;
 			d[4] = v[j].z;
