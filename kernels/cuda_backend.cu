@@ -104,13 +104,19 @@ struct cuda_bk {
 	int *idx;
 	void *moe_ws;
 	float *logits_h; /* pinned [max(max_batch, 16)][V] */
-	/* decode draws on the device (q3_fwd_seq.sample): pinned host memory, mapped, that the
-	 * sampling kernels read (parameters, adjustments) and write (ids); h: host view, d: device */
+	/* decode draws on the device (q3_fwd_seq.sample): pinned host memory, mapped, that the host
+	 * fills and the sampling kernels read (the adjustments; the parameters through samp_cp) and
+	 * write (ids); h: host view, d: device */
 	void *samp_h, *samp_d;
 	struct q3g_sampling *samp_par;	 /* [max(max_batch, 16)] */
 	struct q3g_adjust_row *samp_rows; /* [max(max_batch, 16)] */
 	int32_t *samp_tok;		 /* [max(max_batch, 16)] */
 	void *samp_ws;			 /* device scratch of q3g_sample */
+	/* samp_par and samp_rows copied to the device at each draw: every block of the kernels
+	 * reads its row's, and one read of mapped memory crosses PCIe (sample_max_kernel's 1,024
+	 * blocks at 16 rows took 40 us of a 7.8 ms step, ncu, H200) */
+	void *samp_cp;
+	size_t samp_cp_bytes;
 	struct q3g_adj *samp_adj;	 /* [Q3_SAMPLE_ADJ_MAX] */
 	int dec_rows;		/* rows the decode paths (attention splits, per-pair MoE) take */
 
@@ -227,7 +233,7 @@ static void cuda_close(void *p)
 	void *bufs[] = { bk->embed, bk->final_norm, bk->tab_d, bk->h, bk->qkvz, bk->ba, bk->u, bk->og,
 			 bk->qg, bk->kk, bk->vv, bk->logits_r, bk->sg, bk->wts, bk->act, bk->part, bk->att_o,
 			 bk->logits, bk->xb, bk->core, bk->qb, bk->att, bk->wtmp, bk->att_p, bk->att_s,
-			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx, bk->samp_ws };
+			 bk->idx, bk->moe_ws, bk->dummy.mem, bk->cb_ws, bk->xf, bk->wtmp32, bk->sidx, bk->samp_ws, bk->samp_cp };
 	for (size_t j = 0; j < Q3_ARRAY_SIZE(bufs); j++)
 		cudaFree(bufs[j]);
 	cudaFreeHost(bk->tab_h);
@@ -462,6 +468,8 @@ static int alloc_scratch(struct cuda_bk *bk, q3_err *e)
 		bk->samp_rows = (struct q3g_adjust_row *)((char *)bk->samp_h + o_rows);
 		bk->samp_tok = (int32_t *)((char *)bk->samp_h + o_tok);
 		bk->samp_adj = (struct q3g_adj *)((char *)bk->samp_h + o_adj);
+		bk->samp_cp_bytes = o_tok; /* samp_par, samp_rows */
+		DALLOC(bk->samp_cp, o_tok, "sampling parameters");
 	}
 	/* the largest dense Linear expanded for cuBLAS */
 	for (int i = 0; i < bk->c->num_layers; i++) {
@@ -933,6 +941,12 @@ template <typename T> static T *samp_dev(const struct cuda_bk *bk, T *p)
 	return (T *)((char *)bk->samp_d + ((char *)p - (char *)bk->samp_h));
 }
 
+/* ... and of p's device copy (samp_par, samp_rows: samp_cp) */
+template <typename T> static T *samp_copy(const struct cuda_bk *bk, T *p)
+{
+	return (T *)((char *)bk->samp_cp + ((char *)p - (char *)bk->samp_h));
+}
+
 /* Final norm and lm_head for logit rows [l0, l0 + n) (n <= rows of bk->logits), then the copy
  * of their logits to the pinned host buffer, or (samp) each row's draw into samp_tok. */
 static int head_rows(struct cuda_bk *bk, const int *lrows_d, int l0, int n, bool samp, q3_err *e)
@@ -951,9 +965,10 @@ static int head_rows(struct cuda_bk *bk, const int *lrows_d, int l0, int n, bool
 			return err;
 	}
 	if (samp) { /* only the ids come back: 4 bytes a row instead of 4 V */
-		if ((err = q3g_logits_adjust(bk->logits, d->V, samp_dev(bk, bk->samp_rows), n, bk->st, e)))
+		CUDA_CHECK(e, cudaMemcpyAsync(bk->samp_cp, bk->samp_h, bk->samp_cp_bytes, cudaMemcpyHostToDevice, bk->st));
+		if ((err = q3g_logits_adjust(bk->logits, d->V, samp_copy(bk, bk->samp_rows), n, bk->st, e)))
 			return err;
-		return q3g_sample(samp_dev(bk, bk->samp_tok), bk->logits, samp_dev(bk, bk->samp_par), n, d->V,
+		return q3g_sample(samp_dev(bk, bk->samp_tok), bk->logits, samp_copy(bk, bk->samp_par), n, d->V,
 				  bk->samp_ws, bk->st, e);
 	}
 	CUDA_CHECK(e, cudaMemcpyAsync(bk->logits_h, bk->logits, (size_t)n * d->V * 4, cudaMemcpyDeviceToHost, bk->st));

@@ -370,7 +370,8 @@ struct q3g_adjust_row {
 int q3g_logits_adjust(float *logits, int V, const struct q3g_adjust_row *rows, int R, q3g_stream st,
 		      struct q3_err *e);
 
-/* One id per row of logits [R][V] (penalties already applied), params [R] on the device;
+/* One id per row of logits [R][V] (penalties already applied), params [R] in device memory (every
+ * block reads its row's: mapped host memory would be a read over PCIe for each);
  * out [R], -1 for a row without any finite or +inf logit.  ws: q3g_sample_scratch(R) bytes. */
 size_t q3g_sample_scratch(int R);
 int q3g_sample(int32_t *out, const float *logits, const struct q3g_sampling *params, int R, int V, void *ws,

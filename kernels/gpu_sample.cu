@@ -221,14 +221,29 @@ __global__ void __launch_bounds__(SAMPLE_PART_THREADS) sample_max_kernel(struct 
 	float best = -INFINITY;
 	int bid = -1, ncand = 0;
 
-	for (int id = blockIdx.x * span + tid; id < id1; id += blockDim.x) {
-		float z = greedy ? l[id] : cand_z(l[id], temp, false);
+	/* four loads a thread in flight before the compares (one a round trip left the row's
+	 * ~9 logits a thread nine round trips to L2) */
+	for (int i0 = blockIdx.x * span + tid; i0 < id1; i0 += 4 * blockDim.x) {
+		float v[4];
 
-		if (z > best) { /* NaN never wins; ascending ids keep the lowest on ties */
-			best = z;
-			bid = id;
+#pragma unroll
+		for (int u = 0; u < 4; u++)
+			if (i0 + u * (int)blockDim.x < id1)
+				v[u] = l[i0 + u * blockDim.x];
+#pragma unroll
+		for (int u = 0; u < 4; u++) {
+			const int id = i0 + u * blockDim.x;
+
+			if (id >= id1)
+				break;
+			const float z = greedy ? v[u] : cand_z(v[u], temp, false);
+
+			if (z > best) { /* NaN never wins; ascending ids keep the lowest on ties */
+				best = z;
+				bid = id;
+			}
+			ncand += !isnan(z) && !(greedy && !(z > -INFINITY));
 		}
-		ncand += !isnan(z) && !(greedy && !(z > -INFINITY));
 	}
 	warp_take_best(best, bid);
 #pragma unroll
