@@ -346,62 +346,70 @@ __global__ void __launch_bounds__(router_threads(KS), KS > 1 ? 2 : 1) router_f32
 
 	/* the slice, x = h · rs · (1 + w) in the order q3g_add_rmsnorm computes it (the fp16 rows
 	 * below must be its bits) */
-	if (vec && MAXR >= 4) {
-		/* a thread a unit of four inputs and four rows: the unit's norm weights loaded once
-		 * for the four rows, no division, and an input's four rows one 16-byte store (a
-		 * quarter warp's eight stores fill the 32 banks at 16 rows).  A unit of one row a
-		 * thread (a division by R each, the weights loaded for every row) was a large part of the
-		 * ~870 instructions of a warp's setup at 16 rows (ncu); this is 174 PTX instructions
-		 * fewer, router logits 10.0 -> 8.3 us (H200).  Rows R .. MAXR - 1 are not loaded
-		 * (their sums are never stored). */
-		constexpr int NG = MAXR / 4, TB = 2;
-		const int n = NG * (kn >> 2);
+	if (vec) {
+		if constexpr (MAXR >= 4) {
+			/* a thread a unit of four inputs and four rows: the unit's norm weights loaded
+			 * once for the four rows, no division, and an input's four rows one 16-byte
+			 * store (a quarter warp's eight stores fill the 32 banks at 16 rows).  A unit of
+			 * one row a thread (a division by R each, the weights loaded for every row) was
+			 * a large part of the ~870 instructions of a warp's setup at 16 rows (ncu); this
+			 * is 174 PTX instructions fewer, router logits 10.0 -> 8.3 us (H200).  Rows
+			 * R .. MAXR - 1 are not loaded (their sums are never stored). */
+			constexpr int NG = MAXR / 4, TB = 2;
+			const int n = NG * (kn >> 2);
 
-		for (int i0 = threadIdx.x; i0 < n; i0 += TB * blockDim.x) {
-			float4 hv[TB][4], wv[TB];
-
-#pragma unroll
-			for (int b = 0; b < TB; b++) {
-				const int i = i0 + b * blockDim.x, r0 = 4 * (i % NG), c = 4 * (i / NG);
-
-				if (i < n) {
-					wv[b] = *(const float4 *)(L.normw + k0 + c);
-#pragma unroll
-					for (int q = 0; q < 4; q++)
-						hv[b][q] = r0 + q < R ? *(const float4 *)(L.h + (size_t)(r0 + q) * H + k0 + c)
-								      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-				}
-			}
-#pragma unroll
-			for (int b = 0; b < TB; b++) {
-				const int i = i0 + b * blockDim.x, r0 = 4 * (i % NG), c = 4 * (i / NG);
-
-				if (i >= n)
-					break;
-				const float4 sv = *(const float4 *)(rs + r0), w = wv[b];
-				const float s[4] = { sv.x, sv.y, sv.z, sv.w };
-				float x[4][4]; /* [input][row] */
+			for (int i0 = threadIdx.x; i0 < n; i0 += TB * blockDim.x) {
+				float4 hv[TB][4], wv[TB];
 
 #pragma unroll
-				for (int q = 0; q < 4; q++) {
-					x[0][q] = hv[b][q].x * s[q] * (1.0f + w.x);
-					x[1][q] = hv[b][q].y * s[q] * (1.0f + w.y);
-					x[2][q] = hv[b][q].z * s[q] * (1.0f + w.z);
-					x[3][q] = hv[b][q].w * s[q] * (1.0f + w.w);
+				for (int b = 0; b < TB; b++) {
+					const int i = i0 + b * blockDim.x, r0 = 4 * (i % NG), c = 4 * (i / NG);
+
+					if (i < n) {
+						wv[b] = *(const float4 *)(L.normw + k0 + c);
+#pragma unroll
+						for (int q = 0; q < 4; q++)
+							hv[b][q] = r0 + q < R
+									   ? *(const float4 *)(L.h + (size_t)(r0 + q) * H + k0 + c)
+									   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+					}
 				}
 #pragma unroll
-				for (int e = 0; e < 4; e++)
-					*(float4 *)(xsf + (c + e) * XS + r0) = make_float4(x[e][0], x[e][1], x[e][2], x[e][3]);
-			}
-		}
-	} else if (vec) {
-		/* one row (MAXR 1: XS 1, the slice as it is): a unit of four inputs a thread */
-		for (int i = threadIdx.x; i < (kn >> 2); i += blockDim.x) {
-			const float4 hv = *(const float4 *)(L.h + k0 + 4 * i), w = *(const float4 *)(L.normw + k0 + 4 * i);
-			const float s = rs[0];
+				for (int b = 0; b < TB; b++) {
+					const int i = i0 + b * blockDim.x, r0 = 4 * (i % NG), c = 4 * (i / NG);
 
-			*(float4 *)(xsf + 4 * i) = make_float4(hv.x * s * (1.0f + w.x), hv.y * s * (1.0f + w.y),
-							       hv.z * s * (1.0f + w.z), hv.w * s * (1.0f + w.w));
+					if (i >= n)
+						break;
+					const float4 sv = *(const float4 *)(rs + r0), w = wv[b];
+					const float s[4] = { sv.x, sv.y, sv.z, sv.w };
+					float x[4][4]; /* [input][row] */
+
+#pragma unroll
+					for (int q = 0; q < 4; q++) {
+						x[0][q] = hv[b][q].x * s[q] * (1.0f + w.x);
+						x[1][q] = hv[b][q].y * s[q] * (1.0f + w.y);
+						x[2][q] = hv[b][q].z * s[q] * (1.0f + w.z);
+						x[3][q] = hv[b][q].w * s[q] * (1.0f + w.w);
+					}
+#pragma unroll
+					for (int e = 0; e < 4; e++) {
+						float4 *d = (float4 *)(xsf + (c + e) * XS + r0);
+
+						*d = make_float4(x[e][0], x[e][1], x[e][2], x[e][3]);
+					}
+				}
+			}
+		} else {
+			/* one row (MAXR 1: XS 1, the slice as it is): a unit of four inputs a thread */
+			for (int i = threadIdx.x; i < (kn >> 2); i += blockDim.x) {
+				const float4 hv = *(const float4 *)(L.h + k0 + 4 * i);
+				const float4 w = *(const float4 *)(L.normw + k0 + 4 * i);
+				const float s = rs[0];
+
+				*(float4 *)(xsf + 4 * i) = make_float4(hv.x * s * (1.0f + w.x), hv.y * s * (1.0f + w.y),
+								       hv.z * s * (1.0f + w.z),
+								       hv.w * s * (1.0f + w.w));
+			}
 		}
 	} else {
 		const small_div Rd(R);
